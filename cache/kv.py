@@ -1,0 +1,151 @@
+"""The KV cache of a process: one budget in tokens shared by every session.
+
+A session asks for ``batch × max_length`` tokens when it opens and gets, for each of the blocks it
+runs, a key and a value buffer of shape ``[batch, kv_heads, max_length, head_dim]``. Memory is taken
+up front so a session that was admitted can never run out half-way through a generation; a session
+that does not fit fails at once with :class:`CacheFullError` (so a client can go elsewhere), and
+closing a session gives its tokens back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """The process's KV budget cannot hold the session asked for."""
+
+
+@dataclass(frozen=True)
+class LayerKVShape:
+    """What one block keeps per token: ``num_kv_heads`` keys and values of ``head_dim`` each."""
+
+    num_kv_heads: int
+    head_dim: int
+
+
+class KVCacheBudget:
+    """A per-process budget of cache tokens (``batch × max_length`` summed over open sessions).
+
+    Thread-safe: sessions are opened and closed from whichever thread serves them.
+    """
+
+    def __init__(self, max_tokens: int):
+        if max_tokens <= 0:
+            raise ValueError(f"the KV cache budget must be positive, got {max_tokens} tokens")
+        self.max_tokens = max_tokens
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def tokens_left(self) -> int:
+        with self._lock:
+            return self.max_tokens - self._used
+
+    def allocate(
+        self,
+        *,
+        batch: int,
+        max_length: int,
+        layers: Sequence[LayerKVShape],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> SessionKV:
+        """Reserve ``batch × max_length`` tokens and allocate the buffers for ``layers``.
+
+        Raises :class:`CacheFullError` when the budget cannot hold them; nothing is taken then.
+        """
+        if batch <= 0 or max_length <= 0:
+            raise ValueError(f"a session needs batch ≥ 1 and max_length ≥ 1, got {batch} × {max_length}")
+        tokens = batch * max_length
+        with self._lock:
+            left = self.max_tokens - self._used
+            if tokens > left:
+                raise CacheFullError(
+                    f"KV cache full: the session needs {tokens} tokens (batch {batch} × max_length "
+                    f"{max_length}) but only {left} of {self.max_tokens} are free; close other "
+                    f"sessions, ask for a shorter max_length, or raise --cache-tokens"
+                )
+            self._used += tokens
+        try:
+            return SessionKV(self, batch=batch, max_length=max_length, layers=layers, dtype=dtype, device=device)
+        except BaseException:
+            self._release(tokens)
+            raise
+
+    def _release(self, tokens: int) -> None:
+        with self._lock:
+            self._used -= tokens
+            assert self._used >= 0, "KV budget released more tokens than it gave"
+
+
+class SessionKV:
+    """The keys and values of one session for a run of blocks, plus how many positions are filled.
+
+    ``keys[i]`` / ``values[i]``: ``[batch, kv_heads, max_length, head_dim]`` for the i-th block of
+    the run. The blocks write positions ``[length, length + seq)`` and then the caller advances
+    ``length`` once for the whole run (see :meth:`advance`).
+    """
+
+    def __init__(
+        self,
+        budget: KVCacheBudget | None,
+        *,
+        batch: int,
+        max_length: int,
+        layers: Sequence[LayerKVShape],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self._budget = budget
+        self.batch = batch
+        self.max_length = max_length
+        self.length = 0
+        self.keys = [torch.empty(batch, s.num_kv_heads, max_length, s.head_dim, dtype=dtype, device=device) for s in layers]
+        self.values = [torch.empty_like(k) for k in self.keys]
+        self._closed = False
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.max_length
+
+    def check_room(self, seq_len: int) -> None:
+        """Raise ``ValueError`` if ``seq_len`` more positions do not fit in ``max_length``."""
+        if self._closed:
+            raise RuntimeError("this KV cache session is closed")
+        if self.length + seq_len > self.max_length:
+            raise ValueError(
+                f"the session was opened with max_length {self.max_length}; {self.length} positions are "
+                f"cached and {seq_len} more do not fit; open the session with a larger max_length"
+            )
+
+    def advance(self, seq_len: int) -> None:
+        self.length += seq_len
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        """Reorder batch rows (beam search): row ``i`` becomes old row ``hypo_ids[i]``."""
+        if hypo_ids.shape != (self.batch,):
+            raise ValueError(f"hypo_ids must have shape [{self.batch}], got {list(hypo_ids.shape)}")
+        n = self.length
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[:, :, :n] = buf[:, :, :n].index_select(0, hypo_ids)
+
+    def close(self) -> None:
+        """Give the tokens back to the budget (idempotent) and drop the buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        self.keys, self.values = [], []
+        if self._budget is not None:
+            self._budget._release(self.tokens)
+
+    def __enter__(self) -> SessionKV:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

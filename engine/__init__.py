@@ -1,0 +1,1 @@
+"""The engine: model families, checkpoint loading, block ranges, generation. No networking."""

@@ -1,0 +1,157 @@
+"""Reading a Hugging Face checkpoint directory, lazily: only the tensors a process needs.
+
+A server reads the tensors of its block range ``[start, end)``; a client reads the embeddings, the
+final norm and the LM head. Single-file (``model.safetensors``) and sharded
+(``model.safetensors.index.json``) checkpoints are supported; tensors are read one by one from the
+memory-mapped files, so a process never holds weights it does not run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from swarm.cache.kv import KVCacheBudget, LayerKVShape, SessionKV
+from swarm.engine.families import CheckpointError, Family, get_family
+from swarm.engine.layers import StepContext
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported --dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+class Checkpoint:
+    """A checkpoint directory: ``config.json``, safetensors weights, tokenizer files.
+
+    ``keys_read`` records every tensor name read so far (tests assert a range reads only its own).
+    Raises :class:`CheckpointError` when the directory is not a usable checkpoint and
+    ``UnsupportedModelError`` for a ``model_type`` no family handles.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.path} is not a checkpoint directory: it has no config.json")
+        self.raw_config: dict = json.loads(config_file.read_text())
+        if "model_type" not in self.raw_config:
+            raise CheckpointError(f"{config_file} has no model_type")
+        self.family: Family = get_family(self.raw_config["model_type"])
+        self._files = self._index_tensors()
+        self.config = self.family.fit_to_keys(self.family.parse_config(self.raw_config), set(self._files))
+        self.keys_read: list[str] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_layers
+
+    def _index_tensors(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {key: self.path / name for key, name in weight_map.items()}
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                return {key: single for key in f.keys()}
+        raise CheckpointError(
+            f"{self.path} has no model.safetensors or model.safetensors.index.json; only safetensors "
+            f"checkpoints are supported (re-save the model with save_pretrained(..., safe_serialization=True))"
+        )
+
+    def read(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Read exactly ``keys`` (converted to ``dtype``), opening each file once."""
+        missing = [k for k in keys if k not in self._files]
+        if missing:
+            raise CheckpointError(f"{self.path}: missing tensor(s) {', '.join(missing[:5])}")
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            by_file[self._files[key]].append(key)
+        tensors = {}
+        for file, file_keys in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for key in file_keys:
+                    tensors[key] = f.get_tensor(key).to(dtype)
+                    self.keys_read.append(key)
+        return tensors
+
+    def load_blocks(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> BlockRange:
+        """The blocks ``[start, end)`` with frozen weights, reading only their tensors."""
+        n = self.num_blocks
+        if not 0 <= start < end <= n:
+            raise ValueError(f"block range {start}:{end} is not within this model's {n} blocks (0:{n})")
+        blocks = []
+        for index in range(start, end):
+            prefix = self.family.block_prefix(self.config, index)
+            keys = [k for k in self._files if k.startswith(prefix)]
+            if not keys:
+                raise CheckpointError(f"{self.path}: no tensors for block {index} (prefix {prefix!r})")
+            tensors = self.read(keys, dtype)
+            with torch.device("meta"):
+                block = self.family.block(self.config, index)
+            state = {k[len(prefix) :]: v for k, v in tensors.items()}
+            block.load_state_dict(state, strict=True, assign=True)
+            blocks.append(block.requires_grad_(False).eval())
+        return BlockRange(self.family, self.config, start, end, blocks, dtype)
+
+    def load_head(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The client's part (embeddings, final norm, LM head), reading only those tensors."""
+        keys = self.family.head_keys(self.config, set(self._files))
+        return self.family.head(self.config, self.read(keys, dtype)).eval()
+
+
+class BlockRange(torch.nn.Module):
+    """Blocks ``[start, end)`` of a model run as one unit, sharing one step context.
+
+    ``forward(hidden [batch, seq, hidden], session=None, hypo_ids=None) -> hidden``. With a
+    ``session`` (see :meth:`open_session`) the step continues after the positions already cached
+    there; ``hypo_ids`` reorders the cached rows first (beam search). Without one, the call is a
+    stateless forward over a full sequence (used for batches and backward passes).
+    """
+
+    def __init__(self, family: Family, config, start: int, end: int, blocks: list, dtype: torch.dtype):
+        super().__init__()
+        self.family, self.config, self.start, self.end, self.dtype = family, config, start, end, dtype
+        self.blocks = torch.nn.ModuleList(blocks)
+        num_kv_heads, head_dim = family.kv_heads(config)
+        self.kv_shapes = [LayerKVShape(num_kv_heads, head_dim)] * len(blocks)
+
+    def open_session(self, batch: int, max_length: int, budget: KVCacheBudget | None = None) -> SessionKV:
+        """A KV cache for ``batch × max_length`` tokens; taken from ``budget`` when one is given
+        (raising ``CacheFullError`` if it does not fit)."""
+        if budget is None:
+            return SessionKV(None, batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype)
+        return budget.allocate(batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype)
+
+    def forward(
+        self, hidden: torch.Tensor, session: SessionKV | None = None, hypo_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size or hidden.shape[1] == 0:
+            raise ValueError(
+                f"hidden states must have shape [batch, seq ≥ 1, {self.config.hidden_size}], got {list(hidden.shape)}"
+            )
+        batch, seq, _ = hidden.shape
+        if session is not None:
+            if batch != session.batch:
+                raise ValueError(f"the session was opened for batch {session.batch}, got hidden states of batch {batch}")
+            session.check_room(seq)
+            if hypo_ids is not None:
+                session.reorder(hypo_ids)
+        ctx = StepContext(past=session.length if session is not None else 0, seq=seq)
+        self.family.prepare_step(self.config, ctx, self.dtype, batch)
+        hidden = hidden.to(self.dtype)
+        for i, block in enumerate(self.blocks):
+            kv = (session.keys[i], session.values[i]) if session is not None else None
+            hidden = block(hidden, ctx, kv)
+        if session is not None:
+            session.advance(seq)
+        return hidden

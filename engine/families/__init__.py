@@ -1,0 +1,32 @@
+"""The registry of model families: ``config.json``'s ``model_type`` → the family's module."""
+
+from __future__ import annotations
+
+import importlib
+
+from swarm.engine.families.base import CheckpointError, Family
+
+# model_type -> module under swarm.engine.families
+REGISTRY: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "bloom": "bloom",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def get_family(model_type: str) -> Family:
+    """The family for ``model_type``; an unknown type raises with the list of supported ones."""
+    module = REGISTRY.get(model_type)
+    if module is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported model types: {', '.join(sorted(REGISTRY))}"
+        )
+    return importlib.import_module(f"swarm.engine.families.{module}").FAMILY
+
+
+__all__ = ["CheckpointError", "Family", "REGISTRY", "UnsupportedModelError", "get_family"]

@@ -1,0 +1,48 @@
+"""What a model family provides to the engine: config parsing, its block, its client head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from swarm.engine.layers import StepContext
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing a file or tensor the engine needs, or holds an unexpected one."""
+
+
+def check_keys(wanted: Iterable[str], available: set[str]) -> None:
+    missing = [k for k in wanted if k not in available]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no tensor(s) {', '.join(missing)}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family, written against its checkpoint format.
+
+    - ``parse_config(config.json dict) -> cfg``; ``cfg.num_layers``, ``cfg.hidden_size``, ``cfg.vocab_size``.
+    - ``block(cfg, index) -> nn.Module`` whose ``state_dict`` names equal the checkpoint's names
+      after ``block_prefix(cfg, index)``; ``forward(hidden, ctx, kv) -> hidden``.
+    - ``head(cfg, tensors) -> nn.Module`` with ``embed(ids)`` and ``logits(hidden)``, built from the
+      tensors named by ``head_keys(cfg, available_keys)``.
+    - ``prepare_step(cfg, ctx, dtype, batch)`` fills ``ctx.extra`` once per step for all blocks.
+    - ``kv_heads(cfg) -> (num_kv_heads, head_dim)`` sizes the KV cache of one block.
+    - ``fit_to_keys(cfg, available_keys) -> cfg`` adapts the config to the checkpoint's naming.
+    """
+
+    name: str
+    parse_config: Callable[[dict], Any]
+    block: Callable[[Any, int], nn.Module]
+    block_prefix: Callable[[Any, int], str]
+    head: Callable[[Any, dict[str, torch.Tensor]], nn.Module]
+    head_keys: Callable[[Any, set[str]], list[str]]
+    prepare_step: Callable[[Any, StepContext, torch.dtype, int], None]
+    kv_heads: Callable[[Any], tuple[int, int]]
+    # adjust the parsed config to the checkpoint's key names (e.g. BLOOM's optional "transformer." prefix)
+    fit_to_keys: Callable[[Any, set[str]], Any] = lambda cfg, keys: cfg

@@ -1,0 +1,167 @@
+"""Llama (Llama 2/3, SmolLM2, TinyLlama): pre-norm decoder blocks with GQA, RoPE and SwiGLU.
+
+Written against the checkpoint format: a block's parameters carry the names they have in the
+checkpoint under ``model.layers.{i}.``. Mistral and Qwen2 reuse this block with their own config
+parsing (sliding windows, q/k/v biases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm.engine.families.base import Family, check_keys
+from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_inv_freq
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # per layer: None for full attention, else the window in tokens
+    sliding_windows: tuple[int | None, ...] = ()
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dict(cls, raw: dict, **overrides) -> LlamaConfig:
+        heads = raw["num_attention_heads"]
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+        bias = raw.get("attention_bias", False)
+        fields = dict(
+            model_type=raw["model_type"],
+            num_layers=raw["num_hidden_layers"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            vocab_size=raw["vocab_size"],
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope or None,
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_bias=raw.get("mlp_bias", False),
+            sliding_windows=(None,) * raw["num_hidden_layers"],
+            hidden_act=raw.get("hidden_act", "silu"),
+        )
+        fields.update(overrides)
+        if fields["hidden_act"] != "silu":
+            raise ValueError(f"{raw['model_type']}: unsupported hidden_act {fields['hidden_act']!r} (only silu)")
+        return cls(**fields)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding_window = sliding_window
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.extra["rope"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, ctx, kv, mask=ctx.bool_mask(self.sliding_window))
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    """One decoder block. ``forward(hidden [b, s, h], ctx, kv) -> hidden [b, s, h]``."""
+
+    def __init__(self, cfg: LlamaConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, cfg.sliding_windows[index])
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, hidden: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), ctx, kv)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaHead(nn.Module):
+    """The client's part: token embeddings, the final norm and the LM head (tied or not)."""
+
+    def __init__(self, cfg: LlamaConfig, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(tensors["model.embed_tokens.weight"], freeze=True)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm.weight.data = tensors["model.norm.weight"]
+        lm = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+        self.lm_head = nn.Parameter(lm, requires_grad=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden: [batch, seq, hidden]`` → ``logits: [batch, seq, vocab]`` in float32."""
+        return F.linear(self.norm(hidden), self.lm_head).float()
+
+
+def head_keys(cfg: LlamaConfig, available: set[str]) -> list[str]:
+    keys = ["model.embed_tokens.weight", "model.norm.weight"]
+    if "lm_head.weight" in available and not cfg.tie_word_embeddings:
+        keys.append("lm_head.weight")
+    elif not cfg.tie_word_embeddings:
+        check_keys(["lm_head.weight"], available)
+    return keys
+
+
+def prepare_step(cfg: LlamaConfig, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
+    inv_freq, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    positions = torch.arange(ctx.past, ctx.past + ctx.seq)
+    ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, positions, dtype)
+
+
+def make_family(name: str, parse) -> Family:
+    return Family(
+        name=name,
+        parse_config=parse,
+        block=LlamaBlock,
+        block_prefix=lambda cfg, i: f"model.layers.{i}.",
+        head=LlamaHead,
+        head_keys=head_keys,
+        prepare_step=prepare_step,
+        kv_heads=lambda cfg: (cfg.num_kv_heads, cfg.head_dim),
+    )
+
+
+FAMILY = make_family("llama", LlamaConfig.from_dict)

@@ -1,0 +1,136 @@
+"""Pieces shared by the model families: norms, rotary embeddings, masks and cached attention.
+
+Conventions where tensors cross a boundary:
+    hidden: [batch, seq, hidden_size]
+    q:      [batch, heads, seq, head_dim]
+    k, v:   [batch, kv_heads, seq, head_dim]
+A step processes ``seq`` new positions after ``past`` positions already in the session's cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back (as the reference checkpoints expect)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of rotary embeddings and the attention factor applied to cos/sin.
+
+    Supports the plain rotary embedding, ``linear`` scaling and Llama 3's ``llama3`` scaling; any other
+    ``rope_type`` is refused with the list of supported ones.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for ``positions`` ([seq]), each ``[seq, head_dim]`` in ``dtype``."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ([batch, heads, seq, head_dim]) by the half-split convention of HF checkpoints."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_mask(past: int, seq: int, sliding_window: int | None = None) -> torch.Tensor:
+    """Boolean ``[seq, past + seq]`` mask: query ``past + i`` sees key ``j`` iff ``j ≤ past + i``
+    (and ``j > past + i - sliding_window`` when a window is set)."""
+    q_pos = torch.arange(past, past + seq)[:, None]
+    k_pos = torch.arange(past + seq)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+@dataclass
+class StepContext:
+    """What every block of a run needs for one step, computed once per step.
+
+    ``past``: positions already cached; ``seq``: new positions in this step. ``extra`` holds
+    family-specific precomputed tensors (rotary cos/sin, ALiBi masks).
+    """
+
+    past: int
+    seq: int
+    extra: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)
+
+    def bool_mask(self, sliding_window: int | None = None) -> torch.Tensor | None:
+        """The causal mask for this step, or ``None`` where every key is visible (plain decode)."""
+        if sliding_window is None and self.seq == 1:
+            return None
+        if sliding_window is not None and self.past + self.seq <= sliding_window and self.seq == 1:
+            return None
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = causal_mask(self.past, self.seq, sliding_window)
+        return self._masks[sliding_window]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: StepContext,
+    kv: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Write the new ``k``/``v`` into the cache buffers ``kv`` (if any) and attend over everything
+    cached so far. Returns ``[batch, heads, seq, head_dim]``.
+
+    ``mask`` is a boolean or additive float mask broadcastable to ``[batch, heads, seq, past + seq]``,
+    or ``None`` for "every key visible".
+    """
+    if kv is not None:
+        k_buf, v_buf = kv
+        end = ctx.past + ctx.seq
+        k_buf[:, :, ctx.past : end] = k
+        v_buf[:, :, ctx.past : end] = v
+        k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+    elif ctx.past:
+        raise ValueError("a step after cached positions needs the session's KV cache")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,1 @@
+"""Everything that knows about peers (libp2p host, wire format, protocols, routing)."""

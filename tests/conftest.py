@@ -1,0 +1,98 @@
+"""Fixtures: tiny random checkpoints of every family, written by transformers, with a real tokenizer.
+
+The tokenizer is a byte-level BPE trained here on a few sentences (a real ``tokenizers`` tokenizer,
+saved with the checkpoint), so ``swarm generate --model DIR "prompt"`` runs end to end offline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
+VOCAB = 320
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "A swarm of small machines can run a model too large for any one of them.",
+    "Hidden states flow through a chain of servers, each holding a range of blocks.",
+] * 20
+
+
+def _tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+
+
+def tiny_config(family: str, **overrides):
+    import transformers
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if family == "bloom":
+        cfg = transformers.BloomConfig(hidden_size=64, n_layer=4, n_head=4, **common)
+    else:
+        cls = {
+            "llama": transformers.LlamaConfig,
+            "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config,
+        }[family]
+        extra = {"sliding_window": 5} if family == "mistral" else {}
+        cfg = cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **extra,
+            **common,
+        )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def write_tiny_checkpoint(directory: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """A random ``family`` model saved by transformers (safetensors) plus the tiny tokenizer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    with torch.no_grad():  # larger weights than the default init, so logits are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(directory)
+    _tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_checkpoint(request, tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return {f: write_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-all-{f}"), f) for f in FAMILIES}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_environment():
+    # the suite never reaches a model hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    yield
