@@ -1,0 +1,138 @@
+"""The client's side of a model: where its checkpoint is, its tokenizer, its head, its stop tokens.
+
+``--model`` names a checkpoint in one of three ways: the default model's name (fetched and
+converted once, see :mod:`swarm.engine.default_model`), a local checkpoint directory, or a Hugging
+Face Hub repo id (downloaded with ``huggingface_hub`` where there is Internet; on an offline
+machine this fails fast with a message that says what to do instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swarm.engine import default_model
+from swarm.engine.checkpoint import Checkpoint
+from swarm.engine.generation import GenerationConfig, LocalSession, generate
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
+
+
+class ModelNotAvailableError(RuntimeError):
+    """``--model`` names nothing this machine can load."""
+
+
+def resolve_model(spec: str | None, quiet: bool = False) -> Path:
+    """The checkpoint directory for ``--model`` (default: the default model)."""
+    spec = spec or default_model.DEFAULT_MODEL
+    if spec in default_model.ALIASES:
+        return default_model.ensure_default_model(quiet=quiet)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1:
+        raise ModelNotAvailableError(
+            f"--model {spec}: no such checkpoint directory (give a directory with config.json and "
+            f"safetensors weights, a Hugging Face repo id like org/name, or {default_model.DEFAULT_MODEL})"
+        )
+    return _from_hub(spec)
+
+
+def _from_hub(repo_id: str) -> Path:
+    import huggingface_hub
+
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise ModelNotAvailableError(
+            f"--model {repo_id}: could not fetch it from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). If this machine is offline, download "
+            f"the checkpoint elsewhere and pass its directory with --model DIR, or use the default model "
+            f"({default_model.DEFAULT_MODEL})"
+        ) from exc
+
+
+@dataclass
+class ClientModel:
+    """What a client holds: the tokenizer and the head (embeddings, final norm, LM head)."""
+
+    path: Path
+    checkpoint: Checkpoint
+    tokenizer: object
+    head: torch.nn.Module
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype = torch.float32) -> ClientModel:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging
+
+        checkpoint = Checkpoint(path)
+        logging.set_verbosity_error()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(path, checkpoint, tokenizer, checkpoint.load_head(dtype), _eos_ids(path, tokenizer))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of ``prompt``; with ``chat``, wrapped as one user turn by the chat template."""
+        if chat:
+            if not self.has_chat_template:
+                raise ValueError(f"--chat: the model at {self.path} has no chat template; drop --chat")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _eos_ids(path: Path, tokenizer) -> tuple[int, ...]:
+    """Stop tokens: generation_config.json's eos_token_id, else config.json's, else the tokenizer's."""
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            if value is not None:
+                return tuple(value) if isinstance(value, list) else (value,)
+    return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+
+
+class TextStream:
+    """Turns tokens into text deltas as they come, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, client: ClientModel, write: Callable[[str], None]):
+        self.client, self.write = client, write
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.client.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return
+        self.write(text[self.printed :])
+        self.printed = len(text)
+
+
+def generate_local(
+    client: ClientModel,
+    prompt_ids: list[int],
+    cfg: GenerationConfig,
+    dtype: torch.dtype = torch.float32,
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Generate with every block held in this process (the reference the swarm must equal)."""
+    blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, dtype)
+    return generate(client.head, lambda batch, n: LocalSession(blocks, batch, n), prompt_ids, cfg, on_token)

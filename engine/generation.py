@@ -1,0 +1,200 @@
+"""Token generation over any chain of blocks: greedy, sampling, repetition penalty, beam search.
+
+The loop only needs the client's head (embeddings and LM head) and a way to open an inference
+session over all blocks: ``open_session(batch, max_length)`` returning an object with
+``step(hidden [batch, seq, hidden], hypo_ids=None) -> hidden`` and ``close()``. Locally that is a
+:class:`LocalSession` over a :class:`~swarm.engine.checkpoint.BlockRange`; over the swarm it is a
+chain of remote servers. The same loop drives both, which is what makes swarm output equal local
+output token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from swarm.cache.kv import SessionKV
+from swarm.engine.checkpoint import BlockRange
+
+
+class InferenceSession(Protocol):
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+OpenSession = Callable[[int, int], InferenceSession]
+
+
+class LocalSession:
+    """An inference session over blocks held in this process."""
+
+    def __init__(self, blocks: BlockRange, batch: int, max_length: int):
+        self.blocks = blocks
+        self.kv: SessionKV = blocks.open_session(batch=batch, max_length=max_length)
+
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.blocks(hidden, self.kv, hypo_ids)
+
+    def close(self) -> None:
+        self.kv.close()
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick tokens. Greedy unless ``do_sample`` or ``num_beams > 1``."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    seed: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0 (for deterministic output drop the sampling flags)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("--top-p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("--top-k must be ≥ 0 (0 turns it off)")
+        if self.repetition_penalty <= 0:
+            raise ValueError("--repetition-penalty must be > 0 (1.0 turns it off)")
+        if self.num_beams < 1:
+            raise ValueError("--num-beams must be at least 1")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam search is deterministic: use either --num-beams or sampling flags, not both")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise every token in ``seen`` ([batch, n]): divide positive logits, multiply negative ones."""
+    if penalty == 1.0:
+        return logits
+    picked = logits.gather(1, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def sample_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row of ``logits`` ([batch, vocab], after the repetition penalty)."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (always keep the first)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def generate(
+    head: torch.nn.Module,
+    open_session: OpenSession,
+    input_ids: list[int],
+    cfg: GenerationConfig,
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
+    (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
+    as soon as it is chosen (greedy and sampling; beam search knows its answer only at the end)."""
+    if not input_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    max_length = len(input_ids) + cfg.max_new_tokens
+    if cfg.num_beams > 1:
+        return _beam_search(head, open_session, input_ids, cfg, max_length)
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    session = open_session(1, max_length)
+    try:
+        seen = torch.tensor([input_ids])
+        step_ids, new = seen, []
+        with torch.no_grad():
+            for _ in range(cfg.max_new_tokens):
+                hidden = session.step(head.embed(step_ids))
+                logits = apply_repetition_penalty(head.logits(hidden[:, -1]), seen, cfg.repetition_penalty)
+                token = int(sample_token(logits, cfg, generator)[0])
+                new.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token in cfg.eos_token_ids:
+                    break
+                step_ids = torch.tensor([[token]])
+                seen = torch.cat([seen, step_ids], dim=1)
+        return new
+    finally:
+        session.close()
+
+
+def _beam_search(
+    head: torch.nn.Module, open_session: OpenSession, input_ids: list[int], cfg: GenerationConfig, max_length: int
+) -> list[int]:
+    """Beam search with ``cfg.num_beams`` hypotheses as rows of one session.
+
+    Every row starts from the prompt; only row 0 is live at first. Each step takes the best
+    ``2 × num_beams`` continuations of all rows; those ending in EOS become finished hypotheses
+    (score = sum of log-probs ÷ length^length_penalty), the best others become the next rows, and
+    the session's cache rows are reordered to match (``hypo_ids``). The search stops when
+    ``num_beams`` hypotheses are finished and no live row can beat the worst of them, or at
+    ``max_new_tokens``.
+    """
+    nb = cfg.num_beams
+    session = open_session(nb, max_length)
+    try:
+        rows = torch.tensor([input_ids] * nb)  # [nb, len]
+        beam_scores = torch.full((nb,), -1e9)
+        beam_scores[0] = 0.0
+        step_ids, hypo_ids = rows, None
+        finished: list[tuple[float, list[int]]] = []
+        with torch.no_grad():
+            for step in range(cfg.max_new_tokens):
+                hidden = session.step(head.embed(step_ids), hypo_ids)
+                logits = apply_repetition_penalty(head.logits(hidden[:, -1]), rows, cfg.repetition_penalty)
+                scores = logits.log_softmax(-1) + beam_scores[:, None]  # [nb, vocab]
+                vocab = scores.shape[-1]
+                top_scores, top_idx = scores.flatten().topk(2 * nb)
+                next_rows, next_tokens, next_scores = [], [], []
+                for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+                    row, token = divmod(idx, vocab)
+                    generated = rows[row, len(input_ids) :].tolist() + [token]
+                    if token in cfg.eos_token_ids:
+                        if rank < nb:
+                            finished.append((score / len(generated) ** cfg.length_penalty, generated))
+                        continue
+                    next_rows.append(row)
+                    next_tokens.append(token)
+                    next_scores.append(score)
+                    if len(next_rows) == nb:
+                        break
+                finished.sort(key=lambda item: -item[0])
+                del finished[nb:]
+                if not next_rows:  # every candidate ended: nothing left to extend
+                    break
+                best_live = max(next_scores) / (step + 1) ** cfg.length_penalty
+                if len(finished) == nb and best_live <= finished[-1][0]:
+                    break
+                hypo_ids = torch.tensor(next_rows)
+                step_ids = torch.tensor(next_tokens)[:, None]
+                rows = torch.cat([rows[hypo_ids], step_ids], dim=1)
+                beam_scores = torch.tensor(next_scores)
+            else:
+                for score, row in zip(beam_scores.tolist(), rows):
+                    generated = row[len(input_ids) :].tolist()
+                    finished.append((score / len(generated) ** cfg.length_penalty, generated))
+        return max(finished, key=lambda item: item[0])[1]
+    finally:
+        session.close()
