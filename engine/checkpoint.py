@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from swarm.cache.kv import KVCacheBudget, LayerKVShape, SessionKV
 from swarm.engine.families import CheckpointError, Family, get_family
+from swarm.engine.fast import pack_linears
 from swarm.engine.layers import StepContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,8 +85,11 @@ class Checkpoint:
                     self.keys_read.append(key)
         return tensors
 
-    def load_blocks(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> BlockRange:
-        """The blocks ``[start, end)`` with frozen weights, reading only their tensors."""
+    def load_blocks(self, start: int, end: int, dtype: torch.dtype = torch.float32, fast: bool = True) -> BlockRange:
+        """The blocks ``[start, end)`` with frozen weights, reading only their tensors.
+
+        With ``fast`` (the default), bfloat16 linears use pre-packed CPU kernels (same results,
+        see :mod:`swarm.engine.fast`)."""
         n = self.num_blocks
         if not 0 <= start < end <= n:
             raise ValueError(f"block range {start}:{end} is not within this model's {n} blocks (0:{n})")
@@ -100,13 +104,19 @@ class Checkpoint:
                 block = self.family.block(self.config, index)
             state = {k[len(prefix) :]: v for k, v in tensors.items()}
             block.load_state_dict(state, strict=True, assign=True)
-            blocks.append(block.requires_grad_(False).eval())
+            block.requires_grad_(False).eval()
+            if fast:
+                pack_linears(block)
+            blocks.append(block)
         return BlockRange(self.family, self.config, start, end, blocks, dtype)
 
-    def load_head(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    def load_head(self, dtype: torch.dtype = torch.float32, fast: bool = True) -> torch.nn.Module:
         """The client's part (embeddings, final norm, LM head), reading only those tensors."""
         keys = self.family.head_keys(self.config, set(self._files))
-        return self.family.head(self.config, self.read(keys, dtype)).eval()
+        head = self.family.head(self.config, self.read(keys, dtype)).eval()
+        if fast:
+            pack_linears(head)
+        return head
 
 
 class BlockRange(torch.nn.Module):

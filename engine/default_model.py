@@ -180,3 +180,7 @@ def _write_tokenizer(gguf_path: Path, out: Path) -> None:
     finally:
         logging.set_verbosity(verbosity)
     tokenizer.save_pretrained(str(out))
+
+
+if __name__ == "__main__":  # `python -m swarm.engine.default_model`: fetch and convert once
+    print(ensure_default_model())

@@ -133,4 +133,23 @@ def attend(
         k, v = k_buf[:, :, :end], v_buf[:, :, :end]
     elif ctx.past:
         raise ValueError("a step after cached positions needs the session's KV cache")
+    if ctx.seq == 1:
+        return _decode_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _decode_attention(q, k, v, mask, scale):
+    """One query position: plain matmuls over grouped heads (PyTorch's CPU SDPA kernel costs ~10×
+    more here). Softmax in float32, as the fused kernels do."""
+    b, heads, _, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(b, kv_heads, group, d)  # query heads sharing a KV head sit next to each other
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask.reshape(-1, 1, 1, length), float("-inf"))
+        else:
+            scores = scores + mask.reshape(-1, kv_heads, group, length)
+    probs = scores.float().softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, heads, 1, d)

@@ -16,6 +16,14 @@ class CheckpointError(ValueError):
     """A checkpoint is missing a file or tensor the engine needs, or holds an unexpected one."""
 
 
+def frozen_linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free ``nn.Linear`` around an existing ``[out, in]`` weight (e.g. a tied LM head)."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
 def check_keys(wanted: Iterable[str], available: set[str]) -> None:
     missing = [k for k in wanted if k not in available]
     if missing:

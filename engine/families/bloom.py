@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from swarm.engine.families.base import Family
+from swarm.engine.families.base import frozen_linear as _frozen_linear
 from swarm.engine.layers import StepContext, attend, causal_mask
 
 
@@ -116,7 +116,7 @@ class BloomHead(nn.Module):
         self.embed_norm = _layer_norm(tensors, f"{p}word_embeddings_layernorm", cfg.layer_norm_eps)
         self.ln_f = _layer_norm(tensors, f"{p}ln_f", cfg.layer_norm_eps)
         lm = tensors.get("lm_head.weight", tensors[f"{p}word_embeddings.weight"])
-        self.lm_head = nn.Parameter(lm, requires_grad=False)
+        self.lm_head = _frozen_linear(lm)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``."""
@@ -124,7 +124,7 @@ class BloomHead(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden: [batch, seq, hidden]`` → ``logits: [batch, seq, vocab]`` in float32."""
-        return F.linear(self.ln_f(hidden), self.lm_head).float()
+        return self.lm_head(self.ln_f(hidden)).float()
 
 
 def _layer_norm(tensors: dict[str, torch.Tensor], name: str, eps: float) -> nn.LayerNorm:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarm.engine.families.base import Family, check_keys
+from swarm.engine.families.base import frozen_linear as _frozen_linear
 from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_inv_freq
 
 
@@ -125,7 +126,7 @@ class LlamaHead(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm.weight.data = tensors["model.norm.weight"]
         lm = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
-        self.lm_head = nn.Parameter(lm, requires_grad=False)
+        self.lm_head = _frozen_linear(lm)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``."""
@@ -133,7 +134,7 @@ class LlamaHead(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden: [batch, seq, hidden]`` → ``logits: [batch, seq, vocab]`` in float32."""
-        return F.linear(self.norm(hidden), self.lm_head).float()
+        return self.lm_head(self.norm(hidden)).float()
 
 
 def head_keys(cfg: LlamaConfig, available: set[str]) -> list[str]:
