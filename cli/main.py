@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -42,12 +43,89 @@ ModelOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations dtype: float32 or bfloat16.")]
 
 
+InitialPeersOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--initial-peers",
+        envvar="SWARM_INITIAL_PEERS",
+        help="Multiaddr(s) of peers already in the swarm, as printed by `swarm serve` (env: SWARM_INITIAL_PEERS).",
+    ),
+]
+
+
+def _peers(values: Optional[list[str]]) -> list[str]:
+    # accept repeated flags and comma/space-separated lists (the environment form)
+    return [p for v in values or [] for p in v.replace(",", " ").split()]
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=True)],
+    )
+
+
 @app.command()
 def serve(
-    blocks: Annotated[str, typer.Option("--blocks", help="Block range START:END, or auto.")] = "auto",
+    model: ModelOpt = None,
+    blocks: Annotated[str, typer.Option("--blocks", help="Block range START:END (end exclusive), or auto.")] = "auto",
+    num_blocks: Annotated[
+        Optional[int], typer.Option("--num-blocks", help="With --blocks auto: how many blocks (default: a third).")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port).")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    initial_peers: InitialPeersOpt = None,
+    new_swarm: Annotated[bool, typer.Option("--new-swarm", help="Start a new swarm (no initial peers).")] = False,
+    identity: Annotated[
+        Optional[Path], typer.Option("--identity", help="Ed25519 key file (stable peer id); default under $SWARM_HOME.")
+    ] = None,
+    dtype: DtypeOpt = "float32",
+    cache_tokens: Annotated[int, typer.Option("--cache-tokens", help="KV cache budget in tokens (batch × length).")] = 32768,
+    public_name: Annotated[str, typer.Option("--public-name", help="A name shown in `swarm status`.")] = "",
+    announce_period: Annotated[float, typer.Option("--announce-period", help="Seconds between announcements.")] = 5.0,
+    step_timeout: Annotated[float, typer.Option("--step-timeout", help="Close sessions idle this many seconds.")] = 300.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,
 ) -> None:
     """Serve a contiguous range of a model's blocks to the swarm."""
-    _not_built("swarm serve (serving blocks over libp2p)")
+    from swarm.engine.client import ModelNotAvailableError, resolve_model
+    from swarm.engine.default_model import swarm_home
+    from swarm.engine.families import CheckpointError, UnsupportedModelError
+    from swarm.p2p.host import P2PError
+    from swarm.p2p.loop import run
+    from swarm.p2p.server import ServerConfig, default_identity, serve_forever
+
+    _setup_logging(verbose)
+    try:
+        cfg = ServerConfig(
+            model_dir=resolve_model(model),
+            blocks=blocks,
+            num_blocks=num_blocks,
+            dtype=dtype,
+            cache_tokens=cache_tokens,
+            listen_host=host,
+            port=port,
+            identity=identity or default_identity(swarm_home()),
+            initial_peers=_peers(initial_peers),
+            new_swarm=new_swarm,
+            public_name=public_name,
+            announce_period=announce_period,
+            step_timeout=step_timeout,
+        )
+
+        def ready(server) -> None:
+            addr = next((a for a in server.host.addrs if "/ip4/" in a), server.host.addrs[0])
+            print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {addr}", flush=True)
+
+        run(serve_forever(cfg, on_ready=ready))
+    except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, ConnectionError, P2PError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
@@ -67,10 +145,13 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with token ids and text.")] = False,
+    initial_peers: InitialPeersOpt = None,
+    step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")
+    ] = 30.0,
 ) -> None:
     """Generate text: stream tokens through a chain of servers (or --local), printing them as they come."""
-    if not local:
-        _not_built("swarm generate through the swarm (use --local to run every block here)")
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
     from swarm.engine.families import CheckpointError, UnsupportedModelError
@@ -102,7 +183,21 @@ def generate(
         sys.stdout.flush()
 
     stream = None if as_json or num_beams > 1 else TextStream(client, write)
-    tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
+    if local:
+        tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
+    else:
+        from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
+        from swarm.p2p.routing import NoRouteError
+        from swarm.p2p.table import model_id
+
+        ccfg = ClientConfig(initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout)
+        try:
+            model_name = model_id(client.path, client.checkpoint.raw_config)
+            tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)
+        except (SwarmError, NoRouteError, TimeoutError) as exc:
+            if stream is not None and stream.printed:
+                write("\n")
+            _fail(str(exc) or type(exc).__name__)
     text = client.decode(tokens)
     if as_json:
         print(json.dumps({"prompt_ids": prompt_ids, "token_ids": tokens, "text": text}))
@@ -122,9 +217,54 @@ def finetune(
 
 
 @app.command()
-def status() -> None:
+def status(
+    initial_peers: InitialPeersOpt = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Only this model's servers (default: the initial peer's model).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the topology as JSON.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every few seconds until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes with --watch.")] = 5.0,
+) -> None:
     """Show the swarm: who serves which blocks, how fast, where the gaps are."""
-    _not_built("swarm status (the swarm's topology)")
+    from swarm.p2p.client import SwarmError
+    from swarm.p2p.loop import run
+    from swarm.p2p.status import gather_status
+
+    model_name = None
+    if model is not None:
+        from swarm.engine.checkpoint import Checkpoint
+        from swarm.engine.client import resolve_model
+        from swarm.p2p.table import model_id
+
+        path = resolve_model(model, quiet=True)
+        model_name = model_id(path, Checkpoint(path).raw_config)
+
+    def once() -> dict:
+        try:
+            return run(gather_status(_peers(initial_peers), model_name))
+        except SwarmError as exc:
+            _fail(str(exc))
+
+    if as_json:
+        print(json.dumps(once()))
+        return
+    from rich.live import Live
+
+    from swarm.cli.render import status_view
+
+    if not watch:
+        Console().print(status_view(once()))
+        return
+    import time
+
+    try:
+        with Live(status_view(once()), console=Console(), auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(status_view(once()), refresh=True)
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

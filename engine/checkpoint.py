@@ -135,6 +135,15 @@ class BlockRange(torch.nn.Module):
         num_kv_heads, head_dim = family.kv_heads(config)
         self.kv_shapes = [LayerKVShape(num_kv_heads, head_dim)] * len(blocks)
 
+    def sub(self, start: int, end: int) -> BlockRange:
+        """Blocks ``[start, end)`` of this range (global indices), sharing the same modules."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks {start}:{end} are not within the blocks {self.start}:{self.end} held here")
+        if (start, end) == (self.start, self.end):
+            return self
+        blocks = list(self.blocks)[start - self.start : end - self.start]
+        return BlockRange(self.family, self.config, start, end, blocks, self.dtype)
+
     def open_session(self, batch: int, max_length: int, budget: KVCacheBudget | None = None) -> SessionKV:
         """A KV cache for ``batch × max_length`` tokens; taken from ``budget`` when one is given
         (raising ``CacheFullError`` if it does not fit)."""

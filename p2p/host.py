@@ -1,0 +1,605 @@
+"""A py-libp2p host on its own trio thread, used from asyncio.
+
+The host speaks TCP only, secured with Noise only (a default py-libp2p host also accepts plaintext,
+TLS and secio: we refuse them) and multiplexed with yamux only (mplex, QUIC and TLS are 3-10x
+slower). mDNS, UPnP, bootstrap, AutoTLS and metrics are off. Gossipsub carries announcements.
+
+Everything here is awaited on the asyncio loop that called :meth:`Host.start`; the libp2p work runs
+on the trio thread of :mod:`swarm.p2p.bridge`, and stream handlers are called back on that asyncio
+loop. Errors are :class:`P2PError` subclasses that name the peer and protocol:
+
+* :class:`PeerUnreachableError` — a dial failed, was refused (e.g. the peer offers no Noise) or
+  timed out, or the peer does not speak the protocol;
+* :class:`StreamClosedError` — end of stream or reset while reading or writing. A killed peer looks
+  like a clean end of stream in libp2p, so do not read EOF as "the peer finished on purpose";
+* :class:`P2PTimeoutError` — an operation exceeded its timeout; the trio-side work was cancelled.
+  A frozen peer makes reads hang forever, so every network wait here takes a timeout.
+
+New connections cost ~250 ms (a fixed happy-eyeballs delay in py-libp2p): keep them, open streams
+(~1 ms) on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import multiaddr
+import trio
+from libp2p import generate_new_ed25519_identity, new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.host.exceptions import StreamFailure
+from libp2p.identity_utils import load_identity, save_identity
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
+
+__all__ = [
+    "DialTimeoutError",
+    "Host",
+    "P2PError",
+    "P2PTimeoutError",
+    "PeerUnreachableError",
+    "StreamClosedError",
+    "Stream",
+    "Subscription",
+    "load_or_create_identity",
+]
+
+log = logging.getLogger(__name__)
+if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose logs
+    logging.getLogger("libp2p").setLevel(logging.WARNING)
+    logging.getLogger("multiaddr").setLevel(logging.WARNING)
+
+PING_PROTOCOL = "/ipfs/ping/1.0.0"  # every py-libp2p host answers it
+PING_BYTES = 32
+START_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 5.0  # for a graceful stream close or reset
+HEARTBEAT_S = 1  # gossipsub heartbeat: meshes form within a second or two on loopback
+OUTBOUND_QUEUE = 4096  # RPCs queued per pubsub peer before drops (py-libp2p: 32)
+MAX_PUBLISH_BYTES = (1 << 20) - (16 << 10)  # pubsub drops RPCs over 1 MiB; leave room for signature etc.
+
+
+class PeerUnreachableError(P2PError):
+    """A dial failed, was refused or timed out, or the peer does not speak the protocol."""
+
+
+class DialTimeoutError(PeerUnreachableError, P2PTimeoutError):
+    """A dial (or stream negotiation) timed out: both unreachable and a timeout."""
+
+
+class StreamClosedError(P2PError):
+    """End of stream or reset while reading or writing (a killed peer looks like a clean EOF)."""
+
+
+def load_or_create_identity(path: Path) -> KeyPair:
+    """The Ed25519 key pair stored at ``path``, created on first use (parent directories made,
+    file mode 0600) so the peer id stays the same across restarts.
+
+    Raises ``ValueError`` naming the file if it holds no valid key, ``OSError`` if it cannot be
+    read or written.
+    """
+    path = Path(path)
+    if path.exists():
+        return load_identity(path)
+    key_pair = generate_new_ed25519_identity()
+    save_identity(key_pair, path)
+    return key_pair
+
+
+def _check_port_free(listen_host: str, port: int) -> None:
+    """py-libp2p listens with SO_REUSEPORT, so a second host on a taken port starts "fine" and the
+    kernel splits incoming connections between the two. Refuse that: bind a plain socket first."""
+    family = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            probe.bind((listen_host, port))
+        except OSError as exc:
+            raise P2PError(f"cannot listen on {listen_host}:{port}: {exc.strerror} (is another host running?)") from None
+
+
+def _peer(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception as exc:
+        raise PeerUnreachableError(f"{peer_id!r} is not a base58 peer id: {exc}") from None
+
+
+@contextmanager
+def _stream_errors(what: str):
+    """Turn libp2p's end-of-stream, reset and connection errors into StreamClosedError."""
+    try:
+        yield
+    except StreamEOF:
+        raise StreamClosedError(f"{what}: stream closed by the peer (EOF)") from None
+    except StreamReset:
+        raise StreamClosedError(f"{what}: stream reset") from None
+    except (BaseLibp2pError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise StreamClosedError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _quietly(fn: Callable[[], Awaitable[object]]) -> None:
+    """Best effort close/reset: the stream may already be gone."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await fn()
+        except (BaseLibp2pError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+async def _close_connections(lp) -> None:
+    """Close every connection before the host stops. py-libp2p's own shutdown closes them only
+    while being cancelled, i.e. not at all: peers would keep a dead connection open until our
+    sockets got garbage-collected. All at once, since yamux's close sleeps 0.1 s per connection."""
+
+    async def close(conn) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:
+            log.debug("closing %r: %r", conn, exc)
+
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for conns in list(lp.get_network().connections.values()):
+                for conn in list(conns):
+                    nursery.start_soon(close, conn)
+        await lp.close()
+
+
+async def _no_auto_connect() -> None:
+    return None
+
+
+class _RoomyQueues(dict):
+    """``Pubsub.peer_queues`` whose new per-peer outbound queues hold OUTBOUND_QUEUE RPCs, not 32:
+    a burst of announcements would otherwise be dropped silently."""
+
+    def __setitem__(self, peer_id, queue) -> None:
+        queue._queue.max_size = OUTBOUND_QUEUE
+        super().__setitem__(peer_id, queue)
+
+
+class _Pubsub(Pubsub):
+    """Pubsub that hands each received message straight to ``on_message`` (on the trio thread),
+    instead of a 32-slot channel per topic that drops when full."""
+
+    def __init__(self, host, router, on_message: Callable[[object], None]):
+        super().__init__(host, router)
+        self.peer_queues = _RoomyQueues()
+        self._on_message = on_message
+
+    def notify_subscriptions(self, publish_message) -> None:
+        if any(topic in self.topic_ids for topic in publish_message.topicIDs):
+            self._on_message(publish_message)
+
+
+class Stream:
+    """One libp2p stream, used from asyncio. Not safe for concurrent reads (or concurrent writes).
+
+    A read or write that timed out or was cancelled may have consumed or sent part of the data:
+    reset the stream after one rather than reuse it.
+    """
+
+    def __init__(self, bridge: TrioThread, net_stream, protocol: str):
+        self._bridge = bridge
+        self._ns = net_stream
+        self.remote_peer_id: str = net_stream.muxed_conn.peer_id.to_base58()
+        self.protocol = protocol
+        self._finished = False  # closed or reset by us
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.protocol} with {self.remote_peer_id}>"
+
+    def _what(self, op: str) -> str:
+        return f"{op} {self.protocol} with {self.remote_peer_id}"
+
+    async def read(self, max_bytes: int = 1 << 20, timeout: float | None = None) -> bytes:
+        """1..max_bytes bytes, as soon as any arrive. StreamClosedError at EOF or reset."""
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        return await self._bridge.call(self._read, max_bytes, timeout=timeout, what=self._what("read from"))
+
+    async def read_exactly(self, n: int, timeout: float | None = None) -> bytes:
+        """Exactly ``n`` bytes; StreamClosedError if the stream ends first. ``timeout`` covers the
+        whole call."""
+        return await self._bridge.call(self._read_exactly, n, timeout=timeout, what=self._what("read from"))
+
+    async def write(self, data: bytes, timeout: float | None = None) -> None:
+        """Write all of ``data`` (any bytes-like object), waiting for the peer's flow-control window."""
+        await self._bridge.call(self._write, data, timeout=timeout, what=self._what("write to"))
+
+    async def close(self) -> None:
+        """Graceful close of our side (the peer reads EOF after what we wrote). Best effort: never
+        raises for a dead stream or a closed host."""
+        await self._finish(self._ns.close, "close")
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions (the peer's reads and writes fail). Best effort."""
+        await self._finish(self._ns.reset, "reset")
+
+    async def _finish(self, how, op: str) -> None:
+        if not self._finished:
+            self._finished = True
+            try:
+                await self._bridge.call(_quietly, how, timeout=None, what=self._what(op))
+            except P2PError:
+                pass
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await (self.close() if exc_type is None else self.reset())
+
+    # trio side
+    async def _read(self, n: int) -> bytes:
+        with _stream_errors(self._what("read from")):
+            data = await self._ns.read(n)
+        if not data:
+            raise StreamClosedError(f"{self._what('read from')}: stream closed by the peer (EOF)")
+        return data
+
+    async def _read_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                buf += await self._read(n - len(buf))
+            except StreamClosedError as exc:
+                raise StreamClosedError(f"{exc} after {len(buf)} of {n} bytes") from None
+        return bytes(buf)
+
+    async def _write(self, data) -> None:
+        with _stream_errors(self._what("write to")):
+            await self._ns.write(data if isinstance(data, bytes) else bytes(data))
+
+
+class Subscription:
+    """Messages on one gossipsub topic, as ``(sender peer id, data)``; an async iterator.
+
+    Messages this host published itself are not delivered here. Messages queue without bound
+    until read. Iteration ends when the subscription is cancelled or the host closes (unread
+    messages are then dropped).
+    """
+
+    def __init__(self, host: Host, topic: str):
+        self.topic = topic
+        self._host = host
+        self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._closed = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> tuple[str, bytes]:
+        try:
+            return await self.get()
+        except _SubscriptionEnded:
+            raise StopAsyncIteration from None
+
+    async def get(self, timeout: float | None = None) -> tuple[str, bytes]:
+        """The next message. P2PTimeoutError after ``timeout`` seconds; P2PError once cancelled."""
+        if timeout is None:
+            item = await self._queue.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except asyncio.TimeoutError:
+                raise P2PTimeoutError(f"no message on {self.topic!r} within {timeout:g} s") from None
+        if item is None:
+            self._queue.put_nowait(None)  # wake every other reader too
+            raise _SubscriptionEnded(f"subscription to {self.topic!r} is cancelled")
+        return item
+
+    async def cancel(self) -> None:
+        """Stop receiving; the topic is left when its last subscription is cancelled."""
+        if not self._closed:
+            self._end()
+            await self._host._unsubscribe(self)
+
+    def _end(self) -> None:  # unread messages are dropped; readers wake up to P2PError
+        self._closed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+
+class _SubscriptionEnded(P2PError):
+    pass
+
+
+class Host:
+    """A libp2p host (Noise, yamux, TCP, gossipsub) on a trio thread; see the module docstring."""
+
+    peer_id: str
+    addrs: list[str]
+
+    def __init__(self, key_pair: KeyPair, listen: multiaddr.Multiaddr):
+        """Use :meth:`start`."""
+        self._key_pair = key_pair
+        self._listen = listen
+        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self.addrs = []
+        self._bridge = TrioThread(name=f"libp2p-{self.peer_id[-6:]}")
+        self._subs: dict[str, set[Subscription]] = {}
+        # trio side only:
+        self._lp = None
+        self._pubsub: _Pubsub | None = None
+        self._addr_book: dict[ID, list[multiaddr.Multiaddr]] = {}
+
+    @classmethod
+    async def start(cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | None = None) -> Host:
+        """Start a host listening on ``listen_host:port`` (0 picks a free port) and return once it
+        listens. ``identity`` is a key file (see :func:`load_or_create_identity`); None means a fresh
+        random key. Raises P2PError if the host cannot start (e.g. the port is taken)."""
+        ip = "ip6" if ":" in listen_host else "ip4"
+        try:
+            listen = multiaddr.Multiaddr(f"/{ip}/{listen_host}/tcp/{port}")
+        except Exception as exc:
+            raise P2PError(f"cannot listen on {listen_host!r} port {port}: {exc}") from None
+        if port:
+            _check_port_free(listen_host, port)
+        key_pair = load_or_create_identity(identity) if identity is not None else generate_new_ed25519_identity()
+        self = cls(key_pair, listen)
+        try:
+            self.addrs = await self._bridge.start(self._services, timeout=START_TIMEOUT)
+        except P2PError:
+            raise
+        except Exception as exc:
+            raise P2PError(f"cannot start a libp2p host on {self._listen}: {type(exc).__name__}: {exc}") from exc
+        return self
+
+    @asynccontextmanager
+    async def _services(self):
+        # trio side: build and run the host, pubsub and gossipsub; yield our full listen addresses
+        lp = new_host(
+            key_pair=self._key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(self._key_pair, noise_privkey=create_x25519_key_pair().private_key)},
+            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            listen_addrs=[self._listen],
+            enable_mDNS=False,
+            enable_upnp=False,
+            enable_autotls=False,
+            enable_metrics=False,
+            bootstrap=None,
+        )
+        # The auto-connector dials every peer in the peerstore that has a public address while we
+        # hold under 150 connections, and a failed dial blocks explicit dials to that peer for 60 s:
+        # we dial only when asked to.
+        lp.get_network().auto_connector.maybe_connect = _no_auto_connect
+        gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=HEARTBEAT_S,
+            # "Adaptive" gossip stretches the heartbeat to 30-60 s when it deems the network unhealthy;
+            # spam protection drops >10 msg/s per peer and topic (own publishes included); eclipse
+            # protection wants 3 distinct IPs, which loopback and small swarms never have.
+            adaptive_gossip_enabled=False,
+            spam_protection_enabled=False,
+            eclipse_protection_enabled=False,
+        )
+        pubsub = _Pubsub(lp, gossipsub, on_message=self._on_message)
+        try:
+            async with lp.run(listen_addrs=[self._listen]):
+                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                    await pubsub.wait_until_ready()
+                    self._lp, self._pubsub = lp, pubsub
+                    self._my_id_bytes = lp.get_id().to_bytes()
+                    yield [str(a) for a in lp.get_addrs()]
+                await _close_connections(lp)
+        finally:
+            pubsub.seen_messages.stop()  # its sweeper thread would outlive the host
+
+    async def close(self) -> None:
+        """Stop the host and join its thread; pending calls get P2PError. Idempotent."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub._end()
+        self._subs.clear()
+        await self._bridge.close()
+
+    # ---- connections and streams ------------------------------------------------------------
+
+    def set_stream_handler(self, protocol: str, handler: Callable[[Stream], Awaitable[None]]) -> None:
+        """Serve ``protocol``: each incoming stream runs ``await handler(stream)`` on this host's
+        asyncio loop. The stream is closed when the handler returns and reset if it raises; the
+        exception is logged (a P2PError briefly, others with their traceback), never fatal to the host."""
+
+        async def on_stream(net_stream) -> None:  # trio side, one task per stream
+            stream = Stream(self._bridge, net_stream, protocol)
+            try:
+                ok = await self._bridge.run_in_asyncio(self._run_handler(handler, stream))
+            except P2PError:
+                ok = False
+            if not stream._finished:
+                stream._finished = True
+                await _quietly(net_stream.close if ok else net_stream.reset)
+
+        self._bridge.run_soon(self._lp.set_stream_handler, TProtocol(protocol), on_stream)
+
+    @staticmethod
+    async def _run_handler(handler, stream: Stream) -> bool:
+        try:
+            await handler(stream)
+            return True
+        except P2PError as exc:
+            log.info("handler for %s from %s ended: %s", stream.protocol, stream.remote_peer_id, exc)
+        except Exception:
+            log.exception("handler for %s from %s failed", stream.protocol, stream.remote_peer_id)
+        return False
+
+    async def connect(self, maddr: str, timeout: float = 10.0) -> str:
+        """Connect to the peer at a full multiaddr (``.../p2p/<id>``) and return its peer id. Its
+        addresses are remembered for :meth:`open_stream`. PeerUnreachableError on failure or timeout."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(maddr))
+        except Exception as exc:
+            raise PeerUnreachableError(f"cannot dial {maddr!r}: not a multiaddr ending in /p2p/<id> ({exc})") from None
+        peer = info.peer_id.to_base58()
+        try:
+            await self._bridge.call(self._dial, info.peer_id, info.addrs, timeout=timeout, what=f"connect to {maddr}")
+        except P2PTimeoutError as exc:
+            raise DialTimeoutError(str(exc)) from None
+        return peer
+
+    def add_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        """Remember addresses of ``peer_id`` (e.g. from announcements) so open_stream can dial it.
+        Addresses that do not parse are skipped."""
+        pid = _peer(peer_id)
+        parsed = []
+        for a in addrs:
+            try:
+                m = multiaddr.Multiaddr(a)
+                if m.get_peer_id() is not None:  # keep the transport part only
+                    m = m.decapsulate(multiaddr.Multiaddr(f"/p2p/{m.get_peer_id()}"))
+                parsed.append(m)
+            except Exception as exc:
+                log.debug("skipping address %r of %s: %s", a, peer_id, exc)
+        if parsed:
+            self._bridge.run_soon(self._remember, pid, parsed)
+
+    async def open_stream(self, peer_id: str, protocol: str, timeout: float = 10.0) -> Stream:
+        """A new stream to ``peer_id`` speaking ``protocol``, on the existing connection if there is
+        one, else dialing the addresses we know. PeerUnreachableError if the peer cannot be reached
+        (or does not speak ``protocol``) within ``timeout``."""
+        pid = _peer(peer_id)
+        try:
+            ns = await self._bridge.call(
+                self._new_stream,
+                pid,
+                protocol,
+                timeout=timeout,
+                what=f"open {protocol} to {peer_id}",
+                orphan=lambda ns: self._bridge.spawn(_quietly, ns.reset),
+            )
+        except P2PTimeoutError as exc:
+            raise DialTimeoutError(str(exc)) from None
+        return Stream(self._bridge, ns, protocol)
+
+    async def ping(self, peer_id: str, timeout: float = 5.0) -> float:
+        """Round-trip time in seconds of one libp2p ping (32 bytes echoed on ``/ipfs/ping/1.0.0``),
+        not counting the stream opening. Dials the peer if needed."""
+        return await self._bridge.call(self._ping, _peer(peer_id), timeout=timeout, what=f"ping {peer_id}")
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids with at least one open connection (a snapshot)."""
+        connections = list(self._lp.get_network().connections.items())  # one C call: atomic under the GIL
+        return [peer.to_base58() for peer, conns in connections if conns]
+
+    # trio side
+    def _remember(self, peer: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        known = self._addr_book.setdefault(peer, [])
+        known.extend(a for a in addrs if a not in known)
+
+    async def _dial(self, peer: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        self._remember(peer, addrs)
+        # libp2p's connect() stores the addresses with a 120 s TTL, after which its peerstore
+        # forgets them: we keep our own address book and hand it over at each dial.
+        self._lp.get_network().unblock_peer(peer)  # an explicit dial always tries, even right after a failed one
+        try:
+            await self._lp.connect(PeerInfo(peer, list(self._addr_book[peer])))
+        except Exception as exc:  # SwarmException, OSError, exception groups from the dialer
+            raise PeerUnreachableError(f"cannot connect to {peer} at {' '.join(map(str, addrs))}: {exc}") from exc
+
+    async def _new_stream(self, peer: ID, protocol: str):
+        if not self._lp.get_network().connections.get(peer):
+            if not self._addr_book.get(peer):
+                raise PeerUnreachableError(f"open {protocol} to {peer}: not connected and no known address")
+            await self._dial(peer, self._addr_book[peer])
+        try:
+            return await self._lp.new_stream(peer, [TProtocol(protocol)])
+        except StreamFailure as exc:
+            raise PeerUnreachableError(f"open {protocol} to {peer}: protocol negotiation failed ({exc})") from exc
+        except Exception as exc:
+            raise PeerUnreachableError(f"open {protocol} to {peer}: {type(exc).__name__}: {exc}") from exc
+
+    async def _ping(self, peer: ID) -> float:
+        ns = await self._new_stream(peer, PING_PROTOCOL)
+        stream = Stream(self._bridge, ns, PING_PROTOCOL)
+        try:
+            payload = secrets.token_bytes(PING_BYTES)
+            t0 = time.perf_counter()
+            await stream._write(payload)
+            echo = await stream._read_exactly(PING_BYTES)
+            rtt = time.perf_counter() - t0
+        finally:
+            with trio.CancelScope(shield=True):
+                await _quietly(ns.close)
+        if echo != payload:
+            raise P2PError(f"ping {peer}: the echo differs from what was sent")
+        return rtt
+
+    # ---- gossipsub --------------------------------------------------------------------------
+
+    async def subscribe(self, topic: str) -> Subscription:
+        """A new subscription to ``topic``. Every subscribed host relays the topic: in a line
+        A–B–C, B must subscribe for A's messages to reach C."""
+        sub = Subscription(self, topic)
+        first = topic not in self._subs
+        self._subs.setdefault(topic, set()).add(sub)
+        if first:
+            try:
+                await self._bridge.call(self._join, topic, timeout=10.0, what=f"subscribe to {topic!r}")
+            except BaseException:
+                sub._end()
+                subs = self._subs.get(topic, set())
+                subs.discard(sub)
+                if not subs:
+                    self._subs.pop(topic, None)
+                raise
+        return sub
+
+    async def publish(self, topic: str, data: bytes, timeout: float = 10.0) -> None:
+        """Publish ``data`` (< ~1 MiB, else ValueError) to ``topic``: best effort, like all gossip.
+        Our own subscriptions do not receive it."""
+        if len(data) > MAX_PUBLISH_BYTES:
+            raise ValueError(f"a pubsub message holds at most {MAX_PUBLISH_BYTES} bytes, got {len(data)}")
+        await self._bridge.call(self._pubsub.publish, topic, bytes(data), timeout=timeout, what=f"publish to {topic!r}")
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.topic)
+        if subs is None or sub not in subs:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subs[sub.topic]
+            try:
+                await self._bridge.call(self._pubsub.unsubscribe, sub.topic, timeout=10.0, what=f"leave {sub.topic!r}")
+            except P2PError as exc:  # the host is closing: nothing to leave
+                log.debug("%s", exc)
+
+    async def _join(self, topic: str) -> None:
+        await self._pubsub.subscribe(topic)  # the returned channel stays unused: see _Pubsub
+
+    def _on_message(self, msg) -> None:  # trio side
+        if msg.from_id == self._my_id_bytes:
+            return  # our own publish
+        sender = ID(msg.from_id).to_base58()
+        for topic in msg.topicIDs:
+            self._bridge.to_asyncio(self._deliver, topic, sender, msg.data)
+
+    def _deliver(self, topic: str, sender: str, data: bytes) -> None:  # asyncio side
+        for sub in self._subs.get(topic, ()):
+            sub._queue.put_nowait((sender, data))

@@ -1,0 +1,22 @@
+"""Protocol ids and the request/response helper shared by servers and clients."""
+
+from __future__ import annotations
+
+from swarm.p2p.wire import Frame, read_frame, write_frame
+
+INFO = "/swarm/info/1.0.0"
+INFERENCE = "/swarm/inference/1.0.0"
+FORWARD = "/swarm/forward/1.0.0"
+BACKWARD = "/swarm/backward/1.0.0"
+
+
+async def request(host, peer_id: str, protocol: str, frame: Frame, timeout: float) -> Frame:
+    """Open a stream, send ``frame``, read one reply frame, close. Every wait is bounded by
+    ``timeout``; errors are the host's (PeerUnreachableError, StreamClosedError, P2PTimeoutError)
+    or the wire's (WireError)."""
+    stream = await host.open_stream(peer_id, protocol, timeout=timeout)
+    try:
+        await write_frame(stream, frame, timeout=timeout)
+        return await read_frame(stream, timeout=timeout)
+    finally:
+        await stream.close()

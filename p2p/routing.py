@@ -1,0 +1,107 @@
+"""Decisions over a snapshot of the peer table: which blocks a new server takes, which chain a
+client uses. Pure functions, no network: tested with tables of cases."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from swarm.p2p.table import ServerInfo, coverage, gaps
+from swarm.p2p.wire import PeerId
+
+DEFAULT_RTT = 0.15  # seconds, for a server never pinged
+HOP_OVERHEAD = 0.002  # seconds of serialisation and bookkeeping per hop (measured on loopback)
+NO_CACHE_PENALTY = 10.0  # seconds: use a server without cache room only when nothing else serves
+
+
+class NoRouteError(RuntimeError):
+    """Some blocks are served by nobody (``missing``: the uncovered ranges)."""
+
+    def __init__(self, missing: list[tuple[int, int]], num_blocks: int):
+        self.missing = missing
+        ranges = ", ".join(f"{a}:{b}" for a, b in missing)
+        super().__init__(
+            f"no server holds block(s) {ranges} of this {num_blocks}-block model; start one with "
+            f"`swarm serve --blocks {missing[0][0]}:{missing[0][1]} --initial-peers ...` (or --blocks auto)"
+        )
+
+
+@dataclass(frozen=True)
+class Span:
+    """Blocks ``[start, end)`` to run on ``peer_id``."""
+
+    peer_id: PeerId
+    start: int
+    end: int
+
+
+def choose_blocks(servers: Mapping[PeerId, ServerInfo], num_blocks: int, count: int) -> int:
+    """Start of the ``count`` blocks where the swarm is weakest: the window whose per-block total
+    throughputs, sorted ascending, are lexicographically smallest (the weakest block first; ties go
+    to the smallest start). An empty swarm gives 0."""
+    count = min(count, num_blocks)
+    totals = coverage(servers, num_blocks)
+    return min(range(num_blocks - count + 1), key=lambda i: (sorted(totals[i : i + count]), i))
+
+
+def find_chain(
+    servers: Mapping[PeerId, ServerInfo],
+    num_blocks: int,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    rtts: Mapping[PeerId, float] | None = None,
+    banned: frozenset[PeerId] | set[PeerId] = frozenset(),
+    cache_tokens_needed: int = 0,
+) -> list[Span]:
+    """The chain of least expected per-token latency covering blocks ``[start, end)``.
+
+    Shortest path over block boundaries: an edge ``a → b`` on server ``s`` (``s.start ≤ a < b ≤
+    s.end``) costs ``rtt(s) + overhead + (b − a) / throughput(s)``, plus a penalty when ``s`` has
+    no cache room. ``banned`` peers are skipped unless a block has no other server. Raises
+    :class:`NoRouteError` naming the uncovered ranges.
+    """
+    end = num_blocks if end is None else end
+    rtts = rtts or {}
+    live = {p: s for p, s in servers.items() if s.state == "online"}
+    candidates = {p: s for p, s in live.items() if p not in banned}
+    for a, b in gaps(candidates, num_blocks):
+        if a < end and b > start:  # banning would open a gap here: allow banned servers again
+            candidates = live
+            break
+    missing = [(max(a, start), min(b, end)) for a, b in gaps(candidates, num_blocks) if a < end and b > start]
+    if missing:
+        raise NoRouteError(missing, num_blocks)
+
+    def hop_cost(s: ServerInfo, blocks: int) -> float:
+        cost = rtts.get(s.peer_id, DEFAULT_RTT) + HOP_OVERHEAD + blocks / max(s.throughput, 1e-6)
+        if cache_tokens_needed and s.cache_tokens_left < cache_tokens_needed:
+            cost += NO_CACHE_PENALTY
+        return cost
+
+    best = {start: 0.0}
+    previous: dict[int, tuple[int, Span]] = {}
+    queue = [(0.0, start)]
+    ordered = [candidates[p] for p in sorted(candidates)]
+    while queue:
+        cost, a = heapq.heappop(queue)
+        if a == end:
+            break
+        if cost > best.get(a, float("inf")):
+            continue
+        for s in ordered:
+            if not s.start <= a < s.end:
+                continue
+            for b in range(a + 1, min(s.end, end) + 1):
+                new = cost + hop_cost(s, b - a)
+                if new < best.get(b, float("inf")):
+                    best[b] = new
+                    previous[b] = (a, Span(s.peer_id, a, b))
+                    heapq.heappush(queue, (new, b))
+    chain, b = [], end
+    while b != start:
+        a, span = previous[b]
+        chain.append(span)
+        b = a
+    return chain[::-1]

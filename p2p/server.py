@@ -1,0 +1,395 @@
+"""A server: holds blocks ``[start, end)`` of a model, announces them, runs clients' passes.
+
+Protocols (see :mod:`swarm.p2p.protocols`):
+- ``info``: model, blocks, limits, and this server's view of the swarm (so a joining peer has a
+  table at once instead of waiting for the next announcements);
+- ``inference``: one stream per session — ``open`` (range, batch, max_length; the KV cache is
+  allocated from the shared budget, or ``cache_full`` is answered at once), then ``step`` frames
+  (hidden states and the global position of their first token), then an explicit ``close``. A
+  stream that ends without ``close`` is a failure (a killed peer looks like a clean end of stream);
+- ``forward`` / ``backward``: stateless passes over a sub-range (backward returns the gradient
+  with respect to the input hidden states; weights are frozen).
+
+Block computation runs on a worker thread so the event loop (and libp2p's thread) keep answering
+while a long prefill runs. A bad frame gets an ``error`` reply and ends its own stream only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import torch
+
+from swarm import __version__
+from swarm.cache.kv import CacheFullError, KVCacheBudget
+from swarm.engine.checkpoint import BlockRange, Checkpoint, parse_dtype
+from swarm.p2p import protocols
+from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.routing import choose_blocks
+from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id
+from swarm.p2p.wire import DEFAULT_MAX_FRAME, Frame, WireError, error_frame, read_frame, write_frame
+
+log = logging.getLogger("swarm.server")
+
+
+@dataclass
+class ServerConfig:
+    model_dir: Path
+    blocks: str = "auto"  # "START:END" or "auto"
+    num_blocks: int | None = None  # with auto; default: a third of the model, at least 1
+    dtype: str = "float32"
+    cache_tokens: int = 32768
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    identity: Path | None = None
+    initial_peers: list[str] = field(default_factory=list)
+    new_swarm: bool = False
+    public_name: str = ""
+    announce_period: float = 5.0
+    step_timeout: float = 300.0  # an open session idle this long is closed and its cache freed
+    request_timeout: float = 30.0
+    max_batch: int = 64
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
+    """``"START:END"`` → (start, end); ``"auto"`` → None. Raises ``ValueError`` naming --blocks."""
+    if spec == "auto":
+        return None
+    try:
+        start, end = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--blocks must be START:END (e.g. 0:10) or auto, got {spec!r}") from None
+    if not 0 <= start < end <= num_blocks:
+        raise ValueError(f"--blocks {spec}: this model has blocks 0:{num_blocks}")
+    return start, end
+
+
+class BlockServer:
+    """One running server. Create with :meth:`start`, stop with :meth:`stop`."""
+
+    def __init__(self, cfg: ServerConfig, host: Host, checkpoint: Checkpoint, model: str):
+        self.cfg, self.host, self.checkpoint, self.model = cfg, host, checkpoint, model
+        self.num_blocks = checkpoint.num_blocks
+        self.table = PeerTable(model, self.num_blocks, cfg.announce_period)
+        self.budget = KVCacheBudget(cfg.cache_tokens)
+        self.blocks: BlockRange | None = None
+        self.start_block = self.end_block = 0
+        self.state = "joining"
+        self.throughput = 0.0
+        self.sessions: dict[str, float] = {}  # session id -> opened at (monotonic)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, cfg: ServerConfig, on_ready=None) -> BlockServer:
+        checkpoint = Checkpoint(cfg.model_dir)
+        dtype = parse_dtype(cfg.dtype)
+        fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
+        if not cfg.initial_peers and not cfg.new_swarm:
+            raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
+        model = model_id(cfg.model_dir, checkpoint.raw_config)
+        host = await Host.start(listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity)
+        server = cls(cfg, host, checkpoint, model)
+        try:
+            host.set_stream_handler(protocols.INFO, server._handle_info)
+            await server._join()
+            start, end = fixed if fixed else server._auto_range()
+            server.start_block, server.end_block = start, end
+            await server._announce()  # joining: others see the range being loaded
+            loop = asyncio.get_running_loop()
+            server.blocks = await loop.run_in_executor(
+                server._executor, checkpoint.load_blocks, start, end, dtype
+            )
+            from swarm.engine.throughput import cached_block_throughput
+
+            server.throughput = await loop.run_in_executor(
+                server._executor, cached_block_throughput, model, server.blocks
+            )
+            host.set_stream_handler(protocols.INFERENCE, server._handle_inference)
+            host.set_stream_handler(protocols.FORWARD, server._handle_forward)
+            host.set_stream_handler(protocols.BACKWARD, server._handle_backward)
+            server.state = "online"
+            await server._announce()
+            server._tasks.append(asyncio.create_task(server._announce_loop()))
+        except BaseException:
+            await host.close()
+            raise
+        if on_ready is not None:
+            on_ready(server)
+        return server
+
+    async def _join(self) -> None:
+        """Subscribe to the model's topic, dial the initial peers and take their tables."""
+        subscription = await self.host.subscribe(announce_topic(self.model))
+        self._tasks.append(asyncio.create_task(self._listen(subscription)))
+        errors = []
+        for maddr in self.cfg.initial_peers:
+            try:
+                peer = await self.host.connect(maddr, timeout=self.cfg.request_timeout)
+                reply = await protocols.request(self.host, peer, protocols.INFO, Frame("info"), self.cfg.request_timeout)
+                info = reply["info"]
+                if info.get("model") != self.model:
+                    raise ValueError(f"{maddr} serves model {info.get('model')}, not {self.model}")
+                self.table.merge(info.get("table", []))
+            except (P2PError, WireError, ValueError, KeyError) as exc:
+                errors.append(f"{maddr}: {exc}")
+        if self.cfg.initial_peers and len(errors) == len(self.cfg.initial_peers):
+            raise ConnectionError("could not join the swarm through any initial peer:\n  " + "\n  ".join(errors))
+        for err in errors:
+            log.warning("initial peer skipped: %s", err)
+
+    def _auto_range(self) -> tuple[int, int]:
+        count = self.cfg.num_blocks or max(1, self.num_blocks // 3)
+        others = {p: s for p, s in self.table.snapshot().items() if p != self.host.peer_id}
+        start = choose_blocks(others, self.num_blocks, count)
+        return start, min(start + count, self.num_blocks)
+
+    async def stop(self) -> None:
+        """Announce offline, stop background tasks, close the host."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.state = "offline"
+        try:
+            await asyncio.wait_for(self._announce(), timeout=2)
+        except (P2PError, TimeoutError, OSError) as exc:
+            log.warning("could not announce going offline: %s", exc)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.host.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    # ---- announcements ---------------------------------------------------------------------
+
+    def info(self) -> ServerInfo:
+        return ServerInfo(
+            peer_id=self.host.peer_id,
+            addrs=tuple(self.host.addrs),
+            model=self.model,
+            start=self.start_block,
+            end=self.end_block,
+            state=self.state,
+            throughput=self.throughput,
+            dtype=self.cfg.dtype,
+            cache_tokens_left=self.budget.tokens_left,
+            version=__version__,
+            public_name=self.cfg.public_name,
+            received=time.monotonic(),
+        )
+
+    async def _announce(self) -> None:
+        info = self.info()
+        self.table.update(info)
+        await self.host.publish(announce_topic(self.model), msgpack.packb(info.to_wire()))
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.announce_period)
+            try:
+                await self._announce()
+            except P2PError as exc:
+                log.warning("announcement failed: %s", exc)
+
+    async def _listen(self, subscription) -> None:
+        async for sender, data in subscription:
+            try:
+                info = ServerInfo.from_wire(msgpack.unpackb(data, raw=False))
+            except (ValueError, msgpack.UnpackException, TypeError) as exc:
+                log.warning("ignoring a malformed announcement from %s: %s", sender, exc)
+                continue
+            if info.peer_id != sender:
+                log.warning("ignoring an announcement for %s relayed as from %s", info.peer_id, sender)
+                continue
+            if info.peer_id != self.host.peer_id and self.table.update(info):
+                self.host.add_addrs(info.peer_id, list(info.addrs))
+
+    # ---- protocols -------------------------------------------------------------------------
+
+    def _limits(self) -> dict:
+        return {
+            "max_batch": self.cfg.max_batch,
+            "max_frame": self.cfg.max_frame,
+            "cache_tokens": self.cfg.cache_tokens,
+            "step_timeout": self.cfg.step_timeout,
+        }
+
+    async def _handle_info(self, stream) -> None:
+        try:
+            request = await read_frame(stream, timeout=self.cfg.request_timeout, max_frame=1 << 16)
+            if request.kind != "info":
+                raise WireError(f"expected an info frame, got {request.kind}")
+        except WireError as exc:
+            await self._reply_error(stream, exc, "bad_frame")
+            return
+        info = {
+            **self.info().to_wire(),
+            "num_blocks": self.num_blocks,
+            "limits": self._limits(),
+            "table": [s.to_wire() for s in self.table.snapshot().values()],
+        }
+        await write_frame(stream, Frame("info_reply", {"info": info}), timeout=self.cfg.request_timeout)
+
+    def _check_range(self, start, end) -> BlockRange:
+        if not (isinstance(start, int) and isinstance(end, int)) or not self.start_block <= start < end <= self.end_block:
+            raise ValueError(
+                f"blocks {start}:{end} are not served here (this server holds {self.start_block}:{self.end_block})"
+            )
+        return self.blocks.sub(start, end)
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _reply_error(self, stream, exc: Exception, code: str) -> None:
+        log.warning("%s from %s: %s", code, stream.remote_peer_id[:12] if stream.remote_peer_id else "?", exc)
+        try:
+            await write_frame(stream, error_frame(str(exc), code), timeout=5)
+        except (P2PError, OSError):
+            pass
+
+    async def _handle_inference(self, stream) -> None:
+        kv, session_id = None, None
+        try:
+            opening = await read_frame(stream, timeout=self.cfg.request_timeout, max_frame=1 << 16)
+            if opening.kind != "open":
+                raise WireError(f"an inference stream must start with an open frame, got {opening.kind}")
+            blocks = self._check_range(opening["start"], opening["end"])
+            batch, max_length = opening["batch"], opening["max_length"]
+            if not (isinstance(batch, int) and 1 <= batch <= self.cfg.max_batch and isinstance(max_length, int)):
+                raise ValueError(f"batch must be 1..{self.cfg.max_batch} and max_length an integer")
+            kv = blocks.open_session(batch, max_length, budget=self.budget)
+            session_id = uuid.uuid4().hex
+            self.sessions[session_id] = time.monotonic()
+            await write_frame(stream, Frame("opened", {"session_id": session_id}), timeout=self.cfg.request_timeout)
+            last_step, last_output = None, None
+            while True:
+                frame = await read_frame(stream, timeout=self.cfg.step_timeout, max_frame=self.cfg.max_frame)
+                if frame.kind == "close":
+                    await write_frame(stream, Frame("closed"), timeout=self.cfg.request_timeout)
+                    return
+                if frame.kind != "step":
+                    raise WireError(f"expected a step or close frame, got {frame.kind}")
+                if frame["step_id"] == last_step and last_output is not None:  # a retried step: same answer
+                    output = last_output
+                else:
+                    if frame["position"] != kv.length:
+                        raise ValueError(
+                            f"step starts at position {frame['position']} but this session has {kv.length} positions cached"
+                        )
+                    hidden = frame.tensors[0]
+                    hypo_ids = frame.tensors[1] if len(frame.tensors) > 1 else None
+                    output = await self._compute(_run_step, blocks, hidden, kv, hypo_ids)
+                    last_step, last_output = frame["step_id"], output
+                await write_frame(stream, Frame("output", {"step_id": frame["step_id"]}, [output]), timeout=self.cfg.request_timeout)
+        except CacheFullError as exc:
+            await self._reply_error(stream, exc, "cache_full")
+        except WireError as exc:
+            await self._reply_error(stream, exc, "bad_frame")
+        except (ValueError, TypeError) as exc:
+            await self._reply_error(stream, exc, "bad_request")
+        except P2PTimeoutError:
+            log.info("inference session from %s idle for %ss: closed", stream.remote_peer_id[:12], self.cfg.step_timeout)
+        except StreamClosedError:
+            log.info("client %s left an inference session without closing it", stream.remote_peer_id[:12])
+        finally:
+            if kv is not None:
+                kv.close()
+                self.sessions.pop(session_id, None)
+
+    async def _stateless(self, stream, kind: str, fn) -> None:
+        try:
+            frame = await read_frame(stream, timeout=self.cfg.request_timeout, max_frame=self.cfg.max_frame)
+            if frame.kind != kind:
+                raise WireError(f"expected a {kind} frame, got {frame.kind}")
+            blocks = self._check_range(frame["start"], frame["end"])
+            result = await self._compute(fn, blocks, *frame.tensors)
+            await write_frame(stream, Frame("result", {}, [result]), timeout=self.cfg.request_timeout)
+        except WireError as exc:
+            await self._reply_error(stream, exc, "bad_frame")
+        except (ValueError, TypeError, RuntimeError) as exc:
+            await self._reply_error(stream, exc, "bad_request")
+        except (P2PTimeoutError, StreamClosedError) as exc:
+            log.info("%s request from %s ended early: %s", kind, stream.remote_peer_id[:12], exc)
+
+    async def _handle_forward(self, stream) -> None:
+        await self._stateless(stream, "forward", _run_forward)
+
+    async def _handle_backward(self, stream) -> None:
+        await self._stateless(stream, "backward", _run_backward)
+
+
+def _check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden states must be floating point, got {hidden.dtype}")
+
+
+def _run_step(blocks: BlockRange, hidden, kv, hypo_ids):
+    _check_hidden(blocks, hidden)
+    if hypo_ids is not None and hypo_ids.dtype != torch.int64:
+        raise ValueError("hypo_ids must be int64")
+    with torch.no_grad():
+        return blocks(hidden, kv, hypo_ids)
+
+
+def _run_forward(blocks: BlockRange, hidden):
+    _check_hidden(blocks, hidden)
+    with torch.no_grad():
+        return blocks(hidden)
+
+
+def _run_backward(blocks: BlockRange, hidden, grad_output):
+    _check_hidden(blocks, hidden)
+    if grad_output.shape != hidden.shape:
+        raise ValueError(f"grad_output shape {list(grad_output.shape)} differs from hidden {list(hidden.shape)}")
+    with torch.enable_grad():
+        inputs = hidden.to(blocks.dtype).detach().requires_grad_(True)
+        blocks(inputs).backward(grad_output.to(blocks.dtype))
+    return inputs.grad
+
+
+def default_identity(home: Path) -> Path:
+    """``$SWARM_HOME/identity.key``, or ``identity-2.key``, ... when another server on this machine
+    holds it: each running server keeps a lock on its key file, so several servers on one machine
+    get distinct, stable peer ids."""
+    import fcntl
+
+    for n in range(1, 1000):
+        path = home / ("identity.key" if n == 1 else f"identity-{n}.key")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        _identity_locks.append(lock)  # held until the process exits
+        return path
+    raise RuntimeError(f"no free identity file under {home}; pass --identity PATH")
+
+
+_identity_locks: list = []
+
+
+async def serve_forever(cfg: ServerConfig, on_ready=None) -> None:
+    """Start a server, run until SIGINT/SIGTERM, then announce offline and exit cleanly."""
+    import signal
+
+    server = await BlockServer.start(cfg, on_ready=on_ready)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.wait_closed()

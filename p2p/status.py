@@ -1,0 +1,72 @@
+"""The swarm's topology as seen from one initial peer: servers, ranges, states, speed, gaps."""
+
+from __future__ import annotations
+
+import asyncio
+
+from swarm.p2p.client import SwarmError, fetch_info
+from swarm.p2p.host import Host, P2PError
+from swarm.p2p.table import PeerTable, coverage, gaps
+from swarm.p2p.wire import RemoteError, WireError
+
+
+async def gather_status(initial_peers: list[str], model: str | None = None, timeout: float = 10.0) -> dict:
+    """Ask the initial peers for their tables and ping every server listed.
+
+    Returns ``{"model", "num_blocks", "servers": [{peer_id, blocks, state, ...}], "gaps", "coverage"}``.
+    Raises :class:`SwarmError` when no initial peer answers (or none serves ``model``)."""
+    if not initial_peers:
+        raise SwarmError("give --initial-peers (a multiaddr printed by `swarm serve`) or set SWARM_INITIAL_PEERS")
+    host = await Host.start(listen_host="127.0.0.1", port=0)
+    try:
+        infos, errors = [], []
+        for maddr in initial_peers:
+            try:
+                infos.append(await fetch_info(host, maddr, timeout))
+            except (P2PError, WireError, RemoteError) as exc:
+                errors.append(f"{maddr}: {exc}")
+        if model is not None:
+            infos = [i for i in infos if i.get("model") == model] or infos
+        if not infos:
+            raise SwarmError("no initial peer answered:\n  " + "\n  ".join(errors))
+        model = model or infos[0]["model"]
+        num_blocks = infos[0]["num_blocks"]
+        table = PeerTable(model, num_blocks, period=1e9)
+        for info in infos:
+            table.merge([info, *info.get("table", [])])
+        servers = table.snapshot()
+        for s in servers.values():
+            host.add_addrs(s.peer_id, list(s.addrs))
+
+        async def rtt(peer_id):
+            try:
+                return await host.ping(peer_id, timeout=min(timeout, 3.0))
+            except P2PError:
+                return None
+
+        rtts = dict(zip(servers, await asyncio.gather(*(rtt(p) for p in servers))))
+        rows = [
+            {
+                "peer_id": s.peer_id,
+                "name": s.public_name,
+                "blocks": [s.start, s.end],
+                "state": s.state,
+                "throughput": s.throughput,
+                "cache_tokens_left": s.cache_tokens_left,
+                "dtype": s.dtype,
+                "version": s.version,
+                "rtt_ms": None if rtts[p] is None else round(rtts[p] * 1e3, 2),
+                "addrs": list(s.addrs),
+            }
+            for p, s in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end, item[0]))
+        ]
+        return {
+            "model": model,
+            "num_blocks": num_blocks,
+            "servers": rows,
+            "gaps": [list(g) for g in gaps(servers, num_blocks)],
+            "coverage": coverage(servers, num_blocks),
+            "unreachable_initial_peers": errors,
+        }
+    finally:
+        await host.close()

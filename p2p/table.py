@@ -1,0 +1,155 @@
+"""What a peer knows of the swarm: one :class:`ServerInfo` per server, fed by announcements.
+
+Servers announce themselves on a gossipsub topic per model every ``period`` seconds; an entry
+that has not been refreshed for ``expiry_periods`` periods is dropped, and an ``offline``
+announcement drops it at once. Gossip is best-effort (REFERENCE §4), so the table is rebuilt
+continuously rather than trusted to hear every message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from swarm import __version__
+from swarm.p2p.wire import PeerId
+
+STATES = ("joining", "online", "offline")
+
+
+def model_id(checkpoint_dir: Path, raw_config: dict) -> str:
+    """Name plus a hash of the config, so different models (or variants) never mix in one swarm."""
+    digest = hashlib.sha256(json.dumps(_model_fields(raw_config), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{Path(checkpoint_dir).name}-{digest}"
+
+
+def _model_fields(raw: dict) -> dict:
+    # what defines the computation; drop fields that only describe how a file was written
+    ignore = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures", "use_cache"}
+    return {k: v for k, v in raw.items() if k not in ignore}
+
+
+def announce_topic(model: str) -> str:
+    return f"/swarm/{model}/servers"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    peer_id: PeerId
+    addrs: tuple[str, ...]
+    model: str
+    start: int
+    end: int
+    state: str = "online"
+    throughput: float = 1.0  # tokens/s this server can add to a chain (min of compute and network)
+    dtype: str = "float32"
+    cache_tokens_left: int = 0
+    version: str = __version__
+    public_name: str = ""
+    received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
+
+    def to_wire(self) -> dict:
+        data = asdict(self)
+        data.pop("received")
+        data["addrs"] = list(self.addrs)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict, received: float | None = None) -> ServerInfo:
+        """Parse an announcement; raises ``ValueError`` (with what is wrong) for a malformed one."""
+        try:
+            info = cls(
+                peer_id=PeerId(str(data["peer_id"])),
+                addrs=tuple(str(a) for a in data.get("addrs", ())),
+                model=str(data["model"]),
+                start=int(data["start"]),
+                end=int(data["end"]),
+                state=str(data.get("state", "online")),
+                throughput=float(data.get("throughput", 1.0)),
+                dtype=str(data.get("dtype", "float32")),
+                cache_tokens_left=int(data.get("cache_tokens_left", 0)),
+                version=str(data.get("version", "")),
+                public_name=str(data.get("public_name", ""))[:64],
+                received=time.monotonic() if received is None else received,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed server announcement: {exc!r}") from None
+        if info.state not in STATES or not 0 <= info.start < info.end or info.throughput < 0:
+            raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
+        return info
+
+
+class PeerTable:
+    """Servers of one model known to this peer. Not thread-safe: owned by one asyncio loop."""
+
+    def __init__(self, model: str, num_blocks: int, period: float, expiry_periods: float = 3.0):
+        self.model, self.num_blocks = model, num_blocks
+        self.period, self.expiry = period, period * expiry_periods
+        self._servers: dict[PeerId, ServerInfo] = {}
+
+    def update(self, info: ServerInfo) -> bool:
+        """Apply an announcement. Returns False (and ignores it) for another model or a range
+        outside the model's blocks."""
+        if info.model != self.model or info.end > self.num_blocks:
+            return False
+        if info.state == "offline":
+            self._servers.pop(info.peer_id, None)
+        else:
+            self._servers[info.peer_id] = info
+        return True
+
+    def remove(self, peer_id: PeerId) -> None:
+        self._servers.pop(peer_id, None)
+
+    def snapshot(self, now: float | None = None) -> dict[PeerId, ServerInfo]:
+        """The live entries (expired ones are dropped first)."""
+        now = time.monotonic() if now is None else now
+        for peer_id in [p for p, s in self._servers.items() if now - s.received > self.expiry]:
+            del self._servers[peer_id]
+        return dict(self._servers)
+
+    def merge(self, infos: list[dict], now: float | None = None) -> None:
+        """Seed from another peer's table (on joining); newer local entries win."""
+        for data in infos:
+            try:
+                info = ServerInfo.from_wire(data, received=time.monotonic() if now is None else now)
+            except ValueError:
+                continue
+            if info.peer_id not in self._servers:
+                self.update(info)
+
+
+def coverage(servers: Mapping[PeerId, ServerInfo], num_blocks: int) -> list[float]:
+    """Total throughput serving each block (0 marks a gap). Servers are summed in peer-id order so
+    the float sums are the same on every peer."""
+    totals = [0.0] * num_blocks
+    for peer_id in sorted(servers):
+        s = servers[peer_id]
+        if s.state == "online":
+            for b in range(s.start, min(s.end, num_blocks)):
+                totals[b] += s.throughput
+    return totals
+
+
+def gaps(servers: Mapping[PeerId, ServerInfo], num_blocks: int) -> list[tuple[int, int]]:
+    """Maximal block ranges ``[start, end)`` that no online server covers."""
+    covered = [False] * num_blocks + [True]
+    for s in servers.values():
+        if s.state == "online":
+            covered[s.start : min(s.end, num_blocks)] = [True] * (min(s.end, num_blocks) - s.start)
+    out, start = [], None
+    for b, is_covered in enumerate(covered):
+        if not is_covered and start is None:
+            start = b
+        elif is_covered and start is not None:
+            out.append((start, b))
+            start = None
+    return out
+
+
+def with_state(info: ServerInfo, **changes) -> ServerInfo:
+    return replace(info, **changes)

@@ -1,0 +1,162 @@
+"""The wire format: length-prefixed frames of a msgpack header followed by raw tensor bytes.
+
+    frame  = u32 body_length (big-endian) · body
+    body   = u16 header_length · header (msgpack map) · tensor bytes
+    header = {"v": PROTOCOL_VERSION, "kind": str, ...fields, "tensors": [[dtype, shape], ...]}
+
+Tensor bytes follow the header back to back, in the order listed, and are written straight from
+the tensor's memory (no copy into a msgpack object). A frame whose length exceeds the reader's
+maximum, whose header is not a valid msgpack map of a known kind and version, or whose tensor
+table does not add up to the body is refused with :class:`WireError`; the caller answers with an
+``error`` frame and ends that stream, other streams are untouched.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 256 * 2**20  # 256 MiB: a 2048-token prefill of an 8192-wide model in float32 is 64 MiB
+
+PeerId = NewType("PeerId", str)
+SessionId = NewType("SessionId", str)
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
+_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+
+# kind -> fields it must carry (beyond v, kind, tensors) and how many tensors
+KINDS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "info": ((), (0,)),
+    "info_reply": (("info",), (0,)),
+    "open": (("start", "end", "batch", "max_length"), (0,)),
+    "opened": (("session_id",), (0,)),
+    "step": (("step_id", "position"), (1, 2)),  # hidden [, hypo_ids]
+    "output": (("step_id",), (1,)),
+    "close": ((), (0,)),
+    "closed": ((), (0,)),
+    "forward": (("start", "end"), (1,)),
+    "backward": (("start", "end"), (2,)),  # hidden, grad_output
+    "result": ((), (1,)),
+    "error": (("message",), (0,)),
+}
+
+
+class WireError(ValueError):
+    """A frame that cannot be accepted (malformed, oversized, wrong version, unknown kind)."""
+
+
+class RemoteError(RuntimeError):
+    """The peer answered with an ``error`` frame."""
+
+
+@dataclass
+class Frame:
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+
+def encode(frame: Frame) -> list[bytes | memoryview]:
+    """The frame as a list of buffers to write in order (tensor buffers are views, not copies)."""
+    if frame.kind not in KINDS:
+        raise WireError(f"unknown frame kind {frame.kind!r}")
+    buffers: list[memoryview] = []
+    table = []
+    for t in frame.tensors:
+        if t.dtype not in _DTYPE_NAMES:
+            raise WireError(f"tensor dtype {t.dtype} cannot be sent; use one of {', '.join(WIRE_DTYPES)}")
+        t = t.detach().contiguous().cpu()
+        table.append([_DTYPE_NAMES[t.dtype], list(t.shape)])
+        buffers.append(memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b""))
+    header = msgpack.packb({**frame.fields, "v": PROTOCOL_VERSION, "kind": frame.kind, "tensors": table})
+    if len(header) > 0xFFFF:
+        raise WireError("frame header too large")
+    body_length = 2 + len(header) + sum(b.nbytes for b in buffers)
+    return [struct.pack(">IH", body_length, len(header)) + header, *buffers]
+
+
+def decode_body(body: bytes | bytearray) -> Frame:
+    """Parse a frame body (everything after the u32 length). Raises :class:`WireError`."""
+    if len(body) < 2:
+        raise WireError("frame body shorter than its header length field")
+    (header_length,) = struct.unpack_from(">H", body)
+    if 2 + header_length > len(body):
+        raise WireError("frame header length exceeds the frame")
+    try:
+        header = msgpack.unpackb(bytes(body[2 : 2 + header_length]), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise WireError(f"frame header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError("frame header is not a msgpack map")
+    version, kind = header.pop("v", None), header.pop("kind", None)
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"unsupported protocol version {version!r}; this peer speaks version {PROTOCOL_VERSION}")
+    if kind not in KINDS:
+        raise WireError(f"unknown frame kind {kind!r}")
+    required, tensor_counts = KINDS[kind]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise WireError(f"{kind} frame is missing field(s) {', '.join(missing)}")
+    table = header.pop("tensors", [])
+    if not isinstance(table, list) or len(table) not in tensor_counts:
+        raise WireError(f"{kind} frame must carry {' or '.join(map(str, tensor_counts))} tensor(s)")
+    tensors, offset = [], 2 + header_length
+    for entry in table:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in WIRE_DTYPES and isinstance(entry[1], list)):
+            raise WireError(f"bad tensor entry {entry!r}: expected [dtype, shape] with dtype in {', '.join(WIRE_DTYPES)}")
+        dtype, shape = WIRE_DTYPES[entry[0]], entry[1]
+        if not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape) or len(shape) > 8:
+            raise WireError(f"bad tensor shape {shape!r}")
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if offset + nbytes > len(body):
+            raise WireError(f"tensor of shape {shape} ({entry[0]}) runs past the end of the frame")
+        data = bytearray(body[offset : offset + nbytes]) if nbytes else bytearray()
+        tensors.append(torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype))
+        offset += nbytes
+    if offset != len(body):
+        raise WireError(f"{len(body) - offset} unexpected trailing bytes after the frame's tensors")
+    return Frame(kind, header, tensors)
+
+
+async def write_frame(stream, frame: Frame, timeout: float | None = None) -> None:
+    """Write ``frame`` to a :class:`~swarm.p2p.host.Stream`."""
+    buffers = encode(frame)
+    # small frames go in one write; large tensors are written from their own memory
+    if sum(len(b) for b in buffers) <= 1 << 16:
+        await stream.write(b"".join(bytes(b) for b in buffers), timeout=timeout)
+    else:
+        for b in buffers:
+            if len(b):
+                await stream.write(b, timeout=timeout)
+
+
+async def read_frame(stream, timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
+    """Read one frame. Raises :class:`WireError` for a bad frame, the host's StreamClosedError at EOF,
+    P2PTimeoutError when nothing complete arrives within ``timeout``."""
+    prefix = await stream.read_exactly(4, timeout=timeout)
+    (length,) = struct.unpack(">I", prefix)
+    if length > max_frame:
+        raise WireError(f"frame of {length} bytes exceeds the maximum of {max_frame} bytes")
+    body = await stream.read_exactly(length, timeout=timeout)
+    return decode_body(body)
+
+
+def error_frame(message: str, code: str = "error") -> Frame:
+    return Frame("error", {"message": message, "code": code})
+
+
+def expect(frame: Frame, kind: str) -> Frame:
+    """``frame`` if it is of ``kind``; the peer's error as :class:`RemoteError`; else :class:`WireError`."""
+    if frame.kind == "error":
+        raise RemoteError(f"{frame.fields.get('message')}")
+    if frame.kind != kind:
+        raise WireError(f"expected a {kind} frame, got {frame.kind}")
+    return frame

@@ -1,0 +1,58 @@
+"""Real multi-process swarms on loopback: swarm output equals local output; status; auto blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_tiny_checkpoint
+from swarm_utils import generate_json, run_swarm, running_swarm
+
+PROMPT = "The capital of France is"
+
+
+@pytest.mark.parametrize("family, ranges", [("llama", ["0:2", "2:3", "3:4"]), ("bloom", ["0:1", "1:4"])])
+def test_swarm_greedy_equals_local(family, ranges, tmp_path, tiny_checkpoints):
+    model = tiny_checkpoints[family]
+    local = generate_json(["--local", "--model", str(model), "--max-new-tokens", "12", PROMPT], tmp_path)
+    with running_swarm(model, ranges, tmp_path) as servers:
+        remote = generate_json(
+            ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "12", PROMPT], tmp_path
+        )
+        beams = generate_json(
+            ["--model", str(model), "--initial-peers", servers[-1].maddr, "--max-new-tokens", "8", "--num-beams", "3", PROMPT],
+            tmp_path,
+        )
+    assert remote["token_ids"] == local["token_ids"]
+    local_beams = generate_json(["--local", "--model", str(model), "--max-new-tokens", "8", "--num-beams", "3", PROMPT], tmp_path)
+    assert beams["token_ids"] == local_beams["token_ids"]
+
+
+def test_status_and_auto_blocks_cover_a_30_block_model(tmp_path):
+    model = write_tiny_checkpoint(tmp_path / "tiny30", "llama", num_hidden_layers=30)
+    with running_swarm(model, ["auto", "auto", "auto"], tmp_path, extra=("--num-blocks", "10")) as servers:
+        ranges = sorted(s.blocks for s in servers)
+        proc = run_swarm(["status", "--json", "--initial-peers", servers[0].maddr], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        status = json.loads(proc.stdout)
+    assert ranges == [(0, 10), (10, 20), (20, 30)]
+    assert status["num_blocks"] == 30 and status["gaps"] == []
+    assert sorted(tuple(s["blocks"]) for s in status["servers"]) == ranges
+    assert all(s["state"] == "online" for s in status["servers"])
+
+
+def test_generate_without_swarm_says_how_to_start_one(tmp_path, tiny_checkpoints):
+    proc = run_swarm(["generate", "--model", str(tiny_checkpoints["llama"]), PROMPT], tmp_path)
+    assert proc.returncode == 1
+    assert "--initial-peers" in proc.stderr and "swarm serve --new-swarm" in proc.stderr
+
+
+def test_missing_blocks_are_named(tmp_path, tiny_checkpoints):
+    model = tiny_checkpoints["llama"]
+    with running_swarm(model, ["0:2"], tmp_path) as servers:
+        proc = run_swarm(
+            ["generate", "--model", str(model), "--initial-peers", servers[0].maddr, "--timeout", "1", PROMPT], tmp_path
+        )
+    assert proc.returncode == 1
+    assert "2:4" in proc.stderr and "swarm serve --blocks 2:4" in proc.stderr

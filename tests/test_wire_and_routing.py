@@ -1,0 +1,142 @@
+"""The wire format and the pure decisions (block choice, routing), without a network."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import torch
+
+from swarm.p2p.routing import NoRouteError, Span, choose_blocks, find_chain
+from swarm.p2p.table import PeerTable, ServerInfo, coverage, gaps, model_id
+from swarm.p2p.wire import Frame, WireError, decode_body, encode
+
+
+def _roundtrip(frame: Frame) -> Frame:
+    data = b"".join(bytes(b) for b in encode(frame))
+    (length,) = struct.unpack(">I", data[:4])
+    assert length == len(data) - 4
+    return decode_body(data[4:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_frame_roundtrip_keeps_tensors_exact(dtype):
+    t = (torch.randn(2, 3, 5) * 100).to(dtype)
+    back = _roundtrip(Frame("step", {"step_id": "a", "position": 7}, [t, torch.tensor([1, 0])]))
+    assert back.kind == "step" and back["position"] == 7 and back["step_id"] == "a"
+    assert back.tensors[0].dtype == dtype and torch.equal(back.tensors[0], t)
+    assert torch.equal(back.tensors[1], torch.tensor([1, 0]))
+
+
+def test_non_contiguous_and_empty_tensors():
+    t = torch.randn(4, 6).t()
+    assert torch.equal(_roundtrip(Frame("result", {}, [t])).tensors[0], t)
+    assert _roundtrip(Frame("result", {}, [torch.empty(0, 3)])).tensors[0].shape == (0, 3)
+
+
+def _body(header: dict, payload: bytes = b"") -> bytes:
+    h = msgpack.packb(header)
+    return struct.pack(">H", len(h)) + h + payload
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"", "shorter"),
+        (b"\x00\x10abc", "header length exceeds"),
+        (struct.pack(">H", 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
+        (_body([1, 2]), "not a msgpack map"),  # type: ignore[arg-type]
+        (_body({"v": 99, "kind": "info", "tensors": []}), "unsupported protocol version 99"),
+        (_body({"v": 1, "kind": "hack", "tensors": []}), "unknown frame kind"),
+        (_body({"v": 1, "kind": "open", "tensors": []}), "missing field"),
+        (_body({"v": 1, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [2]]]}, b"\x00" * 4), "runs past"),
+        (_body({"v": 1, "kind": "forward", "start": 0, "end": 1, "tensors": [["complex", [1]]]}, b"\x00" * 8), "bad tensor entry"),
+        (_body({"v": 1, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [-1]]]}), "bad tensor shape"),
+        (_body({"v": 1, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [1]]]}, b"\x00" * 5), "trailing"),
+        (_body({"v": 1, "kind": "forward", "start": 0, "end": 1, "tensors": []}), "must carry 1 tensor"),
+    ],
+)
+def test_malformed_frames_are_refused_with_a_reason(body, message):
+    with pytest.raises(WireError, match=message):
+        decode_body(body)
+
+
+def _server(peer, start, end, throughput=10.0, state="online", cache=10_000):
+    return ServerInfo(peer_id=peer, addrs=(), model="m", start=start, end=end, state=state, throughput=throughput,
+                      cache_tokens_left=cache, received=0.0)
+
+
+def _table(*servers):
+    return {s.peer_id: s for s in servers}
+
+
+@pytest.mark.parametrize(
+    "servers, count, expected",
+    [
+        ((), 10, 0),
+        ((_server("a", 0, 10),), 10, 10),
+        ((_server("a", 0, 10), _server("b", 10, 20)), 10, 20),
+        ((_server("a", 0, 10), _server("b", 20, 30)), 10, 10),
+        ((_server("a", 0, 30, throughput=5), _server("b", 0, 10, throughput=50)), 10, 10),
+        ((_server("a", 0, 30),), 30, 0),
+        ((_server("a", 0, 30, state="offline"),), 10, 0),
+    ],
+)
+def test_choose_blocks_takes_the_weakest_window(servers, count, expected):
+    assert choose_blocks(_table(*servers), 30, count) == expected
+
+
+def test_find_chain_prefers_fast_and_near_servers():
+    servers = _table(_server("a", 0, 10), _server("b", 10, 20), _server("c", 20, 30), _server("d", 10, 20, throughput=1))
+    chain = find_chain(servers, 30, rtts={"a": 0.001, "b": 0.001, "c": 0.001, "d": 0.001})
+    assert chain == [Span("a", 0, 10), Span("b", 10, 20), Span("c", 20, 30)]
+    # one wide server beats three hops when hops are expensive
+    servers["w"] = _server("w", 0, 30, throughput=100)
+    assert find_chain(servers, 30, rtts={"w": 0.05, "a": 0.05, "b": 0.05, "c": 0.05}) == [Span("w", 0, 30)]
+
+
+def test_find_chain_subranges_banned_and_cache_penalty():
+    servers = _table(_server("a", 0, 20), _server("b", 10, 30))
+    chain = find_chain(servers, 30, rtts={"a": 0.01, "b": 0.01})
+    assert chain[0].start == 0 and chain[-1].end == 30 and len(chain) == 2
+    assert find_chain(servers, 30, start=12, end=18, rtts={"a": 0.01, "b": 0.5}) == [Span("a", 12, 18)]
+    assert find_chain(servers, 30, start=12, end=18, banned={"a"}) == [Span("b", 12, 18)]
+    # banning the only server of a block is ignored
+    assert find_chain(servers, 30, start=0, end=5, banned={"a"}) == [Span("a", 0, 5)]
+    full = _table(_server("a", 0, 30, cache=0, throughput=1000), _server("b", 0, 30, cache=10_000, throughput=10))
+    assert find_chain(full, 30, cache_tokens_needed=100) == [Span("b", 0, 30)]
+
+
+def test_no_route_names_the_missing_blocks():
+    with pytest.raises(NoRouteError, match=r"block\(s\) 10:20 .*--blocks 10:20"):
+        find_chain(_table(_server("a", 0, 10), _server("c", 20, 30)), 30)
+
+
+def test_peer_table_expiry_offline_and_gaps():
+    table = PeerTable("m", 30, period=1.0)
+    table.update(_server("a", 0, 10))
+    table.update(ServerInfo("b", (), "m", 10, 30, received=2.5))
+    assert not table.update(ServerInfo("x", (), "other-model", 0, 5))
+    assert set(table.snapshot(now=2.0)) == {"a", "b"}
+    assert set(table.snapshot(now=3.5)) == {"b"}, "a was last heard 3.5 s ago: more than 3 periods"
+    table.update(ServerInfo("b", (), "m", 10, 30, state="offline"))
+    assert table.snapshot(now=3.5) == {}
+    assert gaps(_table(_server("a", 0, 10), _server("c", 20, 25)), 30) == [(10, 20), (25, 30)]
+    assert coverage(_table(_server("a", 0, 2, throughput=1.5), _server("b", 1, 3, throughput=2)), 3) == [1.5, 3.5, 2.0]
+
+
+def test_announcements_are_validated():
+    with pytest.raises(ValueError, match="malformed"):
+        ServerInfo.from_wire({"peer_id": "p", "model": "m", "start": 5, "end": 2})
+    with pytest.raises(ValueError, match="malformed"):
+        ServerInfo.from_wire({"peer_id": "p", "model": "m", "start": "x", "end": 2})
+    info = _server("p", 0, 3)
+    assert ServerInfo.from_wire(info.to_wire(), received=0.0) == info
+
+
+def test_model_id_depends_on_config_not_file_details(tmp_path):
+    a = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 8, "dtype": "float32"})
+    b = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 8, "dtype": "bfloat16"})
+    c = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 16})
+    assert a == b != c and a.startswith("m-")
