@@ -55,7 +55,7 @@ def _resolve(fut: asyncio.Future, result: Any, exc: BaseException | None, orphan
 
 
 class _Call:
-    __slots__ = ("fn", "args", "fut", "timeout", "what", "orphan", "scope", "cancelled")
+    __slots__ = ("args", "cancelled", "fn", "fut", "orphan", "scope", "timeout", "what")
 
     def __init__(self, fn, args, fut, timeout, what, orphan):
         self.fn, self.args, self.fut, self.timeout, self.what, self.orphan = fn, args, fut, timeout, what, orphan
@@ -84,6 +84,7 @@ class TrioThread:
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self._stop_requested = False
+        self._running = False  # started successfully
         self._thread: threading.Thread | None = None
         self._finished: asyncio.Future | None = None
 
@@ -119,28 +120,30 @@ class TrioThread:
             trio.run(self._trio_main, context, started)
         except BaseException as exc:  # a failed start, or a crash of the libp2p services
             self._settle(started, None, exc)  # a no-op if start() already returned
-            if started.done() or self._stop_requested:
-                log.debug("%s: trio run ended with %r", self.name, exc)
-            else:
+            if self._running and not self._stop_requested:  # else start() or close() reports it
                 log.warning("%s: trio run ended with %r", self.name, exc)
+            else:
+                log.debug("%s: trio run ended with %r", self.name, exc)
         finally:
             self._settle(self._finished, None, None)
 
     async def _trio_main(self, context, started) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
-        async with context() as value:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if self._stop_requested:
-                    self._stop.set()
-                self._settle(started, value, None)
-                await self._stop.wait()
-                self._nursery = None  # calls submitted from now on are refused
-                nursery.cancel_scope.cancel()
+        async with context() as value, trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self._stop_requested:
+                self._stop.set()
+            self._running = True
+            self._settle(started, value, None)
+            await self._stop.wait()
+            self._nursery = None  # calls submitted from now on are refused
+            nursery.cancel_scope.cancel()
 
-    async def close(self) -> None:
-        """Stop the trio side (in-flight calls get ``P2PError``) and join the thread. Idempotent."""
+    async def close(self, timeout: float = 15.0) -> None:
+        """Stop the trio side (in-flight calls get ``P2PError``) and join the thread. Idempotent.
+        Should the trio side not finish within ``timeout`` seconds, a warning is logged and the
+        (daemon) thread left behind rather than hanging the caller."""
         if self._thread is None:
             return
         self._stop_requested = True
@@ -151,7 +154,11 @@ class TrioThread:
             except trio.RunFinishedError:
                 pass
         assert self._finished is not None
-        await asyncio.shield(self._finished)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._finished), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: the trio thread did not stop within %g s; leaving it behind", self.name, timeout)
+            return
         self._thread.join()
 
     def _request_stop(self) -> None:
