@@ -96,7 +96,6 @@ def serve(
     from swarm.engine.default_model import swarm_home
     from swarm.engine.families import CheckpointError, UnsupportedModelError
     from swarm.p2p.host import P2PError
-    from swarm.p2p.loop import run
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
 
     _setup_logging(verbose)
@@ -121,7 +120,7 @@ def serve(
             addr = next((a for a in server.host.addrs if "/ip4/" in a), server.host.addrs[0])
             print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {addr}", flush=True)
 
-        run(serve_forever(cfg, on_ready=ready))
+        serve_forever(cfg, on_ready=ready)
     except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, ConnectionError, P2PError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

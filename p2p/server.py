@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
 class BlockServer:
     """One running server. Create with :meth:`start`, stop with :meth:`stop`."""
 
-    def __init__(self, cfg: ServerConfig, host: Host, checkpoint: Checkpoint, model: str):
+    def __init__(self, cfg: ServerConfig, host: Host, checkpoint: Checkpoint, model: str, executor: Executor | None = None):
         self.cfg, self.host, self.checkpoint, self.model = cfg, host, checkpoint, model
         self.num_blocks = checkpoint.num_blocks
         self.table = PeerTable(model, self.num_blocks, cfg.announce_period)
@@ -85,14 +86,15 @@ class BlockServer:
         self.state = "joining"
         self.throughput = 0.0
         self.sessions: dict[str, float] = {}  # session id -> opened at (monotonic)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
+        # block computation: one call at a time, off the event loop (see MainThreadExecutor)
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, cfg: ServerConfig, on_ready=None) -> BlockServer:
+    async def start(cls, cfg: ServerConfig, on_ready=None, executor: Executor | None = None) -> BlockServer:
         checkpoint = Checkpoint(cfg.model_dir)
         dtype = parse_dtype(cfg.dtype)
         fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
@@ -100,7 +102,7 @@ class BlockServer:
             raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
         model = model_id(cfg.model_dir, checkpoint.raw_config)
         host = await Host.start(listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity)
-        server = cls(cfg, host, checkpoint, model)
+        server = cls(cfg, host, checkpoint, model, executor)
         try:
             host.set_stream_handler(protocols.INFO, server._handle_info)
             await server._join()
@@ -384,12 +386,30 @@ def default_identity(home: Path) -> Path:
 _identity_locks: list = []
 
 
-async def serve_forever(cfg: ServerConfig, on_ready=None) -> None:
-    """Start a server, run until SIGINT/SIGTERM, then announce offline and exit cleanly."""
+def serve_forever(cfg: ServerConfig, on_ready=None) -> None:
+    """Run a server until SIGINT/SIGTERM, then announce offline and exit cleanly.
+
+    The event loop runs on a background thread and block computation on this (the main) thread,
+    where PyTorch's kernels are fastest (see :class:`~swarm.p2p.loop.MainThreadExecutor`)."""
     import signal
 
-    server = await BlockServer.start(cfg, on_ready=on_ready)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-    await server.wait_closed()
+    from swarm.p2p.loop import BackgroundLoop, MainThreadExecutor
+
+    compute = MainThreadExecutor()
+    background = BackgroundLoop()
+    try:
+        starting = asyncio.run_coroutine_threadsafe(BlockServer.start(cfg, on_ready, compute), background.loop)
+        starting.add_done_callback(lambda _: compute.wake())
+        compute.run_until(starting.done)
+        server = starting.result()
+        stopped = threading.Event()
+
+        def request_stop(*_):
+            future = asyncio.run_coroutine_threadsafe(server.stop(), background.loop)
+            future.add_done_callback(lambda _: (stopped.set(), compute.wake()))
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+        compute.run_until(stopped.is_set)
+    finally:
+        background.close()
