@@ -14,13 +14,14 @@ model: setup
 	$(PY) -m swarm.engine.default_model
 
 demo: model
-	$(VENV)/bin/swarm generate --local "The capital of France is" --max-new-tokens 24
+	$(PY) scripts/demo_swarm.py "The capital of France is"
 
 test: model
 	$(PY) -m pytest -q
 
 bench: model
 	$(PY) scripts/bench_local.py
+	$(PY) scripts/bench_swarm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -89,6 +89,10 @@ def serve(
     public_name: Annotated[str, typer.Option("--public-name", help="A name shown in `swarm status`.")] = "",
     announce_period: Annotated[float, typer.Option("--announce-period", help="Seconds between announcements.")] = 5.0,
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Close sessions idle this many seconds.")] = 300.0,
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", help="CPU threads for block computation (default: PyTorch's, one per core)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,
 ) -> None:
     """Serve a contiguous range of a model's blocks to the swarm."""
@@ -99,6 +103,10 @@ def serve(
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
 
     _setup_logging(verbose)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     try:
         cfg = ServerConfig(
             model_dir=resolve_model(model),

@@ -122,7 +122,7 @@ class BlockServer:
             host.set_stream_handler(protocols.FORWARD, server._handle_forward)
             host.set_stream_handler(protocols.BACKWARD, server._handle_backward)
             server.state = "online"
-            await server._announce()
+            await server._announce(direct=True)
             server._tasks.append(asyncio.create_task(server._announce_loop()))
         except BaseException:
             await host.close()
@@ -164,7 +164,7 @@ class BlockServer:
         self._stopped.set()
         self.state = "offline"
         try:
-            await asyncio.wait_for(self._announce(), timeout=2)
+            await asyncio.wait_for(self._announce(direct=True), timeout=3)
         except (P2PError, TimeoutError, OSError) as exc:
             log.warning("could not announce going offline: %s", exc)
         for task in self._tasks:
@@ -194,10 +194,23 @@ class BlockServer:
             received=time.monotonic(),
         )
 
-    async def _announce(self) -> None:
+    async def _announce(self, direct: bool = False) -> None:
+        """Publish our info on the model's topic; with ``direct``, also send it straight to every
+        server we know (gossip is best-effort and a message published just before the host
+        closes, or just after it joins the mesh, may never leave)."""
         info = self.info()
         self.table.update(info)
         await self.host.publish(announce_topic(self.model), msgpack.packb(info.to_wire()))
+        if direct:
+            peers = [p for p in self.table.snapshot() if p != self.host.peer_id]
+            await asyncio.gather(*(self._push(p, info) for p in peers))
+
+    async def _push(self, peer_id: str, info: ServerInfo) -> None:
+        try:
+            frame = Frame("announce", {"info": info.to_wire()})
+            await protocols.request(self.host, peer_id, protocols.INFO, frame, timeout=2.0)
+        except (P2PError, WireError) as exc:
+            log.info("could not tell %s directly: %s", peer_id[-8:], exc)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -210,15 +223,18 @@ class BlockServer:
     async def _listen(self, subscription) -> None:
         async for sender, data in subscription:
             try:
-                info = ServerInfo.from_wire(msgpack.unpackb(data, raw=False))
+                self._apply_announcement(msgpack.unpackb(data, raw=False), sender)
             except (ValueError, msgpack.UnpackException, TypeError) as exc:
-                log.warning("ignoring a malformed announcement from %s: %s", sender, exc)
-                continue
-            if info.peer_id != sender:
-                log.warning("ignoring an announcement for %s relayed as from %s", info.peer_id, sender)
-                continue
-            if info.peer_id != self.host.peer_id and self.table.update(info):
-                self.host.add_addrs(info.peer_id, list(info.addrs))
+                log.warning("ignoring an announcement from %s: %s", sender[-8:], exc)
+
+    def _apply_announcement(self, data, sender: str) -> None:
+        """Take a server's announcement into the table. Raises ``ValueError`` for a malformed one
+        or one about another peer than its sender (no one speaks for someone else)."""
+        info = ServerInfo.from_wire(data if isinstance(data, dict) else {})
+        if info.peer_id != sender:
+            raise ValueError(f"an announcement for {info.peer_id[-8:]} sent by {sender[-8:]}")
+        if info.peer_id != self.host.peer_id and self.table.update(info):
+            self.host.add_addrs(info.peer_id, list(info.addrs))
 
     # ---- protocols -------------------------------------------------------------------------
 
@@ -233,9 +249,11 @@ class BlockServer:
     async def _handle_info(self, stream) -> None:
         try:
             request = await read_frame(stream, timeout=self.cfg.request_timeout, max_frame=1 << 16)
-            if request.kind != "info":
-                raise WireError(f"expected an info frame, got {request.kind}")
-        except WireError as exc:
+            if request.kind == "announce":
+                self._apply_announcement(request["info"], stream.remote_peer_id)
+            elif request.kind != "info":
+                raise WireError(f"expected an info or announce frame, got {request.kind}")
+        except (WireError, ValueError) as exc:
             await self._reply_error(stream, exc, "bad_frame")
             return
         info = {

@@ -33,6 +33,7 @@ _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 KINDS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     "info": ((), (0,)),
     "info_reply": (("info",), (0,)),
+    "announce": (("info",), (0,)),  # a server's announcement sent directly (joining the swarm, leaving it)
     "open": (("start", "end", "batch", "max_length"), (0,)),
     "opened": (("session_id",), (0,)),
     "step": (("step_id", "position"), (1, 2)),  # hidden [, hypo_ids]

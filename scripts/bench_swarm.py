@@ -78,7 +78,7 @@ def per_token_times(open_session, head, prompt: list[int], tokens: int) -> list[
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def start_servers(path: Path, dtype: str, home: str) -> tuple[list[subprocess.Popen], str]:
+def start_servers(path: Path, dtype: str, home: str, threads: int | None) -> tuple[list[subprocess.Popen], str]:
     n = Checkpoint(path).num_blocks
     cuts = [0, n // 3, 2 * n // 3, n]
     env = {**os.environ, "SWARM_HOME": home}
@@ -86,6 +86,7 @@ def start_servers(path: Path, dtype: str, home: str) -> tuple[list[subprocess.Po
     for i in range(3):
         args = [sys.executable, "-m", "swarm.cli.main", "serve", "--model", str(path), "--dtype", dtype,
                 "--blocks", f"{cuts[i]}:{cuts[i + 1]}", "--identity", f"{home}/id-{i}.key"]
+        args += ["--threads", str(threads)] if threads else []
         args += ["--new-swarm"] if first is None else ["--initial-peers", first]
         procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env))
         for line in procs[-1].stdout:
@@ -98,7 +99,7 @@ def start_servers(path: Path, dtype: str, home: str) -> tuple[list[subprocess.Po
     return procs, first
 
 
-def decode_bench(name: str, path: Path, dtype_name: str, tokens: int) -> tuple[float, float]:
+def decode_bench(path: Path, dtype_name: str, tokens: int, threads: int | None) -> tuple[float, float]:
     dtype = parse_dtype(dtype_name)
     ckpt = Checkpoint(path)
     head = ckpt.load_head(dtype)
@@ -108,7 +109,7 @@ def decode_bench(name: str, path: Path, dtype_name: str, tokens: int) -> tuple[f
     local = statistics.median(per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, tokens))
     del blocks
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
-        procs, first = start_servers(path, dtype_name, home)
+        procs, first = start_servers(path, dtype_name, home, threads)
         try:
             client = SimpleNamespace(head=head, checkpoint=ckpt)
             model = model_id(path, ckpt.raw_config)
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--models", default="default,1.1b")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", default="default,1", help="servers' --threads settings to compare")
     args = parser.parse_args()
 
     print("wire (TCP + Noise + yamux, loopback, one frame out and echoed back):")
@@ -137,11 +139,13 @@ def main() -> None:
         print(f"  {label:>6} hidden-state frame: round trip {rtt_ms:8.2f} ms, {mbps:8.1f} MB/s")
     paths = {"default": ("SmolLM2-135M", ensure_default_model), "1.1b": ("Llama-1.1B (random)", random_1b_checkpoint)}
     print(f"\ndecode, {args.dtype}, median per-token time over {args.tokens} tokens, 3 loopback servers:")
-    print(f"  {'model':<22}{'local ms':>10}{'swarm ms':>10}{'swarm/local':>13}")
+    print(f"  {'model':<22}{'server threads':>15}{'local ms':>10}{'swarm ms':>10}{'swarm/local':>13}")
     for key in args.models.split(","):
         name, get_path = paths[key]
-        local, swarm = decode_bench(name, get_path(), args.dtype, args.tokens)
-        print(f"  {name:<22}{local * 1e3:>10.2f}{swarm * 1e3:>10.2f}{swarm / local:>13.2f}", flush=True)
+        for threads in args.threads.split(","):
+            n = None if threads == "default" else int(threads)
+            local, swarm = decode_bench(get_path(), args.dtype, args.tokens, n)
+            print(f"  {name:<22}{threads:>15}{local * 1e3:>10.2f}{swarm * 1e3:>10.2f}{swarm / local:>13.2f}", flush=True)
 
 
 if __name__ == "__main__":

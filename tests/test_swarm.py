@@ -56,3 +56,15 @@ def test_missing_blocks_are_named(tmp_path, tiny_checkpoints):
         )
     assert proc.returncode == 1
     assert "2:4" in proc.stderr and "swarm serve --blocks 2:4" in proc.stderr
+
+
+def test_sigterm_announces_offline_and_exits_cleanly(tmp_path, tiny_checkpoints):
+    model = tiny_checkpoints["llama"]
+    with running_swarm(model, ["0:2", "2:4"], tmp_path) as servers:
+        first = servers[0].maddr
+        before = json.loads(run_swarm(["status", "--json", "--initial-peers", first], tmp_path).stdout)
+        assert servers[1].stop() == 0, servers[1].log()
+        # the offline announcement removes it from the first server's table at once (no expiry wait)
+        after = json.loads(run_swarm(["status", "--json", "--initial-peers", first], tmp_path).stdout)
+    assert len(before["servers"]) == 2
+    assert [s["blocks"] for s in after["servers"]] == [[0, 2]] and after["gaps"] == [[2, 4]]
