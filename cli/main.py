@@ -197,6 +197,7 @@ def generate(
         from swarm.p2p.routing import NoRouteError
         from swarm.p2p.table import model_id
 
+        _setup_logging(False)  # recoveries from failed servers are reported on stderr
         ccfg = ClientConfig(initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout)
         try:
             model_name = model_id(client.path, client.checkpoint.raw_config)

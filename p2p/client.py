@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import msgpack
 import torch
 
+from swarm.cache.history import SpanHistory
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
@@ -38,6 +39,7 @@ class ClientConfig:
     request_timeout: float = 20.0
     step_timeout: float = 60.0
     wait_timeout: float = 30.0  # how long to wait for servers covering every block
+    ban_seconds: float = 15.0  # a failed server is avoided this long (doubling on repeated failures)
     announce_period: float = 5.0
 
 
@@ -55,6 +57,8 @@ class SwarmClient:
         self.host, self.model, self.num_blocks, self.cfg = host, model, num_blocks, cfg
         self.table = PeerTable(model, num_blocks, cfg.announce_period)
         self.rtts: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._banned_until: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -105,34 +109,52 @@ class SwarmClient:
             if info.peer_id == sender and self.table.update(info):
                 self.host.add_addrs(info.peer_id, list(info.addrs))
 
-    async def ping_all(self, timeout: float = 2.0) -> dict[str, float]:
-        """Round-trip times to every known server (unreachable ones are left out)."""
+    async def ping_new(self, servers, timeout: float = 1.0) -> None:
+        """Measure round-trip times to servers not measured yet (banned ones are skipped)."""
 
         async def one(peer_id: str):
             try:
                 self.rtts[peer_id] = await self.host.ping(peer_id, timeout=timeout)
             except P2PError:
-                self.rtts.pop(peer_id, None)
+                pass
 
-        await asyncio.gather(*(one(p) for p in self.table.snapshot()))
-        return dict(self.rtts)
+        banned = self.banned()
+        await asyncio.gather(*(one(p) for p in servers if p not in self.rtts and p not in banned))
 
-    async def route(self, cache_tokens: int = 0) -> list[Span]:
-        """A chain covering every block, waiting up to ``wait_timeout`` for missing blocks to be
-        served. Raises :class:`NoRouteError` naming the missing ranges."""
+    def ban(self, peer_id: str) -> None:
+        """Avoid ``peer_id`` for ``ban_seconds × 2^(k−1)`` after its k-th consecutive failure
+        (routing still uses it when it is the only server of some block)."""
+        count = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = count
+        self._banned_until[peer_id] = time.monotonic() + self.cfg.ban_seconds * 2 ** (count - 1)
+
+    def unban(self, peer_id: str) -> None:
+        self._failures.pop(peer_id, None)
+        self._banned_until.pop(peer_id, None)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {p for p, until in self._banned_until.items() if until > now}
+
+    async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0, wait: bool = True) -> list[Span]:
+        """The best chain for blocks ``[start, end)``; with ``wait``, waits up to ``wait_timeout``
+        for missing blocks to be served. Raises :class:`NoRouteError` naming the missing ranges."""
         deadline = time.monotonic() + self.cfg.wait_timeout
         while True:
             try:
                 servers = self.table.snapshot()
-                await self.ping_all()
-                return find_chain(servers, self.num_blocks, rtts=self.rtts, cache_tokens_needed=cache_tokens)
+                await self.ping_new(servers)
+                return find_chain(
+                    servers, self.num_blocks, start=start, end=end, rtts=self.rtts,
+                    banned=self.banned(), cache_tokens_needed=cache_tokens,
+                )
             except NoRouteError:
-                if time.monotonic() >= deadline:
+                if not wait or time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     async def open_chain(self, batch: int, max_length: int) -> RemoteChain:
-        chain = RemoteChain(self, await self.route(batch * max_length), batch, max_length)
+        chain = RemoteChain(self, await self.route(cache_tokens=batch * max_length), batch, max_length)
         await chain.open()
         return chain
 
@@ -143,64 +165,163 @@ class SwarmClient:
         await self.host.close()
 
 
+class SpanFailure(Exception):
+    """A server of the chain failed: an error reply, an end of stream without a close frame, a
+    reset connection, or no reply within the step timeout."""
+
+    def __init__(self, peer_id: str, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.peer_id, self.cause = peer_id, cause
+
+
+@dataclass
+class SpanSession:
+    span: Span
+    stream: object
+    history: SpanHistory = field(default_factory=SpanHistory)
+
+
 class RemoteChain:
-    """Inference sessions on a chain of servers, stepped together.
+    """Inference sessions on a chain of servers, stepped together, surviving server failures.
 
     Every step sends the hidden states through the spans in order; ``position`` is the global
-    position of the step's first token, checked by every server against its cache.
+    position of the step's first token, checked by every server against its cache. The inputs
+    sent to each span are kept (:class:`~swarm.cache.history.SpanHistory`); when a span's server
+    fails, the client bans it, finds the best chain for exactly that span's blocks, replays the
+    history there step by step (one frame) and continues; the other servers keep their caches.
     """
 
     def __init__(self, client: SwarmClient, spans: list[Span], batch: int, max_length: int):
-        self.client, self.spans, self.batch, self.max_length = client, spans, batch, max_length
-        self.streams: list = []
+        self.client, self.batch, self.max_length = client, batch, max_length
+        self._route = spans
+        self.sessions: list[SpanSession] = []
         self.position = 0
 
+    @property
+    def spans(self) -> list[Span]:
+        return [s.span for s in self.sessions] or self._route
+
     async def open(self) -> None:
-        timeout = self.client.cfg.request_timeout
         try:
-            for span in self.spans:
-                stream = await self.client.host.open_stream(span.peer_id, protocols.INFERENCE, timeout=timeout)
-                self.streams.append(stream)
-                opening = Frame("open", {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length})
-                await write_frame(stream, opening, timeout=timeout)
-                expect(await read_frame(stream, timeout=timeout), "opened")
-        except (P2PError, WireError, RemoteError) as exc:
+            for span in self._route:
+                try:
+                    self.sessions.append(await self._open_span(span))
+                except SpanFailure as failure:
+                    self.client.ban(failure.peer_id)
+                    sessions, _ = await self._take_over(span.start, span.end, None, None, failure)
+                    self.sessions.extend(sessions)
+        except BaseException:
             await self.close()
-            raise SwarmError(f"could not open an inference session on {_describe(span)}: {exc}") from exc
+            raise
+
+    async def _open_span(self, span: Span) -> SpanSession:
+        timeout = self.client.cfg.request_timeout
+        stream = None
+        try:
+            stream = await self.client.host.open_stream(span.peer_id, protocols.INFERENCE, timeout=timeout)
+            fields = {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length}
+            await write_frame(stream, Frame("open", fields), timeout=timeout)
+            expect(await read_frame(stream, timeout=timeout), "opened")
+            return SpanSession(span, stream)
+        except (P2PError, WireError, RemoteError) as exc:
+            if stream is not None:
+                await stream.reset()
+            raise SpanFailure(span.peer_id, exc) from exc
+
+    async def _send(self, session: SpanSession, hidden, hypo_ids, position: int, chunks=None) -> torch.Tensor:
+        tensors = [hidden] if hypo_ids is None else [hidden, hypo_ids.to(torch.int64)]
+        fields = {"step_id": uuid.uuid4().hex[:16], "position": position}
+        if chunks is not None:
+            fields["chunks"] = chunks
+        timeout = self.client.cfg.step_timeout
+        try:
+            await write_frame(session.stream, Frame("step", fields, tensors), timeout=timeout)
+            return expect(await read_frame(session.stream, timeout=timeout), "output").tensors[0]
+        except (P2PError, WireError, RemoteError) as exc:
+            raise SpanFailure(session.span.peer_id, exc) from exc
 
     async def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden: [batch, seq, hidden]`` through every span; returns the last span's output."""
-        step_id = uuid.uuid4().hex[:16]
-        dtype = hidden.dtype
-        for span, stream in zip(self.spans, self.streams):
-            tensors = [hidden] if hypo_ids is None else [hidden, hypo_ids.to(torch.int64)]
-            frame = Frame("step", {"step_id": step_id, "position": self.position}, tensors)
+        dtype, x, i = hidden.dtype, hidden, 0
+        while i < len(self.sessions):
+            session = self.sessions[i]
             try:
-                await write_frame(stream, frame, timeout=self.client.cfg.step_timeout)
-                hidden = expect(await read_frame(stream, timeout=self.client.cfg.step_timeout), "output").tensors[0]
-            except (P2PError, WireError, RemoteError) as exc:
-                raise SwarmError(f"{_describe(span)} failed: {exc}") from exc
+                out = await self._send(session, x, hypo_ids, self.position)
+            except SpanFailure as failure:
+                self.client.ban(failure.peer_id)
+                await session.stream.reset()
+                inputs, chunks = session.history.replay(x, hypo_ids)
+                replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
+                self.sessions[i : i + 1] = replacement
+                i += len(replacement)
+                x = out[:, -hidden.shape[1] :]
+                continue
+            self.client.unban(session.span.peer_id)
+            session.history.record(x, hypo_ids)
+            x, i = out, i + 1
         self.position += hidden.shape[1]
-        return hidden.to(dtype)
+        return x.to(dtype)
+
+    async def _take_over(self, start: int, end: int, inputs, chunks, failure: SpanFailure):
+        """Open sessions covering blocks ``[start, end)`` on the best servers not banned and, when
+        there is history, rebuild their caches from it (``inputs`` split into ``chunks``). Retries
+        with growing delays until ``wait_timeout``; then raises :class:`SwarmError` naming the
+        blocks. Returns the new sessions and the last one's outputs for every replayed position."""
+        began = time.monotonic()
+        deadline = began + self.client.cfg.wait_timeout
+        delay, last = 0.0, failure
+        while True:
+            opened: list[SpanSession] = []
+            try:
+                spans = await self.client.route(start, end, cache_tokens=self.batch * self.max_length, wait=False)
+                x = inputs
+                for span in spans:
+                    session = await self._open_span(span)
+                    opened.append(session)
+                    if x is not None:
+                        out = await self._send(session, x, None, 0, chunks)
+                        session.history = SpanHistory.from_replay(x, chunks)
+                        x = out
+                log.warning(
+                    "recovered blocks %d:%d: %s failed (%s); %s took over%s in %.2f s",
+                    start, end, _short(failure.peer_id), failure,
+                    ", ".join(f"{_short(s.peer_id)} ({s.start}:{s.end})" for s in spans),
+                    f" after replaying {inputs.shape[1]} positions" if inputs is not None else "",
+                    time.monotonic() - began,
+                )
+                return opened, x
+            except NoRouteError as exc:
+                last = exc
+            except SpanFailure as exc:
+                self.client.ban(exc.peer_id)
+                last = exc
+            for session in opened:
+                await session.stream.reset()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SwarmError(
+                    f"blocks {start}:{end} lost their server {_short(failure.peer_id)} and no other server "
+                    f"could take them over within {self.client.cfg.wait_timeout:g} s (last error: {last}); "
+                    f"serve them with `swarm serve --blocks {start}:{end} --initial-peers ...`"
+                )
+            await asyncio.sleep(min(delay, left))
+            delay = min(max(2 * delay, 0.25), 4.0)
 
     async def close(self) -> None:
         """Send every server an explicit close (so it frees the cache at once)."""
-        for stream in self.streams:
+        for session in self.sessions:
             try:
-                await write_frame(stream, Frame("close"), timeout=2)
-                await read_frame(stream, timeout=2)
+                await write_frame(session.stream, Frame("close"), timeout=2)
+                await read_frame(session.stream, timeout=2)
             except (P2PError, WireError):
                 pass
             finally:
-                try:
-                    await stream.close()
-                except P2PError:
-                    pass
-        self.streams = []
+                await session.stream.close()
+        self.sessions = []
 
 
-def _describe(span: Span) -> str:
-    return f"server {span.peer_id[-8:]} (blocks {span.start}:{span.end})"
+def _short(peer_id: str) -> str:
+    return "server …" + peer_id[-6:]
 
 
 class SyncChain:

@@ -312,7 +312,8 @@ class BlockServer:
                         )
                     hidden = frame.tensors[0]
                     hypo_ids = frame.tensors[1] if len(frame.tensors) > 1 else None
-                    output = await self._compute(_run_step, blocks, hidden, kv, hypo_ids)
+                    chunks = _check_chunks(frame.fields.get("chunks"), hidden)
+                    output = await self._compute(_run_steps, blocks, hidden, kv, hypo_ids, chunks)
                     last_step, last_output = frame["step_id"], output
                 await write_frame(stream, Frame("output", {"step_id": frame["step_id"]}, [output]), timeout=self.cfg.request_timeout)
         except CacheFullError as exc:
@@ -357,12 +358,30 @@ def _check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
         raise ValueError(f"hidden states must be floating point, got {hidden.dtype}")
 
 
-def _run_step(blocks: BlockRange, hidden, kv, hypo_ids):
+def _check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
+    """A step may carry ``chunks``: the lengths of the steps it replays (a replacement server
+    rebuilding a failed one's cache runs the client's history step by step, exactly as it was
+    first computed). Without it the step is one chunk."""
+    if chunks is None:
+        return [hidden.shape[1]] if hidden.dim() == 3 else [0]
+    if not (isinstance(chunks, list) and chunks and all(isinstance(c, int) and c > 0 for c in chunks)):
+        raise ValueError("chunks must be a non-empty list of positive step lengths")
+    if hidden.dim() != 3 or sum(chunks) != hidden.shape[1]:
+        raise ValueError(f"chunks add up to {sum(chunks)} positions but the step carries {list(hidden.shape)}")
+    return chunks
+
+
+def _run_steps(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int]):
+    """Run a step (or a replay split into ``chunks``); returns the outputs of every position."""
     _check_hidden(blocks, hidden)
     if hypo_ids is not None and hypo_ids.dtype != torch.int64:
         raise ValueError("hypo_ids must be int64")
+    outputs, start = [], 0
     with torch.no_grad():
-        return blocks(hidden, kv, hypo_ids)
+        for i, length in enumerate(chunks):
+            outputs.append(blocks(hidden[:, start : start + length], kv, hypo_ids if i == 0 else None))
+            start += length
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def _run_forward(blocks: BlockRange, hidden):
