@@ -344,8 +344,10 @@ def generate_swarm(
     gen_cfg,
     cfg: ClientConfig,
     on_token: Callable[[int], None] | None = None,
+    on_chain: Callable[[RemoteChain], None] | None = None,
 ) -> list[int]:
-    """The engine's generation loop over a chain of servers (see :func:`swarm.engine.generation.generate`)."""
+    """The engine's generation loop over a chain of servers (see :func:`swarm.engine.generation.generate`).
+    ``on_chain`` is given each chain as it opens (to watch which servers serve)."""
     from swarm.engine.generation import generate
 
     background = BackgroundLoop()
@@ -356,6 +358,8 @@ def generate_swarm(
 
         def open_session(batch: int, max_length: int) -> SyncChain:
             chain = background.call(client.open_chain(batch, max_length), timeout=setup_timeout)
+            if on_chain is not None:
+                on_chain(chain)
             # the chain's own per-span timeouts fire first; this one only guards against a bug
             return SyncChain(background, chain, cfg.step_timeout * (len(chain.spans) + 1) + 10)
 

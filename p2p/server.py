@@ -55,6 +55,7 @@ class ServerConfig:
     public_name: str = ""
     announce_period: float = 5.0
     step_timeout: float = 300.0  # an open session idle this long is closed and its cache freed
+    session_timeout: float = 1800.0  # no session lives longer than this (its cache is freed)
     request_timeout: float = 30.0
     max_batch: int = 64
     max_frame: int = DEFAULT_MAX_FRAME
@@ -90,6 +91,7 @@ class BlockServer:
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self._cache_changed = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -213,12 +215,23 @@ class BlockServer:
             log.info("could not tell %s directly: %s", peer_id[-8:], exc)
 
     async def _announce_loop(self) -> None:
+        """Re-announce every period, and sooner (at most once a second) when sessions open or
+        close, so clients see the cache room that is really left."""
+        next_periodic = time.monotonic() + self.cfg.announce_period
         while True:
-            await asyncio.sleep(self.cfg.announce_period)
+            try:
+                await asyncio.wait_for(self._cache_changed.wait(), max(0.0, next_periodic - time.monotonic()))
+            except TimeoutError:
+                pass
+            self._cache_changed.clear()
             try:
                 await self._announce()
             except P2PError as exc:
                 log.warning("announcement failed: %s", exc)
+            now = time.monotonic()
+            if now >= next_periodic:
+                next_periodic = now + self.cfg.announce_period
+            await asyncio.sleep(min(1.0, self.cfg.announce_period))
 
     async def _listen(self, subscription) -> None:
         async for sender, data in subscription:
@@ -244,6 +257,7 @@ class BlockServer:
             "max_frame": self.cfg.max_frame,
             "cache_tokens": self.cfg.cache_tokens,
             "step_timeout": self.cfg.step_timeout,
+            "session_timeout": self.cfg.session_timeout,
         }
 
     async def _handle_info(self, stream) -> None:
@@ -294,10 +308,15 @@ class BlockServer:
             kv = blocks.open_session(batch, max_length, budget=self.budget)
             session_id = uuid.uuid4().hex
             self.sessions[session_id] = time.monotonic()
+            self._cache_changed.set()
             await write_frame(stream, Frame("opened", {"session_id": session_id}), timeout=self.cfg.request_timeout)
             last_step, last_output = None, None
             while True:
-                frame = await read_frame(stream, timeout=self.cfg.step_timeout, max_frame=self.cfg.max_frame)
+                lifetime_left = self.sessions[session_id] + self.cfg.session_timeout - time.monotonic()
+                if lifetime_left <= 0:
+                    raise ValueError(f"session timeout: sessions last at most {self.cfg.session_timeout:g} s here")
+                timeout = min(self.cfg.step_timeout, lifetime_left)
+                frame = await read_frame(stream, timeout=timeout, max_frame=self.cfg.max_frame)
                 if frame.kind == "close":
                     await write_frame(stream, Frame("closed"), timeout=self.cfg.request_timeout)
                     return
@@ -330,6 +349,7 @@ class BlockServer:
             if kv is not None:
                 kv.close()
                 self.sessions.pop(session_id, None)
+                self._cache_changed.set()
 
     async def _stateless(self, stream, kind: str, fn) -> None:
         try:

@@ -16,9 +16,8 @@ import pytest
 
 from conftest import write_tiny_checkpoint
 from swarm.engine.client import ClientModel, generate_local
-from swarm.engine.generation import GenerationConfig, generate
-from swarm.p2p.client import ClientConfig, SwarmClient, SwarmError, SyncChain
-from swarm.p2p.loop import BackgroundLoop
+from swarm.engine.generation import GenerationConfig
+from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
 from swarm.p2p.table import model_id
 from swarm_utils import ServerProcess, run_swarm, running_swarm
 
@@ -34,32 +33,19 @@ def _peer_of(server: ServerProcess) -> str:
     return server.maddr.rsplit("/p2p/", 1)[1]
 
 
-def swarm_generate(model_dir, initial_peer: str, cfg: GenerationConfig, on_token=None, **client_kw):
+def swarm_generate(model_dir, initial_peer: str, cfg: GenerationConfig, on_token=None, **client_kw) -> list[int]:
     """Generate through the swarm in this process; ``on_token(i, chain)`` runs after token i."""
     client_model = ClientModel.load(model_dir)
-    prompt = client_model.encode(PROMPT)
-    background = BackgroundLoop()
-    ccfg = ClientConfig(initial_peers=[initial_peer], **client_kw)
-    client = background.call(SwarmClient.start(model_id(model_dir, client_model.checkpoint.raw_config),
-                                               client_model.checkpoint.num_blocks, ccfg), timeout=60)
-    chains = []
-    tokens: list[int] = []
-
-    def open_session(batch, max_length):
-        chain = background.call(client.open_chain(batch, max_length), timeout=60)
-        chains.append(chain)
-        return SyncChain(background, chain, timeout=300)
+    chains, count = [], []
 
     def hook(token):
-        tokens.append(token)
+        count.append(token)
         if on_token is not None:
-            on_token(len(tokens), chains[-1])
+            on_token(len(count), chains[-1])
 
-    try:
-        return generate(client_model.head, open_session, prompt, cfg, hook), client_model, prompt
-    finally:
-        background.call(client.close(), timeout=30)
-        background.close()
+    model = model_id(model_dir, client_model.checkpoint.raw_config)
+    ccfg = ClientConfig(initial_peers=[initial_peer], **client_kw)
+    return generate_swarm(client_model, model, client_model.encode(PROMPT), cfg, ccfg, hook, chains.append)
 
 
 def _serving(chain, block: int) -> str:
@@ -88,7 +74,7 @@ def test_kill_and_freeze_middle_servers_output_unchanged(tiny6, tmp_path, caplog
 
         with caplog.at_level("WARNING", logger="swarm.client"):
             started = time.monotonic()
-            tokens, _, _ = swarm_generate(tiny6, servers[0].maddr, cfg, on_token, step_timeout=2.0, wait_timeout=20.0)
+            tokens = swarm_generate(tiny6, servers[0].maddr, cfg, on_token, step_timeout=2.0, wait_timeout=20.0)
             elapsed = time.monotonic() - started
         for s in servers:
             if s.proc.poll() is None:
@@ -142,7 +128,7 @@ def test_concurrent_clients_on_a_small_budget(tiny6, tmp_path):
 
             def one(i):
                 try:
-                    results[i] = swarm_generate(tiny6, small[0].maddr, cfg, wait_timeout=60.0)[0]
+                    results[i] = swarm_generate(tiny6, small[0].maddr, cfg, wait_timeout=60.0)
                 except Exception as exc:  # collected and asserted below
                     errors.append(repr(exc))
 

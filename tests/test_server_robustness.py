@@ -15,6 +15,7 @@ from swarm.engine.checkpoint import Checkpoint
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, StreamClosedError
 from swarm.p2p.wire import Frame, encode, expect, read_frame, write_frame
+from conftest import write_tiny_checkpoint
 from swarm_utils import generate_json, running_swarm
 
 PROMPT = "The capital of France is"
@@ -146,3 +147,31 @@ def test_forward_and_backward_protocols_match_local(tmp_path, tiny_checkpoints):
     assert torch.allclose(out, expected_out, atol=1e-5)
     assert torch.allclose(grad_in, inputs.grad, atol=1e-5)
     assert grad_in.abs().sum() > 0
+
+
+def test_long_computation_does_not_stall_the_server(tmp_path):
+    """While a big forward pass runs, the same server answers pings and info requests."""
+    model = write_tiny_checkpoint(tmp_path / "wide", "llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
+    hidden = torch.randn(8, 1024, 256)
+
+    async def probe(maddr: str):
+        host = await Host.start()
+        try:
+            peer = await host.connect(maddr, timeout=10)
+            big = asyncio.create_task(
+                protocols.request(host, peer, protocols.FORWARD, Frame("forward", {"start": 0, "end": 8}, [hidden]), 120)
+            )
+            rtts, infos = [], 0
+            while not big.done():
+                rtts.append(await host.ping(peer, timeout=5))
+                reply = await protocols.request(host, peer, protocols.INFO, Frame("info"), 5)
+                infos += reply.kind == "info_reply"
+            return expect(await big, "result").tensors[0].shape, rtts, infos
+        finally:
+            await host.close()
+
+    with running_swarm(model, ["0:8"], tmp_path) as servers:
+        shape, rtts, infos = asyncio.run(probe(servers[0].maddr))
+    assert shape == (8, 1024, 256)
+    assert len(rtts) >= 3 and infos == len(rtts), "the server stopped answering during the computation"
+    assert max(rtts) < 1.0, rtts
