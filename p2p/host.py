@@ -59,7 +59,9 @@ __all__ += ["Stream", "StreamClosedError", "Subscription", "load_or_create_ident
 
 log = logging.getLogger(__name__)
 if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose logs
-    logging.getLogger("libp2p").setLevel(logging.WARNING)
+    # py-libp2p logs expected failures (a dial to a peer that just died) at ERROR; every failure
+    # reaches our callers as an exception with the peer and protocol named, so keep it quiet
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     logging.getLogger("multiaddr").setLevel(logging.WARNING)
 
 PING_PROTOCOL = "/ipfs/ping/1.0.0"  # every py-libp2p host answers it

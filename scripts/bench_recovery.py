@@ -1,0 +1,118 @@
+"""Recovery from server failures with the default model, measured.
+
+Servers on loopback: 0:10, 20:30 and five for 10:20 (one serving, four spares). A 100-token greedy
+generation runs undisturbed, then again with the server serving block 10 killed (SIGKILL) every
+20 tokens. Prints: whether the tokens are identical, tokens/s of both runs, and for every kill the
+time from the kill to the next token, the replay compute (the same steps run on blocks 10:20 in
+this process) and their difference (the recovery's own cost: detection, routing, new session,
+transfer). Usage: python scripts/bench_recovery.py [--dtype float32] [--tokens 100] [--every 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_swarm import READY  # noqa: E402
+
+from swarm.engine.checkpoint import parse_dtype  # noqa: E402
+from swarm.engine.client import ClientModel  # noqa: E402
+from swarm.engine.default_model import ensure_default_model  # noqa: E402
+from swarm.engine.generation import GenerationConfig  # noqa: E402
+from swarm.p2p.client import ClientConfig, generate_swarm  # noqa: E402
+from swarm.p2p.table import model_id  # noqa: E402
+
+PROMPT = "The capital of France is"
+
+
+def start(path: Path, blocks: str, dtype: str, home: str, i: int, first: str | None):
+    import os
+    import subprocess
+
+    args = [sys.executable, "-m", "swarm.cli.main", "serve", "--model", str(path), "--blocks", blocks,
+            "--dtype", dtype, "--identity", f"{home}/id-{i}.key"]
+    args += ["--new-swarm"] if first is None else ["--initial-peers", first]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "SWARM_HOME": home})
+    for line in proc.stdout:
+        match = READY.search(line)
+        if match:
+            return proc, match.group(1)
+    raise RuntimeError("a server failed to start")
+
+
+def replay_compute(client: ClientModel, dtype, prompt_len: int, position: int) -> float:
+    """Seconds to run, on blocks 10:20 here, the steps a replacement replays at ``position``."""
+    blocks = client.checkpoint.load_blocks(10, 20, dtype)
+    hidden = torch.randn(1, position + 1, blocks.config.hidden_size)
+    steps = [prompt_len] + [1] * (position + 1 - prompt_len)
+    with torch.no_grad(), blocks.open_session(1, position + 1) as kv:
+        t, at = time.perf_counter(), 0
+        for n in steps:
+            blocks(hidden[:, at : at + n], kv)
+            at += n
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--every", type=int, default=20)
+    args = parser.parse_args()
+    path = ensure_default_model()
+    dtype = parse_dtype(args.dtype)
+    client = ClientModel.load(path, dtype)
+    prompt = client.encode(PROMPT)
+    model = model_id(path, client.checkpoint.raw_config)
+    cfg = GenerationConfig(max_new_tokens=args.tokens, eos_token_ids=())
+    kills_at = list(range(args.every, args.tokens, args.every))
+    with tempfile.TemporaryDirectory(prefix="swarm-recovery-") as home:
+        procs = {}
+        first = None
+        for i, blocks in enumerate(["0:10", "10:20", "20:30"] + ["10:20"] * len(kills_at)):
+            proc, addr = start(path, blocks, args.dtype, home, i, first)
+            first = first or addr
+            procs[addr.rsplit("/p2p/", 1)[1]] = proc
+        try:
+            ccfg = ClientConfig(initial_peers=[first])
+            t = time.perf_counter()
+            clean = generate_swarm(client, model, prompt, cfg, ccfg)
+            clean_tps = len(clean) / (time.perf_counter() - t)
+
+            chains, stamps, kills = [], [], []
+
+            def on_token(_):
+                stamps.append(time.perf_counter())
+                if len(stamps) in kills_at:
+                    peer = next(s.span.peer_id for s in chains[-1].sessions if s.span.start <= 10 < s.span.end)
+                    kills.append((len(stamps), time.perf_counter()))
+                    procs[peer].kill()
+                    procs[peer].wait()
+
+            t = time.perf_counter()
+            disturbed = generate_swarm(client, model, prompt, cfg, ccfg, on_token, chains.append)
+            disturbed_tps = len(disturbed) / (time.perf_counter() - t)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs.values():
+                proc.wait()
+    print(f"default model, {args.dtype}, {args.tokens} tokens, a kill every {args.every} tokens")
+    print(f"  identical output: {disturbed == clean}")
+    print(f"  tokens/s undisturbed {clean_tps:.1f}, with kills {disturbed_tps:.1f}")
+    print(f"  {'kill at token':>14}{'death→next token':>18}{'replay compute':>16}{'recovery cost':>15}")
+    for token, killed in kills:
+        to_next = stamps[token] - killed
+        replay = replay_compute(client, dtype, len(prompt), len(prompt) + token)
+        print(f"  {token:>14}{to_next * 1e3:>15.0f} ms{replay * 1e3:>13.0f} ms{(to_next - replay) * 1e3:>12.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
