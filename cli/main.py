@@ -61,12 +61,12 @@ def _peers(values: Optional[list[str]]) -> list[str]:
 def _setup_logging(verbose: bool) -> None:
     import logging
 
-    from rich.logging import RichHandler
-
+    # plain lines on stderr: easy to read in a terminal and to grep in a log file
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err, show_path=False, show_time=True)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
     )
 
 
