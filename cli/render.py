@@ -23,7 +23,7 @@ def coverage_bar(data: dict, width: int = 60) -> Text:
 def status_view(data: dict) -> Group:
     table = Table(title=f"{data['model']} — {data['num_blocks']} blocks", title_justify="left")
     for col, justify in [("peer", "left"), ("name", "left"), ("blocks", "right"), ("state", "left"),
-                         ("tok/s/block", "right"), ("cache left", "right"), ("rtt", "right"), ("version", "left")]:
+                         ("tok/s", "right"), ("cache", "right"), ("rtt", "right"), ("version", "left")]:
         table.add_column(col, justify=justify)
     for s in data["servers"]:
         state_style = {"online": "green", "joining": "yellow"}.get(s["state"], "red")
