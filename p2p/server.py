@@ -339,7 +339,7 @@ class BlockServer:
             await self._reply_error(stream, exc, "cache_full")
         except WireError as exc:
             await self._reply_error(stream, exc, "bad_frame")
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RuntimeError) as exc:
             await self._reply_error(stream, exc, "bad_request")
         except P2PTimeoutError:
             log.info("inference session from %s idle for %ss: closed", stream.remote_peer_id[:12], self.cfg.step_timeout)
@@ -394,8 +394,12 @@ def _check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
 def _run_steps(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int]):
     """Run a step (or a replay split into ``chunks``); returns the outputs of every position."""
     _check_hidden(blocks, hidden)
-    if hypo_ids is not None and hypo_ids.dtype != torch.int64:
-        raise ValueError("hypo_ids must be int64")
+    if hypo_ids is not None:
+        batch = hidden.shape[0]
+        if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (batch,):
+            raise ValueError(f"hypo_ids must be int64 of shape [{batch}], got {hypo_ids.dtype} {list(hypo_ids.shape)}")
+        if len(hypo_ids) and not (0 <= int(hypo_ids.min()) and int(hypo_ids.max()) < batch):
+            raise ValueError(f"hypo_ids must index rows 0..{batch - 1}")
     outputs, start = [], 0
     with torch.no_grad():
         for i, length in enumerate(chunks):

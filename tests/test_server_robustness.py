@@ -74,6 +74,8 @@ async def _session_after_open_errors(host: Host, peer: str, hidden_size: int) ->
     out = []
     for bad in (
         Frame("step", {"step_id": "s", "position": 5}, [torch.zeros(1, 1, hidden_size)]),  # wrong position
+        Frame("step", {"step_id": "s", "position": 0}, [torch.zeros(1, 1, hidden_size), torch.tensor([3])]),  # bad row
+        Frame("step", {"step_id": "s", "position": 0, "chunks": {"a": 1}}, [torch.zeros(1, 1, hidden_size)]),
         Frame("step", {"step_id": "s", "position": 0}, [torch.zeros(2, 1, hidden_size)]),  # wrong batch
         Frame("forward", {"start": 0, "end": 1}, [torch.zeros(1, 1, hidden_size)]),  # wrong kind mid-session
     ):
@@ -115,7 +117,7 @@ def test_fuzzed_frames_get_errors_and_the_server_keeps_serving(tmp_path, tiny_ch
     assert outcomes[(protocols.FORWARD, "wrong version")] == "bad_frame"
     assert outcomes[(protocols.INFERENCE, "open: huge cache")] == "cache_full"
     assert outcomes[(protocols.INFERENCE, "oversized length")] == "bad_frame"
-    assert in_session == ["bad_request", "bad_request", "bad_frame"]
+    assert in_session == ["bad_request"] * 4 + ["bad_frame"]
     assert after["token_ids"] == expected["token_ids"]
 
 
