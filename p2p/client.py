@@ -360,8 +360,9 @@ def generate_swarm(
             chain = background.call(client.open_chain(batch, max_length), timeout=setup_timeout)
             if on_chain is not None:
                 on_chain(chain)
-            # the chain's own per-span timeouts fire first; this one only guards against a bug
-            return SyncChain(background, chain, cfg.step_timeout * (len(chain.spans) + 1) + 10)
+            # the chain's own per-span timeouts and recovery deadlines fire first; this one only
+            # guards against a bug
+            return SyncChain(background, chain, (cfg.step_timeout + cfg.wait_timeout) * (len(chain.spans) + 1) + 10)
 
         return generate(client_model.head, open_session, prompt_ids, gen_cfg, on_token)
     finally:
