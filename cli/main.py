@@ -182,6 +182,8 @@ def generate(
             eos_token_ids=client.eos_token_ids,
         )
         prompt_ids = client.encode(prompt, chat=chat)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give some text to continue")
     except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, RuntimeError) as exc:
         _fail(str(exc))
 

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgpack
 import torch
 
 from swarm.cache.history import SpanHistory
@@ -23,7 +22,7 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span, find_chain
-from swarm.p2p.table import PeerTable, ServerInfo, announce_topic
+from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
 from swarm.p2p.wire import Frame, RemoteError, WireError, expect, read_frame, write_frame
 
 log = logging.getLogger("swarm.client")
@@ -103,10 +102,10 @@ class SwarmClient:
     async def _listen(self, subscription) -> None:
         async for sender, data in subscription:
             try:
-                info = ServerInfo.from_wire(msgpack.unpackb(data, raw=False))
-            except (ValueError, msgpack.UnpackException, TypeError):
+                info = parse_announcement(data, sender)
+            except ValueError:
                 continue
-            if info.peer_id == sender and self.table.update(info):
+            if self.table.update(info):
                 self.host.add_addrs(info.peer_id, list(info.addrs))
 
     async def ping_new(self, servers, timeout: float = 1.0) -> None:
@@ -165,6 +164,17 @@ class SwarmClient:
         await self.host.close()
 
 
+REPLAY_FRAME_BYTES = 64 * 2**20  # a replay larger than this is sent as several frames
+REJECTED = ("bad_request", "bad_frame")  # the server refused what we sent: failing over would not help
+
+
+def _refused(peer_id: str, exc: Exception) -> Exception:
+    """A failure to route around (SpanFailure), or the server refusing our request (SwarmError)."""
+    if isinstance(exc, RemoteError) and exc.code in REJECTED:
+        return SwarmError(f"server …{peer_id[-6:]} refused the request: {exc}")
+    return SpanFailure(peer_id, exc)
+
+
 class SpanFailure(Exception):
     """A server of the chain failed: an error reply, an end of stream without a close frame, a
     reset connection, or no reply within the step timeout."""
@@ -196,6 +206,7 @@ class RemoteChain:
         self._route = spans
         self.sessions: list[SpanSession] = []
         self.position = 0
+        self._broken = False
 
     @property
     def spans(self) -> list[Span]:
@@ -226,7 +237,7 @@ class RemoteChain:
         except (P2PError, WireError, RemoteError) as exc:
             if stream is not None:
                 await stream.reset()
-            raise SpanFailure(span.peer_id, exc) from exc
+            raise _refused(span.peer_id, exc) from exc
 
     async def _send(self, session: SpanSession, hidden, hypo_ids, position: int, chunks=None) -> torch.Tensor:
         tensors = [hidden] if hypo_ids is None else [hidden, hypo_ids.to(torch.int64)]
@@ -236,12 +247,35 @@ class RemoteChain:
         timeout = self.client.cfg.step_timeout
         try:
             await write_frame(session.stream, Frame("step", fields, tensors), timeout=timeout)
-            return expect(await read_frame(session.stream, timeout=timeout), "output").tensors[0]
+            out = expect(await read_frame(session.stream, timeout=timeout), "output").tensors[0]
         except (P2PError, WireError, RemoteError) as exc:
-            raise SpanFailure(session.span.peer_id, exc) from exc
+            raise _refused(session.span.peer_id, exc) from exc
+        if out.shape != hidden.shape:
+            raise SpanFailure(session.span.peer_id, WireError(f"output shape {list(out.shape)} != input {list(hidden.shape)}"))
+        return out
+
+    async def _replay(self, session: SpanSession, inputs: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+        """Run ``inputs`` (split into the original ``chunks``) on a fresh session, in as few frames
+        as fit :data:`REPLAY_FRAME_BYTES`; returns the outputs of every position."""
+        per_position = inputs[:, :1].numel() * inputs.element_size()
+        outputs, group, start = [], [], 0
+        for i, length in enumerate(chunks):
+            group.append(length)
+            last = i == len(chunks) - 1
+            if last or (sum(group) + chunks[i + 1]) * per_position > REPLAY_FRAME_BYTES:
+                n = sum(group)
+                outputs.append(await self._send(session, inputs[:, start : start + n], None, start, group))
+                start, group = start + n, []
+        return torch.cat(outputs, dim=1)
 
     async def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden: [batch, seq, hidden]`` through every span; returns the last span's output."""
+        """``hidden: [batch, seq, hidden]`` through every span; returns the last span's output.
+
+        A step that raises (or is cancelled) leaves the spans before the failure one step ahead of
+        the others, so the chain refuses further steps."""
+        if self._broken:
+            raise SwarmError("this inference chain failed earlier; open a new one")
+        self._broken = True
         dtype, x, i = hidden.dtype, hidden, 0
         while i < len(self.sessions):
             session = self.sessions[i]
@@ -260,6 +294,7 @@ class RemoteChain:
             session.history.record(x, hypo_ids)
             x, i = out, i + 1
         self.position += hidden.shape[1]
+        self._broken = False
         return x.to(dtype)
 
     async def _take_over(self, start: int, end: int, inputs, chunks, failure: SpanFailure):
@@ -279,7 +314,7 @@ class RemoteChain:
                     session = await self._open_span(span)
                     opened.append(session)
                     if x is not None:
-                        out = await self._send(session, x, None, 0, chunks)
+                        out = await self._replay(session, x, chunks)
                         session.history = SpanHistory.from_replay(x, chunks)
                         x = out
                 log.warning(
@@ -295,6 +330,10 @@ class RemoteChain:
             except SpanFailure as exc:
                 self.client.ban(exc.peer_id)
                 last = exc
+            except BaseException:  # refused, cancelled: free what we opened, then give up
+                for session in opened:
+                    await session.stream.reset()
+                raise
             for session in opened:
                 await session.stream.reset()
             left = deadline - time.monotonic()

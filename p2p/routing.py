@@ -38,10 +38,11 @@ class Span:
 
 def choose_blocks(servers: Mapping[PeerId, ServerInfo], num_blocks: int, count: int) -> int:
     """Start of the ``count`` blocks where the swarm is weakest: the window whose per-block total
-    throughputs, sorted ascending, are lexicographically smallest (the weakest block first; ties go
-    to the smallest start). An empty swarm gives 0."""
+    throughputs (online and joining servers), sorted ascending, are lexicographically smallest (the
+    weakest block first; ties go to the smallest start). An empty swarm gives 0."""
     count = min(count, num_blocks)
-    totals = coverage(servers, num_blocks)
+    # servers still loading count too, or two servers starting together would take the same range
+    totals = coverage(servers, num_blocks, states=("online", "joining"))
     return min(range(num_blocks - count + 1), key=lambda i: (sorted(totals[i : i + count]), i))
 
 
@@ -99,6 +100,8 @@ def find_chain(
                     best[b] = new
                     previous[b] = (a, Span(s.peer_id, a, b))
                     heapq.heappush(queue, (new, b))
+    if end not in previous and end != start:
+        raise NoRouteError([(start, end)], num_blocks)
     chain, b = [], end
     while b != start:
         a, span = previous[b]

@@ -34,7 +34,7 @@ from swarm.engine.checkpoint import BlockRange, Checkpoint, parse_dtype
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.routing import choose_blocks
-from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id
+from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
 from swarm.p2p.wire import DEFAULT_MAX_FRAME, Frame, WireError, error_frame, read_frame, write_frame
 
 log = logging.getLogger("swarm.server")
@@ -236,16 +236,13 @@ class BlockServer:
     async def _listen(self, subscription) -> None:
         async for sender, data in subscription:
             try:
-                self._apply_announcement(msgpack.unpackb(data, raw=False), sender)
-            except (ValueError, msgpack.UnpackException, TypeError) as exc:
+                self._apply_announcement(data, sender)
+            except ValueError as exc:
                 log.warning("ignoring an announcement from %s: %s", sender[-8:], exc)
 
     def _apply_announcement(self, data, sender: str) -> None:
-        """Take a server's announcement into the table. Raises ``ValueError`` for a malformed one
-        or one about another peer than its sender (no one speaks for someone else)."""
-        info = ServerInfo.from_wire(data if isinstance(data, dict) else {})
-        if info.peer_id != sender:
-            raise ValueError(f"an announcement for {info.peer_id[-8:]} sent by {sender[-8:]}")
+        """Take a server's announcement into the table (``ValueError`` if it is not acceptable)."""
+        info = parse_announcement(data, sender)
         if info.peer_id != self.host.peer_id and self.table.update(info):
             self.host.add_addrs(info.peer_id, list(info.addrs))
 
@@ -374,16 +371,21 @@ class BlockServer:
 
 
 def _check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
-    if not hidden.is_floating_point():
-        raise ValueError(f"hidden states must be floating point, got {hidden.dtype}")
+    if not hidden.is_floating_point() or hidden.dim() != 3:
+        raise ValueError(
+            f"hidden states must be floating point [batch, seq, {blocks.config.hidden_size}], "
+            f"got {hidden.dtype} {list(hidden.shape)}"
+        )
 
 
 def _check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
     """A step may carry ``chunks``: the lengths of the steps it replays (a replacement server
     rebuilding a failed one's cache runs the client's history step by step, exactly as it was
     first computed). Without it the step is one chunk."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden states must be [batch, seq, hidden], got shape {list(hidden.shape)}")
     if chunks is None:
-        return [hidden.shape[1]] if hidden.dim() == 3 else [0]
+        return [hidden.shape[1]]
     if not (isinstance(chunks, list) and chunks and all(isinstance(c, int) and c > 0 for c in chunks)):
         raise ValueError("chunks must be a non-empty list of positive step lengths")
     if hidden.dim() != 3 or sum(chunks) != hidden.shape[1]:

@@ -9,11 +9,14 @@ continuously rather than trusted to hear every message.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import msgpack
 
 from swarm import __version__
 from swarm.p2p.wire import PeerId
@@ -78,9 +81,24 @@ class ServerInfo:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
-        if info.state not in STATES or not 0 <= info.start < info.end or info.throughput < 0:
+        if info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf:
             raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
         return info
+
+
+def parse_announcement(data: bytes | dict, sender: str) -> ServerInfo:
+    """An announcement received from ``sender`` (msgpack bytes by gossip, or the dict of a direct
+    ``announce`` frame). Raises ``ValueError`` for a malformed one, or one about another peer than
+    its sender: no one speaks for someone else."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = msgpack.unpackb(data, raw=False)
+        except (msgpack.UnpackException, ValueError, TypeError) as exc:
+            raise ValueError(f"announcement is not valid msgpack ({type(exc).__name__})") from None
+    info = ServerInfo.from_wire(data if isinstance(data, dict) else {})
+    if info.peer_id != sender:
+        raise ValueError(f"an announcement for {info.peer_id[-8:]} sent by {sender[-8:]}")
+    return info
 
 
 class PeerTable:
@@ -123,13 +141,15 @@ class PeerTable:
                 self.update(info)
 
 
-def coverage(servers: Mapping[PeerId, ServerInfo], num_blocks: int) -> list[float]:
-    """Total throughput serving each block (0 marks a gap). Servers are summed in peer-id order so
-    the float sums are the same on every peer."""
+def coverage(
+    servers: Mapping[PeerId, ServerInfo], num_blocks: int, states: tuple[str, ...] = ("online",)
+) -> list[float]:
+    """Total throughput serving each block (0 marks a gap), counting servers in ``states``.
+    Servers are summed in peer-id order so the float sums are the same on every peer."""
     totals = [0.0] * num_blocks
     for peer_id in sorted(servers):
         s = servers[peer_id]
-        if s.state == "online":
+        if s.state in states:
             for b in range(s.start, min(s.end, num_blocks)):
                 totals[b] += s.throughput
     return totals

@@ -13,6 +13,7 @@ table does not add up to the body is refused with :class:`WireError`; the caller
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, NewType
@@ -52,7 +53,12 @@ class WireError(ValueError):
 
 
 class RemoteError(RuntimeError):
-    """The peer answered with an ``error`` frame."""
+    """The peer answered with an ``error`` frame; ``code`` says what kind (``cache_full``,
+    ``bad_request``, ``bad_frame``, ...)."""
+
+    def __init__(self, message: str, code: str = "error"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -100,7 +106,7 @@ def decode_body(body: bytes | bytearray) -> Frame:
     version, kind = header.pop("v", None), header.pop("kind", None)
     if version != PROTOCOL_VERSION:
         raise WireError(f"unsupported protocol version {version!r}; this peer speaks version {PROTOCOL_VERSION}")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise WireError(f"unknown frame kind {kind!r}")
     required, tensor_counts = KINDS[kind]
     missing = [name for name in required if name not in header]
@@ -111,12 +117,13 @@ def decode_body(body: bytes | bytearray) -> Frame:
         raise WireError(f"{kind} frame must carry {' or '.join(map(str, tensor_counts))} tensor(s)")
     tensors, offset = [], 2 + header_length
     for entry in table:
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in WIRE_DTYPES and isinstance(entry[1], list)):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and entry[0] in WIRE_DTYPES and isinstance(entry[1], list)):
             raise WireError(f"bad tensor entry {entry!r}: expected [dtype, shape] with dtype in {', '.join(WIRE_DTYPES)}")
         dtype, shape = WIRE_DTYPES[entry[0]], entry[1]
         if not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape) or len(shape) > 8:
             raise WireError(f"bad tensor shape {shape!r}")
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # exact: no overflow for absurd shapes
         if offset + nbytes > len(body):
             raise WireError(f"tensor of shape {shape} ({entry[0]}) runs past the end of the frame")
         data = bytearray(body[offset : offset + nbytes]) if nbytes else bytearray()
@@ -157,7 +164,7 @@ def error_frame(message: str, code: str = "error") -> Frame:
 def expect(frame: Frame, kind: str) -> Frame:
     """``frame`` if it is of ``kind``; the peer's error as :class:`RemoteError`; else :class:`WireError`."""
     if frame.kind == "error":
-        raise RemoteError(f"{frame.fields.get('message')}")
+        raise RemoteError(str(frame.fields.get("message")), str(frame.fields.get("code", "error")))
     if frame.kind != kind:
         raise WireError(f"expected a {kind} frame, got {frame.kind}")
     return frame

@@ -52,7 +52,9 @@ def _serving(chain, block: int) -> str:
     return next(s.span.peer_id for s in chain.sessions if s.span.start <= block < s.span.end)
 
 
-def test_kill_and_freeze_middle_servers_output_unchanged(tiny6, tmp_path, caplog):
+def test_kill_and_freeze_middle_servers_output_unchanged(tiny6, tmp_path, caplog, monkeypatch):
+    # small replay frames, so a replay is sent as several frames (as a long context would be)
+    monkeypatch.setattr("swarm.p2p.client.REPLAY_FRAME_BYTES", 4096)
     cfg = GenerationConfig(max_new_tokens=40, eos_token_ids=())
     client_model = ClientModel.load(tiny6)
     expected = generate_local(client_model, client_model.encode(PROMPT), cfg)
@@ -148,3 +150,12 @@ def test_concurrent_clients_on_a_small_budget(tiny6, tmp_path):
     assert not errors, errors
     assert len(results) == 8 and all(r == expected for r in results.values())
     assert left[_peer_of(small[0])] == budget, "the small server's cache did not return to its full budget"
+
+
+def test_a_refused_request_fails_at_once_without_banning(tiny6, tmp_path):
+    cfg = GenerationConfig(max_new_tokens=4, num_beams=65, eos_token_ids=())  # servers take batch ≤ 64
+    with running_swarm(tiny6, ["0:6"], tmp_path) as servers:
+        started = time.monotonic()
+        with pytest.raises(SwarmError, match="refused the request: batch must be 1..64"):
+            swarm_generate(tiny6, servers[0].maddr, cfg, wait_timeout=30.0)
+    assert time.monotonic() - started < 15, "a refused request must not wait for a failover"

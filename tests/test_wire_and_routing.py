@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swarm.p2p.routing import NoRouteError, Span, choose_blocks, find_chain
-from swarm.p2p.table import PeerTable, ServerInfo, coverage, gaps, model_id
+from swarm.p2p.table import PeerTable, ServerInfo, coverage, gaps, model_id, parse_announcement
 from swarm.p2p.wire import Frame, WireError, decode_body, encode
 
 
@@ -140,3 +140,33 @@ def test_model_id_depends_on_config_not_file_details(tmp_path):
     b = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 8, "dtype": "bfloat16"})
     c = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 16})
     assert a == b != c and a.startswith("m-")
+
+
+def test_announcements_must_come_from_the_peer_they_describe():
+    info = _server("p", 0, 3)
+    assert parse_announcement(msgpack.packb(info.to_wire()), "p").peer_id == "p"
+    assert parse_announcement(info.to_wire(), "p").end == 3
+    with pytest.raises(ValueError, match="sent by"):
+        parse_announcement(msgpack.packb(info.to_wire()), "q")
+    with pytest.raises(ValueError, match="not valid msgpack"):
+        parse_announcement(b"\xc1\xc1", "p")
+    with pytest.raises(ValueError, match="malformed"):
+        parse_announcement(msgpack.packb([1, 2]), "p")
+
+
+def test_bad_throughputs_are_refused_and_joining_servers_count_for_block_choice():
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="malformed"):
+            ServerInfo.from_wire({**_server("p", 0, 3).to_wire(), "throughput": bad})
+    assert choose_blocks(_table(_server("a", 0, 2, state="joining")), 6, 2) == 2
+    with pytest.raises(NoRouteError):
+        find_chain(_table(_server("a", 0, 4)), 4, start=0, end=6)
+
+
+def test_odd_headers_are_wire_errors():
+    for header in ({"v": 1, "kind": [1], "tensors": []},
+                   {"v": 1, "kind": "result", "tensors": [[["x"], [1]]]},
+                   {"v": 1, "kind": "result", "tensors": [["float32", [65536] * 4]]},
+                   {"v": 1, "kind": "result", "tensors": [["float32", [2**31 - 1] * 8]]}):
+        with pytest.raises(WireError):
+            decode_body(_body(header))
