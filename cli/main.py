@@ -196,6 +196,8 @@ def generate(
         tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
     else:
         from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
+        from swarm.p2p.host import P2PError
+        from swarm.p2p.wire import RemoteError, WireError
         from swarm.p2p.routing import NoRouteError
         from swarm.p2p.table import model_id
 
@@ -204,7 +206,7 @@ def generate(
         try:
             model_name = model_id(client.path, client.checkpoint.raw_config)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)
-        except (SwarmError, NoRouteError, TimeoutError) as exc:
+        except (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError) as exc:
             if stream is not None and stream.printed:
                 write("\n")
             _fail(str(exc) or type(exc).__name__)

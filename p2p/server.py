@@ -35,7 +35,7 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.routing import choose_blocks
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
-from swarm.p2p.wire import DEFAULT_MAX_FRAME, Frame, WireError, error_frame, read_frame, write_frame
+from swarm.p2p.wire import DEFAULT_MAX_FRAME, Frame, RemoteError, WireError, error_frame, read_frame, write_frame
 
 log = logging.getLogger("swarm.server")
 
@@ -145,8 +145,10 @@ class BlockServer:
                 info = reply["info"]
                 if info.get("model") != self.model:
                     raise ValueError(f"{maddr} serves model {info.get('model')}, not {self.model}")
-                self.table.merge(info.get("table", []))
-            except (P2PError, WireError, ValueError, KeyError) as exc:
+                self.table.merge([info, *(info.get("table") or [])])
+                for known in self.table.snapshot().values():
+                    self.host.add_addrs(known.peer_id, list(known.addrs))
+            except (P2PError, WireError, RemoteError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 errors.append(f"{maddr}: {exc}")
         if self.cfg.initial_peers and len(errors) == len(self.cfg.initial_peers):
             raise ConnectionError("could not join the swarm through any initial peer:\n  " + "\n  ".join(errors))
@@ -154,6 +156,8 @@ class BlockServer:
             log.warning("initial peer skipped: %s", err)
 
     def _auto_range(self) -> tuple[int, int]:
+        if self.cfg.num_blocks is not None and self.cfg.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be at least 1, got {self.cfg.num_blocks}")
         count = self.cfg.num_blocks or max(1, self.num_blocks // 3)
         others = {p: s for p, s in self.table.snapshot().items() if p != self.host.peer_id}
         start = choose_blocks(others, self.num_blocks, count)
@@ -193,6 +197,7 @@ class BlockServer:
             cache_tokens_left=self.budget.tokens_left,
             version=__version__,
             public_name=self.cfg.public_name,
+            period=self.cfg.announce_period,
             received=time.monotonic(),
         )
 
@@ -354,6 +359,13 @@ class BlockServer:
             if frame.kind != kind:
                 raise WireError(f"expected a {kind} frame, got {frame.kind}")
             blocks = self._check_range(frame["start"], frame["end"])
+            hidden = frame.tensors[0]
+            tokens = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else 0
+            if hidden.dim() == 3 and (hidden.shape[0] > self.cfg.max_batch or tokens > self.cfg.cache_tokens):
+                raise ValueError(
+                    f"a {kind} pass takes at most batch {self.cfg.max_batch} and {self.cfg.cache_tokens} tokens "
+                    f"here, got {list(hidden.shape[:2])}; split it"
+                )
             result = await self._compute(fn, blocks, *frame.tensors)
             await write_frame(stream, Frame("result", {}, [result]), timeout=self.cfg.request_timeout)
         except WireError as exc:

@@ -53,6 +53,7 @@ class ServerInfo:
     cache_tokens_left: int = 0
     version: str = __version__
     public_name: str = ""
+    period: float = 5.0  # seconds between this server's announcements (its entry expires after 3)
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     def to_wire(self) -> dict:
@@ -77,11 +78,13 @@ class ServerInfo:
                 cache_tokens_left=int(data.get("cache_tokens_left", 0)),
                 version=str(data.get("version", "")),
                 public_name=str(data.get("public_name", ""))[:64],
+                period=float(data.get("period", 5.0)),
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
-        if info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf:
+        if (info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
+                or not 0 < info.period <= 3600):
             raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
         return info
 
@@ -106,7 +109,7 @@ class PeerTable:
 
     def __init__(self, model: str, num_blocks: int, period: float, expiry_periods: float = 3.0):
         self.model, self.num_blocks = model, num_blocks
-        self.period, self.expiry = period, period * expiry_periods
+        self.period, self.expiry_periods = period, expiry_periods
         self._servers: dict[PeerId, ServerInfo] = {}
 
     def update(self, info: ServerInfo) -> bool:
@@ -126,13 +129,21 @@ class PeerTable:
     def snapshot(self, now: float | None = None) -> dict[PeerId, ServerInfo]:
         """The live entries (expired ones are dropped first)."""
         now = time.monotonic() if now is None else now
-        for peer_id in [p for p, s in self._servers.items() if now - s.received > self.expiry]:
+        # each entry lives ``expiry_periods`` of its server's own announce period (at least ours)
+        for peer_id in [
+            p for p, s in self._servers.items() if now - s.received > self.expiry_periods * max(s.period, self.period)
+        ]:
             del self._servers[peer_id]
         return dict(self._servers)
 
     def merge(self, infos: list[dict], now: float | None = None) -> None:
-        """Seed from another peer's table (on joining); newer local entries win."""
+        """Seed from another peer's table (on joining); newer local entries win; malformed entries
+        are skipped."""
+        if not isinstance(infos, list):
+            return
         for data in infos:
+            if not isinstance(data, dict):
+                continue
             try:
                 info = ServerInfo.from_wire(data, received=time.monotonic() if now is None else now)
             except ValueError:

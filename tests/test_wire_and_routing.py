@@ -115,13 +115,16 @@ def test_no_route_names_the_missing_blocks():
 
 def test_peer_table_expiry_offline_and_gaps():
     table = PeerTable("m", 30, period=1.0)
-    table.update(_server("a", 0, 10))
-    table.update(ServerInfo("b", (), "m", 10, 30, received=2.5))
+    table.update(ServerInfo("a", (), "m", 0, 10, period=1.0, received=0.0))
+    table.update(ServerInfo("b", (), "m", 10, 30, period=1.0, received=2.5))
+    table.update(ServerInfo("slow", (), "m", 0, 5, period=10.0, received=0.0))
     assert not table.update(ServerInfo("x", (), "other-model", 0, 5))
-    assert set(table.snapshot(now=2.0)) == {"a", "b"}
-    assert set(table.snapshot(now=3.5)) == {"b"}, "a was last heard 3.5 s ago: more than 3 periods"
+    assert set(table.snapshot(now=2.0)) == {"a", "b", "slow"}
+    assert set(table.snapshot(now=3.5)) == {"b", "slow"}, "a was last heard 3.5 s ago: more than 3 of its periods"
+    assert set(table.snapshot(now=31.0)) == set(), "slow announces every 10 s: gone after 30 s"
+    table.update(ServerInfo("b", (), "m", 10, 30, period=1.0, received=31.0))
     table.update(ServerInfo("b", (), "m", 10, 30, state="offline"))
-    assert table.snapshot(now=3.5) == {}
+    assert table.snapshot(now=31.5) == {}
     assert gaps(_table(_server("a", 0, 10), _server("c", 20, 25)), 30) == [(10, 20), (25, 30)]
     assert coverage(_table(_server("a", 0, 2, throughput=1.5), _server("b", 1, 3, throughput=2)), 3) == [1.5, 3.5, 2.0]
 
