@@ -527,6 +527,13 @@ class Host:
         try:
             return await self._lp.new_stream(peer, [TProtocol(protocol)])
         except StreamFailure as exc:
+            # py-libp2p 0.8.1 sometimes fails the negotiation of a new stream right after another
+            # stream on the same connection was reset (seen under load); one more try succeeds.
+            # A peer that really does not speak the protocol fails the second try too.
+            try:
+                return await self._lp.new_stream(peer, [TProtocol(protocol)])
+            except StreamFailure:
+                pass
             raise PeerUnreachableError(f"open {protocol} to {peer}: protocol negotiation failed ({exc})") from exc
         except Exception as exc:
             raise PeerUnreachableError(f"open {protocol} to {peer}: {type(exc).__name__}: {exc}") from exc
