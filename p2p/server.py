@@ -179,9 +179,6 @@ class BlockServer:
         await self.host.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def wait_closed(self) -> None:
-        await self._stopped.wait()
-
     # ---- announcements ---------------------------------------------------------------------
 
     def info(self) -> ServerInfo:

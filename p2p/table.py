@@ -13,7 +13,7 @@ import math
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -180,7 +180,3 @@ def gaps(servers: Mapping[PeerId, ServerInfo], num_blocks: int) -> list[tuple[in
             out.append((start, b))
             start = None
     return out
-
-
-def with_state(info: ServerInfo, **changes) -> ServerInfo:
-    return replace(info, **changes)
