@@ -105,8 +105,9 @@ class SessionKV:
         self.batch = batch
         self.max_length = max_length
         self.length = 0
-        self.keys = [torch.empty(batch, s.num_kv_heads, max_length, s.head_dim, dtype=dtype, device=device) for s in layers]
-        self.values = [torch.empty_like(k) for k in self.keys]
+        # zeros: decoding attends over whole buckets of positions, the unwritten ones included
+        self.keys = [torch.zeros(batch, s.num_kv_heads, max_length, s.head_dim, dtype=dtype, device=device) for s in layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
         self._closed = False
 
     @property

@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
@@ -79,6 +80,10 @@ class PeerUnreachableError(P2PError):
 
 class DialTimeoutError(PeerUnreachableError, P2PTimeoutError):
     """A dial (or stream negotiation) timed out: both unreachable and a timeout."""
+
+
+class MessageTooLargeError(P2PError):
+    """A length-prefixed message announced more bytes than the reader accepts."""
 
 
 class StreamClosedError(P2PError):
@@ -219,6 +224,13 @@ class Stream:
         whole call."""
         return await self._bridge.call(self._read_exactly, n, timeout=timeout, what=self._what("read from"))
 
+    async def read_message(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """One message framed by a big-endian u32 length, read in a single call to the libp2p
+        thread (the prefix and the body together). Raises :class:`MessageTooLargeError` when the
+        prefix announces more than ``max_bytes`` (the body is left unread: reset or close the
+        stream), StreamClosedError if the stream ends first."""
+        return await self._bridge.call(self._read_message, max_bytes, timeout=timeout, what=self._what("read from"))
+
     async def write(self, data: bytes, timeout: float | None = None) -> None:
         """Write all of ``data`` (any bytes-like object), waiting for the peer's flow-control window."""
         await self._bridge.call(self._write, data, timeout=timeout, what=self._what("write to"))
@@ -262,6 +274,12 @@ class Stream:
             except StreamClosedError as exc:
                 raise StreamClosedError(f"{exc} after {len(buf)} of {n} bytes") from None
         return bytes(buf)
+
+    async def _read_message(self, max_bytes: int) -> bytes:
+        (length,) = struct.unpack(">I", await self._read_exactly(4))
+        if length > max_bytes:
+            raise MessageTooLargeError(f"a message of {length} bytes exceeds the maximum of {max_bytes} bytes")
+        return await self._read_exactly(length)
 
     async def _write(self, data) -> None:
         with _stream_errors(self._what("write to")):

@@ -21,6 +21,8 @@ from typing import Any, NewType
 import msgpack
 import torch
 
+from swarm.p2p.host import MessageTooLargeError
+
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 256 * 2**20  # 256 MiB: a 2048-token prefill of an 8192-wide model in float32 is 64 MiB
 
@@ -149,11 +151,10 @@ async def write_frame(stream, frame: Frame, timeout: float | None = None) -> Non
 async def read_frame(stream, timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
     """Read one frame. Raises :class:`WireError` for a bad frame, the host's StreamClosedError at EOF,
     P2PTimeoutError when nothing complete arrives within ``timeout``."""
-    prefix = await stream.read_exactly(4, timeout=timeout)
-    (length,) = struct.unpack(">I", prefix)
-    if length > max_frame:
-        raise WireError(f"frame of {length} bytes exceeds the maximum of {max_frame} bytes")
-    body = await stream.read_exactly(length, timeout=timeout)
+    try:
+        body = await stream.read_message(max_frame, timeout=timeout)
+    except MessageTooLargeError as exc:
+        raise WireError(str(exc).replace("message", "frame")) from None
     return decode_body(body)
 
 
