@@ -124,6 +124,12 @@ class SessionKV:
                 f"cached and {seq_len} more do not fit; open the session with a larger max_length"
             )
 
+    def rewind(self, length: int) -> None:
+        """Forget the positions from ``length`` on (they are overwritten by the next step)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} positions to {length}")
+        self.length = length
+
     def advance(self, seq_len: int) -> None:
         self.length += seq_len
 

@@ -154,6 +154,9 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with token ids and text.")] = False,
     initial_peers: InitialPeersOpt = None,
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
+    push: Annotated[
+        bool, typer.Option("--push/--no-push", help="Servers pass each step straight to the next server of the chain.")
+    ] = True,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")
     ] = 30.0,
@@ -202,7 +205,9 @@ def generate(
         from swarm.p2p.table import model_id
 
         _setup_logging(False)  # recoveries from failed servers are reported on stderr
-        ccfg = ClientConfig(initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout)
+        ccfg = ClientConfig(
+            initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
+        )
         try:
             model_name = model_id(client.path, client.checkpoint.raw_config)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)

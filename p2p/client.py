@@ -39,6 +39,7 @@ class ClientConfig:
     step_timeout: float = 60.0
     wait_timeout: float = 30.0  # how long to wait for servers covering every block
     ban_seconds: float = 15.0  # a failed server is avoided this long (doubling on repeated failures)
+    push: bool = True  # servers hand each step's output straight to the next server of the chain
     announce_period: float = 5.0
 
 
@@ -188,6 +189,7 @@ class SpanFailure(Exception):
 class SpanSession:
     span: Span
     stream: object
+    session_id: str = ""
     history: SpanHistory = field(default_factory=SpanHistory)
 
 
@@ -199,6 +201,11 @@ class RemoteChain:
     sent to each span are kept (:class:`~swarm.cache.history.SpanHistory`); when a span's server
     fails, the client bans it, finds the best chain for exactly that span's blocks, replays the
     history there step by step (one frame) and continues; the other servers keep their caches.
+
+    With ``push`` (the default), a step goes to the first server only, with the route onwards;
+    each server passes its output to the next itself and reports having done so, so the client
+    only reads the outputs (one step id for the whole chain). Where a server could not push (the
+    first step to a peer, a failure), the client sends that server the step as before.
     """
 
     def __init__(self, client: SwarmClient, spans: list[Span], batch: int, max_length: int):
@@ -232,27 +239,53 @@ class RemoteChain:
             stream = await self.client.host.open_stream(span.peer_id, protocols.INFERENCE, timeout=timeout)
             fields = {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length}
             await write_frame(stream, Frame("open", fields), timeout=timeout)
-            expect(await read_frame(stream, timeout=timeout), "opened")
-            return SpanSession(span, stream)
+            opened = expect(await read_frame(stream, timeout=timeout), "opened")
+            return SpanSession(span, stream, str(opened.fields.get("session_id", "")))
         except (P2PError, WireError, RemoteError) as exc:
             if stream is not None:
                 await stream.reset()
             raise _refused(span.peer_id, exc) from exc
 
     async def _send(self, session: SpanSession, hidden, hypo_ids, position: int, chunks=None) -> torch.Tensor:
+        step_id = uuid.uuid4().hex[:16]
+        await self._write_step(session, hidden, hypo_ids, position, step_id, chunks=chunks)
+        return (await self._read_output(session, step_id, hidden.shape))[0]
+
+    async def _write_step(self, session: SpanSession, hidden, hypo_ids, position: int, step_id: str, chunks=None, route=None) -> None:
         tensors = [hidden] if hypo_ids is None else [hidden, hypo_ids.to(torch.int64)]
-        fields = {"step_id": uuid.uuid4().hex[:16], "position": position}
+        fields = {"step_id": step_id, "position": position}
         if chunks is not None:
             fields["chunks"] = chunks
+        if route:
+            fields["route"] = route
+        try:
+            await write_frame(session.stream, Frame("step", fields, tensors), timeout=self.client.cfg.step_timeout)
+        except (P2PError, WireError) as exc:
+            raise _refused(session.span.peer_id, exc) from exc
+
+    async def _read_output(self, session: SpanSession, step_id: str, shape) -> tuple[torch.Tensor, bool]:
+        """The output of step ``step_id`` from ``session``'s server (skipping a late duplicate of
+        an earlier step's), and whether that server pushed it on to the next server."""
         timeout = self.client.cfg.step_timeout
         try:
-            await write_frame(session.stream, Frame("step", fields, tensors), timeout=timeout)
-            out = expect(await read_frame(session.stream, timeout=timeout), "output").tensors[0]
+            while True:
+                frame = expect(await read_frame(session.stream, timeout=timeout), "output")
+                if frame.fields.get("step_id") == step_id:
+                    break
+            if not frame.tensors:
+                raise WireError("an output frame without hidden states")
         except (P2PError, WireError, RemoteError) as exc:
             raise _refused(session.span.peer_id, exc) from exc
-        if out.shape != hidden.shape:
-            raise SpanFailure(session.span.peer_id, WireError(f"output shape {list(out.shape)} != input {list(hidden.shape)}"))
-        return out
+        out = frame.tensors[0]
+        if out.shape != shape:
+            raise SpanFailure(session.span.peer_id, WireError(f"output shape {list(out.shape)} != input {list(shape)}"))
+        return out, frame.fields.get("pushed") is True
+
+    def _route_after(self, i: int) -> list[dict] | None:
+        """The servers after span ``i``, for the push of a step along the chain."""
+        if not self.client.cfg.push:
+            return None
+        return [{"peer": s.span.peer_id, "session": s.session_id} for s in self.sessions[i + 1 :] if s.session_id] or None
 
     async def _replay(self, session: SpanSession, inputs: torch.Tensor, chunks: list[int]) -> torch.Tensor:
         """Run ``inputs`` (split into the original ``chunks``) on a fresh session, in as few frames
@@ -277,10 +310,14 @@ class RemoteChain:
             raise SwarmError("this inference chain failed earlier; open a new one")
         self._broken = True
         dtype, x, i = hidden.dtype, hidden, 0
+        step_id = uuid.uuid4().hex[:16]
+        delivered = False  # whether the previous server pushed this step to sessions[i]
         while i < len(self.sessions):
             session = self.sessions[i]
             try:
-                out = await self._send(session, x, hypo_ids, self.position)
+                if not delivered:
+                    await self._write_step(session, x, hypo_ids, self.position, step_id, route=self._route_after(i))
+                out, delivered = await self._read_output(session, step_id, x.shape)
             except SpanFailure as failure:
                 self.client.ban(failure.peer_id)
                 await session.stream.reset()
@@ -288,7 +325,7 @@ class RemoteChain:
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
                 self.sessions[i : i + 1] = replacement
                 i += len(replacement)
-                x = out[:, -hidden.shape[1] :]
+                x, delivered = out[:, -hidden.shape[1] :], False
                 continue
             self.client.unban(session.span.peer_id)
             session.history.record(x, hypo_ids)

@@ -6,6 +6,7 @@ from swarm.p2p.wire import Frame, read_frame, write_frame
 
 INFO = "/swarm/info/1.0.0"
 INFERENCE = "/swarm/inference/1.0.0"
+PUSH = "/swarm/push/1.0.0"  # a server hands a step's output to the next server of the chain
 FORWARD = "/swarm/forward/1.0.0"
 BACKWARD = "/swarm/backward/1.0.0"
 

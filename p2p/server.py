@@ -6,7 +6,14 @@ Protocols (see :mod:`swarm.p2p.protocols`):
 - ``inference``: one stream per session — ``open`` (range, batch, max_length; the KV cache is
   allocated from the shared budget, or ``cache_full`` is answered at once), then ``step`` frames
   (hidden states and the global position of their first token), then an explicit ``close``. A
-  stream that ends without ``close`` is a failure (a killed peer looks like a clean end of stream);
+  stream that ends without ``close`` is a failure (a killed peer looks like a clean end of stream).
+  A step may carry a ``route`` (the next servers of the client's chain and their session ids):
+  the server then hands its output straight to the next one over ``push`` and tells the client
+  it did (``pushed`` in the output frame), so a token costs one message per server instead of a
+  round trip through the client per server; the client still gets every output (its history
+  for failover) and sends a step itself wherever a push did not happen;
+- ``push``: steps from the previous server of a chain, fed into the named session's inbox, where
+  they meet the client's own frames (a step seen twice is answered from the last step);
 - ``forward`` / ``backward``: stateless passes over a sub-range (backward returns the gradient
   with respect to the input hidden states; weights are frozen).
 
@@ -74,6 +81,34 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
     return start, end
 
 
+PUSH_TIMEOUT = 10.0
+
+
+@dataclass(eq=False)
+class _Session:
+    """An open inference session: its blocks, KV cache, inbox of steps (from the client's stream
+    and pushed by the previous server) and the last step run (to answer a repeat of it)."""
+
+    id: str
+    blocks: BlockRange
+    kv: object
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    last_step: str | None = None
+    last_position: int = -1
+    last_input: torch.Tensor | None = None
+    last_output: torch.Tensor | None = None
+    last_reordered: bool = False
+
+
+@dataclass(eq=False)
+class _PushLink:
+    """A stream to the next server of chains, for pushed steps (one writer at a time)."""
+
+    stream: object = None
+    connecting: asyncio.Task | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class BlockServer:
     """One running server. Create with :meth:`start`, stop with :meth:`stop`."""
 
@@ -87,6 +122,8 @@ class BlockServer:
         self.state = "joining"
         self.throughput = 0.0
         self.sessions: dict[str, float] = {}  # session id -> opened at (monotonic)
+        self._live: dict[str, _Session] = {}
+        self._push_links: dict[str, _PushLink] = {}
         # block computation: one call at a time, off the event loop (see MainThreadExecutor)
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
         self._tasks: list[asyncio.Task] = []
@@ -121,6 +158,7 @@ class BlockServer:
                 server._executor, cached_block_throughput, model, server.blocks
             )
             host.set_stream_handler(protocols.INFERENCE, server._handle_inference)
+            host.set_stream_handler(protocols.PUSH, server._handle_push)
             host.set_stream_handler(protocols.FORWARD, server._handle_forward)
             host.set_stream_handler(protocols.BACKWARD, server._handle_backward)
             server.state = "online"
@@ -295,7 +333,8 @@ class BlockServer:
             pass
 
     async def _handle_inference(self, stream) -> None:
-        kv, session_id = None, None
+        session = None
+        reader = None
         try:
             opening = await read_frame(stream, timeout=self.cfg.request_timeout, max_frame=1 << 16)
             if opening.kind != "open":
@@ -304,36 +343,39 @@ class BlockServer:
             batch, max_length = opening["batch"], opening["max_length"]
             if not (isinstance(batch, int) and 1 <= batch <= self.cfg.max_batch and isinstance(max_length, int)):
                 raise ValueError(f"batch must be 1..{self.cfg.max_batch} and max_length an integer")
-            kv = blocks.open_session(batch, max_length, budget=self.budget)
-            session_id = uuid.uuid4().hex
-            self.sessions[session_id] = time.monotonic()
+            session = _Session(uuid.uuid4().hex, blocks, blocks.open_session(batch, max_length, budget=self.budget))
+            self.sessions[session.id] = time.monotonic()
+            self._live[session.id] = session
             self._cache_changed.set()
-            await write_frame(stream, Frame("opened", {"session_id": session_id}), timeout=self.cfg.request_timeout)
-            last_step, last_output = None, None
+            await write_frame(stream, Frame("opened", {"session_id": session.id}), timeout=self.cfg.request_timeout)
+            reader = asyncio.create_task(self._read_client(stream, session.inbox))
             while True:
-                lifetime_left = self.sessions[session_id] + self.cfg.session_timeout - time.monotonic()
+                lifetime_left = self.sessions[session.id] + self.cfg.session_timeout - time.monotonic()
                 if lifetime_left <= 0:
                     raise ValueError(f"session timeout: sessions last at most {self.cfg.session_timeout:g} s here")
-                timeout = min(self.cfg.step_timeout, lifetime_left)
-                frame = await read_frame(stream, timeout=timeout, max_frame=self.cfg.max_frame)
+                try:
+                    source, frame = await asyncio.wait_for(session.inbox.get(), min(self.cfg.step_timeout, lifetime_left))
+                except asyncio.TimeoutError:
+                    raise P2PTimeoutError("idle") from None
+                if isinstance(frame, BaseException):
+                    raise frame
                 if frame.kind == "close":
                     await write_frame(stream, Frame("closed"), timeout=self.cfg.request_timeout)
                     return
                 if frame.kind != "step":
                     raise WireError(f"expected a step or close frame, got {frame.kind}")
-                if frame["step_id"] == last_step and last_output is not None:  # a retried step: same answer
-                    output = last_output
-                else:
-                    if frame["position"] != kv.length:
-                        raise ValueError(
-                            f"step starts at position {frame['position']} but this session has {kv.length} positions cached"
-                        )
-                    hidden = frame.tensors[0]
-                    hypo_ids = frame.tensors[1] if len(frame.tensors) > 1 else None
-                    chunks = _check_chunks(frame.fields.get("chunks"), hidden)
-                    output = await self._compute(_run_steps, blocks, hidden, kv, hypo_ids, chunks)
-                    last_step, last_output = frame["step_id"], output
-                await write_frame(stream, Frame("output", {"step_id": frame["step_id"]}, [output]), timeout=self.cfg.request_timeout)
+                try:
+                    output, fresh = await self._step(session, frame)
+                except (ValueError, TypeError, RuntimeError, WireError) as exc:
+                    if source == "client":
+                        raise
+                    log.warning("ignored a pushed step for session %s: %s", session.id[:8], exc)
+                    continue
+                if not fresh and source == "push":
+                    continue  # the client sent this step itself first and has its output
+                pushed = fresh and await self._push_step(frame, output)
+                reply = Frame("output", {"step_id": frame["step_id"], "pushed": pushed}, [output])
+                await write_frame(stream, reply, timeout=self.cfg.request_timeout)
         except CacheFullError as exc:
             await self._reply_error(stream, exc, "cache_full")
         except WireError as exc:
@@ -345,10 +387,104 @@ class BlockServer:
         except StreamClosedError:
             log.info("client %s left an inference session without closing it", stream.remote_peer_id[:12])
         finally:
-            if kv is not None:
-                kv.close()
-                self.sessions.pop(session_id, None)
+            if reader is not None:
+                reader.cancel()
+            if session is not None:
+                session.kv.close()
+                self.sessions.pop(session.id, None)
+                self._live.pop(session.id, None)
                 self._cache_changed.set()
+
+    async def _read_client(self, stream, inbox: asyncio.Queue) -> None:
+        """The client's frames into the session's inbox (where pushed steps also arrive); the
+        first error (a bad frame, the stream ending) is put there too, and ends the reading."""
+        while True:
+            try:
+                frame = await read_frame(stream, timeout=None, max_frame=self.cfg.max_frame)
+            except (WireError, P2PError) as exc:
+                inbox.put_nowait(("client", exc))
+                return
+            inbox.put_nowait(("client", frame))
+
+    async def _step(self, session: _Session, frame: Frame) -> tuple[torch.Tensor, bool]:
+        """Run a step frame on ``session``; returns (output, whether it was computed now). A step
+        seen already (same step id and input: the client's copy of a pushed step, or a retry)
+        gets its output again; the same step id with another input (an upstream server was
+        replaced and computed it anew) rewinds the cache and recomputes."""
+        if not frame.tensors:
+            raise ValueError("a step frame carries the hidden states")
+        hidden = frame.tensors[0]
+        hypo_ids = frame.tensors[1] if len(frame.tensors) > 1 else None
+        kv = session.kv
+        if frame["step_id"] == session.last_step and frame["position"] == session.last_position:
+            if torch.equal(hidden, session.last_input):
+                return session.last_output, False
+            if session.last_reordered:
+                raise ValueError("this step was already run with other inputs and reordered the cache; reopen the session")
+            kv.rewind(session.last_position)
+        if frame["position"] != kv.length:
+            raise ValueError(f"step starts at position {frame['position']} but this session has {kv.length} positions cached")
+        chunks = _check_chunks(frame.fields.get("chunks"), hidden)
+        output = await self._compute(_run_steps, session.blocks, hidden, kv, hypo_ids, chunks)
+        session.last_step, session.last_position = frame["step_id"], frame["position"]
+        session.last_input, session.last_output = hidden, output
+        session.last_reordered = hypo_ids is not None
+        return output, True
+
+    async def _handle_push(self, stream) -> None:
+        """Steps pushed by the previous server of a chain, for sessions held here. Unknown sessions
+        (closed meanwhile) are skipped: their clients learn it from their own streams."""
+        try:
+            while True:
+                frame = await read_frame(stream, timeout=self.cfg.session_timeout, max_frame=self.cfg.max_frame)
+                if frame.kind != "step" or not isinstance(frame.fields.get("session"), str):
+                    raise WireError(f"expected a step frame naming a session, got {frame.kind}")
+                session = self._live.get(frame["session"])
+                if session is None:
+                    log.debug("a pushed step for unknown session %s: skipped", str(frame["session"])[:8])
+                    continue
+                session.inbox.put_nowait(("push", frame))
+        except WireError as exc:
+            await self._reply_error(stream, exc, "bad_frame")
+        except (P2PTimeoutError, StreamClosedError):
+            pass
+
+    async def _push_step(self, frame: Frame, output: torch.Tensor) -> bool:
+        """Send ``output`` straight to the next server of the step's route (so the chain needs no
+        round trip through the client per server); False if there is none or it cannot be reached
+        now (the client then sends it). The first push to a peer only starts connecting."""
+        route = frame.fields.get("route")
+        if not route or not isinstance(route, list) or not isinstance(route[0], dict):
+            return False
+        nxt = route[0]
+        peer, session = nxt.get("peer"), nxt.get("session")
+        if not (isinstance(peer, str) and isinstance(session, str)):
+            return False
+        link = self._push_links.get(peer)
+        if link is None:
+            self._push_links[peer] = link = _PushLink()
+            link.connecting = asyncio.create_task(self._connect_push(peer, link))
+            return False
+        if link.stream is None:
+            return False
+        fields = {"session": session, "step_id": frame["step_id"], "position": frame["position"], "route": route[1:]}
+        tensors = [output] + list(frame.tensors[1:2])  # hypo_ids travel along
+        try:
+            async with link.lock:
+                await write_frame(link.stream, Frame("step", fields, tensors), timeout=PUSH_TIMEOUT)
+            return True
+        except P2PError as exc:
+            log.info("push to %s failed (%s); the client sends that step itself", peer[:12], exc)
+            self._push_links.pop(peer, None)
+            await link.stream.reset()
+            return False
+
+    async def _connect_push(self, peer: str, link: _PushLink) -> None:
+        try:
+            link.stream = await self.host.open_stream(peer, protocols.PUSH, timeout=PUSH_TIMEOUT)
+        except P2PError as exc:
+            log.info("cannot push to %s: %s", peer[:12], exc)
+            self._push_links.pop(peer, None)
 
     async def _stateless(self, stream, kind: str, fn) -> None:
         try:

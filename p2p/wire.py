@@ -70,7 +70,10 @@ class Frame:
     tensors: list[torch.Tensor] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> Any:
-        return self.fields[name]
+        try:
+            return self.fields[name]
+        except KeyError:
+            raise WireError(f"a {self.kind} frame needs the field {name!r}") from None
 
 
 def encode(frame: Frame) -> list[bytes | memoryview]:

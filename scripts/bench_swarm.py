@@ -4,7 +4,8 @@
    hidden-state tensor of 16 KB and of 32 MB is sent and echoed back. Prints round trip and MB/s.
 2. Decode: the same greedy generation (prompt of 16 tokens, N new tokens) run locally and through
    3 `swarm serve` processes on loopback, each holding a third of the blocks. Prints the median
-   per-token time of both and their ratio, for the default model and the random 1.1B Llama.
+   per-token time of both and their ratio, for the default model and the random 1.1B Llama, with
+   the servers' default thread count and one thread, with and without server-to-server push.
 
     python scripts/bench_swarm.py [--tokens 48] [--models default,1.1b] [--dtype bfloat16]
 """
@@ -99,7 +100,7 @@ def start_servers(path: Path, dtype: str, home: str, threads: int | None) -> tup
     return procs, first
 
 
-def decode_bench(path: Path, dtype_name: str, tokens: int, threads: int | None) -> tuple[float, float]:
+def decode_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, push: bool) -> tuple[float, float]:
     dtype = parse_dtype(dtype_name)
     ckpt = Checkpoint(path)
     head = ckpt.load_head(dtype)
@@ -113,7 +114,7 @@ def decode_bench(path: Path, dtype_name: str, tokens: int, threads: int | None) 
         try:
             client = SimpleNamespace(head=head, checkpoint=ckpt)
             model = model_id(path, ckpt.raw_config)
-            cfg = ClientConfig(initial_peers=[first])
+            cfg = ClientConfig(initial_peers=[first], push=push)
             stamps: list[float] = []
             generate_swarm(client, model, prompt, GenerationConfig(max_new_tokens=tokens), cfg,
                            on_token=lambda _: stamps.append(time.perf_counter()))
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--models", default="default,1.1b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", default="default,1", help="servers' --threads settings to compare")
+    parser.add_argument("--push", default="on,off", help="server-to-server push settings to compare")
     args = parser.parse_args()
 
     print("wire (TCP + Noise + yamux, loopback, one frame out and echoed back):")
@@ -139,13 +141,17 @@ def main() -> None:
         print(f"  {label:>6} hidden-state frame: round trip {rtt_ms:8.2f} ms, {mbps:8.1f} MB/s")
     paths = {"default": ("SmolLM2-135M", ensure_default_model), "1.1b": ("Llama-1.1B (random)", random_1b_checkpoint)}
     print(f"\ndecode, {args.dtype}, median per-token time over {args.tokens} tokens, 3 loopback servers:")
-    print(f"  {'model':<22}{'server threads':>15}{'local ms':>10}{'swarm ms':>10}{'swarm/local':>13}")
+    print(f"  {'model':<22}{'server threads':>15}{'push':>6}{'local ms':>10}{'swarm ms':>10}{'swarm/local':>13}")
     for key in args.models.split(","):
         name, get_path = paths[key]
         for threads in args.threads.split(","):
-            n = None if threads == "default" else int(threads)
-            local, swarm = decode_bench(get_path(), args.dtype, args.tokens, n)
-            print(f"  {name:<22}{threads:>15}{local * 1e3:>10.2f}{swarm * 1e3:>10.2f}{swarm / local:>13.2f}", flush=True)
+            for push in args.push.split(","):
+                n = None if threads == "default" else int(threads)
+                local, swarm = decode_bench(get_path(), args.dtype, args.tokens, n, push == "on")
+                print(
+                    f"  {name:<22}{threads:>15}{push:>6}{local * 1e3:>10.2f}{swarm * 1e3:>10.2f}{swarm / local:>13.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
