@@ -70,6 +70,12 @@ PING_BYTES = 32
 START_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0  # for a graceful stream close or reset
 HEARTBEAT_S = 1  # gossipsub heartbeat: meshes form within a second or two on loopback
+
+# py-libp2p's yamux sends a window update after every read by default, so each message costs a
+# second one back (sent before the read returns, handled by the sender's thread). Go-yamux's rule
+# instead: an update once half the window is consumed. Measured here: a 1 KB frame's write call
+# takes 0.23 ms instead of 0.5 ms. Read when yamux reads, so a user's own setting still wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 OUTBOUND_QUEUE = 4096  # RPCs queued per pubsub peer before drops (py-libp2p: 32)
 MAX_PUBLISH_BYTES = (1 << 20) - (16 << 10)  # pubsub drops RPCs over 1 MiB; leave room for signature etc.
 

@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 from safetensors.torch import save_file
 

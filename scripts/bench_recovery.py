@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
