@@ -82,6 +82,7 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
 
 
 PUSH_TIMEOUT = 10.0
+INBOX_FRAMES = 8  # steps queued per session; beyond that its client stream (or pusher) waits
 
 
 @dataclass(eq=False)
@@ -92,7 +93,7 @@ class _Session:
     id: str
     blocks: BlockRange
     kv: object
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(INBOX_FRAMES))
     last_step: str | None = None
     last_position: int = -1
     last_input: torch.Tensor | None = None
@@ -402,9 +403,9 @@ class BlockServer:
             try:
                 frame = await read_frame(stream, timeout=None, max_frame=self.cfg.max_frame)
             except (WireError, P2PError) as exc:
-                inbox.put_nowait(("client", exc))
+                await inbox.put(("client", exc))
                 return
-            inbox.put_nowait(("client", frame))
+            await inbox.put(("client", frame))
 
     async def _step(self, session: _Session, frame: Frame) -> tuple[torch.Tensor, bool]:
         """Run a step frame on ``session``; returns (output, whether it was computed now). A step
@@ -443,7 +444,10 @@ class BlockServer:
                 if session is None:
                     log.debug("a pushed step for unknown session %s: skipped", str(frame["session"])[:8])
                     continue
-                session.inbox.put_nowait(("push", frame))
+                try:
+                    await asyncio.wait_for(session.inbox.put(("push", frame)), PUSH_TIMEOUT)
+                except asyncio.TimeoutError:
+                    log.warning("session %s takes no more steps: a pushed step dropped", session.id[:8])
         except WireError as exc:
             await self._reply_error(stream, exc, "bad_frame")
         except (P2PTimeoutError, StreamClosedError):

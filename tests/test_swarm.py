@@ -20,11 +20,16 @@ def test_swarm_greedy_equals_local(family, ranges, tmp_path, tiny_checkpoints):
         remote = generate_json(
             ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "12", PROMPT], tmp_path
         )
+        unpushed = generate_json(
+            ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "12", "--no-push", PROMPT],
+            tmp_path,
+        )
         beams = generate_json(
             ["--model", str(model), "--initial-peers", servers[-1].maddr, "--max-new-tokens", "8", "--num-beams", "3", PROMPT],
             tmp_path,
         )
     assert remote["token_ids"] == local["token_ids"]
+    assert unpushed["token_ids"] == local["token_ids"]
     local_beams = generate_json(["--local", "--model", str(model), "--max-new-tokens", "8", "--num-beams", "3", PROMPT], tmp_path)
     assert beams["token_ids"] == local_beams["token_ids"]
 
