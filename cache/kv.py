@@ -125,9 +125,12 @@ class SessionKV:
             )
 
     def rewind(self, length: int) -> None:
-        """Forget the positions from ``length`` on (they are overwritten by the next step)."""
+        """Forget the positions from ``length`` on."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind a cache of {self.length} positions to {length}")
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[:, :, length : self.length] = 0  # decoding reads padding positions: keep them zero
         self.length = length
 
     def advance(self, seq_len: int) -> None:

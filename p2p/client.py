@@ -19,7 +19,7 @@ import torch
 
 from swarm.cache.history import SpanHistory
 from swarm.p2p import protocols
-from swarm.p2p.host import Host, P2PError
+from swarm.p2p.host import Host, P2PError, P2PTimeoutError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span, find_chain
 from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
@@ -165,6 +165,7 @@ class SwarmClient:
         await self.host.close()
 
 
+PUSH_GRACE = 2.0  # s: a pushed step's output overdue this long (or 4× the previous server's) is sent directly
 REPLAY_FRAME_BYTES = 64 * 2**20  # a replay larger than this is sent as several frames
 REJECTED = ("bad_request", "bad_frame")  # the server refused what we sent: failing over would not help
 
@@ -185,12 +186,51 @@ class SpanFailure(Exception):
         self.peer_id, self.cause = peer_id, cause
 
 
-@dataclass
+@dataclass(eq=False)
 class SpanSession:
+    """An open session on one server: its stream, the frames read from it (by a reader task, so
+    a wait for them can time out without cutting a frame in half) and the inputs sent to it."""
+
     span: Span
     stream: object
     session_id: str = ""
     history: SpanHistory = field(default_factory=SpanHistory)
+    frames: asyncio.Queue = field(default_factory=asyncio.Queue)
+    reader: asyncio.Task | None = None
+
+    def start_reading(self) -> None:
+        async def pump():
+            while True:
+                try:
+                    frame = await read_frame(self.stream, timeout=None)
+                except (P2PError, WireError) as exc:
+                    self.frames.put_nowait(exc)
+                    return
+                self.frames.put_nowait(frame)
+
+        self.reader = asyncio.create_task(pump())
+
+    async def next_frame(self, timeout: float) -> Frame:
+        """The next frame from the server; its read error if the stream failed; P2PTimeoutError
+        if none comes within ``timeout`` (nothing is lost: a later call still gets it)."""
+        try:
+            item = await asyncio.wait_for(self.frames.get(), timeout)
+        except asyncio.TimeoutError:
+            raise P2PTimeoutError(f"no reply from the server within {timeout:g} s") from None
+        if isinstance(item, BaseException):
+            self.frames.put_nowait(item)  # the stream is done: every later read fails the same way
+            raise item
+        return item
+
+    async def reset(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        await self.stream.reset()
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        await self.stream.close()
 
 
 class RemoteChain:
@@ -240,7 +280,9 @@ class RemoteChain:
             fields = {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length}
             await write_frame(stream, Frame("open", fields), timeout=timeout)
             opened = expect(await read_frame(stream, timeout=timeout), "opened")
-            return SpanSession(span, stream, str(opened.fields.get("session_id", "")))
+            session = SpanSession(span, stream, str(opened.fields.get("session_id", "")))
+            session.start_reading()
+            return session
         except (P2PError, WireError, RemoteError) as exc:
             if stream is not None:
                 await stream.reset()
@@ -263,17 +305,27 @@ class RemoteChain:
         except (P2PError, WireError) as exc:
             raise _refused(session.span.peer_id, exc) from exc
 
-    async def _read_output(self, session: SpanSession, step_id: str, shape) -> tuple[torch.Tensor, bool]:
-        """The output of step ``step_id`` from ``session``'s server (skipping a late duplicate of
-        an earlier step's), and whether that server pushed it on to the next server."""
-        timeout = self.client.cfg.step_timeout
+    async def _read_output(
+        self, session: SpanSession, step_id: str, shape, pushed_to: bool = False, timeout: float | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """The output of step ``step_id`` from ``session``'s server, and whether that server pushed
+        it on to the next server. Answers to other steps are skipped (late duplicates), and so are
+        answers to a pushed copy unless ``pushed_to`` (the step reached this server by push):
+        after a failover the client sends its own copy and must not take the answer to a push
+        from the server it replaced. Waits ``timeout`` (default: the step timeout) in all."""
+        deadline = time.monotonic() + (self.client.cfg.step_timeout if timeout is None else timeout)
+        accept = ("push", "client", None) if pushed_to else ("client", None)
         try:
             while True:
-                frame = expect(await read_frame(session.stream, timeout=timeout), "output")
-                if frame.fields.get("step_id") == step_id:
+                frame = expect(await session.next_frame(max(0.0, deadline - time.monotonic())), "output")
+                if frame.fields.get("step_id") == step_id and frame.fields.get("to") in accept:
                     break
             if not frame.tensors:
                 raise WireError("an output frame without hidden states")
+        except P2PTimeoutError as exc:
+            if timeout is not None:
+                raise  # the caller's own shorter wait
+            raise _refused(session.span.peer_id, exc) from exc
         except (P2PError, WireError, RemoteError) as exc:
             raise _refused(session.span.peer_id, exc) from exc
         out = frame.tensors[0]
@@ -285,7 +337,12 @@ class RemoteChain:
         """The servers after span ``i``, for the push of a step along the chain."""
         if not self.client.cfg.push:
             return None
-        return [{"peer": s.span.peer_id, "session": s.session_id} for s in self.sessions[i + 1 :] if s.session_id] or None
+        route = []
+        for s in self.sessions[i + 1 :]:
+            if not s.session_id:  # a server that did not say its session id cannot be pushed to
+                break
+            route.append({"peer": s.span.peer_id, "session": s.session_id})
+        return route or None
 
     async def _replay(self, session: SpanSession, inputs: torch.Tensor, chunks: list[int]) -> torch.Tensor:
         """Run ``inputs`` (split into the original ``chunks``) on a fresh session, in as few frames
@@ -312,21 +369,33 @@ class RemoteChain:
         dtype, x, i = hidden.dtype, hidden, 0
         step_id = uuid.uuid4().hex[:16]
         delivered = False  # whether the previous server pushed this step to sessions[i]
+        waited = 0.0  # how long the previous server's output took
         while i < len(self.sessions):
             session = self.sessions[i]
+            began = time.monotonic()
             try:
+                if delivered:
+                    try:
+                        out, pushed = await self._read_output(
+                            session, step_id, x.shape, pushed_to=True, timeout=max(PUSH_GRACE, 4 * waited)
+                        )
+                    except P2PTimeoutError:  # the push went missing: send the step ourselves
+                        log.info("no output from %s for a pushed step; sending it directly", _short(session.span.peer_id))
+                        delivered = False
                 if not delivered:
                     await self._write_step(session, x, hypo_ids, self.position, step_id, route=self._route_after(i))
-                out, delivered = await self._read_output(session, step_id, x.shape)
+                    out, pushed = await self._read_output(session, step_id, x.shape)
+                delivered = pushed
             except SpanFailure as failure:
                 self.client.ban(failure.peer_id)
-                await session.stream.reset()
+                await session.reset()
                 inputs, chunks = session.history.replay(x, hypo_ids)
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
                 self.sessions[i : i + 1] = replacement
                 i += len(replacement)
                 x, delivered = out[:, -hidden.shape[1] :], False
                 continue
+            waited = time.monotonic() - began
             self.client.unban(session.span.peer_id)
             session.history.record(x, hypo_ids)
             x, i = out, i + 1
@@ -369,10 +438,10 @@ class RemoteChain:
                 last = exc
             except BaseException:  # refused, cancelled: free what we opened, then give up
                 for session in opened:
-                    await session.stream.reset()
+                    await session.reset()
                 raise
             for session in opened:
-                await session.stream.reset()
+                await session.reset()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SwarmError(
@@ -388,11 +457,13 @@ class RemoteChain:
         for session in self.sessions:
             try:
                 await write_frame(session.stream, Frame("close"), timeout=2)
-                await read_frame(session.stream, timeout=2)
+                deadline = time.monotonic() + 2
+                while (await session.next_frame(max(0.0, deadline - time.monotonic()))).kind != "closed":
+                    pass  # late answers to earlier steps come first
             except (P2PError, WireError):
                 pass
             finally:
-                await session.stream.close()
+                await session.close()
         self.sessions = []
 
 

@@ -82,6 +82,7 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
 
 
 PUSH_TIMEOUT = 10.0
+PUSH_RETRY = 30.0  # seconds before connecting again to a peer that could not be pushed to
 INBOX_FRAMES = 8  # steps queued per session; beyond that its client stream (or pusher) waits
 
 
@@ -107,6 +108,7 @@ class _PushLink:
 
     stream: object = None
     connecting: asyncio.Task | None = None
+    retry_at: float = 0.0  # after a failed connection, no new one before this (monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -212,9 +214,10 @@ class BlockServer:
             await asyncio.wait_for(self._announce(direct=True), timeout=3)
         except (P2PError, TimeoutError, OSError) as exc:
             log.warning("could not announce going offline: %s", exc)
-        for task in self._tasks:
+        connecting = [link.connecting for link in self._push_links.values() if link.connecting is not None]
+        for task in self._tasks + connecting:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *connecting, return_exceptions=True)
         await self.host.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -350,32 +353,42 @@ class BlockServer:
             self._cache_changed.set()
             await write_frame(stream, Frame("opened", {"session_id": session.id}), timeout=self.cfg.request_timeout)
             reader = asyncio.create_task(self._read_client(stream, session.inbox))
+            active = time.monotonic()  # the client's last frame or the last step run (not pushes refused)
             while True:
-                lifetime_left = self.sessions[session.id] + self.cfg.session_timeout - time.monotonic()
+                now = time.monotonic()
+                lifetime_left = self.sessions[session.id] + self.cfg.session_timeout - now
                 if lifetime_left <= 0:
                     raise ValueError(f"session timeout: sessions last at most {self.cfg.session_timeout:g} s here")
+                idle_left = active + self.cfg.step_timeout - now
+                if idle_left <= 0:
+                    raise P2PTimeoutError("idle")
                 try:
-                    source, frame = await asyncio.wait_for(session.inbox.get(), min(self.cfg.step_timeout, lifetime_left))
+                    source, frame = await asyncio.wait_for(session.inbox.get(), min(idle_left, lifetime_left))
                 except asyncio.TimeoutError:
-                    raise P2PTimeoutError("idle") from None
+                    continue  # the checks above end the session
                 if isinstance(frame, BaseException):
                     raise frame
+                if source == "client":
+                    active = time.monotonic()
                 if frame.kind == "close":
                     await write_frame(stream, Frame("closed"), timeout=self.cfg.request_timeout)
                     return
                 if frame.kind != "step":
                     raise WireError(f"expected a step or close frame, got {frame.kind}")
                 try:
-                    output, fresh = await self._step(session, frame)
+                    output, fresh = await self._step(session, frame, source)
                 except (ValueError, TypeError, RuntimeError, WireError) as exc:
                     if source == "client":
                         raise
                     log.warning("ignored a pushed step for session %s: %s", session.id[:8], exc)
                     continue
-                if not fresh and source == "push":
-                    continue  # the client sent this step itself first and has its output
+                if output is None:
+                    continue  # a pushed copy of a step already run: the client has its answer
+                active = time.monotonic()
                 pushed = fresh and await self._push_step(frame, output)
-                reply = Frame("output", {"step_id": frame["step_id"], "pushed": pushed}, [output])
+                # "to" tells the client which copy this answers: after a failover it sends its own
+                # copy and must not take an answer to a push from the server it replaced
+                reply = Frame("output", {"step_id": frame["step_id"], "pushed": pushed, "to": source}, [output])
                 await write_frame(stream, reply, timeout=self.cfg.request_timeout)
         except CacheFullError as exc:
             await self._reply_error(stream, exc, "cache_full")
@@ -407,34 +420,42 @@ class BlockServer:
                 return
             await inbox.put(("client", frame))
 
-    async def _step(self, session: _Session, frame: Frame) -> tuple[torch.Tensor, bool]:
-        """Run a step frame on ``session``; returns (output, whether it was computed now). A step
-        seen already (same step id and input: the client's copy of a pushed step, or a retry)
-        gets its output again; the same step id with another input (an upstream server was
-        replaced and computed it anew) rewinds the cache and recomputes."""
+    async def _step(self, session: _Session, frame: Frame, source: str) -> tuple[torch.Tensor | None, bool]:
+        """Run a step frame on ``session``; returns (output, whether it was computed now).
+
+        A step seen already (same step id and position) is not run twice: the client's copy of it
+        gets the same output if its input is the same, else (an upstream server was replaced and
+        computed it anew) the cache rewinds and the step is recomputed; a pushed copy gets
+        (None, False): it never overrides what the client sent."""
         if not frame.tensors:
             raise ValueError("a step frame carries the hidden states")
         hidden = frame.tensors[0]
         hypo_ids = frame.tensors[1] if len(frame.tensors) > 1 else None
         kv = session.kv
-        if frame["step_id"] == session.last_step and frame["position"] == session.last_position:
-            if torch.equal(hidden, session.last_input):
-                return session.last_output, False
+        position = frame["position"]
+        repeat = frame["step_id"] == session.last_step and position == session.last_position
+        if repeat and (source == "push" or torch.equal(hidden, session.last_input)):
+            return (None if source == "push" else session.last_output), False
+        if position != (session.last_position if repeat else kv.length):
+            raise ValueError(f"step starts at position {position} but this session has {kv.length} positions cached")
+        chunks = _check_chunks(frame.fields.get("chunks"), hidden)
+        _check_hidden(session.blocks, hidden)
+        if repeat:
             if session.last_reordered:
                 raise ValueError("this step was already run with other inputs and reordered the cache; reopen the session")
             kv.rewind(session.last_position)
-        if frame["position"] != kv.length:
-            raise ValueError(f"step starts at position {frame['position']} but this session has {kv.length} positions cached")
-        chunks = _check_chunks(frame.fields.get("chunks"), hidden)
+        session.last_step = None  # until this step has run
         output = await self._compute(_run_steps, session.blocks, hidden, kv, hypo_ids, chunks)
-        session.last_step, session.last_position = frame["step_id"], frame["position"]
+        session.last_step, session.last_position = frame["step_id"], position
         session.last_input, session.last_output = hidden, output
         session.last_reordered = hypo_ids is not None
         return output, True
 
     async def _handle_push(self, stream) -> None:
         """Steps pushed by the previous server of a chain, for sessions held here. Unknown sessions
-        (closed meanwhile) are skipped: their clients learn it from their own streams."""
+        (closed meanwhile) are skipped: their clients learn it from their own streams. The stream
+        is reset when this ends (idle for a session's lifetime, a bad frame), so the pusher's next
+        write fails and it falls back to the client instead of pushing into the void."""
         try:
             while True:
                 frame = await read_frame(stream, timeout=self.cfg.session_timeout, max_frame=self.cfg.max_frame)
@@ -449,9 +470,11 @@ class BlockServer:
                 except asyncio.TimeoutError:
                     log.warning("session %s takes no more steps: a pushed step dropped", session.id[:8])
         except WireError as exc:
-            await self._reply_error(stream, exc, "bad_frame")
+            log.warning("bad frame on a push stream from %s: %s", stream.remote_peer_id[:12], exc)
         except (P2PTimeoutError, StreamClosedError):
             pass
+        finally:
+            await stream.reset()
 
     async def _push_step(self, frame: Frame, output: torch.Tensor) -> bool:
         """Send ``output`` straight to the next server of the step's route (so the chain needs no
@@ -469,7 +492,9 @@ class BlockServer:
             self._push_links[peer] = link = _PushLink()
             link.connecting = asyncio.create_task(self._connect_push(peer, link))
             return False
-        if link.stream is None:
+        if link.stream is None:  # connecting, or failed lately
+            if link.connecting is None and time.monotonic() >= link.retry_at:
+                link.connecting = asyncio.create_task(self._connect_push(peer, link))
             return False
         fields = {"session": session, "step_id": frame["step_id"], "position": frame["position"], "route": route[1:]}
         tensors = [output] + list(frame.tensors[1:2])  # hypo_ids travel along
@@ -479,16 +504,19 @@ class BlockServer:
             return True
         except P2PError as exc:
             log.info("push to %s failed (%s); the client sends that step itself", peer[:12], exc)
-            self._push_links.pop(peer, None)
-            await link.stream.reset()
+            stream, link.stream = link.stream, None
+            if stream is not None:
+                await stream.reset()
             return False
 
     async def _connect_push(self, peer: str, link: _PushLink) -> None:
         try:
             link.stream = await self.host.open_stream(peer, protocols.PUSH, timeout=PUSH_TIMEOUT)
         except P2PError as exc:
-            log.info("cannot push to %s: %s", peer[:12], exc)
-            self._push_links.pop(peer, None)
+            log.info("cannot push to %s (retrying in %g s): %s", peer[:12], PUSH_RETRY, exc)
+            link.retry_at = time.monotonic() + PUSH_RETRY
+        finally:
+            link.connecting = None
 
     async def _stateless(self, stream, kind: str, fn) -> None:
         try:

@@ -7,6 +7,7 @@ token); the servers are real `swarm serve` processes on loopback."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -17,7 +18,7 @@ import pytest
 from conftest import write_tiny_checkpoint
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
-from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
+from swarm.p2p.client import ClientConfig, RemoteChain, SwarmError, generate_swarm
 from swarm.p2p.table import model_id
 from swarm_utils import ServerProcess, run_swarm, running_swarm
 
@@ -159,3 +160,24 @@ def test_a_refused_request_fails_at_once_without_banning(tiny6, tmp_path):
         with pytest.raises(SwarmError, match="refused the request: batch must be 1..64"):
             swarm_generate(tiny6, servers[0].maddr, cfg, wait_timeout=30.0)
     assert time.monotonic() - started < 15, "a refused request must not wait for a failover"
+
+
+def test_lost_pushes_are_sent_directly(tiny6, tmp_path, caplog, monkeypatch):
+    """Pushes that never arrive (here: routed to a session id the next server does not hold):
+    the client sends each overdue step itself and the output is unchanged."""
+    monkeypatch.setattr("swarm.p2p.client.PUSH_GRACE", 0.2)
+    original = RemoteChain._route_after
+
+    def misrouted(self, i):
+        route = original(self, i)
+        return [{**hop, "session": "0" * 32} for hop in route] if route else route
+
+    monkeypatch.setattr(RemoteChain, "_route_after", misrouted)
+    cfg = GenerationConfig(max_new_tokens=10, eos_token_ids=())
+    client_model = ClientModel.load(tiny6)
+    expected = generate_local(client_model, client_model.encode(PROMPT), cfg)
+    with running_swarm(tiny6, ["0:2", "2:4", "4:6"], tmp_path) as servers:
+        with caplog.at_level(logging.INFO, logger="swarm.client"):
+            tokens = swarm_generate(tiny6, servers[0].maddr, cfg)
+    assert tokens == expected
+    assert "for a pushed step; sending it directly" in caplog.text
