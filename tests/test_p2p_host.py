@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from swarm.p2p.host import (
     Host,
@@ -142,10 +143,10 @@ def test_read_timeout_and_cancelled_read():
             reader.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(reader, 5)
-            deadline = time.monotonic() + 5
-            while a._bridge.in_flight and time.monotonic() < deadline:  # the trio read was cancelled too
-                await asyncio.sleep(0.01)
-            assert a._bridge.in_flight == 0
+            # submitted after the cancellation (FIFO), this returns once every other trio task is
+            # blocked, so the cancelled trio read has finished unwinding by then
+            await a._bridge.call(trio.testing.wait_all_tasks_blocked, timeout=5, what="settle")
+            assert a._bridge.in_flight == 0  # the trio read was cancelled too
 
             # the host and even the stream still work
             release.set()
