@@ -23,7 +23,7 @@ from swarm.p2p.host import Host, P2PError, P2PTimeoutError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span, find_chain
 from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
-from swarm.p2p.wire import Frame, RemoteError, WireError, expect, read_frame, write_frame
+from swarm.p2p.wire import Frame, RemoteError, WireError, expect, pump_frames, read_frame, write_frame
 
 log = logging.getLogger("swarm.client")
 
@@ -199,16 +199,7 @@ class SpanSession:
     reader: asyncio.Task | None = None
 
     def start_reading(self) -> None:
-        async def pump():
-            while True:
-                try:
-                    frame = await read_frame(self.stream, timeout=None)
-                except (P2PError, WireError) as exc:
-                    self.frames.put_nowait(exc)
-                    return
-                self.frames.put_nowait(frame)
-
-        self.reader = asyncio.create_task(pump())
+        self.reader = asyncio.create_task(pump_frames(self.stream, self.frames.put))
 
     async def next_frame(self, timeout: float) -> Frame:
         """The next frame from the server; its read error if the stream failed; P2PTimeoutError
@@ -293,7 +284,9 @@ class RemoteChain:
         await self._write_step(session, hidden, hypo_ids, position, step_id, chunks=chunks)
         return (await self._read_output(session, step_id, hidden.shape))[0]
 
-    async def _write_step(self, session: SpanSession, hidden, hypo_ids, position: int, step_id: str, chunks=None, route=None) -> None:
+    async def _write_step(
+        self, session: SpanSession, hidden, hypo_ids, position: int, step_id: str, chunks=None, route=None
+    ) -> None:
         tensors = [hidden] if hypo_ids is None else [hidden, hypo_ids.to(torch.int64)]
         fields = {"step_id": step_id, "position": position}
         if chunks is not None:

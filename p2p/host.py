@@ -89,7 +89,11 @@ class DialTimeoutError(PeerUnreachableError, P2PTimeoutError):
 
 
 class MessageTooLargeError(P2PError):
-    """A length-prefixed message announced more bytes than the reader accepts."""
+    """A length-prefixed message announced more bytes (``length``) than the reader accepts."""
+
+    def __init__(self, length: int, max_bytes: int):
+        super().__init__(f"a message of {length} bytes exceeds the maximum of {max_bytes} bytes")
+        self.length = length
 
 
 class StreamClosedError(P2PError):
@@ -284,7 +288,7 @@ class Stream:
     async def _read_message(self, max_bytes: int) -> bytes:
         (length,) = struct.unpack(">I", await self._read_exactly(4))
         if length > max_bytes:
-            raise MessageTooLargeError(f"a message of {length} bytes exceeds the maximum of {max_bytes} bytes")
+            raise MessageTooLargeError(length, max_bytes)
         return await self._read_exactly(length)
 
     async def _write(self, data) -> None:

@@ -42,7 +42,16 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.routing import choose_blocks
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
-from swarm.p2p.wire import DEFAULT_MAX_FRAME, Frame, RemoteError, WireError, error_frame, read_frame, write_frame
+from swarm.p2p.wire import (
+    DEFAULT_MAX_FRAME,
+    Frame,
+    RemoteError,
+    WireError,
+    error_frame,
+    pump_frames,
+    read_frame,
+    write_frame,
+)
 
 log = logging.getLogger("swarm.server")
 
@@ -352,7 +361,10 @@ class BlockServer:
             self._live[session.id] = session
             self._cache_changed.set()
             await write_frame(stream, Frame("opened", {"session_id": session.id}), timeout=self.cfg.request_timeout)
-            reader = asyncio.create_task(self._read_client(stream, session.inbox))
+            # the client's frames (and the error that ends them) meet pushed steps in the inbox
+            reader = asyncio.create_task(
+                pump_frames(stream, lambda item: session.inbox.put(("client", item)), self.cfg.max_frame)
+            )
             active = time.monotonic()  # the client's last frame or the last step run (not pushes refused)
             while True:
                 now = time.monotonic()
@@ -408,17 +420,6 @@ class BlockServer:
                 self.sessions.pop(session.id, None)
                 self._live.pop(session.id, None)
                 self._cache_changed.set()
-
-    async def _read_client(self, stream, inbox: asyncio.Queue) -> None:
-        """The client's frames into the session's inbox (where pushed steps also arrive); the
-        first error (a bad frame, the stream ending) is put there too, and ends the reading."""
-        while True:
-            try:
-                frame = await read_frame(stream, timeout=None, max_frame=self.cfg.max_frame)
-            except (WireError, P2PError) as exc:
-                await inbox.put(("client", exc))
-                return
-            await inbox.put(("client", frame))
 
     async def _step(self, session: _Session, frame: Frame, source: str) -> tuple[torch.Tensor | None, bool]:
         """Run a step frame on ``session``; returns (output, whether it was computed now).
@@ -487,12 +488,8 @@ class BlockServer:
         peer, session = nxt.get("peer"), nxt.get("session")
         if not (isinstance(peer, str) and isinstance(session, str)):
             return False
-        link = self._push_links.get(peer)
-        if link is None:
-            self._push_links[peer] = link = _PushLink()
-            link.connecting = asyncio.create_task(self._connect_push(peer, link))
-            return False
-        if link.stream is None:  # connecting, or failed lately
+        link = self._push_links.setdefault(peer, _PushLink())
+        if link.stream is None:  # not connected yet (connecting now, or failed lately)
             if link.connecting is None and time.monotonic() >= link.retry_at:
                 link.connecting = asyncio.create_task(self._connect_push(peer, link))
             return False

@@ -21,7 +21,7 @@ from typing import Any, NewType
 import msgpack
 import torch
 
-from swarm.p2p.host import MessageTooLargeError
+from swarm.p2p.host import MessageTooLargeError, P2PError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 256 * 2**20  # 256 MiB: a 2048-token prefill of an 8192-wide model in float32 is 64 MiB
@@ -157,8 +157,22 @@ async def read_frame(stream, timeout: float | None = None, max_frame: int = DEFA
     try:
         body = await stream.read_message(max_frame, timeout=timeout)
     except MessageTooLargeError as exc:
-        raise WireError(str(exc).replace("message", "frame")) from None
+        raise WireError(f"frame of {exc.length} bytes exceeds the maximum of {max_frame} bytes") from None
     return decode_body(body)
+
+
+async def pump_frames(stream, put, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    """Read frames from ``stream`` for as long as it lasts, handing each to ``await put(frame)``;
+    the error that ends the reading (a bad frame, the stream closing) is handed over last. Run it
+    as a task and cancel it when done: waits on what it fills can then time out without cutting
+    a frame in half."""
+    while True:
+        try:
+            frame = await read_frame(stream, timeout=None, max_frame=max_frame)
+        except (WireError, P2PError) as exc:
+            await put(exc)
+            return
+        await put(frame)
 
 
 def error_frame(message: str, code: str = "error") -> Frame:
