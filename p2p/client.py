@@ -165,7 +165,9 @@ class SwarmClient:
         await self.host.close()
 
 
-PUSH_GRACE = 2.0  # s: a pushed step's output overdue this long (or 4× the previous server's) is sent directly
+PUSH_GRACE = 2.0  # s: a pushed step unanswered this long (or 4× the previous step's time) is sent directly
+FIRST_PUSH_GRACE = 10.0  # s: the same for a chain's first step (nothing to compare with yet)
+MAX_LOST_PUSHES = 3  # push runs in a row that went wrong before a chain stops asking for pushes
 REPLAY_FRAME_BYTES = 64 * 2**20  # a replay larger than this is sent as several frames
 REJECTED = ("bad_request", "bad_frame")  # the server refused what we sent: failing over would not help
 
@@ -175,6 +177,11 @@ def _refused(peer_id: str, exc: Exception) -> Exception:
     if isinstance(exc, RemoteError) and exc.code in REJECTED:
         return SwarmError(f"server …{peer_id[-6:]} refused the request: {exc}")
     return SpanFailure(peer_id, exc)
+
+
+class _PushLost(Exception):
+    """A push run went wrong past the server the client sent the step to (a later server failed,
+    or no reply came in time); the client then sends the step to each server itself."""
 
 
 class SpanFailure(Exception):
@@ -197,9 +204,15 @@ class SpanSession:
     history: SpanHistory = field(default_factory=SpanHistory)
     frames: asyncio.Queue = field(default_factory=asyncio.Queue)
     reader: asyncio.Task | None = None
+    arrived: asyncio.Event | None = None  # set on every frame (or read error); shared by a chain
 
     def start_reading(self) -> None:
-        self.reader = asyncio.create_task(pump_frames(self.stream, self.frames.put))
+        async def put(item) -> None:
+            self.frames.put_nowait(item)
+            if self.arrived is not None:
+                self.arrived.set()
+
+        self.reader = asyncio.create_task(pump_frames(self.stream, put))
 
     async def next_frame(self, timeout: float) -> Frame:
         """The next frame from the server; its read error if the stream failed; P2PTimeoutError
@@ -245,6 +258,9 @@ class RemoteChain:
         self.sessions: list[SpanSession] = []
         self.position = 0
         self._broken = False
+        self._arrived = asyncio.Event()  # a frame came from one of the sessions
+        self._last_step_time: float | None = None
+        self._lost_pushes = 0  # push runs in a row that went wrong
 
     @property
     def spans(self) -> list[Span]:
@@ -271,7 +287,7 @@ class RemoteChain:
             fields = {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length}
             await write_frame(stream, Frame("open", fields), timeout=timeout)
             opened = expect(await read_frame(stream, timeout=timeout), "opened")
-            session = SpanSession(span, stream, str(opened.fields.get("session_id", "")))
+            session = SpanSession(span, stream, str(opened.fields.get("session_id", "")), arrived=self._arrived)
             session.start_reading()
             return session
         except (P2PError, WireError, RemoteError) as exc:
@@ -282,7 +298,7 @@ class RemoteChain:
     async def _send(self, session: SpanSession, hidden, hypo_ids, position: int, chunks=None) -> torch.Tensor:
         step_id = uuid.uuid4().hex[:16]
         await self._write_step(session, hidden, hypo_ids, position, step_id, chunks=chunks)
-        return (await self._read_output(session, step_id, hidden.shape))[0]
+        return await self._read_output(session, step_id, hidden.shape)
 
     async def _write_step(
         self, session: SpanSession, hidden, hypo_ids, position: int, step_id: str, chunks=None, route=None
@@ -298,37 +314,69 @@ class RemoteChain:
         except (P2PError, WireError) as exc:
             raise _refused(session.span.peer_id, exc) from exc
 
-    async def _read_output(
-        self, session: SpanSession, step_id: str, shape, pushed_to: bool = False, timeout: float | None = None
-    ) -> tuple[torch.Tensor, bool]:
-        """The output of step ``step_id`` from ``session``'s server, and whether that server pushed
-        it on to the next server. Answers to other steps are skipped (late duplicates), and so are
-        answers to a pushed copy unless ``pushed_to`` (the step reached this server by push):
+    async def _read_output(self, session: SpanSession, step_id: str, shape) -> torch.Tensor:
+        """The output of step ``step_id``, sent by the client itself to ``session``'s server.
+        Answers to other steps are skipped (late duplicates), and so are answers to a pushed copy:
         after a failover the client sends its own copy and must not take the answer to a push
-        from the server it replaced. Waits ``timeout`` (default: the step timeout) in all."""
-        deadline = time.monotonic() + (self.client.cfg.step_timeout if timeout is None else timeout)
-        accept = ("push", "client", None) if pushed_to else ("client", None)
+        from the server it replaced. Waits the step timeout in all."""
+        deadline = time.monotonic() + self.client.cfg.step_timeout
         try:
             while True:
                 frame = expect(await session.next_frame(max(0.0, deadline - time.monotonic())), "output")
-                if frame.fields.get("step_id") == step_id and frame.fields.get("to") in accept:
+                if frame.fields.get("step_id") == step_id and frame.fields.get("to") in ("client", None):
                     break
             if not frame.tensors:
                 raise WireError("an output frame without hidden states")
-        except P2PTimeoutError as exc:
-            if timeout is not None:
-                raise  # the caller's own shorter wait
-            raise _refused(session.span.peer_id, exc) from exc
         except (P2PError, WireError, RemoteError) as exc:
             raise _refused(session.span.peer_id, exc) from exc
         out = frame.tensors[0]
         if out.shape != shape:
             raise SpanFailure(session.span.peer_id, WireError(f"output shape {list(out.shape)} != input {list(shape)}"))
-        return out, frame.fields.get("pushed") is True
+        return out
+
+    async def _read_pushed(self, i: int, step_id: str, shape, timeout: float) -> tuple[int, list[torch.Tensor]]:
+        """The reply to step ``step_id`` sent to ``sessions[i]`` with the route onwards: from the
+        server that ended the push run (the chain's last, or one that could not push), ``j``.
+        Returns ``j`` and the outputs of servers ``i..j`` (the trail of the run, then its own).
+
+        Raises :class:`SpanFailure` if ``sessions[i]`` fails, :class:`_PushLost` if a server
+        after it fails (its input is unknown here) or no reply comes within ``timeout``: the
+        caller then sends the step to each server itself, which answers repeats from memory."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._arrived.clear()
+            for j in range(i, len(self.sessions)):
+                session = self.sessions[j]
+                while not session.frames.empty():
+                    item = session.frames.get_nowait()
+                    try:
+                        if isinstance(item, BaseException):
+                            session.frames.put_nowait(item)  # the stream is done: later reads fail the same way
+                            raise item
+                        frame = expect(item, "output")
+                        if frame.fields.get("step_id") != step_id:
+                            continue  # a late answer to an earlier step
+                        trail = frame.fields.get("trail", 0)
+                        if trail != j - i or len(frame.tensors) != trail + 1:
+                            raise WireError(f"a reply from server {j} of a push run from {i} carries {trail} outputs")
+                        if any(t.shape != shape for t in frame.tensors):
+                            raise WireError(f"output shapes {[list(t.shape) for t in frame.tensors]} != input {list(shape)}")
+                    except (P2PError, WireError, RemoteError) as exc:
+                        if j == i:
+                            raise _refused(session.span.peer_id, exc) from exc
+                        raise _PushLost(f"{_short(session.span.peer_id)} failed during a pushed step: {exc}") from exc
+                    return j, [*frame.tensors[1:], frame.tensors[0]]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _PushLost(f"no reply to a pushed step within {timeout:.2f} s")
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     def _route_after(self, i: int) -> list[dict] | None:
         """The servers after span ``i``, for the push of a step along the chain."""
-        if not self.client.cfg.push:
+        if not self.client.cfg.push or self._lost_pushes >= MAX_LOST_PUSHES:
             return None
         route = []
         for s in self.sessions[i + 1 :]:
@@ -359,26 +407,29 @@ class RemoteChain:
         if self._broken:
             raise SwarmError("this inference chain failed earlier; open a new one")
         self._broken = True
+        began = time.monotonic()
         dtype, x, i = hidden.dtype, hidden, 0
         step_id = uuid.uuid4().hex[:16]
-        delivered = False  # whether the previous server pushed this step to sessions[i]
-        waited = 0.0  # how long the previous server's output took
+        direct = False  # after a push run went wrong: the client sends this step to each server itself
+        grace = FIRST_PUSH_GRACE if self._last_step_time is None else max(PUSH_GRACE, 4 * self._last_step_time)
         while i < len(self.sessions):
             session = self.sessions[i]
-            began = time.monotonic()
             try:
-                if delivered:
+                route = None if direct else self._route_after(i)
+                await self._write_step(session, x, hypo_ids, self.position, step_id, route=route)
+                if route is None:
+                    j, outputs = i, [await self._read_output(session, step_id, x.shape)]
+                else:
                     try:
-                        out, pushed = await self._read_output(
-                            session, step_id, x.shape, pushed_to=True, timeout=max(PUSH_GRACE, 4 * waited)
-                        )
-                    except P2PTimeoutError:  # the push went missing: send the step ourselves
-                        log.info("no output from %s for a pushed step; sending it directly", _short(session.span.peer_id))
-                        delivered = False
-                if not delivered:
-                    await self._write_step(session, x, hypo_ids, self.position, step_id, route=self._route_after(i))
-                    out, pushed = await self._read_output(session, step_id, x.shape)
-                delivered = pushed
+                        j, outputs = await self._read_pushed(i, step_id, x.shape, grace)
+                    except _PushLost as lost:
+                        self._lost_pushes += 1
+                        if self._lost_pushes >= MAX_LOST_PUSHES:
+                            log.warning("%s, %d times in a row: this chain stops asking servers to push", lost, self._lost_pushes)
+                        else:
+                            log.info("%s; sending the step to each server directly", lost)
+                        direct = True
+                        continue
             except SpanFailure as failure:
                 self.client.ban(failure.peer_id)
                 await session.reset()
@@ -386,13 +437,18 @@ class RemoteChain:
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
                 self.sessions[i : i + 1] = replacement
                 i += len(replacement)
-                x, delivered = out[:, -hidden.shape[1] :], False
+                x = out[:, -hidden.shape[1] :]
                 continue
-            waited = time.monotonic() - began
-            self.client.unban(session.span.peer_id)
-            session.history.record(x, hypo_ids)
-            x, i = out, i + 1
+            for done, out in zip(self.sessions[i : j + 1], outputs):
+                self.client.unban(done.span.peer_id)
+                done.history.record(x, hypo_ids)
+                x = out
+            i = j + 1
         self.position += hidden.shape[1]
+        if not direct:  # the time of a step that went as it should: what the next one may take
+            self._last_step_time = time.monotonic() - began
+            if self._lost_pushes < MAX_LOST_PUSHES:
+                self._lost_pushes = 0
         self._broken = False
         return x.to(dtype)
 

@@ -44,6 +44,7 @@ from swarm.p2p.routing import choose_blocks
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
 from swarm.p2p.wire import (
     DEFAULT_MAX_FRAME,
+    MAX_TRAIL,
     Frame,
     RemoteError,
     WireError,
@@ -93,6 +94,7 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
 PUSH_TIMEOUT = 10.0
 PUSH_RETRY = 30.0  # seconds before connecting again to a peer that could not be pushed to
 INBOX_FRAMES = 8  # steps queued per session; beyond that its client stream (or pusher) waits
+CARRY_BYTES = 4 * 2**20  # outputs up to this size travel along a push instead of each going to the client
 
 
 @dataclass(eq=False)
@@ -397,11 +399,16 @@ class BlockServer:
                 if output is None:
                     continue  # a pushed copy of a step already run: the client has its answer
                 active = time.monotonic()
-                pushed = fresh and await self._push_step(frame, output)
+                # outputs of earlier servers that reached here by push and the client has not seen
+                owed = _step_parts(frame)[2] + ([frame.tensors[0]] if source == "push" else [])
+                carry = fresh and sum(t.numel() * t.element_size() for t in [*owed, output]) <= CARRY_BYTES
+                pushed = fresh and await self._push_step(frame, output, owed if carry else [])
+                if pushed and carry:
+                    continue  # the outputs travel on; the chain's last server (or one that cannot push) replies
                 # "to" tells the client which copy this answers: after a failover it sends its own
                 # copy and must not take an answer to a push from the server it replaced
-                reply = Frame("output", {"step_id": frame["step_id"], "pushed": pushed, "to": source}, [output])
-                await write_frame(stream, reply, timeout=self.cfg.request_timeout)
+                fields = {"step_id": frame["step_id"], "pushed": pushed, "to": source, "trail": len(owed)}
+                await write_frame(stream, Frame("output", fields, [output, *owed]), timeout=self.cfg.request_timeout)
         except CacheFullError as exc:
             await self._reply_error(stream, exc, "cache_full")
         except WireError as exc:
@@ -428,10 +435,9 @@ class BlockServer:
         gets the same output if its input is the same, else (an upstream server was replaced and
         computed it anew) the cache rewinds and the step is recomputed; a pushed copy gets
         (None, False): it never overrides what the client sent."""
-        if not frame.tensors:
-            raise ValueError("a step frame carries the hidden states")
-        hidden = frame.tensors[0]
-        hypo_ids = frame.tensors[1] if len(frame.tensors) > 1 else None
+        hidden, hypo_ids, trail = _step_parts(frame)
+        if source == "client" and trail:
+            raise ValueError("only pushed steps carry a trail of earlier outputs")
         kv = session.kv
         position = frame["position"]
         repeat = frame["step_id"] == session.last_step and position == session.last_position
@@ -477,10 +483,12 @@ class BlockServer:
         finally:
             await stream.reset()
 
-    async def _push_step(self, frame: Frame, output: torch.Tensor) -> bool:
+    async def _push_step(self, frame: Frame, output: torch.Tensor, owed: list[torch.Tensor]) -> bool:
         """Send ``output`` straight to the next server of the step's route (so the chain needs no
-        round trip through the client per server); False if there is none or it cannot be reached
-        now (the client then sends it). The first push to a peer only starts connecting."""
+        round trip through the client per server), with ``owed``: earlier outputs the client has
+        not seen, which the server that finally replies hands it. False if there is no next server
+        or it cannot be reached now (the client then sends it). The first push to a peer only
+        starts connecting."""
         route = frame.fields.get("route")
         if not route or not isinstance(route, list) or not isinstance(route[0], dict):
             return False
@@ -493,8 +501,12 @@ class BlockServer:
             if link.connecting is None and time.monotonic() >= link.retry_at:
                 link.connecting = asyncio.create_task(self._connect_push(peer, link))
             return False
-        fields = {"session": session, "step_id": frame["step_id"], "position": frame["position"], "route": route[1:]}
-        tensors = [output] + list(frame.tensors[1:2])  # hypo_ids travel along
+        fields = {
+            "session": session, "step_id": frame["step_id"], "position": frame["position"], "route": route[1:],
+            "trail": len(owed),
+        }
+        hypo_ids = _step_parts(frame)[1]
+        tensors = [output, *([] if hypo_ids is None else [hypo_ids]), *owed]  # hypo_ids travel along
         try:
             async with link.lock:
                 await write_frame(link.stream, Frame("step", fields, tensors), timeout=PUSH_TIMEOUT)
@@ -542,6 +554,21 @@ class BlockServer:
 
     async def _handle_backward(self, stream) -> None:
         await self._stateless(stream, "backward", _run_backward)
+
+
+def _step_parts(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """A step frame's tensors: ``[hidden, hypo_ids?, *trail]`` where ``trail`` (``fields["trail"]``
+    of them, pushed steps only) are the outputs of the servers before this one that the client
+    has not received yet, each shaped like ``hidden``."""
+    n = frame.fields.get("trail", 0)
+    if not isinstance(n, int) or not 0 <= n <= MAX_TRAIL or len(frame.tensors) - n not in (1, 2):
+        raise ValueError(f"a step frame carries hidden states, optional hypo_ids and a trail of 0..{MAX_TRAIL} tensors")
+    hidden = frame.tensors[0]
+    hypo_ids = frame.tensors[1] if len(frame.tensors) - n == 2 else None
+    trail = frame.tensors[len(frame.tensors) - n :] if n else []
+    if any(t.shape != hidden.shape or t.dtype != hidden.dtype for t in trail):
+        raise ValueError("a step's trail tensors must be shaped like its hidden states")
+    return hidden, hypo_ids, trail
 
 
 def _check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
@@ -32,15 +33,17 @@ SessionId = NewType("SessionId", str)
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 
+MAX_TRAIL = 64  # earlier servers' outputs a pushed step (and the reply ending its push run) may carry
+
 # kind -> fields it must carry (beyond v, kind, tensors) and how many tensors
-KINDS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+KINDS: dict[str, tuple[tuple[str, ...], Sequence[int]]] = {
     "info": ((), (0,)),
     "info_reply": (("info",), (0,)),
     "announce": (("info",), (0,)),  # a server's announcement sent directly (joining the swarm, leaving it)
     "open": (("start", "end", "batch", "max_length"), (0,)),
     "opened": (("session_id",), (0,)),
-    "step": (("step_id", "position"), (1, 2)),  # hidden [, hypo_ids]
-    "output": (("step_id",), (1,)),
+    "step": (("step_id", "position"), range(1, 3 + MAX_TRAIL)),  # hidden [, hypo_ids] [, trail...]
+    "output": (("step_id",), range(1, 2 + MAX_TRAIL)),  # output [, trail...]
     "close": ((), (0,)),
     "closed": ((), (0,)),
     "forward": (("start", "end"), (1,)),
@@ -119,7 +122,8 @@ def decode_body(body: bytes | bytearray) -> Frame:
         raise WireError(f"{kind} frame is missing field(s) {', '.join(missing)}")
     table = header.pop("tensors", [])
     if not isinstance(table, list) or len(table) not in tensor_counts:
-        raise WireError(f"{kind} frame must carry {' or '.join(map(str, tensor_counts))} tensor(s)")
+        counts = f"{tensor_counts[0]} to {tensor_counts[-1]}" if len(tensor_counts) > 2 else " or ".join(map(str, tensor_counts))
+        raise WireError(f"{kind} frame must carry {counts} tensor(s)")
     tensors, offset = [], 2 + header_length
     for entry in table:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)

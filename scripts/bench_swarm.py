@@ -17,6 +17,7 @@ import asyncio
 import os
 import re
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -101,31 +102,111 @@ def start_servers(path: Path, dtype: str, home: str, threads: int | None) -> tup
     return procs, first
 
 
-def decode_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, push: bool) -> tuple[float, float]:
+def decode_bench(
+    path: Path, dtype_name: str, tokens: int, threads: int | None, push: bool, rounds: int
+) -> tuple[float, float, float]:
+    """Median per-token time of local and swarm decoding, and the median of their ratio, over
+    ``rounds`` alternating runs (this machine's speed drifts; alternating keeps the two comparable)."""
     dtype = parse_dtype(dtype_name)
     ckpt = Checkpoint(path)
     head = ckpt.load_head(dtype)
     prompt = list(range(100, 116))
     blocks = ckpt.load_blocks(0, ckpt.num_blocks, dtype)
     per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, 4)  # warm up
-    local = statistics.median(per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, tokens))
-    del blocks
+    locals_, swarms = [], []
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
         procs, first = start_servers(path, dtype_name, home, threads)
         try:
             client = SimpleNamespace(head=head, checkpoint=ckpt)
             model = model_id(path, ckpt.raw_config)
             cfg = ClientConfig(initial_peers=[first], push=push)
-            stamps: list[float] = []
-            generate_swarm(client, model, prompt, GenerationConfig(max_new_tokens=tokens), cfg,
-                           on_token=lambda _: stamps.append(time.perf_counter()))
-            swarm = statistics.median([b - a for a, b in zip(stamps, stamps[1:])])
+            for _ in range(rounds):
+                locals_.append(statistics.median(per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, tokens)))
+                stamps: list[float] = []
+                generate_swarm(client, model, prompt, GenerationConfig(max_new_tokens=tokens), cfg,
+                               on_token=lambda _: stamps.append(time.perf_counter()))
+                swarms.append(statistics.median([b - a for a, b in zip(stamps, stamps[1:])]))
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(15)
-    return local, swarm
+    ratio = statistics.median(s / loc for s, loc in zip(swarms, locals_))
+    return statistics.median(locals_), statistics.median(swarms), ratio
+
+
+def pipe_server(rfd: int, wfd: int, path: str, start: int, end: int, dtype_name: str, threads: int) -> None:
+    """The floor's server: blocks ``[start, end)`` stepping hidden states read from a pipe."""
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = Checkpoint(Path(path))
+    session = LocalSession(ckpt.load_blocks(start, end, parse_dtype(dtype_name)), 1, 1024)
+    with os.fdopen(rfd, "rb", buffering=0) as inp, os.fdopen(wfd, "wb", buffering=0) as out:
+        while header := inp.read(8):
+            n, seq = struct.unpack("<II", header)
+            hidden = torch.frombuffer(bytearray(_read_exactly(inp, n)), dtype=session.blocks.dtype).view(1, seq, -1)
+            data = session.step(hidden).contiguous().view(torch.uint8).numpy().tobytes()
+            out.write(struct.pack("<II", len(data), seq) + data)
+
+
+def _read_exactly(f, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(n - len(buf))
+        if not chunk:
+            raise EOFError("the pipe closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def floor_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, rounds: int) -> tuple[float, float, float]:
+    """The same 3 processes and blocks, connected by OS pipes in a ring instead of libp2p: what
+    splitting the model across processes costs on this machine before any network stack."""
+    dtype = parse_dtype(dtype_name)
+    ckpt = Checkpoint(path)
+    head = ckpt.load_head(dtype)
+    prompt = list(range(100, 116))
+    blocks = ckpt.load_blocks(0, ckpt.num_blocks, dtype)
+    per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, 4)  # warm up
+    n = ckpt.num_blocks
+    cuts = [0, n // 3, 2 * n // 3, n]
+    pipes = [os.pipe() for _ in range(4)]
+    procs = []
+    for i in range(3):
+        r, w = pipes[i][0], pipes[i + 1][1]
+        args = [sys.executable, __file__, "--pipe-server", str(r), str(w), str(path), str(cuts[i]), str(cuts[i + 1]),
+                dtype_name, str(threads or 0)]
+        procs.append(subprocess.Popen(args, pass_fds=(r, w)))
+    for i in range(3):
+        os.close(pipes[i][0])
+        os.close(pipes[i + 1][1])
+    to_ring, from_ring = os.fdopen(pipes[0][1], "wb", buffering=0), os.fdopen(pipes[3][0], "rb", buffering=0)
+
+    class RingSession:
+        def __init__(self, batch: int, max_length: int):
+            pass
+
+        def step(self, hidden, hypo_ids=None):
+            data = hidden.contiguous().view(torch.uint8).numpy().tobytes()
+            to_ring.write(struct.pack("<II", len(data), hidden.shape[1]) + data)
+            m, seq = struct.unpack("<II", _read_exactly(from_ring, 8))
+            return torch.frombuffer(bytearray(_read_exactly(from_ring, m)), dtype=hidden.dtype).view(1, seq, -1)
+
+        def close(self):
+            pass
+
+    locals_, rings = [], []
+    try:
+        for _ in range(rounds):
+            locals_.append(statistics.median(per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, tokens)))
+            rings.append(statistics.median(per_token_times(RingSession, head, prompt, tokens)))
+    finally:
+        to_ring.close()
+        from_ring.close()
+        for p in procs:
+            p.wait(30)
+    ratio = statistics.median(s / loc for s, loc in zip(rings, locals_))
+    return statistics.median(locals_), statistics.median(rings), ratio
 
 
 def main() -> None:
@@ -135,24 +216,35 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", default="default,1", help="servers' --threads settings to compare")
     parser.add_argument("--push", default="on,off", help="server-to-server push settings to compare")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating local and swarm runs per setting")
+    parser.add_argument("--floor", default="on", help="also run the pipe floor (on/off)")
+    parser.add_argument("--pipe-server", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pipe_server:
+        r, w, path, start, end, dtype_name, threads = args.pipe_server
+        return pipe_server(int(r), int(w), path, int(start), int(end), dtype_name, int(threads))
 
     print("wire (TCP + Noise + yamux, loopback, one frame out and echoed back):")
     for label, rtt_ms, mbps in run(wire_bench()):
         print(f"  {label:>6} hidden-state frame: round trip {rtt_ms:8.2f} ms, {mbps:8.1f} MB/s")
     paths = {"default": ("SmolLM2-135M", ensure_default_model), "1.1b": ("Llama-1.1B (random)", random_1b_checkpoint)}
-    print(f"\ndecode, {args.dtype}, median per-token time over {args.tokens} tokens, 3 loopback servers:")
+    print(f"\ndecode, {args.dtype}, median per-token time over {args.tokens} tokens, 3 loopback servers,")
+    print(f"{args.rounds} alternating local and swarm runs (ratio: the median of the runs' ratios):")
     print(f"  {'model':<22}{'server threads':>15}{'push':>6}{'local ms':>10}{'swarm ms':>10}{'swarm/local':>13}")
     for key in args.models.split(","):
         name, get_path = paths[key]
         for threads in args.threads.split(","):
             for push in args.push.split(","):
                 n = None if threads == "default" else int(threads)
-                local, swarm = decode_bench(get_path(), args.dtype, args.tokens, n, push == "on")
+                local, swarm, ratio = decode_bench(get_path(), args.dtype, args.tokens, n, push == "on", args.rounds)
                 print(
-                    f"  {name:<22}{threads:>15}{push:>6}{local * 1e3:>10.2f}{swarm * 1e3:>10.2f}{swarm / local:>13.2f}",
+                    f"  {name:<22}{threads:>15}{push:>6}{local * 1e3:>10.2f}{swarm * 1e3:>10.2f}{ratio:>13.2f}",
                     flush=True,
                 )
+            if args.floor == "on":
+                n = None if threads == "default" else int(threads)
+                local, ring, ratio = floor_bench(get_path(), args.dtype, args.tokens, n, args.rounds)
+                print(f"  {name:<22}{threads:>15}{'pipes':>6}{local * 1e3:>10.2f}{ring * 1e3:>10.2f}{ratio:>13.2f}", flush=True)
 
 
 if __name__ == "__main__":

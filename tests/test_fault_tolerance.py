@@ -164,8 +164,10 @@ def test_a_refused_request_fails_at_once_without_banning(tiny6, tmp_path):
 
 def test_lost_pushes_are_sent_directly(tiny6, tmp_path, caplog, monkeypatch):
     """Pushes that never arrive (here: routed to a session id the next server does not hold):
-    the client sends each overdue step itself and the output is unchanged."""
+    the client sends each overdue step itself, stops asking for pushes after three such steps,
+    and the output is unchanged."""
     monkeypatch.setattr("swarm.p2p.client.PUSH_GRACE", 0.2)
+    monkeypatch.setattr("swarm.p2p.client.FIRST_PUSH_GRACE", 0.2)
     original = RemoteChain._route_after
 
     def misrouted(self, i):
@@ -180,4 +182,5 @@ def test_lost_pushes_are_sent_directly(tiny6, tmp_path, caplog, monkeypatch):
         with caplog.at_level(logging.INFO, logger="swarm.client"):
             tokens = swarm_generate(tiny6, servers[0].maddr, cfg)
     assert tokens == expected
-    assert "for a pushed step; sending it directly" in caplog.text
+    assert "no reply to a pushed step within 0.20 s; sending the step to each server directly" in caplog.text
+    assert "3 times in a row: this chain stops asking servers to push" in caplog.text
