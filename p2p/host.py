@@ -67,6 +67,7 @@ if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose log
 
 PING_PROTOCOL = "/ipfs/ping/1.0.0"  # every py-libp2p host answers it
 PING_BYTES = 32
+READ_AHEAD = 1 << 16  # bytes a message read asks yamux for at once (what is past the message waits)
 START_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0  # for a graceful stream close or reset
 HEARTBEAT_S = 1  # gossipsub heartbeat: meshes form within a second or two on loopback
@@ -216,6 +217,7 @@ class Stream:
         self.remote_peer_id: str = net_stream.muxed_conn.peer_id.to_base58()
         self.protocol = protocol
         self._finished = False  # closed or reset by us
+        self._pending = bytearray()  # read but not yet returned
 
     def __repr__(self) -> str:
         return f"<Stream {self.protocol} with {self.remote_peer_id}>"
@@ -270,6 +272,13 @@ class Stream:
 
     # trio side
     async def _read(self, n: int) -> bytes:
+        if self._pending:  # read ahead by _read_message
+            data = bytes(self._pending[:n])
+            del self._pending[:n]
+            return data
+        return await self._read_net(n)
+
+    async def _read_net(self, n: int) -> bytes:
         with _stream_errors(self._what("read from")):
             data = await self._ns.read(n)
         if not data:
@@ -286,10 +295,23 @@ class Stream:
         return bytes(buf)
 
     async def _read_message(self, max_bytes: int) -> bytes:
-        (length,) = struct.unpack(">I", await self._read_exactly(4))
+        # a small message's prefix and body usually sit in yamux's buffer together: one read
+        # takes both (each read costs several of trio's scheduling rounds), the rest waits here
+        while len(self._pending) < 4:
+            try:
+                self._pending += await self._read_net(READ_AHEAD)
+            except StreamClosedError as exc:
+                raise StreamClosedError(f"{exc} after {len(self._pending)} of 4 bytes") from None
+        (length,) = struct.unpack_from(">I", self._pending)
         if length > max_bytes:
             raise MessageTooLargeError(length, max_bytes)
-        return await self._read_exactly(length)
+        if len(self._pending) >= 4 + length:
+            message = bytes(self._pending[4 : 4 + length])
+            del self._pending[: 4 + length]
+        else:
+            del self._pending[:4]
+            message = await self._read_exactly(length)
+        return message
 
     async def _write(self, data) -> None:
         with _stream_errors(self._what("write to")):

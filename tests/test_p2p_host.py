@@ -94,6 +94,36 @@ def test_echo_round_trip_and_32mb_payload():
     run(main(), timeout=60)
 
 
+def test_messages_written_together_or_in_pieces_are_read_one_by_one():
+    """``read_message`` reads ahead: messages that arrive in one piece come out one at a time, a
+    message split over several writes comes out whole, and bytes read ahead are not lost to a
+    plain ``read`` afterwards."""
+    bodies = [b"first", b"", os.urandom(100_000), b"last"]
+
+    async def main():
+        got = asyncio.Queue()
+
+        async def handler(stream):
+            for _ in bodies:
+                await got.put(await stream.read_message(1 << 20, timeout=10))
+            await got.put(await stream.read_exactly(5, timeout=10))
+            await stream.write(b"done", timeout=10)
+
+        async with hosts(2) as (a, b):
+            b.set_stream_handler(ECHO, handler)
+            await a.connect(b.addrs[0], timeout=10)
+            stream = await a.open_stream(b.peer_id, ECHO, timeout=10)
+            framed = [struct.pack(">I", len(body)) + body for body in bodies]
+            await stream.write(framed[0] + framed[1] + framed[2][:3], timeout=10)  # one and a bit
+            await stream.write(framed[2][3:50_000], timeout=10)
+            await stream.write(framed[2][50_000:] + framed[3] + b"tail!", timeout=10)
+            assert await stream.read_exactly(4, timeout=10) == b"done"
+            await stream.close()
+            return [got.get_nowait() for _ in range(len(bodies) + 1)]
+
+    assert run(main()) == [*bodies, b"tail!"]
+
+
 # ---- 2. identity --------------------------------------------------------------------------------
 
 
