@@ -8,17 +8,19 @@ Protocols (see :mod:`swarm.p2p.protocols`):
   (hidden states and the global position of their first token), then an explicit ``close``. A
   stream that ends without ``close`` is a failure (a killed peer looks like a clean end of stream).
   A step may carry a ``route`` (the next servers of the client's chain and their session ids):
-  the server then hands its output straight to the next one over ``push`` and tells the client
-  it did (``pushed`` in the output frame), so a token costs one message per server instead of a
-  round trip through the client per server; the client still gets every output (its history
-  for failover) and sends a step itself wherever a push did not happen;
+  the server then hands its output straight to the next one over ``push``, carrying along the
+  outputs of the servers before it in this run (the ``trail``), and does not reply. The server
+  that ends the run (the chain's last, or one that cannot push) replies to the client with its
+  output and the trail, so a token costs one message per server plus one back to the client,
+  and no process wakes up while the next one computes; the client still gets every output (its
+  history for failover) and sends a step itself wherever a run did not finish;
 - ``push``: steps from the previous server of a chain, fed into the named session's inbox, where
   they meet the client's own frames (a step seen twice is answered from the last step);
 - ``forward`` / ``backward``: stateless passes over a sub-range (backward returns the gradient
   with respect to the input hidden states; weights are frozen).
 
-Block computation runs on a worker thread so the event loop (and libp2p's thread) keep answering
-while a long prefill runs. A bad frame gets an ``error`` reply and ends its own stream only.
+Block computation runs off the event loop (on the main thread under ``swarm serve``) so the loop
+and libp2p's thread keep answering while a long prefill runs. A bad frame gets an ``error`` reply and ends its own stream only.
 """
 
 from __future__ import annotations
