@@ -23,7 +23,7 @@ from swarm.p2p.host import Host, P2PError, P2PTimeoutError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span, find_chain
 from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
-from swarm.p2p.wire import Frame, RemoteError, WireError, expect, pump_frames, read_frame, write_frame
+from swarm.p2p.wire import MAX_TRAIL, Frame, RemoteError, WireError, expect, pump_frames, read_frame, write_frame
 
 log = logging.getLogger("swarm.client")
 
@@ -181,7 +181,11 @@ def _refused(peer_id: str, exc: Exception) -> Exception:
 
 class _PushLost(Exception):
     """A push run went wrong past the server the client sent the step to (a later server failed,
-    or no reply came in time); the client then sends the step to each server itself."""
+    or no reply came in time: ``overdue``); the client then sends the step to each server itself."""
+
+    def __init__(self, message: str, overdue: bool = False):
+        super().__init__(message)
+        self.overdue = overdue
 
 
 class SpanFailure(Exception):
@@ -205,6 +209,7 @@ class SpanSession:
     frames: asyncio.Queue = field(default_factory=asyncio.Queue)
     reader: asyncio.Task | None = None
     arrived: asyncio.Event | None = None  # set on every frame (or read error); shared by a chain
+    error: Exception | None = None  # an error reply taken out of turn: every later read raises it
 
     def start_reading(self) -> None:
         async def put(item) -> None:
@@ -217,6 +222,8 @@ class SpanSession:
     async def next_frame(self, timeout: float) -> Frame:
         """The next frame from the server; its read error if the stream failed; P2PTimeoutError
         if none comes within ``timeout`` (nothing is lost: a later call still gets it)."""
+        if self.error is not None:
+            raise self.error
         try:
             item = await asyncio.wait_for(self.frames.get(), timeout)
         except asyncio.TimeoutError:
@@ -247,9 +254,11 @@ class RemoteChain:
     history there step by step (one frame) and continues; the other servers keep their caches.
 
     With ``push`` (the default), a step goes to the first server only, with the route onwards;
-    each server passes its output to the next itself and reports having done so, so the client
-    only reads the outputs (one step id for the whole chain). Where a server could not push (the
-    first step to a peer, a failure), the client sends that server the step as before.
+    each server passes its output to the next itself, carrying the outputs before it, and the
+    server ending the run replies with all of them (one step id for the whole chain). Where a
+    server could not push (the first step to a peer, a failure), it replies and the client sends
+    the next server the step itself; where a run went wrong further on, the client sends the
+    step to each server itself (repeats are answered from memory).
     """
 
     def __init__(self, client: SwarmClient, spans: list[Span], batch: int, max_length: int):
@@ -353,14 +362,20 @@ class RemoteChain:
                         if isinstance(item, BaseException):
                             session.frames.put_nowait(item)  # the stream is done: later reads fail the same way
                             raise item
-                        frame = expect(item, "output")
-                        if frame.fields.get("step_id") != step_id:
-                            continue  # a late answer to an earlier step
+                        try:
+                            frame = expect(item, "output")
+                        except RemoteError as exc:
+                            session.error = exc  # kept for the direct pass, which reports it
+                            raise
+                        # the start was sent this copy by the client, the others got it by push; a
+                        # reply to another step, or to a run that failed over, is a late duplicate
                         trail = frame.fields.get("trail", 0)
-                        if trail != j - i or len(frame.tensors) != trail + 1:
-                            raise WireError(f"a reply from server {j} of a push run from {i} carries {trail} outputs")
-                        if any(t.shape != shape for t in frame.tensors):
-                            raise WireError(f"output shapes {[list(t.shape) for t in frame.tensors]} != input {list(shape)}")
+                        to = "client" if j == i else "push"
+                        if frame.fields.get("step_id") != step_id or frame.fields.get("to") != to or trail != j - i:
+                            continue
+                        if len(frame.tensors) != trail + 1 or any(t.shape != shape for t in frame.tensors):
+                            raise WireError(f"a reply carries {len(frame.tensors)} tensors of shapes "
+                                            f"{[list(t.shape) for t in frame.tensors]} for {trail + 1} of {list(shape)}")
                     except (P2PError, WireError, RemoteError) as exc:
                         if j == i:
                             raise _refused(session.span.peer_id, exc) from exc
@@ -368,7 +383,7 @@ class RemoteChain:
                     return j, [*frame.tensors[1:], frame.tensors[0]]
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _PushLost(f"no reply to a pushed step within {timeout:.2f} s")
+                raise _PushLost(f"no reply to a pushed step within {timeout:.2f} s", overdue=True)
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
             except asyncio.TimeoutError:
@@ -379,7 +394,7 @@ class RemoteChain:
         if not self.client.cfg.push or self._lost_pushes >= MAX_LOST_PUSHES:
             return None
         route = []
-        for s in self.sessions[i + 1 :]:
+        for s in self.sessions[i + 1 : i + 1 + MAX_TRAIL]:  # a run carries at most MAX_TRAIL outputs
             if not s.session_id:  # a server that did not say its session id cannot be pushed to
                 break
             route.append({"peer": s.span.peer_id, "session": s.session_id})
@@ -411,7 +426,9 @@ class RemoteChain:
         dtype, x, i = hidden.dtype, hidden, 0
         step_id = uuid.uuid4().hex[:16]
         direct = False  # after a push run went wrong: the client sends this step to each server itself
+        failed_over = False  # this step's time says nothing about the next one's
         grace = FIRST_PUSH_GRACE if self._last_step_time is None else max(PUSH_GRACE, 4 * self._last_step_time)
+        grace = min(grace * max(1, hidden.shape[1]), self.client.cfg.step_timeout)  # per token; a long step may take long
         while i < len(self.sessions):
             session = self.sessions[i]
             try:
@@ -423,7 +440,8 @@ class RemoteChain:
                     try:
                         j, outputs = await self._read_pushed(i, step_id, x.shape, grace)
                     except _PushLost as lost:
-                        self._lost_pushes += 1
+                        failed_over = True
+                        self._lost_pushes += lost.overdue  # a server that failed is not a lost push
                         if self._lost_pushes >= MAX_LOST_PUSHES:
                             log.warning("%s, %d times in a row: this chain stops asking servers to push", lost, self._lost_pushes)
                         else:
@@ -431,6 +449,7 @@ class RemoteChain:
                         direct = True
                         continue
             except SpanFailure as failure:
+                failed_over = True
                 self.client.ban(failure.peer_id)
                 await session.reset()
                 inputs, chunks = session.history.replay(x, hypo_ids)
@@ -445,8 +464,8 @@ class RemoteChain:
                 x = out
             i = j + 1
         self.position += hidden.shape[1]
-        if not direct:  # the time of a step that went as it should: what the next one may take
-            self._last_step_time = time.monotonic() - began
+        if not failed_over:  # the time of a token of a step that went as it should
+            self._last_step_time = (time.monotonic() - began) / max(1, hidden.shape[1])
             if self._lost_pushes < MAX_LOST_PUSHES:
                 self._lost_pushes = 0
         self._broken = False

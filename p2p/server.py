@@ -399,17 +399,16 @@ class BlockServer:
                     log.warning("ignored a pushed step for session %s: %s", session.id[:8], exc)
                     continue
                 if output is None:
-                    continue  # a pushed copy of a step already run: the client has its answer
+                    continue  # a pushed copy of a step already run: the client's own copy decides
                 active = time.monotonic()
                 # outputs of earlier servers that reached here by push and the client has not seen
                 owed = _step_parts(frame)[2] + ([frame.tensors[0]] if source == "push" else [])
-                carry = fresh and sum(t.numel() * t.element_size() for t in [*owed, output]) <= CARRY_BYTES
-                pushed = fresh and await self._push_step(frame, output, owed if carry else [])
-                if pushed and carry:
+                carry = sum(t.numel() * t.element_size() for t in [*owed, output]) <= CARRY_BYTES
+                if fresh and carry and await self._push_step(frame, output, owed):
                     continue  # the outputs travel on; the chain's last server (or one that cannot push) replies
                 # "to" tells the client which copy this answers: after a failover it sends its own
                 # copy and must not take an answer to a push from the server it replaced
-                fields = {"step_id": frame["step_id"], "pushed": pushed, "to": source, "trail": len(owed)}
+                fields = {"step_id": frame["step_id"], "to": source, "trail": len(owed)}
                 await write_frame(stream, Frame("output", fields, [output, *owed]), timeout=self.cfg.request_timeout)
         except CacheFullError as exc:
             await self._reply_error(stream, exc, "cache_full")
@@ -568,8 +567,8 @@ def _step_parts(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, list[t
     hidden = frame.tensors[0]
     hypo_ids = frame.tensors[1] if len(frame.tensors) - n == 2 else None
     trail = frame.tensors[len(frame.tensors) - n :] if n else []
-    if any(t.shape != hidden.shape or t.dtype != hidden.dtype for t in trail):
-        raise ValueError("a step's trail tensors must be shaped like its hidden states")
+    if any(t.shape != hidden.shape or not t.is_floating_point() for t in trail):  # dtypes may differ by server
+        raise ValueError("a step's trail tensors must be hidden states shaped like its own")
     return hidden, hypo_ids, trail
 
 

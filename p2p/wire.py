@@ -24,7 +24,7 @@ import torch
 
 from swarm.p2p.host import MessageTooLargeError, P2PError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: pushed steps carry a trail; a server that pushed does not reply
 DEFAULT_MAX_FRAME = 256 * 2**20  # 256 MiB: a 2048-token prefill of an 8192-wide model in float32 is 64 MiB
 
 PeerId = NewType("PeerId", str)
