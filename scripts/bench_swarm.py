@@ -74,16 +74,42 @@ async def wire_bench(repeats: int = 20) -> list[tuple[str, float, float]]:
     return results
 
 
-def per_token_times(open_session, head, prompt: list[int], tokens: int) -> list[float]:
-    stamps = []
+def median_per_token(run_generation) -> float:
+    """Median time between tokens of ``run_generation(on_token)``."""
+    stamps: list[float] = []
+    run_generation(lambda _: stamps.append(time.perf_counter()))
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def per_token(open_session, head, prompt: list[int], tokens: int) -> float:
     cfg = GenerationConfig(max_new_tokens=tokens)
-    generate(head, open_session, prompt, cfg, on_token=lambda _: stamps.append(time.perf_counter()))
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return median_per_token(lambda on_token: generate(head, open_session, prompt, cfg, on_token=on_token))
+
+
+def alternate_with_local(ckpt: Checkpoint, dtype, tokens: int, rounds: int, remote) -> tuple[float, float, float]:
+    """Median per-token time of local decoding and of ``remote(head, prompt)`` (which returns its
+    own median per-token time), and the median of their ratio, over ``rounds`` alternating runs
+    (this machine's speed drifts; alternating keeps the two comparable)."""
+    head = ckpt.load_head(dtype)
+    prompt = list(range(100, 116))
+    blocks = ckpt.load_blocks(0, ckpt.num_blocks, dtype)
+    local_session = lambda b, n: LocalSession(blocks, b, n)  # noqa: E731
+    per_token(local_session, head, prompt, 4)  # warm up
+    locals_, remotes = [], []
+    for _ in range(rounds):
+        locals_.append(per_token(local_session, head, prompt, tokens))
+        remotes.append(remote(head, prompt))
+    ratio = statistics.median(r / loc for r, loc in zip(remotes, locals_))
+    return statistics.median(locals_), statistics.median(remotes), ratio
+
+
+def thirds(num_blocks: int) -> list[int]:
+    """Where 3 servers' ranges start and end."""
+    return [0, num_blocks // 3, 2 * num_blocks // 3, num_blocks]
 
 
 def start_servers(path: Path, dtype: str, home: str, threads: int | None) -> tuple[list[subprocess.Popen], str]:
-    n = Checkpoint(path).num_blocks
-    cuts = [0, n // 3, 2 * n // 3, n]
+    cuts = thirds(Checkpoint(path).num_blocks)
     env = {**os.environ, "SWARM_HOME": home}
     procs, first = [], None
     for i in range(3):
@@ -105,45 +131,40 @@ def start_servers(path: Path, dtype: str, home: str, threads: int | None) -> tup
 def decode_bench(
     path: Path, dtype_name: str, tokens: int, threads: int | None, push: bool, rounds: int
 ) -> tuple[float, float, float]:
-    """Median per-token time of local and swarm decoding, and the median of their ratio, over
-    ``rounds`` alternating runs (this machine's speed drifts; alternating keeps the two comparable)."""
-    dtype = parse_dtype(dtype_name)
+    """Local against 3 `swarm serve` processes on loopback (see :func:`alternate_with_local`)."""
     ckpt = Checkpoint(path)
-    head = ckpt.load_head(dtype)
-    prompt = list(range(100, 116))
-    blocks = ckpt.load_blocks(0, ckpt.num_blocks, dtype)
-    per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, 4)  # warm up
-    locals_, swarms = [], []
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
         procs, first = start_servers(path, dtype_name, home, threads)
         try:
-            client = SimpleNamespace(head=head, checkpoint=ckpt)
             model = model_id(path, ckpt.raw_config)
             cfg = ClientConfig(initial_peers=[first], push=push)
-            for _ in range(rounds):
-                locals_.append(statistics.median(per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, tokens)))
-                stamps: list[float] = []
-                generate_swarm(client, model, prompt, GenerationConfig(max_new_tokens=tokens), cfg,
-                               on_token=lambda _: stamps.append(time.perf_counter()))
-                swarms.append(statistics.median([b - a for a, b in zip(stamps, stamps[1:])]))
+
+            def swarm(head, prompt: list[int]) -> float:
+                client = SimpleNamespace(head=head, checkpoint=ckpt)
+                gen_cfg = GenerationConfig(max_new_tokens=tokens)
+                return median_per_token(lambda on_token: generate_swarm(client, model, prompt, gen_cfg, cfg, on_token=on_token))
+
+            return alternate_with_local(ckpt, parse_dtype(dtype_name), tokens, rounds, swarm)
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(15)
-    ratio = statistics.median(s / loc for s, loc in zip(swarms, locals_))
-    return statistics.median(locals_), statistics.median(swarms), ratio
 
 
 def pipe_server(rfd: int, wfd: int, path: str, start: int, end: int, dtype_name: str, threads: int) -> None:
     """The floor's server: blocks ``[start, end)`` stepping hidden states read from a pipe."""
     if threads:
         torch.set_num_threads(threads)
-    ckpt = Checkpoint(Path(path))
-    session = LocalSession(ckpt.load_blocks(start, end, parse_dtype(dtype_name)), 1, 1024)
+    blocks = Checkpoint(Path(path)).load_blocks(start, end, parse_dtype(dtype_name))
+    session = None
     with os.fdopen(rfd, "rb", buffering=0) as inp, os.fdopen(wfd, "wb", buffering=0) as out:
         while header := inp.read(8):
             n, seq = struct.unpack("<II", header)
+            if n == 0:  # a new session (an empty cache); passed on round the ring as the answer
+                session = LocalSession(blocks, 1, 1024)
+                out.write(header)
+                continue
             hidden = torch.frombuffer(bytearray(_read_exactly(inp, n)), dtype=session.blocks.dtype).view(1, seq, -1)
             data = session.step(hidden).contiguous().view(torch.uint8).numpy().tobytes()
             out.write(struct.pack("<II", len(data), seq) + data)
@@ -162,14 +183,8 @@ def _read_exactly(f, n: int) -> bytes:
 def floor_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, rounds: int) -> tuple[float, float, float]:
     """The same 3 processes and blocks, connected by OS pipes in a ring instead of libp2p: what
     splitting the model across processes costs on this machine before any network stack."""
-    dtype = parse_dtype(dtype_name)
     ckpt = Checkpoint(path)
-    head = ckpt.load_head(dtype)
-    prompt = list(range(100, 116))
-    blocks = ckpt.load_blocks(0, ckpt.num_blocks, dtype)
-    per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, 4)  # warm up
-    n = ckpt.num_blocks
-    cuts = [0, n // 3, 2 * n // 3, n]
+    cuts = thirds(ckpt.num_blocks)
     pipes = [os.pipe() for _ in range(4)]
     procs = []
     for i in range(3):
@@ -183,8 +198,9 @@ def floor_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, r
     to_ring, from_ring = os.fdopen(pipes[0][1], "wb", buffering=0), os.fdopen(pipes[3][0], "rb", buffering=0)
 
     class RingSession:
-        def __init__(self, batch: int, max_length: int):
-            pass
+        def __init__(self, batch: int = 1, max_length: int = 0):
+            to_ring.write(struct.pack("<II", 0, 0))  # every server starts a new session
+            _read_exactly(from_ring, 8)  # back round the ring: all servers have loaded and reset
 
         def step(self, hidden, hypo_ids=None):
             data = hidden.contiguous().view(torch.uint8).numpy().tobytes()
@@ -195,18 +211,15 @@ def floor_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, r
         def close(self):
             pass
 
-    locals_, rings = [], []
     try:
-        for _ in range(rounds):
-            locals_.append(statistics.median(per_token_times(lambda b, n: LocalSession(blocks, b, n), head, prompt, tokens)))
-            rings.append(statistics.median(per_token_times(RingSession, head, prompt, tokens)))
+        RingSession()  # wait for the servers to load before timing anything
+        ring = lambda head, prompt: per_token(RingSession, head, prompt, tokens)  # noqa: E731
+        return alternate_with_local(ckpt, parse_dtype(dtype_name), tokens, rounds, ring)
     finally:
         to_ring.close()
         from_ring.close()
         for p in procs:
             p.wait(30)
-    ratio = statistics.median(s / loc for s, loc in zip(rings, locals_))
-    return statistics.median(locals_), statistics.median(rings), ratio
 
 
 def main() -> None:
