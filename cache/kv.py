@@ -29,7 +29,9 @@ class LayerKVShape:
 
 
 class KVCacheBudget:
-    """A per-process budget of cache tokens (``batch × max_length`` summed over open sessions).
+    """A per-process budget of cache tokens (``batch × max_length`` summed over open sessions),
+    optionally bounded per owner too (a server gives each peer at most a share of the budget, so
+    one peer cannot hold all of it).
 
     Thread-safe: sessions are opened and closed from whichever thread serves them.
     """
@@ -39,12 +41,17 @@ class KVCacheBudget:
             raise ValueError(f"the KV cache budget must be positive, got {max_tokens} tokens")
         self.max_tokens = max_tokens
         self._used = 0
+        self._by_owner: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @property
     def tokens_left(self) -> int:
         with self._lock:
             return self.max_tokens - self._used
+
+    def used_by(self, owner: str) -> int:
+        with self._lock:
+            return self._by_owner.get(owner, 0)
 
     def allocate(
         self,
@@ -54,10 +61,14 @@ class KVCacheBudget:
         layers: Sequence[LayerKVShape],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        owner: str | None = None,
+        owner_limit: int | None = None,
     ) -> SessionKV:
         """Reserve ``batch × max_length`` tokens and allocate the buffers for ``layers``.
 
-        Raises :class:`CacheFullError` when the budget cannot hold them; nothing is taken then.
+        ``owner`` (a peer id) may hold at most ``owner_limit`` tokens across its sessions.
+        Raises :class:`CacheFullError` when the budget (or the owner's share) cannot hold them;
+        nothing is taken then.
         """
         if batch <= 0 or max_length <= 0:
             raise ValueError(f"a session needs batch ≥ 1 and max_length ≥ 1, got {batch} × {max_length}")
@@ -70,17 +81,34 @@ class KVCacheBudget:
                     f"{max_length}) but only {left} of {self.max_tokens} are free; close other "
                     f"sessions, ask for a shorter max_length, or raise --cache-tokens"
                 )
+            mine = self._by_owner.get(owner, 0) if owner is not None else 0
+            if owner_limit is not None and mine + tokens > owner_limit:
+                raise CacheFullError(
+                    f"KV cache share used up: the session needs {tokens} tokens (batch {batch} × max_length "
+                    f"{max_length}) and your open sessions here hold {mine} of the {owner_limit} tokens "
+                    f"one peer may hold; close sessions or ask for a shorter max_length"
+                )
             self._used += tokens
+            if owner is not None:
+                self._by_owner[owner] = mine + tokens
         try:
-            return SessionKV(self, batch=batch, max_length=max_length, layers=layers, dtype=dtype, device=device)
+            return SessionKV(
+                self, batch=batch, max_length=max_length, layers=layers, dtype=dtype, device=device, owner=owner
+            )
         except BaseException:
-            self._release(tokens)
+            self._release(tokens, owner)
             raise
 
-    def _release(self, tokens: int) -> None:
+    def _release(self, tokens: int, owner: str | None = None) -> None:
         with self._lock:
             self._used -= tokens
             assert self._used >= 0, "KV budget released more tokens than it gave"
+            if owner is not None:
+                left = self._by_owner.get(owner, 0) - tokens
+                if left > 0:
+                    self._by_owner[owner] = left
+                else:
+                    self._by_owner.pop(owner, None)
 
 
 class SessionKV:
@@ -100,8 +128,9 @@ class SessionKV:
         layers: Sequence[LayerKVShape],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        owner: str | None = None,
     ):
-        self._budget = budget
+        self._budget, self._owner = budget, owner
         self.batch = batch
         self.max_length = max_length
         self.length = 0
@@ -152,7 +181,7 @@ class SessionKV:
         self._closed = True
         self.keys, self.values = [], []
         if self._budget is not None:
-            self._budget._release(self.tokens)
+            self._budget._release(self.tokens, self._owner)
 
     def __enter__(self) -> SessionKV:
         return self

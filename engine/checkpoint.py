@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -119,6 +120,13 @@ class Checkpoint:
         return head
 
 
+PREFILL_CHUNK = 512  # positions: longer steps on a session run in chunks of this many
+
+
+class StepCancelled(RuntimeError):
+    """A pass stopped early because its ``should_stop`` said so."""
+
+
 class BlockRange(torch.nn.Module):
     """Blocks ``[start, end)`` of a model run as one unit, sharing one step context.
 
@@ -144,31 +152,62 @@ class BlockRange(torch.nn.Module):
         blocks = list(self.blocks)[start - self.start : end - self.start]
         return BlockRange(self.family, self.config, start, end, blocks, self.dtype)
 
-    def open_session(self, batch: int, max_length: int, budget: KVCacheBudget | None = None) -> SessionKV:
+    def open_session(
+        self,
+        batch: int,
+        max_length: int,
+        budget: KVCacheBudget | None = None,
+        owner: str | None = None,
+        owner_limit: int | None = None,
+    ) -> SessionKV:
         """A KV cache for ``batch × max_length`` tokens; taken from ``budget`` when one is given
-        (raising ``CacheFullError`` if it does not fit)."""
+        (raising ``CacheFullError`` if it, or ``owner``'s share ``owner_limit``, does not fit)."""
         if budget is None:
             return SessionKV(None, batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype)
-        return budget.allocate(batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype)
+        return budget.allocate(
+            batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype, owner=owner, owner_limit=owner_limit
+        )
 
     def forward(
-        self, hidden: torch.Tensor, session: SessionKV | None = None, hypo_ids: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        session: SessionKV | None = None,
+        hypo_ids: torch.Tensor | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
+        """Run the blocks. A step of more than :data:`PREFILL_CHUNK` positions on a session runs
+        as consecutive chunks of that many (so its attention's memory stays bounded however long
+        the prompt); every caller chunks the same way, so results are the same everywhere.
+
+        ``should_stop`` is checked before every block of every chunk: once it returns true the
+        pass ends with :class:`StepCancelled` (work nobody waits for any more stops; the session's
+        cache is then unusable, close it)."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size or hidden.shape[1] == 0:
             raise ValueError(
                 f"hidden states must have shape [batch, seq ≥ 1, {self.config.hidden_size}], got {list(hidden.shape)}"
             )
         batch, seq, _ = hidden.shape
-        if session is not None:
-            if batch != session.batch:
-                raise ValueError(f"the session was opened for batch {session.batch}, got hidden states of batch {batch}")
-            session.check_room(seq)
-            if hypo_ids is not None:
-                session.reorder(hypo_ids)
+        if session is None:
+            return self._run(hidden, None, should_stop)
+        if batch != session.batch:
+            raise ValueError(f"the session was opened for batch {session.batch}, got hidden states of batch {batch}")
+        session.check_room(seq)
+        if hypo_ids is not None:
+            session.reorder(hypo_ids)
+        if seq <= PREFILL_CHUNK:
+            return self._run(hidden, session, should_stop)
+        chunks = [self._run(hidden[:, i : i + PREFILL_CHUNK], session, should_stop) for i in range(0, seq, PREFILL_CHUNK)]
+        return torch.cat(chunks, dim=1)
+
+    def _run(self, hidden: torch.Tensor, session: SessionKV | None, should_stop) -> torch.Tensor:
+        # hidden: [batch, seq, hidden_size]; writes positions [past, past + seq) of the session
+        batch, seq, _ = hidden.shape
         ctx = StepContext(past=session.length if session is not None else 0, seq=seq)
         self.family.prepare_step(self.config, ctx, self.dtype, batch)
         hidden = hidden.to(self.dtype)
         for i, block in enumerate(self.blocks):
+            if should_stop is not None and should_stop():
+                raise StepCancelled("the pass was cancelled: nobody waits for its result any more")
             kv = (session.keys[i], session.values[i]) if session is not None else None
             hidden = block(hidden, ctx, kv)
         if session is not None:

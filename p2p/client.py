@@ -169,12 +169,11 @@ PUSH_GRACE = 2.0  # s: a pushed step unanswered this long (or 4× the previous s
 FIRST_PUSH_GRACE = 10.0  # s: the same for a chain's first step (nothing to compare with yet)
 MAX_LOST_PUSHES = 3  # push runs in a row that went wrong before a chain stops asking for pushes
 REPLAY_FRAME_BYTES = 64 * 2**20  # a replay larger than this is sent as several frames
-REJECTED = ("bad_request", "bad_frame")  # the server refused what we sent: failing over would not help
 
 
 def _refused(peer_id: str, exc: Exception) -> Exception:
     """A failure to route around (SpanFailure), or the server refusing our request (SwarmError)."""
-    if isinstance(exc, RemoteError) and exc.code in REJECTED:
+    if isinstance(exc, RemoteError) and exc.refused:
         return SwarmError(f"server …{peer_id[-6:]} refused the request: {exc}")
     return SpanFailure(peer_id, exc)
 
@@ -513,7 +512,7 @@ class RemoteChain:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SwarmError(
-                    f"blocks {start}:{end} lost their server {_short(failure.peer_id)} and no other server "
+                    f"blocks {start}:{end} lost {_short(failure.peer_id)} and no other server "
                     f"could take them over within {self.client.cfg.wait_timeout:g} s (last error: {last}); "
                     f"serve them with `swarm serve --blocks {start}:{end} --initial-peers ...`"
                 )

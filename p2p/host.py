@@ -54,9 +54,10 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
+from swarm.p2p.limits import FrameBudget, Grant
 
 __all__ = ["DialTimeoutError", "Host", "P2PError", "P2PTimeoutError", "PeerUnreachableError"]
-__all__ += ["Stream", "StreamClosedError", "Subscription", "load_or_create_identity"]
+__all__ += ["FrameStalledError", "Message", "Stream", "StreamClosedError", "Subscription", "load_or_create_identity"]
 
 log = logging.getLogger(__name__)
 if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose logs
@@ -68,6 +69,7 @@ if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose log
 PING_PROTOCOL = "/ipfs/ping/1.0.0"  # every py-libp2p host answers it
 PING_BYTES = 32
 READ_AHEAD = 1 << 16  # bytes a message read asks yamux for at once (what is past the message waits)
+MIN_FRAME_RATE = 1 << 20  # bytes/s: a message of n bytes gets n / MIN_FRAME_RATE s on top of its frame timeout
 START_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0  # for a graceful stream close or reset
 HEARTBEAT_S = 1  # gossipsub heartbeat: meshes form within a second or two on loopback
@@ -99,6 +101,26 @@ class MessageTooLargeError(P2PError):
 
 class StreamClosedError(P2PError):
     """End of stream or reset while reading or writing (a killed peer looks like a clean EOF)."""
+
+
+class FrameStalledError(P2PTimeoutError):
+    """A message started but did not complete within its frame timeout."""
+
+
+class Message(bytearray):
+    """A received message; ``grant`` holds its bytes in the reader's :class:`FrameBudget` (if
+    any) until the caller releases it."""
+
+    grant: Grant | None = None
+
+    def release(self) -> None:
+        if self.grant is not None:
+            self.grant.release()
+
+
+def _release_message(message: Message) -> None:  # a message read for a caller that went away
+    message.release()
+    message.clear()
 
 
 def load_or_create_identity(path: Path) -> KeyPair:
@@ -236,12 +258,37 @@ class Stream:
         whole call."""
         return await self._bridge.call(self._read_exactly, n, timeout=timeout, what=self._what("read from"))
 
-    async def read_message(self, max_bytes: int, timeout: float | None = None) -> bytes:
+    async def read_message(
+        self,
+        max_bytes: int,
+        timeout: float | None = None,
+        frame_timeout: float | None = None,
+        budget: FrameBudget | None = None,
+    ) -> Message:
         """One message framed by a big-endian u32 length, read in a single call to the libp2p
-        thread (the prefix and the body together). Raises :class:`MessageTooLargeError` when the
-        prefix announces more than ``max_bytes`` (the body is left unread: reset or close the
-        stream), StreamClosedError if the stream ends first."""
-        return await self._bridge.call(self._read_message, max_bytes, timeout=timeout, what=self._what("read from"))
+        thread (the prefix and the body together).
+
+        ``timeout`` bounds the whole call, the wait for the message to start included;
+        ``frame_timeout`` bounds the message itself from its first byte on (plus a second per
+        :data:`MIN_FRAME_RATE` bytes it announces), so a peer cannot hold a half-sent message
+        for as long as an idle stream may last. With a ``budget``, the announced length is
+        taken from it before any of the body is read (and returned when the read fails); the
+        message's ``grant`` holds it until the caller releases it.
+
+        Raises :class:`MessageTooLargeError` when the prefix announces more than ``max_bytes``,
+        :class:`FrameBudgetError` when the budget has no room for it (the body is left unread in
+        both cases: reset the stream), :class:`FrameStalledError` past ``frame_timeout``,
+        StreamClosedError if the stream ends first. Whatever ends a read, the bytes it received
+        are freed at once."""
+        return await self._bridge.call(
+            self._read_message,
+            max_bytes,
+            frame_timeout,
+            budget,
+            timeout=timeout,
+            what=self._what("read from"),
+            orphan=_release_message,
+        )
 
     async def write(self, data: bytes, timeout: float | None = None) -> None:
         """Write all of ``data`` (any bytes-like object), waiting for the peer's flow-control window."""
@@ -287,16 +334,34 @@ class Stream:
 
     async def _read_exactly(self, n: int) -> bytes:
         buf = bytearray()
-        while len(buf) < n:
-            try:
-                buf += await self._read(n - len(buf))
-            except StreamClosedError as exc:
-                raise StreamClosedError(f"{exc} after {len(buf)} of {n} bytes") from None
+        try:
+            while len(buf) < n:
+                try:
+                    buf += await self._read(n - len(buf))
+                except StreamClosedError as exc:
+                    raise StreamClosedError(f"{exc} after {len(buf)} of {n} bytes") from None
+        except BaseException:
+            buf.clear()  # a traceback may keep this frame alive: do not let it keep the bytes too
+            raise
         return bytes(buf)
 
-    async def _read_message(self, max_bytes: int) -> bytes:
+    async def _read_message(self, max_bytes: int, frame_timeout: float | None, budget: FrameBudget | None) -> Message:
         # a small message's prefix and body usually sit in yamux's buffer together: one read
         # takes both (each read costs several of trio's scheduling rounds), the rest waits here
+        if not self._pending:  # between messages: waiting here is bounded by the caller's timeout
+            self._pending += await self._read_net(READ_AHEAD)
+        started = trio.current_time()
+        progress = [0, 0]  # bytes of the body received, announced
+        with trio.CancelScope() as scope:
+            if frame_timeout is not None:
+                scope.deadline = started + frame_timeout
+            return await self._read_body(max_bytes, budget, scope, frame_timeout, started, progress)
+        raise FrameStalledError(
+            f"{self._what('read from')}: a message of {progress[1]} bytes was not complete "
+            f"{trio.current_time() - started:.1f} s after it started ({progress[0]} bytes received)"
+        )
+
+    async def _read_body(self, max_bytes, budget, scope, frame_timeout, started, progress) -> Message:
         while len(self._pending) < 4:
             try:
                 self._pending += await self._read_net(READ_AHEAD)
@@ -305,12 +370,26 @@ class Stream:
         (length,) = struct.unpack_from(">I", self._pending)
         if length > max_bytes:
             raise MessageTooLargeError(length, max_bytes)
-        if len(self._pending) >= 4 + length:
-            message = bytes(self._pending[4 : 4 + length])
-            del self._pending[: 4 + length]
-        else:
-            del self._pending[:4]
-            message = await self._read_exactly(length)
+        progress[1] = length
+        grant = budget.take(self.remote_peer_id, length) if budget is not None else None
+        if frame_timeout is not None:
+            scope.deadline = started + frame_timeout + length / MIN_FRAME_RATE
+        message = Message()
+        try:
+            message += self._pending[4 : 4 + length]
+            del self._pending[: 4 + len(message)]
+            while len(message) < length:
+                progress[0] = len(message)
+                try:
+                    message += await self._read_net(length - len(message))
+                except StreamClosedError as exc:
+                    raise StreamClosedError(f"{exc} after {len(message)} of {length} bytes") from None
+        except BaseException:
+            message.clear()  # freed now, whatever keeps this frame (a traceback) alive
+            if grant is not None:
+                grant.release()
+            raise
+        message.grant = grant
         return message
 
     async def _write(self, data) -> None:

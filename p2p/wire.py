@@ -13,6 +13,7 @@ table does not add up to the body is refused with :class:`WireError`; the caller
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import msgpack
 import torch
 
 from swarm.p2p.host import MessageTooLargeError, P2PError
+from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 
 PROTOCOL_VERSION = 2  # 2: pushed steps carry a trail; a server that pushed does not reply
 DEFAULT_MAX_FRAME = 256 * 2**20  # 256 MiB: a 2048-token prefill of an 8192-wide model in float32 is 64 MiB
@@ -33,6 +35,7 @@ SessionId = NewType("SessionId", str)
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 
+DECODE_IN_THREAD = 1 << 20  # frame bodies larger than this are decoded off the event loop
 MAX_TRAIL = 64  # earlier servers' outputs a pushed step (and the reply ending its push run) may carry
 
 # kind -> fields it must carry (beyond v, kind, tensors) and how many tensors
@@ -53,13 +56,34 @@ KINDS: dict[str, tuple[tuple[str, ...], Sequence[int]]] = {
 }
 
 
+# Error codes of ``error`` frames. The first kind says "your request is wrong": the client must
+# not send it again, to this server or another. The second says "I cannot or did not serve it":
+# the client avoids this server for a while and goes to another (failing over with replay).
+BAD_FRAME = "bad_frame"  # malformed, oversized, unknown kind or version
+BAD_REQUEST = "bad_request"  # well formed but invalid: blocks not served here, wrong shapes, too long
+REFUSED = frozenset({BAD_FRAME, BAD_REQUEST})
+CACHE_FULL = "cache_full"  # no KV room (in total, or in the share one peer may hold)
+BUSY = "busy"  # a per-peer or total limit on streams, sessions or frame bytes in flight
+SERVER_ERROR = "server_error"  # the server failed (out of memory, a kernel error)
+SESSION_EXPIRED = "session_expired"  # idle too long, or past the session lifetime
+
+
 class WireError(ValueError):
-    """A frame that cannot be accepted (malformed, oversized, wrong version, unknown kind)."""
+    """A frame that cannot be accepted (malformed, oversized, wrong version, unknown kind);
+    ``code`` is the error code to answer it with."""
+
+    def __init__(self, message: str, code: str = BAD_FRAME):
+        super().__init__(message)
+        self.code = code
 
 
 class RemoteError(RuntimeError):
-    """The peer answered with an ``error`` frame; ``code`` says what kind (``cache_full``,
-    ``bad_request``, ``bad_frame``, ...)."""
+    """The peer answered with an ``error`` frame; ``code`` says what kind (see the codes above;
+    ``refused`` tells whether the request itself was wrong)."""
+
+    @property
+    def refused(self) -> bool:
+        return self.code in REFUSED
 
     def __init__(self, message: str, code: str = "error"):
         super().__init__(message)
@@ -71,6 +95,12 @@ class Frame:
     kind: str
     fields: dict[str, Any] = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
+    grant: Grant | None = field(default=None, repr=False, compare=False)  # its bytes in the reader's FrameBudget
+
+    def release(self) -> None:
+        """Give the frame's bytes back to the budget it was read under (idempotent)."""
+        if self.grant is not None:
+            self.grant.release()
 
     def __getitem__(self, name: str) -> Any:
         try:
@@ -155,31 +185,59 @@ async def write_frame(stream, frame: Frame, timeout: float | None = None) -> Non
                 await stream.write(b, timeout=timeout)
 
 
-async def read_frame(stream, timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
-    """Read one frame. Raises :class:`WireError` for a bad frame, the host's StreamClosedError at EOF,
-    P2PTimeoutError when nothing complete arrives within ``timeout``."""
+async def read_frame(
+    stream,
+    timeout: float | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    frame_timeout: float | None = None,
+    budget: FrameBudget | None = None,
+) -> Frame:
+    """Read one frame. Raises :class:`WireError` for a bad frame (or one its sender has no room
+    for in ``budget``), the host's StreamClosedError at EOF, P2PTimeoutError when nothing
+    complete arrives within ``timeout`` (FrameStalledError when a frame that started takes longer
+    than ``frame_timeout``: see :meth:`~swarm.p2p.host.Stream.read_message`).
+
+    With a ``budget`` the frame's ``grant`` holds its size there: :meth:`Frame.release` it once
+    the frame is dealt with. Bodies over :data:`DECODE_IN_THREAD` bytes are decoded on a worker
+    thread, so a large frame does not stall the event loop."""
     try:
-        body = await stream.read_message(max_frame, timeout=timeout)
+        body = await stream.read_message(max_frame, timeout=timeout, frame_timeout=frame_timeout, budget=budget)
     except MessageTooLargeError as exc:
         raise WireError(f"frame of {exc.length} bytes exceeds the maximum of {max_frame} bytes") from None
-    return decode_body(body)
+    except FrameBudgetError as exc:
+        raise WireError(str(exc), code=BUSY) from None
+    try:
+        frame = decode_body(body) if len(body) <= DECODE_IN_THREAD else await asyncio.to_thread(decode_body, body)
+    except BaseException:
+        body.release()
+        raise
+    finally:
+        body.clear()  # the tensors hold copies
+    frame.grant = body.grant
+    return frame
 
 
-async def pump_frames(stream, put, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+async def pump_frames(
+    stream, put, max_frame: int = DEFAULT_MAX_FRAME, frame_timeout: float | None = None, budget: FrameBudget | None = None
+) -> None:
     """Read frames from ``stream`` for as long as it lasts, handing each to ``await put(frame)``;
-    the error that ends the reading (a bad frame, the stream closing) is handed over last. Run it
-    as a task and cancel it when done: waits on what it fills can then time out without cutting
-    a frame in half."""
+    the error that ends the reading (a bad frame, the stream closing, a stalled frame) is handed
+    over last. Run it as a task and cancel it when done: waits on what it fills can then time out
+    without cutting a frame in half. With a ``budget``, ``put`` owns each frame's grant."""
     while True:
         try:
-            frame = await read_frame(stream, timeout=None, max_frame=max_frame)
+            frame = await read_frame(stream, timeout=None, max_frame=max_frame, frame_timeout=frame_timeout, budget=budget)
         except (WireError, P2PError) as exc:
             await put(exc)
             return
-        await put(frame)
+        try:
+            await put(frame)
+        except BaseException:
+            frame.release()
+            raise
 
 
-def error_frame(message: str, code: str = "error") -> Frame:
+def error_frame(message: str, code: str = SERVER_ERROR) -> Frame:
     return Frame("error", {"message": message, "code": code})
 
 

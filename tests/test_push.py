@@ -20,7 +20,7 @@ from swarm_utils import running_swarm
 
 async def _open(host: Host, peer: str, start: int, end: int):
     stream = await host.open_stream(peer, protocols.INFERENCE, timeout=10)
-    await write_frame(stream, Frame("open", {"start": start, "end": end, "batch": 1, "max_length": 512}), timeout=10)
+    await write_frame(stream, Frame("open", {"start": start, "end": end, "batch": 1, "max_length": 256}), timeout=10)
     return stream, expect(await read_frame(stream, timeout=10), "opened")["session_id"]
 
 

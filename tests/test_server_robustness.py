@@ -44,7 +44,8 @@ def _bad_payloads(hidden_size: int) -> list[tuple[str, bytes]]:
         ("wrong shape", _frame_bytes(Frame("forward", {"start": 0, "end": 1}, [torch.zeros(1, 2, hidden_size + 1)]))),
         ("bad range", _frame_bytes(Frame("forward", {"start": 3, "end": 99}, [good_hidden]))),
         ("open: bad range", _frame_bytes(Frame("open", {"start": 0, "end": 99, "batch": 1, "max_length": 8}))),
-        ("open: huge cache", _frame_bytes(Frame("open", {"start": 0, "end": 1, "batch": 64, "max_length": 10**9}))),
+        ("open: huge cache", _frame_bytes(Frame("open", {"start": 0, "end": 1, "batch": 64, "max_length": 256}))),
+        ("open: past the context", _frame_bytes(Frame("open", {"start": 0, "end": 1, "batch": 1, "max_length": 10**9}))),
         ("step before open", _frame_bytes(Frame("step", {"step_id": "x", "position": 0}, [good_hidden]))),
     ]
 
@@ -106,7 +107,7 @@ def test_fuzzed_frames_get_errors_and_the_server_keeps_serving(tmp_path, tiny_ch
         finally:
             await host.close()
 
-    with running_swarm(model, ["0:4"], tmp_path) as servers:
+    with running_swarm(model, ["0:4"], tmp_path, extra=("--cache-tokens", "4096")) as servers:
         outcomes, in_session = asyncio.run(fuzz(servers[0].maddr))
         after = generate_json(
             ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "10", PROMPT], tmp_path
@@ -116,6 +117,7 @@ def test_fuzzed_frames_get_errors_and_the_server_keeps_serving(tmp_path, tiny_ch
     assert outcomes[(protocols.FORWARD, "wrong shape")] == "bad_request"
     assert outcomes[(protocols.FORWARD, "wrong version")] == "bad_frame"
     assert outcomes[(protocols.INFERENCE, "open: huge cache")] == "cache_full"
+    assert outcomes[(protocols.INFERENCE, "open: past the context")] == "bad_request"
     assert outcomes[(protocols.INFERENCE, "oversized length")] == "bad_frame"
     assert in_session == ["bad_request"] * 4 + ["bad_frame"]
     assert after["token_ids"] == expected["token_ids"]
@@ -153,7 +155,9 @@ def test_forward_and_backward_protocols_match_local(tmp_path, tiny_checkpoints):
 
 def test_long_computation_does_not_stall_the_server(tmp_path):
     """While a big forward pass runs, the same server answers pings and info requests."""
-    model = write_tiny_checkpoint(tmp_path / "wide", "llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
+    model = write_tiny_checkpoint(
+        tmp_path / "wide", "llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=8, max_position_embeddings=2048
+    )
     hidden = torch.randn(8, 1024, 256)
 
     async def probe(maddr: str):

@@ -1,0 +1,463 @@
+"""A server's inference sessions: the ``inference`` and ``push`` protocols.
+
+``inference``: one stream per session — ``open`` (range, batch, max_length; the KV cache is
+allocated from the shared budget, or ``cache_full`` is answered at once), then ``step`` frames
+(hidden states and the global position of their first token), then an explicit ``close``. A
+stream that ends without ``close`` is a failure (a killed peer looks like a clean end of stream).
+A step may carry a ``route`` (the next servers of the client's chain and their session ids): the
+server then hands its output straight to the next one over ``push``, carrying along the outputs
+of the servers before it in this run (the ``trail``), and does not reply. The server that ends
+the run (the chain's last, or one that cannot push) replies to the client with its output and
+the trail, so a token costs one message per server plus one back to the client, and no process
+wakes up while the next one computes; the client still gets every output (its history for
+failover) and sends a step itself wherever a run did not finish.
+
+``push``: steps from the previous server of a chain, fed into the named session's inbox, where
+they meet the client's own frames (a step seen twice is answered from the last step). A session
+whose inbox is full drops pushed steps at once (the client sends them itself after its grace), so
+one busy session never holds up the others sharing a push stream.
+
+What a stranger can make a server hold is bounded (see :class:`SessionLimits`): sessions and cache
+tokens per peer, bytes of frames in flight (``FrameBudget``), a deadline for every frame from its
+first byte, the first step within ``open_timeout`` of the open. A session whose stream ends, or
+that is closed, stops its computation before the next block, and its memory is freed however it
+ends. Tensor work (allocating, zeroing and freeing caches, rewinding) runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.cache.kv import CacheFullError
+from swarm.engine.checkpoint import BlockRange, StepCancelled
+from swarm.p2p import protocols
+from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.wire import (
+    BAD_REQUEST,
+    BUSY,
+    CACHE_FULL,
+    MAX_TRAIL,
+    SERVER_ERROR,
+    SESSION_EXPIRED,
+    Frame,
+    WireError,
+    pump_frames,
+    read_frame,
+    write_frame,
+)
+
+log = logging.getLogger("swarm.server")
+
+PUSH_TIMEOUT = 10.0
+PUSH_RETRY = 30.0  # seconds before connecting again to a peer that could not be pushed to
+INBOX_FRAMES = 8  # steps queued per session; beyond that its client stream waits (pushes are dropped)
+CARRY_BYTES = 4 * 2**20  # outputs up to this size travel along a push instead of each going to the client
+OPEN_FRAME_BYTES = 1 << 16
+
+
+class SessionEnded(Exception):
+    """A session ends for a reason its client should hear (``code``: see the wire's error codes)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class _Session:
+    """An open inference session: its blocks, KV cache, inbox of steps (from the client's stream
+    and pushed by the previous server) and the last step run (to answer a repeat of it)."""
+
+    id: str
+    peer: str
+    blocks: BlockRange
+    kv: object
+    opened: float = field(default_factory=time.monotonic)
+    inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(INBOX_FRAMES))
+    stop: threading.Event = field(default_factory=threading.Event)  # its work is no longer wanted
+    computing: object = None  # the concurrent future of its step being computed, if any
+    steps: int = 0
+    last_step: str | None = None
+    last_position: int = -1
+    last_input: torch.Tensor | None = None
+    last_output: torch.Tensor | None = None
+    last_reordered: bool = False
+
+
+@dataclass(eq=False)
+class _PushLink:
+    """A stream to the next server of chains, for pushed steps (one writer at a time)."""
+
+    stream: object = None
+    connecting: asyncio.Task | None = None
+    retry_at: float = 0.0  # after a failed connection, no new one before this (monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Sessions:
+    """The inference sessions of one :class:`~swarm.p2p.server.BlockServer` (which owns this and
+    calls :meth:`close` when it stops)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.cfg = server.cfg
+        self.live: dict[str, _Session] = {}
+        self._push_links: dict[str, _PushLink] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def held_by(self, peer: str) -> int:
+        return sum(1 for s in self.live.values() if s.peer == peer)
+
+    async def close(self) -> None:
+        """Stop every session's work and connection attempts (the host closes after this)."""
+        for session in self.live.values():
+            session.stop.set()
+        tasks = [*self._tasks, *(link.connecting for link in self._push_links.values() if link.connecting)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- inference -------------------------------------------------------------------------
+
+    async def handle_inference(self, stream) -> None:
+        server, cfg = self.server, self.cfg
+        peer = stream.remote_peer_id
+        session, reader, ended = None, None, "closed"
+        try:
+            opening = await read_frame(
+                stream, timeout=cfg.request_timeout, max_frame=OPEN_FRAME_BYTES,
+                frame_timeout=cfg.request_timeout, budget=server.frames,
+            )
+            opening.release()
+            if opening.kind != "open":
+                raise WireError(f"an inference stream must start with an open frame, got {opening.kind}")
+            blocks = server.check_range(opening["start"], opening["end"])
+            batch, max_length = opening["batch"], opening["max_length"]
+            if not (isinstance(batch, int) and 1 <= batch <= cfg.max_batch and isinstance(max_length, int)
+                    and max_length >= 1):
+                raise ValueError(f"batch must be 1..{cfg.max_batch} and max_length a positive integer")
+            server.check_context(max_length, "max_length")
+            if self.held_by(peer) >= cfg.max_peer_sessions:
+                raise SessionEnded(
+                    f"you hold {cfg.max_peer_sessions} sessions here, the most one peer may; close some first", BUSY
+                )
+            kv = await server.in_memory_thread(
+                blocks.open_session, batch, max_length, server.budget, peer, server.peer_cache_tokens
+            )
+            session = _Session(uuid.uuid4().hex, peer, blocks, kv)
+            self.live[session.id] = session
+            server.sessions_changed()
+            log.info(
+                "session %s opened by %s: blocks %d:%d, batch %d, max_length %d (%d cache tokens left)",
+                session.id[:8], peer[-8:], blocks.start, blocks.end, batch, max_length, server.budget.tokens_left,
+            )
+            await write_frame(stream, Frame("opened", {"session_id": session.id}), timeout=cfg.request_timeout)
+
+            async def put(item) -> None:
+                if isinstance(item, BaseException) or item.kind == "close":
+                    session.stop.set()  # whatever it is computing is no longer wanted
+                await session.inbox.put(("client", item))
+
+            # the client's frames (and the error that ends them) meet pushed steps in the inbox
+            reader = asyncio.create_task(
+                pump_frames(stream, put, cfg.max_frame, frame_timeout=cfg.request_timeout, budget=server.frames)
+            )
+            await self._serve(session, stream)
+        except CacheFullError as exc:
+            ended = "refused"
+            await server.reply_error(stream, exc, CACHE_FULL)
+        except SessionEnded as exc:
+            ended = exc.code
+            await server.reply_error(stream, exc, exc.code)
+        except WireError as exc:
+            ended = exc.code
+            await server.reply_error(stream, exc, exc.code)
+        except (ValueError, TypeError) as exc:
+            ended = BAD_REQUEST
+            await server.reply_error(stream, exc, BAD_REQUEST)
+        except (RuntimeError, MemoryError) as exc:  # our own failure (out of memory, a kernel): fail over
+            ended = SERVER_ERROR
+            log.exception("session %s failed", session.id[:8] if session else "?")
+            await server.reply_error(stream, exc, SERVER_ERROR)
+        except StreamClosedError:
+            ended = "left without closing"
+        except P2PTimeoutError as exc:
+            ended = f"stalled ({exc})"
+        finally:
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            if session is not None:
+                await self._free(session)
+                log.info(
+                    "session %s of %s ended (%s) after %d steps and %.1f s",
+                    session.id[:8], peer[-8:], ended, session.steps, time.monotonic() - session.opened,
+                )
+
+    async def _serve(self, session: _Session, stream) -> None:
+        """Run the session's steps until it is closed; raises what ends it otherwise."""
+        cfg = self.cfg
+        active = None  # when the client last sent a frame or a step ran; None until the first step
+        while True:
+            now = time.monotonic()
+            lifetime_left = session.opened + cfg.session_timeout - now
+            if lifetime_left <= 0:
+                raise SessionEnded(f"sessions last at most {cfg.session_timeout:g} s here; open a new one", SESSION_EXPIRED)
+            if active is None:  # the room a session reserves returns quickly if it is never used
+                idle_left = session.opened + min(cfg.open_timeout, cfg.step_timeout) - now
+            else:
+                idle_left = active + cfg.step_timeout - now
+            if idle_left <= 0:
+                waited = "no step since the session opened" if active is None else "no step"
+                raise SessionEnded(f"{waited} for {now - (active or session.opened):.0f} s: session closed", SESSION_EXPIRED)
+            try:
+                source, frame = await asyncio.wait_for(session.inbox.get(), min(idle_left, lifetime_left))
+            except asyncio.TimeoutError:
+                continue  # the checks above end the session
+            if isinstance(frame, BaseException):
+                raise frame
+            try:
+                if source == "client":
+                    active = time.monotonic()
+                if frame.kind == "close":
+                    await write_frame(stream, Frame("closed"), timeout=cfg.request_timeout)
+                    return
+                if frame.kind != "step":
+                    raise WireError(f"expected a step or close frame, got {frame.kind}")
+                try:
+                    output, fresh = await self._step(session, frame, source)
+                except StepCancelled:
+                    continue  # closed or gone: the inbox holds what ends the session
+                except (ValueError, TypeError, RuntimeError, WireError) as exc:
+                    if source == "client":
+                        raise
+                    log.warning("ignored a pushed step for session %s: %s", session.id[:8], exc)
+                    continue
+                if output is None:
+                    continue  # a pushed copy of a step already run: the client's own copy decides
+                active = time.monotonic()
+                await self._answer(session, stream, frame, source, output, fresh)
+            finally:
+                frame.release()
+
+    async def _answer(self, session: _Session, stream, frame: Frame, source: str, output, fresh: bool) -> None:
+        # outputs of earlier servers that reached here by push and the client has not seen
+        owed = _step_parts(frame)[2] + ([frame.tensors[0]] if source == "push" else [])
+        carry = sum(t.numel() * t.element_size() for t in [*owed, output]) <= CARRY_BYTES
+        if fresh and carry and await self._push_step(frame, output, owed):
+            return  # the outputs travel on; the chain's last server (or one that cannot push) replies
+        # "to" tells the client which copy this answers: after a failover it sends its own copy
+        # and must not take an answer to a push from the server it replaced
+        fields = {"step_id": frame["step_id"], "to": source, "trail": len(owed)}
+        await write_frame(stream, Frame("output", fields, [output, *owed]), timeout=self.cfg.request_timeout)
+
+    async def _step(self, session: _Session, frame: Frame, source: str) -> tuple[torch.Tensor | None, bool]:
+        """Run a step frame on ``session``; returns (output, whether it was computed now).
+
+        A step seen already (same step id and position) is not run twice: the client's copy of it
+        gets the same output if its input is the same, else (an upstream server was replaced and
+        computed it anew) the cache rewinds and the step is recomputed; a pushed copy gets
+        (None, False): it never overrides what the client sent."""
+        hidden, hypo_ids, trail = _step_parts(frame)
+        if source == "client" and trail:
+            raise ValueError("only pushed steps carry a trail of earlier outputs")
+        position = frame["position"]
+        if not isinstance(position, int):
+            raise ValueError(f"a step's position must be an integer, got {position!r}")
+        chunks = _check_chunks(frame.fields.get("chunks"), hidden)
+        _check_hidden(session.blocks, hidden)
+        self.server.check_context(position + hidden.shape[1], "the step's end position")
+        repeat = frame["step_id"] == session.last_step and position == session.last_position
+        if repeat and source == "push":
+            return None, False
+        if repeat and session.last_reordered:
+            raise ValueError("this step was already run with other inputs and reordered the cache; reopen the session")
+        if not repeat and position != session.kv.length:
+            raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
+        session.last_step = None  # until this step has run
+        output, fresh = await self.server.compute(
+            _run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
+            session.last_input if repeat else None, session.last_output, position if repeat else None,
+            session.stop.is_set, session=session,
+        )
+        session.last_step, session.last_position = frame["step_id"], position
+        session.last_input, session.last_output = hidden, output
+        session.last_reordered = hypo_ids is not None
+        session.steps += fresh
+        return output, fresh
+
+    async def _free(self, session: _Session) -> None:
+        """Stop the session's work and give its memory back, off the event loop, however it ended."""
+        session.stop.set()
+        self.live.pop(session.id, None)
+        try:
+            if session.computing is not None and not session.computing.done():
+                await asyncio.wait([asyncio.wrap_future(session.computing)])  # stops before its next block
+            await self.server.in_memory_thread(session.kv.close)
+        finally:
+            session.kv.close()  # idempotent: here only if the wait above was cancelled
+            session.last_input = session.last_output = None
+            while not session.inbox.empty():
+                _, item = session.inbox.get_nowait()
+                if isinstance(item, Frame):
+                    item.release()
+            self.server.sessions_changed()
+
+    # ---- push ------------------------------------------------------------------------------
+
+    async def handle_push(self, stream) -> None:
+        """Steps pushed by the previous server of a chain, for sessions held here. Unknown sessions
+        (closed meanwhile) and sessions whose inbox is full are skipped: their clients send the
+        step themselves. The stream is reset when this ends (idle for the step timeout, a bad
+        frame), so the pusher's next write fails and it falls back to the client instead of
+        pushing into the void."""
+        server, cfg = self.server, self.cfg
+        try:
+            while True:
+                frame = await read_frame(
+                    stream, timeout=cfg.step_timeout, max_frame=cfg.max_frame,
+                    frame_timeout=cfg.request_timeout, budget=server.frames,
+                )
+                try:
+                    if frame.kind != "step" or not isinstance(frame.fields.get("session"), str):
+                        raise WireError(f"expected a step frame naming a session, got {frame.kind}")
+                    session = self.live.get(frame["session"])
+                    if session is None or session.stop.is_set():
+                        log.debug("a pushed step for unknown session %s: skipped", str(frame["session"])[:8])
+                        continue
+                    try:
+                        session.inbox.put_nowait(("push", frame))
+                        frame = None  # the session owns it now
+                    except asyncio.QueueFull:
+                        log.info("session %s takes no more steps now: a pushed step dropped", session.id[:8])
+                finally:
+                    if frame is not None:
+                        frame.release()
+        except WireError as exc:
+            log.warning("bad frame on a push stream from %s: %s", stream.remote_peer_id[-8:], exc)
+        except (P2PTimeoutError, StreamClosedError):
+            pass
+        finally:
+            await stream.reset()
+
+    async def _push_step(self, frame: Frame, output: torch.Tensor, owed: list[torch.Tensor]) -> bool:
+        """Send ``output`` straight to the next server of the step's route (so the chain needs no
+        round trip through the client per server), with ``owed``: earlier outputs the client has
+        not seen, which the server that finally replies hands it. False if there is no next server
+        or it cannot be reached now (the client then sends it). The first push to a peer only
+        starts connecting."""
+        route = frame.fields.get("route")
+        if not route or not isinstance(route, list) or not isinstance(route[0], dict):
+            return False
+        nxt = route[0]
+        peer, session = nxt.get("peer"), nxt.get("session")
+        if not (isinstance(peer, str) and isinstance(session, str)) or peer == self.server.host.peer_id:
+            return False
+        if peer not in self._push_links and len(self._push_links) >= MAX_PUSH_LINKS:
+            return False  # the route names more peers than any real chain does
+        link = self._push_links.setdefault(peer, _PushLink())
+        if link.stream is None:  # not connected yet (connecting now, or failed lately)
+            if link.connecting is None and time.monotonic() >= link.retry_at:
+                link.connecting = asyncio.create_task(self._connect_push(peer, link))
+            return False
+        fields = {
+            "session": session, "step_id": frame["step_id"], "position": frame["position"],
+            "route": route[1:MAX_TRAIL], "trail": len(owed),
+        }
+        hypo_ids = _step_parts(frame)[1]
+        tensors = [output, *([] if hypo_ids is None else [hypo_ids]), *owed]  # hypo_ids travel along
+        try:
+            async with link.lock:
+                await write_frame(link.stream, Frame("step", fields, tensors), timeout=PUSH_TIMEOUT)
+            return True
+        except P2PError as exc:
+            log.info("push to %s failed (%s); the client sends that step itself", peer[-8:], exc)
+            stream, link.stream = link.stream, None
+            if stream is not None:
+                await stream.reset()
+            return False
+
+    async def _connect_push(self, peer: str, link: _PushLink) -> None:
+        try:
+            link.stream = await self.server.host.open_stream(peer, protocols.PUSH, timeout=PUSH_TIMEOUT)
+        except P2PError as exc:
+            log.info("cannot push to %s (retrying in %g s): %s", peer[-8:], PUSH_RETRY, exc)
+            link.retry_at = time.monotonic() + PUSH_RETRY
+        finally:
+            link.connecting = None
+
+
+MAX_PUSH_LINKS = 256  # distinct next servers this server keeps push streams to
+
+
+def _step_parts(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """A step frame's tensors: ``[hidden, hypo_ids?, *trail]`` where ``trail`` (``fields["trail"]``
+    of them, pushed steps only) are the outputs of the servers before this one that the client
+    has not received yet, each shaped like ``hidden``."""
+    n = frame.fields.get("trail", 0)
+    if not isinstance(n, int) or not 0 <= n <= MAX_TRAIL or len(frame.tensors) - n not in (1, 2):
+        raise ValueError(f"a step frame carries hidden states, optional hypo_ids and a trail of 0..{MAX_TRAIL} tensors")
+    hidden = frame.tensors[0]
+    hypo_ids = frame.tensors[1] if len(frame.tensors) - n == 2 else None
+    trail = frame.tensors[len(frame.tensors) - n :] if n else []
+    if any(t.shape != hidden.shape or not t.is_floating_point() for t in trail):  # dtypes may differ by server
+        raise ValueError("a step's trail tensors must be hidden states shaped like its own")
+    return hidden, hypo_ids, trail
+
+
+def _check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
+    if not hidden.is_floating_point() or hidden.dim() != 3 or hidden.shape[-1] != blocks.config.hidden_size:
+        raise ValueError(
+            f"hidden states must be floating point [batch, seq, {blocks.config.hidden_size}], "
+            f"got {hidden.dtype} {list(hidden.shape)}"
+        )
+
+
+def _check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
+    """A step may carry ``chunks``: the lengths of the steps it replays (a replacement server
+    rebuilding a failed one's cache runs the client's history step by step, exactly as it was
+    first computed). Without it the step is one chunk."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden states must be [batch, seq, hidden], got shape {list(hidden.shape)}")
+    if chunks is None:
+        return [hidden.shape[1]]
+    if not (isinstance(chunks, list) and chunks and all(isinstance(c, int) and c > 0 for c in chunks)):
+        raise ValueError("chunks must be a non-empty list of positive step lengths")
+    if sum(chunks) != hidden.shape[1]:
+        raise ValueError(f"chunks add up to {sum(chunks)} positions but the step carries {list(hidden.shape)}")
+    return chunks
+
+
+def _run_step(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int], last_input, last_output, rewind_to,
+              should_stop) -> tuple[torch.Tensor, bool]:
+    """On the compute thread: a step (or a replay split into ``chunks``), or the answer to a repeat
+    of the last step (``rewind_to`` set): the same input gets the same output without computing,
+    another input rewinds the cache to ``rewind_to`` and is computed anew. Returns the outputs of
+    every position and whether they were computed now."""
+    if rewind_to is not None:
+        if last_input is not None and torch.equal(hidden, last_input):
+            return last_output, False
+        kv.rewind(rewind_to)
+    if hypo_ids is not None:
+        batch = hidden.shape[0]
+        if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (batch,):
+            raise ValueError(f"hypo_ids must be int64 of shape [{batch}], got {hypo_ids.dtype} {list(hypo_ids.shape)}")
+        if len(hypo_ids) and not (0 <= int(hypo_ids.min()) and int(hypo_ids.max()) < batch):
+            raise ValueError(f"hypo_ids must index rows 0..{batch - 1}")
+    kv.check_room(hidden.shape[1])
+    outputs, start = [], 0
+    with torch.no_grad():
+        for i, length in enumerate(chunks):
+            part = hidden[:, start : start + length]
+            outputs.append(blocks(part, kv, hypo_ids if i == 0 else None, should_stop=should_stop))
+            start += length
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), True
