@@ -335,6 +335,7 @@ class BlockServer:
         info = {
             **self.info().to_wire(),
             "num_blocks": self.num_blocks,
+            "hidden_size": self.checkpoint.config.hidden_size,
             "limits": self._limits(),
             "table": [s.to_wire() for s in self.table.snapshot().values()],
         }
