@@ -46,7 +46,7 @@ class ClientConfig:
 async def fetch_info(host: Host, maddr: str, timeout: float) -> dict:
     """Dial ``maddr`` and ask for its info (model, blocks, limits, table)."""
     peer = await host.connect(maddr, timeout=timeout)
-    reply = await protocols.request(host, peer, protocols.INFO, Frame("info"), timeout)
+    reply = await protocols.request(host, peer, protocols.INFO, Frame("info"), timeout, max_frame=INFO_FRAME)
     return expect(reply, "info_reply")["info"]
 
 
@@ -169,6 +169,9 @@ PUSH_GRACE = 2.0  # s: a pushed step unanswered this long (or 4× the previous s
 FIRST_PUSH_GRACE = 10.0  # s: the same for a chain's first step (nothing to compare with yet)
 MAX_LOST_PUSHES = 3  # push runs in a row that went wrong before a chain stops asking for pushes
 REPLAY_FRAME_BYTES = 64 * 2**20  # a replay larger than this is sent as several frames
+REPLY_QUEUE = 8  # frames read ahead from one server's session stream
+FRAME_TIMEOUT = 30.0  # s from a reply frame's first byte to its last (plus a second per MiB)
+INFO_FRAME = 16 * 2**20  # the largest info reply taken (a table of thousands of servers fits)
 
 
 def _refused(peer_id: str, exc: Exception) -> Exception:
@@ -205,18 +208,18 @@ class SpanSession:
     stream: object
     session_id: str = ""
     history: SpanHistory = field(default_factory=SpanHistory)
-    frames: asyncio.Queue = field(default_factory=asyncio.Queue)
+    frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(REPLY_QUEUE))
     reader: asyncio.Task | None = None
     arrived: asyncio.Event | None = None  # set on every frame (or read error); shared by a chain
     error: Exception | None = None  # an error reply taken out of turn: every later read raises it
 
     def start_reading(self) -> None:
         async def put(item) -> None:
-            self.frames.put_nowait(item)
+            await self.frames.put(item)  # a server that floods us only stalls its own stream
             if self.arrived is not None:
                 self.arrived.set()
 
-        self.reader = asyncio.create_task(pump_frames(self.stream, put))
+        self.reader = asyncio.create_task(pump_frames(self.stream, put, frame_timeout=FRAME_TIMEOUT))
 
     async def next_frame(self, timeout: float) -> Frame:
         """The next frame from the server; its read error if the stream failed; P2PTimeoutError

@@ -80,6 +80,7 @@ HEARTBEAT_S = 1  # gossipsub heartbeat: meshes form within a second or two on lo
 # takes 0.23 ms instead of 0.5 ms. Read when yamux reads, so a user's own setting still wins.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 OUTBOUND_QUEUE = 4096  # RPCs queued per pubsub peer before drops (py-libp2p: 32)
+SUBSCRIPTION_QUEUE = 4096  # messages a subscription holds unread before it drops new ones
 MAX_PUBLISH_BYTES = (1 << 20) - (16 << 10)  # pubsub drops RPCs over 1 MiB; leave room for signature etc.
 
 
@@ -400,8 +401,8 @@ class Stream:
 class Subscription:
     """Messages on one gossipsub topic, as ``(sender peer id, data)``; an async iterator.
 
-    Messages this host published itself are not delivered here. Messages queue without bound
-    until read. Iteration ends when the subscription is cancelled or the host closes (unread
+    Messages this host published itself are not delivered here. Up to SUBSCRIPTION_QUEUE
+    messages queue until read; beyond that new ones are dropped (gossip is best effort). Iteration ends when the subscription is cancelled or the host closes (unread
     messages are then dropped).
     """
 
@@ -734,4 +735,5 @@ class Host:
 
     def _deliver(self, topic: str, sender: str, data: bytes) -> None:  # asyncio side
         for sub in self._subs.get(topic, ()):
-            sub._queue.put_nowait((sender, data))
+            if sub._queue.qsize() < SUBSCRIPTION_QUEUE:  # a flood is dropped: gossip is best effort anyway
+                sub._queue.put_nowait((sender, data))

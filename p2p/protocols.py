@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swarm.p2p.wire import Frame, read_frame, write_frame
+from swarm.p2p.wire import DEFAULT_MAX_FRAME, Frame, read_frame, write_frame
 
 INFO = "/swarm/info/1.0.0"
 INFERENCE = "/swarm/inference/1.0.0"
@@ -11,13 +11,13 @@ FORWARD = "/swarm/forward/1.0.0"
 BACKWARD = "/swarm/backward/1.0.0"
 
 
-async def request(host, peer_id: str, protocol: str, frame: Frame, timeout: float) -> Frame:
-    """Open a stream, send ``frame``, read one reply frame, close. Every wait is bounded by
-    ``timeout``; errors are the host's (PeerUnreachableError, StreamClosedError, P2PTimeoutError)
-    or the wire's (WireError)."""
+async def request(host, peer_id: str, protocol: str, frame: Frame, timeout: float, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
+    """Open a stream, send ``frame``, read one reply frame (of at most ``max_frame`` bytes), close.
+    Every wait is bounded by ``timeout``; errors are the host's (PeerUnreachableError,
+    StreamClosedError, P2PTimeoutError) or the wire's (WireError)."""
     stream = await host.open_stream(peer_id, protocol, timeout=timeout)
     try:
         await write_frame(stream, frame, timeout=timeout)
-        return await read_frame(stream, timeout=timeout)
+        return await read_frame(stream, timeout=timeout, max_frame=max_frame)
     finally:
         await stream.close()
