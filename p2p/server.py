@@ -363,9 +363,16 @@ class BlockServer:
             session.computing = future
         return await asyncio.wrap_future(future)
 
-    async def in_memory_thread(self, fn, *args):
-        """``fn(*args)`` on the thread that allocates and frees KV caches (off the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self._memory, fn, *args)
+    async def in_memory_thread(self, fn, *args, orphan=None):
+        """``fn(*args)`` on the thread that allocates and frees KV caches (off the event loop).
+        Should the caller be cancelled, ``orphan(result)`` releases what ``fn`` returns anyway."""
+        future = self._memory.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if orphan is not None:
+                future.add_done_callback(lambda f: f.cancelled() or f.exception() or orphan(f.result()))
+            raise
 
     def sessions_changed(self) -> None:
         """The cache room left changed: re-announce it soon."""

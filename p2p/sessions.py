@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -110,18 +111,19 @@ class Sessions:
         self.cfg = server.cfg
         self.live: dict[str, _Session] = {}
         self._push_links: dict[str, _PushLink] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._opening: Counter = Counter()  # peer -> sessions being allocated now
 
     # ---- accounting ------------------------------------------------------------------------
 
     def held_by(self, peer: str) -> int:
-        return sum(1 for s in self.live.values() if s.peer == peer)
+        """Sessions ``peer`` has open here, or is opening."""
+        return self._opening[peer] + sum(1 for s in self.live.values() if s.peer == peer)
 
     async def close(self) -> None:
         """Stop every session's work and connection attempts (the host closes after this)."""
         for session in self.live.values():
             session.stop.set()
-        tasks = [*self._tasks, *(link.connecting for link in self._push_links.values() if link.connecting)]
+        tasks = [link.connecting for link in self._push_links.values() if link.connecting]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -150,9 +152,16 @@ class Sessions:
                 raise SessionEnded(
                     f"you hold {cfg.max_peer_sessions} sessions here, the most one peer may; close some first", BUSY
                 )
-            kv = await server.in_memory_thread(
-                blocks.open_session, batch, max_length, server.budget, peer, server.peer_cache_tokens
-            )
+            self._opening[peer] += 1
+            try:
+                kv = await server.in_memory_thread(
+                    blocks.open_session, batch, max_length, server.budget, peer, server.peer_cache_tokens,
+                    orphan=lambda kv: kv.close(),  # opened for a handler that was cancelled meanwhile
+                )
+            finally:
+                self._opening[peer] -= 1
+                if not self._opening[peer]:
+                    del self._opening[peer]
             session = _Session(uuid.uuid4().hex, peer, blocks, kv)
             self.live[session.id] = session
             server.sessions_changed()
