@@ -100,6 +100,7 @@ def serve(
     from swarm.engine.default_model import swarm_home
     from swarm.engine.families import CheckpointError, UnsupportedModelError
     from swarm.p2p.host import P2PError
+    from swarm.p2p.identity import claim_identity
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
 
     _setup_logging(verbose)
@@ -116,7 +117,8 @@ def serve(
             cache_tokens=cache_tokens,
             listen_host=host,
             port=port,
-            identity=identity or default_identity(swarm_home()),
+            # claimed now: a key file in use by another process is refused before anything loads
+            identity=claim_identity(identity) if identity else default_identity(swarm_home()),
             initial_peers=_peers(initial_peers),
             new_swarm=new_swarm,
             public_name=public_name,

@@ -41,7 +41,6 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.exceptions import StreamFailure
-from libp2p.identity_utils import load_identity, save_identity
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -54,9 +53,10 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
+from swarm.p2p.identity import Identity, IdentityInUseError, claim_identity, load_or_create_identity
 
 __all__ = ["DialTimeoutError", "Host", "P2PError", "P2PTimeoutError", "PeerUnreachableError"]
-__all__ += ["Stream", "StreamClosedError", "Subscription", "load_or_create_identity"]
+__all__ += ["IdentityInUseError", "Stream", "StreamClosedError", "Subscription", "load_or_create_identity"]
 
 log = logging.getLogger(__name__)
 if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose logs
@@ -99,21 +99,6 @@ class MessageTooLargeError(P2PError):
 
 class StreamClosedError(P2PError):
     """End of stream or reset while reading or writing (a killed peer looks like a clean EOF)."""
-
-
-def load_or_create_identity(path: Path) -> KeyPair:
-    """The Ed25519 key pair stored at ``path``, created on first use (parent directories made,
-    file mode 0600) so the peer id stays the same across restarts.
-
-    Raises ``ValueError`` naming the file if it holds no valid key, ``OSError`` if it cannot be
-    read or written.
-    """
-    path = Path(path)
-    if path.exists():
-        return load_identity(path)
-    key_pair = generate_new_ed25519_identity()
-    save_identity(key_pair, path)
-    return key_pair
 
 
 def _check_port_free(listen_host: str, port: int) -> None:
@@ -378,11 +363,15 @@ class Host:
     peer_id: str
     addrs: list[str]
 
-    def __init__(self, key_pair: KeyPair, listen: multiaddr.Multiaddr):
+    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr):
         """Use :meth:`start`."""
-        self._key_pair = key_pair
+        self._identity = identity
+        self._key_pair = identity.key_pair
         self._listen = listen
-        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self.peer_id = ID.from_pubkey(self._key_pair.public_key).to_base58()
+        # this run of the peer id: its start time, then random bits, so that a later run of the
+        # same key sorts after an earlier one (announcements carry it: see swarm.p2p.table)
+        self.instance = f"{time.time_ns():016x}{secrets.token_hex(4)}"
         self.addrs = []
         self._bridge = TrioThread(name=f"libp2p-{self.peer_id[-6:]}")
         self._subs: dict[str, set[Subscription]] = {}
@@ -392,10 +381,15 @@ class Host:
         self._addr_book: dict[ID, list[multiaddr.Multiaddr]] = {}
 
     @classmethod
-    async def start(cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | None = None) -> Host:
+    async def start(
+        cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | Identity | None = None
+    ) -> Host:
         """Start a host listening on ``listen_host:port`` (0 picks a free port) and return once it
-        listens. ``identity`` is a key file (see :func:`load_or_create_identity`); None means a fresh
-        random key. Raises P2PError if the host cannot start (e.g. the port is taken)."""
+        listens. ``identity`` is a key file, claimed for the host's lifetime (see
+        :func:`~swarm.p2p.identity.claim_identity`), or an :class:`Identity` claimed already (the
+        host releases it when it closes or fails to start); None means a fresh random key.
+        Raises P2PError if the host cannot start (e.g. the port is taken), IdentityInUseError (a
+        P2PError) if another process holds the key file."""
         ip = "ip6" if ":" in listen_host else "ip4"
         try:
             listen = multiaddr.Multiaddr(f"/{ip}/{listen_host}/tcp/{port}")
@@ -403,14 +397,18 @@ class Host:
             raise P2PError(f"cannot listen on {listen_host!r} port {port}: {exc}") from None
         if port:
             _check_port_free(listen_host, port)
-        key_pair = load_or_create_identity(identity) if identity is not None else generate_new_ed25519_identity()
-        self = cls(key_pair, listen)
+        if identity is None:
+            identity = Identity(generate_new_ed25519_identity())
+        elif not isinstance(identity, Identity):
+            identity = claim_identity(identity)
+        self = cls(identity, listen)
         try:
             self.addrs = await self._bridge.start(self._services, timeout=START_TIMEOUT)
-        except P2PError:
+        except BaseException as exc:
+            identity.release()
+            if isinstance(exc, Exception) and not isinstance(exc, P2PError):
+                raise P2PError(f"cannot start a libp2p host on {self._listen}: {type(exc).__name__}: {exc}") from exc
             raise
-        except Exception as exc:
-            raise P2PError(f"cannot start a libp2p host on {self._listen}: {type(exc).__name__}: {exc}") from exc
         return self
 
     @asynccontextmanager
@@ -464,7 +462,10 @@ class Host:
             for sub in subs:
                 sub._end()
         self._subs.clear()
-        await self._bridge.close()
+        try:
+            await self._bridge.close()
+        finally:
+            self._identity.release()  # the key file is free for another process
 
     # ---- connections and streams ------------------------------------------------------------
 

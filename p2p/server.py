@@ -42,6 +42,7 @@ from swarm.cache.kv import CacheFullError, KVCacheBudget
 from swarm.engine.checkpoint import BlockRange, Checkpoint, parse_dtype
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.identity import Identity, claim_default_identity
 from swarm.p2p.routing import choose_blocks
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
 from swarm.p2p.wire import (
@@ -68,7 +69,7 @@ class ServerConfig:
     cache_tokens: int = 32768
     listen_host: str = "127.0.0.1"
     port: int = 0
-    identity: Path | None = None
+    identity: Path | Identity | None = None  # a key file, one claimed already, or None: a fresh key
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     public_name: str = ""
@@ -250,6 +251,7 @@ class BlockServer:
             version=__version__,
             public_name=self.cfg.public_name,
             period=self.cfg.announce_period,
+            instance=self.host.instance,
             received=time.monotonic(),
         )
 
@@ -628,27 +630,11 @@ def _run_backward(blocks: BlockRange, hidden, grad_output):
     return inputs.grad
 
 
-def default_identity(home: Path) -> Path:
-    """``$SWARM_HOME/identity.key``, or ``identity-2.key``, ... when another server on this machine
-    holds it: each running server keeps a lock on its key file, so several servers on one machine
-    get distinct, stable peer ids."""
-    import fcntl
-
-    for n in range(1, 1000):
-        path = home / ("identity.key" if n == 1 else f"identity-{n}.key")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix(".lock"), "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            continue
-        _identity_locks.append(lock)  # held until the process exits
-        return path
-    raise RuntimeError(f"no free identity file under {home}; pass --identity PATH")
-
-
-_identity_locks: list = []
+def default_identity(home: Path) -> Identity:
+    """``$SWARM_HOME/identity.key``, or ``identity-2.key``, ... when another process holds it,
+    claimed for this process (see :mod:`swarm.p2p.identity`): several servers on one machine get
+    distinct peer ids, each stable across restarts."""
+    return claim_default_identity(home)
 
 
 def serve_forever(cfg: ServerConfig, on_ready=None) -> None:

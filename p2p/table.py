@@ -4,6 +4,11 @@ Servers announce themselves on a gossipsub topic per model every ``period`` seco
 that has not been refreshed for ``expiry_periods`` periods is dropped, and an ``offline``
 announcement drops it at once. Gossip is best-effort (REFERENCE §4), so the table is rebuilt
 continuously rather than trusted to hear every message.
+
+Each announcement names the ``instance`` (the run of the process) it comes from, ordered by start
+time: a server restarted with the same key replaces its old entry, and an offline announcement
+removes only the entry of the run that sent it, never a newer run of the same peer id (gossip may
+deliver the old run's goodbye after the new run's hello).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class ServerInfo:
     version: str = __version__
     public_name: str = ""
     period: float = 5.0  # seconds between this server's announcements (its entry expires after 3)
+    instance: str = ""  # this run of the server's process (start time, random bits): later runs sort after
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     def to_wire(self) -> dict:
@@ -79,6 +85,7 @@ class ServerInfo:
                 version=str(data.get("version", "")),
                 public_name=str(data.get("public_name", ""))[:64],
                 period=float(data.get("period", 5.0)),
+                instance=str(data.get("instance", ""))[:64],
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -113,14 +120,20 @@ class PeerTable:
         self._servers: dict[PeerId, ServerInfo] = {}
 
     def update(self, info: ServerInfo) -> bool:
-        """Apply an announcement. Returns False (and ignores it) for another model or a range
-        outside the model's blocks."""
+        """Apply an announcement; returns whether it was taken. Ignored: another model, a range
+        outside the model's blocks, and an earlier run of a server than the one in the table (so
+        its offline announcement never removes a later run)."""
         if info.model != self.model or info.end > self.num_blocks:
             return False
-        if info.state == "offline":
-            self._servers.pop(info.peer_id, None)
-        else:
+        current = self._servers.get(info.peer_id)
+        if current is not None and info.instance < current.instance:
+            return False
+        if info.state != "offline":
             self._servers[info.peer_id] = info
+        elif current is not None:  # that run, or a later one, leaves
+            del self._servers[info.peer_id]
+        else:
+            return False
         return True
 
     def remove(self, peer_id: PeerId) -> None:
@@ -137,8 +150,8 @@ class PeerTable:
         return dict(self._servers)
 
     def merge(self, infos: list[dict], now: float | None = None) -> None:
-        """Seed from another peer's table (on joining); newer local entries win; malformed entries
-        are skipped."""
+        """Seed from another peer's table (on joining); local entries win unless the other table
+        knows a later run of that server; malformed entries are skipped."""
         if not isinstance(infos, list):
             return
         for data in infos:
@@ -148,7 +161,8 @@ class PeerTable:
                 info = ServerInfo.from_wire(data, received=time.monotonic() if now is None else now)
             except ValueError:
                 continue
-            if info.peer_id not in self._servers:
+            current = self._servers.get(info.peer_id)
+            if current is None or info.instance > current.instance:
                 self.update(info)
 
 
