@@ -378,7 +378,8 @@ class Host:
         # trio side only:
         self._lp = None
         self._pubsub: _Pubsub | None = None
-        self._addr_book: dict[ID, list[multiaddr.Multiaddr]] = {}
+        self._addr_book: dict[ID, list[multiaddr.Multiaddr]] = {}  # the order in which dials try them
+        self._dialing: dict[ID, trio.Lock] = {}
 
     @classmethod
     async def start(
@@ -561,14 +562,40 @@ class Host:
         known.extend(a for a in addrs if a not in known)
 
     async def _dial(self, peer: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        """Connect to ``peer`` unless connected: ``addrs`` first, then the other addresses we know
+        of it, one at a time (each gets an equal share of the time left), until one works.
+
+        py-libp2p's dial takes every address in its peerstore but tries only one per transport
+        (the first TCP one), so a stale address (a restarted server's old port) would hide the
+        live one: we hand it one address per dial. An address that worked is tried first next
+        time; those that failed before it are forgotten (announcements bring them back if they
+        are still current). libp2p's peerstore forgets addresses after 120 s, so the address book
+        here is ours."""
         self._remember(peer, addrs)
-        # libp2p's connect() stores the addresses with a 120 s TTL, after which its peerstore
-        # forgets them: we keep our own address book and hand it over at each dial.
-        self._lp.get_network().unblock_peer(peer)  # an explicit dial always tries, even right after a failed one
-        try:
-            await self._lp.connect(PeerInfo(peer, list(self._addr_book[peer])))
-        except Exception as exc:  # SwarmException, OSError, exception groups from the dialer
-            raise PeerUnreachableError(f"cannot connect to {peer} at {' '.join(map(str, addrs))}: {exc}") from exc
+        async with self._dialing.setdefault(peer, trio.Lock()):  # one dial per peer at a time
+            network = self._lp.get_network()
+            if network.connections.get(peer):
+                return
+            book = self._addr_book[peer]
+            order = [*addrs, *(a for a in book if a not in addrs)]
+            failed: list[multiaddr.Multiaddr] = []
+            errors: list[str] = []
+            for i, addr in enumerate(order):
+                self._lp.get_peerstore().clear_addrs(peer)
+                network.unblock_peer(peer)  # an explicit dial always tries, even right after a failed one
+                share = max(0.0, trio.current_effective_deadline() - trio.current_time()) / (len(order) - i)
+                with trio.move_on_after(share):
+                    try:
+                        await self._lp.connect(PeerInfo(peer, [addr]))
+                        book[:] = [addr, *(a for a in book if a != addr and a not in failed)]
+                        return
+                    except Exception as exc:  # SwarmException, OSError, exception groups from the dialer
+                        errors.append(f"{addr}: {exc}")
+                failed.append(addr)
+                if len(errors) < len(failed):
+                    errors.append(f"{addr}: no connection within {share:.1f} s")
+            book[:] = [*(a for a in book if a not in failed), *failed]  # failed ones last next time
+            raise PeerUnreachableError(f"cannot connect to {peer} at any of its addresses: {'; '.join(errors)}")
 
     async def _new_stream(self, peer: ID, protocol: str):
         if not self._lp.get_network().connections.get(peer):

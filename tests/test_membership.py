@@ -1,11 +1,34 @@
 """Membership: which servers a peer counts on. Runs of one peer id (a restart) never remove each
-other."""
+other; every known address of a peer is tried."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 
+import pytest
+
+from swarm.p2p.host import Host, PeerUnreachableError
+from swarm.p2p.status import gather_status
 from swarm.p2p.table import PeerTable, ServerInfo
+from swarm_utils import ServerProcess, generate_json
+
+PROMPT = "The capital of France is"
+
+
+def run(coro, timeout: float = 60.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _peer_of(server: ServerProcess) -> str:
+    return server.maddr.rsplit("/p2p/", 1)[1]
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:  # bound, never listening: a dial is refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---- runs of one peer id -----------------------------------------------------------------------
@@ -28,3 +51,66 @@ def test_an_earlier_run_never_removes_a_later_one():
     assert table.snapshot()["p"].instance == "03", "but its later run does"
     assert table.update(info("03", state="offline")) and table.snapshot() == {}
     assert ServerInfo.from_wire(info("04").to_wire(), received=0.0).instance == "04"
+
+
+# ---- every address of a peer -------------------------------------------------------------------
+
+
+def test_a_stale_address_does_not_hide_the_live_one(tmp_path):
+    key = tmp_path / "server.key"
+
+    async def main():
+        server = await Host.start(identity=key)
+        client = await Host.start()
+        try:
+            stale = f"/ip4/127.0.0.1/tcp/{_dead_port()}/p2p/{server.peer_id}"
+            with pytest.raises(PeerUnreachableError, match="cannot connect"):
+                await client.connect(stale, timeout=10)
+            assert await client.connect(server.addrs[0], timeout=10) == server.peer_id  # STALE then LIVE
+            # a restarted server (same key, new port) is found through the address announced last
+            await server.close()
+            server = await Host.start(identity=key)
+            other = await Host.start()
+            try:
+                other.add_addrs(server.peer_id, [stale, server.addrs[0]])
+                assert await other.ping(server.peer_id, timeout=10) > 0
+            finally:
+                await other.close()
+            client.add_addrs(server.peer_id, server.addrs)  # the old connection is gone: dials again
+            deadline = time.monotonic() + 10
+            while True:  # the client notices the old connection closing on its own thread
+                try:
+                    assert await client.ping(server.peer_id, timeout=10) > 0
+                    break
+                except PeerUnreachableError:
+                    if time.monotonic() > deadline:
+                        raise
+        finally:
+            await client.close()
+            await server.close()
+
+    run(main())
+
+
+def test_generate_and_status_with_a_stale_initial_peer(tmp_path, tiny_checkpoints):
+    """`--initial-peers STALE --initial-peers LIVE`, STALE being the server's previous address (it restarted on a
+    new port with the same identity), works like LIVE alone."""
+    model = tiny_checkpoints["llama"]
+    args = ["--model", str(model), "--blocks", "0:4", "--identity", str(tmp_path / "server.key"), "--new-swarm"]
+    server = ServerProcess(args, tmp_path, "before")
+    try:
+        stale = server.wait_ready()
+    finally:
+        assert server.stop() == 0
+    server = ServerProcess(args, tmp_path, "after")
+    try:
+        live = server.wait_ready()
+        assert stale != live and stale.rsplit("/", 1)[1] == live.rsplit("/", 1)[1]
+        local = generate_json(["--local", "--model", str(model), "--max-new-tokens", "6", PROMPT], tmp_path)
+        remote = generate_json(["--model", str(model), "--initial-peers", stale, "--initial-peers", live, "--max-new-tokens", "6",
+                                PROMPT], tmp_path)
+        status = run(gather_status([stale, live]))
+    finally:
+        server.stop()
+    assert remote["token_ids"] == local["token_ids"]
+    assert [s["state"] for s in status["servers"]] == ["online"] and len(status["unreachable_initial_peers"]) == 1
