@@ -1,17 +1,25 @@
 """Membership: which servers a peer counts on. Runs of one peer id (a restart) never remove each
-other; every known address of a peer is tried."""
+other; every known address of a peer is tried; servers that do not answer are shown unreachable
+and left out of routes."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 
 import pytest
+from rich.console import Console
 
+from swarm.cli.render import status_view
+from swarm.engine.checkpoint import Checkpoint
+from swarm.p2p.client import ClientConfig, SwarmClient
 from swarm.p2p.host import Host, PeerUnreachableError
+from swarm.p2p.routing import NoRouteError, Span
 from swarm.p2p.status import gather_status
-from swarm.p2p.table import PeerTable, ServerInfo
+from swarm.p2p.table import PeerTable, ServerInfo, model_id
 from swarm_utils import ServerProcess, generate_json
 
 PROMPT = "The capital of France is"
@@ -114,3 +122,71 @@ def test_generate_and_status_with_a_stale_initial_peer(tmp_path, tiny_checkpoint
         server.stop()
     assert remote["token_ids"] == local["token_ids"]
     assert [s["state"] for s in status["servers"]] == ["online"] and len(status["unreachable_initial_peers"]) == 1
+
+
+# ---- servers that do not answer ----------------------------------------------------------------
+
+
+def _render(data: dict) -> str:
+    console = Console(width=200, record=True)
+    console.print(status_view(data))
+    return console.export_text()
+
+
+def test_dead_and_frozen_servers_are_unreachable_in_status_and_routes(tmp_path, tiny_checkpoints):
+    model = tiny_checkpoints["llama"]
+    servers: list[ServerProcess] = []
+
+    def serve(blocks: str, *join: str) -> ServerProcess:
+        # a long announce period: the tables keep listing a dead server for the whole test
+        server = ServerProcess(["--model", str(model), "--blocks", blocks, "--announce-period", "60",
+                                "--identity", str(tmp_path / f"{len(servers)}.key"), *join], tmp_path, f"s{len(servers)}")
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    async def client(first: str) -> SwarmClient:
+        cfg = ClientConfig(initial_peers=[first], wait_timeout=20.0, unreachable_seconds=0.5)
+        return await SwarmClient.start(model_id(model, Checkpoint(model).raw_config), 4, cfg)
+
+    async def routes(first: str) -> None:
+        killed = _peer_of(servers[1])
+        one = await client(first)
+        try:
+            assert killed in one.table.snapshot()
+            with pytest.raises(NoRouteError, match="block\\(s\\) 2:4"):
+                await one.route(wait=False)
+            assert killed in one.unreachable()
+            replacement = serve("2:4", "--initial-peers", first)  # route waits until it is announced
+            assert await one.route() == [Span(_peer_of(servers[0]), 0, 2), Span(_peer_of(replacement), 2, 4)]
+        finally:
+            await one.close()
+        os.kill(replacement.proc.pid, signal.SIGSTOP)  # frozen: pings time out
+        try:
+            two = await client(first)
+            with pytest.raises(NoRouteError, match="block\\(s\\) 2:4"):
+                await two.route(wait=False)
+            assert _peer_of(replacement) in two.unreachable()
+        finally:
+            os.kill(replacement.proc.pid, signal.SIGCONT)
+        try:
+            assert (await two.route())[1].peer_id == _peer_of(replacement), "pinged again, and it answers"
+        finally:
+            await two.close()
+
+    try:
+        first = serve("0:2", "--new-swarm").maddr
+        serve("2:4", "--initial-peers", first)
+        before = run(gather_status([first]))
+        servers[1].proc.kill()
+        servers[1].proc.wait()
+        after = run(gather_status([first]))
+        run(routes(first), timeout=120)
+    finally:
+        for server in servers:
+            server.stop()
+    assert [s["state"] for s in before["servers"]] == ["online", "online"] and before["gaps"] == []
+    assert [s["state"] for s in after["servers"]] == ["online", "unreachable"]
+    assert after["gaps"] == [[2, 4]] and after["coverage"][2:] == [0.0, 0.0]
+    text = _render(after)
+    assert "unreachable" in text and "gaps: 2:4" in text
