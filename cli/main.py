@@ -211,7 +211,7 @@ def generate(
             initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
         )
         try:
-            model_name = model_id(client.path, client.checkpoint.raw_config)
+            model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)
         except (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError) as exc:
             if stream is not None and stream.printed:
@@ -257,7 +257,7 @@ def status(
         from swarm.p2p.table import model_id
 
         path = resolve_model(model, quiet=True)
-        model_name = model_id(path, Checkpoint(path).raw_config)
+        model_name = model_id(Checkpoint(path))
 
     def once() -> dict:
         try:

@@ -156,7 +156,7 @@ class BlockServer:
         fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
         if not cfg.initial_peers and not cfg.new_swarm:
             raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
-        model = model_id(cfg.model_dir, checkpoint.raw_config)
+        model = model_id(checkpoint)
         host = await Host.start(listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity)
         server = cls(cfg, host, checkpoint, model, executor)
         try:

@@ -19,20 +19,27 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 
 from swarm import __version__
 from swarm.p2p.wire import PeerId
 
+if TYPE_CHECKING:
+    from swarm.engine.checkpoint import Checkpoint
+
 STATES = ("joining", "online", "offline")
 
 
-def model_id(checkpoint_dir: Path, raw_config: dict) -> str:
-    """Name plus a hash of the config, so different models (or variants) never mix in one swarm."""
-    digest = hashlib.sha256(json.dumps(_model_fields(raw_config), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{Path(checkpoint_dir).name}-{digest}"
+def model_id(checkpoint: Checkpoint) -> str:
+    """What a model is, wherever it lies: ``MODEL_TYPE-HASH``, the hash over the config fields
+    that define the computation and the weights' fingerprint (:meth:`Checkpoint.fingerprint`).
+    Copies of a checkpoint (another directory, float32 or bfloat16, sharded or not) get the same
+    id, so they serve one swarm; another fine-tune or variant gets another id and never mixes in."""
+    identity = {"config": _model_fields(checkpoint.raw_config), "weights": checkpoint.fingerprint()}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{checkpoint.raw_config.get('model_type', 'model')}-{digest}"
 
 
 def _model_fields(raw: dict) -> dict:

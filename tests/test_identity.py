@@ -1,16 +1,26 @@
-"""Who a peer is: a key file is used by one process at a time."""
+"""Who a peer is and which model it serves: a key file is used by one process at a time, and a
+model is known by its config and weights, not by the name of its directory."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from conftest import write_tiny_checkpoint
+from swarm.engine.checkpoint import Checkpoint
 from swarm.p2p.host import Host, IdentityInUseError
 from swarm.p2p.identity import claim_default_identity, claim_identity
-from swarm_utils import ServerProcess, run_swarm
+from swarm.p2p.table import model_id
+from swarm_utils import ServerProcess, generate_json, run_swarm
+
+PROMPT = "The capital of France is"
 
 
 def _peer_of(server: ServerProcess) -> str:
@@ -88,3 +98,83 @@ def test_servers_never_share_a_peer_id(tmp_path, tiny_checkpoints):
         message = " ".join(proc.stderr.split())  # rich may wrap long lines
         assert f"error: the identity file {key} is in use by another running swarm process (pid {owner.proc.pid})" in message
         assert "give another --identity or stop that process" in message
+
+
+# ---- a model is what it computes ---------------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path, transform=None, shards: int = 1) -> Path:
+    """``src`` written to ``dst``: tensors passed through ``transform``, split into ``shards`` files."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, dst / f.name)
+    tensors = load_file(src / "model.safetensors")
+    if transform is not None:
+        tensors = transform(tensors)
+    config = json.loads((src / "config.json").read_text())
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(json.dumps(config))
+    if shards == 1:
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+        return dst
+    names, weight_map = sorted(tensors), {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({k: tensors[k] for k in part}, dst / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def _nudge(key: str, row: int):
+    def transform(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key][row, 0] += 0.5
+        return tensors
+
+    return transform
+
+
+def test_model_id_follows_config_and_weights_not_the_directory(tmp_path, tiny_checkpoints):
+    original = tiny_checkpoints["llama"]
+    same = {
+        "renamed": _copy(original, tmp_path / "another-name"),
+        "bfloat16": _copy(original, tmp_path / "bf16", lambda t: {k: v.to(torch.bfloat16) for k, v in t.items()}),
+        "sharded": _copy(original, tmp_path / "sharded", shards=3),
+    }
+    key = "model.layers.2.mlp.down_proj.weight"
+    different = {
+        "first row nudged": _copy(original, tmp_path / "tuned-a", _nudge(key, 0)),
+        "last row nudged": _copy(original, tmp_path / "tuned-b", _nudge(key, -1)),
+        "another seed": write_tiny_checkpoint(tmp_path / "seed-1", "llama", seed=1),
+        "another config": write_tiny_checkpoint(tmp_path / "deeper", "llama", num_hidden_layers=5),
+    }
+    expected = model_id(Checkpoint(original))
+    assert {name: model_id(Checkpoint(p)) for name, p in same.items()} == dict.fromkeys(same, expected)
+    ids = {name: model_id(Checkpoint(p)) for name, p in different.items()}
+    assert len({expected, *ids.values()}) == 1 + len(ids), ids
+    assert expected.startswith("llama-")  # readable in `swarm status`
+
+
+def test_a_copy_in_another_directory_joins_the_swarm(tmp_path, tiny_checkpoints):
+    original = tiny_checkpoints["llama"]
+    copy = _copy(original, tmp_path / "my-copy-of-the-model", shards=2)
+    local = generate_json(["--local", "--model", str(original), "--max-new-tokens", "8", PROMPT], tmp_path)
+    first = second = None
+    try:
+        first = ServerProcess(["--model", str(original), "--blocks", "0:2", "--identity", str(tmp_path / "a.key"),
+                               "--new-swarm"], tmp_path, "original")
+        first.wait_ready()
+        second = ServerProcess(["--model", str(copy), "--blocks", "2:4", "--identity", str(tmp_path / "b.key"),
+                                "--initial-peers", first.maddr], tmp_path, "copy")
+        second.wait_ready()
+        # the client loads the copy; the chain needs both servers
+        remote = generate_json(["--model", str(copy), "--initial-peers", second.maddr, "--max-new-tokens", "8",
+                                PROMPT], tmp_path)
+    finally:
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+    assert remote["token_ids"] == local["token_ids"]

@@ -147,7 +147,7 @@ def test_dead_and_frozen_servers_are_unreachable_in_status_and_routes(tmp_path, 
 
     async def client(first: str) -> SwarmClient:
         cfg = ClientConfig(initial_peers=[first], wait_timeout=20.0, unreachable_seconds=0.5)
-        return await SwarmClient.start(model_id(model, Checkpoint(model).raw_config), 4, cfg)
+        return await SwarmClient.start(model_id(Checkpoint(model)), 4, cfg)
 
     async def routes(first: str) -> None:
         killed = _peer_of(servers[1])
