@@ -100,6 +100,7 @@ def serve(
     from swarm.engine.default_model import swarm_home
     from swarm.engine.families import CheckpointError, UnsupportedModelError
     from swarm.p2p.host import P2PError
+    from swarm.p2p.identity import claim_identity
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
 
     _setup_logging(verbose)
@@ -116,7 +117,8 @@ def serve(
             cache_tokens=cache_tokens,
             listen_host=host,
             port=port,
-            identity=identity or default_identity(swarm_home()),
+            # claimed now: a key file in use by another process is refused before anything loads
+            identity=claim_identity(identity) if identity else default_identity(swarm_home()),
             initial_peers=_peers(initial_peers),
             new_swarm=new_swarm,
             public_name=public_name,
@@ -209,7 +211,7 @@ def generate(
             initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
         )
         try:
-            model_name = model_id(client.path, client.checkpoint.raw_config)
+            model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)
         except (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError) as exc:
             if stream is not None and stream.printed:
@@ -255,7 +257,7 @@ def status(
         from swarm.p2p.table import model_id
 
         path = resolve_model(model, quiet=True)
-        model_name = model_id(path, Checkpoint(path).raw_config)
+        model_name = model_id(Checkpoint(path))
 
     def once() -> dict:
         try:

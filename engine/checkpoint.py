@@ -8,6 +8,7 @@ memory-mapped files, so a process never holds weights it does not run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -85,6 +86,47 @@ class Checkpoint:
                     tensors[key] = f.get_tensor(key).to(dtype)
                     self.keys_read.append(key)
         return tensors
+
+    SAMPLE_ROWS = 9  # rows of each matrix a fingerprint reads: the first, the last and 7 between
+    SAMPLE_ELEMENTS = 64  # values a fingerprint takes from each end of each sampled row
+
+    def fingerprint(self) -> str:
+        """A hex digest that tells these weights from others without reading them all: over
+        every tensor's name and shape, and a sample of its values (a 1-D tensor whole; of a
+        matrix, the first and last ``SAMPLE_ELEMENTS`` values of ``SAMPLE_ROWS`` rows spread over
+        it, first and last row included) as bfloat16, so a float32 copy and a bfloat16 copy of
+        the same weights agree (a float16 copy may not: it rounds twice). Sharded or not and
+        file names do not matter. A sample cannot see a change outside it: this tells apart
+        checkpoints (another fine-tune, another seed), it does not authenticate them."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key in self._files:
+            by_file[self._files[key]].append(key)
+        samples = {}
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for key in keys:
+                    samples[key] = self._sample(f.get_slice(key))
+        digest = hashlib.sha256()
+        for key in sorted(samples):
+            shape, values = samples[key]
+            digest.update(json.dumps([key, shape]).encode())
+            digest.update(values.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        return digest.hexdigest()
+
+    @classmethod
+    def _sample(cls, tensor_slice) -> tuple[list[int], torch.Tensor]:
+        """A tensor's shape and the values :meth:`fingerprint` hashes, read through a safetensors
+        slice (only those bytes come off the disk)."""
+        shape = list(tensor_slice.get_shape())
+        if len(shape) <= 1:  # scalars, norms, biases: small
+            return shape, tensor_slice[...].flatten()
+        rows, n = shape[0], cls.SAMPLE_ELEMENTS
+        picks = sorted({i * (rows - 1) // (cls.SAMPLE_ROWS - 1) for i in range(cls.SAMPLE_ROWS)}) if rows else []
+        parts = []
+        for r in picks:
+            row = tensor_slice[r : r + 1].flatten()
+            parts += [row[:n], row[-n:]] if row.numel() > 2 * n else [row]
+        return shape, torch.cat(parts) if parts else torch.zeros(0)
 
     def load_blocks(self, start: int, end: int, dtype: torch.dtype = torch.float32, fast: bool = True) -> BlockRange:
         """The blocks ``[start, end)`` with frozen weights, reading only their tensors.

@@ -39,6 +39,7 @@ class ClientConfig:
     step_timeout: float = 60.0
     wait_timeout: float = 30.0  # how long to wait for servers covering every block
     ban_seconds: float = 15.0  # a failed server is avoided this long (doubling on repeated failures)
+    unreachable_seconds: float = 3.0  # a server whose ping failed is left out of routes this long, then pinged again
     push: bool = True  # servers hand each step's output straight to the next server of the chain
     announce_period: float = 5.0
 
@@ -59,6 +60,7 @@ class SwarmClient:
         self.rtts: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._banned_until: dict[str, float] = {}
+        self._unreachable_until: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -110,23 +112,35 @@ class SwarmClient:
                 self.host.add_addrs(info.peer_id, list(info.addrs))
 
     async def ping_new(self, servers, timeout: float = 1.0) -> None:
-        """Measure round-trip times to servers not measured yet (banned ones are skipped)."""
+        """Measure round-trip times to servers not measured yet (banned ones are skipped). A server
+        that does not answer is unreachable for ``unreachable_seconds`` (see :meth:`route`), then
+        pinged again."""
 
         async def one(peer_id: str):
             try:
                 self.rtts[peer_id] = await self.host.ping(peer_id, timeout=timeout)
-            except P2PError:
-                pass
+                self._unreachable_until.pop(peer_id, None)
+            except P2PError as exc:
+                log.info("server %s does not answer a ping: %s", peer_id[-8:], exc)
+                self._unreachable_until[peer_id] = time.monotonic() + self.cfg.unreachable_seconds
 
-        banned = self.banned()
-        await asyncio.gather(*(one(p) for p in servers if p not in self.rtts and p not in banned))
+        skip = self.banned() | self.unreachable()
+        await asyncio.gather(*(one(p) for p in servers if p not in self.rtts and p not in skip))
+
+    def unreachable(self) -> set[str]:
+        """Servers whose last ping failed lately: left out of routes (also when that opens a gap,
+        unlike banned ones: a server that cannot be reached cannot serve)."""
+        now = time.monotonic()
+        return {p for p, until in self._unreachable_until.items() if until > now}
 
     def ban(self, peer_id: str) -> None:
         """Avoid ``peer_id`` for ``ban_seconds × 2^(k−1)`` after its k-th consecutive failure
-        (routing still uses it when it is the only server of some block)."""
+        (routing still uses it when it is the only server of some block). Once the ban ends it is
+        pinged again before routes count on it."""
         count = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = count
         self._banned_until[peer_id] = time.monotonic() + self.cfg.ban_seconds * 2 ** (count - 1)
+        self.rtts.pop(peer_id, None)
 
     def unban(self, peer_id: str) -> None:
         self._failures.pop(peer_id, None)
@@ -137,13 +151,16 @@ class SwarmClient:
         return {p for p, until in self._banned_until.items() if until > now}
 
     async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0, wait: bool = True) -> list[Span]:
-        """The best chain for blocks ``[start, end)``; with ``wait``, waits up to ``wait_timeout``
-        for missing blocks to be served. Raises :class:`NoRouteError` naming the missing ranges."""
+        """The best chain for blocks ``[start, end)`` over servers that answer pings; with
+        ``wait``, waits up to ``wait_timeout`` for missing blocks to be served. Raises
+        :class:`NoRouteError` naming the missing ranges."""
         deadline = time.monotonic() + self.cfg.wait_timeout
         while True:
             try:
                 servers = self.table.snapshot()
                 await self.ping_new(servers)
+                unreachable = self.unreachable()
+                servers = {p: s for p, s in servers.items() if p not in unreachable}
                 return find_chain(
                     servers, self.num_blocks, start=start, end=end, rtts=self.rtts,
                     banned=self.banned(), cache_tokens_needed=cache_tokens,

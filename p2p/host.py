@@ -41,7 +41,6 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.exceptions import StreamFailure
-from libp2p.identity_utils import load_identity, save_identity
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -54,10 +53,12 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
+from swarm.p2p.identity import Identity, IdentityInUseError, claim_identity, load_or_create_identity
 from swarm.p2p.limits import FrameBudget, Grant
 
 __all__ = ["DialTimeoutError", "Host", "P2PError", "P2PTimeoutError", "PeerUnreachableError"]
-__all__ += ["FrameStalledError", "Message", "Stream", "StreamClosedError", "Subscription", "load_or_create_identity"]
+__all__ += ["FrameStalledError", "IdentityInUseError", "Message", "Stream", "StreamClosedError", "Subscription"]
+__all__ += ["load_or_create_identity"]
 
 log = logging.getLogger(__name__)
 if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose logs
@@ -122,21 +123,6 @@ class Message(bytearray):
 def _release_message(message: Message) -> None:  # a message read for a caller that went away
     message.release()
     message.clear()
-
-
-def load_or_create_identity(path: Path) -> KeyPair:
-    """The Ed25519 key pair stored at ``path``, created on first use (parent directories made,
-    file mode 0600) so the peer id stays the same across restarts.
-
-    Raises ``ValueError`` naming the file if it holds no valid key, ``OSError`` if it cannot be
-    read or written.
-    """
-    path = Path(path)
-    if path.exists():
-        return load_identity(path)
-    key_pair = generate_new_ed25519_identity()
-    save_identity(key_pair, path)
-    return key_pair
 
 
 def _check_port_free(listen_host: str, port: int) -> None:
@@ -458,24 +444,34 @@ class Host:
     peer_id: str
     addrs: list[str]
 
-    def __init__(self, key_pair: KeyPair, listen: multiaddr.Multiaddr):
+    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr):
         """Use :meth:`start`."""
-        self._key_pair = key_pair
+        self._identity = identity
+        self._key_pair = identity.key_pair
         self._listen = listen
-        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self.peer_id = ID.from_pubkey(self._key_pair.public_key).to_base58()
+        # this run of the peer id: its start time, then random bits, so that a later run of the
+        # same key sorts after an earlier one (announcements carry it: see swarm.p2p.table)
+        self.instance = f"{time.time_ns():016x}{secrets.token_hex(4)}"
         self.addrs = []
         self._bridge = TrioThread(name=f"libp2p-{self.peer_id[-6:]}")
         self._subs: dict[str, set[Subscription]] = {}
         # trio side only:
         self._lp = None
         self._pubsub: _Pubsub | None = None
-        self._addr_book: dict[ID, list[multiaddr.Multiaddr]] = {}
+        self._addr_book: dict[ID, list[multiaddr.Multiaddr]] = {}  # the order in which dials try them
+        self._dialing: dict[ID, trio.Lock] = {}
 
     @classmethod
-    async def start(cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | None = None) -> Host:
+    async def start(
+        cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | Identity | None = None
+    ) -> Host:
         """Start a host listening on ``listen_host:port`` (0 picks a free port) and return once it
-        listens. ``identity`` is a key file (see :func:`load_or_create_identity`); None means a fresh
-        random key. Raises P2PError if the host cannot start (e.g. the port is taken)."""
+        listens. ``identity`` is a key file, claimed for the host's lifetime (see
+        :func:`~swarm.p2p.identity.claim_identity`), or an :class:`Identity` claimed already (the
+        host releases it when it closes or fails to start); None means a fresh random key.
+        Raises P2PError if the host cannot start (e.g. the port is taken), IdentityInUseError (a
+        P2PError) if another process holds the key file."""
         ip = "ip6" if ":" in listen_host else "ip4"
         try:
             listen = multiaddr.Multiaddr(f"/{ip}/{listen_host}/tcp/{port}")
@@ -483,14 +479,18 @@ class Host:
             raise P2PError(f"cannot listen on {listen_host!r} port {port}: {exc}") from None
         if port:
             _check_port_free(listen_host, port)
-        key_pair = load_or_create_identity(identity) if identity is not None else generate_new_ed25519_identity()
-        self = cls(key_pair, listen)
+        if identity is None:
+            identity = Identity(generate_new_ed25519_identity())
+        elif not isinstance(identity, Identity):
+            identity = claim_identity(identity)
+        self = cls(identity, listen)
         try:
             self.addrs = await self._bridge.start(self._services, timeout=START_TIMEOUT)
-        except P2PError:
+        except BaseException as exc:
+            identity.release()
+            if isinstance(exc, Exception) and not isinstance(exc, P2PError):
+                raise P2PError(f"cannot start a libp2p host on {self._listen}: {type(exc).__name__}: {exc}") from exc
             raise
-        except Exception as exc:
-            raise P2PError(f"cannot start a libp2p host on {self._listen}: {type(exc).__name__}: {exc}") from exc
         return self
 
     @asynccontextmanager
@@ -544,7 +544,10 @@ class Host:
             for sub in subs:
                 sub._end()
         self._subs.clear()
-        await self._bridge.close()
+        try:
+            await self._bridge.close()
+        finally:
+            self._identity.release()  # the key file is free for another process
 
     # ---- connections and streams ------------------------------------------------------------
 
@@ -640,14 +643,40 @@ class Host:
         known.extend(a for a in addrs if a not in known)
 
     async def _dial(self, peer: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        """Connect to ``peer`` unless connected: ``addrs`` first, then the other addresses we know
+        of it, one at a time (each gets an equal share of the time left), until one works.
+
+        py-libp2p's dial takes every address in its peerstore but tries only one per transport
+        (the first TCP one), so a stale address (a restarted server's old port) would hide the
+        live one: we hand it one address per dial. An address that worked is tried first next
+        time; those that failed before it are forgotten (announcements bring them back if they
+        are still current). libp2p's peerstore forgets addresses after 120 s, so the address book
+        here is ours."""
         self._remember(peer, addrs)
-        # libp2p's connect() stores the addresses with a 120 s TTL, after which its peerstore
-        # forgets them: we keep our own address book and hand it over at each dial.
-        self._lp.get_network().unblock_peer(peer)  # an explicit dial always tries, even right after a failed one
-        try:
-            await self._lp.connect(PeerInfo(peer, list(self._addr_book[peer])))
-        except Exception as exc:  # SwarmException, OSError, exception groups from the dialer
-            raise PeerUnreachableError(f"cannot connect to {peer} at {' '.join(map(str, addrs))}: {exc}") from exc
+        async with self._dialing.setdefault(peer, trio.Lock()):  # one dial per peer at a time
+            network = self._lp.get_network()
+            if network.connections.get(peer):
+                return
+            book = self._addr_book[peer]
+            order = [*addrs, *(a for a in book if a not in addrs)]
+            failed: list[multiaddr.Multiaddr] = []
+            errors: list[str] = []
+            for i, addr in enumerate(order):
+                self._lp.get_peerstore().clear_addrs(peer)
+                network.unblock_peer(peer)  # an explicit dial always tries, even right after a failed one
+                share = max(0.0, trio.current_effective_deadline() - trio.current_time()) / (len(order) - i)
+                with trio.move_on_after(share):
+                    try:
+                        await self._lp.connect(PeerInfo(peer, [addr]))
+                        book[:] = [addr, *(a for a in book if a != addr and a not in failed)]
+                        return
+                    except Exception as exc:  # SwarmException, OSError, exception groups from the dialer
+                        errors.append(f"{addr}: {exc}")
+                failed.append(addr)
+                if len(errors) < len(failed):
+                    errors.append(f"{addr}: no connection within {share:.1f} s")
+            book[:] = [*(a for a in book if a not in failed), *failed]  # failed ones last next time
+            raise PeerUnreachableError(f"cannot connect to {peer} at any of its addresses: {'; '.join(errors)}")
 
     async def _new_stream(self, peer: ID, protocol: str):
         if not self._lp.get_network().connections.get(peer):

@@ -38,6 +38,7 @@ from swarm.cache.kv import KVCacheBudget
 from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.identity import Identity, claim_default_identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.routing import choose_blocks
 from swarm.p2p.sessions import Sessions
@@ -56,7 +57,7 @@ class ServerConfig:
     cache_tokens: int = 32768
     listen_host: str = "127.0.0.1"
     port: int = 0
-    identity: Path | None = None
+    identity: Path | Identity | None = None  # a key file, one claimed already, or None: a fresh key
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     public_name: str = ""
@@ -130,7 +131,7 @@ class BlockServer:
         fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
         if not cfg.initial_peers and not cfg.new_swarm:
             raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
-        model = model_id(cfg.model_dir, checkpoint.raw_config)
+        model = model_id(checkpoint)
         host = await Host.start(listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity)
         server = cls(cfg, host, checkpoint, model, executor)
         try:
@@ -226,6 +227,7 @@ class BlockServer:
             version=__version__,
             public_name=self.cfg.public_name,
             period=self.cfg.announce_period,
+            instance=self.host.instance,
             received=time.monotonic(),
         )
 
@@ -466,27 +468,11 @@ def _run_backward(blocks: BlockRange, hidden, grad_output, should_stop):
     return inputs.grad
 
 
-def default_identity(home: Path) -> Path:
-    """``$SWARM_HOME/identity.key``, or ``identity-2.key``, ... when another server on this machine
-    holds it: each running server keeps a lock on its key file, so several servers on one machine
-    get distinct, stable peer ids."""
-    import fcntl
-
-    for n in range(1, 1000):
-        path = home / ("identity.key" if n == 1 else f"identity-{n}.key")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix(".lock"), "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            continue
-        _identity_locks.append(lock)  # held until the process exits
-        return path
-    raise RuntimeError(f"no free identity file under {home}; pass --identity PATH")
-
-
-_identity_locks: list = []
+def default_identity(home: Path) -> Identity:
+    """``$SWARM_HOME/identity.key``, or ``identity-2.key``, ... when another process holds it,
+    claimed for this process (see :mod:`swarm.p2p.identity`): several servers on one machine get
+    distinct peer ids, each stable across restarts."""
+    return claim_default_identity(home)
 
 
 def serve_forever(cfg: ServerConfig, on_ready=None) -> None:

@@ -14,6 +14,9 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
     """Ask the initial peers for their tables and ping every server listed.
 
     Returns ``{"model", "num_blocks", "servers": [{peer_id, blocks, state, ...}], "gaps", "coverage"}``.
+    A server that does not answer its ping (killed, frozen, unreachable from here) is shown with
+    state ``unreachable`` and counts for neither gaps nor coverage: the tables still list it until
+    its entry expires (3 announce periods), but no client could use it.
     Raises :class:`SwarmError` when no initial peer answers (or none serves ``model``)."""
     if not initial_peers:
         raise SwarmError("give --initial-peers (a multiaddr printed by `swarm serve`) or set SWARM_INITIAL_PEERS")
@@ -45,12 +48,13 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
                 return None
 
         rtts = dict(zip(servers, await asyncio.gather(*(rtt(p) for p in servers))))
+        reachable = {p: s for p, s in servers.items() if rtts[p] is not None}
         rows = [
             {
                 "peer_id": s.peer_id,
                 "name": s.public_name,
                 "blocks": [s.start, s.end],
-                "state": s.state,
+                "state": s.state if p in reachable else "unreachable",
                 "throughput": s.throughput,
                 "cache_tokens_left": s.cache_tokens_left,
                 "dtype": s.dtype,
@@ -64,8 +68,8 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
             "model": model,
             "num_blocks": num_blocks,
             "servers": rows,
-            "gaps": [list(g) for g in gaps(servers, num_blocks)],
-            "coverage": coverage(servers, num_blocks),
+            "gaps": [list(g) for g in gaps(reachable, num_blocks)],
+            "coverage": coverage(reachable, num_blocks),
             "unreachable_initial_peers": errors,
         }
     finally:

@@ -4,6 +4,11 @@ Servers announce themselves on a gossipsub topic per model every ``period`` seco
 that has not been refreshed for ``expiry_periods`` periods is dropped, and an ``offline``
 announcement drops it at once. Gossip is best-effort (REFERENCE §4), so the table is rebuilt
 continuously rather than trusted to hear every message.
+
+Each announcement names the ``instance`` (the run of the process) it comes from, ordered by start
+time: a server restarted with the same key replaces its old entry, and an offline announcement
+removes only the entry of the run that sent it, never a newer run of the same peer id (gossip may
+deliver the old run's goodbye after the new run's hello).
 """
 
 from __future__ import annotations
@@ -14,20 +19,27 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 
 from swarm import __version__
 from swarm.p2p.wire import PeerId
 
+if TYPE_CHECKING:
+    from swarm.engine.checkpoint import Checkpoint
+
 STATES = ("joining", "online", "offline")
 
 
-def model_id(checkpoint_dir: Path, raw_config: dict) -> str:
-    """Name plus a hash of the config, so different models (or variants) never mix in one swarm."""
-    digest = hashlib.sha256(json.dumps(_model_fields(raw_config), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{Path(checkpoint_dir).name}-{digest}"
+def model_id(checkpoint: Checkpoint) -> str:
+    """What a model is, wherever it lies: ``MODEL_TYPE-HASH``, the hash over the config fields
+    that define the computation and the weights' fingerprint (:meth:`Checkpoint.fingerprint`).
+    Copies of a checkpoint (another directory, float32 or bfloat16, sharded or not) get the same
+    id, so they serve one swarm; another fine-tune or variant gets another id and never mixes in."""
+    identity = {"config": _model_fields(checkpoint.raw_config), "weights": checkpoint.fingerprint()}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{checkpoint.raw_config.get('model_type', 'model')}-{digest}"
 
 
 def _model_fields(raw: dict) -> dict:
@@ -54,6 +66,7 @@ class ServerInfo:
     version: str = __version__
     public_name: str = ""
     period: float = 5.0  # seconds between this server's announcements (its entry expires after 3)
+    instance: str = ""  # this run of the server's process (start time, random bits): later runs sort after
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     def to_wire(self) -> dict:
@@ -79,6 +92,7 @@ class ServerInfo:
                 version=str(data.get("version", "")),
                 public_name=str(data.get("public_name", ""))[:64],
                 period=float(data.get("period", 5.0)),
+                instance=str(data.get("instance", ""))[:64],
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -113,14 +127,20 @@ class PeerTable:
         self._servers: dict[PeerId, ServerInfo] = {}
 
     def update(self, info: ServerInfo) -> bool:
-        """Apply an announcement. Returns False (and ignores it) for another model or a range
-        outside the model's blocks."""
+        """Apply an announcement; returns whether it was taken. Ignored: another model, a range
+        outside the model's blocks, and an earlier run of a server than the one in the table (so
+        its offline announcement never removes a later run)."""
         if info.model != self.model or info.end > self.num_blocks:
             return False
-        if info.state == "offline":
-            self._servers.pop(info.peer_id, None)
-        else:
+        current = self._servers.get(info.peer_id)
+        if current is not None and info.instance < current.instance:
+            return False
+        if info.state != "offline":
             self._servers[info.peer_id] = info
+        elif current is not None:  # that run, or a later one, leaves
+            del self._servers[info.peer_id]
+        else:
+            return False
         return True
 
     def remove(self, peer_id: PeerId) -> None:
@@ -137,8 +157,8 @@ class PeerTable:
         return dict(self._servers)
 
     def merge(self, infos: list[dict], now: float | None = None) -> None:
-        """Seed from another peer's table (on joining); newer local entries win; malformed entries
-        are skipped."""
+        """Seed from another peer's table (on joining); local entries win unless the other table
+        knows a later run of that server; malformed entries are skipped."""
         if not isinstance(infos, list):
             return
         for data in infos:
@@ -148,7 +168,8 @@ class PeerTable:
                 info = ServerInfo.from_wire(data, received=time.monotonic() if now is None else now)
             except ValueError:
                 continue
-            if info.peer_id not in self._servers:
+            current = self._servers.get(info.peer_id)
+            if current is None or info.instance > current.instance:
                 self.update(info)
 
 

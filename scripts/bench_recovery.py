@@ -70,7 +70,7 @@ def main() -> None:
     dtype = parse_dtype(args.dtype)
     client = ClientModel.load(path, dtype)
     prompt = client.encode(PROMPT)
-    model = model_id(path, client.checkpoint.raw_config)
+    model = model_id(client.checkpoint)
     cfg = GenerationConfig(max_new_tokens=args.tokens, eos_token_ids=())
     kills_at = list(range(args.every, args.tokens, args.every))
     with tempfile.TemporaryDirectory(prefix="swarm-recovery-") as home:

@@ -136,7 +136,7 @@ def decode_bench(
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
         procs, first = start_servers(path, dtype_name, home, threads)
         try:
-            model = model_id(path, ckpt.raw_config)
+            model = model_id(ckpt)
             cfg = ClientConfig(initial_peers=[first], push=push)
 
             def swarm(head, prompt: list[int]) -> float:

@@ -44,7 +44,7 @@ def swarm_generate(model_dir, initial_peer: str, cfg: GenerationConfig, on_token
         if on_token is not None:
             on_token(len(count), chains[-1])
 
-    model = model_id(model_dir, client_model.checkpoint.raw_config)
+    model = model_id(client_model.checkpoint)
     ccfg = ClientConfig(initial_peers=[initial_peer], **client_kw)
     return generate_swarm(client_model, model, client_model.encode(PROMPT), cfg, ccfg, hook, chains.append)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -138,11 +139,15 @@ def test_announcements_are_validated():
     assert ServerInfo.from_wire(info.to_wire(), received=0.0) == info
 
 
-def test_model_id_depends_on_config_not_file_details(tmp_path):
-    a = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 8, "dtype": "float32"})
-    b = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 8, "dtype": "bfloat16"})
-    c = model_id(tmp_path / "m", {"model_type": "llama", "hidden_size": 16})
-    assert a == b != c and a.startswith("m-")
+def test_model_id_depends_on_config_not_file_details():
+    def checkpoint(weights="w", **config):  # a stand-in: model_id reads raw_config and fingerprint()
+        return SimpleNamespace(raw_config={"model_type": "llama", **config}, fingerprint=lambda: weights)
+
+    a = model_id(checkpoint(hidden_size=8, dtype="float32", _name_or_path="here"))
+    b = model_id(checkpoint(hidden_size=8, dtype="bfloat16", _name_or_path="there"))
+    c = model_id(checkpoint(hidden_size=16))
+    d = model_id(checkpoint(weights="other", hidden_size=8))
+    assert a == b and len({a, c, d}) == 3 and a.startswith("llama-")
 
 
 def test_announcements_must_come_from_the_peer_they_describe():
