@@ -29,6 +29,8 @@ from swarm.p2p.wire import PeerId
 if TYPE_CHECKING:
     from swarm.engine.checkpoint import Checkpoint
 
+MAX_SERVERS = 10_000  # entries a table takes (one per peer id); a flood of made-up peers is ignored beyond
+MAX_ADDRS = 16  # addresses taken from one announcement
 STATES = ("joining", "online", "offline")
 
 
@@ -81,7 +83,7 @@ class ServerInfo:
         try:
             info = cls(
                 peer_id=PeerId(str(data["peer_id"])),
-                addrs=tuple(str(a) for a in data.get("addrs", ())),
+                addrs=tuple(str(a) for a in list(data.get("addrs", ()))[:MAX_ADDRS]),
                 model=str(data["model"]),
                 start=int(data["start"]),
                 end=int(data["end"]),
@@ -134,6 +136,8 @@ class PeerTable:
             return False
         current = self._servers.get(info.peer_id)
         if current is not None and info.instance < current.instance:
+            return False
+        if current is None and len(self._servers) >= MAX_SERVERS:  # a flood of made-up peers
             return False
         if info.state != "offline":
             self._servers[info.peer_id] = info

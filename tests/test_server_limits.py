@@ -20,9 +20,9 @@ from server_utils import BlockGate, eventually, peer, prefix, served
 from swarm.engine.checkpoint import PREFILL_CHUNK, Checkpoint
 from swarm.engine.generation import LocalSession
 from swarm.p2p import protocols
-from swarm.p2p.host import P2PError, StreamClosedError
+from swarm.p2p.host import StreamClosedError
 from swarm.p2p.loop import run
-from swarm.p2p.wire import Frame, RemoteError, encode, expect, read_frame, write_frame
+from swarm.p2p.wire import Frame, RemoteError, expect, read_frame, write_frame
 
 KIB = 1 << 10
 
