@@ -146,13 +146,17 @@ def _beam_search(
     """Beam search with ``cfg.num_beams`` hypotheses as rows of one session.
 
     Every row starts from the prompt; only row 0 is live at first. Each step takes the best
-    ``2 × num_beams`` continuations of all rows; those ending in EOS become finished hypotheses
-    (score = sum of log-probs ÷ length^length_penalty), the best others become the next rows, and
-    the session's cache rows are reordered to match (``hypo_ids``). The search stops when
+    ``(1 + number of EOS ids) × num_beams`` continuations of all rows (at least ``2 × num_beams``,
+    as transformers does); those ending in EOS become finished hypotheses (score = sum of
+    log-probs ÷ length^length_penalty) when they rank among the first ``num_beams``, the best
+    others become the next rows, and the session's cache rows are reordered to match
+    (``hypo_ids``). Each row has at most one continuation per EOS id, so that many candidates
+    always hold ``num_beams`` that do not end: the session keeps its batch. The search stops when
     ``num_beams`` hypotheses are finished and no live row can beat the worst of them, or at
     ``max_new_tokens``.
     """
     nb = cfg.num_beams
+    num_eos = len(set(cfg.eos_token_ids))
     session = open_session(nb, max_length)
     try:
         rows = torch.tensor([input_ids] * nb)  # [nb, len]
@@ -163,10 +167,12 @@ def _beam_search(
         with torch.no_grad():
             for step in range(cfg.max_new_tokens):
                 hidden = session.step(head.embed(step_ids), hypo_ids)
-                logits = apply_repetition_penalty(head.logits(hidden[:, -1]), rows, cfg.repetition_penalty)
-                scores = logits.log_softmax(-1) + beam_scores[:, None]  # [nb, vocab]
+                # the penalty applies to log-probs here, as in transformers' beam search
+                log_probs = head.logits(hidden[:, -1]).log_softmax(-1)
+                log_probs = apply_repetition_penalty(log_probs, rows, cfg.repetition_penalty)
+                scores = log_probs + beam_scores[:, None]  # [nb, vocab]
                 vocab = scores.shape[-1]
-                top_scores, top_idx = scores.flatten().topk(2 * nb)
+                top_scores, top_idx = scores.flatten().topk(max(2, 1 + num_eos) * nb)
                 next_rows, next_tokens, next_scores = [], [], []
                 for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
                     row, token = divmod(idx, vocab)
