@@ -165,7 +165,7 @@ def generate(
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
     from swarm.engine.families import CheckpointError, UnsupportedModelError
-    from swarm.engine.generation import GenerationConfig
+    from swarm.engine.generation import GenerationConfig, check_prompt_length
 
     try:
         torch_dtype = parse_dtype(dtype)
@@ -187,6 +187,7 @@ def generate(
         prompt_ids = client.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give some text to continue")
+        check_prompt_length(len(prompt_ids), client.head.max_positions)  # before any network setup
     except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, RuntimeError) as exc:
         _fail(str(exc))
 

@@ -103,6 +103,16 @@ def sample_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.G
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+def check_prompt_length(num_tokens: int, max_positions: int | None) -> None:
+    """Raise ``ValueError`` unless a prompt of ``num_tokens`` leaves room for a new token in a
+    context of ``max_positions`` (None: no fixed limit)."""
+    if max_positions is not None and num_tokens >= max_positions:
+        raise ValueError(
+            f"the prompt is {num_tokens} tokens, but this model's context holds {max_positions} "
+            f"(prompt and new tokens together): shorten the prompt to at most {max_positions - 1} tokens"
+        )
+
+
 def generate(
     head: torch.nn.Module,
     open_session: OpenSession,
@@ -112,10 +122,17 @@ def generate(
 ) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
     (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
-    as soon as it is chosen (greedy and sampling; beam search knows its answer only at the end)."""
+    as soon as it is chosen (greedy and sampling; beam search knows its answer only at the end).
+
+    The prompt and the new tokens together stay within the model's context (``head.max_positions``):
+    a prompt that leaves no room raises ``ValueError`` before a session opens; otherwise generation
+    stops when the context is full, even before ``max_new_tokens``."""
     if not input_ids:
         raise ValueError("the prompt is empty: give at least one token")
+    check_prompt_length(len(input_ids), head.max_positions)
     max_length = len(input_ids) + cfg.max_new_tokens
+    if head.max_positions is not None:
+        max_length = min(max_length, head.max_positions)
     if cfg.num_beams > 1:
         return _beam_search(head, open_session, input_ids, cfg, max_length)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -124,7 +141,7 @@ def generate(
         seen = torch.tensor([input_ids])
         step_ids, new = seen, []
         with torch.no_grad():
-            for _ in range(cfg.max_new_tokens):
+            for _ in range(max_length - len(input_ids)):
                 hidden = session.step(head.embed(step_ids))
                 logits = apply_repetition_penalty(head.logits(hidden[:, -1]), seen, cfg.repetition_penalty)
                 token = int(sample_token(logits, cfg, generator)[0])
@@ -153,7 +170,7 @@ def _beam_search(
     (``hypo_ids``). Each row has at most one continuation per EOS id, so that many candidates
     always hold ``num_beams`` that do not end: the session keeps its batch. The search stops when
     ``num_beams`` hypotheses are finished and no live row can beat the worst of them, or at
-    ``max_new_tokens``.
+    ``max_length`` tokens (prompt included).
     """
     nb = cfg.num_beams
     num_eos = len(set(cfg.eos_token_ids))
@@ -165,7 +182,7 @@ def _beam_search(
         step_ids, hypo_ids = rows, None
         finished: list[tuple[float, list[int]]] = []
         with torch.no_grad():
-            for step in range(cfg.max_new_tokens):
+            for step in range(max_length - len(input_ids)):
                 hidden = session.step(head.embed(step_ids), hypo_ids)
                 # the penalty applies to log-probs here, as in transformers' beam search
                 log_probs = head.logits(hidden[:, -1]).log_softmax(-1)
