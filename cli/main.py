@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,8 +29,22 @@ def _not_built(what: str) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: messages quote paths, lists and errors ("[Errno 2]") that rich would read as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def _check(ok: bool, flag: str, rule: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``flag`` and the rule its ``value`` breaks, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{flag} must be {rule}, got {value}")
+
+
+def _check_seconds(flag: str, value: float, zero_ok: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+    _check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value)
 
 
 ModelOpt = Annotated[
@@ -98,16 +113,23 @@ def serve(
     """Serve a contiguous range of a model's blocks to the swarm."""
     from swarm.engine.client import ModelNotAvailableError, resolve_model
     from swarm.engine.default_model import swarm_home
-    from swarm.engine.families import CheckpointError, UnsupportedModelError
+    from swarm.engine.families import UnsupportedModelError
     from swarm.p2p.host import P2PError
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
 
-    _setup_logging(verbose)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
     try:
+        _check(num_blocks is None or num_blocks >= 1, "--num-blocks", "at least 1", num_blocks)
+        _check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
+        _check(identity is None or not identity.is_dir(), "--identity", "a key file, not a directory", identity)
+        _check(cache_tokens >= 1, "--cache-tokens", "at least 1", cache_tokens)
+        _check_seconds("--announce-period", announce_period)
+        _check_seconds("--step-timeout", step_timeout)
+        _check(threads is None or threads >= 1, "--threads", "at least 1", threads)
+        _setup_logging(verbose)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         cfg = ServerConfig(
             model_dir=resolve_model(model),
             blocks=blocks,
@@ -129,8 +151,8 @@ def serve(
             print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {addr}", flush=True)
 
         serve_forever(cfg, on_ready=ready)
-    except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, ConnectionError, P2PError) as exc:
-        _fail(str(exc))
+    except (ValueError, ModelNotAvailableError, UnsupportedModelError, OSError, P2PError) as exc:
+        _fail(str(exc))  # CheckpointError is a ValueError; OSError includes ConnectionError
     except KeyboardInterrupt:
         pass
 
@@ -161,16 +183,20 @@ def generate(
         float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")
     ] = 30.0,
 ) -> None:
-    """Generate text: stream tokens through a chain of servers (or --local), printing them as they come."""
+    """Generate text: stream tokens through a chain of servers (or --local), printing them as they come.
+
+    The output always ends with a newline, also when an error ends it early."""
+    from dataclasses import replace
+
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
-    from swarm.engine.families import CheckpointError, UnsupportedModelError
+    from swarm.engine.families import UnsupportedModelError
     from swarm.engine.generation import GenerationConfig, check_prompt_length
 
     try:
+        _check_seconds("--step-timeout", step_timeout)
+        _check_seconds("--timeout", timeout, zero_ok=True)
         torch_dtype = parse_dtype(dtype)
-        path = resolve_model(model, quiet=as_json)
-        client = ClientModel.load(path, torch_dtype)
         do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
         cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -182,13 +208,15 @@ def generate(
             num_beams=num_beams,
             length_penalty=length_penalty,
             seed=seed,
-            eos_token_ids=client.eos_token_ids,
         )
+        path = resolve_model(model, quiet=as_json)
+        client = ClientModel.load(path, torch_dtype)
+        cfg = replace(cfg, eos_token_ids=client.eos_token_ids)
         prompt_ids = client.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give some text to continue")
         check_prompt_length(len(prompt_ids), client.head.max_positions)  # before any network setup
-    except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, RuntimeError) as exc:
+    except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError) as exc:
         _fail(str(exc))
 
     def write(text: str) -> None:
@@ -196,26 +224,32 @@ def generate(
         sys.stdout.flush()
 
     stream = None if as_json or num_beams > 1 else TextStream(client, write)
-    if local:
-        tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
-    else:
-        from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
-        from swarm.p2p.host import P2PError
-        from swarm.p2p.wire import RemoteError, WireError
-        from swarm.p2p.routing import NoRouteError
-        from swarm.p2p.table import model_id
+    errors: tuple[type[BaseException], ...] = (ValueError,)  # CheckpointError is one (e.g. damaged block tensors)
+    try:
+        if local:
+            tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
+        else:
+            from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
+            from swarm.p2p.host import P2PError
+            from swarm.p2p.routing import NoRouteError
+            from swarm.p2p.table import model_id
+            from swarm.p2p.wire import RemoteError, WireError
 
-        _setup_logging(False)  # recoveries from failed servers are reported on stderr
-        ccfg = ClientConfig(
-            initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
-        )
-        try:
+            errors += (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
+            _setup_logging(False)  # recoveries from failed servers are reported on stderr
+            ccfg = ClientConfig(
+                initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
+            )
             model_name = model_id(client.path, client.checkpoint.raw_config)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)
-        except (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError) as exc:
-            if stream is not None and stream.printed:
-                write("\n")
+    except BaseException as exc:
+        if stream is not None and stream.printed:
+            write("\n")  # end the partial output's line
+        if isinstance(exc, KeyboardInterrupt):
+            raise typer.Exit(130) from None
+        if isinstance(exc, errors):
             _fail(str(exc) or type(exc).__name__)
+        raise
     text = client.decode(tokens)
     if as_json:
         print(json.dumps({"prompt_ids": prompt_ids, "token_ids": tokens, "text": text}))
@@ -249,6 +283,10 @@ def status(
     from swarm.p2p.loop import run
     from swarm.p2p.status import gather_status
 
+    try:
+        _check_seconds("--interval", interval)
+    except ValueError as exc:
+        _fail(str(exc))
     model_name = None
     if model is not None:
         from swarm.engine.checkpoint import Checkpoint

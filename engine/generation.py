@@ -10,6 +10,7 @@ output token for token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,18 +61,28 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        """Raises ``ValueError`` naming the CLI flag of a value out of range (NaN and infinities too)."""
         if self.max_new_tokens < 1:
-            raise ValueError("--max-new-tokens must be at least 1")
-        if self.temperature <= 0:
-            raise ValueError("--temperature must be > 0 (for deterministic output drop the sampling flags)")
+            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"--temperature must be a finite number > 0, got {self.temperature} "
+                f"(for deterministic output drop the sampling flags)"
+            )
         if not 0 < self.top_p <= 1:
-            raise ValueError("--top-p must be in (0, 1]")
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError("--top-k must be ≥ 0 (0 turns it off)")
-        if self.repetition_penalty <= 0:
-            raise ValueError("--repetition-penalty must be > 0 (1.0 turns it off)")
+            raise ValueError(f"--top-k must be ≥ 0 (0 turns it off), got {self.top_k}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(
+                f"--repetition-penalty must be a finite number > 0 (1.0 turns it off), got {self.repetition_penalty}"
+            )
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"--length-penalty must be a finite number, got {self.length_penalty}")
         if self.num_beams < 1:
-            raise ValueError("--num-beams must be at least 1")
+            raise ValueError(f"--num-beams must be at least 1, got {self.num_beams}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("beam search is deterministic: use either --num-beams or sampling flags, not both")
 
