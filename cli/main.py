@@ -21,6 +21,7 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 
 NOT_BUILT = 2
+GAPS = 3  # `swarm status`: some blocks have no server
 
 
 def _not_built(what: str) -> None:
@@ -274,27 +275,39 @@ def status(
     model: Annotated[
         Optional[str], typer.Option("--model", help="Only this model's servers (default: the initial peer's model).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the topology as JSON.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh every few seconds until Ctrl-C.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the topology as JSON (with --watch: one line per refresh).")
+    ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C (not a terminal: frame by frame)."),
+    ] = False,
     interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes with --watch.")] = 5.0,
 ) -> None:
-    """Show the swarm: who serves which blocks, how fast, where the gaps are."""
+    """Show the swarm: who serves which blocks, how fast, where the gaps are.
+
+    Exit status: 0 every block served; 3 some blocks unserved (gaps); 1 no initial peer answered.
+    With --watch, the status of the last refresh.
+    """
+    import time
+
+    from swarm.engine.client import ModelNotAvailableError
     from swarm.p2p.client import SwarmError
     from swarm.p2p.loop import run
     from swarm.p2p.status import gather_status
 
     try:
         _check_seconds("--interval", interval)
-    except ValueError as exc:
-        _fail(str(exc))
-    model_name = None
-    if model is not None:
-        from swarm.engine.checkpoint import Checkpoint
-        from swarm.engine.client import resolve_model
-        from swarm.p2p.table import model_id
+        model_name = None
+        if model is not None:
+            from swarm.engine.checkpoint import Checkpoint
+            from swarm.engine.client import resolve_model
+            from swarm.p2p.table import model_id
 
-        path = resolve_model(model, quiet=True)
-        model_name = model_id(path, Checkpoint(path).raw_config)
+            path = resolve_model(model, quiet=True)
+            model_name = model_id(path, Checkpoint(path).raw_config)
+    except (ValueError, ModelNotAvailableError) as exc:
+        _fail(str(exc))
 
     def once() -> dict:
         try:
@@ -302,25 +315,37 @@ def status(
         except SwarmError as exc:
             _fail(str(exc))
 
-    if as_json:
-        print(json.dumps(once()))
-        return
-    from rich.live import Live
-
     from swarm.cli.render import status_view
 
-    if not watch:
-        Console().print(status_view(once()))
-        return
-    import time
+    console = Console()
 
+    def show(data: dict) -> None:
+        if as_json:
+            print(json.dumps(data))
+        else:
+            console.print(status_view(data))
+        sys.stdout.flush()  # a pipe or file sees every frame as it comes
+
+    data = once()
     try:
-        with Live(status_view(once()), console=Console(), auto_refresh=False) as live:
-            while True:
+        if watch and not as_json and console.is_terminal:
+            from rich.live import Live
+
+            with Live(status_view(data), console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    data = once()
+                    live.update(status_view(data), refresh=True)
+        else:
+            show(data)
+            while watch:
                 time.sleep(interval)
-                live.update(status_view(once()), refresh=True)
+                data = once()
+                show(data)
     except KeyboardInterrupt:
         pass
+    if data["gaps"]:
+        raise typer.Exit(GAPS)
 
 
 if __name__ == "__main__":
