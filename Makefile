@@ -1,4 +1,5 @@
 # `make demo`: set everything up and run the main job.  `make test`: set up and run the test suite.
+# PYTHON=python3.11 make demo: create .venv/ with that interpreter (Python 3.11 or newer).
 VENV := .venv
 PY := $(VENV)/bin/python
 

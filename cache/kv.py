@@ -135,8 +135,14 @@ class SessionKV:
         self.max_length = max_length
         self.length = 0
         # zeros: decoding attends over whole buckets of positions, the unwritten ones included
-        self.keys = [torch.zeros(batch, s.num_kv_heads, max_length, s.head_dim, dtype=dtype, device=device) for s in layers]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        try:
+            self.keys = [torch.zeros(batch, s.num_kv_heads, max_length, s.head_dim, dtype=dtype, device=device) for s in layers]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+        except RuntimeError as exc:  # the allocator's "can't allocate memory"
+            raise CacheFullError(
+                f"cannot allocate a KV cache of batch {batch} × {max_length} positions for {len(layers)} blocks "
+                f"({str(exc).splitlines()[0]}); ask for fewer positions (e.g. a smaller --max-new-tokens)"
+            ) from None
         self._closed = False
 
     @property

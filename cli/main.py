@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,6 +21,7 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 
 NOT_BUILT = 2
+GAPS = 3  # `swarm status`: some blocks have no server
 
 
 def _not_built(what: str) -> None:
@@ -28,8 +30,22 @@ def _not_built(what: str) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: messages quote paths, lists and errors ("[Errno 2]") that rich would read as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def _check(ok: bool, flag: str, rule: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``flag`` and the rule its ``value`` breaks, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{flag} must be {rule}, got {value}")
+
+
+def _check_seconds(flag: str, value: float, zero_ok: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+    _check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value)
 
 
 ModelOpt = Annotated[
@@ -93,22 +109,50 @@ def serve(
         Optional[int],
         typer.Option("--threads", help="CPU threads for block computation (default: PyTorch's, one per core)."),
     ] = None,
+    open_timeout: Annotated[
+        float, typer.Option("--open-timeout", help="Close a session that sends no step this many seconds after opening.")
+    ] = 30.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option("--request-timeout", help="Seconds a request may take to arrive; each frame gets this plus 1 s per MiB."),
+    ] = 30.0,
+    peer_cache_share: Annotated[
+        float, typer.Option("--peer-cache-share", help="The part of --cache-tokens one peer may hold (0-1].")
+    ] = 0.5,
+    max_peer_sessions: Annotated[
+        int, typer.Option("--max-peer-sessions", help="Inference sessions one peer may hold open at once.")
+    ] = 32,
+    frame_memory: Annotated[
+        int, typer.Option("--frame-memory", help="MiB of frames in flight from all peers together (one peer: 320).")
+    ] = 1024,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,
 ) -> None:
     """Serve a contiguous range of a model's blocks to the swarm."""
     from swarm.engine.client import ModelNotAvailableError, resolve_model
     from swarm.engine.default_model import swarm_home
-    from swarm.engine.families import CheckpointError, UnsupportedModelError
+    from swarm.engine.families import UnsupportedModelError
     from swarm.p2p.host import P2PError
     from swarm.p2p.identity import claim_identity
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
 
-    _setup_logging(verbose)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
     try:
+        _check(num_blocks is None or num_blocks >= 1, "--num-blocks", "at least 1", num_blocks)
+        _check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
+        _check(identity is None or not identity.is_dir(), "--identity", "a key file, not a directory", identity)
+        _check(cache_tokens >= 1, "--cache-tokens", "at least 1", cache_tokens)
+        _check_seconds("--announce-period", announce_period)
+        _check_seconds("--step-timeout", step_timeout)
+        _check(threads is None or threads >= 1, "--threads", "at least 1", threads)
+        _check_seconds("--open-timeout", open_timeout)
+        _check_seconds("--request-timeout", request_timeout)
+        _check(0 < peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", peer_cache_share)
+        _check(max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", max_peer_sessions)
+        _check(frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", frame_memory)
+        _setup_logging(verbose)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         cfg = ServerConfig(
             model_dir=resolve_model(model),
             blocks=blocks,
@@ -124,6 +168,11 @@ def serve(
             public_name=public_name,
             announce_period=announce_period,
             step_timeout=step_timeout,
+            open_timeout=open_timeout,
+            request_timeout=request_timeout,
+            peer_cache_share=peer_cache_share,
+            max_peer_sessions=max_peer_sessions,
+            frame_memory=frame_memory << 20,
         )
 
         def ready(server) -> None:
@@ -131,8 +180,8 @@ def serve(
             print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {addr}", flush=True)
 
         serve_forever(cfg, on_ready=ready)
-    except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, ConnectionError, P2PError) as exc:
-        _fail(str(exc))
+    except (ValueError, ModelNotAvailableError, UnsupportedModelError, OSError, P2PError) as exc:
+        _fail(str(exc))  # CheckpointError is a ValueError; OSError includes ConnectionError
     except KeyboardInterrupt:
         pass
 
@@ -163,16 +212,20 @@ def generate(
         float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")
     ] = 30.0,
 ) -> None:
-    """Generate text: stream tokens through a chain of servers (or --local), printing them as they come."""
+    """Generate text: stream tokens through a chain of servers (or --local), printing them as they come.
+
+    The output always ends with a newline, also when an error ends it early."""
+    from dataclasses import replace
+
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
-    from swarm.engine.families import CheckpointError, UnsupportedModelError
-    from swarm.engine.generation import GenerationConfig
+    from swarm.engine.families import UnsupportedModelError
+    from swarm.engine.generation import GenerationConfig, check_prompt_length
 
     try:
+        _check_seconds("--step-timeout", step_timeout)
+        _check_seconds("--timeout", timeout, zero_ok=True)
         torch_dtype = parse_dtype(dtype)
-        path = resolve_model(model, quiet=as_json)
-        client = ClientModel.load(path, torch_dtype)
         do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
         cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -184,12 +237,15 @@ def generate(
             num_beams=num_beams,
             length_penalty=length_penalty,
             seed=seed,
-            eos_token_ids=client.eos_token_ids,
         )
+        path = resolve_model(model, quiet=as_json)
+        client = ClientModel.load(path, torch_dtype)
+        cfg = replace(cfg, eos_token_ids=client.eos_token_ids)
         prompt_ids = client.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give some text to continue")
-    except (ValueError, ModelNotAvailableError, CheckpointError, UnsupportedModelError, RuntimeError) as exc:
+        check_prompt_length(len(prompt_ids), client.head.max_positions)  # before any network setup
+    except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError) as exc:
         _fail(str(exc))
 
     def write(text: str) -> None:
@@ -197,26 +253,35 @@ def generate(
         sys.stdout.flush()
 
     stream = None if as_json or num_beams > 1 else TextStream(client, write)
-    if local:
-        tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
-    else:
-        from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
-        from swarm.p2p.host import P2PError
-        from swarm.p2p.wire import RemoteError, WireError
-        from swarm.p2p.routing import NoRouteError
-        from swarm.p2p.table import model_id
+    from swarm.cache.kv import CacheFullError
 
-        _setup_logging(False)  # recoveries from failed servers are reported on stderr
-        ccfg = ClientConfig(
-            initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
-        )
-        try:
+    # CheckpointError is a ValueError (e.g. damaged block tensors); CacheFullError: no memory for the cache
+    errors: tuple[type[BaseException], ...] = (ValueError, CacheFullError)
+    try:
+        if local:
+            tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
+        else:
+            from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
+            from swarm.p2p.host import P2PError
+            from swarm.p2p.routing import NoRouteError
+            from swarm.p2p.table import model_id
+            from swarm.p2p.wire import RemoteError, WireError
+
+            errors += (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
+            _setup_logging(False)  # recoveries from failed servers are reported on stderr
+            ccfg = ClientConfig(
+                initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
+            )
             model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)
-        except (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError) as exc:
-            if stream is not None and stream.printed:
-                write("\n")
+    except BaseException as exc:
+        if stream is not None and stream.printed:
+            write("\n")  # end the partial output's line
+        if isinstance(exc, KeyboardInterrupt):
+            raise typer.Exit(130) from None
+        if isinstance(exc, errors):
             _fail(str(exc) or type(exc).__name__)
+        raise
     text = client.decode(tokens)
     if as_json:
         print(json.dumps({"prompt_ids": prompt_ids, "token_ids": tokens, "text": text}))
@@ -241,23 +306,39 @@ def status(
     model: Annotated[
         Optional[str], typer.Option("--model", help="Only this model's servers (default: the initial peer's model).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the topology as JSON.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh every few seconds until Ctrl-C.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the topology as JSON (with --watch: one line per refresh).")
+    ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C (not a terminal: frame by frame)."),
+    ] = False,
     interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes with --watch.")] = 5.0,
 ) -> None:
-    """Show the swarm: who serves which blocks, how fast, where the gaps are."""
+    """Show the swarm: who serves which blocks, how fast, where the gaps are.
+
+    Exit status: 0 every block served; 3 some blocks unserved (gaps); 1 no initial peer answered.
+    With --watch, the status of the last refresh.
+    """
+    import time
+
+    from swarm.engine.client import ModelNotAvailableError
     from swarm.p2p.client import SwarmError
     from swarm.p2p.loop import run
     from swarm.p2p.status import gather_status
 
-    model_name = None
-    if model is not None:
-        from swarm.engine.checkpoint import Checkpoint
-        from swarm.engine.client import resolve_model
-        from swarm.p2p.table import model_id
+    try:
+        _check_seconds("--interval", interval)
+        model_name = None
+        if model is not None:
+            from swarm.engine.checkpoint import Checkpoint
+            from swarm.engine.client import resolve_model
+            from swarm.p2p.table import model_id
 
-        path = resolve_model(model, quiet=True)
-        model_name = model_id(Checkpoint(path))
+            path = resolve_model(model, quiet=True)
+            model_name = model_id(Checkpoint(path))
+    except (ValueError, ModelNotAvailableError) as exc:
+        _fail(str(exc))
 
     def once() -> dict:
         try:
@@ -265,25 +346,37 @@ def status(
         except SwarmError as exc:
             _fail(str(exc))
 
-    if as_json:
-        print(json.dumps(once()))
-        return
-    from rich.live import Live
-
     from swarm.cli.render import status_view
 
-    if not watch:
-        Console().print(status_view(once()))
-        return
-    import time
+    console = Console()
 
+    def show(data: dict) -> None:
+        if as_json:
+            print(json.dumps(data))
+        else:
+            console.print(status_view(data))
+        sys.stdout.flush()  # a pipe or file sees every frame as it comes
+
+    data = once()
     try:
-        with Live(status_view(once()), console=Console(), auto_refresh=False) as live:
-            while True:
+        if watch and not as_json and console.is_terminal:
+            from rich.live import Live
+
+            with Live(status_view(data), console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    data = once()
+                    live.update(status_view(data), refresh=True)
+        else:
+            show(data)
+            while watch:
                 time.sleep(interval)
-                live.update(status_view(once()), refresh=True)
+                data = once()
+                show(data)
     except KeyboardInterrupt:
         pass
+    if data["gaps"]:
+        raise typer.Exit(GAPS)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from swarm.cache.kv import KVCacheBudget, LayerKVShape, SessionKV
+from swarm.engine.default_model import MARKER
 from swarm.engine.families import CheckpointError, Family, get_family
 from swarm.engine.fast import pack_linears
 from swarm.engine.layers import StepContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# sizes every family's parsed config has, and what config.json calls them in words
+SIZES = {"num_layers": "number of layers", "hidden_size": "hidden size", "num_heads": "number of attention heads",
+         "vocab_size": "vocabulary size"}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -32,12 +36,32 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unsupported --dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+def fix_hint(directory: Path) -> str:
+    """What to do about a damaged file in the checkpoint ``directory``."""
+    if (directory / MARKER).is_file():  # the default model, converted here
+        return f"delete {directory} and run the command again to convert the default model anew"
+    return "re-download or re-convert the checkpoint"
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; raises :class:`CheckpointError` naming the file when it is not one."""
+    try:
+        value = json.loads(file.read_text())
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{file} is not valid JSON ({exc}): {fix_hint(file.parent)}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object: {fix_hint(file.parent)}")
+    return value
+
+
 class Checkpoint:
     """A checkpoint directory: ``config.json``, safetensors weights, tokenizer files.
 
     ``keys_read`` records every tensor name read so far (tests assert a range reads only its own).
-    Raises :class:`CheckpointError` when the directory is not a usable checkpoint and
-    ``UnsupportedModelError`` for a ``model_type`` no family handles.
+    Raises :class:`CheckpointError` naming the file when the directory is not a usable checkpoint
+    (no or malformed ``config.json``, a key its family needs missing, weight files missing,
+    truncated or not safetensors), and ``UnsupportedModelError`` for a ``model_type`` no family
+    handles. Weight files are checked here, header by header, so a server fails before it joins.
     """
 
     def __init__(self, path: str | Path):
@@ -45,13 +69,28 @@ class Checkpoint:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{self.path} is not a checkpoint directory: it has no config.json")
-        self.raw_config: dict = json.loads(config_file.read_text())
+        self.raw_config: dict = read_json(config_file)
         if "model_type" not in self.raw_config:
             raise CheckpointError(f"{config_file} has no model_type")
         self.family: Family = get_family(self.raw_config["model_type"])
         self._files = self._index_tensors()
-        self.config = self.family.fit_to_keys(self.family.parse_config(self.raw_config), set(self._files))
+        self.config = self.family.fit_to_keys(self._parse_config(config_file), set(self._files))
         self.keys_read: list[str] = []
+
+    def _parse_config(self, config_file: Path):
+        try:
+            config = self.family.parse_config(self.raw_config)
+        except KeyError as exc:
+            raise CheckpointError(
+                f"{config_file} has no {exc.args[0]!r}, which a {self.family.name} config needs: {fix_hint(self.path)}"
+            ) from None
+        except (TypeError, ValueError, ZeroDivisionError) as exc:  # a value of the wrong type or out of range
+            raise CheckpointError(f"{config_file}: {exc}") from None
+        for field, label in SIZES.items():
+            value = getattr(config, field)
+            if not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{config_file}: the {label} must be a positive integer, got {value!r}")
+        return config
 
     @property
     def num_blocks(self) -> int:
@@ -60,16 +99,33 @@ class Checkpoint:
     def _index_tensors(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {key: self.path / name for key, name in weight_map.items()}
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no weight_map: {fix_hint(self.path)}")
+            files = {key: self.path / name for key, name in weight_map.items()}
+            for file in set(files.values()):
+                self._check_weights(file)
+            return files
         single = self.path / "model.safetensors"
         if single.is_file():
-            with safe_open(single, framework="pt") as f:
-                return {key: single for key in f.keys()}
+            return {key: single for key in self._check_weights(single)}
         raise CheckpointError(
             f"{self.path} has no model.safetensors or model.safetensors.index.json; only safetensors "
             f"checkpoints are supported (re-save the model with save_pretrained(..., safe_serialization=True))"
         )
+
+    def _check_weights(self, file: Path) -> list[str]:
+        """The tensor names in ``file``, once its header says the file is whole."""
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (named by the checkpoint's index): {fix_hint(self.path)}")
+        try:
+            with safe_open(file, framework="pt") as f:
+                return list(f.keys())
+        except SafetensorError as exc:
+            raise CheckpointError(
+                f"{file} is truncated, damaged or not a safetensors file ({exc}): "
+                f"{fix_hint(self.path)}"
+            ) from None
 
     def read(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Read exactly ``keys`` (converted to ``dtype``), opening each file once."""
@@ -141,12 +197,21 @@ class Checkpoint:
             prefix = self.family.block_prefix(self.config, index)
             keys = [k for k in self._files if k.startswith(prefix)]
             if not keys:
-                raise CheckpointError(f"{self.path}: no tensors for block {index} (prefix {prefix!r})")
+                raise CheckpointError(
+                    f"{self.path}: no tensors for block {index} (prefix {prefix!r}), though config.json gives the "
+                    f"model {n} blocks: {fix_hint(self.path)}"
+                )
             tensors = self.read(keys, dtype)
             with torch.device("meta"):
                 block = self.family.block(self.config, index)
             state = {k[len(prefix) :]: v for k, v in tensors.items()}
-            block.load_state_dict(state, strict=True, assign=True)
+            try:
+                block.load_state_dict(state, strict=True, assign=True)
+            except RuntimeError as exc:  # names or shapes that config.json does not describe
+                detail = " ".join(str(exc).split())
+                raise CheckpointError(
+                    f"{self.path}: block {index}'s tensors do not fit config.json ({detail}): {fix_hint(self.path)}"
+                ) from None
             block.requires_grad_(False).eval()
             if fast:
                 pack_linears(block)

@@ -8,7 +8,6 @@ machine this fails fast with a message that says what to do instead).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +16,13 @@ from pathlib import Path
 import torch
 
 from swarm.engine import default_model
-from swarm.engine.checkpoint import Checkpoint
+from swarm.engine.checkpoint import Checkpoint, fix_hint, read_json
+from swarm.engine.families import CheckpointError
 from swarm.engine.generation import GenerationConfig, LocalSession, generate
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
+# the files a tokenizer is built from: a fast tokenizer, a sentencepiece model, or a BPE vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -71,12 +73,10 @@ class ClientModel:
 
     @classmethod
     def load(cls, path: Path, dtype: torch.dtype = torch.float32) -> ClientModel:
-        from transformers import AutoTokenizer
-        from transformers.utils import logging
-
+        """Raises :class:`CheckpointError` naming the file or directory when the checkpoint or its
+        tokenizer files are missing or damaged."""
         checkpoint = Checkpoint(path)
-        logging.set_verbosity_error()
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = _load_tokenizer(path)
         return cls(path, checkpoint, tokenizer, checkpoint.load_head(dtype), _eos_ids(path, tokenizer))
 
     @property
@@ -98,12 +98,31 @@ class ClientModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}, with tokenizer_config.json): "
+            f"copy them from the model's original release into that directory, or {fix_hint(path)}"
+        )
+    logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, OSError) as exc:  # transformers' word for unreadable or inconsistent files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"the tokenizer files in {path} could not be loaded ({first_line}): {fix_hint(path)}"
+        ) from None
+
+
 def _eos_ids(path: Path, tokenizer) -> tuple[int, ...]:
     """Stop tokens: generation_config.json's eos_token_id, else config.json's, else the tokenizer's."""
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.is_file():
-            value = json.loads(file.read_text()).get("eos_token_id")
+            value = read_json(file).get("eos_token_id")
             if value is not None:
                 return tuple(value) if isinstance(value, list) else (value,)
     return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)

@@ -10,6 +10,7 @@ output token for token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,18 +61,28 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        """Raises ``ValueError`` naming the CLI flag of a value out of range (NaN and infinities too)."""
         if self.max_new_tokens < 1:
-            raise ValueError("--max-new-tokens must be at least 1")
-        if self.temperature <= 0:
-            raise ValueError("--temperature must be > 0 (for deterministic output drop the sampling flags)")
+            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"--temperature must be a finite number > 0, got {self.temperature} "
+                f"(for deterministic output drop the sampling flags)"
+            )
         if not 0 < self.top_p <= 1:
-            raise ValueError("--top-p must be in (0, 1]")
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError("--top-k must be ≥ 0 (0 turns it off)")
-        if self.repetition_penalty <= 0:
-            raise ValueError("--repetition-penalty must be > 0 (1.0 turns it off)")
+            raise ValueError(f"--top-k must be ≥ 0 (0 turns it off), got {self.top_k}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(
+                f"--repetition-penalty must be a finite number > 0 (1.0 turns it off), got {self.repetition_penalty}"
+            )
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"--length-penalty must be a finite number, got {self.length_penalty}")
         if self.num_beams < 1:
-            raise ValueError("--num-beams must be at least 1")
+            raise ValueError(f"--num-beams must be at least 1, got {self.num_beams}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("beam search is deterministic: use either --num-beams or sampling flags, not both")
 
@@ -103,6 +114,16 @@ def sample_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.G
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+def check_prompt_length(num_tokens: int, max_positions: int | None) -> None:
+    """Raise ``ValueError`` unless a prompt of ``num_tokens`` leaves room for a new token in a
+    context of ``max_positions`` (None: no fixed limit)."""
+    if max_positions is not None and num_tokens >= max_positions:
+        raise ValueError(
+            f"the prompt is {num_tokens} tokens, but this model's context holds {max_positions} "
+            f"(prompt and new tokens together): shorten the prompt to at most {max_positions - 1} tokens"
+        )
+
+
 def generate(
     head: torch.nn.Module,
     open_session: OpenSession,
@@ -112,10 +133,17 @@ def generate(
 ) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
     (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
-    as soon as it is chosen (greedy and sampling; beam search knows its answer only at the end)."""
+    as soon as it is chosen (greedy and sampling; beam search knows its answer only at the end).
+
+    The prompt and the new tokens together stay within the model's context (``head.max_positions``):
+    a prompt that leaves no room raises ``ValueError`` before a session opens; otherwise generation
+    stops when the context is full, even before ``max_new_tokens``."""
     if not input_ids:
         raise ValueError("the prompt is empty: give at least one token")
+    check_prompt_length(len(input_ids), head.max_positions)
     max_length = len(input_ids) + cfg.max_new_tokens
+    if head.max_positions is not None:
+        max_length = min(max_length, head.max_positions)
     if cfg.num_beams > 1:
         return _beam_search(head, open_session, input_ids, cfg, max_length)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -124,7 +152,7 @@ def generate(
         seen = torch.tensor([input_ids])
         step_ids, new = seen, []
         with torch.no_grad():
-            for _ in range(cfg.max_new_tokens):
+            for _ in range(max_length - len(input_ids)):
                 hidden = session.step(head.embed(step_ids))
                 logits = apply_repetition_penalty(head.logits(hidden[:, -1]), seen, cfg.repetition_penalty)
                 token = int(sample_token(logits, cfg, generator)[0])
@@ -146,13 +174,17 @@ def _beam_search(
     """Beam search with ``cfg.num_beams`` hypotheses as rows of one session.
 
     Every row starts from the prompt; only row 0 is live at first. Each step takes the best
-    ``2 × num_beams`` continuations of all rows; those ending in EOS become finished hypotheses
-    (score = sum of log-probs ÷ length^length_penalty), the best others become the next rows, and
-    the session's cache rows are reordered to match (``hypo_ids``). The search stops when
+    ``(1 + number of EOS ids) × num_beams`` continuations of all rows (at least ``2 × num_beams``,
+    as transformers does); those ending in EOS become finished hypotheses (score = sum of
+    log-probs ÷ length^length_penalty) when they rank among the first ``num_beams``, the best
+    others become the next rows, and the session's cache rows are reordered to match
+    (``hypo_ids``). Each row has at most one continuation per EOS id, so that many candidates
+    always hold ``num_beams`` that do not end: the session keeps its batch. The search stops when
     ``num_beams`` hypotheses are finished and no live row can beat the worst of them, or at
-    ``max_new_tokens``.
+    ``max_length`` tokens (prompt included).
     """
     nb = cfg.num_beams
+    num_eos = len(set(cfg.eos_token_ids))
     session = open_session(nb, max_length)
     try:
         rows = torch.tensor([input_ids] * nb)  # [nb, len]
@@ -161,12 +193,14 @@ def _beam_search(
         step_ids, hypo_ids = rows, None
         finished: list[tuple[float, list[int]]] = []
         with torch.no_grad():
-            for step in range(cfg.max_new_tokens):
+            for step in range(max_length - len(input_ids)):
                 hidden = session.step(head.embed(step_ids), hypo_ids)
-                logits = apply_repetition_penalty(head.logits(hidden[:, -1]), rows, cfg.repetition_penalty)
-                scores = logits.log_softmax(-1) + beam_scores[:, None]  # [nb, vocab]
+                # the penalty applies to log-probs here, as in transformers' beam search
+                log_probs = head.logits(hidden[:, -1]).log_softmax(-1)
+                log_probs = apply_repetition_penalty(log_probs, rows, cfg.repetition_penalty)
+                scores = log_probs + beam_scores[:, None]  # [nb, vocab]
                 vocab = scores.shape[-1]
-                top_scores, top_idx = scores.flatten().topk(2 * nb)
+                top_scores, top_idx = scores.flatten().topk(max(2, 1 + num_eos) * nb)
                 next_rows, next_tokens, next_scores = [], [], []
                 for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
                     row, token = divmod(idx, vocab)

@@ -584,6 +584,7 @@ def generate_swarm(
     ``on_chain`` is given each chain as it opens (to watch which servers serve)."""
     from swarm.engine.generation import generate
 
+    check_prompt_length(len(prompt_ids), client_model.head.max_positions)  # before any network setup
     background = BackgroundLoop()
     client = None
     try:

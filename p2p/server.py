@@ -69,7 +69,7 @@ class ServerConfig:
     max_batch: int = 64
     max_frame: int = DEFAULT_MAX_FRAME
     frame_memory: int = 1 << 30  # bytes of frames in flight from all peers together
-    peer_frame_memory: int = DEFAULT_MAX_FRAME + (64 << 20)  # ... and from one peer
+    peer_frame_memory: int = DEFAULT_MAX_FRAME + (64 << 20)  # ... and from one peer (at most frame_memory)
     max_peer_sessions: int = 32  # open inference sessions one peer may hold
     peer_cache_share: float = 0.5  # the part of --cache-tokens one peer may hold
     max_stateless_tokens: int = 8192  # batch × length of one forward or backward pass
@@ -104,9 +104,9 @@ class BlockServer:
         self.start_block = self.end_block = 0
         self.state = "joining"
         self.throughput = 0.0
-        self.frames = FrameBudget(cfg.frame_memory, cfg.peer_frame_memory)
+        self.frames = FrameBudget(cfg.frame_memory, min(cfg.peer_frame_memory, cfg.frame_memory))
         self.peer_cache_tokens = max(1, int(cfg.peer_cache_share * cfg.cache_tokens))
-        self.context = checkpoint.raw_config.get("max_position_embeddings")  # None: no fixed limit (ALiBi)
+        self.context = checkpoint.config.max_positions  # None: no fixed limit (ALiBi)
         self.inference = Sessions(self)
         self._streams: Counter = Counter()  # (peer, protocol) -> streams open now
         # block computation: one call at a time, off the event loop (see MainThreadExecutor)

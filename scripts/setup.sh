@@ -1,9 +1,34 @@
 #!/usr/bin/env bash
 # Set up everything swarm needs in .venv/ of the repository: system build tools for libp2p's
 # fastecdsa (gcc, libgmp-dev, python3-dev), torch, and the project with its test dependencies.
+# First it checks that $PYTHON (default python3) is Python 3.11 or newer; `setup.sh --check-python`
+# does only that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+NEED=3.11  # asyncio.Runner, TimeoutError raised by asyncio.wait_for
+
+# is_new_enough PYTHON: true when that interpreter is Python $NEED or newer; prints its version
+is_new_enough() {
+    local version
+    version=$("$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || version="none"
+    echo "$version"
+    [[ $version =~ ^([0-9]+)\.([0-9]+)$ ]] || return 1
+    (( BASH_REMATCH[1] > ${NEED%.*} || (BASH_REMATCH[1] == ${NEED%.*} && BASH_REMATCH[2] >= ${NEED#*.}) ))
+}
+
+if ! version=$(is_new_enough "$PYTHON"); then
+    echo "error: swarm needs Python $NEED or newer, but PYTHON=$PYTHON is ${version/none/not a working Python}:" \
+        "install one (e.g. apt-get install python3.11 python3.11-venv python3.11-dev) and pick it with" \
+        "PYTHON=python3.11 make demo" >&2
+    exit 1
+fi
+if [ -x .venv/bin/python ] && ! version=$(is_new_enough .venv/bin/python); then
+    echo "error: .venv/ holds Python $version, but swarm needs $NEED or newer: remove it (make clean) and" \
+        "run again, e.g. PYTHON=python3.11 make demo" >&2
+    exit 1
+fi
+[ "${1:-}" = "--check-python" ] && exit 0
 
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)

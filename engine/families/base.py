@@ -34,11 +34,13 @@ def check_keys(wanted: Iterable[str], available: set[str]) -> None:
 class Family:
     """A model family, written against its checkpoint format.
 
-    - ``parse_config(config.json dict) -> cfg``; ``cfg.num_layers``, ``cfg.hidden_size``, ``cfg.vocab_size``.
+    - ``parse_config(config.json dict) -> cfg``; ``cfg.num_layers``, ``cfg.hidden_size``, ``cfg.vocab_size``,
+      ``cfg.max_positions`` (the context length: prompt and generated tokens together; None for no
+      fixed limit).
     - ``block(cfg, index) -> nn.Module`` whose ``state_dict`` names equal the checkpoint's names
       after ``block_prefix(cfg, index)``; ``forward(hidden, ctx, kv) -> hidden``.
-    - ``head(cfg, tensors) -> nn.Module`` with ``embed(ids)`` and ``logits(hidden)``, built from the
-      tensors named by ``head_keys(cfg, available_keys)``.
+    - ``head(cfg, tensors) -> nn.Module`` with ``embed(ids)``, ``logits(hidden)`` and
+      ``max_positions`` (the config's), built from the tensors named by ``head_keys(cfg, available_keys)``.
     - ``prepare_step(cfg, ctx, dtype, batch)`` fills ``ctx.extra`` once per step for all blocks.
     - ``kv_heads(cfg) -> (num_kv_heads, head_dim)`` sizes the KV cache of one block.
     - ``fit_to_keys(cfg, available_keys) -> cfg`` adapts the config to the checkpoint's naming.

@@ -28,6 +28,8 @@ class BloomConfig:
     residual_post_layernorm: bool
     tie_word_embeddings: bool
     prefix: str = "transformer."  # set by the loader from the checkpoint's key names
+    # ALiBi has no learned or precomputed positions, so no fixed context length
+    max_positions: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -117,6 +119,7 @@ class BloomHead(nn.Module):
         self.ln_f = _layer_norm(tensors, f"{p}ln_f", cfg.layer_norm_eps)
         lm = tensors.get("lm_head.weight", tensors[f"{p}word_embeddings.weight"])
         self.lm_head = _frozen_linear(lm)
+        self.max_positions = cfg.max_positions
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``."""

@@ -38,6 +38,8 @@ class LlamaConfig:
     # per layer: None for full attention, else the window in tokens
     sliding_windows: tuple[int | None, ...] = ()
     hidden_act: str = "silu"
+    # the context length (prompt and generated tokens together); None: not stated by config.json
+    max_positions: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict, **overrides) -> LlamaConfig:
@@ -63,6 +65,7 @@ class LlamaConfig:
             mlp_bias=raw.get("mlp_bias", False),
             sliding_windows=(None,) * raw["num_hidden_layers"],
             hidden_act=raw.get("hidden_act", "silu"),
+            max_positions=raw.get("max_position_embeddings"),
         )
         fields.update(overrides)
         if fields["hidden_act"] != "silu":
@@ -127,6 +130,7 @@ class LlamaHead(nn.Module):
         self.norm.weight.data = tensors["model.norm.weight"]
         lm = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
         self.lm_head = _frozen_linear(lm)
+        self.max_positions = cfg.max_positions
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``."""
