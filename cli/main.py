@@ -217,6 +217,14 @@ def generate(
     The output always ends with a newline, also when an error ends it early."""
     from dataclasses import replace
 
+    from swarm.engine.context import quick_prompt_check
+    from swarm.engine.default_model import ALIASES, DEFAULT_MODEL, default_model_dir
+
+    try:  # a prompt past the context is refused before torch, the model or the network load
+        spec = model or DEFAULT_MODEL
+        quick_prompt_check(default_model_dir() if spec in ALIASES else Path(spec).expanduser(), prompt)
+    except ValueError as exc:
+        _fail(str(exc))
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
     from swarm.engine.families import UnsupportedModelError

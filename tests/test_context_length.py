@@ -91,3 +91,21 @@ def test_cli_refuses_a_long_prompt_before_any_network(tmp_path, tiny_checkpoints
             assert elapsed < 30, elapsed  # the process's start-up only, far below --timeout
         with pytest.raises(BlockingIOError):
             listener.accept()
+
+
+def test_a_long_prompt_is_refused_before_the_model_loads(tmp_path, tiny_checkpoints):
+    """The first check needs only config.json and tokenizer.json (no torch, no weights, no
+    network): a directory holding just those refuses the prompt with the context error, not with
+    an error about the missing weights."""
+    import shutil
+
+    source = tiny_checkpoints["llama"]
+    bare = tmp_path / "config-and-tokenizer-only"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(source / name, bare / name)
+    proc = run_swarm(["generate", "--model", str(bare), "--local", "Paris " * (2 * CONTEXT)], tmp_path, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"this model's context holds {CONTEXT}" in proc.stderr, proc.stderr
+    short = run_swarm(["generate", "--model", str(bare), "--local", "Paris"], tmp_path, timeout=60)
+    assert short.returncode == 1 and "context" not in short.stderr, short.stderr  # a prompt that fits goes on
