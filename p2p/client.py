@@ -582,7 +582,7 @@ def generate_swarm(
 ) -> list[int]:
     """The engine's generation loop over a chain of servers (see :func:`swarm.engine.generation.generate`).
     ``on_chain`` is given each chain as it opens (to watch which servers serve)."""
-    from swarm.engine.generation import generate
+    from swarm.engine.generation import check_prompt_length, generate
 
     check_prompt_length(len(prompt_ids), client_model.head.max_positions)  # before any network setup
     background = BackgroundLoop()
