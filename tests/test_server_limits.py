@@ -352,3 +352,42 @@ def test_a_server_failure_is_answered_as_one_so_clients_fail_over(tiny):
         with pytest.raises(RemoteError) as info:
             expect(reply, "output")
         assert not info.value.refused
+
+
+def test_a_client_fails_over_from_a_failing_server_and_the_output_stays_exact(tiny):
+    """End to end: two servers hold the same blocks; the first step to reach either fails inside
+    it (an injected kernel error). The client takes that for a failed server, not a refused
+    request: it moves to the other server and the outputs equal local computation."""
+    from swarm.p2p.client import ClientConfig, SwarmClient
+    from swarm.p2p.table import model_id
+
+    ckpt = Checkpoint(tiny)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(1, 3, ckpt.config.hidden_size, generator=g), torch.randn(1, 1, ckpt.config.hidden_size, generator=g)]
+    local = LocalSession(ckpt.load_blocks(0, 4), 1, 16)
+    expected = [local.step(x) for x in steps]
+    faults = []
+
+    def fail_once(module, args):
+        if not faults:
+            faults.append(module)
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory (injected)")
+
+    async def scenario():
+        async with served(tiny) as (first, m1), served(tiny, initial_peers=[m1]) as (second, _):
+            handles = [s.blocks.blocks[0].register_forward_pre_hook(fail_once) for s in (first, second)]
+            await eventually(lambda: len(first.table.snapshot()) == 2, what="both servers in the table")
+            client = await SwarmClient.start(model_id(ckpt), 4, ClientConfig(initial_peers=[m1], push=False))
+            try:
+                chain = await client.open_chain(1, 16)
+                outputs = [await chain.step(x) for x in steps]
+                await chain.close()
+                return outputs, client.banned()
+            finally:
+                await client.close()
+                for h in handles:
+                    h.remove()
+
+    outputs, banned = run(scenario())
+    assert len(faults) == 1 and len(banned) == 1
+    assert all(torch.equal(out, exp) for out, exp in zip(outputs, expected))
