@@ -111,7 +111,7 @@ def serve(
     ] = None,
     open_timeout: Annotated[
         float, typer.Option("--open-timeout", help="Close a session that sends no step this many seconds after opening.")
-    ] = 30.0,
+    ] = 60.0,
     request_timeout: Annotated[
         float,
         typer.Option("--request-timeout", help="Seconds a request may take to arrive; each frame gets this plus 1 s per MiB."),

@@ -188,6 +188,14 @@ class TrioThread:
         try:
             return await fut
         except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # the result arrived, but this task was cancelled before it resumed: release it
+                if fut.exception() is None and orphan is not None:
+                    try:
+                        orphan(fut.result())
+                    except Exception as error:
+                        log.debug("releasing an orphaned result failed: %r", error)
+                raise
             try:
                 self._token.run_sync_soon(call.cancel)
             except trio.RunFinishedError:

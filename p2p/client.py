@@ -106,10 +106,10 @@ class SwarmClient:
         async for sender, data in subscription:
             try:
                 info = parse_announcement(data, sender)
-            except ValueError:
-                continue
-            if self.table.update(info):
-                self.host.add_addrs(info.peer_id, list(info.addrs))
+                if self.table.update(info):
+                    self.host.add_addrs(info.peer_id, list(info.addrs))
+            except Exception as exc:  # whatever a stranger sends, this listener must keep listening
+                log.debug("ignoring an announcement from %s: %s", sender[-8:], exc)
 
     async def ping_new(self, servers, timeout: float = 1.0) -> None:
         """Measure round-trip times to servers not measured yet (banned ones are skipped). A server

@@ -23,6 +23,7 @@ and open_stream then waits (until its timeout) for one to close.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import secrets
@@ -137,6 +138,53 @@ async def _close_connections(lp) -> None:
 
 async def _no_auto_connect() -> None:
     return None
+
+
+class _InboundConn:
+    """The connection an inbound handler task set up, once it exists (see :func:`_free_inbound_slots`)."""
+
+    def __init__(self):
+        self.conn = None
+        self.ready = trio.Event()
+
+
+_INBOUND: contextvars.ContextVar[_InboundConn | None] = contextvars.ContextVar("swarm_inbound", default=None)
+
+
+def _free_inbound_slots(network) -> None:
+    """Make py-libp2p 0.8.1's inbound handlers end when their connection closes.
+
+    Each inbound connection takes a slot of the swarm's limiter (250) and its handler task then
+    waits for the whole swarm to finish, not for the connection: after 250 connections in its
+    lifetime (every `swarm generate` is a new one) a server refused every peer. Here the handler
+    runs beside a watcher that cancels it once the connection it registered closes, which frees
+    the slot and the task."""
+    handle, add_conn = network._do_handle_inbound_connection, network.add_conn
+
+    async def registering_add_conn(muxed_conn, direction="unknown"):
+        conn = await add_conn(muxed_conn, direction)
+        seen = _INBOUND.get()
+        if seen is not None and seen.conn is None:
+            seen.conn = conn
+            seen.ready.set()
+        return conn
+
+    async def bounded_handle(read_write_closer, maddr, failure_event) -> None:
+        seen = _InboundConn()
+        _INBOUND.set(seen)
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await seen.ready.wait()
+                await seen.conn.event_closed.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await handle(read_write_closer, maddr, failure_event)
+            nursery.cancel_scope.cancel()
+
+    network.add_conn = registering_add_conn
+    network._do_handle_inbound_connection = bounded_handle
 
 
 class _RoomyQueues(dict):
@@ -290,6 +338,7 @@ class Host:
         # hold under 150 connections, and a failed dial blocks explicit dials to that peer for 60 s:
         # we dial only when asked to.
         lp.get_network().auto_connector.maybe_connect = _no_auto_connect
+        _free_inbound_slots(lp.get_network())
         gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6,

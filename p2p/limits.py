@@ -3,9 +3,10 @@
 Any peer that passes the Noise handshake may announce a frame of up to the reader's maximum and
 then send it slowly, or most of it and vanish, on as many streams as it likes. So every byte of a
 frame being received (and of a received frame not yet dealt with) is counted against a
-:class:`FrameBudget`, per peer and in total, from the moment the frame's length prefix arrives
-until the frame is done with; a frame that does not fit is refused at once
-(:class:`FrameBudgetError`), before any of its body is read.
+:class:`FrameBudget`, per peer and in total, as it arrives (a megabyte ahead of it), until the
+frame is done with; bytes that do not fit end the frame's stream (:class:`FrameBudgetError`).
+A length prefix alone holds only that first megabyte, so announcing huge frames costs the
+announcer the bytes it must really send.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class Grant:
     def __init__(self, budget: FrameBudget | None, peer: str, nbytes: int):
         self._budget, self.peer, self.nbytes = budget, peer, nbytes
 
+    def grow(self, nbytes: int) -> None:
+        """Take ``nbytes`` more for the same frame, or raise :class:`FrameBudgetError`."""
+        if self._budget is None:
+            raise FrameBudgetError("this grant was released")
+        self._budget._reserve(self.peer, nbytes)
+        self.nbytes += nbytes
+
     def release(self) -> None:
         budget, self._budget = self._budget, None
         if budget is not None:
@@ -48,6 +56,10 @@ class FrameBudget:
 
     def take(self, peer: str, nbytes: int) -> Grant:
         """Reserve ``nbytes`` for a frame from ``peer``, or raise :class:`FrameBudgetError`."""
+        self._reserve(peer, nbytes)
+        return Grant(self, peer, nbytes)
+
+    def _reserve(self, peer: str, nbytes: int) -> None:
         with self._lock:
             mine = self._by_peer.get(peer, 0)
             if mine + nbytes > self.per_peer:
@@ -62,7 +74,6 @@ class FrameBudget:
                 )
             self._used += nbytes
             self._by_peer[peer] = mine + nbytes
-        return Grant(self, peer, nbytes)
 
     def used(self, peer: str | None = None) -> int:
         with self._lock:

@@ -65,7 +65,7 @@ class ServerConfig:
     step_timeout: float = 300.0  # an open session idle this long is closed and its cache freed
     session_timeout: float = 1800.0  # no session lives longer than this (its cache is freed)
     request_timeout: float = 30.0  # also each frame's deadline from its first byte (plus a second per MiB)
-    open_timeout: float = 30.0  # a session with no step this long after its open is closed
+    open_timeout: float = 60.0  # a session with no step this long after its open is closed (the client's step timeout: a chain opens all its sessions before its first step)
     max_batch: int = 64
     max_frame: int = DEFAULT_MAX_FRAME
     frame_memory: int = 1 << 30  # bytes of frames in flight from all peers together
@@ -273,7 +273,9 @@ class BlockServer:
             try:
                 self._apply_announcement(data, sender)
             except ValueError as exc:
-                log.warning("ignoring an announcement from %s: %s", sender[-8:], exc)
+                log.debug("ignoring an announcement from %s: %s", sender[-8:], exc)
+            except Exception:  # whatever a stranger sends, this listener must keep listening
+                log.exception("an announcement from %s could not be applied", sender[-8:])
 
     def _apply_announcement(self, data, sender: str) -> None:
         """Take a server's announcement into the table (``ValueError`` if it is not acceptable)."""

@@ -288,15 +288,13 @@ class Sessions:
         repeat = frame["step_id"] == session.last_step and position == session.last_position
         if repeat and source == "push":
             return None, False
-        if repeat and session.last_reordered:
-            raise ValueError("this step was already run with other inputs and reordered the cache; reopen the session")
         if not repeat and position != session.kv.length:
             raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
         session.last_step = None  # until this step has run
         output, fresh = await self.server.compute(
             _run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
             session.last_input if repeat else None, session.last_output, position if repeat else None,
-            session.stop.is_set, session=session,
+            session.last_reordered, session.stop.is_set, session=session,
         )
         session.last_step, session.last_position = frame["step_id"], position
         session.last_input, session.last_output = hidden, output
@@ -447,7 +445,7 @@ def _check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
 
 
 def _run_step(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int], last_input, last_output, rewind_to,
-              should_stop) -> tuple[torch.Tensor, bool]:
+              reordered: bool, should_stop) -> tuple[torch.Tensor, bool]:
     """On the compute thread: a step (or a replay split into ``chunks``), or the answer to a repeat
     of the last step (``rewind_to`` set): the same input gets the same output without computing,
     another input rewinds the cache to ``rewind_to`` and is computed anew. Returns the outputs of
@@ -455,6 +453,8 @@ def _run_step(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int], last_
     if rewind_to is not None:
         if last_input is not None and torch.equal(hidden, last_input):
             return last_output, False
+        if reordered:  # the rows were reordered for the other input: they cannot be put back
+            raise ValueError("this step was already run with other inputs and reordered the cache; reopen the session")
         kv.rewind(rewind_to)
     if hypo_ids is not None:
         batch = hidden.shape[0]

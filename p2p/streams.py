@@ -23,6 +23,7 @@ from swarm.p2p.limits import FrameBudget, Grant
 
 READ_AHEAD = 1 << 16  # bytes a message read asks yamux for at once (what is past the message waits)
 MIN_FRAME_RATE = 1 << 20  # bytes/s: a message of n bytes gets n / MIN_FRAME_RATE s on top of its frame timeout
+BUDGET_STEP = 1 << 20  # bytes of a message taken from the budget ahead of those received
 CLOSE_TIMEOUT = 5.0  # for a graceful stream close or reset
 
 
@@ -225,7 +226,9 @@ class Stream:
         if length > max_bytes:
             raise MessageTooLargeError(length, max_bytes)
         progress[1] = length
-        grant = budget.take(self.remote_peer_id, length) if budget is not None else None
+        # the budget is charged as bytes arrive (a step ahead of them), not for the length a peer
+        # announces: four bytes of a prefix cannot hold the budget for everyone else
+        grant = budget.take(self.remote_peer_id, min(length, BUDGET_STEP)) if budget is not None else None
         if frame_timeout is not None:
             scope.deadline = started + frame_timeout + length / MIN_FRAME_RATE
         message = Message()
@@ -234,10 +237,14 @@ class Stream:
             del self._pending[: 4 + len(message)]
             while len(message) < length:
                 progress[0] = len(message)
+                if grant is not None and grant.nbytes < min(length, len(message) + BUDGET_STEP):
+                    grant.grow(min(length, len(message) + BUDGET_STEP) - grant.nbytes)
                 try:
-                    message += await self._read_net(length - len(message))
+                    message += await self._read_net(min(length - len(message), BUDGET_STEP))
                 except StreamClosedError as exc:
                     raise StreamClosedError(f"{exc} after {len(message)} of {length} bytes") from None
+            if grant is not None and grant.nbytes < length:
+                grant.grow(length - grant.nbytes)
         except BaseException:
             message.clear()  # freed now, whatever keeps this frame (a traceback) alive
             if grant is not None:

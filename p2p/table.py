@@ -97,7 +97,7 @@ class ServerInfo:
                 instance=str(data.get("instance", ""))[:64],
                 received=time.monotonic() if received is None else received,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
         if (info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
                 or not 0 < info.period <= 3600):

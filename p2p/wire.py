@@ -166,7 +166,10 @@ def decode_body(body: bytes | bytearray) -> Frame:
         if offset + nbytes > len(body):
             raise WireError(f"tensor of shape {shape} ({entry[0]}) runs past the end of the frame")
         data = bytearray(body[offset : offset + nbytes]) if nbytes else bytearray()
-        tensors.append(torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype))
+        try:
+            tensors.append(torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype))
+        except RuntimeError as exc:  # shapes torch cannot lay out (strides past 2^63)
+            raise WireError(f"bad tensor shape {shape!r}: {exc}") from None
         offset += nbytes
     if offset != len(body):
         raise WireError(f"{len(body) - offset} unexpected trailing bytes after the frame's tensors")
@@ -227,8 +230,8 @@ async def pump_frames(
     while True:
         try:
             frame = await read_frame(stream, timeout=None, max_frame=max_frame, frame_timeout=frame_timeout, budget=budget)
-        except (WireError, P2PError) as exc:
-            await put(exc)
+        except Exception as exc:  # WireError, P2PError, or anything else: the reader waits for it
+            await put(exc if isinstance(exc, (WireError, P2PError)) else WireError(f"unreadable frame: {exc!r}"))
             return
         try:
             await put(frame)

@@ -391,3 +391,46 @@ def test_a_client_fails_over_from_a_failing_server_and_the_output_stays_exact(ti
     outputs, banned = run(scenario())
     assert len(faults) == 1 and len(banned) == 1
     assert all(torch.equal(out, exp) for out, exp in zip(outputs, expected))
+
+
+def test_inbound_connection_slots_are_freed_when_connections_close(tiny):
+    """py-libp2p keeps each inbound connection's slot (250 of them) until the host stops: a server
+    refused every peer after 250 connections in its lifetime. Here the server's limit is cut to 3
+    and 8 peers connect one after another."""
+    import trio
+
+    async def scenario():
+        async with served(tiny) as (server, maddr):
+            server.host._lp.get_network()._inbound_limiter = trio.CapacityLimiter(3)
+            kinds = []
+            for _ in range(8):
+                async with peer(maddr) as (host, sp):
+                    kinds.append((await protocols.request(host, sp, protocols.INFO, Frame("info"), 10)).kind)
+            return kinds
+
+    assert run(scenario()) == ["info_reply"] * 8
+
+
+def test_a_repeated_beam_step_is_answered_from_memory(tiny):
+    """The client resends a step after a push run went wrong; when that step reordered the cache
+    (beam search) and its input is the same, the answer comes from memory, not an error."""
+    size = Checkpoint(tiny).config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    prompt, nxt = torch.randn(2, 3, size, generator=g), torch.randn(2, 1, size, generator=g)
+    hypo = torch.tensor([1, 1])
+
+    async def scenario():
+        async with served(tiny) as (server, maddr):
+            async with peer(maddr) as (host, sp):
+                stream, opened = await _open(host, sp, batch=2, max_length=16)
+                expect(opened, "opened")
+                await write_frame(stream, Frame("step", {"step_id": "a", "position": 0}, [prompt]), 10)
+                expect(await read_frame(stream, timeout=10), "output")
+                outs = []
+                for _ in range(2):
+                    await write_frame(stream, Frame("step", {"step_id": "b", "position": 3}, [nxt, hypo]), 10)
+                    outs.append(expect(await read_frame(stream, timeout=10), "output").tensors[0])
+                return outs
+
+    first, again = run(scenario())
+    assert torch.equal(first, again)
