@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 
 
+_CLOSING = threading.Lock()  # a session may be closed from two threads at once (its server's loop and memory thread)
+
+
 class CacheFullError(RuntimeError):
     """The process's KV budget cannot hold the session asked for."""
 
@@ -181,10 +184,11 @@ class SessionKV:
                 buf[:, :, :n] = buf[:, :, :n].index_select(0, hypo_ids)
 
     def close(self) -> None:
-        """Give the tokens back to the budget (idempotent) and drop the buffers."""
-        if self._closed:
-            return
-        self._closed = True
+        """Give the tokens back to the budget (idempotent, thread-safe) and drop the buffers."""
+        with _CLOSING:
+            if self._closed:
+                return
+            self._closed = True
         self.keys, self.values = [], []
         if self._budget is not None:
             self._budget._release(self.tokens, self._owner)

@@ -88,7 +88,7 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
     return start, end
 
 
-# concurrent streams one peer may have open per protocol (inference: see max_peer_sessions)
+# concurrent streams one peer may have open per protocol (inference: max_peer_sessions + 8)
 PEER_STREAMS = {protocols.INFO: 8, protocols.PUSH: 8, protocols.FORWARD: 8, protocols.BACKWARD: 8}
 
 
@@ -149,7 +149,7 @@ class BlockServer:
             server.throughput = await loop.run_in_executor(
                 server._executor, cached_block_throughput, model, server.blocks
             )
-            host.set_stream_handler(protocols.INFERENCE, server.inference.handle_inference)
+            host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
             host.set_stream_handler(protocols.PUSH, server._limited(protocols.PUSH, server.inference.handle_push))
             host.set_stream_handler(protocols.FORWARD, server._limited(protocols.FORWARD, server._handle_forward))
             host.set_stream_handler(protocols.BACKWARD, server._limited(protocols.BACKWARD, server._handle_backward))
@@ -302,7 +302,8 @@ class BlockServer:
     def _limited(self, protocol: str, handler):
         """``handler`` for at most :data:`PEER_STREAMS` concurrent streams of ``protocol`` per peer;
         streams beyond that get a ``busy`` error at once."""
-        limit = PEER_STREAMS[protocol]
+        # inference: the sessions a peer may hold, and a few more being opened or refused
+        limit = self.cfg.max_peer_sessions + 8 if protocol == protocols.INFERENCE else PEER_STREAMS[protocol]
 
         @functools.wraps(handler)
         async def limited(stream) -> None:
@@ -383,7 +384,8 @@ class BlockServer:
         self._cache_changed.set()
 
     async def reply_error(self, stream, exc: Exception, code: str) -> None:
-        log.warning("%s from %s: %s", code, stream.remote_peer_id[-8:] if stream.remote_peer_id else "?", exc)
+        # info, not warning: a stranger's bad requests must not flood the operator's terminal (-v shows them)
+        log.info("%s from %s: %s", code, stream.remote_peer_id[-8:] if stream.remote_peer_id else "?", exc)
         try:
             await write_frame(stream, error_frame(str(exc), code), timeout=5)
         except (P2PError, OSError):

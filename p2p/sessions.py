@@ -249,7 +249,7 @@ class Sessions:
                 except (ValueError, TypeError, RuntimeError, WireError) as exc:
                     if source == "client":
                         raise
-                    log.warning("ignored a pushed step for session %s: %s", session.id[:8], exc)
+                    log.info("ignored a pushed step for session %s: %s", session.id[:8], exc)
                     continue
                 if output is None:
                     continue  # a pushed copy of a step already run: the client's own copy decides
@@ -350,7 +350,7 @@ class Sessions:
                     if frame is not None:
                         frame.release()
         except WireError as exc:
-            log.warning("bad frame on a push stream from %s: %s", stream.remote_peer_id[-8:], exc)
+            log.info("bad frame on a push stream from %s: %s", stream.remote_peer_id[-8:], exc)
         except (P2PTimeoutError, StreamClosedError):
             pass
         finally:
@@ -369,8 +369,13 @@ class Sessions:
         peer, session = nxt.get("peer"), nxt.get("session")
         if not (isinstance(peer, str) and isinstance(session, str)) or peer == self.server.host.peer_id:
             return False
+        if peer not in self.server.table:
+            return False  # only to servers of this swarm, never wherever a route points
         if peer not in self._push_links and len(self._push_links) >= MAX_PUSH_LINKS:
-            return False  # the route names more peers than any real chain does
+            for stale in [p for p, link in self._push_links.items() if link.stream is None and link.connecting is None]:
+                del self._push_links[stale]  # links that failed make room
+            if len(self._push_links) >= MAX_PUSH_LINKS:
+                return False
         link = self._push_links.setdefault(peer, _PushLink())
         if link.stream is None:  # not connected yet (connecting now, or failed lately)
             if link.connecting is None and time.monotonic() >= link.retry_at:

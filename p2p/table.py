@@ -147,6 +147,9 @@ class PeerTable:
             return False
         return True
 
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._servers
+
     def remove(self, peer_id: PeerId) -> None:
         self._servers.pop(peer_id, None)
 

@@ -20,7 +20,7 @@ from server_utils import BlockGate, eventually, peer, prefix, served
 from swarm.engine.checkpoint import PREFILL_CHUNK, Checkpoint
 from swarm.engine.generation import LocalSession
 from swarm.p2p import protocols
-from swarm.p2p.host import StreamClosedError
+from swarm.p2p.host import STREAM_BUFFER_LIMIT, P2PError, StreamClosedError
 from swarm.p2p.loop import run
 from swarm.p2p.wire import Frame, RemoteError, expect, read_frame, write_frame
 
@@ -434,3 +434,29 @@ def test_a_repeated_beam_step_is_answered_from_memory(tiny):
 
     first, again = run(scenario())
     assert torch.equal(first, again)
+
+
+def test_a_peer_that_ignores_the_yamux_window_cannot_fill_the_servers_memory(tiny):
+    """py-libp2p's yamux buffers whatever a peer sends past its receive window (it only logs a
+    warning): a stream's buffer now never holds more than the largest window."""
+
+    async def scenario():
+        async with served(tiny) as (server, maddr):
+            async with peer(maddr) as (host, sp):
+                stream = await host.open_stream(sp, protocols.INFO, timeout=10)
+                await write_frame(stream, Frame("info"), 10)
+                assert (await read_frame(stream, timeout=10, max_frame=1 << 24)).kind == "info_reply"
+                chunk = b"x" * (1 << 20)
+                try:
+                    for _ in range(40):  # far past any window, never read by the server
+                        stream._ns.muxed_stream.send_window = 1 << 50  # a stranger need not respect it
+                        await stream.write(chunk, timeout=10)
+                except P2PError:
+                    pass
+                from libp2p.peer.id import ID
+
+                conns = server.host._lp.get_network().connections.get(ID.from_base58(host.peer_id), [])
+                assert conns, "no connection from the peer"
+                assert all(sum(map(len, c.muxed_conn.stream_buffers.values())) <= STREAM_BUFFER_LIMIT for c in conns)
+
+    run(scenario())
