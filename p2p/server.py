@@ -41,7 +41,7 @@ from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.identity import Identity, claim_default_identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.routing import choose_blocks
-from swarm.p2p.sessions import Sessions
+from swarm.p2p.sessions import Sessions, check_hidden
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
 from swarm.p2p.wire import BAD_REQUEST, BUSY, DEFAULT_MAX_FRAME, SERVER_ERROR, Frame, RemoteError, WireError, error_frame, read_frame, write_frame
 
@@ -448,22 +448,14 @@ async def _watch_for_end(stream, stop: threading.Event) -> None:
     stop.set()
 
 
-def _check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
-    if not hidden.is_floating_point() or hidden.dim() != 3 or hidden.shape[-1] != blocks.config.hidden_size:
-        raise ValueError(
-            f"hidden states must be floating point [batch, seq, {blocks.config.hidden_size}], "
-            f"got {hidden.dtype} {list(hidden.shape)}"
-        )
-
-
 def _run_forward(blocks: BlockRange, hidden, should_stop):
-    _check_hidden(blocks, hidden)
+    check_hidden(blocks, hidden)
     with torch.no_grad():
         return blocks(hidden, should_stop=should_stop)
 
 
 def _run_backward(blocks: BlockRange, hidden, grad_output, should_stop):
-    _check_hidden(blocks, hidden)
+    check_hidden(blocks, hidden)
     if grad_output.shape != hidden.shape:
         raise ValueError(f"grad_output shape {list(grad_output.shape)} differs from hidden {list(hidden.shape)}")
     with torch.enable_grad():

@@ -283,7 +283,7 @@ class Sessions:
         if not isinstance(position, int):
             raise ValueError(f"a step's position must be an integer, got {position!r}")
         chunks = _check_chunks(frame.fields.get("chunks"), hidden)
-        _check_hidden(session.blocks, hidden)
+        check_hidden(session.blocks, hidden)
         self.server.check_context(position + hidden.shape[1], "the step's end position")
         repeat = frame["step_id"] == session.last_step and position == session.last_position
         if repeat and source == "push":
@@ -426,7 +426,7 @@ def _step_parts(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, list[t
     return hidden, hypo_ids, trail
 
 
-def _check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
+def check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
     if not hidden.is_floating_point() or hidden.dim() != 3 or hidden.shape[-1] != blocks.config.hidden_size:
         raise ValueError(
             f"hidden states must be floating point [batch, seq, {blocks.config.hidden_size}], "

@@ -58,8 +58,7 @@ def test_partial_frames_are_bounded_per_peer_and_freed_when_the_peer_leaves(tiny
 
     async def scenario():
         async with served(tiny, max_frame=1 << 20, peer_frame_memory=1 << 20, frame_memory=4 << 20) as (server, maddr):
-            host, sp = await _start_peer(maddr)
-            try:
+            async with peer(maddr) as (host, sp):  # and then gone, mid-frame
                 session, opened = await _open(host, sp)
                 expect(opened, "opened")
                 streams = [session] + [
@@ -78,20 +77,11 @@ def test_partial_frames_are_bounded_per_peer_and_freed_when_the_peer_leaves(tiny
                 async with peer(maddr) as (other, _):
                     reply = await protocols.request(other, sp, protocols.INFO, Frame("info"), 10)
                     assert reply.kind == "info_reply"
-            finally:
-                await host.close()  # gone mid-frame
             await eventually(lambda: server.frames.used() == 0, what="the partial frames freed")
             await eventually(lambda: not server.sessions, what="the session freed")
             assert server.budget.tokens_left == server.budget.max_tokens
 
     run(scenario())
-
-
-async def _start_peer(maddr):
-    from swarm.p2p.host import Host
-
-    host = await Host.start()
-    return host, await host.connect(maddr, timeout=10)
 
 
 @pytest.mark.parametrize("protocol", [protocols.PUSH, protocols.FORWARD, protocols.INFO, protocols.INFERENCE])
