@@ -143,6 +143,14 @@ class Checkpoint:
                     self.keys_read.append(key)
         return tensors
 
+    def tensor_names(self) -> list[str]:
+        return list(self._files)
+
+    def tensor_shape(self, key: str) -> list[int]:
+        """The shape of tensor ``key`` from its file's header (no data is read)."""
+        with safe_open(self._files[key], framework="pt") as f:
+            return list(f.get_slice(key).get_shape())
+
     SAMPLE_ROWS = 9  # rows of each matrix a fingerprint reads: the first, the last and 7 between
     SAMPLE_ELEMENTS = 64  # values a fingerprint takes from each end of each sampled row
 

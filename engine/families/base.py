@@ -44,6 +44,8 @@ class Family:
     - ``prepare_step(cfg, ctx, dtype, batch)`` fills ``ctx.extra`` once per step for all blocks.
     - ``kv_heads(cfg) -> (num_kv_heads, head_dim)`` sizes the KV cache of one block.
     - ``fit_to_keys(cfg, available_keys) -> cfg`` adapts the config to the checkpoint's naming.
+    - ``lora_default``, ``adapter_prefix(cfg, index)``: what adapters (see :mod:`swarm.engine.adapters`)
+      need to know: peft's default LoRA targets and the module path of a block in transformers' model.
     """
 
     name: str
@@ -56,3 +58,7 @@ class Family:
     kv_heads: Callable[[Any], tuple[int, int]]
     # adjust the parsed config to the checkpoint's key names (e.g. BLOOM's optional "transformer." prefix)
     fit_to_keys: Callable[[Any, set[str]], Any] = lambda cfg, keys: cfg
+    # LoRA: the linears peft targets by default for this family, and the name transformers'
+    # *ForCausalLM gives block ``i`` (the prefix of an adapter's keys; None: ``block_prefix``)
+    lora_default: tuple[str, ...] = ("q_proj", "v_proj")
+    adapter_prefix: Callable[[Any, int], str] | None = None

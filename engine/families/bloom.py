@@ -176,4 +176,6 @@ FAMILY = Family(
     prepare_step=prepare_step,
     kv_heads=lambda cfg: (cfg.num_heads, cfg.head_dim),
     fit_to_keys=fit_to_keys,
+    lora_default=("query_key_value",),
+    adapter_prefix=lambda cfg, i: f"transformer.h.{i}.",
 )
