@@ -339,3 +339,19 @@ def adapter_digest(tensors: Mapping[str, torch.Tensor], spec: AdapterSpec | None
     if spec is not None:
         digest.update(repr(sorted(spec.to_wire().items())).encode())
     return digest.hexdigest()
+
+
+class LocalBlocks(nn.Module):
+    """Blocks held in this process as a trainable module (the local twin of the swarm's remote
+    blocks): ``forward(hidden [batch, seq, hidden], tensors=None, spec=None) -> hidden``,
+    differentiable with respect to ``hidden`` and to every adapter tensor."""
+
+    def __init__(self, blocks: BlockRange):
+        super().__init__()
+        self.blocks = attach(blocks)
+
+    def forward(
+        self, hidden: torch.Tensor, tensors: Mapping[str, torch.Tensor] | None = None, spec: AdapterSpec | None = None
+    ) -> torch.Tensor:
+        with applied(self.blocks, tensors, spec):
+            return self.blocks(hidden)

@@ -26,7 +26,7 @@ import torch
 from swarm.p2p.host import MessageTooLargeError, P2PError
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 
-PROTOCOL_VERSION = 2  # 2: pushed steps carry a trail; a server that pushed does not reply
+PROTOCOL_VERSION = 3  # 2: pushed steps carry a trail; a server that pushed does not reply. 3: adapters
 DEFAULT_MAX_FRAME = 256 * 2**20  # 256 MiB: a 2048-token prefill of an 8192-wide model in float32 is 64 MiB
 
 PeerId = NewType("PeerId", str)
@@ -37,21 +37,22 @@ _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 
 DECODE_IN_THREAD = 1 << 20  # frame bodies larger than this are decoded off the event loop
 MAX_TRAIL = 64  # earlier servers' outputs a pushed step (and the reply ending its push run) may carry
+MAX_ADAPTER_TENSORS = 1024  # named adapter tensors (or their gradients) one frame may carry
 
 # kind -> fields it must carry (beyond v, kind, tensors) and how many tensors
 KINDS: dict[str, tuple[tuple[str, ...], Sequence[int]]] = {
     "info": ((), (0,)),
     "info_reply": (("info",), (0,)),
     "announce": (("info",), (0,)),  # a server's announcement sent directly (joining the swarm, leaving it)
-    "open": (("start", "end", "batch", "max_length"), (0,)),
+    "open": (("start", "end", "batch", "max_length"), range(0, 1 + MAX_ADAPTER_TENSORS)),  # [adapter...]
     "opened": (("session_id",), (0,)),
     "step": (("step_id", "position"), range(1, 3 + MAX_TRAIL)),  # hidden [, hypo_ids] [, trail...]
     "output": (("step_id",), range(1, 2 + MAX_TRAIL)),  # output [, trail...]
     "close": ((), (0,)),
     "closed": ((), (0,)),
-    "forward": (("start", "end"), (1,)),
-    "backward": (("start", "end"), (2,)),  # hidden, grad_output
-    "result": ((), (1,)),
+    "forward": (("start", "end"), range(1, 2 + MAX_ADAPTER_TENSORS)),  # hidden [, adapter...]
+    "backward": (("start", "end"), range(2, 3 + MAX_ADAPTER_TENSORS)),  # hidden, grad_output [, adapter...]
+    "result": ((), range(1, 2 + MAX_ADAPTER_TENSORS)),  # output or grad_input [, adapter gradients...]
     "error": (("message",), (0,)),
 }
 
@@ -66,6 +67,7 @@ CACHE_FULL = "cache_full"  # no KV room (in total, or in the share one peer may 
 BUSY = "busy"  # a per-peer or total limit on streams, sessions or frame bytes in flight
 SERVER_ERROR = "server_error"  # the server failed (out of memory, a kernel error)
 SESSION_EXPIRED = "session_expired"  # idle too long, or past the session lifetime
+UNKNOWN_ADAPTER = "unknown_adapter"  # the adapter digest is not (or no longer) kept here: send its tensors
 
 
 class WireError(ValueError):
@@ -238,6 +240,36 @@ async def pump_frames(
         except BaseException:
             frame.release()
             raise
+
+
+def adapter_fields(
+    digest: str, spec: dict, names: Sequence[str] | None
+) -> dict:
+    """The ``adapter`` field of an open/forward/backward frame: the adapter's content ``digest``,
+    its spec (see :class:`~swarm.engine.adapters.AdapterSpec`) and, when the frame carries the
+    tensors (after its own), their ``names`` in order. Without names the receiver must know the
+    digest already (else it answers :data:`UNKNOWN_ADAPTER` and the sender sends them)."""
+    out = {"digest": digest, "spec": spec}
+    if names is not None:
+        out["names"] = list(names)
+    return {"adapter": out}
+
+
+def named_tensors(frame: Frame, names_field: str, base: int) -> dict[str, torch.Tensor]:
+    """The frame's tensors after its first ``base``, by the names listed in ``names_field`` (a
+    list of distinct strings, one per tensor). Raises :class:`WireError` when they do not match."""
+    names = frame.fields.get(names_field)
+    extra = frame.tensors[base:]
+    if names is None and not extra:
+        return {}
+    if (
+        not isinstance(names, list)
+        or len(names) != len(extra)
+        or not all(isinstance(n, str) and len(n) <= 256 for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise WireError(f"a {frame.kind} frame's {len(extra)} extra tensor(s) need as many distinct names")
+    return dict(zip(names, extra))
 
 
 def error_frame(message: str, code: str = SERVER_ERROR) -> Frame:

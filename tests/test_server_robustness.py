@@ -39,7 +39,7 @@ def _bad_payloads(hidden_size: int) -> list[tuple[str, bytes]]:
         ("oversized length", struct.pack(">I", 2**31) + b"x" * 16),
         ("truncated frame", _frame_bytes(Frame("forward", {"start": 0, "end": 1}, [good_hidden]))[:40]),
         ("wrong version", _raw({"v": 7, "kind": "forward", "start": 0, "end": 1, "tensors": []})),
-        ("unknown kind", _raw({"v": 2, "kind": "rm -rf", "tensors": []})),
+        ("unknown kind", _raw({"v": 3, "kind": "rm -rf", "tensors": []})),
         ("wrong dtype", _frame_bytes(Frame("forward", {"start": 0, "end": 1}, [torch.zeros(1, 2, hidden_size, dtype=torch.int64)]))),
         ("wrong shape", _frame_bytes(Frame("forward", {"start": 0, "end": 1}, [torch.zeros(1, 2, hidden_size + 1)]))),
         ("bad range", _frame_bytes(Frame("forward", {"start": 3, "end": 99}, [good_hidden]))),

@@ -49,13 +49,13 @@ def _body(header: dict, payload: bytes = b"") -> bytes:
         (struct.pack(">H", 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
         (_body([1, 2]), "not a msgpack map"),  # type: ignore[arg-type]
         (_body({"v": 99, "kind": "info", "tensors": []}), "unsupported protocol version 99"),
-        (_body({"v": 2, "kind": "hack", "tensors": []}), "unknown frame kind"),
-        (_body({"v": 2, "kind": "open", "tensors": []}), "missing field"),
-        (_body({"v": 2, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [2]]]}, b"\x00" * 4), "runs past"),
-        (_body({"v": 2, "kind": "forward", "start": 0, "end": 1, "tensors": [["complex", [1]]]}, b"\x00" * 8), "bad tensor entry"),
-        (_body({"v": 2, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [-1]]]}), "bad tensor shape"),
-        (_body({"v": 2, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [1]]]}, b"\x00" * 5), "trailing"),
-        (_body({"v": 2, "kind": "forward", "start": 0, "end": 1, "tensors": []}), "must carry 1 tensor"),
+        (_body({"v": 3, "kind": "hack", "tensors": []}), "unknown frame kind"),
+        (_body({"v": 3, "kind": "open", "tensors": []}), "missing field"),
+        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [2]]]}, b"\x00" * 4), "runs past"),
+        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["complex", [1]]]}, b"\x00" * 8), "bad tensor entry"),
+        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [-1]]]}), "bad tensor shape"),
+        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [1]]]}, b"\x00" * 5), "trailing"),
+        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": []}), "must carry 1 to 1025 tensor"),
     ],
 )
 def test_malformed_frames_are_refused_with_a_reason(body, message):
@@ -172,9 +172,9 @@ def test_bad_throughputs_are_refused_and_joining_servers_count_for_block_choice(
 
 
 def test_odd_headers_are_wire_errors():
-    for header in ({"v": 2, "kind": [1], "tensors": []},
-                   {"v": 2, "kind": "result", "tensors": [[["x"], [1]]]},
-                   {"v": 2, "kind": "result", "tensors": [["float32", [65536] * 4]]},
-                   {"v": 2, "kind": "result", "tensors": [["float32", [2**31 - 1] * 8]]}):
+    for header in ({"v": 3, "kind": [1], "tensors": []},
+                   {"v": 3, "kind": "result", "tensors": [[["x"], [1]]]},
+                   {"v": 3, "kind": "result", "tensors": [["float32", [65536] * 4]]},
+                   {"v": 3, "kind": "result", "tensors": [["float32", [2**31 - 1] * 8]]}):
         with pytest.raises(WireError):
             decode_body(_body(header))
