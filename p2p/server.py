@@ -5,10 +5,12 @@ Protocols (see :mod:`swarm.p2p.protocols`):
   table at once instead of waiting for the next announcements);
 - ``inference`` and ``push``: sessions with KV caches, stepped by their client and pushed along
   the chain by the servers before this one (see :mod:`swarm.p2p.sessions`);
-- ``forward`` / ``backward``: stateless passes over a sub-range (backward returns the gradient
-  with respect to the input hidden states; weights are frozen). The client must keep its side
-  of the stream open until the reply: an end of stream or a reset means nobody waits for the
-  result any more, and the computation stops before its next block.
+- ``forward`` / ``backward``: stateless passes over a sub-range, optionally with a client's
+  adapter (LoRA, deep prompts; kept by digest in an :class:`~swarm.p2p.adapter_store.AdapterStore`);
+  backward recomputes the forward and returns the gradient with respect to the input hidden
+  states and to the adapter's tensors (the blocks' weights are frozen). The client must keep its
+  side of the stream open until the reply: an end of stream or a reset means nobody waits for
+  the result any more, and the computation stops before its next block.
 
 Every peer is a stranger: what one peer can make the server hold is bounded (streams per
 protocol, sessions and cache tokens, bytes of frames in flight, a deadline per frame), and a bad
@@ -31,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
-import torch
 
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
+from swarm.engine.adapters import attach, run_backward, run_forward
 from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.adapter_store import AdapterStore
 from swarm.p2p.identity import Identity, claim_default_identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.routing import choose_blocks
@@ -73,6 +76,8 @@ class ServerConfig:
     max_peer_sessions: int = 32  # open inference sessions one peer may hold
     peer_cache_share: float = 0.5  # the part of --cache-tokens one peer may hold
     max_stateless_tokens: int = 8192  # batch × length of one forward or backward pass
+    adapter_memory: int = 256 << 20  # bytes of clients' training adapters kept (by digest), from all peers
+    peer_adapter_memory: int = 64 << 20  # ... and for one peer (also the most one request may carry)
 
 
 def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
@@ -108,6 +113,7 @@ class BlockServer:
         self.peer_cache_tokens = max(1, int(cfg.peer_cache_share * cfg.cache_tokens))
         self.context = checkpoint.config.max_positions  # None: no fixed limit (ALiBi)
         self.inference = Sessions(self)
+        self.adapters = AdapterStore(cfg.adapter_memory, cfg.peer_adapter_memory)
         self._streams: Counter = Counter()  # (peer, protocol) -> streams open now
         # block computation: one call at a time, off the event loop (see MainThreadExecutor)
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
@@ -144,6 +150,7 @@ class BlockServer:
             server.blocks = await loop.run_in_executor(
                 server._executor, checkpoint.load_blocks, start, end, dtype
             )
+            attach(server.blocks)  # LoRA is lent to a pass from outside (engine.adapters.applied)
             from swarm.engine.throughput import cached_block_throughput
 
             server.throughput = await loop.run_in_executor(
@@ -293,6 +300,7 @@ class BlockServer:
             "peer_cache_tokens": self.peer_cache_tokens,
             "max_peer_sessions": self.cfg.max_peer_sessions,
             "max_stateless_tokens": self.cfg.max_stateless_tokens,
+            "peer_adapter_memory": self.adapters.peer_bytes,
             "context": self.context,
             "step_timeout": self.cfg.step_timeout,
             "open_timeout": self.cfg.open_timeout,
@@ -391,8 +399,12 @@ class BlockServer:
         except (P2PError, OSError):
             pass
 
-    async def _stateless(self, stream, kind: str, fn) -> None:
+    async def _stateless(self, stream, kind: str) -> None:
+        """A ``forward`` (hidden [, adapter...]) or ``backward`` (hidden, grad_output [, adapter...])
+        request, answered with a ``result``: the output, or the gradient with respect to hidden
+        followed by the adapter tensors' gradients (named by its ``names`` field)."""
         frame, watcher, stop = None, None, threading.Event()
+        peer = stream.remote_peer_id
         try:
             frame = await read_frame(
                 stream, timeout=self.cfg.request_timeout, max_frame=self.cfg.max_frame,
@@ -402,29 +414,40 @@ class BlockServer:
                 raise WireError(f"expected a {kind} frame, got {frame.kind}")
             blocks = self.check_range(frame["start"], frame["end"])
             hidden = frame.tensors[0]
-            if hidden.dim() == 3:
-                tokens = hidden.shape[0] * hidden.shape[1]
-                if hidden.shape[0] > self.cfg.max_batch or tokens > self.cfg.max_stateless_tokens:
-                    raise ValueError(
-                        f"a {kind} pass takes at most batch {self.cfg.max_batch} and {self.cfg.max_stateless_tokens} "
-                        f"tokens here, got {list(hidden.shape[:2])}; split it"
-                    )
-                self.check_context(hidden.shape[1], f"a {kind} pass of length")
+            check_hidden(blocks, hidden)
+            tokens = hidden.shape[0] * hidden.shape[1]
+            if hidden.shape[0] > self.cfg.max_batch or tokens > self.cfg.max_stateless_tokens:
+                raise ValueError(
+                    f"a {kind} pass takes at most batch {self.cfg.max_batch} and {self.cfg.max_stateless_tokens} "
+                    f"tokens here, got {list(hidden.shape[:2])}; split it"
+                )
+            self.check_context(hidden.shape[1], f"a {kind} pass of length")
+            base = 1 if kind == "forward" else 2
+            if kind == "backward" and not frame.tensors[1].is_floating_point():
+                raise ValueError(f"grad_output must be floating point, got {frame.tensors[1].dtype}")
+            tensors, spec = await self.adapters.resolve(peer, frame, base, blocks)
             # the client keeps its side open until the reply: an end or a reset means nobody waits
             watcher = asyncio.create_task(_watch_for_end(stream, stop))
-            result = await self.compute(fn, blocks, *frame.tensors, stop.is_set)
-            await write_frame(stream, Frame("result", {}, [result]), timeout=self.cfg.request_timeout)
+            if kind == "forward":
+                output = await self.compute(run_forward, blocks, hidden, tensors, spec, stop.is_set)
+                reply = Frame("result", {}, [output])
+            else:
+                grad_input, grads = await self.compute(
+                    run_backward, blocks, hidden, frame.tensors[1], tensors, spec, stop.is_set
+                )
+                reply = Frame("result", {"names": list(grads)}, [grad_input, *grads.values()])
+            await write_frame(stream, reply, timeout=self.cfg.request_timeout)
         except StepCancelled:
-            log.info("%s request from %s abandoned by its client: stopped", kind, stream.remote_peer_id[-8:])
+            log.info("%s request from %s abandoned by its client: stopped", kind, peer[-8:])
         except WireError as exc:
             await self.reply_error(stream, exc, exc.code)
         except (ValueError, TypeError) as exc:
             await self.reply_error(stream, exc, BAD_REQUEST)
         except (RuntimeError, MemoryError) as exc:  # our own failure: the client goes elsewhere
-            log.exception("%s request from %s failed", kind, stream.remote_peer_id[-8:])
+            log.exception("%s request from %s failed", kind, peer[-8:])
             await self.reply_error(stream, exc, SERVER_ERROR)
         except (P2PTimeoutError, StreamClosedError) as exc:
-            log.info("%s request from %s ended early: %s", kind, stream.remote_peer_id[-8:], exc)
+            log.info("%s request from %s ended early: %s", kind, peer[-8:], exc)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -433,10 +456,10 @@ class BlockServer:
                 frame.release()
 
     async def _handle_forward(self, stream) -> None:
-        await self._stateless(stream, "forward", _run_forward)
+        await self._stateless(stream, "forward")
 
     async def _handle_backward(self, stream) -> None:
-        await self._stateless(stream, "backward", _run_backward)
+        await self._stateless(stream, "backward")
 
 
 async def _watch_for_end(stream, stop: threading.Event) -> None:
@@ -446,22 +469,6 @@ async def _watch_for_end(stream, stop: threading.Event) -> None:
     except P2PError:
         pass
     stop.set()
-
-
-def _run_forward(blocks: BlockRange, hidden, should_stop):
-    check_hidden(blocks, hidden)
-    with torch.no_grad():
-        return blocks(hidden, should_stop=should_stop)
-
-
-def _run_backward(blocks: BlockRange, hidden, grad_output, should_stop):
-    check_hidden(blocks, hidden)
-    if grad_output.shape != hidden.shape:
-        raise ValueError(f"grad_output shape {list(grad_output.shape)} differs from hidden {list(hidden.shape)}")
-    with torch.enable_grad():
-        inputs = hidden.to(blocks.dtype).detach().requires_grad_(True)
-        blocks(inputs, should_stop=should_stop).backward(grad_output.to(blocks.dtype))
-    return inputs.grad
 
 
 def default_identity(home: Path) -> Identity:
