@@ -2,11 +2,14 @@
 
 A client trains an adapter it owns (LoRA, deep prompts); every forward and backward of a step
 needs that adapter's tensors on each server of the route. Sending them with every request would
-cost the adapter's size per request, so a request names the adapter by its digest (see
-:func:`~swarm.engine.adapters.adapter_digest`) and carries the tensors only when the server does
-not keep them yet; an unknown digest gets an ``unknown_adapter`` reply and the client sends the
-tensors. The server computes the digest of what it receives itself and refuses a mismatch, so no
-peer can make a digest stand for other tensors than its content.
+cost the adapter's size per request, so a request names the adapter by the digest of its tensors
+(:func:`~swarm.engine.adapters.adapter_digest` without a spec) and carries the tensors only when
+the server does not keep them yet; an unknown digest gets an ``unknown_adapter`` reply and the
+client sends the tensors. The server computes the digest of what it receives itself and refuses a
+mismatch, so no peer can make a digest stand for other tensors than its content.
+
+The spec (scale, dropout, seed) comes with every request and is not part of the digest: a client
+may draw new dropout masks for every micro-batch without sending its tensors again.
 
 Every peer is a stranger: kept adapters are bounded in bytes, in total and per peer, and evicted
 first-in first-out; entries are keyed by (peer, digest), so one peer neither reads nor evicts
@@ -44,7 +47,6 @@ class UnknownAdapterError(WireError):
 @dataclass(frozen=True)
 class KeptAdapter:
     tensors: dict[str, torch.Tensor]
-    spec: AdapterSpec
     nbytes: int
 
 
@@ -78,12 +80,12 @@ class AdapterStore:
         with self._lock:
             return self._held.get(peer, 0)
 
-    def put(self, peer: str, digest: str, tensors: dict[str, torch.Tensor], spec: AdapterSpec) -> KeptAdapter:
+    def put(self, peer: str, digest: str, tensors: dict[str, torch.Tensor]) -> KeptAdapter:
         """Keep an adapter (``ValueError`` if it alone exceeds the per-peer bound)."""
         nbytes = tensor_bytes(tensors)
         if nbytes > self.peer_bytes:
             raise ValueError(f"adapter tensors of {nbytes} bytes exceed this server's bound of {self.peer_bytes} bytes per peer")
-        kept = KeptAdapter(tensors, spec, nbytes)
+        kept = KeptAdapter(tensors, nbytes)
         with self._lock:
             self._drop((peer, digest))
             self._entries[(peer, digest)] = kept
@@ -125,6 +127,7 @@ class AdapterStore:
         digest, names = field.get("digest"), field.get("names")
         if not isinstance(digest, str) or not _DIGEST.match(digest):
             raise WireError("the adapter digest must be 64 lowercase hex digits (sha256)")
+        spec = AdapterSpec.from_wire(field.get("spec"))
         if names is None:
             if extra:
                 raise WireError(f"a {frame.kind} frame's {len(extra)} adapter tensor(s) need their names")
@@ -132,7 +135,7 @@ class AdapterStore:
             if kept is None:
                 raise UnknownAdapterError(digest)
             check_tensors(blocks, kept.tensors)  # kept for another range, maybe
-            return kept.tensors, kept.spec
+            return kept.tensors, spec
         if (
             not isinstance(names, list)
             or len(names) != len(extra)
@@ -140,7 +143,6 @@ class AdapterStore:
             or len(set(names)) != len(names)
         ):
             raise WireError(f"a {frame.kind} frame's {len(extra)} adapter tensor(s) need as many distinct names")
-        spec = AdapterSpec.from_wire(field.get("spec"))
         tensors = dict(zip(names, extra))
         nbytes = tensor_bytes(tensors)
         if nbytes > self.peer_bytes:
@@ -149,10 +151,10 @@ class AdapterStore:
             )
         check_tensors(blocks, tensors)
         if nbytes > DIGEST_IN_THREAD:
-            actual = await asyncio.to_thread(adapter_digest, tensors, spec)
+            actual = await asyncio.to_thread(adapter_digest, tensors)
         else:
-            actual = adapter_digest(tensors, spec)
+            actual = adapter_digest(tensors)
         if actual != digest:
             raise ValueError(f"adapter digest {digest[:12]}… is not that of the tensors sent ({actual[:12]}…)")
-        self.put(peer, digest, tensors, spec)
+        self.put(peer, digest, tensors)
         return tensors, spec

@@ -14,9 +14,10 @@ How. Forward routes a chain over the swarm (:meth:`SwarmClient.route`) and sends
 stateless ``forward`` request with that span's adapter tensors; it keeps each span's input.
 Backward walks the spans in reverse and sends each (its input, the gradient of its output); the
 server recomputes the span's forward and returns the gradient with respect to the input and to
-the span's adapter tensors. Servers keep no training state: the adapter crosses the wire at most
-once per distinct content (digest) per server, later requests name it by digest, and a server
-that no longer keeps it answers ``unknown_adapter``, which makes the client send it again.
+the span's adapter tensors. Servers keep no training state: the adapter's tensors cross the wire
+at most once per distinct content (digest) per server, later requests name them by digest (the
+spec, with its dropout seed, travels with every request), and a server that no longer keeps them
+answers ``unknown_adapter``, which makes the client send them again.
 
 Failures. A server that fails (an error reply that is not a refusal, a timeout, a closed stream)
 is banned as in inference and its span is routed again, possibly split over several servers; in
@@ -86,7 +87,7 @@ class _Pass:
             return sub, None
         key = (span.start, span.end)
         if key not in self.digests:
-            self.digests[key] = adapter_digest(sub, self.spec)
+            self.digests[key] = adapter_digest(sub)
         return sub, self.digests[key]
 
     async def failed(self, start: int, end: int, cause: Exception) -> None:
@@ -123,6 +124,7 @@ class RemoteBlocks(nn.Module):
         self.last_spans: list[Span] = []
         self._known: dict[str, OrderedDict[str, None]] = {}  # peer -> digests it keeps (as far as we know)
         self._limits: dict[str, dict] = {}  # peer -> its info's limits
+        self._warned_split = False
 
     @classmethod
     def connect(
@@ -242,6 +244,13 @@ class RemoteBlocks(nn.Module):
         server's limits need. Raises :class:`SpanFailure` or :class:`SwarmError` (a refusal)."""
         sub, digest = job.part(span)
         rows = await self._rows_per_request(span, x, sub, kind)
+        if rows < x.shape[0] and job.spec.dropout > 0 and not self._warned_split:
+            self._warned_split = True
+            log.warning(
+                "batches of %d rows go to server …%s as requests of %d rows: their LoRA dropout masks differ from "
+                "those of one pass (results match a local run only without dropout or with smaller batches)",
+                x.shape[0], span.peer_id[-6:], rows,
+            )
         outputs, grads = [], {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in sub.items()}
         for first in range(0, x.shape[0], rows):
             chunk = [x[first : first + rows]] + ([grad[first : first + rows]] if grad is not None else [])

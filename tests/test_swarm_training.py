@@ -10,10 +10,10 @@ An in-process server with small limits shows batch splitting and the resend afte
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import msgpack
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,6 @@ def swarms(tmp_path_factory):
 
 
 def _wait_for_table(remote: RemoteBlocks, count: int) -> None:
-    import time
-
     deadline = time.monotonic() + 20
     while len(remote.client.table.snapshot()) < count:
         assert time.monotonic() < deadline, "the client never saw every server"
@@ -202,6 +200,8 @@ def test_adapter_tensors_cross_the_wire_once_per_digest(swarms):
     second = remote.wire_bytes - before
     assert remote.adapter_uploads == uploads + 2  # nothing sent again
     assert first - second >= adapter_bytes
+    _assert_same_step(swarm, ids, tensors, AdapterSpec(scale=1.5, dropout=0.1, seed=9))  # only the spec changed
+    assert remote.adapter_uploads == uploads + 2
 
     with torch.no_grad():  # an optimizer step: new content, new digest
         for value in tensors.values():
@@ -220,7 +220,7 @@ def _fuzz_cases(checkpoint: Checkpoint) -> list[tuple[str, str, Frame]]:
     spec = AdapterSpec(scale=2.0).to_wire()
 
     def fwd(tensors: dict, digest: str | None = None, names=None, kind="forward", **fields) -> Frame:
-        digest = digest or adapter_digest(tensors, AdapterSpec.from_wire(spec))
+        digest = digest or adapter_digest(tensors)
         names = list(tensors) if names is None else names
         base = [hidden] if kind == "forward" else [hidden, torch.ones_like(hidden)]
         return Frame(kind, {"start": 0, "end": 2, **adapter_fields(digest, spec, names), **fields},
@@ -262,7 +262,7 @@ def _fuzz_cases(checkpoint: Checkpoint) -> list[tuple[str, str, Frame]]:
                                                         [hidden, hidden.to(torch.int64)])),
         ("valid", "result", fwd(lora)),
         ("valid backward by digest", "result", Frame("backward", {"start": 0, "end": 2,
-            **adapter_fields(adapter_digest(lora, AdapterSpec.from_wire(spec)), spec, None)}, [hidden, hidden])),
+            **adapter_fields(adapter_digest(lora), spec, None)}, [hidden, hidden])),
     ]
 
 
@@ -338,12 +338,12 @@ def test_adapter_store_bounds_and_fifo():
 
     store = AdapterStore(total_bytes=80, peer_bytes=60)
     for digest in "123":
-        store.put("a", digest, t(6), AdapterSpec())  # the third is over a's 60 bytes: a's oldest goes
+        store.put("a", digest, t(6))  # the third is over a's 60 bytes: a's oldest goes
     assert [store.get("a", d) is not None for d in "123"] == [False, True, True]
-    store.put("b", "1", t(10), AdapterSpec())  # over 80 in all: the oldest of anyone's goes
+    store.put("b", "1", t(10))  # over 80 in all: the oldest of anyone's goes
     assert store.get("a", "2") is None and store.get("a", "3") is not None and store.bytes == 64
     with pytest.raises(ValueError, match="60 bytes per peer"):
-        store.put("c", "1", t(16), AdapterSpec())
+        store.put("c", "1", t(16))
     assert store.held("a") == 24 and store.held("b") == 40 and store.held("c") == 0 and len(store) == 2
 
 
