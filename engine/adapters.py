@@ -48,12 +48,14 @@ class AdapterSpec:
     """How a pass applies its adapter tensors (sent along with them).
 
     ``scale``: LoRA's ``alpha / r``. ``dropout``: LoRA dropout on the linears' inputs (training
-    passes only); its masks are drawn from ``seed``, the block and the linear, so they are the
-    same wherever a block runs and when backward recomputes the forward."""
+    passes only); each row's mask is drawn from ``seed``, the block, the linear and the row's index
+    in the whole batch (``row`` + its index in the pass), so masks are the same wherever a block
+    runs, when backward recomputes the forward, and when a batch is split into several requests."""
 
     scale: float = 1.0
     dropout: float = 0.0
     seed: int = 0
+    row: int = 0  # the index of the pass's first row in the whole batch (a batch split into requests)
 
     def __post_init__(self):
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
@@ -62,9 +64,11 @@ class AdapterSpec:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"dropout seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if not isinstance(self.row, int) or not 0 <= self.row < 2**31:
+            raise ValueError(f"the first row must be an integer in [0, 2^31), got {self.row!r}")
 
     def to_wire(self) -> dict:
-        return {"scale": float(self.scale), "dropout": float(self.dropout), "seed": int(self.seed)}
+        return {"scale": float(self.scale), "dropout": float(self.dropout), "seed": int(self.seed), "row": int(self.row)}
 
     @classmethod
     def from_wire(cls, data) -> AdapterSpec:
@@ -72,7 +76,7 @@ class AdapterSpec:
             return cls()
         if not isinstance(data, dict):
             raise ValueError("the adapter spec must be a map")
-        return cls(data.get("scale", 1.0), data.get("dropout", 0.0), data.get("seed", 0))
+        return cls(data.get("scale", 1.0), data.get("dropout", 0.0), data.get("seed", 0), data.get("row", 0))
 
 
 class LoraLinear(nn.Module):
@@ -92,11 +96,13 @@ class LoraLinear(nn.Module):
             return out
         a, b, spec = self.lora
         h = x.to(a.dtype)
-        if spec.dropout > 0:
+        if spec.dropout > 0:  # one mask per row (see AdapterSpec); h: [batch, ..., in_features]
             keep = 1.0 - spec.dropout
-            generator = torch.Generator().manual_seed(_stream_seed(spec.seed, self.key))
-            mask = torch.rand(h.shape, generator=generator) < keep
-            h = h * mask / keep
+            masks = []
+            for r in range(h.shape[0]):
+                generator = torch.Generator().manual_seed(_stream_seed(spec.seed, f"{self.key}:{spec.row + r}"))
+                masks.append(torch.rand(h.shape[1:], generator=generator) < keep)
+            h = h * torch.stack(masks) / keep
         return out + (F.linear(F.linear(h, a), b) * spec.scale).to(out.dtype)
 
 
@@ -259,6 +265,8 @@ def applied(
     try:
         for key, a in tensors.items():
             match = _KEY.match(key)
+            if match is None:  # the client's own (prompt_embeddings): not the blocks'
+                continue
             index = int(match.group(1))
             if not blocks.start <= index < blocks.end:
                 continue
@@ -329,8 +337,9 @@ def run_backward(
 
 
 def adapter_digest(tensors: Mapping[str, torch.Tensor], spec: AdapterSpec | None = None) -> str:
-    """A content hash of adapter tensors (names, dtypes, shapes, bytes) and their spec: what a
-    server keys the adapters it keeps by, computed by both sides (a server never trusts a claim)."""
+    """A content hash of adapter tensors (names, dtypes, shapes, bytes), and of ``spec`` when one
+    is given: what a server keys the adapters it keeps by, computed by both sides (a server never
+    trusts a claim). The swarm hashes the tensors alone: the spec travels with every request."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         value = tensors[key].detach().contiguous()

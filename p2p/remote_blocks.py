@@ -124,7 +124,6 @@ class RemoteBlocks(nn.Module):
         self.last_spans: list[Span] = []
         self._known: dict[str, OrderedDict[str, None]] = {}  # peer -> digests it keeps (as far as we know)
         self._limits: dict[str, dict] = {}  # peer -> its info's limits
-        self._warned_split = False
 
     @classmethod
     def connect(
@@ -244,17 +243,11 @@ class RemoteBlocks(nn.Module):
         server's limits need. Raises :class:`SpanFailure` or :class:`SwarmError` (a refusal)."""
         sub, digest = job.part(span)
         rows = await self._rows_per_request(span, x, sub, kind)
-        if rows < x.shape[0] and job.spec.dropout > 0 and not self._warned_split:
-            self._warned_split = True
-            log.warning(
-                "batches of %d rows go to server …%s as requests of %d rows: their LoRA dropout masks differ from "
-                "those of one pass (results match a local run only without dropout or with smaller batches)",
-                x.shape[0], span.peer_id[-6:], rows,
-            )
         outputs, grads = [], {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in sub.items()}
         for first in range(0, x.shape[0], rows):
             chunk = [x[first : first + rows]] + ([grad[first : first + rows]] if grad is not None else [])
-            reply = await self._request_with_adapter(span, kind, chunk, sub, digest, job.spec)
+            spec = replace(job.spec, row=job.spec.row + first)  # each row keeps its dropout mask
+            reply = await self._request_with_adapter(span, kind, chunk, sub, digest, spec)
             out = reply.tensors[0]
             if out.shape != chunk[0].shape or not out.is_floating_point():
                 raise SpanFailure(span.peer_id, WireError(f"a {kind} result of shape {list(out.shape)} for {list(chunk[0].shape)}"))

@@ -322,7 +322,7 @@ def test_split_batches_and_resend_after_eviction(tmp_path, swarms):
             local = Swarm(model, [], remote, swarm.local, swarm.head)
             two = _adapter(checkpoint, ("lora",), seed=2)
             ids = torch.randint(3, 300, (3, 5), generator=torch.Generator().manual_seed(3))
-            spec = AdapterSpec(scale=2.0)
+            spec = AdapterSpec(scale=2.0, dropout=0.3, seed=5)  # each row keeps its mask in its own request
             for tensors in (one, two, one):
                 _assert_same_step(local, ids, tensors, spec)
             assert remote.adapter_uploads == 3  # the third: evicted by the second, sent again
