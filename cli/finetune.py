@@ -186,6 +186,9 @@ def _run(a: dict) -> None:
 def _connect(client, a: dict):
     """The swarm's blocks as a module (``RemoteBlocks``), and the errors that mean "the swarm
     cannot do it" (reported in one line)."""
+    peers = [p for v in a["initial_peers"] or [] for p in v.replace(",", " ").split()]
+    if not peers:
+        raise ValueError("--initial-peers: give a peer of the swarm (as printed by `swarm serve`), or train with --local")
     from swarm.p2p.client import ClientConfig, SwarmError
     from swarm.p2p.host import P2PError
     try:
@@ -197,9 +200,6 @@ def _connect(client, a: dict):
     from swarm.p2p.routing import NoRouteError
     from swarm.p2p.wire import RemoteError, WireError
 
-    peers = [p for v in a["initial_peers"] or [] for p in v.replace(",", " ").split()]
-    if not peers:
-        raise ValueError("--initial-peers: give a peer of the swarm (as printed by `swarm serve`), or train with --local")
     ccfg = ClientConfig(initial_peers=peers, step_timeout=a["step_timeout"], wait_timeout=a["timeout"])
     errors = (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
     try:

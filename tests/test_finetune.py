@@ -95,6 +95,9 @@ def test_bad_flags_are_one_line(tiny, tmp_path):
         result = _invoke([str(FACTS), "--local", "--model", str(tiny), "--output", str(tmp_path / "o"), *flags])
         assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert text in result.stderr, result.stderr
+    chat = _write(tmp_path / "chat.jsonl", ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'])
+    result = _invoke([str(chat), "--local", "--model", str(tiny), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 1 and f'{chat}:1: "messages" need a chat template' in result.stderr, result.stderr
     assert not (tmp_path / "o").exists()  # refused before anything ran
 
 
