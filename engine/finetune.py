@@ -20,6 +20,17 @@ wherever a block runs). A checkpoint (``OUTPUT/checkpoint/state.pt``, written at
 ``save_every`` steps and at the end) holds the tensors, the optimizer's state, the step (which
 fixes the data position and the learning rate) and the global torch RNG state; resuming checks that
 every setting that shapes the run (and the model and the data) is the one saved.
+
+A loop of one's own uses the same pieces::
+
+    records = read_jsonl("data.jsonl")                      # swarm.engine.finetune_data
+    data = tokenize_records(records, client.tokenizer, "data.jsonl", 512, client.eos_token_ids[0])
+    blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))  # or RemoteBlocks
+    tensors = {k: v.requires_grad_(True) for k, v in init_lora(client.checkpoint, targets, 8, seed=0).items()}
+    batch = collate(data.examples[:8], pad_id=0)
+    logits = forward_logits(client.head, blocks, batch.input_ids, tensors, AdapterSpec(scale=2.0))
+    loss, count = token_loss(logits, batch.labels)
+    (loss / count).backward()                               # gradients in every tensors[k].grad
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from torch import nn
 
 from swarm.engine.adapter_io import save_deep_prompt, save_lora, save_prompt
 from swarm.engine.adapters import PROMPT_KEY, AdapterSpec, init_deep_prompts, init_lora, resolve_targets
-from swarm.engine.finetune_data import IGNORE, Dataset, Example, collate, token_loss, with_virtual_tokens
+from swarm.engine.finetune_data import IGNORE, Batch, Dataset, Example, collate, token_loss, with_virtual_tokens
 
 KINDS = ("lora", "prompt", "deep-prompt")
 DEFAULT_LR = {"lora": 2e-3, "prompt": 1e-2, "deep-prompt": 1e-2}
@@ -234,6 +245,37 @@ def forward_logits(
     return head.logits(out.to(hidden.dtype))
 
 
+def train_step(
+    cfg: FinetuneConfig,
+    head: nn.Module,
+    blocks: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    step: int,
+    lr: float,
+) -> tuple[float, float]:
+    """One optimizer step over ``batches`` (its micro-batches): the loss is the mean over every
+    labelled position of the step, so micro-batches of any size weigh by their tokens; LoRA
+    dropout masks come from ``(cfg.seed, step, micro-batch)``. Returns (loss, gradient norm
+    before clipping)."""
+    labels = [with_virtual_tokens(b.labels, cfg.num_virtual) for b in batches]
+    count = sum(int((lab[:, 1:] != IGNORE).sum()) for lab in labels)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for j, (batch, lab) in enumerate(zip(batches, labels)):
+        spec = AdapterSpec(scale=cfg.alpha / cfg.rank, dropout=cfg.dropout, seed=_mix(cfg.seed, "dropout", step, j))
+        loss, _ = token_loss(forward_logits(head, blocks, batch.input_ids, tensors, spec), lab)
+        (loss / count).backward()
+        total += loss.item()
+    params = [t for _, t in sorted(tensors.items())]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return total / count, float(grad_norm)
+
+
 def evaluate(cfg: FinetuneConfig, head, blocks, tensors, examples: list[Example], pad_id: int) -> float | None:
     """Mean loss per labelled token over ``examples`` (no dropout, no gradient)."""
     if not examples:
@@ -290,12 +332,12 @@ def _flag(key: str) -> str:
 
 
 def _check_resume(saved: dict, current: dict, path: Path) -> None:
-    for key in current:
-        if saved.get(key) != current[key]:
+    for key, value in current.items():
+        if saved.get(key) != value:
             if key in ("model", "data"):
                 raise ValueError(f"--resume: {_flag(key)} differs from the run saved in {path}; resume with the same one")
             raise ValueError(
-                f"--resume: {_flag(key)} is {current[key]} but the run saved in {path} used {saved.get(key)}; "
+                f"--resume: {_flag(key)} is {value} but the run saved in {path} used {saved.get(key)}; "
                 "resume with the same flags or start a new --output"
             )
 
@@ -449,32 +491,17 @@ def finetune(
             stats["eval_before"] = eval_now()
         while step < p.total_steps:
             t0 = time.monotonic()
-            micro = step_batches(cfg, p, step)
-            batches = [collate(examples, pad_id) for examples in micro]
-            labels = [with_virtual_tokens(b.labels, cfg.num_virtual) for b in batches]
-            count = sum(int((lab[:, 1:] != IGNORE).sum()) for lab in labels)
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for j, (batch, lab) in enumerate(zip(batches, labels)):
-                spec = AdapterSpec(scale=cfg.alpha / cfg.rank, dropout=cfg.dropout, seed=_mix(cfg.seed, "dropout", step, j))
-                logits = forward_logits(head, blocks, batch.input_ids, tensors, spec)
-                loss, _ = token_loss(logits, lab)
-                (loss / count).backward()
-                total += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_([tensors[k] for k in names], cfg.max_grad_norm)
+            batches = [collate(examples, pad_id) for examples in step_batches(cfg, p, step)]
             lr = lr_at(step, cfg.peak_lr, p.warmup_steps, p.total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
+            loss_value, grad_norm = train_step(cfg, head, blocks, tensors, optimizer, batches, step, lr)
             step += 1
             tokens = sum(b.num_tokens for b in batches)
             stats["tokens"] += tokens
-            loss_value = total / count
             stats["first_loss"] = stats["first_loss"] if stats["first_loss"] is not None else loss_value
             stats["losses"] = (stats["losses"] + [loss_value])[-p.steps_per_epoch :]
             seconds = time.monotonic() - t0
             record({"type": "step", "step": step, "epoch": (step - 1) // p.steps_per_epoch, "loss": loss_value,
-                    "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "tokens_seen": stats["tokens"],
+                    "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_seen": stats["tokens"],
                     "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "time": time.monotonic() - started})
             if cfg.save_every and step % cfg.save_every == 0 and step < p.total_steps:
                 eval_now()
