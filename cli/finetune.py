@@ -191,12 +191,7 @@ def _connect(client, a: dict):
         raise ValueError("--initial-peers: give a peer of the swarm (as printed by `swarm serve`), or train with --local")
     from swarm.p2p.client import ClientConfig, SwarmError
     from swarm.p2p.host import P2PError
-    try:
-        from swarm.p2p.remote_blocks import RemoteBlocks
-    except ModuleNotFoundError as exc:
-        if exc.name != "swarm.p2p.remote_blocks":
-            raise
-        raise ValueError("training through the swarm is not built in this version: train with --local") from None
+    from swarm.p2p.remote_blocks import RemoteBlocks
     from swarm.p2p.routing import NoRouteError
     from swarm.p2p.wire import RemoteError, WireError
 
