@@ -135,7 +135,7 @@ def test_loss_masks_cover_completions_and_assistant_turns(client, tmp_path):
 
 
 def _cfg(out: Path, **kw) -> FinetuneConfig:
-    base = dict(output=out, epochs=5, batch_size=8, lr=1e-2, save_every=0, eval_fraction=0.1, max_length=64)
+    base = {"output": out, "epochs": 5, "batch_size": 8, "lr": 1e-2, "save_every": 0, "eval_fraction": 0.1, "max_length": 64}
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -182,7 +182,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(client, tmp_pa
     checkpoint at 3), resume, and compare every tensor exactly."""
     blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))
     dataset = _dataset(client)
-    kw = dict(dropout=0.2, grad_accum=2, batch_size=3, epochs=2, save_every=3, weight_decay=0.01)
+    kw = {"dropout": 0.2, "grad_accum": 2, "batch_size": 3, "epochs": 2, "save_every": 3, "weight_decay": 0.01}
     whole = finetune(_cfg(tmp_path / "whole", **kw), blocks, client, dataset)
 
     def stop_at_5(event):
