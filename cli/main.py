@@ -20,13 +20,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)
 
-NOT_BUILT = 2
 GAPS = 3  # `swarm status`: some blocks have no server
-
-
-def _not_built(what: str) -> None:
-    err.print(f"swarm: {what} is not built yet")
-    raise typer.Exit(NOT_BUILT)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -299,13 +293,9 @@ def generate(
         write(text[stream.printed :] + "\n")
 
 
-@app.command()
-def finetune(
-    data: Annotated[str, typer.Argument(help="Training data (JSON lines).")],
-    adapter: Annotated[str, typer.Option("--adapter", help="Adapter kind: lora.")] = "lora",
-) -> None:
-    """Train an adapter you own through the swarm's frozen blocks."""
-    _not_built("swarm finetune (training adapters through the swarm)")
+from swarm.cli.finetune import finetune  # noqa: E402  (its own module: the command is long)
+
+app.command()(finetune)
 
 
 @app.command()

@@ -113,12 +113,6 @@ def test_missing_model_and_offline_hub_fail_fast(tmp_path):
     assert "could not fetch it from the Hugging Face Hub" in proc.stderr and "--model DIR" in proc.stderr
 
 
-def test_unbuilt_command_exits_2_with_one_line():
-    proc = _swarm("finetune", "data.jsonl")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "not built yet" in proc.stderr
-
-
 def test_swarm_commands_without_peers_say_what_to_pass(tiny_checkpoints):
     proc = _swarm("serve", "--model", str(tiny_checkpoints["llama"]), "--blocks", "0:2")
     assert proc.returncode == 1 and "--initial-peers" in proc.stderr and "--new-swarm" in proc.stderr

@@ -1,0 +1,530 @@
+"""Fine-tuning an adapter the client owns, through frozen blocks held anywhere.
+
+The loop needs three things: the client's head (embeddings, final norm, LM head: a
+:class:`~swarm.engine.client.ClientModel`), the blocks as a module with
+``blocks(hidden [batch, seq, hidden], tensors, spec) -> hidden`` that is differentiable in
+``hidden`` and in ``tensors`` (:class:`~swarm.engine.adapters.LocalBlocks` here, the swarm's
+remote blocks through servers), and tokenized data (:mod:`swarm.engine.finetune_data`). Every
+trainable tensor lives here, in float32; the blocks stay frozen.
+
+One optimizer step (:func:`finetune`): the step's micro-batches (``grad_accum`` of them, each
+``batch_size`` examples, right-padded) go forward as ``head.embed`` → (shallow prompt prepended)
+→ ``blocks(hidden, tensors, spec)`` → ``head.logits``; the loss is the mean next-token
+cross-entropy over every labelled position of the whole step; AdamW updates the tensors after
+clipping their gradient norm; the learning rate warms up linearly, then follows a cosine to zero.
+
+Determinism, so that a resumed run ends with exactly the adapter of an uninterrupted one: every
+random choice derives from ``seed`` and the step: the held-out split, each epoch's order, the
+initial adapter, and each micro-batch's LoRA dropout masks (``AdapterSpec.seed``, the same
+wherever a block runs). A checkpoint (``OUTPUT/checkpoint/state.pt``, written atomically every
+``save_every`` steps and at the end) holds the tensors, the optimizer's state, the step (which
+fixes the data position and the learning rate) and the global torch RNG state; resuming checks that
+every setting that shapes the run (and the model and the data) is the one saved.
+
+A loop of one's own uses the same pieces::
+
+    records = read_jsonl("data.jsonl")                      # swarm.engine.finetune_data
+    data = tokenize_records(records, client.tokenizer, "data.jsonl", 512, client.eos_token_ids[0])
+    blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))  # or RemoteBlocks
+    tensors = {k: v.requires_grad_(True) for k, v in init_lora(client.checkpoint, targets, 8, seed=0).items()}
+    batch = collate(data.examples[:8], pad_id=0)
+    logits = forward_logits(client.head, blocks, batch.input_ids, tensors, AdapterSpec(scale=2.0))
+    loss, count = token_loss(logits, batch.labels)
+    (loss / count).backward()                               # gradients in every tensors[k].grad
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from swarm.engine.adapter_io import save_deep_prompt, save_lora, save_prompt
+from swarm.engine.adapters import PROMPT_KEY, AdapterSpec, init_deep_prompts, init_lora, resolve_targets
+from swarm.engine.finetune_data import IGNORE, Batch, Dataset, Example, collate, token_loss, with_virtual_tokens
+
+KINDS = ("lora", "prompt", "deep-prompt")
+DEFAULT_LR = {"lora": 2e-3, "prompt": 1e-2, "deep-prompt": 1e-2}
+WARMUP_SHARE = 0.1  # default warmup: this share of the run's optimizer steps
+CHECKPOINT = "checkpoint/state.pt"
+METRICS = "metrics.jsonl"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to train and how; each field is the ``swarm finetune`` flag of the same name.
+
+    ``lr=None``: :data:`DEFAULT_LR` of the adapter kind. ``warmup_steps=None``: 10 % of the
+    run's optimizer steps. ``max_steps``: caps the run's length (the cosine schedule spans the
+    capped length). ``save_every=0``: a checkpoint only at the end. ``dtype`` names the blocks'
+    dtype; it only guards ``resume`` (the blocks come from outside). Raises ``ValueError`` naming
+    the flag for a value out of range."""
+
+    output: Path
+    adapter: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | None = None  # None: the family's default (peft's), "all-linear", or names
+    num_virtual_tokens: int = 16
+    epochs: int = 15
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    seed: int = 0
+    eval_fraction: float = 0.1
+    save_every: int = 100
+    resume: bool = False
+    base_model: str = ""  # recorded in the adapter's config (base_model_name_or_path)
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "output", Path(self.output))
+        checks = [
+            (self.adapter in KINDS, "--adapter", f"one of {', '.join(KINDS)}", self.adapter),
+            (self.rank >= 1, "--rank", "at least 1", self.rank),
+            (math.isfinite(self.alpha) and self.alpha > 0, "--alpha", "a positive number", self.alpha),
+            (0 <= self.dropout < 1, "--dropout", "in [0, 1)", self.dropout),
+            (self.num_virtual_tokens >= 1, "--num-virtual-tokens", "at least 1", self.num_virtual_tokens),
+            (self.epochs >= 1, "--epochs", "at least 1", self.epochs),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps", "at least 1", self.max_steps),
+            (self.batch_size >= 1, "--batch-size", "at least 1", self.batch_size),
+            (self.grad_accum >= 1, "--grad-accum", "at least 1", self.grad_accum),
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "--lr", "a positive number", self.lr),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps", "at least 0", self.warmup_steps),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", "at least 0", self.weight_decay),
+            (self.max_grad_norm > 0, "--max-grad-norm", "a positive number (inf: no clipping)", self.max_grad_norm),
+            (self.max_length >= 2, "--max-length", "at least 2", self.max_length),
+            (0 <= self.seed < 2**63, "--seed", "in [0, 2^63)", self.seed),
+            (0 <= self.eval_fraction < 1, "--eval-fraction", "in [0, 1)", self.eval_fraction),
+            (self.save_every >= 0, "--save-every", "at least 0 (0: only at the end)", self.save_every),
+        ]
+        for ok, flag, rule, value in checks:
+            if not ok:
+                raise ValueError(f"{flag} must be {rule}, got {value}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.adapter]
+
+    @property
+    def num_virtual(self) -> int:
+        """Virtual tokens prepended to every sequence (0 for LoRA)."""
+        return 0 if self.adapter == "lora" else self.num_virtual_tokens
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did. Losses are mean per labelled token; ``train_loss_before`` is the first
+    step's loss (before any update), ``train_loss_after`` the mean over the last epoch's steps;
+    eval losses are over the whole held-out split (None without one)."""
+
+    output: Path
+    steps: int
+    total_steps: int
+    train_loss_before: float | None
+    train_loss_after: float | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    tokens: int
+    examples: int
+    eval_examples: int
+    truncated: int
+    dropped: int
+    seconds: float
+
+
+@dataclass
+class Plan:
+    """How the examples map onto optimizer steps (pure function of the config and dataset size)."""
+
+    train: list[Example]
+    eval: list[Example]
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic held-out split: ``round(fraction · n)`` examples (at least one when
+    ``fraction > 0`` and at least one is left to train on) chosen by ``seed``. Returns (train, eval)."""
+    n = len(examples)
+    n_eval = min(max(round(fraction * n), 1 if fraction > 0 else 0), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, "split"))).tolist()
+    held = set(order[:n_eval])
+    return [ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def plan(cfg: FinetuneConfig, dataset: Dataset) -> Plan:
+    train, held = split(dataset.examples, cfg.eval_fraction, cfg.seed)
+    micro = math.ceil(len(train) / cfg.batch_size)
+    per_epoch = math.ceil(micro / cfg.grad_accum)
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(per_epoch * cfg.epochs, cfg.max_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(WARMUP_SHARE * total)
+    return Plan(train, held, micro, per_epoch, total, min(warmup, total))
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup to ``peak`` over
+    ``warmup`` steps (the first step already moves), then a cosine to zero at step ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _mix(seed: int, *parts) -> int:
+    """A 63-bit seed derived from ``seed`` and ``parts`` (independent streams for each use)."""
+    text = ":".join(map(str, (seed, *parts)))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def epoch_order(num: int, seed: int, epoch: int) -> list[int]:
+    """The order of the training examples in ``epoch``."""
+    return torch.randperm(num, generator=torch.Generator().manual_seed(_mix(seed, "epoch", epoch))).tolist()
+
+
+def step_batches(cfg: FinetuneConfig, p: Plan, step: int) -> list[list[Example]]:
+    """The micro-batches of optimizer step ``step``: the data position is a function of the step."""
+    epoch, within = divmod(step, p.steps_per_epoch)
+    order = epoch_order(len(p.train), cfg.seed, epoch)
+    first = within * cfg.grad_accum
+    micro = range(first, min(first + cfg.grad_accum, p.micro_per_epoch))
+    return [[p.train[i] for i in order[m * cfg.batch_size : (m + 1) * cfg.batch_size]] for m in micro]
+
+
+def init_trainable(cfg: FinetuneConfig, client) -> dict[str, torch.Tensor]:
+    """Fresh float32 trainable tensors, by :mod:`~swarm.engine.adapters`' naming: LoRA as peft
+    initialises it; a shallow prompt from the embeddings of ``num_virtual_tokens`` random
+    vocabulary tokens (prompt tuning's usual start: rows of the right scale); deep prompts zero."""
+    checkpoint = client.checkpoint
+    if cfg.adapter == "lora":
+        targets = resolve_targets(checkpoint, cfg.target_modules)
+        return init_lora(checkpoint, targets, cfg.rank, _mix(cfg.seed, "init"))
+    generator = torch.Generator().manual_seed(_mix(cfg.seed, "init"))
+    ids = torch.randint(checkpoint.config.vocab_size, (1, cfg.num_virtual_tokens), generator=generator)
+    with torch.no_grad():
+        tensors = {PROMPT_KEY: client.head.embed(ids)[0].float().clone()}
+    if cfg.adapter == "deep-prompt":
+        tensors.update(init_deep_prompts(checkpoint.num_blocks, cfg.num_virtual_tokens, checkpoint.config.hidden_size))
+    return tensors
+
+
+def forward_logits(
+    head: nn.Module,
+    blocks: nn.Module,
+    input_ids: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    spec: AdapterSpec,
+) -> torch.Tensor:
+    """``input_ids [batch, seq]`` → logits ``[batch, num_virtual + seq, vocab]`` (float32):
+    embed, prepend ``tensors["prompt_embeddings"]`` if present, run ``blocks`` with the other
+    tensors (LoRA, deep prompts), apply the LM head. Differentiable in every tensor."""
+    hidden = head.embed(input_ids)  # [batch, seq, hidden]
+    prompt = tensors.get(PROMPT_KEY)
+    if prompt is not None:
+        hidden = torch.cat([prompt.to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden], dim=1)
+    block_tensors = {k: v for k, v in tensors.items() if k != PROMPT_KEY}
+    out = blocks(hidden, block_tensors, spec)
+    return head.logits(out.to(hidden.dtype))
+
+
+def train_step(
+    cfg: FinetuneConfig,
+    head: nn.Module,
+    blocks: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    step: int,
+    lr: float,
+) -> tuple[float, float]:
+    """One optimizer step over ``batches`` (its micro-batches): the loss is the mean over every
+    labelled position of the step, so micro-batches of any size weigh by their tokens; LoRA
+    dropout masks come from ``(cfg.seed, step, micro-batch)``. Returns (loss, gradient norm
+    before clipping)."""
+    labels = [with_virtual_tokens(b.labels, cfg.num_virtual) for b in batches]
+    count = sum(int((lab[:, 1:] != IGNORE).sum()) for lab in labels)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for j, (batch, lab) in enumerate(zip(batches, labels)):
+        spec = AdapterSpec(scale=cfg.alpha / cfg.rank, dropout=cfg.dropout, seed=_mix(cfg.seed, "dropout", step, j))
+        loss, _ = token_loss(forward_logits(head, blocks, batch.input_ids, tensors, spec), lab)
+        (loss / count).backward()
+        total += loss.item()
+    params = [t for _, t in sorted(tensors.items())]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return total / count, float(grad_norm)
+
+
+def evaluate(cfg: FinetuneConfig, head, blocks, tensors, examples: list[Example], pad_id: int) -> float | None:
+    """Mean loss per labelled token over ``examples`` (no dropout, no gradient)."""
+    if not examples:
+        return None
+    spec = AdapterSpec(scale=cfg.alpha / cfg.rank)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), cfg.batch_size):
+            batch = collate(examples[i : i + cfg.batch_size], pad_id)
+            logits = forward_logits(head, blocks, batch.input_ids, tensors, spec)
+            loss, n = token_loss(logits, with_virtual_tokens(batch.labels, cfg.num_virtual))
+            total, count = total + loss.item(), count + n
+    return total / count
+
+
+def run_identity(cfg: FinetuneConfig, client, dataset: Dataset) -> dict:
+    """Every setting that shapes the run's numbers; ``resume`` refuses a run that differs."""
+    keys = ["adapter", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_steps", "weight_decay",
+            "max_grad_norm", "max_length", "seed", "eval_fraction", "dtype"]
+    keys += ["rank", "alpha", "dropout"] if cfg.adapter == "lora" else ["num_virtual_tokens"]
+    identity = {k: getattr(cfg, k) for k in keys}
+    identity["lr"] = cfg.peak_lr
+    if cfg.adapter == "lora":
+        identity["target_modules"] = resolve_targets(client.checkpoint, cfg.target_modules)
+    identity["model"] = _fingerprint(client.checkpoint)
+    identity["data"] = dataset.digest
+    return identity
+
+
+def check_lengths(cfg: FinetuneConfig, dataset: Dataset, max_positions: int | None) -> None:
+    """``ValueError`` naming --max-length when the longest example (after the cut) plus the
+    virtual tokens does not fit the model's context of ``max_positions`` (None: no limit)."""
+    longest = max(len(ex.input_ids) for ex in dataset.examples) + cfg.num_virtual
+    if max_positions is not None and longest > max_positions:
+        virtual = f" plus {cfg.num_virtual} virtual tokens" if cfg.num_virtual else ""
+        raise ValueError(
+            f"--max-length {cfg.max_length}: the longest example{virtual} has {longest} positions, over this "
+            f"model's context of {max_positions}; set --max-length {max_positions - cfg.num_virtual} or less"
+        )
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(checkpoint) -> str:
+    # about a second for a 135M model: once per checkpoint object (preflight, then the run)
+    if checkpoint not in _FINGERPRINTS:
+        _FINGERPRINTS[checkpoint] = checkpoint.fingerprint()
+    return _FINGERPRINTS[checkpoint]
+
+
+def _flag(key: str) -> str:
+    return {"model": "--model", "data": "the training data"}.get(key, "--" + key.replace("_", "-"))
+
+
+def _check_resume(saved: dict, current: dict, path: Path) -> None:
+    for key, value in current.items():
+        if saved.get(key) != value:
+            if key in ("model", "data"):
+                raise ValueError(f"--resume: {_flag(key)} differs from the run saved in {path}; resume with the same one")
+            raise ValueError(
+                f"--resume: {_flag(key)} is {value} but the run saved in {path} used {saved.get(key)}; "
+                "resume with the same flags or start a new --output"
+            )
+
+
+class _Metrics:
+    """``metrics.jsonl``: one JSON object per line, flushed as written."""
+
+    def __init__(self, path: Path, keep_until: int | None):
+        self.path = path
+        if keep_until is not None and path.exists():  # resuming: drop what the lost steps wrote
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_until]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif keep_until is None:
+            path.write_text("")
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (a reader sees the old file or the new one, never a
+    part: an interrupt while saving loses only this save)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The state saved at ``path``; ``ValueError`` naming it when missing or unreadable."""
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint at {path}; start without --resume")
+    try:
+        state = torch.load(path, weights_only=True)
+        assert state.get("version") == CHECKPOINT_VERSION
+        return state
+    except Exception:  # a damaged or foreign file: all end the same way for the user
+        raise ValueError(f"--resume: {path} is damaged or not a swarm finetune checkpoint; start a new --output") from None
+
+
+def save_adapter(cfg: FinetuneConfig, client, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the trained adapter into ``cfg.output`` in its format (see :mod:`swarm.engine.adapter_io`)."""
+    checkpoint, base = client.checkpoint, cfg.base_model or str(client.path)
+    if cfg.adapter == "lora":
+        targets = resolve_targets(checkpoint, cfg.target_modules)
+        save_lora(cfg.output, checkpoint, tensors, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                  targets=targets, base_model=base)
+    elif cfg.adapter == "prompt":
+        save_prompt(cfg.output, checkpoint, tensors[PROMPT_KEY], base)
+    else:
+        deep = {k: v for k, v in tensors.items() if k != PROMPT_KEY}
+        save_deep_prompt(cfg.output, checkpoint, tensors[PROMPT_KEY], deep, base)
+
+
+def preflight(cfg: FinetuneConfig, client, dataset: Dataset) -> tuple[dict, dict | None]:
+    """Every check that needs no blocks, so a run that cannot go is refused before they load:
+    ``--target-modules``, lengths against the context, and the output directory (a checkpoint
+    there needs ``resume``; ``resume`` needs one saved by the same settings, model and data).
+    Returns the run's identity and the saved state (None when starting fresh); raises
+    ``ValueError`` naming the flag."""
+    check_lengths(cfg, dataset, getattr(client.head, "max_positions", None))
+    identity = run_identity(cfg, client, dataset)  # resolves --target-modules
+    path = cfg.output / CHECKPOINT
+    if not cfg.resume:
+        if path.exists():
+            raise ValueError(
+                f"--output {cfg.output} holds a run's checkpoint already: continue it with --resume, "
+                "or choose another --output"
+            )
+        return identity, None
+    state = load_checkpoint(path)
+    _check_resume(state["run"], identity, path)
+    return identity, state
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    blocks: nn.Module,
+    client,
+    dataset: Dataset,
+    on_event: Callable[[dict], None] | None = None,
+) -> FinetuneResult:
+    """Train ``cfg.adapter`` on ``dataset`` through ``blocks`` and save it into ``cfg.output``.
+
+    ``client``: a :class:`~swarm.engine.client.ClientModel` (head in float32). ``on_event``
+    receives every record as it happens: ``{"type": "start", "total_steps", "step", ...}`` once,
+    then the ``"step"`` and ``"eval"`` records also written to ``metrics.jsonl``, then
+    ``{"type": "checkpoint", "step"}`` after each save. An exception (``KeyboardInterrupt``
+    included) propagates as it is: the last checkpoint stands, and ``resume`` continues from it
+    exactly. Raises ``ValueError`` for a ``--target-modules`` name that matches nothing, an
+    output holding another run's checkpoint (without ``resume``), or a ``resume`` whose settings,
+    model or data differ from the saved run's."""
+    p = plan(cfg, dataset)
+    head = client.head
+    pad_id = client.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = client.eos_token_ids[0] if client.eos_token_ids else 0
+    ckpt_path = cfg.output / CHECKPOINT
+    identity, state = preflight(cfg, client, dataset)
+    tensors = {k: v.requires_grad_(True) for k, v in init_trainable(cfg, client).items()}
+    names = sorted(tensors)
+    optimizer = torch.optim.AdamW([tensors[k] for k in names], lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    stats = {"tokens": 0, "seconds": 0.0, "first_loss": None, "eval_before": None, "losses": []}
+    step = 0
+    if state is not None:
+        with torch.no_grad():
+            for k in names:
+                tensors[k].copy_(state["tensors"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        step, stats = state["step"], state["stats"]
+        torch.set_rng_state(state["rng"])
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(cfg.output / METRICS, step if cfg.resume else None)
+    emit = on_event or (lambda record: None)
+    started = time.monotonic() - stats["seconds"]
+
+    def record(entry: dict) -> None:
+        metrics.write(entry)
+        emit(entry)
+
+    def eval_now() -> float | None:
+        loss = evaluate(cfg, head, blocks, tensors, p.eval, pad_id)
+        if loss is not None:
+            record({"type": "eval", "step": step, "eval_loss": loss, "time": time.monotonic() - started})
+        return loss
+
+    def checkpoint() -> None:
+        stats["seconds"] = time.monotonic() - started
+        save_checkpoint(ckpt_path, {
+            "version": CHECKPOINT_VERSION,
+            "run": identity,
+            "step": step,
+            "position": {"epoch": step // p.steps_per_epoch, "micro_batch": (step % p.steps_per_epoch) * cfg.grad_accum},
+            "tensors": {k: v.detach().clone() for k, v in tensors.items()},
+            "optimizer": optimizer.state_dict(),
+            "rng": torch.get_rng_state(),  # the run draws from none; blocks given from outside might
+            "stats": stats,
+        })
+        emit({"type": "checkpoint", "step": step})
+
+    try:
+        emit({"type": "start", "step": step, "total_steps": p.total_steps, "examples": len(p.train),
+              "eval_examples": len(p.eval), "warmup_steps": p.warmup_steps, "lr": cfg.peak_lr})
+        if step == 0:
+            stats["eval_before"] = eval_now()
+        while step < p.total_steps:
+            t0 = time.monotonic()
+            batches = [collate(examples, pad_id) for examples in step_batches(cfg, p, step)]
+            lr = lr_at(step, cfg.peak_lr, p.warmup_steps, p.total_steps)
+            loss_value, grad_norm = train_step(cfg, head, blocks, tensors, optimizer, batches, step, lr)
+            step += 1
+            tokens = sum(b.num_tokens for b in batches)
+            stats["tokens"] += tokens
+            stats["first_loss"] = stats["first_loss"] if stats["first_loss"] is not None else loss_value
+            stats["losses"] = (stats["losses"] + [loss_value])[-p.steps_per_epoch :]
+            seconds = time.monotonic() - t0
+            record({"type": "step", "step": step, "epoch": (step - 1) // p.steps_per_epoch, "loss": loss_value,
+                    "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_seen": stats["tokens"],
+                    "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "time": time.monotonic() - started})
+            if cfg.save_every and step % cfg.save_every == 0 and step < p.total_steps:
+                eval_now()
+                checkpoint()
+        eval_after = eval_now()
+        checkpoint()
+        save_adapter(cfg, client, tensors)
+    finally:
+        metrics.close()
+    losses = stats["losses"]
+    return FinetuneResult(
+        output=cfg.output,
+        steps=step,
+        total_steps=p.total_steps,
+        train_loss_before=stats["first_loss"],
+        train_loss_after=sum(losses) / len(losses) if losses else None,
+        eval_loss_before=stats["eval_before"],
+        eval_loss_after=eval_after,
+        tokens=stats["tokens"],
+        examples=len(p.train),
+        eval_examples=len(p.eval),
+        truncated=dataset.truncated,
+        dropped=dataset.dropped,
+        seconds=time.monotonic() - started,
+    )
+

@@ -1,0 +1,256 @@
+"""Fine-tuning (engine/finetune.py, engine/finetune_data.py, `swarm finetune --local`) on tiny models.
+
+The gates: bad data is one line naming file:line before any model loads; loss masks cover exactly
+the completion / assistant tokens; a run lowers the loss and its adapter loads in peft with the
+engine's logits; a run through real servers ends with the adapter of a local run; a run interrupted (in-process, and by a real SIGINT to `swarm finetune`) and
+resumed ends with exactly the adapter of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import write_tiny_checkpoint
+from swarm.cli.main import app
+from swarm.engine.adapter_io import load_adapter
+from swarm.engine.adapters import LocalBlocks, applied
+from swarm.engine.client import ClientModel
+from swarm.engine.finetune import CHECKPOINT, FinetuneConfig, finetune
+from swarm.engine.finetune_data import IGNORE, collate, read_jsonl, tokenize_records
+from swarm_utils import running_swarm, swarm_cmd, swarm_env
+
+FACTS = Path(__file__).resolve().parents[1] / "scripts" / "data" / "facts.jsonl"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: two threads only wait on each other (and stall when the cores are shared)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ft") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def client(tiny) -> ClientModel:
+    return ClientModel.load(tiny)
+
+
+def _dataset(client, path=FACTS, max_length=64):
+    return tokenize_records(read_jsonl(path), client.tokenizer, path, max_length, client.eos_token_ids[0])
+
+
+def _invoke(args: list[str]):
+    result = CliRunner().invoke(app, ["finetune", *args])
+    # an exception other than the exit itself would be a traceback for a user
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+BAD_DATA = {
+    "bad json": (['{"text": "fine"}', '{"text": "oops",'], ":2: not valid JSON"),
+    "missing completion": (['{"prompt": "a"}'], ':1: has \'prompt\' but no "completion"'),
+    "wrong type": (['{"text": "x"}', '{"prompt": "a", "completion": 3}'], ':2: "completion" must be a string'),
+    "unknown fields": (['{"question": "a"}'], ":1: no known fields (has question)"),
+    "no assistant": (['{"messages": [{"role": "user", "content": "hi"}]}'], ":1: no assistant message"),
+    "empty file": ([], ": no examples (the file is empty)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_one_line_naming_file_and_line_before_the_model_loads(case, tmp_path):
+    lines, message = BAD_DATA[case]
+    data = _write(tmp_path / "data.jsonl", lines)
+    # the model does not exist: the data error comes first, so nothing was loaded
+    result = _invoke([str(data), "--local", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{data}{message}" in result.stderr, result.stderr
+
+
+def test_bad_flags_are_one_line(tiny, tmp_path):
+    for flags, text in [
+        (["--target-modules", "qq_proj"], "--target-modules: qq_proj names no linear"),
+        (["--adapter", "bitfit"], "--adapter must be one of lora, prompt, deep-prompt"),
+        (["--eval-fraction", "1"], "--eval-fraction must be in [0, 1)"),
+    ]:
+        result = _invoke([str(FACTS), "--local", "--model", str(tiny), "--output", str(tmp_path / "o"), *flags])
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert text in result.stderr, result.stderr
+    chat = _write(tmp_path / "chat.jsonl", ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'])
+    result = _invoke([str(chat), "--local", "--model", str(tiny), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 1 and f'{chat}:1: "messages" need a chat template' in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything ran
+
+
+def test_loss_masks_cover_completions_and_assistant_turns(client, tmp_path):
+    tok, eos = client.tokenizer, client.eos_token_ids[0]
+    data = _write(tmp_path / "d.jsonl", [
+        json.dumps({"prompt": "The capital of France is", "completion": " Paris."}),
+        json.dumps({"text": "A swarm of machines"}),
+        json.dumps({"messages": [{"role": "user", "content": "Capital of Italy?"},
+                                 {"role": "assistant", "content": "Rome."},
+                                 {"role": "user", "content": "And France?"},
+                                 {"role": "assistant", "content": "Paris."}]}),
+        json.dumps({"prompt": "x", "completion": " The capital of France is Paris " * 30}),
+    ])
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    try:
+        ds = tokenize_records(read_jsonl(data), tok, data, 64, eos)
+    finally:
+        tok.chat_template = None
+    completion, text, chat, long = ds.examples
+    prompt_len = len(tok("The capital of France is")["input_ids"])
+    assert completion.labels[:prompt_len] == [IGNORE] * prompt_len
+    assert completion.labels[prompt_len:] == completion.input_ids[prompt_len:]
+    assert completion.input_ids[-1] == eos and tok.decode(completion.input_ids[prompt_len:-1]) == " Paris."
+    assert text.labels == text.input_ids and text.input_ids[-1] == eos
+    learned = tok.decode([t for t, lab in zip(chat.input_ids, chat.labels) if lab != IGNORE])
+    assert learned == "Rome.</s>Paris.</s>", learned
+    assert len(long.input_ids) == 64 and ds.truncated == 1 and ds.dropped == 0
+    batch = collate([completion, long], pad_id=0)
+    assert batch.input_ids.shape == (2, 64) and batch.num_tokens == len(completion.input_ids) + 64
+    assert (batch.labels[0, len(completion.input_ids) :] == IGNORE).all()
+
+
+def _cfg(out: Path, **kw) -> FinetuneConfig:
+    base = {"output": out, "epochs": 5, "batch_size": 8, "lr": 1e-2, "save_every": 0, "eval_fraction": 0.1, "max_length": 64}
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_lora_run_lowers_loss_and_its_adapter_loads_in_peft(tiny, client, tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))
+    result = finetune(_cfg(tmp_path / "a", target_modules="all-linear"), blocks, client, _dataset(client))
+    assert result.steps == result.total_steps == 5 * 4
+    assert result.train_loss_after < result.train_loss_before - 1.0
+    assert result.eval_loss_after < result.eval_loss_before
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["type"] == "step"] == list(range(1, 21))
+    assert {"loss", "lr", "tokens", "tokens_per_s", "time", "epoch"} <= set(lines[1])
+
+    adapter = load_adapter(tmp_path / "a", client.checkpoint)
+    assert any(v.abs().max() > 0 for k, v in adapter.tensors.items() if k.endswith("lora_B"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "a").eval()
+    ids = torch.tensor([client.encode("The capital of the planet Zorbia is")])
+    with torch.no_grad(), applied(blocks.blocks, adapter.tensors, adapter.spec):
+        ours = client.head.logits(blocks.blocks(client.head.embed(ids)))
+        theirs = peft_model(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "deep-prompt"])
+def test_prompt_tuning_lowers_loss_and_round_trips(kind, client, tmp_path):
+    blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))
+    result = finetune(_cfg(tmp_path / kind, adapter=kind, num_virtual_tokens=4, epochs=3), blocks, client, _dataset(client))
+    assert result.train_loss_after < result.train_loss_before
+    adapter = load_adapter(tmp_path / kind, client.checkpoint)
+    assert adapter.kind == kind and adapter.prompt.shape == (4, 64)
+    assert kind == "prompt" or any(v.abs().max() > 0 for v in adapter.tensors.values())
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(client, tmp_path):
+    """With dropout, gradient accumulation and a ragged last micro-batch: stop after step 5 (last
+    checkpoint at 3), resume, and compare every tensor exactly."""
+    blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))
+    dataset = _dataset(client)
+    kw = {"dropout": 0.2, "grad_accum": 2, "batch_size": 3, "epochs": 2, "save_every": 3, "weight_decay": 0.01}
+    whole = finetune(_cfg(tmp_path / "whole", **kw), blocks, client, dataset)
+
+    def stop_at_5(event):
+        if event["type"] == "step" and event["step"] == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(_cfg(tmp_path / "cut", **kw), blocks, client, dataset, on_event=stop_at_5)
+    with pytest.raises(ValueError, match="--output .* holds a run's checkpoint already"):
+        finetune(_cfg(tmp_path / "cut", **kw), blocks, client, dataset)
+    with pytest.raises(ValueError, match="--resume: --lr is 0.02 but .* used 0.01"):
+        finetune(_cfg(tmp_path / "cut", resume=True, **{**kw, "lr": 0.02}), blocks, client, dataset)
+    resumed = finetune(_cfg(tmp_path / "cut", resume=True, **kw), blocks, client, dataset)
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.steps == whole.steps and resumed.eval_loss_after == whole.eval_loss_after
+
+    def losses(d):
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["type"] == "step"]
+
+    assert losses("cut") == losses("whole")  # the lost steps' lines were dropped, then redone
+
+
+def test_sigint_stops_cleanly_and_resume_is_exact(tiny, tmp_path):
+    data = _write(tmp_path / "d.jsonl", FACTS.read_text().splitlines()[:8])  # 6 to train on, 2 steps an epoch
+    args = [str(data), "--local", "--model", str(tiny), "--epochs", "50", "--batch-size", "3", "--lr", "1e-2",
+            "--save-every", "2", "--dropout", "0.1", "--max-length", "64", "--eval-fraction", "0.25"]
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(swarm_cmd("finetune", *args, "--output", str(out)), stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**swarm_env(tmp_path), "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr.strip().splitlines()[-1], stderr
+    saved = torch.load(out / CHECKPOINT, weights_only=True)["step"]
+    assert 2 <= saved < 100, "the run was interrupted after a save and before its end"
+
+    result = _invoke([*args, "--output", str(out), "--resume", "--json"])
+    assert result.exit_code == 0, result.stderr
+    result = _invoke([*args, "--output", str(tmp_path / "whole"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 100
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_swarm_run_equals_local_run(tiny, tmp_path):
+    """`swarm finetune` through two servers (0:2, 2:4) and `--local`, same flags (LoRA dropout on):
+    the same adapter, to float32 rounding."""
+    data = _write(tmp_path / "d.jsonl", FACTS.read_text().splitlines()[:10])
+    args = [str(data), "--model", str(tiny), "--epochs", "3", "--batch-size", "4", "--lr", "1e-2", "--dropout", "0.1",
+            "--max-length", "64", "--json"]
+    with running_swarm(tiny, ["0:2", "2:4"], tmp_path, extra=("--threads", "1")) as servers:
+        result = _invoke([*args, "--output", str(tmp_path / "swarm"), "--initial-peers", servers[0].maddr])
+    assert result.exit_code == 0, result.stderr
+    swarm = json.loads(result.stdout)
+    result = _invoke([*args, "--output", str(tmp_path / "local"), "--local"])
+    assert result.exit_code == 0, result.stderr
+    local = json.loads(result.stdout)
+    assert swarm["steps"] == local["steps"] == 9 and swarm["eval_loss_after"] < swarm["eval_loss_before"]
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("swarm", "local"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
