@@ -236,10 +236,7 @@ def forward_logits(
     """``input_ids [batch, seq]`` → logits ``[batch, num_virtual + seq, vocab]`` (float32):
     embed, prepend ``tensors["prompt_embeddings"]`` if present, run ``blocks`` with the other
     tensors (LoRA, deep prompts), apply the LM head. Differentiable in every tensor."""
-    hidden = head.embed(input_ids)  # [batch, seq, hidden]
-    prompt = tensors.get(PROMPT_KEY)
-    if prompt is not None:
-        hidden = torch.cat([prompt.to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden], dim=1)
+    hidden = head.embed(input_ids, prefix=tensors.get(PROMPT_KEY))  # [batch, num_virtual + seq, hidden]
     block_tensors = {k: v for k, v in tensors.items() if k != PROMPT_KEY}
     out = blocks(hidden, block_tensors, spec)
     return head.logits(out.to(hidden.dtype))

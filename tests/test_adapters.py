@@ -185,3 +185,25 @@ def test_bad_targets_and_bad_tensors_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="adapter_config.json"):
         load_adapter(tmp_path / "empty", checkpoint)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_prompt_tuning_adapter_equals_peft(family, tmp_path):
+    """A prompt saved in peft's PROMPT_TUNING format means the same to peft as to the engine
+    (for BLOOM: virtual tokens enter before the embedding LayerNorm, as in peft)."""
+    import transformers
+    from peft import PeftModel
+
+    model_dir = write_tiny_checkpoint(tmp_path / "m", family)
+    checkpoint = Checkpoint(model_dir)
+    prompt = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    save_prompt(tmp_path / "p", checkpoint, prompt, str(model_dir))
+    adapter = load_adapter(tmp_path / "p", checkpoint)
+    head, blocks = checkpoint.load_head(), checkpoint.load_blocks(0, checkpoint.num_blocks)
+    ids = torch.randint(3, 300, (2, 7))
+    with torch.no_grad():
+        ours = head.logits(blocks(head.embed(ids, prefix=adapter.prompt)))
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        theirs = PeftModel.from_pretrained(model, tmp_path / "p").eval()(input_ids=ids).logits
+    assert ours.shape == theirs.shape == (2, 12, 320)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

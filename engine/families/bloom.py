@@ -121,9 +121,14 @@ class BloomHead(nn.Module):
         self.lm_head = _frozen_linear(lm)
         self.max_positions = cfg.max_positions
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``."""
-        return self.embed_norm(self.word_embeddings(input_ids))
+    def embed(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``; a ``prefix`` ``[n, hidden]``
+        of virtual token embeddings (prompt tuning) comes first, before the embedding LayerNorm as
+        in peft: ``[batch, n + seq, hidden]``."""
+        hidden = self.word_embeddings(input_ids)
+        if prefix is not None:
+            hidden = torch.cat([prefix.to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden], dim=1)
+        return self.embed_norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden: [batch, seq, hidden]`` → ``logits: [batch, seq, vocab]`` in float32."""

@@ -132,13 +132,19 @@ class LlamaHead(nn.Module):
         self.lm_head = _frozen_linear(lm)
         self.max_positions = cfg.max_positions
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``."""
-        return self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``; a ``prefix`` ``[n, hidden]``
+        of virtual token embeddings (prompt tuning) comes first: ``[batch, n + seq, hidden]``."""
+        hidden = self.embed_tokens(input_ids)
+        return hidden if prefix is None else _prepend(prefix, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden: [batch, seq, hidden]`` → ``logits: [batch, seq, vocab]`` in float32."""
         return self.lm_head(self.norm(hidden)).float()
+
+
+def _prepend(prefix: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.cat([prefix.to(hidden.dtype).expand(hidden.shape[0], -1, -1), hidden], dim=1)
 
 
 def head_keys(cfg: LlamaConfig, available: set[str]) -> list[str]:
