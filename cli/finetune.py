@@ -262,7 +262,7 @@ def _summary(result, cfg, dataset, as_json: bool) -> None:
             f"trained a {cfg.adapter} adapter: {result.steps} steps over {result.examples} examples, "
             f"{result.tokens} tokens in {int(minutes)}m{seconds:04.1f}s"
         ),
-        f"  train loss  {loss(result.train_loss_before, result.train_loss_after)}  (first step → last epoch)",
+        f"  train loss  {loss(result.train_loss_before, result.train_loss_after)}  (before → after, without dropout)",
         f"  eval loss   {loss(result.eval_loss_before, result.eval_loss_after)}  ({result.eval_examples} held-out examples)",
         (
             f"  truncated   {result.truncated} of {len(dataset.examples) + result.dropped} examples over --max-length "

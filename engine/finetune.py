@@ -128,11 +128,15 @@ class FinetuneConfig:
         return 0 if self.adapter == "lora" else self.num_virtual_tokens
 
 
+TRAIN_EVAL_EXAMPLES = 256  # training examples whose loss the summary reports before and after
+
+
 @dataclass
 class FinetuneResult:
-    """What a run did. Losses are mean per labelled token; ``train_loss_before`` is the first
-    step's loss (before any update), ``train_loss_after`` the mean over the last epoch's steps;
-    eval losses are over the whole held-out split (None without one)."""
+    """What a run did. Losses are mean per labelled token, measured without dropout before the
+    first step and after the last: train losses over the training split (its first
+    :data:`TRAIN_EVAL_EXAMPLES` examples when it is larger), eval losses over the whole held-out
+    split (None without one)."""
 
     output: Path
     steps: int
@@ -443,7 +447,7 @@ def finetune(
     tensors = {k: v.requires_grad_(True) for k, v in init_trainable(cfg, client).items()}
     names = sorted(tensors)
     optimizer = torch.optim.AdamW([tensors[k] for k in names], lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
-    stats = {"tokens": 0, "seconds": 0.0, "first_loss": None, "eval_before": None, "losses": []}
+    stats = {"tokens": 0, "seconds": 0.0, "eval_before": None, "train_before": None}
     step = 0
     if state is not None:
         with torch.no_grad():
@@ -460,6 +464,9 @@ def finetune(
     def record(entry: dict) -> None:
         metrics.write(entry)
         emit(entry)
+
+    def train_loss_now() -> float | None:
+        return evaluate(cfg, head, blocks, tensors, p.train[:TRAIN_EVAL_EXAMPLES], pad_id)
 
     def eval_now() -> float | None:
         loss = evaluate(cfg, head, blocks, tensors, p.eval, pad_id)
@@ -486,6 +493,7 @@ def finetune(
               "eval_examples": len(p.eval), "warmup_steps": p.warmup_steps, "lr": cfg.peak_lr})
         if step == 0:
             stats["eval_before"] = eval_now()
+            stats["train_before"] = train_loss_now()
         while step < p.total_steps:
             t0 = time.monotonic()
             batches = [collate(examples, pad_id) for examples in step_batches(cfg, p, step)]
@@ -494,8 +502,6 @@ def finetune(
             step += 1
             tokens = sum(b.num_tokens for b in batches)
             stats["tokens"] += tokens
-            stats["first_loss"] = stats["first_loss"] if stats["first_loss"] is not None else loss_value
-            stats["losses"] = (stats["losses"] + [loss_value])[-p.steps_per_epoch :]
             seconds = time.monotonic() - t0
             record({"type": "step", "step": step, "epoch": (step - 1) // p.steps_per_epoch, "loss": loss_value,
                     "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_seen": stats["tokens"],
@@ -504,17 +510,17 @@ def finetune(
                 eval_now()
                 checkpoint()
         eval_after = eval_now()
+        train_after = train_loss_now()
         checkpoint()
         save_adapter(cfg, client, tensors)
     finally:
         metrics.close()
-    losses = stats["losses"]
     return FinetuneResult(
         output=cfg.output,
         steps=step,
         total_steps=p.total_steps,
-        train_loss_before=stats["first_loss"],
-        train_loss_after=sum(losses) / len(losses) if losses else None,
+        train_loss_before=stats.get("train_before"),
+        train_loss_after=train_after,
         eval_loss_before=stats["eval_before"],
         eval_loss_after=eval_after,
         tokens=stats["tokens"],
