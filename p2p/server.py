@@ -35,6 +35,7 @@ import torch
 
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
+from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
@@ -73,6 +74,9 @@ class ServerConfig:
     max_peer_sessions: int = 32  # open inference sessions one peer may hold
     peer_cache_share: float = 0.5  # the part of --cache-tokens one peer may hold
     max_stateless_tokens: int = 8192  # batch × length of one forward or backward pass
+    max_adapter_bytes: int = 64 << 20  # adapter tensors one inference session may carry (with its open)
+    peer_adapter_memory: int = 256 << 20  # ... that one peer's sessions may hold here together
+    adapter_memory: int = 1 << 30  # ... that all sessions may hold together
 
 
 def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
@@ -144,6 +148,7 @@ class BlockServer:
             server.blocks = await loop.run_in_executor(
                 server._executor, checkpoint.load_blocks, start, end, dtype
             )
+            attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
             from swarm.engine.throughput import cached_block_throughput
 
             server.throughput = await loop.run_in_executor(
@@ -293,6 +298,7 @@ class BlockServer:
             "peer_cache_tokens": self.peer_cache_tokens,
             "max_peer_sessions": self.cfg.max_peer_sessions,
             "max_stateless_tokens": self.cfg.max_stateless_tokens,
+            "max_adapter_bytes": self.cfg.max_adapter_bytes,
             "context": self.context,
             "step_timeout": self.cfg.step_timeout,
             "open_timeout": self.cfg.open_timeout,
