@@ -25,7 +25,7 @@ from swarm.p2p.chain import (  # noqa: F401  (RemoteChain, SpanFailure, SwarmErr
 )
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
-from swarm.p2p.routing import NoRouteError, find_chain
+from swarm.p2p.routing import NoRouteError, Span, find_chain
 from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
 from swarm.p2p.wire import Frame, RemoteError, WireError, expect
 

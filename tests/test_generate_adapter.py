@@ -20,7 +20,7 @@ from conftest import write_tiny_checkpoint
 from server_utils import eventually, peer, served
 from swarm.cli.main import app
 from swarm.engine.adapter_io import Adapter, load_adapter, save_deep_prompt, save_prompt
-from swarm.engine.adapters import AdapterSpec, adapter_digest
+from swarm.engine.adapters import adapter_digest
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
@@ -121,7 +121,7 @@ def test_a_peft_lora_adapter_gives_peft_tokens_locally_and_through_the_swarm(cas
     local = json.loads(result.stdout)
     through = generate_json([*args, "--initial-peers", swarm[0].maddr, PROMPT], tmp_path)  # a process of its own
     ids = torch.tensor([local["prompt_ids"]])
-    settings = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2, eos_token_id=2)
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 2, "eos_token_id": 2}
     with torch.no_grad():
         theirs = peft_model.generate(input_ids=ids, **settings)[0, ids.shape[1] :].tolist()
         with peft_model.disable_adapter():
@@ -219,7 +219,7 @@ def test_session_adapters_are_bounded_and_freed_however_the_session_ends(case):
         return stream, await read_frame(stream, timeout=10)
 
     async def scenario():
-        overrides = dict(max_adapter_bytes=nbytes, peer_adapter_memory=2 * nbytes)
+        overrides = {"max_adapter_bytes": nbytes, "peer_adapter_memory": 2 * nbytes}
         async with served(model_dir, "0:2", **overrides) as (server, maddr):
             budget = server.inference.adapters
             async with peer(maddr) as (host, sp):
