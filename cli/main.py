@@ -195,6 +195,13 @@ def generate(
     num_beams: Annotated[int, typer.Option("--num-beams", help="Beam search with this many beams.")] = 1,
     length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam score exponent on length.")] = 1.0,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    adapter: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--adapter",
+            help="An adapter directory: LoRA or prompt tuning saved by peft or swarm finetune, or a swarm deep prompt.",
+        ),
+    ] = None,
     dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with token ids and text.")] = False,
     initial_peers: InitialPeersOpt = None,
@@ -219,6 +226,7 @@ def generate(
         quick_prompt_check(default_model_dir() if spec in ALIASES else Path(spec).expanduser(), prompt)
     except ValueError as exc:
         _fail(str(exc))
+    from swarm.engine.adapter_io import load_adapter
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
     from swarm.engine.families import UnsupportedModelError
@@ -243,10 +251,12 @@ def generate(
         path = resolve_model(model, quiet=as_json)
         client = ClientModel.load(path, torch_dtype)
         cfg = replace(cfg, eos_token_ids=client.eos_token_ids)
+        loaded = load_adapter(adapter, client.checkpoint) if adapter is not None else None  # AdapterError: a ValueError
         prompt_ids = client.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give some text to continue")
-        check_prompt_length(len(prompt_ids), client.head.max_positions)  # before any network setup
+        virtual = loaded.num_virtual_tokens if loaded is not None else 0
+        check_prompt_length(len(prompt_ids), client.head.max_positions, virtual)  # before any network setup
     except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError) as exc:
         _fail(str(exc))
 
@@ -261,7 +271,7 @@ def generate(
     errors: tuple[type[BaseException], ...] = (ValueError, CacheFullError)
     try:
         if local:
-            tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream)
+            tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream, adapter=loaded)
         else:
             from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
             from swarm.p2p.host import P2PError
@@ -275,7 +285,7 @@ def generate(
                 initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
             )
             model_name = model_id(client.checkpoint)
-            tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream)
+            tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream, adapter=loaded)
     except BaseException as exc:
         if stream is not None and stream.printed:
             write("\n")  # end the partial output's line

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from swarm.engine import default_model
+from swarm.engine.adapter_io import Adapter
+from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import Checkpoint, fix_hint, read_json
 from swarm.engine.families import CheckpointError
 from swarm.engine.generation import GenerationConfig, LocalSession, generate
@@ -151,7 +153,19 @@ def generate_local(
     cfg: GenerationConfig,
     dtype: torch.dtype = torch.float32,
     on_token: Callable[[int], None] | None = None,
+    adapter: Adapter | None = None,
 ) -> list[int]:
-    """Generate with every block held in this process (the reference the swarm must equal)."""
+    """Generate with every block held in this process (the reference the swarm must equal), with
+    ``adapter`` (from :func:`~swarm.engine.adapter_io.load_adapter`) applied if given: its LoRA and
+    deep-prompt tensors on the blocks, its shallow prompt before the prompt's embeddings."""
     blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, dtype)
-    return generate(client.head, lambda batch, n: LocalSession(blocks, batch, n), prompt_ids, cfg, on_token)
+    tensors = spec = prefix = None
+    if adapter is not None:
+        tensors, spec, prefix = adapter.tensors or None, adapter.spec, adapter.prompt
+        if tensors:
+            attach(blocks)
+
+    def open_session(batch: int, max_length: int) -> LocalSession:
+        return LocalSession(blocks, batch, max_length, tensors, spec)
+
+    return generate(client.head, open_session, prompt_ids, cfg, on_token, prefix=prefix)

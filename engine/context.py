@@ -14,13 +14,16 @@ import json
 from pathlib import Path
 
 
-def check_prompt_length(num_tokens: int, max_positions: int | None) -> None:
-    """Raise ``ValueError`` unless a prompt of ``num_tokens`` leaves room for a new token in a
-    context of ``max_positions`` (None: no fixed limit)."""
-    if max_positions is not None and num_tokens >= max_positions:
+def check_prompt_length(num_tokens: int, max_positions: int | None, virtual_tokens: int = 0) -> None:
+    """Raise ``ValueError`` unless a prompt of ``num_tokens`` (after a prompt adapter's
+    ``virtual_tokens``) leaves room for a new token in a context of ``max_positions`` (None: no
+    fixed limit)."""
+    if max_positions is not None and virtual_tokens + num_tokens >= max_positions:
+        adapter = f" after the adapter's {virtual_tokens} virtual tokens" if virtual_tokens else ""
         raise ValueError(
-            f"the prompt is {num_tokens} tokens, but this model's context holds {max_positions} "
-            f"(prompt and new tokens together): shorten the prompt to at most {max_positions - 1} tokens"
+            f"the prompt is {num_tokens} tokens{adapter}, but this model's context holds {max_positions} "
+            f"(prompt and new tokens together): shorten the prompt to at most "
+            f"{max(0, max_positions - 1 - virtual_tokens)} tokens"
         )
 
 

@@ -6,18 +6,24 @@ session over all blocks: ``open_session(batch, max_length)`` returning an object
 :class:`LocalSession` over a :class:`~swarm.engine.checkpoint.BlockRange`; over the swarm it is a
 chain of remote servers. The same loop drives both, which is what makes swarm output equal local
 output token for token.
+
+Adapters: the session applies LoRA and deep prompts to its blocks (a :class:`LocalSession` given
+the tensors, or servers given them when the session opens); a prompt adapter's embeddings are a
+``prefix`` that the loop prepends to the prompt's embeddings at the first step (virtual positions
+``0..nv-1``, then the prompt's tokens), so they count toward the context like tokens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from swarm.cache.kv import SessionKV
+from swarm.engine.adapters import AdapterSpec, applied
 from swarm.engine.checkpoint import BlockRange
 from swarm.engine.context import check_prompt_length  # noqa: F401  (part of this module's API)
 
@@ -32,14 +38,23 @@ OpenSession = Callable[[int, int], InferenceSession]
 
 
 class LocalSession:
-    """An inference session over blocks held in this process."""
+    """An inference session over blocks held in this process; with adapter ``tensors`` (keyed by
+    global block, see :mod:`swarm.engine.adapters`) every step runs with them applied, which
+    needs the blocks :func:`~swarm.engine.adapters.attach`-ed."""
 
-    def __init__(self, blocks: BlockRange, batch: int, max_length: int):
-        self.blocks = blocks
+    def __init__(
+        self,
+        blocks: BlockRange,
+        batch: int,
+        max_length: int,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        spec: AdapterSpec | None = None,
+    ):
+        self.blocks, self.tensors, self.spec = blocks, tensors, spec
         self.kv: SessionKV = blocks.open_session(batch=batch, max_length=max_length)
 
     def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), applied(self.blocks, self.tensors, self.spec):
             return self.blocks(hidden, self.kv, hypo_ids)
 
     def close(self) -> None:
@@ -121,30 +136,36 @@ def generate(
     input_ids: list[int],
     cfg: GenerationConfig,
     on_token: Callable[[int], None] | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
     (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
     as soon as it is chosen (greedy and sampling; beam search knows its answer only at the end).
+    ``prefix`` ``[num_virtual, hidden]``: a prompt adapter's embeddings, put before the prompt's
+    (every row of a batch or beam gets them).
 
-    The prompt and the new tokens together stay within the model's context (``head.max_positions``):
-    a prompt that leaves no room raises ``ValueError`` before a session opens; otherwise generation
-    stops when the context is full, even before ``max_new_tokens``."""
+    The prefix, the prompt and the new tokens together stay within the model's context
+    (``head.max_positions``): a prompt that leaves no room raises ``ValueError`` before a session
+    opens; otherwise generation stops when the context is full, even before ``max_new_tokens``."""
     if not input_ids:
         raise ValueError("the prompt is empty: give at least one token")
-    check_prompt_length(len(input_ids), head.max_positions)
-    max_length = len(input_ids) + cfg.max_new_tokens
+    virtual = 0 if prefix is None else prefix.shape[0]
+    check_prompt_length(len(input_ids), head.max_positions, virtual)
+    before = virtual + len(input_ids)  # positions before the first new token
+    max_length = before + cfg.max_new_tokens
     if head.max_positions is not None:
         max_length = min(max_length, head.max_positions)
     if cfg.num_beams > 1:
-        return _beam_search(head, open_session, input_ids, cfg, max_length)
+        return _beam_search(head, open_session, input_ids, cfg, max_length, prefix)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     session = open_session(1, max_length)
     try:
         seen = torch.tensor([input_ids])
-        step_ids, new = seen, []
+        step_ids, new, first = seen, [], prefix
         with torch.no_grad():
-            for _ in range(max_length - len(input_ids)):
-                hidden = session.step(head.embed(step_ids))
+            for _ in range(max_length - before):
+                hidden = session.step(_embed(head, step_ids, first))
+                first = None
                 logits = apply_repetition_penalty(head.logits(hidden[:, -1]), seen, cfg.repetition_penalty)
                 token = int(sample_token(logits, cfg, generator)[0])
                 new.append(token)
@@ -159,8 +180,21 @@ def generate(
         session.close()
 
 
+def _embed(head: torch.nn.Module, ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+    """Embeddings of ``ids`` ``[rows, n]``, after ``prefix`` ``[num_virtual, hidden]`` in every row."""
+    x = head.embed(ids)  # [rows, n, hidden]
+    if prefix is None:
+        return x
+    return torch.cat([prefix.to(x.dtype).expand(ids.shape[0], -1, -1), x], dim=1)
+
+
 def _beam_search(
-    head: torch.nn.Module, open_session: OpenSession, input_ids: list[int], cfg: GenerationConfig, max_length: int
+    head: torch.nn.Module,
+    open_session: OpenSession,
+    input_ids: list[int],
+    cfg: GenerationConfig,
+    max_length: int,
+    prefix: torch.Tensor | None = None,
 ) -> list[int]:
     """Beam search with ``cfg.num_beams`` hypotheses as rows of one session.
 
@@ -172,7 +206,7 @@ def _beam_search(
     (``hypo_ids``). Each row has at most one continuation per EOS id, so that many candidates
     always hold ``num_beams`` that do not end: the session keeps its batch. The search stops when
     ``num_beams`` hypotheses are finished and no live row can beat the worst of them, or at
-    ``max_length`` tokens (prompt included).
+    ``max_length`` positions (prefix and prompt included).
     """
     nb = cfg.num_beams
     num_eos = len(set(cfg.eos_token_ids))
@@ -181,11 +215,13 @@ def _beam_search(
         rows = torch.tensor([input_ids] * nb)  # [nb, len]
         beam_scores = torch.full((nb,), -1e9)
         beam_scores[0] = 0.0
-        step_ids, hypo_ids = rows, None
+        step_ids, hypo_ids, first = rows, None, prefix
         finished: list[tuple[float, list[int]]] = []
+        virtual = 0 if prefix is None else prefix.shape[0]
         with torch.no_grad():
-            for step in range(max_length - len(input_ids)):
-                hidden = session.step(head.embed(step_ids), hypo_ids)
+            for step in range(max_length - virtual - len(input_ids)):
+                hidden = session.step(_embed(head, step_ids, first), hypo_ids)
+                first = None
                 # the penalty applies to log-probs here, as in transformers' beam search
                 log_probs = head.logits(hidden[:, -1]).log_softmax(-1)
                 log_probs = apply_repetition_penalty(log_probs, rows, cfg.repetition_penalty)

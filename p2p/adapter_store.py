@@ -29,7 +29,7 @@ import torch
 
 from swarm.engine.adapters import AdapterSpec, adapter_digest, check_tensors
 from swarm.engine.checkpoint import BlockRange
-from swarm.p2p.wire import UNKNOWN_ADAPTER, Frame, WireError
+from swarm.p2p.wire import UNKNOWN_ADAPTER, Frame, WireError, named_tensors
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 DIGEST_IN_THREAD = 1 << 20  # adapters larger than this are hashed off the event loop
@@ -136,14 +136,7 @@ class AdapterStore:
                 raise UnknownAdapterError(digest)
             check_tensors(blocks, kept.tensors)  # kept for another range, maybe
             return kept.tensors, spec
-        if (
-            not isinstance(names, list)
-            or len(names) != len(extra)
-            or not all(isinstance(n, str) and len(n) <= 256 for n in names)
-            or len(set(names)) != len(names)
-        ):
-            raise WireError(f"a {frame.kind} frame's {len(extra)} adapter tensor(s) need as many distinct names")
-        tensors = dict(zip(names, extra))
+        tensors = named_tensors(names, extra, frame.kind)
         nbytes = tensor_bytes(tensors)
         if nbytes > self.peer_bytes:
             raise ValueError(

@@ -49,11 +49,26 @@ class BackgroundLoop:
             raise
 
     def close(self) -> None:
+        """Cancel the tasks still on the loop and let them finish (at most a few seconds, as
+        ``asyncio.run`` does), then stop the loop. Tasks left pending when the loop stops (a step
+        cancelled by Ctrl-C a moment earlier) would be destroyed pending, noisily, at exit."""
         if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_all(), self.loop).result(timeout=5)
+            except (TimeoutError, concurrent.futures.CancelledError, RuntimeError):
+                pass  # a task that ignores cancellation: stop anyway
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
         if not self.loop.is_running():
             self.loop.close()
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=4)
 
 
 class MainThreadExecutor(concurrent.futures.Executor):

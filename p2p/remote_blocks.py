@@ -344,7 +344,7 @@ class RemoteBlocks(nn.Module):
 def _adapter_grads(span: Span, reply: Frame, sub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapter gradients of a backward result: one per tensor sent, of its shape."""
     try:
-        grads = named_tensors(reply, "names", 1)
+        grads = named_tensors(reply.fields.get("names"), reply.tensors[1:], reply.kind)
     except WireError as exc:
         raise SpanFailure(span.peer_id, exc) from exc
     if set(grads) != set(sub) or any(grads[n].shape != sub[n].shape or not grads[n].is_floating_point() for n in grads):

@@ -78,6 +78,9 @@ class ServerConfig:
     max_stateless_tokens: int = 8192  # batch × length of one forward or backward pass
     adapter_memory: int = 256 << 20  # bytes of clients' training adapters kept (by digest), from all peers
     peer_adapter_memory: int = 64 << 20  # ... and for one peer (also the most one request may carry)
+    max_adapter_bytes: int = 64 << 20  # adapter tensors one inference session may carry (with its open)
+    peer_session_adapter_memory: int = 256 << 20  # ... that one peer's sessions may hold here together
+    session_adapter_memory: int = 1 << 30  # ... that all sessions may hold together
 
 
 def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
@@ -150,7 +153,7 @@ class BlockServer:
             server.blocks = await loop.run_in_executor(
                 server._executor, checkpoint.load_blocks, start, end, dtype
             )
-            attach(server.blocks)  # LoRA is lent to a pass from outside (engine.adapters.applied)
+            attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
             from swarm.engine.throughput import cached_block_throughput
 
             server.throughput = await loop.run_in_executor(
@@ -301,6 +304,7 @@ class BlockServer:
             "max_peer_sessions": self.cfg.max_peer_sessions,
             "max_stateless_tokens": self.cfg.max_stateless_tokens,
             "peer_adapter_memory": self.adapters.peer_bytes,
+            "max_adapter_bytes": self.cfg.max_adapter_bytes,
             "context": self.context,
             "step_timeout": self.cfg.step_timeout,
             "open_timeout": self.cfg.open_timeout,

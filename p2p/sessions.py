@@ -1,7 +1,9 @@
 """A server's inference sessions: the ``inference`` and ``push`` protocols.
 
 ``inference``: one stream per session — ``open`` (range, batch, max_length; the KV cache is
-allocated from the shared budget, or ``cache_full`` is answered at once), then ``step`` frames
+allocated from the shared budget, or ``cache_full`` is answered at once; optionally the adapter
+the session's steps run with, its named tensors after the frame's own fields, see
+:func:`~swarm.p2p.wire.adapter_fields`), then ``step`` frames
 (hidden states and the global position of their first token), then an explicit ``close``. A
 stream that ends without ``close`` is a failure (a killed peer looks like a clean end of stream).
 A step may carry a ``route`` (the next servers of the client's chain and their session ids): the
@@ -19,7 +21,10 @@ one busy session never holds up the others sharing a push stream.
 
 What a stranger can make a server hold is bounded (see :class:`SessionLimits`): sessions and cache
 tokens per peer, bytes of frames in flight (``FrameBudget``), a deadline for every frame from its
-first byte, the first step within ``open_timeout`` of the open. A session whose stream ends, or
+first byte, the first step within ``open_timeout`` of the open, and adapter bytes: at most
+``max_adapter_bytes`` per session, ``peer_session_adapter_memory`` for one peer's sessions together
+and ``session_adapter_memory`` for all (``busy`` beyond those), each adapter checked against the blocks it
+is for (``bad_request`` naming the first tensor that does not fit). A session whose stream ends, or
 that is closed, stops its computation before the next block, and its memory is freed however it
 ends. Tensor work (allocating, zeroing and freeing caches, rewinding) runs off the event loop.
 """
@@ -37,9 +42,11 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.cache.kv import CacheFullError
+from swarm.engine.adapters import AdapterSpec, applied, check_tensors
 from swarm.engine.checkpoint import BlockRange, StepCancelled
 from swarm.p2p import protocols
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 from swarm.p2p.wire import (
     BAD_REQUEST,
     BUSY,
@@ -47,8 +54,10 @@ from swarm.p2p.wire import (
     MAX_TRAIL,
     SERVER_ERROR,
     SESSION_EXPIRED,
+    UNKNOWN_ADAPTER,
     Frame,
     WireError,
+    named_tensors,
     pump_frames,
     read_frame,
     write_frame,
@@ -60,7 +69,7 @@ PUSH_TIMEOUT = 10.0
 PUSH_RETRY = 30.0  # seconds before connecting again to a peer that could not be pushed to
 INBOX_FRAMES = 8  # steps queued per session; beyond that its client stream waits (pushes are dropped)
 CARRY_BYTES = 4 * 2**20  # outputs up to this size travel along a push instead of each going to the client
-OPEN_FRAME_BYTES = 1 << 16
+OPEN_FRAME_BYTES = 1 << 16  # an open frame's own fields (its adapter's tensors come on top)
 
 
 class SessionEnded(Exception):
@@ -73,13 +82,17 @@ class SessionEnded(Exception):
 
 @dataclass(eq=False)
 class _Session:
-    """An open inference session: its blocks, KV cache, inbox of steps (from the client's stream
-    and pushed by the previous server) and the last step run (to answer a repeat of it)."""
+    """An open inference session: its blocks, KV cache, adapter (tensors, spec, and their bytes
+    in the adapter budget), inbox of steps (from the client's stream and pushed by the previous
+    server) and the last step run (to answer a repeat of it)."""
 
     id: str
     peer: str
     blocks: BlockRange
     kv: object
+    adapter: dict[str, torch.Tensor] | None = None
+    spec: AdapterSpec | None = None
+    adapter_grant: Grant | None = None
     opened: float = field(default_factory=time.monotonic)
     inbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(INBOX_FRAMES))
     stop: threading.Event = field(default_factory=threading.Event)  # its work is no longer wanted
@@ -112,6 +125,10 @@ class Sessions:
         self.live: dict[str, _Session] = {}
         self._push_links: dict[str, _PushLink] = {}
         self._opening: Counter = Counter()  # peer -> sessions being allocated now
+        # adapter bytes sessions hold, per peer and in total (the same bookkeeping as frames in flight)
+        self.adapters = FrameBudget(
+            self.cfg.session_adapter_memory, min(self.cfg.peer_session_adapter_memory, self.cfg.session_adapter_memory)
+        )
 
     # ---- accounting ------------------------------------------------------------------------
 
@@ -134,20 +151,24 @@ class Sessions:
         server, cfg = self.server, self.cfg
         peer = stream.remote_peer_id
         session, reader, ended = None, None, "closed"
+        adapter = spec = grant = None
         try:
             opening = await read_frame(
-                stream, timeout=cfg.request_timeout, max_frame=OPEN_FRAME_BYTES,
+                stream, timeout=cfg.request_timeout, max_frame=OPEN_FRAME_BYTES + cfg.max_adapter_bytes,
                 frame_timeout=cfg.request_timeout, budget=server.frames,
             )
-            opening.release()
-            if opening.kind != "open":
-                raise WireError(f"an inference stream must start with an open frame, got {opening.kind}")
-            blocks = server.check_range(opening["start"], opening["end"])
-            batch, max_length = opening["batch"], opening["max_length"]
-            if not (isinstance(batch, int) and 1 <= batch <= cfg.max_batch and isinstance(max_length, int)
-                    and max_length >= 1):
-                raise ValueError(f"batch must be 1..{cfg.max_batch} and max_length a positive integer")
-            server.check_context(max_length, "max_length")
+            try:
+                if opening.kind != "open":
+                    raise WireError(f"an inference stream must start with an open frame, got {opening.kind}")
+                blocks = server.check_range(opening["start"], opening["end"])
+                batch, max_length = opening["batch"], opening["max_length"]
+                if not (isinstance(batch, int) and 1 <= batch <= cfg.max_batch and isinstance(max_length, int)
+                        and max_length >= 1):
+                    raise ValueError(f"batch must be 1..{cfg.max_batch} and max_length a positive integer")
+                server.check_context(max_length, "max_length")
+                adapter, spec, grant = self._take_adapter(opening, blocks, peer)
+            finally:
+                opening.release()  # its adapter tensors, if any, are counted in self.adapters now
             if self.held_by(peer) >= cfg.max_peer_sessions:
                 raise SessionEnded(
                     f"you hold {cfg.max_peer_sessions} sessions here, the most one peer may; close some first", BUSY
@@ -162,12 +183,13 @@ class Sessions:
                 self._opening[peer] -= 1
                 if not self._opening[peer]:
                     del self._opening[peer]
-            session = _Session(uuid.uuid4().hex, peer, blocks, kv)
+            session = _Session(uuid.uuid4().hex, peer, blocks, kv, adapter, spec, grant)
             self.live[session.id] = session
             server.sessions_changed()
             log.info(
-                "session %s opened by %s: blocks %d:%d, batch %d, max_length %d (%d cache tokens left)",
-                session.id[:8], peer[-8:], blocks.start, blocks.end, batch, max_length, server.budget.tokens_left,
+                "session %s opened by %s: blocks %d:%d, batch %d, max_length %d, adapter %s (%d cache tokens left)",
+                session.id[:8], peer[-8:], blocks.start, blocks.end, batch, max_length,
+                f"of {len(adapter)} tensors, {grant.nbytes} bytes" if adapter else "none", server.budget.tokens_left,
             )
             await write_frame(stream, Frame("opened", {"session_id": session.id}), timeout=cfg.request_timeout)
 
@@ -205,12 +227,54 @@ class Sessions:
             if reader is not None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
+            if session is None and grant is not None:
+                grant.release()  # refused after its adapter was taken (no room, too many sessions)
             if session is not None:
                 await self._free(session)
                 log.info(
                     "session %s of %s ended (%s) after %d steps and %.1f s",
                     session.id[:8], peer[-8:], ended, session.steps, time.monotonic() - session.opened,
                 )
+
+    def _take_adapter(
+        self, frame: Frame, blocks: BlockRange, peer: str
+    ) -> tuple[dict[str, torch.Tensor] | None, AdapterSpec | None, Grant | None]:
+        """The adapter an open frame carries for its session's steps: its tensors, spec and their
+        bytes taken from the adapter budget; (None, None, None) without one. Raises ``WireError``
+        for tensors without names, ``ValueError`` for an adapter these blocks cannot apply or over
+        ``max_adapter_bytes`` (a bad request), :class:`SessionEnded` ``busy`` when the peer's
+        (or everyone's) adapters here would exceed their bounds, ``unknown_adapter`` for an
+        adapter named by its digest alone (sessions do not share kept adapters: send the tensors)."""
+        cfg = self.cfg
+        field_ = frame.fields.get("adapter")
+        if field_ is None:
+            if frame.tensors:
+                raise WireError("an open frame's tensors must be named in its adapter field")
+            return None, None, None
+        if not isinstance(field_, dict):
+            raise WireError("an open frame's adapter field must be a map")
+        if field_.get("names") is None:
+            raise SessionEnded("an inference session takes its adapter's tensors with its open: send them", UNKNOWN_ADAPTER)
+        tensors = named_tensors(field_.get("names"), frame.tensors, frame.kind)  # an open has no tensors of its own
+        spec = AdapterSpec.from_wire(field_.get("spec"))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if nbytes > cfg.max_adapter_bytes:
+            raise ValueError(
+                f"adapter tensors of {nbytes} bytes exceed the {cfg.max_adapter_bytes} bytes (max_adapter_bytes) "
+                f"one session may carry here"
+            )
+        check_tensors(blocks, tensors)
+        if not tensors:
+            return None, None, None
+        try:
+            grant = self.adapters.take(peer, nbytes)
+        except FrameBudgetError:
+            raise SessionEnded(
+                f"adapters of {nbytes} more bytes do not fit: your sessions hold {self.adapters.used(peer)} bytes "
+                f"of adapters here (at most {self.adapters.per_peer}), all sessions {self.adapters.used()} "
+                f"(at most {self.adapters.total}); close some sessions first", BUSY,
+            ) from None
+        return tensors, spec, grant
 
     async def _serve(self, session: _Session, stream) -> None:
         """Run the session's steps until it is closed; raises what ends it otherwise."""
@@ -294,7 +358,7 @@ class Sessions:
         output, fresh = await self.server.compute(
             _run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
             session.last_input if repeat else None, session.last_output, position if repeat else None,
-            session.last_reordered, session.stop.is_set, session=session,
+            session.last_reordered, session.stop.is_set, session.adapter, session.spec, session=session,
         )
         session.last_step, session.last_position = frame["step_id"], position
         session.last_input, session.last_output = hidden, output
@@ -313,6 +377,9 @@ class Sessions:
         finally:
             session.kv.close()  # idempotent: here only if the wait above was cancelled
             session.last_input = session.last_output = None
+            session.adapter = None
+            if session.adapter_grant is not None:
+                session.adapter_grant.release()
             while not session.inbox.empty():
                 _, item = session.inbox.get_nowait()
                 if isinstance(item, Frame):
@@ -450,11 +517,12 @@ def _check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
 
 
 def _run_step(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int], last_input, last_output, rewind_to,
-              reordered: bool, should_stop) -> tuple[torch.Tensor, bool]:
+              reordered: bool, should_stop, adapter=None, spec: AdapterSpec | None = None) -> tuple[torch.Tensor, bool]:
     """On the compute thread: a step (or a replay split into ``chunks``), or the answer to a repeat
     of the last step (``rewind_to`` set): the same input gets the same output without computing,
-    another input rewinds the cache to ``rewind_to`` and is computed anew. Returns the outputs of
-    every position and whether they were computed now."""
+    another input rewinds the cache to ``rewind_to`` and is computed anew. The session's
+    ``adapter`` (checked when it opened) is lent to the blocks for the step. Returns the outputs
+    of every position and whether they were computed now."""
     if rewind_to is not None:
         if last_input is not None and torch.equal(hidden, last_input):
             return last_output, False
@@ -469,7 +537,7 @@ def _run_step(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int], last_
             raise ValueError(f"hypo_ids must index rows 0..{batch - 1}")
     kv.check_room(hidden.shape[1])
     outputs, start = [], 0
-    with torch.no_grad():
+    with torch.no_grad(), applied(blocks, adapter, spec):
         for i, length in enumerate(chunks):
             part = hidden[:, start : start + length]
             outputs.append(blocks(part, kv, hypo_ids if i == 0 else None, should_stop=should_stop))

@@ -255,21 +255,19 @@ def adapter_fields(
     return {"adapter": out}
 
 
-def named_tensors(frame: Frame, names_field: str, base: int) -> dict[str, torch.Tensor]:
-    """The frame's tensors after its first ``base``, by the names listed in ``names_field`` (a
-    list of distinct strings, one per tensor). Raises :class:`WireError` when they do not match."""
-    names = frame.fields.get(names_field)
-    extra = frame.tensors[base:]
-    if names is None and not extra:
+def named_tensors(names, tensors: Sequence[torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """``tensors`` by ``names`` (from a frame of ``kind``: a list of distinct strings, one per
+    tensor). Raises :class:`WireError` when they do not match."""
+    if names is None and not tensors:
         return {}
     if (
         not isinstance(names, list)
-        or len(names) != len(extra)
+        or len(names) != len(tensors)
         or not all(isinstance(n, str) and len(n) <= 256 for n in names)
         or len(set(names)) != len(names)
     ):
-        raise WireError(f"a {frame.kind} frame's {len(extra)} extra tensor(s) need as many distinct names")
-    return dict(zip(names, extra))
+        raise WireError(f"a {kind} frame's {len(tensors)} extra tensor(s) need as many distinct names")
+    return dict(zip(names, tensors))
 
 
 def error_frame(message: str, code: str = SERVER_ERROR) -> Frame:

@@ -55,7 +55,7 @@ def _serving(chain, block: int) -> str:
 
 def test_kill_and_freeze_middle_servers_output_unchanged(tiny6, tmp_path, caplog, monkeypatch):
     # small replay frames, so a replay is sent as several frames (as a long context would be)
-    monkeypatch.setattr("swarm.p2p.client.REPLAY_FRAME_BYTES", 4096)
+    monkeypatch.setattr("swarm.p2p.chain.REPLAY_FRAME_BYTES", 4096)
     cfg = GenerationConfig(max_new_tokens=40, eos_token_ids=())
     client_model = ClientModel.load(tiny6)
     expected = generate_local(client_model, client_model.encode(PROMPT), cfg)
@@ -166,8 +166,8 @@ def test_lost_pushes_are_sent_directly(tiny6, tmp_path, caplog, monkeypatch):
     """Pushes that never arrive (here: routed to a session id the next server does not hold):
     the client sends each overdue step itself, stops asking for pushes after three such steps,
     and the output is unchanged."""
-    monkeypatch.setattr("swarm.p2p.client.PUSH_GRACE", 0.2)
-    monkeypatch.setattr("swarm.p2p.client.FIRST_PUSH_GRACE", 0.2)
+    monkeypatch.setattr("swarm.p2p.chain.PUSH_GRACE", 0.2)
+    monkeypatch.setattr("swarm.p2p.chain.FIRST_PUSH_GRACE", 0.2)
     original = RemoteChain._route_after
 
     def misrouted(self, i):

@@ -1,0 +1,462 @@
+"""Inference chains: sessions on a chain of servers covering every block, stepped together, with
+failover (a failed server's span is reopened elsewhere and its cache rebuilt from the client's
+history) and pushes (each server hands its output straight to the next one).
+
+A chain may carry an adapter (:class:`ChainAdapter`): each span's session is opened with that
+span's adapter tensors after the ``open`` frame's own fields (see
+:func:`~swarm.p2p.wire.adapter_fields`), and a replacement span opened on failover gets them
+again, so the replayed history gives the same outputs as before. The servers apply them to every
+step of the session, pushed steps included.
+
+:class:`SwarmClient` (in :mod:`swarm.p2p.client`) opens chains; :class:`SyncChain` presents one
+to the engine's generation loop as an inference session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.cache.history import SpanHistory
+from swarm.engine.adapters import AdapterSpec, adapter_digest, span_tensors
+from swarm.p2p import protocols
+from swarm.p2p.host import P2PError, P2PTimeoutError
+from swarm.p2p.loop import BackgroundLoop
+from swarm.p2p.routing import NoRouteError, Span
+from swarm.p2p.wire import (
+    MAX_TRAIL,
+    Frame,
+    RemoteError,
+    WireError,
+    adapter_fields,
+    expect,
+    pump_frames,
+    read_frame,
+    write_frame,
+)
+
+log = logging.getLogger("swarm.client")
+
+
+class SwarmError(RuntimeError):
+    """The swarm could not do what was asked (no peers, a server failed); the message says why."""
+
+
+@dataclass(frozen=True)
+class ChainAdapter:
+    """An adapter applied by the servers of a chain: ``tensors`` keyed by global block (LoRA and
+    deep prompts, see :mod:`swarm.engine.adapters`) and how to apply them (``spec``). A span's
+    session gets the tensors of its blocks only; a span with none gets no adapter."""
+
+    tensors: Mapping[str, torch.Tensor]
+    spec: AdapterSpec = field(default_factory=AdapterSpec)
+
+    def open_fields(self, start: int, end: int) -> tuple[dict, list[torch.Tensor]]:
+        """The ``open`` frame's adapter field and tensors for blocks ``[start, end)``."""
+        part = span_tensors(self.tensors, start, end)
+        if not part:
+            return {}, []
+        names = sorted(part)
+        tensors = [part[n].detach().contiguous() for n in names]
+        return adapter_fields(adapter_digest(part, self.spec), self.spec.to_wire(), names), tensors
+
+
+PUSH_GRACE = 2.0  # s: a pushed step unanswered this long (or 4× the previous step's time) is sent directly
+FIRST_PUSH_GRACE = 10.0  # s: the same for a chain's first step (nothing to compare with yet)
+MAX_LOST_PUSHES = 3  # push runs in a row that went wrong before a chain stops asking for pushes
+REPLAY_FRAME_BYTES = 64 * 2**20  # a replay larger than this is sent as several frames
+REPLY_QUEUE = 8  # frames read ahead from one server's session stream
+FRAME_TIMEOUT = 30.0  # s from a reply frame's first byte to its last (plus a second per MiB)
+
+
+def _refused(peer_id: str, exc: Exception) -> Exception:
+    """A failure to route around (SpanFailure), or the server refusing our request (SwarmError)."""
+    if isinstance(exc, RemoteError) and exc.refused:
+        return SwarmError(f"server …{peer_id[-6:]} refused the request: {exc}")
+    return SpanFailure(peer_id, exc)
+
+
+class _PushLost(Exception):
+    """A push run went wrong past the server the client sent the step to (a later server failed,
+    or no reply came in time: ``overdue``); the client then sends the step to each server itself."""
+
+    def __init__(self, message: str, overdue: bool = False):
+        super().__init__(message)
+        self.overdue = overdue
+
+
+class SpanFailure(Exception):
+    """A server of the chain failed: an error reply, an end of stream without a close frame, a
+    reset connection, or no reply within the step timeout."""
+
+    def __init__(self, peer_id: str, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.peer_id, self.cause = peer_id, cause
+
+
+@dataclass(eq=False)
+class SpanSession:
+    """An open session on one server: its stream, the frames read from it (by a reader task, so
+    a wait for them can time out without cutting a frame in half) and the inputs sent to it."""
+
+    span: Span
+    stream: object
+    session_id: str = ""
+    history: SpanHistory = field(default_factory=SpanHistory)
+    frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(REPLY_QUEUE))
+    reader: asyncio.Task | None = None
+    arrived: asyncio.Event | None = None  # set on every frame (or read error); shared by a chain
+    error: Exception | None = None  # an error reply taken out of turn: every later read raises it
+
+    def start_reading(self) -> None:
+        async def put(item) -> None:
+            await self.frames.put(item)  # a server that floods us only stalls its own stream
+            if self.arrived is not None:
+                self.arrived.set()
+
+        self.reader = asyncio.create_task(pump_frames(self.stream, put, frame_timeout=FRAME_TIMEOUT))
+
+    async def next_frame(self, timeout: float) -> Frame:
+        """The next frame from the server; its read error if the stream failed; P2PTimeoutError
+        if none comes within ``timeout`` (nothing is lost: a later call still gets it)."""
+        if self.error is not None:
+            raise self.error
+        try:
+            item = await asyncio.wait_for(self.frames.get(), timeout)
+        except asyncio.TimeoutError:
+            raise P2PTimeoutError(f"no reply from the server within {timeout:g} s") from None
+        if isinstance(item, BaseException):
+            self.frames.put_nowait(item)  # the stream is done: every later read fails the same way
+            raise item
+        return item
+
+    async def reset(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        await self.stream.reset()
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        await self.stream.close()
+
+
+class RemoteChain:
+    """Inference sessions on a chain of servers, stepped together, surviving server failures.
+
+    Every step sends the hidden states through the spans in order; ``position`` is the global
+    position of the step's first token, checked by every server against its cache. The inputs
+    sent to each span are kept (:class:`~swarm.cache.history.SpanHistory`); when a span's server
+    fails, the client bans it, finds the best chain for exactly that span's blocks, replays the
+    history there step by step (one frame) and continues; the other servers keep their caches.
+    With an ``adapter``, every session (replacements too, however the blocks are split) opens
+    with its span's adapter tensors, so the replay computes what the failed server computed.
+
+    With ``push`` (the default), a step goes to the first server only, with the route onwards;
+    each server passes its output to the next itself, carrying the outputs before it, and the
+    server ending the run replies with all of them (one step id for the whole chain). Where a
+    server could not push (the first step to a peer, a failure), it replies and the client sends
+    the next server the step itself; where a run went wrong further on, the client sends the
+    step to each server itself (repeats are answered from memory).
+    """
+
+    def __init__(self, client, spans: list[Span], batch: int, max_length: int, adapter: ChainAdapter | None = None):
+        self.client, self.batch, self.max_length = client, batch, max_length  # client: a SwarmClient
+        self.adapter = adapter  # kept for the life of the chain: replacement spans get it too
+        self._route = spans
+        self.sessions: list[SpanSession] = []
+        self.position = 0
+        self._broken = False
+        self._arrived = asyncio.Event()  # a frame came from one of the sessions
+        self._last_step_time: float | None = None
+        self._lost_pushes = 0  # push runs in a row that went wrong
+
+    @property
+    def spans(self) -> list[Span]:
+        return [s.span for s in self.sessions] or self._route
+
+    async def open(self) -> None:
+        try:
+            for span in self._route:
+                try:
+                    self.sessions.append(await self._open_span(span))
+                except SpanFailure as failure:
+                    self.client.ban(failure.peer_id)
+                    sessions, _ = await self._take_over(span.start, span.end, None, None, failure)
+                    self.sessions.extend(sessions)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open_span(self, span: Span) -> SpanSession:
+        timeout = self.client.cfg.request_timeout
+        stream = None
+        try:
+            stream = await self.client.host.open_stream(span.peer_id, protocols.INFERENCE, timeout=timeout)
+            fields = {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length}
+            tensors = []
+            if self.adapter is not None:
+                extra, tensors = self.adapter.open_fields(span.start, span.end)
+                fields.update(extra)
+            await write_frame(stream, Frame("open", fields, tensors), timeout=timeout)
+            opened = expect(await read_frame(stream, timeout=timeout), "opened")
+            session = SpanSession(span, stream, str(opened.fields.get("session_id", "")), arrived=self._arrived)
+            session.start_reading()
+            return session
+        except (P2PError, WireError, RemoteError) as exc:
+            if stream is not None:
+                await stream.reset()
+            raise _refused(span.peer_id, exc) from exc
+
+    async def _send(self, session: SpanSession, hidden, hypo_ids, position: int, chunks=None) -> torch.Tensor:
+        step_id = uuid.uuid4().hex[:16]
+        await self._write_step(session, hidden, hypo_ids, position, step_id, chunks=chunks)
+        return await self._read_output(session, step_id, hidden.shape)
+
+    async def _write_step(
+        self, session: SpanSession, hidden, hypo_ids, position: int, step_id: str, chunks=None, route=None
+    ) -> None:
+        tensors = [hidden] if hypo_ids is None else [hidden, hypo_ids.to(torch.int64)]
+        fields = {"step_id": step_id, "position": position}
+        if chunks is not None:
+            fields["chunks"] = chunks
+        if route:
+            fields["route"] = route
+        try:
+            await write_frame(session.stream, Frame("step", fields, tensors), timeout=self.client.cfg.step_timeout)
+        except (P2PError, WireError) as exc:
+            raise _refused(session.span.peer_id, exc) from exc
+
+    async def _read_output(self, session: SpanSession, step_id: str, shape) -> torch.Tensor:
+        """The output of step ``step_id``, sent by the client itself to ``session``'s server.
+        Answers to other steps are skipped (late duplicates), and so are answers to a pushed copy:
+        after a failover the client sends its own copy and must not take the answer to a push
+        from the server it replaced. Waits the step timeout in all."""
+        deadline = time.monotonic() + self.client.cfg.step_timeout
+        try:
+            while True:
+                frame = expect(await session.next_frame(max(0.0, deadline - time.monotonic())), "output")
+                if frame.fields.get("step_id") == step_id and frame.fields.get("to") in ("client", None):
+                    break
+            if not frame.tensors:
+                raise WireError("an output frame without hidden states")
+        except (P2PError, WireError, RemoteError) as exc:
+            raise _refused(session.span.peer_id, exc) from exc
+        out = frame.tensors[0]
+        if out.shape != shape:
+            raise SpanFailure(session.span.peer_id, WireError(f"output shape {list(out.shape)} != input {list(shape)}"))
+        return out
+
+    async def _read_pushed(self, i: int, step_id: str, shape, timeout: float) -> tuple[int, list[torch.Tensor]]:
+        """The reply to step ``step_id`` sent to ``sessions[i]`` with the route onwards: from the
+        server that ended the push run (the chain's last, or one that could not push), ``j``.
+        Returns ``j`` and the outputs of servers ``i..j`` (the trail of the run, then its own).
+
+        Raises :class:`SpanFailure` if ``sessions[i]`` fails, :class:`_PushLost` if a server
+        after it fails (its input is unknown here) or no reply comes within ``timeout``: the
+        caller then sends the step to each server itself, which answers repeats from memory."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._arrived.clear()
+            for j in range(i, len(self.sessions)):
+                session = self.sessions[j]
+                while not session.frames.empty():
+                    item = session.frames.get_nowait()
+                    try:
+                        if isinstance(item, BaseException):
+                            session.frames.put_nowait(item)  # the stream is done: later reads fail the same way
+                            raise item
+                        try:
+                            frame = expect(item, "output")
+                        except RemoteError as exc:
+                            session.error = exc  # kept for the direct pass, which reports it
+                            raise
+                        # the start was sent this copy by the client, the others got it by push; a
+                        # reply to another step, or to a run that failed over, is a late duplicate
+                        trail = frame.fields.get("trail", 0)
+                        to = "client" if j == i else "push"
+                        if frame.fields.get("step_id") != step_id or frame.fields.get("to") != to or trail != j - i:
+                            continue
+                        if len(frame.tensors) != trail + 1 or any(t.shape != shape for t in frame.tensors):
+                            raise WireError(f"a reply carries {len(frame.tensors)} tensors of shapes "
+                                            f"{[list(t.shape) for t in frame.tensors]} for {trail + 1} of {list(shape)}")
+                    except (P2PError, WireError, RemoteError) as exc:
+                        if j == i:
+                            raise _refused(session.span.peer_id, exc) from exc
+                        raise _PushLost(f"{_short(session.span.peer_id)} failed during a pushed step: {exc}") from exc
+                    return j, [*frame.tensors[1:], frame.tensors[0]]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _PushLost(f"no reply to a pushed step within {timeout:.2f} s", overdue=True)
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _route_after(self, i: int) -> list[dict] | None:
+        """The servers after span ``i``, for the push of a step along the chain."""
+        if not self.client.cfg.push or self._lost_pushes >= MAX_LOST_PUSHES:
+            return None
+        route = []
+        for s in self.sessions[i + 1 : i + 1 + MAX_TRAIL]:  # a run carries at most MAX_TRAIL outputs
+            if not s.session_id:  # a server that did not say its session id cannot be pushed to
+                break
+            route.append({"peer": s.span.peer_id, "session": s.session_id})
+        return route or None
+
+    async def _replay(self, session: SpanSession, inputs: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+        """Run ``inputs`` (split into the original ``chunks``) on a fresh session, in as few frames
+        as fit :data:`REPLAY_FRAME_BYTES`; returns the outputs of every position."""
+        per_position = inputs[:, :1].numel() * inputs.element_size()
+        outputs, group, start = [], [], 0
+        for i, length in enumerate(chunks):
+            group.append(length)
+            last = i == len(chunks) - 1
+            if last or (sum(group) + chunks[i + 1]) * per_position > REPLAY_FRAME_BYTES:
+                n = sum(group)
+                outputs.append(await self._send(session, inputs[:, start : start + n], None, start, group))
+                start, group = start + n, []
+        return torch.cat(outputs, dim=1)
+
+    async def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden: [batch, seq, hidden]`` through every span; returns the last span's output.
+
+        A step that raises (or is cancelled) leaves the spans before the failure one step ahead of
+        the others, so the chain refuses further steps."""
+        if self._broken:
+            raise SwarmError("this inference chain failed earlier; open a new one")
+        self._broken = True
+        began = time.monotonic()
+        dtype, x, i = hidden.dtype, hidden, 0
+        step_id = uuid.uuid4().hex[:16]
+        direct = False  # after a push run went wrong: the client sends this step to each server itself
+        failed_over = False  # this step's time says nothing about the next one's
+        grace = FIRST_PUSH_GRACE if self._last_step_time is None else max(PUSH_GRACE, 4 * self._last_step_time)
+        grace = min(grace * max(1, hidden.shape[1]), self.client.cfg.step_timeout)  # per token; a long step may take long
+        while i < len(self.sessions):
+            session = self.sessions[i]
+            try:
+                route = None if direct else self._route_after(i)
+                await self._write_step(session, x, hypo_ids, self.position, step_id, route=route)
+                if route is None:
+                    j, outputs = i, [await self._read_output(session, step_id, x.shape)]
+                else:
+                    try:
+                        j, outputs = await self._read_pushed(i, step_id, x.shape, grace)
+                    except _PushLost as lost:
+                        failed_over = True
+                        self._lost_pushes += lost.overdue  # a server that failed is not a lost push
+                        if self._lost_pushes >= MAX_LOST_PUSHES:
+                            log.warning("%s, %d times in a row: this chain stops asking servers to push", lost, self._lost_pushes)
+                        else:
+                            log.info("%s; sending the step to each server directly", lost)
+                        direct = True
+                        continue
+            except SpanFailure as failure:
+                failed_over = True
+                self.client.ban(failure.peer_id)
+                await session.reset()
+                inputs, chunks = session.history.replay(x, hypo_ids)
+                replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
+                self.sessions[i : i + 1] = replacement
+                i += len(replacement)
+                x = out[:, -hidden.shape[1] :]
+                continue
+            for done, out in zip(self.sessions[i : j + 1], outputs):
+                self.client.unban(done.span.peer_id)
+                done.history.record(x, hypo_ids)
+                x = out
+            i = j + 1
+        self.position += hidden.shape[1]
+        if not failed_over:  # the time of a token of a step that went as it should
+            self._last_step_time = (time.monotonic() - began) / max(1, hidden.shape[1])
+            if self._lost_pushes < MAX_LOST_PUSHES:
+                self._lost_pushes = 0
+        self._broken = False
+        return x.to(dtype)
+
+    async def _take_over(self, start: int, end: int, inputs, chunks, failure: SpanFailure):
+        """Open sessions covering blocks ``[start, end)`` on the best servers not banned and, when
+        there is history, rebuild their caches from it (``inputs`` split into ``chunks``). Retries
+        with growing delays until ``wait_timeout``; then raises :class:`SwarmError` naming the
+        blocks. Returns the new sessions and the last one's outputs for every replayed position."""
+        began = time.monotonic()
+        deadline = began + self.client.cfg.wait_timeout
+        delay, last = 0.0, failure
+        while True:
+            opened: list[SpanSession] = []
+            try:
+                spans = await self.client.route(start, end, cache_tokens=self.batch * self.max_length, wait=False)
+                x = inputs
+                for span in spans:
+                    session = await self._open_span(span)
+                    opened.append(session)
+                    if x is not None:
+                        out = await self._replay(session, x, chunks)
+                        session.history = SpanHistory.from_replay(x, chunks)
+                        x = out
+                log.warning(
+                    "recovered blocks %d:%d: %s failed (%s); %s took over%s in %.2f s",
+                    start, end, _short(failure.peer_id), failure,
+                    ", ".join(f"{_short(s.peer_id)} ({s.start}:{s.end})" for s in spans),
+                    f" after replaying {inputs.shape[1]} positions" if inputs is not None else "",
+                    time.monotonic() - began,
+                )
+                return opened, x
+            except NoRouteError as exc:
+                last = exc
+            except SpanFailure as exc:
+                self.client.ban(exc.peer_id)
+                last = exc
+            except BaseException:  # refused, cancelled: free what we opened, then give up
+                for session in opened:
+                    await session.reset()
+                raise
+            for session in opened:
+                await session.reset()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SwarmError(
+                    f"blocks {start}:{end} lost {_short(failure.peer_id)} and no other server "
+                    f"could take them over within {self.client.cfg.wait_timeout:g} s (last error: {last}); "
+                    f"serve them with `swarm serve --blocks {start}:{end} --initial-peers ...`"
+                )
+            await asyncio.sleep(min(delay, left))
+            delay = min(max(2 * delay, 0.25), 4.0)
+
+    async def close(self) -> None:
+        """Send every server an explicit close (so it frees the cache at once)."""
+        for session in self.sessions:
+            try:
+                await write_frame(session.stream, Frame("close"), timeout=2)
+                deadline = time.monotonic() + 2
+                while (await session.next_frame(max(0.0, deadline - time.monotonic()))).kind != "closed":
+                    pass  # late answers to earlier steps come first
+            except (P2PError, WireError):
+                pass
+            finally:
+                await session.close()
+        self.sessions = []
+
+
+def _short(peer_id: str) -> str:
+    return "server …" + peer_id[-6:]
+
+
+class SyncChain:
+    """A :class:`RemoteChain` as the engine's synchronous inference session."""
+
+    def __init__(self, background: BackgroundLoop, chain: RemoteChain, timeout: float):
+        self.background, self.chain, self.timeout = background, chain, timeout
+
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.background.call(self.chain.step(hidden, hypo_ids), timeout=self.timeout)
+
+    def close(self) -> None:
+        self.background.call(self.chain.close(), timeout=self.timeout)
