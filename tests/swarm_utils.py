@@ -80,9 +80,12 @@ class ServerProcess:
 
 @contextmanager
 def running_swarm(model: Path | str, ranges: list[str], home: Path, extra: tuple[str, ...] = ()):
-    """Servers for ``ranges`` ("0:2", "auto", ...), started one after another, the first with
-    --new-swarm and the rest with --initial-peers of the first. Yields the list of processes."""
+    """Servers for ``ranges`` ("0:2", "auto", ...), the first with --new-swarm and the rest with
+    --initial-peers of the first. The rest start together once the first is ready, or one after
+    another when some range is ``auto`` (each then picks its blocks knowing the ones before).
+    Yields the list of processes."""
     servers: list[ServerProcess] = []
+    together = "auto" not in ranges
     try:
         for i, blocks in enumerate(ranges):
             args = ["--model", str(model), "--blocks", blocks, "--identity", str(home / f"id-{i}.key"),
@@ -90,6 +93,9 @@ def running_swarm(model: Path | str, ranges: list[str], home: Path, extra: tuple
             args += ["--new-swarm"] if i == 0 else ["--initial-peers", servers[0].maddr]
             server = ServerProcess(args, home, f"server-{i}")
             servers.append(server)
+            if i == 0 or not together:
+                server.wait_ready()
+        for server in servers[1:] if together else []:
             server.wait_ready()
         yield servers
     finally:

@@ -1,5 +1,5 @@
 """A hostile peer (scripts/hostile_peer.py: a real libp2p host with a valid Noise identity) attacks
-one real server process for a minute while a normal client generates through it: the client's
+one real server process for 30 s (SWARM_HOSTILE_SECONDS) while a normal client generates through it: the client's
 output stays exact, and afterwards the server's memory and cache accounting are back where they
 were (issue 9, acceptance 2)."""
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from hostile_peer import HostilePeer  # noqa: E402
 
 PROMPT = "The capital of France is"
-SECONDS = float(os.environ.get("SWARM_HOSTILE_SECONDS", "60"))
+SECONDS = float(os.environ.get("SWARM_HOSTILE_SECONDS", "30"))  # scripts/hostile_peer.py runs as long as asked
 
 
 def _rss_mb(pid: int) -> float:
@@ -44,7 +44,7 @@ def _cache_left(maddr: str) -> tuple[int, int]:
     return run(ask())
 
 
-def test_a_hostile_peer_for_a_minute_changes_nothing(tmp_path, tiny_checkpoints):
+def test_a_hostile_peer_changes_nothing(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     args = ["--model", str(model), "--max-new-tokens", "12", PROMPT]
     expected = generate_json(["--local", *args], tmp_path)["token_ids"]
