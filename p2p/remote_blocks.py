@@ -22,7 +22,7 @@ answers ``unknown_adapter``, which makes the client send them again.
 Failures. A server that fails (an error reply that is not a refusal, a timeout, a closed stream)
 is banned as in inference and its span is routed again, possibly split over several servers; in
 backward, the inputs of a re-split span's parts are recomputed by forwards from the span's saved
-input. Passes are stateless and dropout masks depend only on the spec, the block and the linear,
+input. Passes are stateless and dropout masks depend only on the spec, the block, the linear and the row,
 so the result is that of an undisturbed run. Refusals (the request is wrong, or over a server's
 bound) and failovers that find no server within ``wait_timeout`` raise :class:`SwarmError`.
 """

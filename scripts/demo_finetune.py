@@ -46,6 +46,8 @@ def peft_tokens(path: Path, adapter_dir: Path, prompts: list[list[int]], max_new
     import transformers
     from peft import PeftModel
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter_dir).eval()
     out = []
