@@ -195,6 +195,11 @@ def _connect(client, a: dict):
     from swarm.p2p.routing import NoRouteError
     from swarm.p2p.wire import RemoteError, WireError
 
+    import logging
+
+    # failovers are reported on stderr, as by `swarm generate`
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
     ccfg = ClientConfig(initial_peers=peers, step_timeout=a["step_timeout"], wait_timeout=a["timeout"])
     errors = (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
     try:

@@ -551,7 +551,7 @@ class Host:
             # A peer that really does not speak the protocol fails the second try too.
             try:
                 return await self._lp.new_stream(peer, [TProtocol(protocol)])
-            except StreamFailure:
+            except Exception:  # StreamFailure again, or SwarmException: the connection died meanwhile
                 pass
             raise PeerUnreachableError(f"open {protocol} to {peer}: protocol negotiation failed ({exc})") from exc
         except Exception as exc:
