@@ -23,6 +23,7 @@ test: model
 bench: model
 	$(PY) scripts/bench_local.py
 	$(PY) scripts/bench_swarm.py
+	$(PY) scripts/bench_finetune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
