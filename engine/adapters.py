@@ -40,7 +40,8 @@ PROMPT_KEY = "prompt_embeddings"
 MAX_RANK = 1024  # LoRA rank a server accepts
 MAX_VIRTUAL_TOKENS = 1024  # deep-prompt positions a server accepts
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_KEY = re.compile(r"^(\d+)\.(?:([A-Za-z_][\w.]*)\.lora_([AB])|prompt)$")
+# canonical keys only (ASCII digits without leading zeros, no trailing newline): one tensor, one name
+_KEY = re.compile(r"(0|[1-9][0-9]*)\.(?:([A-Za-z_][A-Za-z0-9_.]*)\.lora_([AB])|prompt)\Z", re.ASCII)
 
 
 @dataclass(frozen=True)

@@ -181,11 +181,9 @@ def generate(
 
 
 def _embed(head: torch.nn.Module, ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-    """Embeddings of ``ids`` ``[rows, n]``, after ``prefix`` ``[num_virtual, hidden]`` in every row."""
-    x = head.embed(ids)  # [rows, n, hidden]
-    if prefix is None:
-        return x
-    return torch.cat([prefix.to(x.dtype).expand(ids.shape[0], -1, -1), x], dim=1)
+    """Embeddings of ``ids`` ``[rows, n]``, after ``prefix`` ``[num_virtual, hidden]`` in every row,
+    through the head (as in training and peft: BLOOM's embedding LayerNorm covers the prefix too)."""
+    return head.embed(ids) if prefix is None else head.embed(ids, prefix=prefix)  # [rows, nv + n, hidden]
 
 
 def _beam_search(

@@ -207,3 +207,36 @@ def test_prompt_tuning_adapter_equals_peft(family, tmp_path):
         theirs = PeftModel.from_pretrained(model, tmp_path / "p").eval()(input_ids=ids).logits
     assert ours.shape == theirs.shape == (2, 12, 320)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_with_a_prompt_adapter_equals_its_forward_bloom(tmp_path):
+    """Generation puts a prompt adapter's virtual tokens where training and peft do: through
+    ``head.embed(ids, prefix)`` (for BLOOM, before the embedding LayerNorm). Greedy cached
+    generation equals greedy argmax over the whole sequence's forward, recomputed each token."""
+    from swarm.engine.generation import GenerationConfig, LocalSession, generate
+
+    checkpoint = Checkpoint(write_tiny_checkpoint(tmp_path / "m", "bloom"))
+    prompt = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    head, blocks = checkpoint.load_head(), checkpoint.load_blocks(0, checkpoint.num_blocks)
+    seq = [5, 17, 42]
+    ours = generate(head, lambda b, n: LocalSession(blocks, b, n), seq, GenerationConfig(max_new_tokens=5, eos_token_ids=()),
+                    prefix=prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            seq.append(int(head.logits(blocks(head.embed(torch.tensor([seq]), prefix=prompt)))[0, -1].argmax()))
+    assert ours == seq[-5:]
+
+
+def test_adapter_keys_are_canonical(tmp_path):
+    """A stranger's key with a trailing newline, a leading zero or a non-ASCII digit names no
+    tensor ``applied`` can find: refused by ``check_tensors`` (it used to pass, then fail with a
+    KeyError in the pass, a traceback in the server's log)."""
+    checkpoint = Checkpoint(write_tiny_checkpoint(tmp_path / "m", "llama"))
+    blocks = attach(checkpoint.load_blocks(0, 1))
+    good = init_lora(checkpoint, ["self_attn.q_proj"], rank=2, seed=0, blocks=range(1))
+    for rename in (lambda k: k + "\n", lambda k: "0" + k, lambda k: "\u0660" + k[1:]):
+        with pytest.raises(ValueError, match="not a LoRA or deep-prompt name"):
+            check_tensors(blocks, {rename(k): v for k, v in good.items()})
+    with pytest.raises(ValueError, match="not a LoRA or deep-prompt name"):
+        check_tensors(blocks, {"0.self_attn.q_proj.lora_A\n": good["0.self_attn.q_proj.lora_A"],
+                               "0.self_attn.q_proj.lora_B": good["0.self_attn.q_proj.lora_B"]})
