@@ -42,7 +42,7 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.adapter_store import AdapterStore
 from swarm.p2p.identity import Identity, claim_default_identity
-from swarm.p2p.limits import FrameBudget
+from swarm.p2p.limits import FrameBudget, FrameBudgetError
 from swarm.p2p.routing import choose_blocks
 from swarm.p2p.sessions import Sessions, check_hidden
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
@@ -430,6 +430,10 @@ class BlockServer:
             if kind == "backward" and not frame.tensors[1].is_floating_point():
                 raise ValueError(f"grad_output must be floating point, got {frame.tensors[1].dtype}")
             tensors, spec = await self.adapters.resolve(peer, frame, base, blocks)
+            if kind == "backward" and tensors and frame.grant is not None:
+                # the reply carries the adapter's float32 gradients, which the request (naming the
+                # adapter by digest) need not: count them with the frame until the reply is written
+                frame.grant.grow(sum(4 * t.numel() for t in tensors.values()))
             # the client keeps its side open until the reply: an end or a reset means nobody waits
             watcher = asyncio.create_task(_watch_for_end(stream, stop))
             if kind == "forward":
@@ -445,6 +449,8 @@ class BlockServer:
             log.info("%s request from %s abandoned by its client: stopped", kind, peer[-8:])
         except WireError as exc:
             await self.reply_error(stream, exc, exc.code)
+        except FrameBudgetError as exc:
+            await self.reply_error(stream, exc, BUSY)
         except (ValueError, TypeError) as exc:
             await self.reply_error(stream, exc, BAD_REQUEST)
         except (RuntimeError, MemoryError) as exc:  # our own failure: the client goes elsewhere

@@ -383,3 +383,43 @@ def test_a_server_killed_mid_step_or_between_steps_changes_nothing(swarms):
     _assert_same_step(swarm, ids, tensors, spec)
     assert swarm.peer(victim) in client.banned()
     assert remote.last_spans[-1].peer_id != swarm.peer(victim)
+
+
+def test_backward_gradients_by_digest_count_in_the_frame_budget(tmp_path):
+    """A backward naming a kept adapter by digest is a small frame whose reply carries the
+    adapter's float32 gradients: those bytes count in the peer's frame budget until the reply is
+    written (else a stranger's unread replies would hold memory no bound covers). Here the
+    bfloat16 adapter is uploaded by a forward that fits; its backward's gradients do not: busy,
+    and every byte is given back."""
+    from server_utils import eventually, peer, served
+    from swarm.p2p.loop import run
+
+    model_dir = write_tiny_checkpoint(tmp_path / "m", "llama")
+    checkpoint = Checkpoint(model_dir)
+    lora = {k: v.bfloat16() + 0.01 for k, v in init_lora(checkpoint, ["self_attn.q_proj"], 4, 0, range(2)).items()}
+    names, digest = sorted(lora), adapter_digest(lora)
+    spec = AdapterSpec(scale=2.0).to_wire()
+    hidden = torch.randn(1, 2, checkpoint.config.hidden_size)
+    adapter_bytes = sum(v.numel() * v.element_size() for v in lora.values())  # 4 KiB; gradients 8 KiB
+
+    async def ask(host, sp, protocol, frame):
+        stream = await host.open_stream(sp, protocol, timeout=10)
+        try:
+            await write_frame(stream, frame, timeout=10)
+            reply = await read_frame(stream, timeout=10)
+            return reply.kind if reply.kind != "error" else reply["code"]
+        finally:
+            await stream.close()
+
+    async def scenario():
+        async with served(model_dir, "0:2", peer_frame_memory=2 * adapter_bytes) as (server, maddr):
+            async with peer(maddr) as (host, sp):
+                up = Frame("forward", {"start": 0, "end": 2, **adapter_fields(digest, spec, names)},
+                           [hidden, *(lora[n] for n in names)])
+                assert await ask(host, sp, protocols.FORWARD, up) == "result"
+                back = Frame("backward", {"start": 0, "end": 2, **adapter_fields(digest, spec, None)},
+                             [hidden, torch.ones_like(hidden)])
+                assert await ask(host, sp, protocols.BACKWARD, back) == "busy"
+                await eventually(lambda: server.frames.used() == 0, what="frame bytes given back")
+
+    run(scenario())
