@@ -193,8 +193,9 @@ def _load_lora(config_file: Path, config: dict, weights: dict, checkpoint: Check
         raise AdapterError(f"{config_file}: per-layer rank_pattern/alpha_pattern are not supported")
     try:
         rank, alpha = int(config["r"]), float(config.get("lora_alpha", 8))
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{config_file}: needs an integer r and a numeric lora_alpha") from None
+        assert rank >= 1 and math.isfinite(alpha)
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise AdapterError(f"{config_file}: needs an integer r ≥ 1 and a finite lora_alpha") from None
     family, cfg = checkpoint.family, checkpoint.config
     prefixes = {(family.adapter_prefix or family.block_prefix)(cfg, i): i for i in range(checkpoint.num_blocks)}
     prefixes.update({family.block_prefix(cfg, i): i for i in range(checkpoint.num_blocks)})

@@ -185,6 +185,10 @@ def test_bad_targets_and_bad_tensors_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="adapter_config.json"):
         load_adapter(tmp_path / "empty", checkpoint)
+    zero = {k: v[:0] if k.endswith("A") else v[:, :0] for k, v in good.items()}  # r = 0: was a ZeroDivisionError
+    save_lora(tmp_path / "r0", checkpoint, zero, rank=0, alpha=4, dropout=0.0, targets=["self_attn.q_proj"], base_model="m")
+    with pytest.raises(AdapterError, match="r ≥ 1"):
+        load_adapter(tmp_path / "r0", checkpoint)
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
