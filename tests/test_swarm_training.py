@@ -412,14 +412,14 @@ def test_backward_gradients_by_digest_count_in_the_frame_budget(tmp_path):
             await stream.close()
 
     async def scenario():
-        async with served(model_dir, "0:2", peer_frame_memory=2 * adapter_bytes) as (server, maddr):
-            async with peer(maddr) as (host, sp):
-                up = Frame("forward", {"start": 0, "end": 2, **adapter_fields(digest, spec, names)},
-                           [hidden, *(lora[n] for n in names)])
-                assert await ask(host, sp, protocols.FORWARD, up) == "result"
-                back = Frame("backward", {"start": 0, "end": 2, **adapter_fields(digest, spec, None)},
-                             [hidden, torch.ones_like(hidden)])
-                assert await ask(host, sp, protocols.BACKWARD, back) == "busy"
-                await eventually(lambda: server.frames.used() == 0, what="frame bytes given back")
+        server_cm = served(model_dir, "0:2", peer_frame_memory=2 * adapter_bytes)
+        async with server_cm as (server, maddr), peer(maddr) as (host, sp):
+            up = Frame("forward", {"start": 0, "end": 2, **adapter_fields(digest, spec, names)},
+                       [hidden, *(lora[n] for n in names)])
+            assert await ask(host, sp, protocols.FORWARD, up) == "result"
+            back = Frame("backward", {"start": 0, "end": 2, **adapter_fields(digest, spec, None)},
+                         [hidden, torch.ones_like(hidden)])
+            assert await ask(host, sp, protocols.BACKWARD, back) == "busy"
+            await eventually(lambda: server.frames.used() == 0, what="frame bytes given back")
 
     run(scenario())
