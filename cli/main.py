@@ -119,6 +119,17 @@ def serve(
     frame_memory: Annotated[
         int, typer.Option("--frame-memory", help="MiB of frames in flight from all peers together (one peer: 320).")
     ] = 1024,
+    adapter_memory: Annotated[
+        int,
+        typer.Option("--adapter-memory", help="MiB of clients' training adapters kept, all peers together (one peer: 64)."),
+    ] = 256,
+    session_adapter_memory: Annotated[
+        int,
+        typer.Option(
+            "--session-adapter-memory",
+            help="MiB of adapters held by inference sessions, all peers together (one peer: 256, one session: 64).",
+        ),
+    ] = 1024,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,
 ) -> None:
     """Serve a contiguous range of a model's blocks to the swarm."""
@@ -142,6 +153,8 @@ def serve(
         _check(0 < peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", peer_cache_share)
         _check(max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", max_peer_sessions)
         _check(frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", frame_memory)
+        _check(adapter_memory >= 1, "--adapter-memory", "at least 1 (MiB)", adapter_memory)
+        _check(session_adapter_memory >= 1, "--session-adapter-memory", "at least 1 (MiB)", session_adapter_memory)
         _setup_logging(verbose)
         if threads is not None:
             import torch
@@ -167,6 +180,11 @@ def serve(
             peer_cache_share=peer_cache_share,
             max_peer_sessions=max_peer_sessions,
             frame_memory=frame_memory << 20,
+            adapter_memory=adapter_memory << 20,
+            peer_adapter_memory=min(64, adapter_memory) << 20,
+            session_adapter_memory=session_adapter_memory << 20,
+            peer_session_adapter_memory=min(256, session_adapter_memory) << 20,
+            max_adapter_bytes=min(64, session_adapter_memory) << 20,
         )
 
         def ready(server) -> None:

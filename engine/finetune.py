@@ -224,7 +224,7 @@ def init_trainable(cfg: FinetuneConfig, client) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(_mix(cfg.seed, "init"))
     ids = torch.randint(checkpoint.config.vocab_size, (1, cfg.num_virtual_tokens), generator=generator)
     with torch.no_grad():
-        tensors = {PROMPT_KEY: client.head.embed(ids)[0].float().clone()}
+        tensors = {PROMPT_KEY: client.head.token_embeddings(ids)[0].float().clone()}
     if cfg.adapter == "deep-prompt":
         tensors.update(init_deep_prompts(checkpoint.num_blocks, cfg.num_virtual_tokens, checkpoint.config.hidden_size))
     return tensors

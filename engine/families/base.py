@@ -40,7 +40,8 @@ class Family:
     - ``block(cfg, index) -> nn.Module`` whose ``state_dict`` names equal the checkpoint's names
       after ``block_prefix(cfg, index)``; ``forward(hidden, ctx, kv) -> hidden``.
     - ``head(cfg, tensors) -> nn.Module`` with ``embed(ids, prefix=None)`` (``prefix``: prompt-tuning
-      embeddings put before the tokens, where peft puts them), ``logits(hidden)`` and
+      embeddings put before the tokens, where peft puts them), ``token_embeddings(ids)`` (the
+      embedding table's rows, before any norm), ``logits(hidden)`` and
       ``max_positions`` (the config's), built from the tensors named by ``head_keys(cfg, available_keys)``.
     - ``prepare_step(cfg, ctx, dtype, batch)`` fills ``ctx.extra`` once per step for all blocks.
     - ``kv_heads(cfg) -> (num_kv_heads, head_dim)`` sizes the KV cache of one block.

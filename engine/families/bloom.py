@@ -121,6 +121,10 @@ class BloomHead(nn.Module):
         self.lm_head = _frozen_linear(lm)
         self.max_positions = cfg.max_positions
 
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding table's rows for ``input_ids`` (what a prompt-tuning ``prefix`` stands in for)."""
+        return self.word_embeddings(input_ids)
+
     def embed(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``; a ``prefix`` ``[n, hidden]``
         of virtual token embeddings (prompt tuning) comes first, before the embedding LayerNorm as

@@ -132,6 +132,10 @@ class LlamaHead(nn.Module):
         self.lm_head = _frozen_linear(lm)
         self.max_positions = cfg.max_positions
 
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding table's rows for ``input_ids`` (what a prompt-tuning ``prefix`` stands in for)."""
+        return self.embed_tokens(input_ids)
+
     def embed(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids: [batch, seq]`` → ``hidden: [batch, seq, hidden]``; a ``prefix`` ``[n, hidden]``
         of virtual token embeddings (prompt tuning) comes first: ``[batch, n + seq, hidden]``."""
