@@ -54,6 +54,31 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def read_adapter_field(frame: Frame, base: int) -> tuple[str | None, AdapterSpec | None, dict[str, torch.Tensor] | None]:
+    """The ``adapter`` field of an open/forward/backward ``frame`` and the tensors after its first
+    ``base``: ``(digest, spec, tensors by name)``, with ``tensors`` None when the frame names the
+    adapter by its digest alone, and ``(None, None, None)`` without an adapter. Raises
+    :class:`WireError` for a malformed field (not a map, a digest that is not sha256 hex, tensors
+    without distinct names) and ``ValueError`` for a bad spec."""
+    field = frame.fields.get("adapter")
+    extra = frame.tensors[base:]
+    if field is None:
+        if extra:
+            raise WireError(f"a {frame.kind} frame's {len(extra)} extra tensor(s) need an adapter field naming them")
+        return None, None, None
+    if not isinstance(field, dict):
+        raise WireError("the adapter field must be a map")
+    digest, names = field.get("digest"), field.get("names")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise WireError("the adapter digest must be 64 lowercase hex digits (sha256)")
+    spec = AdapterSpec.from_wire(field.get("spec"))
+    if names is None:
+        if extra:
+            raise WireError(f"a {frame.kind} frame's {len(extra)} adapter tensor(s) need their names")
+        return digest, spec, None
+    return digest, spec, named_tensors(names, extra, frame.kind)
+
+
 class AdapterStore:
     """Adapters by (peer, digest), at most ``total_bytes`` in all and ``peer_bytes`` per peer;
     adding one past a bound evicts the oldest entries first (the peer's own when over its share,
@@ -116,27 +141,15 @@ class AdapterStore:
         without tensors that is not kept, ``ValueError`` (a bad request, naming the bound or the
         tensor) for tensors over the per-peer bound, tensors the blocks cannot apply, or a digest
         that is not the tensors' own."""
-        field = frame.fields.get("adapter")
-        extra = frame.tensors[base:]
-        if field is None:
-            if extra:
-                raise WireError(f"a {frame.kind} frame's {len(extra)} extra tensor(s) need an adapter field naming them")
+        digest, spec, tensors = read_adapter_field(frame, base)
+        if digest is None:
             return {}, None
-        if not isinstance(field, dict):
-            raise WireError("the adapter field must be a map")
-        digest, names = field.get("digest"), field.get("names")
-        if not isinstance(digest, str) or not _DIGEST.match(digest):
-            raise WireError("the adapter digest must be 64 lowercase hex digits (sha256)")
-        spec = AdapterSpec.from_wire(field.get("spec"))
-        if names is None:
-            if extra:
-                raise WireError(f"a {frame.kind} frame's {len(extra)} adapter tensor(s) need their names")
+        if tensors is None:
             kept = self.get(peer, digest)
             if kept is None:
                 raise UnknownAdapterError(digest)
             check_tensors(blocks, kept.tensors)  # kept for another range, maybe
             return kept.tensors, spec
-        tensors = named_tensors(names, extra, frame.kind)
         nbytes = tensor_bytes(tensors)
         if nbytes > self.peer_bytes:
             raise ValueError(

@@ -64,7 +64,7 @@ class ChainAdapter:
             return {}, []
         names = sorted(part)
         tensors = [part[n].detach().contiguous() for n in names]
-        return adapter_fields(adapter_digest(part, self.spec), self.spec.to_wire(), names), tensors
+        return adapter_fields(adapter_digest(part), self.spec.to_wire(), names), tensors
 
 
 PUSH_GRACE = 2.0  # s: a pushed step unanswered this long (or 4× the previous step's time) is sent directly

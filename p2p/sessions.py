@@ -46,6 +46,7 @@ from swarm.engine.adapters import AdapterSpec, applied, check_tensors
 from swarm.engine.checkpoint import BlockRange, StepCancelled
 from swarm.p2p import protocols
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.adapter_store import read_adapter_field, tensor_bytes
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 from swarm.p2p.wire import (
     BAD_REQUEST,
@@ -57,7 +58,6 @@ from swarm.p2p.wire import (
     UNKNOWN_ADAPTER,
     Frame,
     WireError,
-    named_tensors,
     pump_frames,
     read_frame,
     write_frame,
@@ -246,18 +246,12 @@ class Sessions:
         (or everyone's) adapters here would exceed their bounds, ``unknown_adapter`` for an
         adapter named by its digest alone (sessions do not share kept adapters: send the tensors)."""
         cfg = self.cfg
-        field_ = frame.fields.get("adapter")
-        if field_ is None:
-            if frame.tensors:
-                raise WireError("an open frame's tensors must be named in its adapter field")
+        digest, spec, tensors = read_adapter_field(frame, 0)  # an open has no tensors of its own
+        if digest is None:
             return None, None, None
-        if not isinstance(field_, dict):
-            raise WireError("an open frame's adapter field must be a map")
-        if field_.get("names") is None:
+        if tensors is None:
             raise SessionEnded("an inference session takes its adapter's tensors with its open: send them", UNKNOWN_ADAPTER)
-        tensors = named_tensors(field_.get("names"), frame.tensors, frame.kind)  # an open has no tensors of its own
-        spec = AdapterSpec.from_wire(field_.get("spec"))
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = tensor_bytes(tensors)
         if nbytes > cfg.max_adapter_bytes:
             raise ValueError(
                 f"adapter tensors of {nbytes} bytes exceed the {cfg.max_adapter_bytes} bytes (max_adapter_bytes) "

@@ -225,7 +225,7 @@ def test_session_adapters_are_bounded_and_freed_however_the_session_ends(case):
             async with peer(maddr) as (host, sp):
                 big = {**part, "0.prompt": torch.zeros(2, 64)}
                 _, reply = await opened(host, sp, Frame("open", {**open_frame().fields, **adapter_fields(
-                    "x", spec, sorted(big))}, [big[n] for n in sorted(big)]))
+                    adapter_digest(big), spec, sorted(big))}, [big[n] for n in sorted(big)]))
                 assert reply["code"] == "bad_request" and "max_adapter_bytes" in reply["message"]
                 _, reply = await opened(host, sp, open_frame(names_=None, tensors=[]))
                 assert reply["code"] == "unknown_adapter"
