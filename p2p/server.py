@@ -499,19 +499,24 @@ def serve_forever(cfg: ServerConfig, on_ready=None) -> None:
 
     compute = MainThreadExecutor()
     background = BackgroundLoop()
+    stop_requested = threading.Event()
+
+    def request_stop(*_):
+        stop_requested.set()
+        compute.wake()
+
+    # SIGTERM from before the start, whose ready line a supervisor may answer with a signal at
+    # once: then the server stops as soon as it has started. Ctrl-C during the start interrupts it.
+    signal.signal(signal.SIGTERM, request_stop)
     try:
         starting = asyncio.run_coroutine_threadsafe(BlockServer.start(cfg, on_ready, compute), background.loop)
         starting.add_done_callback(lambda _: compute.wake())
         compute.run_until(starting.done)
         server = starting.result()
-        stopped = threading.Event()
-
-        def request_stop(*_):
-            future = asyncio.run_coroutine_threadsafe(server.stop(), background.loop)
-            future.add_done_callback(lambda _: (stopped.set(), compute.wake()))
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, request_stop)
-        compute.run_until(stopped.is_set)
+        signal.signal(signal.SIGINT, request_stop)
+        compute.run_until(stop_requested.is_set)
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(), background.loop)
+        stopping.add_done_callback(lambda _: compute.wake())
+        compute.run_until(stopping.done)
     finally:
         background.close()
