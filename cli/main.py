@@ -119,6 +119,13 @@ def serve(
     frame_memory: Annotated[
         int, typer.Option("--frame-memory", help="MiB of frames in flight from all peers together (one peer: 320).")
     ] = 1024,
+    throughput: Annotated[
+        str,
+        typer.Option(
+            "--throughput",
+            help="Announced speed: auto (measured once, cached), eval (measure again) or tokens/s of one block.",
+        ),
+    ] = "auto",
     adapter_memory: Annotated[
         int,
         typer.Option("--adapter-memory", help="MiB of clients' training adapters kept, all peers together (one peer: 64)."),
@@ -153,6 +160,9 @@ def serve(
         _check(0 < peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", peer_cache_share)
         _check(max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", max_peer_sessions)
         _check(frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", frame_memory)
+        from swarm.engine.throughput import parse_throughput
+
+        throughput_spec = parse_throughput(throughput)
         _check(adapter_memory >= 1, "--adapter-memory", "at least 1 (MiB)", adapter_memory)
         _check(session_adapter_memory >= 1, "--session-adapter-memory", "at least 1 (MiB)", session_adapter_memory)
         _setup_logging(verbose)
@@ -180,6 +190,7 @@ def serve(
             peer_cache_share=peer_cache_share,
             max_peer_sessions=max_peer_sessions,
             frame_memory=frame_memory << 20,
+            throughput=throughput_spec,
             adapter_memory=adapter_memory << 20,
             peer_adapter_memory=min(64, adapter_memory) << 20,
             session_adapter_memory=session_adapter_memory << 20,

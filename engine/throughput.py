@@ -7,6 +7,7 @@ reference system does, so restarts announce at once.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import torch
@@ -29,15 +30,31 @@ def measure_block_throughput(blocks: BlockRange, steps: int = 8, context: int = 
     return steps / elapsed
 
 
-def cached_block_throughput(model: str, blocks: BlockRange) -> float:
-    """:func:`measure_block_throughput`, cached on disk by model, dtype and thread count."""
+def parse_throughput(spec: str) -> str | float:
+    """``--throughput``: ``auto`` (the cached measurement, measured once), ``eval`` (measure again
+    and update the cache) or a positive number of decode steps per second of one block (announced
+    as it is: tests and descriptions of other machines). Raises ``ValueError`` naming the flag."""
+    if spec in ("auto", "eval"):
+        return spec
+    try:
+        value = float(spec)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--throughput must be auto, eval or a positive number (tokens/s of one block), got {spec!r}")
+    return value
+
+
+def cached_block_throughput(model: str, blocks: BlockRange, refresh: bool = False) -> float:
+    """:func:`measure_block_throughput`, cached on disk by model, dtype and thread count
+    (``refresh``: measure again and replace the cached figure)."""
     path = swarm_home() / "throughput.json"
     key = f"{model}/{str(blocks.dtype).removeprefix('torch.')}/threads={torch.get_num_threads()}"
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
+    if refresh or key not in cache:
         cache[key] = round(measure_block_throughput(blocks), 2)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -76,6 +76,7 @@ class ServerConfig:
     max_peer_sessions: int = 32  # open inference sessions one peer may hold
     peer_cache_share: float = 0.5  # the part of --cache-tokens one peer may hold
     max_stateless_tokens: int = 8192  # batch × length of one forward or backward pass
+    throughput: str | float = "auto"  # auto, eval or a number (see engine.throughput.parse_throughput)
     adapter_memory: int = 256 << 20  # bytes of clients' training adapters kept (by digest), from all peers
     peer_adapter_memory: int = 64 << 20  # ... and for one peer (also the most one request may carry)
     max_adapter_bytes: int = 64 << 20  # adapter tensors one inference session may carry (with its open)
@@ -156,9 +157,12 @@ class BlockServer:
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
             from swarm.engine.throughput import cached_block_throughput
 
-            server.throughput = await loop.run_in_executor(
-                server._executor, cached_block_throughput, model, server.blocks
-            )
+            if isinstance(cfg.throughput, str):  # auto: the cached figure; eval: measured again
+                server.throughput = await loop.run_in_executor(
+                    server._executor, cached_block_throughput, model, server.blocks, cfg.throughput == "eval"
+                )
+            else:
+                server.throughput = float(cfg.throughput)
             host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
             host.set_stream_handler(protocols.PUSH, server._limited(protocols.PUSH, server.inference.handle_push))
             host.set_stream_handler(protocols.FORWARD, server._limited(protocols.FORWARD, server._handle_forward))

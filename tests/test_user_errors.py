@@ -56,6 +56,8 @@ FLAGS = [
     (["serve", "--identity", "."], "--identity"),
     (["serve", "--dtype", "float64", "--new-swarm"], "--dtype"),
     (["serve", "--adapter-memory", "0"], "--adapter-memory"),
+    (["serve", "--throughput", "0"], "--throughput"),
+    (["serve", "--throughput", "fast"], "--throughput"),
     (["serve", "--session-adapter-memory", "-5"], "--session-adapter-memory"),
     (["status", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--interval", "nan"], "--interval"),
     (["status", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--interval", "0"], "--interval"),
