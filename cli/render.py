@@ -23,7 +23,8 @@ def coverage_bar(data: dict, width: int = 60) -> Text:
 def status_view(data: dict) -> Group:
     table = Table(title=f"{data['model']} — {data['num_blocks']} blocks", title_justify="left")
     for col, justify in [("peer", "left"), ("name", "left"), ("blocks", "right"), ("state", "left"),
-                         ("tok/s", "right"), ("cache", "right"), ("rtt", "right"), ("version", "left")]:
+                         ("tok/s", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
+                         ("version", "left")]:
         table.add_column(col, justify=justify)
     for s in data["servers"]:
         state_style = {"online": "green", "joining": "yellow"}.get(s["state"], "red")
@@ -33,6 +34,7 @@ def status_view(data: dict) -> Group:
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
             f"{s['throughput']:.0f}",
+            f"{s.get('sessions', 0)} · {s.get('served', 0.0):.0f}/s",
             str(s["cache_tokens_left"]),
             "-" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms",
             s["version"],
@@ -44,4 +46,8 @@ def status_view(data: dict) -> Group:
         "  all blocks served" if not gaps else "  gaps: " + ", ".join(f"{a}:{b}" for a, b in gaps),
         style="green" if not gaps else "bold red",
     )
+    low = data.get("bottleneck")
+    if low and low["blocks"] and not gaps:
+        where = ", ".join(f"{a}:{b}" for a, b in low["blocks"])
+        summary.append(f"\nbottleneck {low['throughput']:.0f} tok/s (total of the servers) at blocks {where}")
     return Group(table, summary)

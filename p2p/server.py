@@ -126,6 +126,9 @@ class BlockServer:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._cache_changed = asyncio.Event()
+        self._served_tokens = 0  # tokens computed since the last announcement (the load announced)
+        self._served_since = time.monotonic()
+        self._served_rate = 0.0
 
     @property
     def sessions(self) -> dict:
@@ -242,13 +245,23 @@ class BlockServer:
             public_name=self.cfg.public_name,
             period=self.cfg.announce_period,
             instance=self.host.instance,
+            sessions=len(self.sessions),
+            served=round(self._served_rate, 2),
             received=time.monotonic(),
         )
+
+    def served(self, tokens: int) -> None:
+        """Count ``tokens`` computed for a client (the load announced as ``served`` tokens/s)."""
+        self._served_tokens += tokens
 
     async def _announce(self, direct: bool = False) -> None:
         """Publish our info on the model's topic; with ``direct``, also send it straight to every
         server we know (gossip is best-effort and a message published just before the host
         closes, or just after it joins the mesh, may never leave)."""
+        now = time.monotonic()
+        if now - self._served_since >= min(1.0, self.cfg.announce_period):
+            self._served_rate = self._served_tokens / (now - self._served_since)
+            self._served_tokens, self._served_since = 0, now
         info = self.info()
         self.table.update(info)
         await self.host.publish(announce_topic(self.model), msgpack.packb(info.to_wire()))
@@ -448,6 +461,7 @@ class BlockServer:
                     run_backward, blocks, hidden, frame.tensors[1], tensors, spec, stop.is_set
                 )
                 reply = Frame("result", {"names": list(grads)}, [grad_input, *grads.values()])
+            self.served(hidden.shape[0] * hidden.shape[1])  # computed: hidden was [batch, seq, hidden]
             await write_frame(stream, reply, timeout=self.cfg.request_timeout)
         except StepCancelled:
             log.info("%s request from %s abandoned by its client: stopped", kind, peer[-8:])

@@ -358,6 +358,8 @@ class Sessions:
         session.last_input, session.last_output = hidden, output
         session.last_reordered = hypo_ids is not None
         session.steps += fresh
+        if fresh:
+            self.server.served(hidden.shape[0] * hidden.shape[1])
         return output, fresh
 
     async def _free(self, session: _Session) -> None:

@@ -56,6 +56,8 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
                 "blocks": [s.start, s.end],
                 "state": s.state if p in reachable else "unreachable",
                 "throughput": s.throughput,
+                "sessions": s.sessions,
+                "served": s.served,
                 "cache_tokens_left": s.cache_tokens_left,
                 "dtype": s.dtype,
                 "version": s.version,
@@ -64,13 +66,31 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
             }
             for p, s in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end, item[0]))
         ]
+        totals = coverage(reachable, num_blocks)
         return {
             "model": model,
             "num_blocks": num_blocks,
             "servers": rows,
             "gaps": [list(g) for g in gaps(reachable, num_blocks)],
-            "coverage": coverage(reachable, num_blocks),
+            "coverage": totals,
+            "bottleneck": bottleneck(totals),
             "unreachable_initial_peers": errors,
         }
     finally:
         await host.close()
+
+
+def bottleneck(totals: list[float]) -> dict:
+    """The swarm's bottleneck: the least total throughput of any block (tokens/s a chain through
+    the swarm can reach at most) and the ranges of blocks that have it."""
+    if not totals:
+        return {"throughput": 0.0, "blocks": []}
+    low = min(totals)
+    ranges: list[list[int]] = []
+    for b, total in enumerate(totals):
+        if total == low:
+            if ranges and ranges[-1][1] == b:
+                ranges[-1][1] = b + 1
+            else:
+                ranges.append([b, b + 1])
+    return {"throughput": low, "blocks": ranges}

@@ -69,6 +69,8 @@ class ServerInfo:
     public_name: str = ""
     period: float = 5.0  # seconds between this server's announcements (its entry expires after 3)
     instance: str = ""  # this run of the server's process (start time, random bits): later runs sort after
+    sessions: int = 0  # load: inference sessions open now
+    served: float = 0.0  # load: tokens per second computed over the last announcement period (all requests)
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     def to_wire(self) -> dict:
@@ -95,12 +97,14 @@ class ServerInfo:
                 public_name=str(data.get("public_name", ""))[:64],
                 period=float(data.get("period", 5.0)),
                 instance=str(data.get("instance", ""))[:64],
+                sessions=int(data.get("sessions", 0)),
+                served=float(data.get("served", 0.0)),
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
         if (info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
-                or not 0 < info.period <= 3600):
+                or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf):
             raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
         return info
 

@@ -43,6 +43,9 @@ def test_status_and_auto_blocks_cover_a_30_block_model(tmp_path):
         status = json.loads(proc.stdout)
     assert ranges == [(0, 10), (10, 20), (20, 30)]
     assert status["num_blocks"] == 30 and status["gaps"] == []
+    # the three servers measured the same (cached) throughput: every block is the bottleneck
+    assert status["bottleneck"] == {"throughput": min(status["coverage"]), "blocks": [[0, 30]]}
+    assert all(s["sessions"] == 0 and s["served"] == 0 for s in status["servers"])
     assert sorted(tuple(s["blocks"]) for s in status["servers"]) == ranges
     assert all(s["state"] == "online" for s in status["servers"])
 

@@ -178,3 +178,15 @@ def test_odd_headers_are_wire_errors():
                    {"v": 3, "kind": "result", "tensors": [["float32", [2**31 - 1] * 8]]}):
         with pytest.raises(WireError):
             decode_body(_body(header))
+
+
+@pytest.mark.parametrize("totals, want", [
+    ([3.0, 1.0, 1.0, 2.0, 1.0], {"throughput": 1.0, "blocks": [[1, 3], [4, 5]]}),
+    ([2.0, 2.0], {"throughput": 2.0, "blocks": [[0, 2]]}),
+    ([0.0, 5.0], {"throughput": 0.0, "blocks": [[0, 1]]}),
+    ([], {"throughput": 0.0, "blocks": []}),
+])
+def test_bottleneck_names_the_weakest_blocks(totals, want):
+    from swarm.p2p.status import bottleneck
+
+    assert bottleneck(totals) == want
