@@ -111,3 +111,15 @@ def generate_json(args: list[str], home: Path) -> dict:
     proc = run_swarm(["generate", "--json", *args], home)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def local_json(args: list[str]) -> dict:
+    """`swarm generate --local --json ARGS` run in this process (the same command, without the
+    seconds a new interpreter spends importing torch): the reference swarm output must equal."""
+    from typer.testing import CliRunner
+
+    from swarm.cli.main import app
+
+    result = CliRunner().invoke(app, ["generate", "--local", "--json", *args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.stdout)

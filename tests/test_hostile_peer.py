@@ -15,7 +15,7 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host
 from swarm.p2p.loop import run
 from swarm.p2p.wire import Frame
-from swarm_utils import generate_json, running_swarm
+from swarm_utils import generate_json, local_json, running_swarm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from hostile_peer import HostilePeer  # noqa: E402
@@ -47,7 +47,7 @@ def _cache_left(maddr: str) -> tuple[int, int]:
 def test_a_hostile_peer_changes_nothing(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     args = ["--model", str(model), "--max-new-tokens", "12", PROMPT]
-    expected = generate_json(["--local", *args], tmp_path)["token_ids"]
+    expected = local_json([*args])["token_ids"]
     with running_swarm(model, ["0:4"], tmp_path) as servers:
         server = servers[0]
         swarm_args = ["--initial-peers", server.maddr, "--step-timeout", "120", "--timeout", "60", *args]

@@ -18,7 +18,7 @@ from swarm.engine.checkpoint import Checkpoint
 from swarm.p2p.host import Host, IdentityInUseError
 from swarm.p2p.identity import claim_default_identity, claim_identity
 from swarm.p2p.table import model_id
-from swarm_utils import ServerProcess, generate_json, run_swarm
+from swarm_utils import ServerProcess, generate_json, local_json, run_swarm
 
 PROMPT = "The capital of France is"
 
@@ -161,7 +161,7 @@ def test_model_id_follows_config_and_weights_not_the_directory(tmp_path, tiny_ch
 def test_a_copy_in_another_directory_joins_the_swarm(tmp_path, tiny_checkpoints):
     original = tiny_checkpoints["llama"]
     copy = _copy(original, tmp_path / "my-copy-of-the-model", shards=2)
-    local = generate_json(["--local", "--model", str(original), "--max-new-tokens", "8", PROMPT], tmp_path)
+    local = local_json(["--model", str(original), "--max-new-tokens", "8", PROMPT])
     first = second = None
     try:
         first = ServerProcess(["--model", str(original), "--blocks", "0:2", "--identity", str(tmp_path / "a.key"),

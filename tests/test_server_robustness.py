@@ -16,7 +16,7 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, StreamClosedError
 from swarm.p2p.wire import Frame, encode, expect, read_frame, write_frame
 from conftest import write_tiny_checkpoint
-from swarm_utils import generate_json, running_swarm
+from swarm_utils import generate_json, local_json, running_swarm
 
 PROMPT = "The capital of France is"
 
@@ -93,7 +93,7 @@ def test_fuzzed_frames_get_errors_and_the_server_keeps_serving(tmp_path, tiny_ch
     model = tiny_checkpoints["llama"]
     ckpt = Checkpoint(model)
     hidden_size = ckpt.config.hidden_size
-    expected = generate_json(["--local", "--model", str(model), "--max-new-tokens", "10", PROMPT], tmp_path)
+    expected = local_json(["--model", str(model), "--max-new-tokens", "10", PROMPT])
 
     async def fuzz(maddr: str) -> tuple[dict, list[str]]:
         host = await Host.start()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import write_tiny_checkpoint
-from swarm_utils import generate_json, run_swarm, running_swarm
+from swarm_utils import generate_json, local_json, run_swarm, running_swarm
 
 PROMPT = "The capital of France is"
 
@@ -15,7 +15,7 @@ PROMPT = "The capital of France is"
 @pytest.mark.parametrize("family, ranges", [("llama", ["0:2", "2:3", "3:4"]), ("bloom", ["0:1", "1:4"])])
 def test_swarm_greedy_equals_local(family, ranges, tmp_path, tiny_checkpoints):
     model = tiny_checkpoints[family]
-    local = generate_json(["--local", "--model", str(model), "--max-new-tokens", "12", PROMPT], tmp_path)
+    local = local_json(["--model", str(model), "--max-new-tokens", "12", PROMPT])
     with running_swarm(model, ranges, tmp_path) as servers:
         remote = generate_json(
             ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "12", PROMPT], tmp_path
@@ -30,7 +30,7 @@ def test_swarm_greedy_equals_local(family, ranges, tmp_path, tiny_checkpoints):
         )
     assert remote["token_ids"] == local["token_ids"]
     assert unpushed["token_ids"] == local["token_ids"]
-    local_beams = generate_json(["--local", "--model", str(model), "--max-new-tokens", "8", "--num-beams", "3", PROMPT], tmp_path)
+    local_beams = local_json(["--model", str(model), "--max-new-tokens", "8", "--num-beams", "3", PROMPT])
     assert beams["token_ids"] == local_beams["token_ids"]
 
 
