@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 
 import pytest
 
@@ -200,3 +201,22 @@ def test_naive_rule_counts_servers_and_random_stays_in_range():
 
 def test_throughputs_round_to_units():
     assert block_throughputs(_table(_server("a", 0, 1, 0.1)), 1) == [round(0.1 / UNIT) * UNIT]
+
+
+def test_swarm_simulator_ranks_the_rules():
+    # a small, short run of scripts/simulate_swarm.py (the real decision functions inside)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_swarm.py"
+    spec = importlib.util.spec_from_file_location("simulate_swarm", path)
+    sim = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sim  # dataclasses look their module up
+    spec.loader.exec_module(sim)
+    p = sim.Params(servers=200, hours=2.0, warmup_h=0.5, seed=7)
+    peers = sim.population(p)
+    out = {rule: sim.simulate(rule, peers, p).summary(p) for rule in sim.RULES}
+    assert out["paper"]["bottleneck_ratio_median"] >= 0.85
+    assert out["paper"]["bottleneck_ratio_median"] > out["naive"]["bottleneck_ratio_median"]
+    assert out["naive"]["bottleneck_ratio_median"] > out["random"]["bottleneck_ratio_median"]
+    assert out["paper"]["moves_per_server_hour"] < 1 and out["paper"]["max_gap_s"] <= 2 * p.balance_period
