@@ -9,7 +9,8 @@ about N alive) and live an exponential time (mean ``--lifetime-h``); throughputs
 with a 5th–95th percentile ratio of ``--spread``; each holds a log-normal number of blocks (median
 B/5, its memory). What servers see (the view) lags the truth: announcements arrive after
 ``--announce-delay`` s, and a server that crashes (``--crash-fraction``) stays in the view until it
-expires (``--expiry`` s) while one that leaves cleanly announces offline. A server loads its blocks
+expires (``--expiry`` s) while one that leaves cleanly announces offline. ``--shock-h H`` crashes, at hour H, every server holding the middle block (a
+correlated failure that leaves a gap for the others to close). A server loads its blocks
 for ``--load-s-per-block`` s per block before it serves; a moving one keeps serving its old range
 until the new one is loaded.
 
@@ -60,6 +61,7 @@ class Params:
     balance_quality: float = 0.75
     sample_s: float = 60.0
     warmup_h: float = 1.0
+    shock_h: float = 0.0  # when > 0: at this hour every server announcing the middle block crashes at once
     seed: int = 0
 
 
@@ -154,6 +156,8 @@ def simulate(rule: str, peers: list[Peer], p: Params) -> Result:
     while t <= end:
         push(t, "sample", -1)
         t += p.sample_s
+    if p.shock_h > 0:
+        push(p.shock_h * 3600, "shock", -1)
 
     last = 0.0
     while events:
@@ -190,12 +194,17 @@ def simulate(rule: str, peers: list[Peer], p: Params) -> Result:
                     truth_remove(sid, now)  # the old range drains as the new one comes online
                 truth_add(sid, start_of[sid], peers[sid].blocks, now)
                 moving.discard(sid)
-        elif kind == "depart":
+        elif kind == "shock":
+            middle = p.blocks // 2
+            for victim in [v for v in alive if start_of[v] <= middle < start_of[v] + peers[v].blocks]:
+                push(now, "depart", victim, 1)
+        elif kind == "depart" and sid in alive:
             alive.discard(sid)
             moving.discard(sid)
             if sid in truth.spans:
                 truth_remove(sid, now)
-            push(now + (p.expiry if peers[sid].crash else p.announce_delay), "unview", sid)
+            crash = peers[sid].crash or arg == 1
+            push(now + (p.expiry if crash else p.announce_delay), "unview", sid)
         elif kind == "unview":
             if sid in view.spans:
                 view.remove(sid)
