@@ -7,7 +7,8 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from swarm.p2p.table import ServerInfo, coverage, gaps
+from swarm.p2p.balance import Load, best_start
+from swarm.p2p.table import ServerInfo, gaps
 from swarm.p2p.wire import PeerId
 
 DEFAULT_RTT = 0.15  # seconds, for a server never pinged
@@ -39,11 +40,10 @@ class Span:
 def choose_blocks(servers: Mapping[PeerId, ServerInfo], num_blocks: int, count: int) -> int:
     """Start of the ``count`` blocks where the swarm is weakest: the window whose per-block total
     throughputs (online and joining servers), sorted ascending, are lexicographically smallest (the
-    weakest block first; ties go to the smallest start). An empty swarm gives 0."""
-    count = min(count, num_blocks)
+    weakest block first; ties go to the smallest start). An empty swarm gives 0. The rule itself is
+    :func:`swarm.p2p.balance.best_start`, shared with rebalancing and the swarm simulator."""
     # servers still loading count too, or two servers starting together would take the same range
-    totals = coverage(servers, num_blocks, states=("online", "joining"))
-    return min(range(num_blocks - count + 1), key=lambda i: (sorted(totals[i : i + count]), i))
+    return best_start(Load.from_servers(servers, num_blocks).totals, count)
 
 
 def find_chain(
