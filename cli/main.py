@@ -126,6 +126,21 @@ def serve(
             help="Announced speed: auto (measured once, cached), eval (measure again) or tokens/s of one block.",
         ),
     ] = "auto",
+    balance_period: Annotated[
+        float,
+        typer.Option("--balance-period", help="With --blocks auto: check every random 0–2× this many seconds whether to move."),
+    ] = 60.0,
+    balance_quality: Annotated[
+        float,
+        typer.Option(
+            "--balance-quality",
+            help="Move when the swarm's bottleneck would grow more than 1/this (0: never move; at most 1).",
+        ),
+    ] = 0.75,
+    drain_timeout: Annotated[
+        float,
+        typer.Option("--drain-timeout", help="After a move, seconds the old range's sessions may take to finish."),
+    ] = 60.0,
     adapter_memory: Annotated[
         int,
         typer.Option("--adapter-memory", help="MiB of clients' training adapters kept, all peers together (one peer: 64)."),
@@ -163,6 +178,9 @@ def serve(
         from swarm.engine.throughput import parse_throughput
 
         throughput_spec = parse_throughput(throughput)
+        _check_seconds("--balance-period", balance_period)
+        _check(0 <= balance_quality <= 1, "--balance-quality", "between 0 and 1 (0: never move)", balance_quality)
+        _check_seconds("--drain-timeout", drain_timeout, zero_ok=True)
         _check(adapter_memory >= 1, "--adapter-memory", "at least 1 (MiB)", adapter_memory)
         _check(session_adapter_memory >= 1, "--session-adapter-memory", "at least 1 (MiB)", session_adapter_memory)
         _setup_logging(verbose)
@@ -191,6 +209,9 @@ def serve(
             max_peer_sessions=max_peer_sessions,
             frame_memory=frame_memory << 20,
             throughput=throughput_spec,
+            balance_period=balance_period,
+            balance_quality=balance_quality,
+            drain_timeout=drain_timeout,
             adapter_memory=adapter_memory << 20,
             peer_adapter_memory=min(64, adapter_memory) << 20,
             session_adapter_memory=session_adapter_memory << 20,

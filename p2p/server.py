@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach, run_backward, run_forward
 from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
+from swarm.engine.families import CheckpointError
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.adapter_store import AdapterStore
@@ -77,6 +79,9 @@ class ServerConfig:
     peer_cache_share: float = 0.5  # the part of --cache-tokens one peer may hold
     max_stateless_tokens: int = 8192  # batch × length of one forward or backward pass
     throughput: str | float = "auto"  # auto, eval or a number (see engine.throughput.parse_throughput)
+    balance_period: float = 60.0  # with --blocks auto: check every random 0–2× this whether to move
+    balance_quality: float = 0.75  # move when the swarm's bottleneck grows more than 1/this (0: never move)
+    drain_timeout: float = 60.0  # after a move, sessions on the old range may finish this long, then fail over
     adapter_memory: int = 256 << 20  # bytes of clients' training adapters kept (by digest), from all peers
     peer_adapter_memory: int = 64 << 20  # ... and for one peer (also the most one request may carry)
     max_adapter_bytes: int = 64 << 20  # adapter tensors one inference session may carry (with its open)
@@ -126,6 +131,9 @@ class BlockServer:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._cache_changed = asyncio.Event()
+        self._moved_from: tuple[int, int] | None = None  # the range held before the last move
+        self.moves: list[dict] = []  # recent moves: {"time", "from", "to"}
+        self.balance_checks = 0  # times the balance loop looked at the swarm
         self._served_tokens = 0  # tokens computed since the last announcement (the load announced)
         self._served_since = time.monotonic()
         self._served_rate = 0.0
@@ -173,6 +181,8 @@ class BlockServer:
             server.state = "online"
             await server._announce(direct=True)
             server._tasks.append(asyncio.create_task(server._announce_loop()))
+            if fixed is None and cfg.balance_quality > 0:  # a range given by hand stays where it is
+                server._tasks.append(asyncio.create_task(server._balance_loop()))
         except BaseException:
             await host.close()
             raise
@@ -227,6 +237,55 @@ class BlockServer:
         await self.host.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._memory.shutdown(wait=False, cancel_futures=True)
+
+    # ---- load balancing --------------------------------------------------------------------
+
+    async def _balance_loop(self) -> None:
+        """Every random 0–2 × ``balance_period``: move where the swarm is weakest when that raises
+        its bottleneck enough (the decision: :func:`swarm.p2p.balance.should_move`, on the table as
+        it is at that moment)."""
+        from swarm.p2p.balance import should_move
+
+        while True:
+            await asyncio.sleep(random.uniform(0, 2) * self.cfg.balance_period)
+            self.balance_checks += 1
+            if self.state != "online":
+                continue
+            start = should_move(self.table.snapshot(), self.host.peer_id, self.num_blocks, self.cfg.balance_quality)
+            if start is not None and start != self.start_block:
+                try:
+                    await self.move(start)
+                except (CheckpointError, RuntimeError, MemoryError, OSError) as exc:
+                    log.warning("could not move to blocks %d:%d: %s", start, start + self.end_block - self.start_block, exc)
+
+    async def move(self, start: int) -> None:
+        """Serve the same number of blocks from ``start`` on: announce the new range as joining,
+        load it, announce it online; sessions on the old range may finish within
+        ``drain_timeout``, then end with ``session_expired`` (their clients fail over, replaying
+        their history, so their output stays exact). Requests for the old range from clients
+        with an older view are answered ``busy`` (they go elsewhere). If loading fails, the
+        server stays on its old range."""
+        old_blocks, old_range = self.blocks, (self.start_block, self.end_block)
+        end = start + old_range[1] - old_range[0]
+        log.info("moving from blocks %d:%d to %d:%d", *old_range, start, end)
+        self._moved_from = old_range
+        self.state, self.start_block, self.end_block = "joining", start, end
+        await self._announce(direct=True)
+        loop = asyncio.get_running_loop()
+        try:
+            blocks = await loop.run_in_executor(
+                self._executor, self.checkpoint.load_blocks, start, end, parse_dtype(self.cfg.dtype)
+            )
+        except BaseException:
+            self._moved_from = None
+            self.state, self.start_block, self.end_block = "online", *old_range
+            await self._announce(direct=True)
+            raise
+        self.blocks = attach(blocks)
+        self.state = "online"
+        self.moves = [*self.moves[-9:], {"time": time.time(), "from": list(old_range), "to": [start, end]}]
+        await self._announce(direct=True)
+        await self.inference.drain(old_blocks, self.cfg.drain_timeout)
 
     # ---- announcements ---------------------------------------------------------------------
 
@@ -376,6 +435,15 @@ class BlockServer:
         await write_frame(stream, Frame("info_reply", {"info": info}), timeout=self.cfg.request_timeout)
 
     def check_range(self, start, end) -> BlockRange:
+        moved = self._moved_from
+        if (self.state == "joining" or (moved and isinstance(start, int) and isinstance(end, int)
+                                        and moved[0] <= start < end <= moved[1]
+                                        and not self.start_block <= start < end <= self.end_block)):
+            # a client with an older view of the swarm: not its fault, it goes elsewhere
+            raise WireError(
+                f"this server moved from blocks {moved[0]}:{moved[1]} to {self.start_block}:{self.end_block}"
+                if moved else "this server is loading its blocks", BUSY,
+            )
         if not (isinstance(start, int) and isinstance(end, int)) or not self.start_block <= start < end <= self.end_block:
             raise ValueError(
                 f"blocks {start}:{end} are not served here (this server holds {self.start_block}:{self.end_block})"

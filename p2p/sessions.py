@@ -32,6 +32,7 @@ ends. Tensor work (allocating, zeroing and freeing caches, rewinding) runs off t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -103,6 +104,7 @@ class _Session:
     last_input: torch.Tensor | None = None
     last_output: torch.Tensor | None = None
     last_reordered: bool = False
+    ends_at: float | None = None  # set when the server moved away from its blocks (see Sessions.drain)
 
 
 @dataclass(eq=False)
@@ -144,6 +146,26 @@ class Sessions:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def drain(self, blocks: BlockRange, timeout: float) -> None:
+        """Let the sessions running on ``blocks`` (a range this server no longer serves) finish
+        within ``timeout`` seconds, then end the rest with ``session_expired`` (their clients
+        fail over and replay)."""
+        modules = {id(b) for b in blocks.blocks}
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [s for s in self.live.values() if id(s.blocks.blocks[0]) in modules]
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        for session in left:
+            session.ends_at = time.monotonic()  # noticed at its next wake-up, or now:
+            with contextlib.suppress(asyncio.QueueFull):
+                session.inbox.put_nowait(("client", SessionEnded(
+                    f"this server moved to blocks {self.server.start_block}:{self.server.end_block}; "
+                    "continue elsewhere", SESSION_EXPIRED)))
 
     # ---- inference -------------------------------------------------------------------------
 
@@ -279,6 +301,8 @@ class Sessions:
             lifetime_left = session.opened + cfg.session_timeout - now
             if lifetime_left <= 0:
                 raise SessionEnded(f"sessions last at most {cfg.session_timeout:g} s here; open a new one", SESSION_EXPIRED)
+            if session.ends_at is not None and now >= session.ends_at:
+                raise SessionEnded("this server moved to other blocks; continue elsewhere", SESSION_EXPIRED)
             if active is None:  # the room a session reserves returns quickly if it is never used
                 idle_left = session.opened + min(cfg.open_timeout, cfg.step_timeout) - now
             else:
