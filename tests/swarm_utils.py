@@ -123,3 +123,24 @@ def local_json(args: list[str]) -> dict:
     result = CliRunner().invoke(app, ["generate", "--local", "--json", *args])
     assert result.exit_code == 0, (result.output, result.exception)
     return json.loads(result.stdout)
+
+
+def swarm_generate(model_dir, initial_peer: str, cfg, on_token=None, *, prompt: str = "The capital of France is",
+                   adapter=None, **client_kw) -> list[int]:
+    """Generate through the swarm in this process (``adapter``: one from ``load_adapter``, or
+    None); ``on_token(i, chain)`` runs after token i with the chain serving it."""
+    from swarm.engine.client import ClientModel
+    from swarm.p2p.client import ClientConfig, generate_swarm
+    from swarm.p2p.table import model_id
+
+    client_model = ClientModel.load(model_dir)
+    chains, count = [], []
+
+    def hook(token):
+        count.append(token)
+        if on_token is not None:
+            on_token(len(count), chains[-1])
+
+    ccfg = ClientConfig(initial_peers=[initial_peer], **client_kw)
+    return generate_swarm(client_model, model_id(client_model.checkpoint), client_model.encode(prompt), cfg, ccfg,
+                          hook, chains.append, adapter=adapter)

@@ -18,9 +18,8 @@ import pytest
 from conftest import write_tiny_checkpoint
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
-from swarm.p2p.client import ClientConfig, RemoteChain, SwarmError, generate_swarm
-from swarm.p2p.table import model_id
-from swarm_utils import ServerProcess, run_swarm, running_swarm
+from swarm.p2p.client import RemoteChain, SwarmError
+from swarm_utils import ServerProcess, run_swarm, running_swarm, swarm_generate
 
 PROMPT = "The capital of France is"
 
@@ -32,21 +31,6 @@ def tiny6(tmp_path_factory):
 
 def _peer_of(server: ServerProcess) -> str:
     return server.maddr.rsplit("/p2p/", 1)[1]
-
-
-def swarm_generate(model_dir, initial_peer: str, cfg: GenerationConfig, on_token=None, **client_kw) -> list[int]:
-    """Generate through the swarm in this process; ``on_token(i, chain)`` runs after token i."""
-    client_model = ClientModel.load(model_dir)
-    chains, count = [], []
-
-    def hook(token):
-        count.append(token)
-        if on_token is not None:
-            on_token(len(count), chains[-1])
-
-    model = model_id(client_model.checkpoint)
-    ccfg = ClientConfig(initial_peers=[initial_peer], **client_kw)
-    return generate_swarm(client_model, model, client_model.encode(PROMPT), cfg, ccfg, hook, chains.append)
 
 
 def _serving(chain, block: int) -> str:

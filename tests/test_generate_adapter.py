@@ -25,11 +25,10 @@ from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
 from swarm.p2p import protocols
-from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
+from swarm.p2p.client import SwarmError
 from swarm.p2p.loop import run
-from swarm.p2p.table import model_id
 from swarm.p2p.wire import Frame, adapter_fields, read_frame, write_frame
-from swarm_utils import ServerProcess, generate_json
+from swarm_utils import ServerProcess, generate_json, swarm_generate
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 12
@@ -90,22 +89,6 @@ def swarm(case, tmp_path_factory):
         yield servers
 
 
-def _in_swarm(model_dir, maddr: str, cfg: GenerationConfig, adapter, on_token=None, **client_kw) -> list[int]:
-    """Generate through the swarm in this process; ``on_token(i, chain)`` runs after token i."""
-    client = ClientModel.load(model_dir)
-    chains, count = [], []
-
-    def hook(token):
-        count.append(token)
-        if on_token is not None:
-            on_token(len(count), chains[-1])
-
-    ccfg = ClientConfig(initial_peers=[maddr], **client_kw)
-    return generate_swarm(
-        client, model_id(client.checkpoint), client.encode(PROMPT), cfg, ccfg, hook, chains.append, adapter=adapter
-    )
-
-
 def _local(model_dir, cfg: GenerationConfig, adapter) -> list[int]:
     client = ClientModel.load(model_dir)
     return generate_local(client, client.encode(PROMPT), cfg, adapter=adapter)
@@ -138,11 +121,11 @@ def test_prompt_and_deep_prompt_adapters_through_the_swarm_equal_local(case, swa
     assert adapter.kind == {"prompt": "prompt", "deep": "deep-prompt"}[kind]
     greedy = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_ids=())
     expected = _local(model_dir, greedy, adapter)
-    assert _in_swarm(model_dir, swarm[0].maddr, greedy, adapter) == expected
+    assert swarm_generate(model_dir, swarm[0].maddr, greedy, adapter=adapter) == expected
     assert _local(model_dir, greedy, None) != expected, "the adapter must change the output"
     if kind == "deep":  # beams: every row gets the virtual tokens
         beams = GenerationConfig(max_new_tokens=6, num_beams=3, eos_token_ids=())
-        assert _in_swarm(model_dir, swarm[0].maddr, beams, adapter) == _local(model_dir, beams, adapter)
+        assert swarm_generate(model_dir, swarm[0].maddr, beams, adapter=adapter) == _local(model_dir, beams, adapter)
 
 
 def test_a_prompt_adapter_equals_peft_prompt_tuning(case):
@@ -174,9 +157,9 @@ def test_bad_adapters_are_refused_and_the_servers_keep_serving(case, swarm):
     unknown = {"2.self_attn.x_proj.lora_A": torch.randn(4, hidden), "2.self_attn.x_proj.lora_B": torch.randn(hidden, 4)}
     for tensors, message in ((wrong_shape, r"must be \[r, 64\]"), (unknown, "has no linear 'self_attn.x_proj'")):
         with pytest.raises(SwarmError, match=f"refused the request: .*{message}"):
-            _in_swarm(model_dir, swarm[0].maddr, cfg, Adapter("lora", tensors), wait_timeout=10.0)
+            swarm_generate(model_dir, swarm[0].maddr, cfg, adapter=Adapter("lora", tensors), wait_timeout=10.0)
     lora = load_adapter(case["root"] / "lora", Checkpoint(model_dir))
-    assert _in_swarm(model_dir, swarm[0].maddr, cfg, lora) == _local(model_dir, cfg, lora)
+    assert swarm_generate(model_dir, swarm[0].maddr, cfg, adapter=lora) == _local(model_dir, cfg, lora)
     assert all(s.proc.poll() is None for s in swarm)
 
 
@@ -263,6 +246,6 @@ def test_failover_with_an_adapter_gives_the_same_tokens(case, swarm):
             victim.proc.wait()
             killed.append(victim.blocks)
 
-    tokens = _in_swarm(model_dir, swarm[0].maddr, cfg, both, on_token, step_timeout=5.0, wait_timeout=20.0)
+    tokens = swarm_generate(model_dir, swarm[0].maddr, cfg, on_token, adapter=both, step_timeout=5.0, wait_timeout=20.0)
     assert killed == [(2, 4)]
     assert tokens == expected

@@ -266,9 +266,10 @@ def _fuzz_cases(checkpoint: Checkpoint) -> list[tuple[str, str, Frame]]:
     ]
 
 
-async def _reply_kind(remote: RemoteBlocks, peer: str, frame: Frame) -> str:
+async def _reply_kind(host, peer: str, frame: Frame) -> str:
+    """Send a forward or backward ``frame`` to ``peer``: the reply's kind, or its error code."""
     protocol = protocols.FORWARD if frame.kind == "forward" else protocols.BACKWARD
-    stream = await remote.client.host.open_stream(peer, protocol, timeout=10)
+    stream = await host.open_stream(peer, protocol, timeout=10)
     try:
         await write_frame(stream, frame, timeout=20)
         reply = await read_frame(stream, timeout=20)
@@ -294,7 +295,7 @@ def test_malformed_adapter_requests_get_errors_while_inference_stays_exact(swarm
     inference = threading.Thread(target=lambda: results.update(during=generate(swarm.head, open_session, prompt, cfg)))
     inference.start()
     cases = _fuzz_cases(checkpoint)
-    outcomes = {name: remote.background.call(_reply_kind(remote, target, frame), timeout=60) for name, _, frame in cases}
+    outcomes = {name: remote.background.call(_reply_kind(remote.client.host, target, frame), timeout=60) for name, _, frame in cases}
     inference.join(60)
     after = generate(swarm.head, open_session, prompt, cfg)
     assert outcomes == {name: code for name, code, _ in cases}
@@ -402,24 +403,15 @@ def test_backward_gradients_by_digest_count_in_the_frame_budget(tmp_path):
     hidden = torch.randn(1, 2, checkpoint.config.hidden_size)
     adapter_bytes = sum(v.numel() * v.element_size() for v in lora.values())  # 4 KiB; gradients 8 KiB
 
-    async def ask(host, sp, protocol, frame):
-        stream = await host.open_stream(sp, protocol, timeout=10)
-        try:
-            await write_frame(stream, frame, timeout=10)
-            reply = await read_frame(stream, timeout=10)
-            return reply.kind if reply.kind != "error" else reply["code"]
-        finally:
-            await stream.close()
-
     async def scenario():
         server_cm = served(model_dir, "0:2", peer_frame_memory=2 * adapter_bytes)
         async with server_cm as (server, maddr), peer(maddr) as (host, sp):
             up = Frame("forward", {"start": 0, "end": 2, **adapter_fields(digest, spec, names)},
                        [hidden, *(lora[n] for n in names)])
-            assert await ask(host, sp, protocols.FORWARD, up) == "result"
+            assert await _reply_kind(host, sp, up) == "result"
             back = Frame("backward", {"start": 0, "end": 2, **adapter_fields(digest, spec, None)},
                          [hidden, torch.ones_like(hidden)])
-            assert await ask(host, sp, protocols.BACKWARD, back) == "busy"
+            assert await _reply_kind(host, sp, back) == "busy"
             await eventually(lambda: server.frames.used() == 0, what="frame bytes given back")
 
     run(scenario())
