@@ -1,10 +1,5 @@
 """``swarm finetune``: parse flags, check the data, load the client and the blocks, call
-:func:`swarm.engine.finetune.finetune`, show progress and a summary.
-
-Standalone (it does not import :mod:`swarm.cli.main`, which registers it: ``python -m
-swarm.cli.main`` would otherwise import main twice), so it has its own copy of the one-line
-error helper and of the shared options' help texts.
-"""
+:func:`swarm.engine.finetune.finetune`, show progress and a summary."""
 
 from __future__ import annotations
 
@@ -14,17 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True, soft_wrap=True)
+from swarm.cli.common import InitialPeersOpt, ModelOpt, err, fail, peers, setup_logging
+
 INTERRUPTED = 130
-
-
-def _fail(message: str, code: int = 1) -> None:
-    from rich.markup import escape
-
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
 
 
 def finetune(
@@ -33,23 +21,9 @@ def finetune(
         Path, typer.Option("--output", "-o", help="Directory for the adapter, metrics.jsonl and checkpoint/.")
     ],
     adapter: Annotated[str, typer.Option("--adapter", help="What to train: lora, prompt or deep-prompt.")] = "lora",
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            help="Checkpoint: the default model's name, a local directory (config.json + safetensors) or a Hub repo id.",
-            show_default="SmolLM2-135M-Instruct",
-        ),
-    ] = None,
+    model: ModelOpt = None,
     local: Annotated[bool, typer.Option("--local", help="Run every block in this process (no swarm).")] = False,
-    initial_peers: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--initial-peers",
-            envvar="SWARM_INITIAL_PEERS",
-            help="Multiaddr(s) of peers already in the swarm, as printed by `swarm serve` (env: SWARM_INITIAL_PEERS).",
-        ),
-    ] = None,
+    initial_peers: InitialPeersOpt = None,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.", rich_help_panel="LoRA")] = 8,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale alpha/rank).", rich_help_panel="LoRA")] = 16.0,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.", rich_help_panel="LoRA")] = 0.0,
@@ -137,7 +111,7 @@ def _run(a: dict) -> None:
     try:  # flags and data first: a bad file fails before torch and the model load
         records = read_jsonl(a["data"])
     except DataError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, resolve_model
     from swarm.engine.default_model import DEFAULT_MODEL
@@ -162,7 +136,7 @@ def _run(a: dict) -> None:
         dataset = tokenize_records(records, client.tokenizer, a["data"], cfg.max_length, eos)
         preflight(cfg, client, dataset)
     except (ValueError, ModelNotAvailableError, UnsupportedModelError) as exc:
-        _fail(str(exc))  # DataError and CheckpointError are ValueErrors
+        fail(str(exc))  # DataError and CheckpointError are ValueErrors
     errors: tuple[type[BaseException], ...] = (ValueError, OSError)
     blocks = None
     try:
@@ -176,7 +150,7 @@ def _run(a: dict) -> None:
             errors += swarm_errors
         result = _train(cfg, blocks, client, dataset, a["as_json"])
     except errors as exc:
-        _fail(str(exc) or type(exc).__name__)
+        fail(str(exc) or type(exc).__name__)
     finally:
         if blocks is not None and hasattr(blocks, "close"):
             blocks.close()
@@ -186,8 +160,8 @@ def _run(a: dict) -> None:
 def _connect(client, a: dict):
     """The swarm's blocks as a module (``RemoteBlocks``), and the errors that mean "the swarm
     cannot do it" (reported in one line)."""
-    peers = [p for v in a["initial_peers"] or [] for p in v.replace(",", " ").split()]
-    if not peers:
+    initial = peers(a["initial_peers"])
+    if not initial:
         raise ValueError("--initial-peers: give a peer of the swarm (as printed by `swarm serve`), or train with --local")
     from swarm.p2p.client import ClientConfig, SwarmError
     from swarm.p2p.host import P2PError
@@ -195,15 +169,11 @@ def _connect(client, a: dict):
     from swarm.p2p.routing import NoRouteError
     from swarm.p2p.wire import RemoteError, WireError
 
-    import logging
-
-    # failovers are reported on stderr, as by `swarm generate`
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    ccfg = ClientConfig(initial_peers=peers, step_timeout=a["step_timeout"], wait_timeout=a["timeout"])
+    setup_logging(False)  # failovers are reported on stderr, as by `swarm generate`
+    ccfg = ClientConfig(initial_peers=initial, step_timeout=a["step_timeout"], wait_timeout=a["timeout"])
     errors = (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
     try:
-        return RemoteBlocks.connect(client.checkpoint, peers, ccfg), errors
+        return RemoteBlocks.connect(client.checkpoint, initial, ccfg), errors
     except errors as exc:
         raise ValueError(str(exc) or type(exc).__name__) from None
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+
+from swarm.cli.common import (
+    DtypeOpt,
+    InitialPeersOpt,
+    ModelOpt,
+    check,
+    check_seconds,
+    fail,
+    peers,
+    setup_logging,
+)
 
 app = typer.Typer(
     name="swarm",
@@ -18,66 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)
-
 GAPS = 3  # `swarm status`: some blocks have no server
-
-
-def _fail(message: str, code: int = 1) -> None:
-    from rich.markup import escape
-
-    # escaped: messages quote paths, lists and errors ("[Errno 2]") that rich would read as markup
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _check(ok: bool, flag: str, rule: str, value: object) -> None:
-    """Raise ``ValueError`` naming ``flag`` and the rule its ``value`` breaks, unless ``ok``."""
-    if not ok:
-        raise ValueError(f"{flag} must be {rule}, got {value}")
-
-
-def _check_seconds(flag: str, value: float, zero_ok: bool = False) -> None:
-    ok = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
-    _check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value)
-
-
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--model",
-        help="Checkpoint: the default model's name, a local directory (config.json + safetensors) or a Hub repo id.",
-        show_default="SmolLM2-135M-Instruct",
-    ),
-]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations dtype: float32 or bfloat16.")]
-
-
-InitialPeersOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--initial-peers",
-        envvar="SWARM_INITIAL_PEERS",
-        help="Multiaddr(s) of peers already in the swarm, as printed by `swarm serve` (env: SWARM_INITIAL_PEERS).",
-    ),
-]
-
-
-def _peers(values: Optional[list[str]]) -> list[str]:
-    # accept repeated flags and comma/space-separated lists (the environment form)
-    return [p for v in values or [] for p in v.replace(",", " ").split()]
-
-
-def _setup_logging(verbose: bool) -> None:
-    import logging
-
-    # plain lines on stderr: easy to read in a terminal and to grep in a log file
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 @app.command()
@@ -163,27 +114,27 @@ def serve(
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
 
     try:
-        _check(num_blocks is None or num_blocks >= 1, "--num-blocks", "at least 1", num_blocks)
-        _check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
-        _check(identity is None or not identity.is_dir(), "--identity", "a key file, not a directory", identity)
-        _check(cache_tokens >= 1, "--cache-tokens", "at least 1", cache_tokens)
-        _check_seconds("--announce-period", announce_period)
-        _check_seconds("--step-timeout", step_timeout)
-        _check(threads is None or threads >= 1, "--threads", "at least 1", threads)
-        _check_seconds("--open-timeout", open_timeout)
-        _check_seconds("--request-timeout", request_timeout)
-        _check(0 < peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", peer_cache_share)
-        _check(max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", max_peer_sessions)
-        _check(frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", frame_memory)
+        check(num_blocks is None or num_blocks >= 1, "--num-blocks", "at least 1", num_blocks)
+        check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
+        check(identity is None or not identity.is_dir(), "--identity", "a key file, not a directory", identity)
+        check(cache_tokens >= 1, "--cache-tokens", "at least 1", cache_tokens)
+        check_seconds("--announce-period", announce_period)
+        check_seconds("--step-timeout", step_timeout)
+        check(threads is None or threads >= 1, "--threads", "at least 1", threads)
+        check_seconds("--open-timeout", open_timeout)
+        check_seconds("--request-timeout", request_timeout)
+        check(0 < peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", peer_cache_share)
+        check(max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", max_peer_sessions)
+        check(frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", frame_memory)
         from swarm.engine.throughput import parse_throughput
 
         throughput_spec = parse_throughput(throughput)
-        _check_seconds("--balance-period", balance_period)
-        _check(0 <= balance_quality <= 1, "--balance-quality", "between 0 and 1 (0: never move)", balance_quality)
-        _check_seconds("--drain-timeout", drain_timeout, zero_ok=True)
-        _check(adapter_memory >= 1, "--adapter-memory", "at least 1 (MiB)", adapter_memory)
-        _check(session_adapter_memory >= 1, "--session-adapter-memory", "at least 1 (MiB)", session_adapter_memory)
-        _setup_logging(verbose)
+        check_seconds("--balance-period", balance_period)
+        check(0 <= balance_quality <= 1, "--balance-quality", "between 0 and 1 (0: never move)", balance_quality)
+        check_seconds("--drain-timeout", drain_timeout, zero_ok=True)
+        check(adapter_memory >= 1, "--adapter-memory", "at least 1 (MiB)", adapter_memory)
+        check(session_adapter_memory >= 1, "--session-adapter-memory", "at least 1 (MiB)", session_adapter_memory)
+        setup_logging(verbose)
         if threads is not None:
             import torch
 
@@ -198,7 +149,7 @@ def serve(
             port=port,
             # claimed now: a key file in use by another process is refused before anything loads
             identity=claim_identity(identity) if identity else default_identity(swarm_home()),
-            initial_peers=_peers(initial_peers),
+            initial_peers=peers(initial_peers),
             new_swarm=new_swarm,
             public_name=public_name,
             announce_period=announce_period,
@@ -225,7 +176,7 @@ def serve(
 
         serve_forever(cfg, on_ready=ready)
     except (ValueError, ModelNotAvailableError, UnsupportedModelError, OSError, P2PError) as exc:
-        _fail(str(exc))  # CheckpointError is a ValueError; OSError includes ConnectionError
+        fail(str(exc))  # CheckpointError is a ValueError; OSError includes ConnectionError
     except KeyboardInterrupt:
         pass
 
@@ -275,7 +226,7 @@ def generate(
         spec = model or DEFAULT_MODEL
         quick_prompt_check(default_model_dir() if spec in ALIASES else Path(spec).expanduser(), prompt)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from swarm.engine.adapter_io import load_adapter
     from swarm.engine.checkpoint import parse_dtype
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
@@ -283,8 +234,8 @@ def generate(
     from swarm.engine.generation import GenerationConfig, check_prompt_length
 
     try:
-        _check_seconds("--step-timeout", step_timeout)
-        _check_seconds("--timeout", timeout, zero_ok=True)
+        check_seconds("--step-timeout", step_timeout)
+        check_seconds("--timeout", timeout, zero_ok=True)
         torch_dtype = parse_dtype(dtype)
         do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
         cfg = GenerationConfig(
@@ -308,7 +259,7 @@ def generate(
         virtual = loaded.num_virtual_tokens if loaded is not None else 0
         check_prompt_length(len(prompt_ids), client.head.max_positions, virtual)  # before any network setup
     except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -330,9 +281,9 @@ def generate(
             from swarm.p2p.wire import RemoteError, WireError
 
             errors += (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
-            _setup_logging(False)  # recoveries from failed servers are reported on stderr
+            setup_logging(False)  # recoveries from failed servers are reported on stderr
             ccfg = ClientConfig(
-                initial_peers=_peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
+                initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
             )
             model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream, adapter=loaded)
@@ -342,7 +293,7 @@ def generate(
         if isinstance(exc, KeyboardInterrupt):
             raise typer.Exit(130) from None
         if isinstance(exc, errors):
-            _fail(str(exc) or type(exc).__name__)
+            fail(str(exc) or type(exc).__name__)
         raise
     text = client.decode(tokens)
     if as_json:
@@ -386,7 +337,7 @@ def status(
     from swarm.p2p.status import gather_status
 
     try:
-        _check_seconds("--interval", interval)
+        check_seconds("--interval", interval)
         model_name = None
         if model is not None:
             from swarm.engine.checkpoint import Checkpoint
@@ -396,13 +347,13 @@ def status(
             path = resolve_model(model, quiet=True)
             model_name = model_id(Checkpoint(path))
     except (ValueError, ModelNotAvailableError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
     def once() -> dict:
         try:
-            return run(gather_status(_peers(initial_peers), model_name))
+            return run(gather_status(peers(initial_peers), model_name))
         except SwarmError as exc:
-            _fail(str(exc))
+            fail(str(exc))
 
     from swarm.cli.render import status_view
 

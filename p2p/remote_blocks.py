@@ -43,6 +43,7 @@ from torch import nn
 from swarm.engine.adapters import AdapterSpec, adapter_digest, span_tensors
 from swarm.engine.checkpoint import Checkpoint
 from swarm.p2p import protocols
+from swarm.p2p.adapter_store import tensor_bytes
 from swarm.p2p.client import INFO_FRAME, ClientConfig, SpanFailure, SwarmClient, SwarmError
 from swarm.p2p.host import P2PError
 from swarm.p2p.loop import BackgroundLoop
@@ -263,7 +264,7 @@ class RemoteBlocks(nn.Module):
     async def _rows_per_request(self, span: Span, x: torch.Tensor, sub: dict, kind: str) -> int:
         limits = await self._server_limits(span.peer_id)
         batch, seq = x.shape[0], x.shape[1]
-        adapter_bytes = sum(t.numel() * t.element_size() for t in sub.values())
+        adapter_bytes = tensor_bytes(sub)
         max_adapter = limits.get("peer_adapter_memory")
         if isinstance(max_adapter, int) and adapter_bytes > max_adapter:
             raise SwarmError(

@@ -1,0 +1,72 @@
+"""What the ``swarm`` commands share: one-line errors, flag checks, common options, logging.
+
+Its own module so that every command's module imports it (``python -m swarm.cli.main`` would
+import ``main`` twice if a command's module imported ``main``)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    from rich.markup import escape
+
+    # escaped: messages quote paths, lists and errors ("[Errno 2]") that rich would read as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def check(ok: bool, flag: str, rule: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``flag`` and the rule its ``value`` breaks, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{flag} must be {rule}, got {value}")
+
+
+def check_seconds(flag: str, value: float, zero_ok: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+    check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value)
+
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        help="Checkpoint: the default model's name, a local directory (config.json + safetensors) or a Hub repo id.",
+        show_default="SmolLM2-135M-Instruct",
+    ),
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations dtype: float32 or bfloat16.")]
+
+
+InitialPeersOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--initial-peers",
+        envvar="SWARM_INITIAL_PEERS",
+        help="Multiaddr(s) of peers already in the swarm, as printed by `swarm serve` (env: SWARM_INITIAL_PEERS).",
+    ),
+]
+
+
+def peers(values: Optional[list[str]]) -> list[str]:
+    # accept repeated flags and comma/space-separated lists (the environment form)
+    return [p for v in values or [] for p in v.replace(",", " ").split()]
+
+
+def setup_logging(verbose: bool) -> None:
+    import logging
+
+    # plain lines on stderr: easy to read in a terminal and to grep in a log file
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
