@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -36,8 +37,25 @@ def serve(
     model: ModelOpt = None,
     blocks: Annotated[str, typer.Option("--blocks", help="Block range START:END (end exclusive), or auto.")] = "auto",
     num_blocks: Annotated[
-        Optional[int], typer.Option("--num-blocks", help="With --blocks auto: how many blocks (default: a third).")
+        Optional[int], typer.Option(
+            "--num-blocks", help="With --blocks auto: how many blocks (default: as many as fit in --memory)."
+        ),
     ] = None,
+    memory: Annotated[
+        Optional[float],
+        typer.Option(
+            "--memory",
+            help="GB this server may use for blocks and their KV cache (default: the memory available at start).",
+        ),
+    ] = None,
+    choice_delay: Annotated[
+        float,
+        typer.Option(
+            "--choice-delay",
+            help="With --blocks auto: wait a random 0 to this many seconds before choosing (servers started "
+            "together spread out).",
+        ),
+    ] = 5.0,
     port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port).")] = 0,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     initial_peers: InitialPeersOpt = None,
@@ -74,9 +92,17 @@ def serve(
         str,
         typer.Option(
             "--throughput",
-            help="Announced speed: auto (measured once, cached), eval (measure again) or tokens/s of one block.",
+            help="Announced speed in tokens/s: auto (min of compute, measured once and cached, and network), "
+            "eval (measure compute again) or a number announced as it is.",
         ),
     ] = "auto",
+    bandwidth: Annotated[
+        Optional[float],
+        typer.Option(
+            "--bandwidth",
+            help="The link's speed in Mbit/s (default: measured against a peer; assumed 100 until one answers).",
+        ),
+    ] = None,
     balance_period: Annotated[
         float,
         typer.Option("--balance-period", help="With --blocks auto: check every random 0–2× this many seconds whether to move."),
@@ -115,6 +141,9 @@ def serve(
 
     try:
         check(num_blocks is None or num_blocks >= 1, "--num-blocks", "at least 1", num_blocks)
+        check(memory is None or 0 < memory < math.inf, "--memory", "a positive number of GB", memory)
+        check_seconds("--choice-delay", choice_delay, zero_ok=True)
+        check(bandwidth is None or 0 < bandwidth < math.inf, "--bandwidth", "a positive number of Mbit/s", bandwidth)
         check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
         check(identity is None or not identity.is_dir(), "--identity", "a key file, not a directory", identity)
         check(cache_tokens >= 1, "--cache-tokens", "at least 1", cache_tokens)
@@ -143,6 +172,9 @@ def serve(
             model_dir=resolve_model(model),
             blocks=blocks,
             num_blocks=num_blocks,
+            memory=memory,
+            choice_delay=choice_delay,
+            bandwidth=bandwidth,
             dtype=dtype,
             cache_tokens=cache_tokens,
             listen_host=host,
@@ -261,7 +293,11 @@ def generate(
     except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError) as exc:
         fail(str(exc))
 
+    wrote = False
+
     def write(text: str) -> None:
+        nonlocal wrote
+        wrote = wrote or bool(text)  # first: a Ctrl-C right after the write must still end the line
         sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -288,7 +324,7 @@ def generate(
             model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream, adapter=loaded)
     except BaseException as exc:
-        if stream is not None and stream.printed:
+        if wrote:
             write("\n")  # end the partial output's line
         if isinstance(exc, KeyboardInterrupt):
             raise typer.Exit(130) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -33,7 +35,7 @@ def status_view(data: dict) -> Group:
             s["name"] or "-",
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
-            f"{s['throughput']:.0f}",
+            _speed(s),
             f"{s.get('sessions', 0)} · {s.get('served', 0.0):.0f}/s",
             str(s["cache_tokens_left"]),
             "-" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms",
@@ -50,4 +52,35 @@ def status_view(data: dict) -> Group:
     if low and low["blocks"] and not gaps:
         where = ", ".join(f"{a}:{b}" for a, b in low["blocks"])
         summary.append(f"\nbottleneck {low['throughput']:.0f} tok/s (total of the servers) at blocks {where}")
+    notes = []
+    if any(s.get("bandwidth_source") == "assumed" for s in data["servers"]):
+        notes.append("* network speed assumed (no peer to measure the link against yet, and no --bandwidth)")
+    if any(s.get("throughput_source") == "given" for s in data["servers"]):
+        notes.append("= speed given with --throughput, not measured")
+    moves = data.get("moves") or []
+    if moves:
+        now = time.time()
+        notes.append("recent moves: " + "; ".join(
+            f"…{m['peer_id'][-6:]} {m['from'][0]}:{m['from'][1]} → {m['to'][0]}:{m['to'][1]} "
+            f"{_ago(now - m['time'])}" for m in moves[:5]
+        ))
+    if notes:
+        summary.append("\n" + "\n".join(notes), style="dim")
     return Group(table, summary)
+
+
+def _speed(s: dict) -> str:
+    """A server's tokens/s, marked ``=`` when given (``--throughput N``) and ``*`` when its network
+    part is assumed."""
+    mark = "=" if s.get("throughput_source") == "given" else ""
+    mark += "*" if s.get("bandwidth_source") == "assumed" else ""
+    return f"{s['throughput']:.0f}{mark}"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"

@@ -1,19 +1,27 @@
-"""How fast this machine runs a block: single-token decode steps per second for one block.
+"""What a server adds to a chain, in tokens/s: min(compute, network), as the paper defines it.
 
-Measured once per (model, dtype, threads) and cached in ``$SWARM_HOME/throughput.json``, as the
-reference system does, so restarts announce at once.
+- compute: single-token decode steps per second of one block (with a KV cache), ÷ the number of
+  this server's blocks a request is expected to use, (n + 1) / 2 for a server of n blocks (a chain
+  enters or leaves a server anywhere in its range). Measured once per (model, dtype, quantization,
+  threads, CPU) and cached in ``$SWARM_HOME/throughput.json``, as the reference system does, so
+  restarts announce at once.
+- network: the link's bandwidth ÷ the bits of one token's hidden state on the wire.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 import time
+from dataclasses import asdict, dataclass
 
 import torch
-
 from swarm.engine.checkpoint import BlockRange
 from swarm.engine.default_model import swarm_home
+
+ASSUMED_BANDWIDTH_MBIT = 100.0  # announced when nothing was measured or given (status marks it "assumed")
+WIRE_BITS = 32  # bits per value of a hidden state on the wire (clients send float32 activations)
 
 
 def measure_block_throughput(blocks: BlockRange, steps: int = 8, context: int = 32) -> float:
@@ -32,8 +40,8 @@ def measure_block_throughput(blocks: BlockRange, steps: int = 8, context: int = 
 
 def parse_throughput(spec: str) -> str | float:
     """``--throughput``: ``auto`` (the cached measurement, measured once), ``eval`` (measure again
-    and update the cache) or a positive number of decode steps per second of one block (announced
-    as it is: tests and descriptions of other machines). Raises ``ValueError`` naming the flag."""
+    and update the cache) or a positive number of tokens/s, announced as it is (tests, and
+    descriptions of other machines). Raises ``ValueError`` naming the flag."""
     if spec in ("auto", "eval"):
         return spec
     try:
@@ -41,23 +49,88 @@ def parse_throughput(spec: str) -> str | float:
     except ValueError:
         value = float("nan")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"--throughput must be auto, eval or a positive number (tokens/s of one block), got {spec!r}")
+        raise ValueError(f"--throughput must be auto, eval or a positive number (tokens/s), got {spec!r}")
     return value
 
 
-def cached_block_throughput(model: str, blocks: BlockRange, refresh: bool = False) -> float:
-    """:func:`measure_block_throughput`, cached on disk by model, dtype and thread count
-    (``refresh``: measure again and replace the cached figure)."""
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cache_key(model: str, dtype: torch.dtype, quantization: str = "none") -> str:
+    """What a block's speed depends on: the model, dtype, quantization, threads and processor."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{model}/{dtype_name}/quant={quantization}/threads={torch.get_num_threads()}/cpu={cpu_name()}"
+
+
+def cached_block_throughput(model: str, blocks: BlockRange, refresh: bool = False, quantization: str = "none") -> tuple[float, bool]:
+    """:func:`measure_block_throughput`, cached on disk by :func:`cache_key` (``refresh``: measure
+    again and replace the cached figure). Returns (steps/s of one block, whether it was measured
+    now)."""
     path = swarm_home() / "throughput.json"
-    key = f"{model}/{str(blocks.dtype).removeprefix('torch.')}/threads={torch.get_num_threads()}"
+    key = cache_key(model, blocks.dtype, quantization)
     try:
         cache = json.loads(path.read_text())
+        figure = cache.get(key) if isinstance(cache, dict) else None
     except (OSError, ValueError):
+        cache, figure = {}, None
+    if not isinstance(cache, dict):
         cache = {}
-    if refresh or key not in cache:
-        cache[key] = round(measure_block_throughput(blocks), 2)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        tmp.replace(path)
-    return cache[key]
+    if not refresh and isinstance(figure, (int, float)) and math.isfinite(figure) and figure > 0:
+        return float(figure), False
+    cache[key] = round(measure_block_throughput(blocks), 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return cache[key], True
+
+
+def expected_blocks_used(num_blocks: int) -> float:
+    """How many of a server's ``num_blocks`` blocks a request is expected to pass through."""
+    return (num_blocks + 1) / 2
+
+
+def network_throughput(bandwidth_mbit: float, hidden_size: int, bits: int = WIRE_BITS) -> float:
+    """Tokens/s a link of ``bandwidth_mbit`` carries: one token is one hidden state of ``bits`` per value."""
+    return bandwidth_mbit * 1e6 / (hidden_size * bits)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a server announces about its speed. ``throughput`` is what balancing and routing use;
+    the rest says where it comes from (``source``: measured, cached or given; ``bandwidth_source``:
+    measured, given or assumed)."""
+
+    throughput: float  # tokens/s this server adds to a chain
+    compute: float  # tokens/s of its compute (0: not measured, the throughput was given)
+    network: float  # tokens/s its link carries
+    bandwidth: float  # Mbit/s
+    source: str = "measured"
+    bandwidth_source: str = "assumed"
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+
+def server_throughput(
+    block_rate: float | None, num_blocks: int, bandwidth_mbit: float, hidden_size: int,
+    given: float | None = None, source: str = "measured", bandwidth_source: str = "assumed",
+) -> Throughput:
+    """min(compute, network) for a server of ``num_blocks`` blocks, one of which runs ``block_rate``
+    decode steps/s, on a link of ``bandwidth_mbit``; ``given`` (``--throughput NUMBER``) replaces
+    the minimum (compute is then reported as 0 unless a ``block_rate`` is known)."""
+    compute = block_rate / expected_blocks_used(num_blocks) if block_rate else 0.0
+    network = network_throughput(bandwidth_mbit, hidden_size)
+    if given is not None:
+        return Throughput(given, round(compute, 2), round(network, 2), bandwidth_mbit, "given", bandwidth_source)
+    return Throughput(round(min(compute, network), 2), round(compute, 2), round(network, 2), bandwidth_mbit,
+                      source, bandwidth_source)

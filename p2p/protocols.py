@@ -9,6 +9,7 @@ INFERENCE = "/swarm/inference/1.0.0"
 PUSH = "/swarm/push/1.0.0"  # a server hands a step's output to the next server of the chain
 FORWARD = "/swarm/forward/1.0.0"
 BACKWARD = "/swarm/backward/1.0.0"
+PROBE = "/swarm/probe/1.0.0"  # a timed echo: how fast the link between two peers is
 
 
 async def request(host, peer_id: str, protocol: str, frame: Frame, timeout: float, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:

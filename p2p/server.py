@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -34,21 +33,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
-
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach, run_backward, run_forward
 from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
-from swarm.engine.families import CheckpointError
-from swarm.p2p import protocols
-from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
+from swarm.engine.throughput import Throughput
+from swarm.p2p import placement, protocols
 from swarm.p2p.adapter_store import AdapterStore
+from swarm.p2p.bandwidth import handle_probe
+from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.identity import Identity, claim_default_identity
 from swarm.p2p.limits import FrameBudget, FrameBudgetError
-from swarm.p2p.routing import choose_blocks
 from swarm.p2p.sessions import Sessions, check_hidden
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
-from swarm.p2p.wire import BAD_REQUEST, BUSY, DEFAULT_MAX_FRAME, SERVER_ERROR, Frame, RemoteError, WireError, error_frame, read_frame, write_frame
+from swarm.p2p.wire import (
+    BAD_REQUEST,
+    BUSY,
+    DEFAULT_MAX_FRAME,
+    SERVER_ERROR,
+    Frame,
+    RemoteError,
+    WireError,
+    error_frame,
+    read_frame,
+    write_frame,
+)
 
 log = logging.getLogger("swarm.server")
 
@@ -57,7 +66,10 @@ log = logging.getLogger("swarm.server")
 class ServerConfig:
     model_dir: Path
     blocks: str = "auto"  # "START:END" or "auto"
-    num_blocks: int | None = None  # with auto; default: a third of the model, at least 1
+    num_blocks: int | None = None  # with auto; default: as many as fit in memory (see engine.memory)
+    memory: float | None = None  # GB the server may use (blocks + KV budget); default: what is available
+    choice_delay: float = 5.0  # with auto: wait a random 0–this many seconds before choosing blocks
+    bandwidth: float | None = None  # Mbit/s of the link; default: measured against a peer, else assumed
     dtype: str = "float32"
     cache_tokens: int = 32768
     listen_host: str = "127.0.0.1"
@@ -103,7 +115,7 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
 
 
 # concurrent streams one peer may have open per protocol (inference: max_peer_sessions + 8)
-PEER_STREAMS = {protocols.INFO: 8, protocols.PUSH: 8, protocols.FORWARD: 8, protocols.BACKWARD: 8}
+PEER_STREAMS = {protocols.PROBE: 2, protocols.INFO: 8, protocols.PUSH: 8, protocols.FORWARD: 8, protocols.BACKWARD: 8}
 
 
 class BlockServer:
@@ -117,7 +129,8 @@ class BlockServer:
         self.blocks: BlockRange | None = None
         self.start_block = self.end_block = 0
         self.state = "joining"
-        self.throughput = 0.0
+        self.throughput = 0.0  # tokens/s announced (self.speed.throughput once measured)
+        self.speed = Throughput(0.0, 0.0, 0.0, 0.0)
         self.frames = FrameBudget(cfg.frame_memory, min(cfg.peer_frame_memory, cfg.frame_memory))
         self.peer_cache_tokens = max(1, int(cfg.peer_cache_share * cfg.cache_tokens))
         self.context = checkpoint.config.max_positions  # None: no fixed limit (ALiBi)
@@ -157,8 +170,9 @@ class BlockServer:
         server = cls(cfg, host, checkpoint, model, executor)
         try:
             host.set_stream_handler(protocols.INFO, server._limited(protocols.INFO, server._handle_info))
+            host.set_stream_handler(protocols.PROBE, server._limited(protocols.PROBE, functools.partial(handle_probe, server)))
             await server._join()
-            start, end = fixed if fixed else server._auto_range()
+            start, end = fixed if fixed else await placement.initial_range(server)
             server.start_block, server.end_block = start, end
             await server._announce()  # joining: others see the range being loaded
             loop = asyncio.get_running_loop()
@@ -166,14 +180,8 @@ class BlockServer:
                 server._executor, checkpoint.load_blocks, start, end, dtype
             )
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
-            from swarm.engine.throughput import cached_block_throughput
-
-            if isinstance(cfg.throughput, str):  # auto: the cached figure; eval: measured again
-                server.throughput = await loop.run_in_executor(
-                    server._executor, cached_block_throughput, model, server.blocks, cfg.throughput == "eval"
-                )
-            else:
-                server.throughput = float(cfg.throughput)
+            server.speed = await placement.measure_speed(server)
+            server.throughput = server.speed.throughput
             host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
             host.set_stream_handler(protocols.PUSH, server._limited(protocols.PUSH, server.inference.handle_push))
             host.set_stream_handler(protocols.FORWARD, server._limited(protocols.FORWARD, server._handle_forward))
@@ -181,8 +189,10 @@ class BlockServer:
             server.state = "online"
             await server._announce(direct=True)
             server._tasks.append(asyncio.create_task(server._announce_loop()))
+            if server.speed.bandwidth_source == "assumed":
+                server._tasks.append(asyncio.create_task(placement.measure_bandwidth_later(server)))
             if fixed is None and cfg.balance_quality > 0:  # a range given by hand stays where it is
-                server._tasks.append(asyncio.create_task(server._balance_loop()))
+                server._tasks.append(asyncio.create_task(placement.balance_loop(server)))
         except BaseException:
             await host.close()
             raise
@@ -212,14 +222,6 @@ class BlockServer:
         for err in errors:
             log.warning("initial peer skipped: %s", err)
 
-    def _auto_range(self) -> tuple[int, int]:
-        if self.cfg.num_blocks is not None and self.cfg.num_blocks < 1:
-            raise ValueError(f"--num-blocks must be at least 1, got {self.cfg.num_blocks}")
-        count = self.cfg.num_blocks or max(1, self.num_blocks // 3)
-        others = {p: s for p, s in self.table.snapshot().items() if p != self.host.peer_id}
-        start = choose_blocks(others, self.num_blocks, count)
-        return start, min(start + count, self.num_blocks)
-
     async def stop(self) -> None:
         """Announce offline, stop background tasks, close the host."""
         if self._stopped.is_set():
@@ -238,54 +240,11 @@ class BlockServer:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._memory.shutdown(wait=False, cancel_futures=True)
 
-    # ---- load balancing --------------------------------------------------------------------
-
-    async def _balance_loop(self) -> None:
-        """Every random 0–2 × ``balance_period``: move where the swarm is weakest when that raises
-        its bottleneck enough (the decision: :func:`swarm.p2p.balance.should_move`, on the table as
-        it is at that moment)."""
-        from swarm.p2p.balance import should_move
-
-        while True:
-            await asyncio.sleep(random.uniform(0, 2) * self.cfg.balance_period)
-            self.balance_checks += 1
-            if self.state != "online":
-                continue
-            start = should_move(self.table.snapshot(), self.host.peer_id, self.num_blocks, self.cfg.balance_quality)
-            if start is not None and start != self.start_block:
-                try:
-                    await self.move(start)
-                except (CheckpointError, RuntimeError, MemoryError, OSError) as exc:
-                    log.warning("could not move to blocks %d:%d: %s", start, start + self.end_block - self.start_block, exc)
+    # ---- load balancing (see swarm.p2p.placement) ------------------------------------------
 
     async def move(self, start: int) -> None:
-        """Serve the same number of blocks from ``start`` on: announce the new range as joining,
-        load it, announce it online; sessions on the old range may finish within
-        ``drain_timeout``, then end with ``session_expired`` (their clients fail over, replaying
-        their history, so their output stays exact). Requests for the old range from clients
-        with an older view are answered ``busy`` (they go elsewhere). If loading fails, the
-        server stays on its old range."""
-        old_blocks, old_range = self.blocks, (self.start_block, self.end_block)
-        end = start + old_range[1] - old_range[0]
-        log.info("moving from blocks %d:%d to %d:%d", *old_range, start, end)
-        self._moved_from = old_range
-        self.state, self.start_block, self.end_block = "joining", start, end
-        await self._announce(direct=True)
-        loop = asyncio.get_running_loop()
-        try:
-            blocks = await loop.run_in_executor(
-                self._executor, self.checkpoint.load_blocks, start, end, parse_dtype(self.cfg.dtype)
-            )
-        except BaseException:
-            self._moved_from = None
-            self.state, self.start_block, self.end_block = "online", *old_range
-            await self._announce(direct=True)
-            raise
-        self.blocks = attach(blocks)
-        self.state = "online"
-        self.moves = [*self.moves[-9:], {"time": time.time(), "from": list(old_range), "to": [start, end]}]
-        await self._announce(direct=True)
-        await self.inference.drain(old_blocks, self.cfg.drain_timeout)
+        """Serve the same number of blocks from ``start`` on (see :func:`swarm.p2p.placement.move`)."""
+        await placement.move(self, start)
 
     # ---- announcements ---------------------------------------------------------------------
 
@@ -306,6 +265,12 @@ class BlockServer:
             instance=self.host.instance,
             sessions=len(self.sessions),
             served=round(self._served_rate, 2),
+            compute=self.speed.compute,
+            network=self.speed.network,
+            bandwidth=self.speed.bandwidth,
+            bandwidth_source=self.speed.bandwidth_source,
+            throughput_source=self.speed.source,
+            moves=tuple((m["time"], *m["from"], *m["to"]) for m in self.moves),
             received=time.monotonic(),
         )
 

@@ -13,7 +13,8 @@ from swarm.p2p.wire import RemoteError, WireError
 async def gather_status(initial_peers: list[str], model: str | None = None, timeout: float = 10.0) -> dict:
     """Ask the initial peers for their tables and ping every server listed.
 
-    Returns ``{"model", "num_blocks", "servers": [{peer_id, blocks, state, ...}], "gaps", "coverage"}``.
+    Returns ``{"model", "num_blocks", "servers": [{peer_id, blocks, state, throughput, ...}], "gaps",
+    "coverage", "bottleneck", "moves"}``.
     A server that does not answer its ping (killed, frozen, unreachable from here) is shown with
     state ``unreachable`` and counts for neither gaps nor coverage: the tables still list it until
     its entry expires (3 announce periods), but no client could use it.
@@ -56,6 +57,11 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
                 "blocks": [s.start, s.end],
                 "state": s.state if p in reachable else "unreachable",
                 "throughput": s.throughput,
+                "throughput_source": s.throughput_source,
+                "compute": s.compute,
+                "network": s.network,
+                "bandwidth": s.bandwidth,
+                "bandwidth_source": s.bandwidth_source,
                 "sessions": s.sessions,
                 "served": s.served,
                 "cache_tokens_left": s.cache_tokens_left,
@@ -74,10 +80,21 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
             "gaps": [list(g) for g in gaps(reachable, num_blocks)],
             "coverage": totals,
             "bottleneck": bottleneck(totals),
+            "moves": recent_moves(servers),
             "unreachable_initial_peers": errors,
         }
     finally:
         await host.close()
+
+
+def recent_moves(servers, limit: int = 10) -> list[dict]:
+    """The latest moves the servers announce, newest first: ``{peer_id, name, time, from, to}``
+    (``time``: seconds since the epoch, by the mover's clock)."""
+    moves = [
+        {"peer_id": s.peer_id, "name": s.public_name, "time": m[0], "from": [m[1], m[2]], "to": [m[3], m[4]]}
+        for s in servers.values() for m in s.moves
+    ]
+    return sorted(moves, key=lambda m: -m["time"])[:limit]
 
 
 def bottleneck(totals: list[float]) -> dict:

@@ -14,15 +14,14 @@ deliver the old run's goodbye after the new run's hello).
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import msgpack
-
 from swarm import __version__
 from swarm.p2p.wire import PeerId
 
@@ -31,6 +30,9 @@ if TYPE_CHECKING:
 
 MAX_SERVERS = 10_000  # entries a table takes (one per peer id); a flood of made-up peers is ignored beyond
 MAX_ADDRS = 16  # addresses taken from one announcement
+MAX_MOVES = 10  # recent moves taken from one announcement
+BANDWIDTH_SOURCES = ("measured", "given", "assumed", "")
+THROUGHPUT_SOURCES = ("measured", "cached", "given", "")
 STATES = ("joining", "online", "offline")
 
 
@@ -71,12 +73,19 @@ class ServerInfo:
     instance: str = ""  # this run of the server's process (start time, random bits): later runs sort after
     sessions: int = 0  # load: inference sessions open now
     served: float = 0.0  # load: tokens per second computed over the last announcement period (all requests)
+    compute: float = 0.0  # tokens/s of its compute (decode steps/s of a block ÷ blocks a request uses)
+    network: float = 0.0  # tokens/s its link carries (bandwidth ÷ bits of a hidden state)
+    bandwidth: float = 0.0  # Mbit/s of its link
+    bandwidth_source: str = ""  # measured (a timed echo to a peer), given (--bandwidth) or assumed
+    throughput_source: str = ""  # measured now, cached (an earlier measurement here) or given (--throughput N)
+    moves: tuple = ()  # recent moves: (unix time, from start, from end, to start, to end), oldest first
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     def to_wire(self) -> dict:
         data = asdict(self)
         data.pop("received")
         data["addrs"] = list(self.addrs)
+        data["moves"] = [list(m) for m in self.moves]
         return data
 
     @classmethod
@@ -99,12 +108,24 @@ class ServerInfo:
                 instance=str(data.get("instance", ""))[:64],
                 sessions=int(data.get("sessions", 0)),
                 served=float(data.get("served", 0.0)),
+                compute=float(data.get("compute", 0.0)),
+                network=float(data.get("network", 0.0)),
+                bandwidth=float(data.get("bandwidth", 0.0)),
+                bandwidth_source=str(data.get("bandwidth_source", "")),
+                throughput_source=str(data.get("throughput_source", "")),
+                moves=tuple(
+                    (float(m[0]), int(m[1]), int(m[2]), int(m[3]), int(m[4]))
+                    for m in list(data.get("moves") or ())[-MAX_MOVES:]
+                ),
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
         if (info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
-                or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf):
+                or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf
+                or not all(0 <= x < math.inf for x in (info.compute, info.network, info.bandwidth))
+                or info.bandwidth_source not in BANDWIDTH_SOURCES or info.throughput_source not in THROUGHPUT_SOURCES
+                or not all(math.isfinite(m[0]) for m in info.moves)):
             raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
         return info
 

@@ -54,6 +54,7 @@ KINDS: dict[str, tuple[tuple[str, ...], Sequence[int]]] = {
     "backward": (("start", "end"), range(2, 3 + MAX_ADAPTER_TENSORS)),  # hidden, grad_output [, adapter...]
     "result": ((), range(1, 2 + MAX_ADAPTER_TENSORS)),  # output or grad_input [, adapter gradients...]
     "error": (("message",), (0,)),
+    "probe": ((), (1,)),  # bytes to echo back (a bandwidth measurement)
 }
 
 

@@ -90,6 +90,8 @@ def running_swarm(model: Path | str, ranges: list[str], home: Path, extra: tuple
         for i, blocks in enumerate(ranges):
             args = ["--model", str(model), "--blocks", blocks, "--identity", str(home / f"id-{i}.key"),
                     "--announce-period", "1", *extra]
+            if blocks == "auto":
+                args += ["--choice-delay", "0"]  # started one after another already
             args += ["--new-swarm"] if i == 0 else ["--initial-peers", servers[0].maddr]
             server = ServerProcess(args, home, f"server-{i}")
             servers.append(server)

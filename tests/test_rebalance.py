@@ -23,7 +23,7 @@ def test_an_auto_server_moves_to_the_weakest_blocks_and_drains_its_old_range(tin
         servers = [x]
         try:
             y = await BlockServer.start(ServerConfig(
-                blocks="auto", num_blocks=2, initial_peers=first, throughput=5.0, balance_period=0.2,
+                blocks="auto", num_blocks=2, choice_delay=0, initial_peers=first, throughput=5.0, balance_period=0.2,
                 drain_timeout=1.0, **common))
             servers.append(y)
             assert (y.start_block, y.end_block) == (2, 4)  # the only window nobody serves

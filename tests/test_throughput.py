@@ -1,21 +1,26 @@
-"""`--throughput`: auto announces the cached measurement, eval measures again (and updates the
-cache), a number is announced as it is; anything else is refused naming the flag."""
+"""What a server announces as its speed: min(compute, network) (compute from the cached
+measurement with auto, measured again with eval; network from a timed echo to a peer, --bandwidth
+or an assumed default), or a number given with --throughput; anything else is refused naming the
+flag. And --num-blocks' default: the blocks that fit in --memory."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from swarm.engine.throughput import parse_throughput
+from swarm.engine.checkpoint import Checkpoint
+from swarm.engine.memory import GIB, RESERVED_BYTES, block_bytes, default_num_blocks, kv_bytes_per_token
+from swarm.engine.throughput import ASSUMED_BANDWIDTH_MBIT, network_throughput, parse_throughput, server_throughput
 from swarm.p2p.loop import run
 from swarm.p2p.server import BlockServer, ServerConfig
 
 
-async def _announced(model, throughput) -> float:
-    server = await BlockServer.start(ServerConfig(model_dir=model, blocks="0:2", new_swarm=True, throughput=throughput))
+async def _speed(model, throughput, **kw):
+    server = await BlockServer.start(ServerConfig(model_dir=model, blocks="0:3", new_swarm=True, throughput=throughput, **kw))
     try:
-        return server.info().throughput
+        return server.speed, server.info()
     finally:
         await server.stop()
 
@@ -23,17 +28,84 @@ async def _announced(model, throughput) -> float:
 def test_auto_uses_the_cache_eval_measures_again_and_a_number_is_announced(tmp_path, monkeypatch, tiny_checkpoints):
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
     model = tiny_checkpoints["llama"]
-    measured = run(_announced(model, "auto"))  # measured once, cached
+    speed, info = run(_speed(model, "auto"))  # measured once, cached
     cache = tmp_path / "throughput.json"
-    assert measured > 0 and list(json.loads(cache.read_text()).values()) == [measured]
-    cache.write_text(json.dumps({key: 123456.0 for key in json.loads(cache.read_text())}))
-    assert run(_announced(model, "auto")) == 123456.0
-    remeasured = run(_announced(model, "eval"))
-    assert remeasured != 123456.0 and list(json.loads(cache.read_text()).values()) == [remeasured]
-    assert run(_announced(model, 7.5)) == 7.5
+    (key, block_rate), = json.loads(cache.read_text()).items()
+    assert "/float32/quant=none/threads=" in key and "/cpu=" in key
+    # compute: one block's steps/s ÷ the blocks a request is expected to use, (3 + 1) / 2
+    assert speed.source == "measured" and speed.compute == pytest.approx(block_rate / 2, abs=0.01)
+    # alone in its swarm, nobody to measure the link against: assumed, and marked so
+    assert speed.bandwidth_source == "assumed" and speed.bandwidth == ASSUMED_BANDWIDTH_MBIT
+    assert info.throughput == min(speed.compute, speed.network) and info.bandwidth_source == "assumed"
+    cache.write_text(json.dumps({key: 123456.0}))
+    speed, info = run(_speed(model, "auto", bandwidth=10.0))
+    assert speed.source == "cached" and speed.compute == 61728.0
+    assert speed.bandwidth_source == "given" and speed.network == round(network_throughput(10.0, 64), 2)
+    assert info.throughput == speed.network  # the link is the limit here
+    speed, _ = run(_speed(model, "eval"))
+    assert speed.source == "measured" and json.loads(cache.read_text())[key] != 123456.0
+    speed, info = run(_speed(model, 7.5))
+    assert info.throughput == 7.5 and info.throughput_source == "given"
+
+
+def test_throughput_is_the_least_of_compute_and_network():
+    fast_link = server_throughput(300.0, 5, 1000.0, 4096)  # 300 / 3 = 100 tok/s; 1 Gbit ÷ 4096·32 = 7629
+    assert (fast_link.throughput, fast_link.compute) == (100.0, 100.0)
+    slow_link = server_throughput(300.0, 1, 1.0, 4096)  # 1 Mbit/s carries 7.6 hidden states a second
+    assert slow_link.throughput == slow_link.network == 7.63
+    assert server_throughput(None, 4, 1.0, 4096, given=42.0).throughput == 42.0
 
 
 @pytest.mark.parametrize("spec", ["0", "-3", "abc", "nan", "inf", ""])
 def test_bad_throughput_is_refused_naming_the_flag(spec):
     with pytest.raises(ValueError, match="--throughput must be auto, eval or a positive number"):
         parse_throughput(spec)
+
+
+def test_num_blocks_defaults_to_what_fits_in_memory(tiny_checkpoints):
+    checkpoint = Checkpoint(tiny_checkpoints["llama"])
+    f32 = torch.float32
+    per_block = block_bytes(checkpoint, 0, f32) + 1000 * kv_bytes_per_token(checkpoint, f32)
+    for n in (1, 2, 3):
+        memory = (RESERVED_BYTES + n * per_block + per_block // 2) / GIB
+        assert default_num_blocks(checkpoint, f32, memory, cache_tokens=1000) == n
+    assert default_num_blocks(checkpoint, f32, 1000.0, cache_tokens=1000) == checkpoint.num_blocks
+    with pytest.raises(ValueError, match="--memory 0.1 GB leaves no room for one block"):
+        default_num_blocks(checkpoint, f32, 0.1, cache_tokens=1000)
+
+
+def test_the_link_is_measured_against_a_peer_and_probes_are_bounded(tiny_checkpoints):
+    from server_utils import eventually
+
+    from swarm.p2p import protocols
+    from swarm.p2p.bandwidth import PROBE_MAX_FRAME
+    from swarm.p2p.wire import Frame
+
+    async def main():
+        model = tiny_checkpoints["llama"]
+        a = await BlockServer.start(ServerConfig(model_dir=model, blocks="0:2", new_swarm=True, throughput=5.0,
+                                                 announce_period=0.5))
+        try:
+            first = [x for x in a.host.addrs if "/ip4/" in x]
+            b = await BlockServer.start(ServerConfig(model_dir=model, blocks="2:4", initial_peers=first, throughput=5.0,
+                                                     announce_period=0.5))
+            try:
+                # the joiner measured its link against the first server before going online ...
+                assert b.speed.bandwidth_source == "measured" and b.speed.bandwidth > 1.0
+                assert b.info().network == round(network_throughput(b.speed.bandwidth, 64), 2)
+                # ... and the first, which had nobody to measure against, measures once someone comes
+                await eventually(lambda: a.speed.bandwidth_source == "measured", timeout=20, what="a's link measured")
+                await eventually(lambda: b.table.snapshot()[a.host.peer_id].bandwidth_source == "measured",
+                                 timeout=20, what="a's measured link announced")
+                # an echo never carries more than it was sent, and a probe frame is bounded
+                reply = await protocols.request(b.host, a.host.peer_id, protocols.PROBE, Frame("info"), 5)
+                assert reply.kind == "error"
+                big = Frame("probe", {}, [torch.zeros(PROBE_MAX_FRAME // 4 + 1)])
+                reply = await protocols.request(b.host, a.host.peer_id, protocols.PROBE, big, 5)
+                assert reply.kind == "error" and reply["code"] == "bad_frame", reply
+            finally:
+                await b.stop()
+        finally:
+            await a.stop()
+
+    run(main())

@@ -1,0 +1,75 @@
+"""How many blocks a server can hold: its memory, less the KV cache budget, ÷ one block's weights.
+
+A volunteer says how much memory the server may use (``--memory GB``), or the server takes what the
+machine has available when it starts. Each block needs its weights (in the serving dtype) plus its
+share of the KV cache budget (``--cache-tokens`` tokens × that block's keys and values), and the
+process itself needs some room (:data:`RESERVED_BYTES`: interpreter, torch, buffers of requests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from swarm.engine.checkpoint import Checkpoint
+
+RESERVED_BYTES = 512 << 20  # the process besides its blocks and caches: Python, torch, frames in flight
+GIB = 1 << 30
+
+
+def block_bytes(checkpoint: Checkpoint, index: int, dtype: torch.dtype) -> int:
+    """Bytes of block ``index``'s weights in ``dtype`` (from the files' headers; nothing is read)."""
+    prefix = checkpoint.family.block_prefix(checkpoint.config, index)
+    values = 0
+    for key in checkpoint.tensor_names():
+        if key.startswith(prefix):
+            n = 1
+            for size in checkpoint.tensor_shape(key):
+                n *= size
+            values += n
+    return values * dtype.itemsize
+
+
+def kv_bytes_per_token(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
+    """Bytes one cached token takes in one block (keys and values)."""
+    kv_heads, head_dim = checkpoint.family.kv_heads(checkpoint.config)
+    return 2 * kv_heads * head_dim * dtype.itemsize
+
+
+def available_memory() -> int:
+    """Bytes the machine has available now (``MemAvailable``; where that cannot be read, total
+    physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, memory: int, cache_tokens: int) -> int:
+    """How many consecutive blocks fit in ``memory`` bytes with a KV budget of ``cache_tokens``
+    (0 when not even one does), at most the model's blocks. Blocks of a model are alike, so the
+    largest one's size stands for all."""
+    per_block = max(block_bytes(checkpoint, i, dtype) for i in {0, checkpoint.num_blocks - 1})
+    per_block += cache_tokens * kv_bytes_per_token(checkpoint, dtype)
+    return max(0, min(checkpoint.num_blocks, (memory - RESERVED_BYTES) // per_block))
+
+
+def default_num_blocks(checkpoint: Checkpoint, dtype: torch.dtype, memory_gb: float | None, cache_tokens: int) -> int:
+    """``--num-blocks`` when not given: as many blocks as fit in ``--memory`` (GB) or, without it,
+    the memory available now. Raises ``ValueError`` naming ``--memory`` (or ``--cache-tokens``)
+    when not one block fits."""
+    memory = int(memory_gb * GIB) if memory_gb is not None else available_memory()
+    count = blocks_that_fit(checkpoint, dtype, memory, cache_tokens)
+    if count < 1:
+        need = (RESERVED_BYTES + max(block_bytes(checkpoint, i, dtype) for i in {0, checkpoint.num_blocks - 1})
+                + cache_tokens * kv_bytes_per_token(checkpoint, dtype)) / GIB
+        where = f"--memory {memory_gb:g} GB" if memory_gb is not None else f"the {memory / GIB:.1f} GB available"
+        raise ValueError(
+            f"{where} leaves no room for one block of this model: one block with a KV budget of {cache_tokens} tokens "
+            f"needs {need:.2f} GB; give more --memory or fewer --cache-tokens"
+        )
+    return count

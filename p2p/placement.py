@@ -1,0 +1,140 @@
+"""Where a server's blocks go and how fast it says it is: the first choice of an ``auto`` range,
+the throughput it announces, the balance loop and moves. The decisions themselves are pure
+functions of a table snapshot (:mod:`swarm.p2p.balance`); this module runs them for one
+:class:`~swarm.p2p.server.BlockServer` and carries them out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+from swarm.engine.adapters import attach
+from swarm.engine.checkpoint import parse_dtype
+from swarm.engine.families import CheckpointError
+from swarm.engine.memory import default_num_blocks
+from swarm.engine.throughput import ASSUMED_BANDWIDTH_MBIT, Throughput, cached_block_throughput, server_throughput
+from swarm.p2p.balance import should_move
+from swarm.p2p.bandwidth import measure_link
+from swarm.p2p.routing import choose_blocks
+
+if TYPE_CHECKING:
+    from swarm.p2p.server import BlockServer
+
+log = logging.getLogger("swarm.server")
+
+
+async def initial_range(server: BlockServer) -> tuple[int, int]:
+    """An ``auto`` range: ``--num-blocks`` (default: as many as fit in ``--memory``) at the
+    paper's best start, chosen after a random 0–``choice_delay`` s wait so that servers started
+    together see each other's choices (each announces its range as joining at once)."""
+    cfg = server.cfg
+    if cfg.num_blocks is not None and cfg.num_blocks < 1:
+        raise ValueError(f"--num-blocks must be at least 1, got {cfg.num_blocks}")
+    count = cfg.num_blocks or default_num_blocks(server.checkpoint, parse_dtype(cfg.dtype), cfg.memory, cfg.cache_tokens)
+    count = min(count, server.num_blocks)
+    if cfg.choice_delay > 0:
+        await asyncio.sleep(random.uniform(0, cfg.choice_delay))
+    others = {p: s for p, s in server.table.snapshot().items() if p != server.host.peer_id}
+    start = choose_blocks(others, server.num_blocks, count)
+    return start, start + count
+
+
+def _peers(server: BlockServer) -> list[str]:
+    return [p for p, s in server.table.snapshot().items() if p != server.host.peer_id and s.state == "online"]
+
+
+async def measure_speed(server: BlockServer) -> Throughput:
+    """What the server announces: ``--throughput NUMBER`` as it is, else min(compute, network)
+    with compute from the cached (``auto``) or a new (``eval``) measurement of its blocks and
+    network from ``--bandwidth``, a timed echo to known servers, or the assumed default."""
+    cfg = server.cfg
+    block_rate, source = None, "given"
+    if isinstance(cfg.throughput, str):
+        loop = asyncio.get_running_loop()
+        block_rate, fresh = await loop.run_in_executor(
+            server._executor, cached_block_throughput, server.model, server.blocks, cfg.throughput == "eval"
+        )
+        source = "measured" if fresh else "cached"
+    if cfg.bandwidth is not None:
+        mbit, mbit_source = cfg.bandwidth, "given"
+    else:
+        measured = await measure_link(server.host, _peers(server), cfg.request_timeout)
+        mbit, mbit_source = (round(measured, 1), "measured") if measured else (ASSUMED_BANDWIDTH_MBIT, "assumed")
+    return server_throughput(
+        block_rate, server.end_block - server.start_block, mbit, server.checkpoint.config.hidden_size,
+        given=None if isinstance(cfg.throughput, str) else float(cfg.throughput),
+        source=source, bandwidth_source=mbit_source,
+    )
+
+
+async def measure_bandwidth_later(server: BlockServer) -> None:
+    """A server that found no one to measure its link against (the first of a swarm) announces the
+    assumed bandwidth, and measures once servers appear (checked every announce period)."""
+    while server.speed.bandwidth_source == "assumed":
+        await asyncio.sleep(max(1.0, server.cfg.announce_period))
+        peers = _peers(server)
+        if not peers:
+            continue
+        measured = await measure_link(server.host, peers, server.cfg.request_timeout)
+        if measured:
+            s = server.speed
+            block_rate = s.compute * (server.end_block - server.start_block + 1) / 2 if s.compute else None
+            server.speed = server_throughput(
+                block_rate, server.end_block - server.start_block, round(measured, 1),
+                server.checkpoint.config.hidden_size, given=s.throughput if s.source == "given" else None,
+                source=s.source, bandwidth_source="measured",
+            )
+            server.throughput = server.speed.throughput
+            log.info("link measured: %.0f Mbit/s; announcing %.1f tokens/s", measured, server.throughput)
+
+
+async def balance_loop(server: BlockServer) -> None:
+    """Every random 0–2 × ``balance_period``: move where the swarm is weakest when that raises
+    its bottleneck enough (the decision: :func:`swarm.p2p.balance.should_move`, on the table as
+    it is at that moment)."""
+    while True:
+        await asyncio.sleep(random.uniform(0, 2) * server.cfg.balance_period)
+        server.balance_checks += 1
+        if server.state != "online":
+            continue
+        start = should_move(server.table.snapshot(), server.host.peer_id, server.num_blocks, server.cfg.balance_quality)
+        if start is not None and start != server.start_block:
+            try:
+                await move(server, start)
+            except (CheckpointError, RuntimeError, MemoryError, OSError) as exc:
+                log.warning("could not move to blocks %d:%d: %s", start,
+                            start + server.end_block - server.start_block, exc)
+
+
+async def move(server: BlockServer, start: int) -> None:
+    """Serve the same number of blocks from ``start`` on: announce the new range as joining,
+    load it, announce it online; sessions on the old range may finish within
+    ``drain_timeout``, then end with ``session_expired`` (their clients fail over, replaying
+    their history, so their output stays exact). Requests for the old range from clients
+    with an older view are answered ``busy`` (they go elsewhere). If loading fails, the
+    server stays on its old range."""
+    old_blocks, old_range = server.blocks, (server.start_block, server.end_block)
+    end = start + old_range[1] - old_range[0]
+    log.info("moving from blocks %d:%d to %d:%d", *old_range, start, end)
+    server._moved_from = old_range
+    server.state, server.start_block, server.end_block = "joining", start, end
+    await server._announce(direct=True)
+    loop = asyncio.get_running_loop()
+    try:
+        blocks = await loop.run_in_executor(
+            server._executor, server.checkpoint.load_blocks, start, end, parse_dtype(server.cfg.dtype)
+        )
+    except BaseException:
+        server._moved_from = None
+        server.state, server.start_block, server.end_block = "online", *old_range
+        await server._announce(direct=True)
+        raise
+    server.blocks = attach(blocks)
+    server.state = "online"
+    server.moves = [*server.moves[-9:], {"time": time.time(), "from": list(old_range), "to": [start, end]}]
+    await server._announce(direct=True)
+    await server.inference.drain(old_blocks, server.cfg.drain_timeout)
