@@ -127,20 +127,26 @@ def _spacings(num_blocks: int) -> tuple[tuple[int, int], ...]:
     return tuple((d, k) for k, d in widest.items())
 
 
-def best_start(totals: Sequence[float], count: int, prefer: int | None = None) -> int:
+def best_start(totals: Sequence[float], count: int, prefer: int | None = None,
+               within: tuple[int, int] | None = None) -> int:
     """The paper's rule: the start of the ``count``-block window whose totals, sorted ascending,
     are lexicographically smallest (the weakest block first). Ties go to ``prefer`` (a server's
     current start: staying costs nothing) when it is among them, else to the smallest start.
+    ``within=(lo, hi)`` only considers starts lo … hi.
 
     Only windows holding a weakest block can win (the first key is the window's minimum), so only
     those are sorted: O(count²) for a unique weakest block instead of O(B·count)."""
     B = len(totals)
     count = min(count, B)
-    last, low = B - count, min(totals)
-    candidates: set[int] = set()
-    for b, t in enumerate(totals):
-        if t == low:
-            candidates.update(range(max(0, b - count + 1), min(b, last) + 1))
+    last = B - count
+    if within is not None:
+        candidates = set(range(max(0, within[0]), min(last, within[1]) + 1))
+    else:
+        low = min(totals)
+        candidates = set()
+        for b, t in enumerate(totals):
+            if t == low:
+                candidates.update(range(max(0, b - count + 1), min(b, last) + 1))
     best, best_key = -1, None
     for s in sorted(candidates):
         key = sorted(totals[s : s + count])
@@ -152,15 +158,17 @@ def best_start(totals: Sequence[float], count: int, prefer: int | None = None) -
 
 
 def best_response(load: Load, key: Hashable) -> int:
-    """Where the server ``key`` of ``load`` would go now: its current start if removing itself
-    would leave one of its blocks with nothing (a gap), else :func:`best_start` of the others'
-    totals, ties staying put. ``load`` is left as it was."""
+    """Where the server ``key`` of ``load`` would go now: :func:`best_start` of the others'
+    totals, ties staying put. Blocks of its own that nobody else serves (leaving would open a
+    gap there) must stay inside the new window: then only windows holding all of them count
+    (often none but the current one). ``load`` is left as it was."""
     kept = load._bound
     start, count, weight = load.remove(key)
     try:
-        if min(load.totals[start : start + count]) <= 0:
-            return start
-        return best_start(load.totals, count, prefer=start)
+        alone = [b for b in range(start, start + count) if load.totals[b] <= 0]
+        if not alone:
+            return best_start(load.totals, count, prefer=start)
+        return best_start(load.totals, count, prefer=start, within=(alone[-1] - count + 1, alone[0]))
     finally:
         load.add(key, start, count, weight)
         load._bound = kept
@@ -186,21 +194,29 @@ def react(load: Load, max_rounds: int = MAX_ROUNDS) -> int:
     return moves
 
 
+def gaps(load: Load) -> int:
+    """Blocks nobody serves."""
+    return sum(1 for t in load.totals if t <= 0)
+
+
 def plan_move(load: Load, key: Hashable, balance_quality: float, max_rounds: int = MAX_ROUNDS) -> int | None:
     """The new start of server ``key`` if it should move, else None; ``load`` is left as it was.
 
-    Moves only when (1) leaving opens no gap, (2) a strictly weaker window exists (ties stay), and
-    (3) after simulating the move and the others' reactions (:func:`react`) the bottleneck exceeds
-    the current one by more than a factor ``1 / balance_quality``. A ``balance_quality`` of 0 never
-    moves. Step (3) costs O(servers · rounds · count²), so it runs only when the bound allows the
-    improvement at all (current bottleneck < ``balance_quality`` × :meth:`Load.bound`): in a
-    balanced swarm a check is O(B). Raises ``ValueError`` for a quality outside [0, 1]."""
+    Moves only when (1) a strictly weaker window exists (ties stay) that keeps every block only
+    this server holds (:func:`best_response`), and (2) after simulating the move and the others'
+    reactions (:func:`react`) the swarm is better: fewer blocks unserved, or as few (none) and a
+    bottleneck larger than the current one by more than a factor ``1 / balance_quality``. While
+    gaps remain the bottleneck is 0 whatever happens, so closing one gap of several counts by
+    itself. A ``balance_quality`` of 0 never moves. Step (2) costs O(servers · rounds · count²),
+    so it runs only when it could succeed (gaps, or a current bottleneck below
+    ``balance_quality`` × :meth:`Load.bound`): in a balanced swarm a check is O(B). Raises
+    ``ValueError`` for a quality outside [0, 1]."""
     if not 0 <= balance_quality <= 1:
         raise ValueError(f"--balance-quality must be between 0 and 1, got {balance_quality}")
     if balance_quality == 0 or key not in load.spans:
         return None
-    current = load.bottleneck()
-    if current >= balance_quality * load.bound() * (1 + 1e-9):  # no placement could gain enough
+    current, holes = load.bottleneck(), gaps(load)
+    if not holes and current >= balance_quality * load.bound() * (1 + 1e-9):  # no placement could gain enough
         return None
     new = best_response(load, key)
     if new == load.spans[key][0]:
@@ -208,6 +224,9 @@ def plan_move(load: Load, key: Hashable, balance_quality: float, max_rounds: int
     future = load.copy()
     future.move(key, new)
     react(future, max_rounds)
+    future_holes = gaps(future)
+    if future_holes != holes:
+        return new if future_holes < holes else None
     return new if future.bottleneck() * balance_quality > current else None
 
 

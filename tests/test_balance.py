@@ -145,6 +145,22 @@ def test_should_move(servers, me, quality, expected):
     assert should_move(_table(*servers) if isinstance(servers, tuple) else servers, me, 4, quality) == expected
 
 
+@pytest.mark.parametrize(
+    "servers, num_blocks, me, expected",
+    [
+        # 25–29 unserved; c alone holds 20–24, but 20–29 keeps it and closes the gap (b keeps 15–19)
+        ((_server("a", 0, 10), _server("b", 10, 20), _server("c", 15, 25)), 30, "c", 20),
+        ((_server("a", 0, 10), _server("b", 10, 20), _server("c", 15, 25)), 30, "b", None),  # 10–14 only b's
+        # two gaps (0–1, 6–7): closing one leaves the bottleneck at 0, but one gap fewer is progress
+        ((_server("a", 2, 4), _server("b", 3, 5), _server("c", 4, 6)), 8, "b", 0),
+        # after departures: 24–29 unserved, only 6–13's server can make room without opening a gap
+        ((_server("a", 0, 8, 5), _server("b", 16, 24, 2), _server("c", 14, 22, 4), _server("d", 6, 14, 3)), 30, "b", 22),
+    ],
+)
+def test_servers_close_gaps_while_keeping_what_only_they_hold(servers, num_blocks, me, expected):
+    assert should_move(_table(*servers), me, num_blocks, 0.75) == expected
+
+
 def test_should_move_rejects_a_bad_quality():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="--balance-quality"):
