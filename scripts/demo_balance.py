@@ -199,8 +199,22 @@ def returns(held: dict[str, list[tuple[int, int]]]) -> dict[str, list[tuple[int,
     return {name: seq for name, seq in held.items() if len(set(seq)) < len(seq)}
 
 
-def generate(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(swarm("generate", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def timeline(snapshots: list[tuple[float, dict]], t0: float, period: float, until: float = float("inf"),
+             shown: dict | None = None) -> int:
+    """Print each refresh that changed who holds what (or the gaps), timed from ``t0``; returns how many."""
+    def view(snap: dict) -> tuple:
+        return sorted(ranges(snap).items()), snap["gaps"]
+
+    last, printed = None if shown is None else view(shown), 0
+    for t, snap in snapshots:
+        if t > until:
+            break
+        if view(snap) != last:
+            last = view(snap)
+            held = ", ".join(f"{k} {s}:{e}" for k, (s, e) in sorted(ranges(snap).items()))
+            print(f"  {t - t0:>6.1f}  {(t - t0) / period:>7.2f}  gaps {snap['gaps'] or 'none'}; {held}")
+            printed += 1
+    return printed
 
 
 # ---- the phases ---------------------------------------------------------------------------------
@@ -243,7 +257,9 @@ def main() -> int:
             replay_load, arrivals_ok, ready_at = None, True, 0.0
             for i, t in enumerate(throughputs):
                 name = f"s{i}-T{t:g}"
-                snap = watches[0].first(after=ready_at)[1] if watches else None
+                # a refresh gathered once every earlier server is online (one started before may be older)
+                before = {x.name for x in servers}
+                snap = watches[0].first(lambda x, before=before: before <= set(ranges(x)), after=ready_at)[1] if watches else None
                 args = ["--blocks", "auto", "--num-blocks", str(n), "--throughput", f"{t:g}",
                         "--balance-period", f"{period:g}", "--balance-quality", f"{a.balance_quality:g}",
                         "--announce-period", "1", "--drain-timeout", f"{2 * period:g}",
@@ -320,15 +336,7 @@ def main() -> int:
             gen.wait()
             print(f"  {'t (s)':>6}  {'periods':>7}  status")
             print(f"  {0:>6.1f}  {0:>7.2f}  SIGTERM")
-            shown = None
-            for t, snap in watch.since(sigterm):
-                view = (sorted(ranges(snap).items()), snap["gaps"])
-                if view != shown:
-                    shown = view
-                    held = ", ".join(f"{k} {s}:{e}" for k, (s, e) in sorted(ranges(snap).items()))
-                    print(f"  {t - sigterm:>6.1f}  {(t - sigterm) / period:>7.2f}  gaps {snap['gaps'] or 'none'}; {held}")
-                if t >= t_cover:
-                    break
+            timeline(watch.since(sigterm), sigterm, period, until=t_cover)
             same = gen.returncode == 0 and text == local.stdout
             print(f"  swarm generate (exit {gen.returncode}): {text.strip()!r}")
             print(f"  same text as --local: {same}" + ("" if same else f"\n{gen_err.read_text()[-2000:]}"))
@@ -341,7 +349,11 @@ def main() -> int:
             print(f"\n3. watch: {a.watch_periods:g} more balance periods")
             until = time.monotonic() + a.watch_periods * period
             watch.first(after=until, timeout=a.watch_periods * period + 60)
-            late = {k: v for k, v in history(watch.since(t_cover)).items() if len(v) > 1}
+            after = watch.since(t_cover - 1e-6)  # from the refresh that showed the blocks covered
+            print(f"  {'t (s)':>6}  {'periods':>7}  changes (from the SIGTERM)")
+            if not timeline(after[1:], sigterm, period, shown=after[0][1]):
+                print("  (none)")
+            late = {k: v for k, v in history(after).items() if len(v) > 1}
             held = history(watches[0].since(0) + watch.since(0))
             final = watch.since(0)[-1][1]
             wants = unstable(final, a.balance_quality)
