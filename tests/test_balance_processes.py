@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from swarm.p2p.loop import run
-from swarm.p2p.server import ServerConfig
 from swarm.p2p.status import gather_status
 from swarm_utils import ServerProcess
 
@@ -20,9 +19,7 @@ def test_auto_servers_spread_by_throughput_and_cover_a_departure_within_three_pe
     # placement does not depend on when the balance checks fall.
     throughputs, expected = [1, 3, 5, 8], [(0, 2), (2, 4), (0, 2), (2, 4)]
     common = ["--model", str(model), "--blocks", "auto", "--num-blocks", "2", "--announce-period", "1",
-              "--balance-period", str(PERIOD)]
-    if "choice_delay" in ServerConfig.__dataclass_fields__:
-        common += ["--choice-delay", "0"]
+              "--balance-period", str(PERIOD), "--choice-delay", "0"]
     servers: list[ServerProcess] = []
     try:
         for i, t in enumerate(throughputs):

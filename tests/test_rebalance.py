@@ -10,6 +10,7 @@ from server_utils import eventually, peer
 from swarm.p2p import protocols
 from swarm.p2p.loop import run
 from swarm.p2p.server import BlockServer, ServerConfig
+from swarm.p2p.status import gather_status
 from swarm.p2p.wire import Frame, read_frame, write_frame
 
 
@@ -54,6 +55,9 @@ def test_an_auto_server_moves_to_the_weakest_blocks_and_drains_its_old_range(tin
             checks = y.balance_checks
             await eventually(lambda: y.balance_checks >= checks + 10, timeout=30, what="ten more balance checks")
             assert len(y.moves) == 1
+            # `swarm status` shows the move, as y announces it
+            status = await gather_status(first)
+            assert [(m["peer_id"], m["from"], m["to"]) for m in status["moves"]] == [(y.host.peer_id, [2, 4], [0, 2])]
         finally:
             for server in reversed(servers):
                 await server.stop()
