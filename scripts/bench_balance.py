@@ -8,7 +8,8 @@ order; default 1/2, 1/4, 1/4, 1/8, 1/16, 1/16 of a core: 8× between the fastest
 the quotas, not the scheduler, set each server's speed).
 
 Two swarms of these six servers run side by side (same shares, same start order, same announced
-speeds); between measurements the idle one uses almost no CPU:
+speeds), so that rounds can alternate without restarting anything; the idle swarm costs little
+(about 2 % of a core per server, for announcements) and stays inside its own quotas:
 
 * **balanced**: ``--blocks auto --num-blocks N``, started one after another, each waiting for the
   one before to be online; they then rebalance every random 0–2 × ``--balance-period`` and the
@@ -22,26 +23,40 @@ Announced speeds (``--throughput``): ``quota`` (default) measures one block's de
 unthrottled, with one thread, and announces share × that (``swarm serve --throughput NUMBER``);
 servers then start unthrottled and enter their cgroup once ready (a 1/16-core server would spend
 half a minute importing PyTorch otherwise). ``eval`` lets each server measure itself under its
-quota (``--throughput eval``): closer to a real volunteer, but it starts slowly and the 8-step
-measurement is noisy under CFS throttling, so the balanced placement may vary from run to run.
+quota (``--throughput eval``): closer to a real volunteer, but the whole run takes about 7 minutes
+instead of 2–4, and the figures are not worth much: the 8 decode steps of one block that a server
+times take a few milliseconds, which CFS may let through in one burst of quota or stretch over
+several periods, so announcements did not follow the quotas (in one run the 1/2-core server's
+figure made the rule put the other five servers on the same half of the model).
 Without cgroups (not root, no cgroup v1 ``cpu`` controller) the script says so and runs with the
 announced figures only: the servers then differ on paper, not in reality.
 
 Measurement: ``--clients`` client processes (started once, the model's head loaded) generate
 ``--tokens`` tokens greedily from the same prompt at the same time, through one swarm, then the
 other, alternating over ``--rounds`` rounds after one warm-up run each (this machine's speed
-drifts 10–20 % over minutes). Per run: aggregate tokens/s (all clients' tokens ÷ the span from
-the first client's first token to the last client's last token) and per-client decode tokens/s
-(median over clients). Printed: the medians over rounds, as a markdown table, with each
-placement's bottleneck from `swarm status` (the least total announced throughput of any block).
+drifts 10–20 % over minutes). Per run: aggregate tokens/s (all clients' tokens after their first
+÷ the span from the earliest first token to the latest last token) and per-client decode tokens/s
+(median over clients); the route each client took is printed too. Every client's tokens must be
+the same in both placements (greedy: the placement may change speed, never text). Printed: the
+medians over rounds, as a markdown table, with each placement's bottleneck from `swarm status`
+(the least sum of announced throughputs over a block).
 
-What it shows: how much generation throughput the placement rule is worth when the servers differ
-in speed, with the client's routing as it is. What it does not show: clients choose the chain of
-least expected latency for themselves and do not look at load, so concurrent clients crowd onto
-the fastest chain and the swarm's capacity (the bottleneck) is an upper bound that generation
-reaches only insofar as clients spread over parallel servers (a tie between equally fast servers
-is broken by each client's ping). Loopback has no network cost; servers share one machine's
-memory bandwidth and caches; and with other load on the machine the figures are noisy.
+What it shows: how much generation throughput the placement rule is worth when servers differ in
+speed, with the client's routing as it is. What it does not show:
+
+* the swarm's capacity. Clients route for their own least expected latency (announced speed and
+  ping) and do not look at load, so concurrent clients crowd onto the fastest chain; a second
+  server on a range helps only when its speed ties or a busy server's slow ping sends a client
+  elsewhere. The bottleneck is an upper bound that generation reaches only as far as clients
+  spread.
+* the rule in general. Which placement wins depends on the speeds and the start order: started
+  slowest first (1, 1, 2, 4, 4, 8, as in issue 11's acceptance test) with 10 or 15 blocks each, both
+  rules give the same ranges. The default order (fastest first) is one where they differ.
+* a network. Loopback costs nothing; the servers share one machine's memory bandwidth and
+  caches, and the clients' own work (embeddings, LM head) competes with them for the same cores.
+  Servers announce every 5 s (the default): at 1 s, gossip alone cost an idle server of this
+  6-server swarm 6–9 % of a core, more than the 1/16-core quota.
+* a quiet result on a busy machine: other load changes the figures by tens of percent.
 
     python scripts/bench_balance.py [--rounds 3] [--tokens 24] [--clients 4] [--num-blocks 15]
         [--speeds 0.5,0.25,0.25,0.125,0.0625,0.0625] [--throughput quota|eval] [--balance-period 2]
@@ -476,7 +491,7 @@ def run_benchmark(args) -> None:
             final = {label: status(peer) for label, peer in peers.items()}
             if placement(final["balanced"]) != placement(settled):
                 print("note: the balanced servers moved during the measurement")
-            report(args, final, results, throughputs, measured)
+            report(args, final, results, measured)
         finally:
             for g in groups:  # full speed for a quick shutdown
                 g.unthrottle()
@@ -494,25 +509,27 @@ def run_benchmark(args) -> None:
     print(f"whole run (start, settle, measure, stop): {time.monotonic() - began:.0f} s")
 
 
-def report(args, final: dict, results: dict, throughputs: list[str], measured: float) -> None:
+def report(args, final: dict, results: dict, measured: float) -> None:
     def layout(label: str, st: dict) -> str:
         by_name = {s["name"]: s for s in st["servers"]}
         parts = []
         for i, share in enumerate(args.shares):
             s = by_name.get(f"{label}-{i}")
-            parts.append(f"{share:g}→{s['blocks'][0]}:{s['blocks'][1]}" if s else f"{share:g}→?")
+            parts.append(f"{share:g}→{s['blocks'][0]}:{s['blocks'][1]} ({s['throughput']:.0f})" if s else f"{share:g}→?")
         return ", ".join(parts)
 
     med = {label: (statistics.median(a for a, _ in rs), statistics.median(p for _, p in rs)) for label, rs in results.items()}
     quota = "CPU quotas" if args.cgroups else "NO quotas (equal real speed)"
-    print(f"\n6 servers ({quota}; share of a core → blocks), {args.num_blocks} blocks each, default model, "
-          f"{args.clients} clients × {args.tokens} greedy tokens, medians of {args.rounds} alternating rounds; "
-          f"announced throughput: {args.throughput} ({', '.join(throughputs)} tok/s per block):\n")
-    print("| placement | servers | bottleneck (announced tok/s) | aggregate tok/s | per-client tok/s |")
+    announced = "share × one block's measured speed" if args.throughput == "quota" else "measured by each server"
+    print(f"\n{len(args.shares)} servers ({quota}), {args.num_blocks} blocks each, default model, {args.clients} clients "
+          f"× {args.tokens} greedy tokens, medians of {args.rounds} alternating rounds. Servers: share of a core → "
+          f"blocks (announced throughput, {announced}, tokens/s of one block); bottleneck: the least sum of announced "
+          f"throughputs over a block (where).\n")
+    print("| placement | servers | bottleneck | aggregate tok/s | per-client tok/s |")
     print("|---|---|---:|---:|---:|")
     for label in ("balanced", "naive"):
         st = final[label]
-        print(f"| {label} | {layout(label, st)} | {st['bottleneck']['throughput']:.1f} "
+        print(f"| {label} | {layout(label, st)} | {st['bottleneck']['throughput']:.0f} "
               f"(blocks {', '.join(f'{a}:{b}' for a, b in st['bottleneck']['blocks'])}) "
               f"| {med[label][0]:.2f} | {med[label][1]:.2f} |")
     ratio = statistics.median(b[0] / n[0] for b, n in zip(results["balanced"], results["naive"]))
@@ -527,11 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"bench_balance.py: error: {exc}", file=sys.stderr)
         return 2
-    if args.client:
-        client_main(args.client)
-        return 0
     try:
-        run_benchmark(args)
+        if args.client:
+            client_main(args.client)
+        else:
+            run_benchmark(args)
+    except KeyboardInterrupt:  # Ctrl-C reaches the clients too; everything was cleaned up on the way
+        if not args.client:
+            print("bench_balance.py: interrupted", file=sys.stderr)
+        return 130
     except RuntimeError as exc:
         print(f"bench_balance.py: {exc}", file=sys.stderr)
         return 1
