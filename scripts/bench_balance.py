@@ -121,6 +121,11 @@ class CpuGroup:
         (self.path / "cpu.cfs_period_us").write_text(str(period_us))
         (self.path / "cpu.cfs_quota_us").write_text(str(round(share * period_us)))
 
+    def periods(self) -> tuple[int, int]:
+        """(CFS periods in which the group ran, periods in which it used up its quota) so far."""
+        stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+        return int(stat["nr_periods"]), int(stat["nr_throttled"])
+
     def unthrottle(self) -> None:
         (self.path / "cpu.cfs_quota_us").write_text("-1")
 
@@ -363,6 +368,12 @@ def start_swarm(label: str, ranges: list[str], args, model: Path, home: Path, sh
     return first
 
 
+def shares_throttled(counts: list[list[int]]) -> str:
+    """Per server, the share of its CFS periods that ended throttled: "0:95% 1:80% ..." (whether
+    the quota, not the machine, limited it)."""
+    return " ".join(f"{i}:{100 * t / n:.0f}%" if n else f"{i}:idle" for i, (n, t) in enumerate(counts))
+
+
 def describe(routes: list[list[str]], names: dict[str, str]) -> str:
     """The clients' routes by server number, with counts: "0+1 ×3, 0+2 ×1"."""
     counts: dict[str, int] = {}
@@ -476,22 +487,32 @@ def run_benchmark(args) -> None:
                 c.receive()  # ready
             started = time.monotonic()
             results: dict[str, list[tuple[float, float]]] = {"balanced": [], "naive": []}
+            throttled: dict[str, list[list[int]]] = {}  # per placement, per server: [periods ran, throttled]
             reference = None
             for r in range(args.rounds + 1):  # round 0: warm-up
                 for label in ("balanced", "naive"):
+                    mine = [g for g in groups if g.path.name.split("-")[-2] == label]
+                    before = [g.periods() for g in mine]
                     aggregate, per_client, ids, routes = measure(clients, peers[label], args.tokens)
+                    delta = [[b - a for a, b in zip(p0, g.periods())] for p0, g in zip(before, mine)]
                     if reference is not None and ids != reference:
                         raise RuntimeError("the two placements produced different tokens")
                     reference = ids
                     if r:
                         results[label].append((aggregate, per_client))
+                        for total, d in zip(throttled.setdefault(label, [[0, 0] for _ in delta]), delta):
+                            total[0], total[1] = total[0] + d[0], total[1] + d[1]
+                    quota = f", throttled {shares_throttled(delta)}" if delta else ""
                     print(f"  {'warm-up' if not r else f'round {r}'} {label:<8} aggregate {aggregate:6.2f} tok/s, "
-                          f"per client {per_client:6.2f} tok/s, routes {describe(routes, names)}", flush=True)
+                          f"per client {per_client:6.2f} tok/s, routes {describe(routes, names)}{quota}", flush=True)
             measured = time.monotonic() - started
             final = {label: status(peer) for label, peer in peers.items()}
             if placement(final["balanced"]) != placement(settled):
                 print("note: the balanced servers moved during the measurement")
             report(args, final, results, measured)
+            if groups:
+                print("CFS periods in which a server used up its quota, of those it ran in (servers in start order): "
+                      + "; ".join(f"{label} {shares_throttled(t)}" for label, t in throttled.items()))
         finally:
             for g in groups:  # full speed for a quick shutdown
                 g.unthrottle()
