@@ -161,7 +161,7 @@ class Server:
     def __init__(self, args: list[str], home: Path, name: str, group: CpuGroup | None, throttle_start: bool):
         home.mkdir(parents=True, exist_ok=True)
         self.name, self.group, self.log_path = name, group, home / "server.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115  (open for the process's life, closed by wait)
         cmd = swarm_cmd("serve", *args)
         if group is not None and throttle_start:  # in the group from the first instruction on
             cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group.path / "cgroup.procs"), *cmd]
@@ -268,12 +268,12 @@ def client_main(model: str) -> None:
             ids = generate_swarm(
                 client_model, name, client_model.encode(request["prompt"]),
                 GenerationConfig(max_new_tokens=request["tokens"]), ClientConfig(initial_peers=[request["peer"]]),
-                lambda _: stamps.append(time.monotonic()), chains.append,
+                lambda _, stamps=stamps: stamps.append(time.monotonic()), chains.append,
             )
             route = [str(span.peer_id) for span in chains[-1].spans] if chains else []
             print(json.dumps({"ids": ids, "first": stamps[0], "last": stamps[-1], "count": len(stamps),
                               "route": route}), flush=True)
-        except Exception as exc:  # reported to the parent, which stops the benchmark
+        except Exception as exc:  # noqa: BLE001  (reported to the parent, which stops the benchmark)
             print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
 
 
@@ -301,7 +301,6 @@ def block_speed() -> float:
     """Decode steps per second of one block of the default model, one thread, unthrottled (the
     median of 5 measurements of 30 steps)."""
     import torch
-
     from swarm.engine.checkpoint import Checkpoint, parse_dtype
     from swarm.engine.default_model import ensure_default_model
     from swarm.engine.throughput import measure_block_throughput
@@ -415,7 +414,7 @@ def parse_args(argv: list[str]):
     args = p.parse_args(argv)
     if args.client:
         return args
-    for flag, value in (("--rounds", args.rounds), ("--tokens", args.tokens), ("--clients", args.clients)):
+    for flag, value in (("--rounds", args.rounds), ("--clients", args.clients)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.tokens < 2:
@@ -438,7 +437,7 @@ def parse_args(argv: list[str]):
 
 
 def serve_supports(flag: str) -> bool:
-    helptext = subprocess.run(swarm_cmd("serve", "--help"), capture_output=True, text=True,
+    helptext = subprocess.run(swarm_cmd("serve", "--help"), capture_output=True, text=True, check=False,
                               env={**os.environ, "COLUMNS": "200"}).stdout
     return flag in helptext
 
