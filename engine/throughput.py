@@ -24,16 +24,19 @@ ASSUMED_BANDWIDTH_MBIT = 100.0  # announced when nothing was measured or given (
 WIRE_BITS = 32  # bits per value of a hidden state on the wire (clients send float32 activations)
 
 
-def measure_block_throughput(blocks: BlockRange, steps: int = 8, context: int = 32) -> float:
-    """Decode steps per second of one block (the range's time per token × its number of blocks)."""
+def measure_block_throughput(blocks: BlockRange, seconds: float = 0.3, max_steps: int = 512, context: int = 32) -> float:
+    """Decode steps per second of one block: single-token steps with a KV cache for at least
+    ``seconds`` (and 8 steps), so that a CPU quota's periods (100 ms by default) or a burst of
+    turbo average out, at most ``max_steps``."""
     one = blocks.sub(blocks.start, blocks.start + 1)
-    hidden = torch.randn(1, context, blocks.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), one.open_session(batch=1, max_length=context + steps + 2) as kv:
-        one(hidden, kv)
-        one(hidden[:, :1], kv)  # warm up
-        t = time.perf_counter()
-        for i in range(steps):
-            one(hidden[:, i : i + 1], kv)
+    hidden = torch.randn(1, context + max_steps, blocks.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), one.open_session(batch=1, max_length=context + max_steps + 2) as kv:
+        one(hidden[:, :context], kv)
+        one(hidden[:, context : context + 1], kv)  # warm up
+        steps, t = 0, time.perf_counter()
+        while steps < max_steps and (steps < 8 or time.perf_counter() - t < seconds):
+            one(hidden[:, context + 1 + steps : context + 2 + steps], kv)
+            steps += 1
         elapsed = time.perf_counter() - t
     return steps / elapsed
 

@@ -436,12 +436,6 @@ def parse_args(argv: list[str]):
     return args
 
 
-def serve_supports(flag: str) -> bool:
-    helptext = subprocess.run(swarm_cmd("serve", "--help"), capture_output=True, text=True, check=False,
-                              env={**os.environ, "COLUMNS": "200"}).stdout
-    return flag in helptext
-
-
 def run_benchmark(args) -> None:
     from swarm.engine.default_model import ensure_default_model
 
@@ -464,7 +458,7 @@ def run_benchmark(args) -> None:
         print(f"one block, one thread, unthrottled: {speed:.0f} decode steps/s; announced: share × that")
     else:
         throughputs = ["eval"] * len(args.shares)
-    extra = ["--choice-delay", "0"] if serve_supports("--choice-delay") else []
+    extra = ["--choice-delay", "0"]  # started one after another already
     naive = [f"{a}:{b}" for a, b in naive_ranges(30, args.num_blocks, len(args.shares))]
 
     groups: list[CpuGroup] = []

@@ -235,7 +235,6 @@ def main() -> int:
     throughputs = [float(t) for t in a.throughputs.split(",")]
     period, n = a.balance_period, a.num_blocks
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops every process
-    choice_delay = "--choice-delay" in subprocess.run(swarm("serve", "--help"), check=False, capture_output=True, text=True).stdout
     gen_args = [a.prompt, "--max-new-tokens", str(a.tokens)]
     results: dict[str, tuple[bool, str]] = {}
 
@@ -264,7 +263,7 @@ def main() -> int:
                         "--balance-period", f"{period:g}", "--balance-quality", f"{a.balance_quality:g}",
                         "--announce-period", "1", "--drain-timeout", f"{2 * period:g}",
                         "--identity", str(Path(tmp) / f"{name}.key"), "--public-name", name]
-                args += ["--choice-delay", "0"] if choice_delay else []
+                args += ["--choice-delay", "0"]  # each starts once the one before is online
                 args += ["--initial-peers", servers[0].maddr] if servers else ["--new-swarm"]
                 server = Server(name, t, args, Path(tmp))
                 servers.append(server)
