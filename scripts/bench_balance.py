@@ -24,10 +24,9 @@ unthrottled, with one thread, and announces share × that (``swarm serve --throu
 servers then start unthrottled and enter their cgroup once ready (a 1/16-core server would spend
 half a minute importing PyTorch otherwise). ``eval`` lets each server measure itself under its
 quota (``--throughput eval``): closer to a real volunteer, but the whole run takes about 7 minutes
-instead of 2–4, and the figures are not worth much: the 8 decode steps of one block that a server
-times take a few milliseconds, which CFS may let through in one burst of quota or stretch over
-several periods, so announcements did not follow the quotas (in one run the 1/2-core server's
-figure made the rule put the other five servers on the same half of the model).
+instead of 2–4. (When a server timed only 8 decode steps, a few milliseconds that CFS may let
+through in one burst of quota, announcements did not follow the quotas; the measurement now runs
+for at least 0.3 s, three CFS periods.)
 Without cgroups (not root, no cgroup v1 ``cpu`` controller) the script says so and runs with the
 announced figures only: the servers then differ on paper, not in reality.
 
@@ -309,7 +308,7 @@ def block_speed() -> float:
     torch.set_num_threads(1)
     try:
         blocks = Checkpoint(ensure_default_model()).load_blocks(0, 1, parse_dtype("float32"))
-        return statistics.median(measure_block_throughput(blocks, steps=30) for _ in range(5))
+        return statistics.median(measure_block_throughput(blocks) for _ in range(3))
     finally:
         torch.set_num_threads(threads)
 
