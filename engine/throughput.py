@@ -24,12 +24,13 @@ ASSUMED_BANDWIDTH_MBIT = 100.0  # announced when nothing was measured or given (
 WIRE_BITS = 32  # bits per value of a hidden state on the wire (clients send float32 activations)
 
 
-def measure_block_throughput(blocks: BlockRange, seconds: float = 0.3, max_steps: int = 512, context: int = 32) -> float:
-    """Decode steps per second of one block: single-token steps with a KV cache for at least
-    ``seconds`` (and 8 steps), so that a CPU quota's periods (100 ms by default) or a burst of
-    turbo average out, at most ``max_steps``."""
+def measure_block_throughput(blocks: BlockRange, seconds: float = 0.3, max_steps: int = 128, context: int = 32) -> float:
+    """Decode steps per second of one block: single-token steps with a KV cache for ``seconds``
+    or ``max_steps``, whichever comes first (at least 8 steps). Long enough that a CPU quota's
+    periods (100 ms by default) average out: 8 steps of a small block fit inside one burst of
+    quota; 128 steps of a server limited to a share of a core take more than a period."""
     one = blocks.sub(blocks.start, blocks.start + 1)
-    hidden = torch.randn(1, context + max_steps, blocks.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, context + 1 + max_steps, blocks.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), one.open_session(batch=1, max_length=context + max_steps + 2) as kv:
         one(hidden[:, :context], kv)
         one(hidden[:, context : context + 1], kv)  # warm up

@@ -200,11 +200,7 @@ class Server:
 
     def wait(self) -> None:
         """After :meth:`terminate`: wait for the exit (SIGKILL after 15 s)."""
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc)
         self._log.close()
 
 
@@ -239,11 +235,16 @@ class Client:
             pass
 
     def wait(self) -> None:
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Wait for ``proc`` to exit, SIGKILL it after ``timeout`` seconds."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def client_main(model: str) -> None:
