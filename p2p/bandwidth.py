@@ -15,6 +15,7 @@ bounded (:data:`PROBE_MAX_FRAME`) like every other frame.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -82,11 +83,12 @@ async def measure_bandwidth(host, peer_id: str, timeout: float = 10.0, nbytes: i
 
 async def measure_link(host, peers: list[str], timeout: float = 10.0) -> float | None:
     """The best :func:`measure_bandwidth` over up to :data:`PEERS` of ``peers`` (random ones), or
-    None when none of them answers."""
+    None when none of them answers; each peer gets ``timeout`` seconds for all its echoes (a frozen
+    or slow peer delays a server's start by no more)."""
     best = None
     for peer_id in random.sample(peers, min(PEERS, len(peers))):
         try:
-            mbit = await measure_bandwidth(host, peer_id, timeout)
+            mbit = await asyncio.wait_for(measure_bandwidth(host, peer_id, timeout), timeout)
         except (P2PError, WireError, RemoteError, TimeoutError) as exc:
             log.info("bandwidth probe to %s failed: %s", peer_id[-8:], exc)
             continue

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarm.server")
 
+PROBE_TIMEOUT = 5.0  # seconds one peer gets for its bandwidth echoes
+
 
 async def initial_range(server: BlockServer) -> tuple[int, int]:
     """An ``auto`` range: ``--num-blocks`` (default: as many as fit in ``--memory``) at the
@@ -62,7 +64,7 @@ async def measure_speed(server: BlockServer) -> Throughput:
     if cfg.bandwidth is not None:
         mbit, mbit_source = cfg.bandwidth, "given"
     else:
-        measured = await measure_link(server.host, _peers(server), cfg.request_timeout)
+        measured = await measure_link(server.host, _peers(server), PROBE_TIMEOUT)
         mbit, mbit_source = (round(measured, 1), "measured") if measured else (ASSUMED_BANDWIDTH_MBIT, "assumed")
     return server_throughput(
         block_rate, server.end_block - server.start_block, mbit, server.checkpoint.config.hidden_size,
@@ -73,14 +75,18 @@ async def measure_speed(server: BlockServer) -> Throughput:
 
 async def measure_bandwidth_later(server: BlockServer) -> None:
     """A server that found no one to measure its link against (the first of a swarm) announces the
-    assumed bandwidth, and measures once servers appear (checked every announce period)."""
+    assumed bandwidth, and measures once servers appear (checked every announce period; after a
+    failed try, twice as long a wait, up to 10 minutes)."""
+    wait = max(1.0, server.cfg.announce_period)
     while server.speed.bandwidth_source == "assumed":
-        await asyncio.sleep(max(1.0, server.cfg.announce_period))
+        await asyncio.sleep(wait)
         peers = _peers(server)
         if not peers:
             continue
-        measured = await measure_link(server.host, peers, server.cfg.request_timeout)
-        if measured:
+        measured = await measure_link(server.host, peers, PROBE_TIMEOUT)
+        if not measured:
+            wait = min(600.0, wait * 2)
+        else:
             s = server.speed
             block_rate = s.compute * (server.end_block - server.start_block + 1) / 2 if s.compute else None
             server.speed = server_throughput(
