@@ -36,7 +36,7 @@ from swarm.p2p.host import Host, P2PError  # noqa: E402
 from swarm.p2p.wire import Frame, WireError, read_frame, write_frame  # noqa: E402
 
 MAX_SENT = 64 << 20  # bytes of one partial frame actually sent (its length may announce more)
-PROTOCOLS = [protocols.INFO, protocols.INFERENCE, protocols.PUSH, protocols.FORWARD, protocols.BACKWARD]
+PROTOCOLS = [protocols.INFO, protocols.INFERENCE, protocols.PUSH, protocols.FORWARD, protocols.BACKWARD, protocols.PROBE]
 
 
 class HostilePeer:

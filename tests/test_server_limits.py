@@ -84,7 +84,7 @@ def test_partial_frames_are_bounded_per_peer_and_freed_when_the_peer_leaves(tiny
     run(scenario())
 
 
-@pytest.mark.parametrize("protocol", [protocols.PUSH, protocols.FORWARD, protocols.INFO, protocols.INFERENCE])
+@pytest.mark.parametrize("protocol", [protocols.PUSH, protocols.FORWARD, protocols.INFO, protocols.INFERENCE, protocols.PROBE])
 def test_a_stalled_frame_ends_its_stream_at_its_deadline(tiny, protocol):
     """A frame that starts and then stalls is given up at the frame timeout (plus a second per MiB
     announced) from its first byte, not at the stream's idle timeout, and its bytes are freed."""
