@@ -36,17 +36,27 @@ def kv_bytes_per_token(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
     return 2 * kv_heads * head_dim * dtype.itemsize
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def available_memory() -> int:
-    """Bytes the machine has available now (``MemAvailable``; where that cannot be read, total
-    physical memory)."""
+    """Bytes available to this process now: the machine's ``MemAvailable`` (where that cannot be
+    read, total physical memory), at most a container's memory limit (cgroup v2 or v1)."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                available = min(available, int(f.read().strip()))  # "max" (no limit) is not a number
+        except (OSError, ValueError):
+            pass
+    return available
 
 
 def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, memory: int, cache_tokens: int) -> int:

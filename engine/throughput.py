@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,12 +76,13 @@ def cache_key(model: str, dtype: torch.dtype, quantization: str = "none") -> str
     return f"{model}/{dtype_name}/quant={quantization}/threads={torch.get_num_threads()}/cpu={cpu_name()}"
 
 
-def cached_block_throughput(model: str, blocks: BlockRange, refresh: bool = False, quantization: str = "none") -> tuple[float, bool]:
-    """:func:`measure_block_throughput`, cached on disk by :func:`cache_key` (``refresh``: measure
-    again and replace the cached figure). Returns (steps/s of one block, whether it was measured
-    now)."""
+def cached_block_throughput(model: str, dtype: torch.dtype, measure: Callable[[], float], refresh: bool = False,
+                            quantization: str = "none") -> tuple[float, bool]:
+    """One block's decode steps/s, cached on disk by :func:`cache_key`; ``measure()`` gives it
+    (:func:`measure_block_throughput` of a block) when it is not cached or with ``refresh``.
+    Returns (steps/s, whether it was measured now)."""
     path = swarm_home() / "throughput.json"
-    key = cache_key(model, blocks.dtype, quantization)
+    key = cache_key(model, dtype, quantization)
     try:
         cache = json.loads(path.read_text())
         figure = cache.get(key) if isinstance(cache, dict) else None
@@ -90,7 +92,7 @@ def cached_block_throughput(model: str, blocks: BlockRange, refresh: bool = Fals
         cache = {}
     if not refresh and isinstance(figure, (int, float)) and math.isfinite(figure) and figure > 0:
         return float(figure), False
-    cache[key] = round(measure_block_throughput(blocks), 2)
+    cache[key] = round(measure(), 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))

@@ -4,14 +4,20 @@ should move there, and how good any placement could be. Pure functions, no netwo
 The swarm's *bottleneck* is the smallest per-block total throughput (online and joining servers):
 a chain can go no faster than its weakest block. Servers pick the window whose per-block totals,
 sorted ascending, are lexicographically smallest (the paper's rule, :func:`best_start`), and every
-balance period each asks :func:`should_move` whether moving would raise the bottleneck enough.
+balance period each asks :func:`should_move` whether moving would leave fewer blocks unserved or,
+with none unserved, raise the bottleneck enough. A server never leaves blocks only it serves
+(the paper's "if removing yourself opens a gap, stay"), but unlike the paper's rule it may still
+move to a window that keeps them all: otherwise a gap next to such a server can stay open for
+good although the servers could close it.
 
 Why it cannot oscillate: a server only ever moves to a window that is *strictly* weaker (in that
-lexicographic order, its own contribution removed) than the one it holds; ties stay. Such a move
+lexicographic order, its own contribution removed) than the one it holds; ties stay (the windows
+keeping its lone blocks include its own, so this holds for them too). Such a move
 strictly raises the sorted vector of all per-block totals in lexicographic order (the blocks it
 leaves end up above the weakest block it joins), and a finite set of placements has no infinite
 strictly rising chain, so on a common, current view two servers can never swap back and forth.
-The bottleneck threshold (``balance_quality``) only removes moves, so it keeps the property.
+The acceptance test (fewer gaps, or the ``balance_quality`` threshold) only removes moves, so it
+keeps the property.
 What it cannot rule out is two servers deciding at the same instant on the same stale view; the
 random 0–2 × period check interval is what makes that rare.
 

@@ -6,7 +6,9 @@ regardless of size (stream opening, round trip). Then
 
     bandwidth ≈ 2 × PROBE_BYTES × 8 / (time of the large echo − time of the small one)
 
-in each direction's average (a link slower one way shows as the mean of both). The best of a
+in each direction's average (a link slower one way shows as the mean of both). The subtraction
+takes at most half the large echo's time off (a peer slow to answer the small echo, on purpose or
+busy, could otherwise make the figure anything), and no figure exceeds :data:`MAX_MBIT`. The best of a
 few tries and of a few peers is kept: a busy peer or a slow path to it only makes one try slow,
 while no path is faster than our own link. An echo costs the answering server exactly the bytes
 its asker sent, so a stranger gains no amplification from it, and the probe's frame size is
@@ -32,6 +34,7 @@ PROBE_BYTES = 1 << 20  # the large echo: long enough to dwarf per-request costs 
 PROBE_MAX_FRAME = PROBE_BYTES + 4096  # what a probe frame may be (header included)
 TRIES = 2  # small + large pairs per peer
 PEERS = 2  # peers tried
+MAX_MBIT = 100_000.0  # no link measured here is faster (100 Gbit/s)
 
 
 async def handle_probe(server, stream) -> None:
@@ -77,8 +80,8 @@ async def measure_bandwidth(host, peer_id: str, timeout: float = 10.0, nbytes: i
     for _ in range(TRIES):
         small = await _echo_seconds(host, peer_id, 1, timeout)
         large = await _echo_seconds(host, peer_id, values, timeout)
-        best = min(best, max(large - small, 1e-6))
-    return 2 * values * 4 * 8 / best / 1e6
+        best = min(best, max(large - small, large / 2))
+    return min(MAX_MBIT, 2 * values * 4 * 8 / best / 1e6)
 
 
 async def measure_link(host, peers: list[str], timeout: float = 10.0) -> float | None:

@@ -7,6 +7,7 @@ functions of a table snapshot (:mod:`swarm.p2p.balance`); this module runs them 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -16,9 +17,16 @@ from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import parse_dtype
 from swarm.engine.families import CheckpointError
 from swarm.engine.memory import default_num_blocks
-from swarm.engine.throughput import ASSUMED_BANDWIDTH_MBIT, Throughput, cached_block_throughput, server_throughput
+from swarm.engine.throughput import (
+    ASSUMED_BANDWIDTH_MBIT,
+    Throughput,
+    cached_block_throughput,
+    measure_block_throughput,
+    server_throughput,
+)
 from swarm.p2p.balance import should_move
 from swarm.p2p.bandwidth import measure_link
+from swarm.p2p.host import P2PError
 from swarm.p2p.routing import choose_blocks
 
 if TYPE_CHECKING:
@@ -29,17 +37,22 @@ log = logging.getLogger("swarm.server")
 PROBE_TIMEOUT = 5.0  # seconds one peer gets for its bandwidth echoes
 
 
-async def initial_range(server: BlockServer) -> tuple[int, int]:
-    """An ``auto`` range: ``--num-blocks`` (default: as many as fit in ``--memory``) at the
-    paper's best start, chosen after a random 0–``choice_delay`` s wait so that servers started
-    together see each other's choices (each announces its range as joining at once)."""
+def auto_count(server: BlockServer) -> int:
+    """How many blocks an ``auto`` server holds: ``--num-blocks``, else as many as fit in
+    ``--memory`` (or the memory available now); at most the model's."""
     cfg = server.cfg
     if cfg.num_blocks is not None and cfg.num_blocks < 1:
         raise ValueError(f"--num-blocks must be at least 1, got {cfg.num_blocks}")
     count = cfg.num_blocks or default_num_blocks(server.checkpoint, parse_dtype(cfg.dtype), cfg.memory, cfg.cache_tokens)
-    count = min(count, server.num_blocks)
-    if cfg.choice_delay > 0:
-        await asyncio.sleep(random.uniform(0, cfg.choice_delay))
+    return min(count, server.num_blocks)
+
+
+async def initial_range(server: BlockServer, count: int) -> tuple[int, int]:
+    """An ``auto`` range of ``count`` blocks at the paper's best start, chosen after a random
+    0–``choice_delay`` s wait so that servers started together see each other's choices (each
+    announces its range, with its speed, as joining at once)."""
+    if server.cfg.choice_delay > 0:
+        await asyncio.sleep(random.uniform(0, server.cfg.choice_delay))
     others = {p: s for p, s in server.table.snapshot().items() if p != server.host.peer_id}
     start = choose_blocks(others, server.num_blocks, count)
     return start, start + count
@@ -49,16 +62,24 @@ def _peers(server: BlockServer) -> list[str]:
     return [p for p, s in server.table.snapshot().items() if p != server.host.peer_id and s.state == "online"]
 
 
-async def measure_speed(server: BlockServer) -> Throughput:
-    """What the server announces: ``--throughput NUMBER`` as it is, else min(compute, network)
-    with compute from the cached (``auto``) or a new (``eval``) measurement of its blocks and
-    network from ``--bandwidth``, a timed echo to known servers, or the assumed default."""
+def _measure_one_block(checkpoint, index: int, dtype) -> float:
+    return measure_block_throughput(checkpoint.load_blocks(index, index + 1, dtype))
+
+
+async def measure_speed(server: BlockServer, count: int, index: int = 0) -> Throughput:
+    """What a server of ``count`` blocks announces: ``--throughput NUMBER`` as it is, else
+    min(compute, network) with compute from the cached (``auto``) or a new (``eval``) measurement
+    of one block (block ``index``, loaded alone for it when not cached) and network from
+    ``--bandwidth``, a timed echo to known servers, or the assumed default. Runs before the
+    server chooses and loads its range, so that its range is announced with its speed."""
     cfg = server.cfg
     block_rate, source = None, "given"
     if isinstance(cfg.throughput, str):
         loop = asyncio.get_running_loop()
+        dtype = parse_dtype(cfg.dtype)
         block_rate, fresh = await loop.run_in_executor(
-            server._executor, cached_block_throughput, server.model, server.blocks, cfg.throughput == "eval"
+            server._executor, cached_block_throughput, server.model, dtype,
+            functools.partial(_measure_one_block, server.checkpoint, index, dtype), cfg.throughput == "eval",
         )
         source = "measured" if fresh else "cached"
     if cfg.bandwidth is not None:
@@ -67,7 +88,7 @@ async def measure_speed(server: BlockServer) -> Throughput:
         measured = await measure_link(server.host, _peers(server), PROBE_TIMEOUT)
         mbit, mbit_source = (round(measured, 1), "measured") if measured else (ASSUMED_BANDWIDTH_MBIT, "assumed")
     return server_throughput(
-        block_rate, server.end_block - server.start_block, mbit, server.checkpoint.config.hidden_size,
+        block_rate, count, mbit, server.checkpoint.config.hidden_size,
         given=None if isinstance(cfg.throughput, str) else float(cfg.throughput),
         source=source, bandwidth_source=mbit_source,
     )
@@ -111,7 +132,7 @@ async def balance_loop(server: BlockServer) -> None:
         if start is not None and start != server.start_block:
             try:
                 await move(server, start)
-            except (CheckpointError, RuntimeError, MemoryError, OSError) as exc:
+            except (CheckpointError, RuntimeError, MemoryError, OSError, P2PError) as exc:
                 log.warning("could not move to blocks %d:%d: %s", start,
                             start + server.end_block - server.start_block, exc)
 
@@ -126,21 +147,29 @@ async def move(server: BlockServer, start: int) -> None:
     old_blocks, old_range = server.blocks, (server.start_block, server.end_block)
     end = start + old_range[1] - old_range[0]
     log.info("moving from blocks %d:%d to %d:%d", *old_range, start, end)
-    server._moved_from = old_range
-    server.state, server.start_block, server.end_block = "joining", start, end
-    await server._announce(direct=True)
-    loop = asyncio.get_running_loop()
     try:
-        blocks = await loop.run_in_executor(
+        server._moved_from = old_range
+        server.state, server.start_block, server.end_block = "joining", start, end
+        await _announce(server)
+        blocks = await asyncio.get_running_loop().run_in_executor(
             server._executor, server.checkpoint.load_blocks, start, end, parse_dtype(server.cfg.dtype)
         )
     except BaseException:
         server._moved_from = None
         server.state, server.start_block, server.end_block = "online", *old_range
-        await server._announce(direct=True)
+        await _announce(server)
         raise
     server.blocks = attach(blocks)
     server.state = "online"
     server.moves = [*server.moves[-9:], {"time": time.time(), "from": list(old_range), "to": [start, end]}]
-    await server._announce(direct=True)
+    await _announce(server)
     await server.inference.drain(old_blocks, server.cfg.drain_timeout)
+
+
+async def _announce(server: BlockServer) -> None:
+    """Announce a step of a move, best effort: a failed announcement must not leave a move half
+    done (the periodic announcements repeat it)."""
+    try:
+        await server._announce(direct=True)
+    except (P2PError, OSError) as exc:
+        log.warning("could not announce blocks %d:%d (%s): %s", server.start_block, server.end_block, server.state, exc)

@@ -61,8 +61,9 @@ def find_chain(
     Shortest path over block boundaries: an edge ``a → b`` on server ``s`` (``s.start ≤ a < b ≤
     s.end``) costs ``rtt(s) + overhead + (b − a) / block_rate(s)``, plus a penalty when ``s`` has
     no cache room. A server announces the tokens/s it adds to an average chain, whose requests
-    use (n + 1) / 2 of its n blocks (``engine.throughput``); its rate per block is that times
-    (n + 1) / 2. ``banned`` peers are skipped unless a block has no other server. Raises
+    use (n + 1) / 2 of its n blocks (``engine.throughput``): its rate per block is its compute
+    part times (n + 1) / 2 (the throughput where only that was given), and its network part adds
+    1 / network per hop. ``banned`` peers are skipped unless a block has no other server. Raises
     :class:`NoRouteError` naming the uncovered ranges.
     """
     end = num_blocks if end is None else end
@@ -78,8 +79,11 @@ def find_chain(
         raise NoRouteError(missing, num_blocks)
 
     def hop_cost(s: ServerInfo, blocks: int) -> float:
-        block_rate = max(s.throughput, 1e-6) * (s.end - s.start + 1) / 2
+        measured = s.throughput_source in ("measured", "cached") and s.compute > 0
+        block_rate = max(s.compute if measured else s.throughput, 1e-6) * (s.end - s.start + 1) / 2
         cost = rtts.get(s.peer_id, DEFAULT_RTT) + HOP_OVERHEAD + blocks / block_rate
+        if measured and s.network > 0:
+            cost += 1 / s.network  # the hidden state crossing the link, once per hop
         if cache_tokens_needed and s.cache_tokens_left < cache_tokens_needed:
             cost += NO_CACHE_PENALTY
         return cost

@@ -172,16 +172,19 @@ class BlockServer:
             host.set_stream_handler(protocols.INFO, server._limited(protocols.INFO, server._handle_info))
             host.set_stream_handler(protocols.PROBE, server._limited(protocols.PROBE, functools.partial(handle_probe, server)))
             await server._join()
-            start, end = fixed if fixed else await placement.initial_range(server)
+            count = fixed[1] - fixed[0] if fixed else placement.auto_count(server)
+            # the speed first: a range announced as joining counts with it, so servers starting
+            # together (and the balance checks of the others) see what is being loaded
+            server.speed = await placement.measure_speed(server, count, fixed[0] if fixed else 0)
+            server.throughput = server.speed.throughput
+            start, end = fixed if fixed else await placement.initial_range(server, count)
             server.start_block, server.end_block = start, end
-            await server._announce()  # joining: others see the range being loaded
+            await server._announce(direct=True)  # joining: others see the range being loaded
             loop = asyncio.get_running_loop()
             server.blocks = await loop.run_in_executor(
                 server._executor, checkpoint.load_blocks, start, end, dtype
             )
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
-            server.speed = await placement.measure_speed(server)
-            server.throughput = server.speed.throughput
             host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
             host.set_stream_handler(protocols.PUSH, server._limited(protocols.PUSH, server.inference.handle_push))
             host.set_stream_handler(protocols.FORWARD, server._limited(protocols.FORWARD, server._handle_forward))
@@ -189,7 +192,7 @@ class BlockServer:
             server.state = "online"
             await server._announce(direct=True)
             server._tasks.append(asyncio.create_task(server._announce_loop()))
-            if server.speed.bandwidth_source == "assumed":
+            if server.speed.bandwidth_source == "assumed" and server.speed.source != "given":
                 server._tasks.append(asyncio.create_task(placement.measure_bandwidth_later(server)))
             if fixed is None and cfg.balance_quality > 0:  # a range given by hand stays where it is
                 server._tasks.append(asyncio.create_task(placement.balance_loop(server)))

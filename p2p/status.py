@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from swarm.p2p.client import SwarmError, fetch_info
 from swarm.p2p.host import Host, P2PError
@@ -89,9 +90,11 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
 
 def recent_moves(servers, limit: int = 10) -> list[dict]:
     """The latest moves the servers announce, newest first: ``{peer_id, name, time, from, to}``
-    (``time``: seconds since the epoch, by the mover's clock)."""
+    (``time``: seconds since the epoch, by the mover's clock; never later than now here, so a
+    server announcing times in the future cannot push the others' moves out of view)."""
+    now = time.time()
     moves = [
-        {"peer_id": s.peer_id, "name": s.public_name, "time": m[0], "from": [m[1], m[2]], "to": [m[3], m[4]]}
+        {"peer_id": s.peer_id, "name": s.public_name, "time": min(m[0], now), "from": [m[1], m[2]], "to": [m[3], m[4]]}
         for s in servers.values() for m in s.moves
     ]
     return sorted(moves, key=lambda m: -m["time"])[:limit]

@@ -113,21 +113,25 @@ class ServerInfo:
                 bandwidth=float(data.get("bandwidth", 0.0)),
                 bandwidth_source=str(data.get("bandwidth_source", "")),
                 throughput_source=str(data.get("throughput_source", "")),
-                moves=tuple(
-                    (float(m[0]), int(m[1]), int(m[2]), int(m[3]), int(m[4]))
-                    for m in list(data.get("moves") or ())[-MAX_MOVES:]
-                ),
+                moves=tuple(_move(m) for m in list(data.get("moves") or ())[-MAX_MOVES:]),
                 received=time.monotonic() if received is None else received,
             )
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
         if (info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
                 or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf
                 or not all(0 <= x < math.inf for x in (info.compute, info.network, info.bandwidth))
                 or info.bandwidth_source not in BANDWIDTH_SOURCES or info.throughput_source not in THROUGHPUT_SOURCES
-                or not all(math.isfinite(m[0]) for m in info.moves)):
+                or not all(math.isfinite(m[0]) and 0 <= m[1] < m[2] and 0 <= m[3] < m[4] for m in info.moves)):
             raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
         return info
+
+
+def _move(entry) -> tuple[float, int, int, int, int]:
+    """One announced move, ``[time, from start, from end, to start, to end]``."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 5:
+        raise ValueError(f"a move must be [time, from start, from end, to start, to end], got {entry!r}"[:200])
+    return float(entry[0]), int(entry[1]), int(entry[2]), int(entry[3]), int(entry[4])
 
 
 def parse_announcement(data: bytes | dict, sender: str) -> ServerInfo:

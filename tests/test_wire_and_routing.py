@@ -137,6 +137,15 @@ def test_announcements_are_validated():
         ServerInfo.from_wire({"peer_id": "p", "model": "m", "start": "x", "end": 2})
     info = _server("p", 0, 3)
     assert ServerInfo.from_wire(info.to_wire(), received=0.0) == info
+    # what a stranger may put in the newer fields: each a one-line ValueError, never another error
+    base = {"peer_id": "p", "model": "m", "start": 0, "end": 2}
+    for bad in ({"moves": [[1.0]]}, {"moves": [[]]}, {"moves": [b"x"]}, {"moves": 5}, {"moves": [[1.0, 2, 1, 0, 1]]},
+                {"moves": [["inf", 0, 1, 1, 2]]}, {"moves": [[1.0, "a", 1, 1, 2]]}, {"bandwidth": -1},
+                {"bandwidth_source": "guessed"}, {"throughput_source": 3}, {"compute": "nan"}, {"network": None}):
+        with pytest.raises(ValueError, match="malformed"):
+            ServerInfo.from_wire({**base, **bad})
+    moved = ServerInfo.from_wire({**base, "moves": [[1.5, 0, 2, 2, 4]] * 50, "bandwidth_source": "measured"})
+    assert moved.moves == ((1.5, 0, 2, 2, 4),) * 10  # the latest ten
 
 
 def test_model_id_depends_on_config_not_file_details():
