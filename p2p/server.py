@@ -3,6 +3,7 @@
 Protocols (see :mod:`swarm.p2p.protocols`):
 - ``info``: model, blocks, limits, and this server's view of the swarm (so a joining peer has a
   table at once instead of waiting for the next announcements);
+- ``probe``: a timed echo by which a joining server measures its link (see :mod:`swarm.p2p.bandwidth`);
 - ``inference`` and ``push``: sessions with KV caches, stepped by their client and pushed along
   the chain by the servers before this one (see :mod:`swarm.p2p.sessions`);
 - ``forward`` / ``backward``: stateless passes over a sub-range, optionally with a client's
