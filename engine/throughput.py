@@ -15,7 +15,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from swarm.engine.checkpoint import BlockRange
@@ -122,9 +122,7 @@ class Throughput:
     bandwidth: float  # Mbit/s
     source: str = "measured"
     bandwidth_source: str = "assumed"
-
-    def to_wire(self) -> dict:
-        return asdict(self)
+    block_rate: float = 0.0  # decode steps/s of one block, as measured (0: not measured)
 
 
 def server_throughput(
@@ -137,6 +135,7 @@ def server_throughput(
     compute = block_rate / expected_blocks_used(num_blocks) if block_rate else 0.0
     network = network_throughput(bandwidth_mbit, hidden_size)
     if given is not None:
-        return Throughput(given, round(compute, 2), round(network, 2), bandwidth_mbit, "given", bandwidth_source)
+        return Throughput(given, round(compute, 2), round(network, 2), bandwidth_mbit, "given", bandwidth_source,
+                          block_rate or 0.0)
     return Throughput(round(min(compute, network), 2), round(compute, 2), round(network, 2), bandwidth_mbit,
-                      source, bandwidth_source)
+                      source, bandwidth_source, block_rate or 0.0)

@@ -107,16 +107,12 @@ async def measure_bandwidth_later(server: BlockServer) -> None:
         measured = await measure_link(server.host, peers, PROBE_TIMEOUT)
         if not measured:
             wait = min(600.0, wait * 2)
-        else:
-            s = server.speed
-            block_rate = s.compute * (server.end_block - server.start_block + 1) / 2 if s.compute else None
+        else:  # (not run when --throughput is given: the link would not change the figure)
             server.speed = server_throughput(
-                block_rate, server.end_block - server.start_block, round(measured, 1),
-                server.checkpoint.config.hidden_size, given=s.throughput if s.source == "given" else None,
-                source=s.source, bandwidth_source="measured",
+                server.speed.block_rate, server.end_block - server.start_block, round(measured, 1),
+                server.checkpoint.config.hidden_size, source=server.speed.source, bandwidth_source="measured",
             )
-            server.throughput = server.speed.throughput
-            log.info("link measured: %.0f Mbit/s; announcing %.1f tokens/s", measured, server.throughput)
+            log.info("link measured: %.0f Mbit/s; announcing %.1f tokens/s", measured, server.speed.throughput)
 
 
 async def balance_loop(server: BlockServer) -> None:

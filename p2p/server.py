@@ -130,8 +130,7 @@ class BlockServer:
         self.blocks: BlockRange | None = None
         self.start_block = self.end_block = 0
         self.state = "joining"
-        self.throughput = 0.0  # tokens/s announced (self.speed.throughput once measured)
-        self.speed = Throughput(0.0, 0.0, 0.0, 0.0)
+        self.speed = Throughput(0.0, 0.0, 0.0, 0.0)  # what it announces (measured before it chooses)
         self.frames = FrameBudget(cfg.frame_memory, min(cfg.peer_frame_memory, cfg.frame_memory))
         self.peer_cache_tokens = max(1, int(cfg.peer_cache_share * cfg.cache_tokens))
         self.context = checkpoint.config.max_positions  # None: no fixed limit (ALiBi)
@@ -177,7 +176,6 @@ class BlockServer:
             # the speed first: a range announced as joining counts with it, so servers starting
             # together (and the balance checks of the others) see what is being loaded
             server.speed = await placement.measure_speed(server, count, fixed[0] if fixed else 0)
-            server.throughput = server.speed.throughput
             start, end = fixed if fixed else await placement.initial_range(server, count)
             server.start_block, server.end_block = start, end
             await server._announce(direct=True)  # joining: others see the range being loaded
@@ -260,7 +258,7 @@ class BlockServer:
             start=self.start_block,
             end=self.end_block,
             state=self.state,
-            throughput=self.throughput,
+            throughput=self.speed.throughput,
             dtype=self.cfg.dtype,
             cache_tokens_left=self.budget.tokens_left,
             version=__version__,
