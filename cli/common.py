@@ -43,6 +43,9 @@ ModelOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations dtype: float32 or bfloat16.")]
+QuantOpt = Annotated[
+    str, typer.Option("--quant", help="Weights of the blocks' linears: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat).")
+]
 
 
 InitialPeersOpt = Annotated[

@@ -15,6 +15,7 @@ from swarm.cli.common import (
     DtypeOpt,
     InitialPeersOpt,
     ModelOpt,
+    QuantOpt,
     check,
     check_seconds,
     fail,
@@ -64,6 +65,7 @@ def serve(
         Optional[Path], typer.Option("--identity", help="Ed25519 key file (stable peer id); default under $SWARM_HOME.")
     ] = None,
     dtype: DtypeOpt = "float32",
+    quant: QuantOpt = "none",
     cache_tokens: Annotated[int, typer.Option("--cache-tokens", help="KV cache budget in tokens (batch × length).")] = 32768,
     public_name: Annotated[str, typer.Option("--public-name", help="A name shown in `swarm status`.")] = "",
     announce_period: Annotated[float, typer.Option("--announce-period", help="Seconds between announcements.")] = 5.0,
@@ -135,6 +137,7 @@ def serve(
     from swarm.engine.client import ModelNotAvailableError, resolve_model
     from swarm.engine.default_model import swarm_home
     from swarm.engine.families import UnsupportedModelError
+    from swarm.engine.quant import QuantUnavailableError
     from swarm.p2p.host import P2PError
     from swarm.p2p.identity import claim_identity
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
@@ -155,6 +158,10 @@ def serve(
         check(0 < peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", peer_cache_share)
         check(max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", max_peer_sessions)
         check(frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", frame_memory)
+        from swarm.engine.quant import bnb, parse_quant
+
+        if parse_quant(quant) != "none":
+            bnb()  # a missing bitsandbytes is one line now, not an error after the model loads
         from swarm.engine.throughput import parse_throughput
 
         throughput_spec = parse_throughput(throughput)
@@ -176,6 +183,7 @@ def serve(
             choice_delay=choice_delay,
             bandwidth=bandwidth,
             dtype=dtype,
+            quant=quant,
             cache_tokens=cache_tokens,
             listen_host=host,
             port=port,
@@ -207,7 +215,7 @@ def serve(
             print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {addr}", flush=True)
 
         serve_forever(cfg, on_ready=ready)
-    except (ValueError, ModelNotAvailableError, UnsupportedModelError, OSError, P2PError) as exc:
+    except (ValueError, ModelNotAvailableError, UnsupportedModelError, OSError, P2PError, QuantUnavailableError) as exc:
         fail(str(exc))  # CheckpointError is a ValueError; OSError includes ConnectionError
     except KeyboardInterrupt:
         pass
@@ -236,6 +244,16 @@ def generate(
         ),
     ] = None,
     dtype: DtypeOpt = "float32",
+    quant: Annotated[
+        str, typer.Option("--quant", help="With --local: quantize the blocks' linears as servers do (none, int8, nf4).")
+    ] = "none",
+    quant_blocks: Annotated[
+        Optional[str],
+        typer.Option("--quant-blocks", help="With --local --quant: only these blocks, START:END (default: all)."),
+    ] = None,
+    no_quant_servers: Annotated[
+        bool, typer.Option("--no-quant-servers", help="Use only servers whose weights are not quantized (int8, nf4).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with token ids and text.")] = False,
     initial_peers: InitialPeersOpt = None,
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
@@ -264,11 +282,13 @@ def generate(
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.generation import GenerationConfig, check_prompt_length
+    from swarm.engine.quant import QuantUnavailableError
 
     try:
         check_seconds("--step-timeout", step_timeout)
         check_seconds("--timeout", timeout, zero_ok=True)
         torch_dtype = parse_dtype(dtype)
+        quantized = local_quant(quant, quant_blocks, local)
         do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
         cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -290,7 +310,10 @@ def generate(
             raise ValueError("the prompt is empty: give some text to continue")
         virtual = loaded.num_virtual_tokens if loaded is not None else 0
         check_prompt_length(len(prompt_ids), client.head.max_positions, virtual)  # before any network setup
-    except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError) as exc:
+        if quantized is not None and quantized != "all":
+            check(quantized.stop <= client.checkpoint.num_blocks, "--quant-blocks",
+                  f"within this model's blocks 0:{client.checkpoint.num_blocks}", quant_blocks)
+    except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError, QuantUnavailableError) as exc:
         fail(str(exc))
 
     wrote = False
@@ -308,7 +331,10 @@ def generate(
     errors: tuple[type[BaseException], ...] = (ValueError, CacheFullError)
     try:
         if local:
-            tokens = generate_local(client, prompt_ids, cfg, torch_dtype, on_token=stream, adapter=loaded)
+            tokens = generate_local(
+                client, prompt_ids, cfg, torch_dtype, on_token=stream, adapter=loaded,
+                quant=quant, quantized=None if quantized == "all" else quantized,
+            )
         else:
             from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
             from swarm.p2p.host import P2PError
@@ -319,7 +345,8 @@ def generate(
             errors += (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
             setup_logging(False)  # recoveries from failed servers are reported on stderr
             ccfg = ClientConfig(
-                initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
+                initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push,
+                full_precision=no_quant_servers,
             )
             model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream, adapter=loaded)
@@ -338,6 +365,29 @@ def generate(
         print(text)
     else:
         write(text[stream.printed :] + "\n")
+
+
+def local_quant(quant: str, quant_blocks: str | None, local: bool) -> range | str | None:
+    """The blocks ``generate --local --quant`` quantizes: "all", a range, or None (no --quant).
+    Raises ``ValueError`` naming the flag for a bad value or one that needs --local."""
+    from swarm.engine.quant import bnb, parse_quant
+
+    if parse_quant(quant) == "none":
+        if quant_blocks is not None:
+            raise ValueError("--quant-blocks needs --quant int8 or nf4")
+        return None
+    if not local:
+        raise ValueError("--quant quantizes the blocks of a --local run; servers choose their own with `swarm serve --quant`")
+    bnb()
+    if quant_blocks is None:
+        return "all"
+    try:
+        start, end = (int(x) for x in quant_blocks.split(":"))
+    except ValueError:
+        raise ValueError(f"--quant-blocks must be START:END (e.g. 0:10), got {quant_blocks!r}") from None
+    if not 0 <= start < end:
+        raise ValueError(f"--quant-blocks {quant_blocks}: START must be less than END, both at least 0")
+    return range(start, end)
 
 
 from swarm.cli.finetune import finetune  # noqa: E402  (its own module: the command is long)

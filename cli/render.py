@@ -25,7 +25,7 @@ def coverage_bar(data: dict, width: int = 60) -> Text:
 def status_view(data: dict) -> Group:
     table = Table(title=f"{data['model']} — {data['num_blocks']} blocks", title_justify="left")
     for col, justify in [("peer", "left"), ("name", "left"), ("blocks", "right"), ("state", "left"),
-                         ("tok/s", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
+                         ("weights", "left"), ("tok/s", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
                          ("version", "left")]:
         table.add_column(col, justify=justify)
     for s in data["servers"]:
@@ -35,6 +35,7 @@ def status_view(data: dict) -> Group:
             s["name"] or "-",
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
+            _weights(s),
             _speed(s),
             f"{s.get('sessions', 0)} · {s.get('served', 0.0):.0f}/s",
             str(s["cache_tokens_left"]),
@@ -67,6 +68,14 @@ def status_view(data: dict) -> Group:
     if notes:
         summary.append("\n" + "\n".join(notes), style="dim")
     return Group(table, summary)
+
+
+def _weights(s: dict) -> str:
+    """The precision of a server's weights and the memory they take: ``nf4 0.6 GB``, ``bfloat16 2.1 GB``."""
+    quant = s.get("quant", "none")
+    kind = s.get("dtype", "?") if quant == "none" else quant
+    size = s.get("weight_bytes") or 0
+    return f"{kind} {size / 2**30:.2f} GB" if size >= 2**30 // 10 else f"{kind} {size / 2**20:.0f} MB" if size else kind
 
 
 def _speed(s: dict) -> str:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarm.engine.checkpoint import BlockRange, Checkpoint
+from swarm.engine.fast import FrozenLinear
 
 PROMPT_KEY = "prompt_embeddings"
 MAX_RANK = 1024  # LoRA rank a server accepts
@@ -112,9 +113,7 @@ def _stream_seed(seed: int, key: str) -> int:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LoraLinear)) or (
-        hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "packed")
-    )
+    return isinstance(module, (nn.Linear, LoraLinear, FrozenLinear))
 
 
 def attach(blocks: BlockRange) -> BlockRange:

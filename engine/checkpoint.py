@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from swarm.engine.default_model import MARKER
 from swarm.engine.families import CheckpointError, Family, get_family
 from swarm.engine.fast import pack_linears
 from swarm.engine.layers import StepContext
+from swarm.engine.quant import quantize_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # sizes every family's parsed config has, and what config.json calls them in words
@@ -192,11 +193,21 @@ class Checkpoint:
             parts += [row[:n], row[-n:]] if row.numel() > 2 * n else [row]
         return shape, torch.cat(parts) if parts else torch.zeros(0)
 
-    def load_blocks(self, start: int, end: int, dtype: torch.dtype = torch.float32, fast: bool = True) -> BlockRange:
+    def load_blocks(
+        self,
+        start: int,
+        end: int,
+        dtype: torch.dtype = torch.float32,
+        fast: bool = True,
+        quant: str = "none",
+        quantized: Container[int] | None = None,
+    ) -> BlockRange:
         """The blocks ``[start, end)`` with frozen weights, reading only their tensors.
 
         With ``fast`` (the default), bfloat16 linears use pre-packed CPU kernels (same results,
-        see :mod:`swarm.engine.fast`)."""
+        see :mod:`swarm.engine.fast`). With ``quant`` (``int8``, ``nf4``) the linears of the blocks
+        in ``quantized`` (all when None) are quantized as each block is loaded (see
+        :mod:`swarm.engine.quant`), so only one block's float weights are held at a time."""
         n = self.num_blocks
         if not 0 <= start < end <= n:
             raise ValueError(f"block range {start}:{end} is not within this model's {n} blocks (0:{n})")
@@ -221,7 +232,10 @@ class Checkpoint:
                     f"{self.path}: block {index}'s tensors do not fit config.json ({detail}): {fix_hint(self.path)}"
                 ) from None
             block.requires_grad_(False).eval()
-            if fast:
+            if quant != "none" and (quantized is None or index in quantized):
+                quantize_linears(block, quant)
+                del state, tensors
+            elif fast:
                 pack_linears(block)
             blocks.append(block)
         return BlockRange(self.family, self.config, start, end, blocks, dtype)

@@ -9,7 +9,7 @@ machine this fails fast with a message that says what to do instead).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +154,15 @@ def generate_local(
     dtype: torch.dtype = torch.float32,
     on_token: Callable[[int], None] | None = None,
     adapter: Adapter | None = None,
+    quant: str = "none",
+    quantized: Container[int] | None = None,
 ) -> list[int]:
     """Generate with every block held in this process (the reference the swarm must equal), with
     ``adapter`` (from :func:`~swarm.engine.adapter_io.load_adapter`) applied if given: its LoRA and
-    deep-prompt tensors on the blocks, its shallow prompt before the prompt's embeddings."""
-    blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, dtype)
+    deep-prompt tensors on the blocks, its shallow prompt before the prompt's embeddings. With
+    ``quant``, the blocks in ``quantized`` (all when None) have quantized linears, as a swarm's
+    servers with ``--quant`` would."""
+    blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, dtype, quant=quant, quantized=quantized)
     tensors = spec = prefix = None
     if adapter is not None:
         tensors, spec, prefix = adapter.tensors or None, adapter.spec, adapter.prompt

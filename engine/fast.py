@@ -26,15 +26,23 @@ def packing_available() -> bool:
     )
 
 
-class PackedLinear(nn.Module):
+class FrozenLinear(nn.Module):
+    """A linear layer whose weight is frozen and kept in some other form than ``nn.Linear``'s
+    (packed, quantized). Adapters wrap these like ``nn.Linear`` (gradients flow to the input)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", bias, persistent=False)
+
+
+class PackedLinear(FrozenLinear):
     """A frozen linear layer whose weight lives in oneDNN's packed layout (inference)."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear.in_features, linear.out_features, None if linear.bias is None else linear.bias.detach())
         weight = linear.weight.detach()
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

@@ -12,22 +12,25 @@ import os
 
 import torch
 from swarm.engine.checkpoint import Checkpoint
+from swarm.engine.quant import matrix_bytes
 
 RESERVED_BYTES = 512 << 20  # the process besides its blocks and caches: Python, torch, frames in flight
 GIB = 1 << 30
 
 
-def block_bytes(checkpoint: Checkpoint, index: int, dtype: torch.dtype) -> int:
-    """Bytes of block ``index``'s weights in ``dtype`` (from the files' headers; nothing is read)."""
+def block_bytes(checkpoint: Checkpoint, index: int, dtype: torch.dtype, quant: str = "none") -> int:
+    """Bytes of block ``index``'s weights in ``dtype``, its matrices quantized to ``quant`` (from
+    the files' headers; nothing is read)."""
     prefix = checkpoint.family.block_prefix(checkpoint.config, index)
-    values = 0
+    total = 0
     for key in checkpoint.tensor_names():
         if key.startswith(prefix):
+            shape = checkpoint.tensor_shape(key)
             n = 1
-            for size in checkpoint.tensor_shape(key):
+            for size in shape:
                 n *= size
-            values += n
-    return values * dtype.itemsize
+            total += matrix_bytes(*shape, quant) if quant != "none" and len(shape) == 2 else n * dtype.itemsize
+    return total
 
 
 def kv_bytes_per_token(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
@@ -59,23 +62,25 @@ def available_memory() -> int:
     return available
 
 
-def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, memory: int, cache_tokens: int) -> int:
+def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, memory: int, cache_tokens: int, quant: str = "none") -> int:
     """How many consecutive blocks fit in ``memory`` bytes with a KV budget of ``cache_tokens``
     (0 when not even one does), at most the model's blocks. Blocks of a model are alike, so the
     largest one's size stands for all."""
-    per_block = max(block_bytes(checkpoint, i, dtype) for i in {0, checkpoint.num_blocks - 1})
+    per_block = max(block_bytes(checkpoint, i, dtype, quant) for i in {0, checkpoint.num_blocks - 1})
     per_block += cache_tokens * kv_bytes_per_token(checkpoint, dtype)
     return max(0, min(checkpoint.num_blocks, (memory - RESERVED_BYTES) // per_block))
 
 
-def default_num_blocks(checkpoint: Checkpoint, dtype: torch.dtype, memory_gb: float | None, cache_tokens: int) -> int:
+def default_num_blocks(
+    checkpoint: Checkpoint, dtype: torch.dtype, memory_gb: float | None, cache_tokens: int, quant: str = "none"
+) -> int:
     """``--num-blocks`` when not given: as many blocks as fit in ``--memory`` (GB) or, without it,
     the memory available now. Raises ``ValueError`` naming ``--memory`` (or ``--cache-tokens``)
     when not one block fits."""
     memory = int(memory_gb * GIB) if memory_gb is not None else available_memory()
-    count = blocks_that_fit(checkpoint, dtype, memory, cache_tokens)
+    count = blocks_that_fit(checkpoint, dtype, memory, cache_tokens, quant)
     if count < 1:
-        need = (RESERVED_BYTES + max(block_bytes(checkpoint, i, dtype) for i in {0, checkpoint.num_blocks - 1})
+        need = (RESERVED_BYTES + max(block_bytes(checkpoint, i, dtype, quant) for i in {0, checkpoint.num_blocks - 1})
                 + cache_tokens * kv_bytes_per_token(checkpoint, dtype)) / GIB
         where = f"--memory {memory_gb:g} GB" if memory_gb is not None else f"the {memory / GIB:.1f} GB available"
         raise ValueError(

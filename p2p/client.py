@@ -43,6 +43,7 @@ class ClientConfig:
     ban_seconds: float = 15.0  # a failed server is avoided this long (doubling on repeated failures)
     unreachable_seconds: float = 3.0  # a server whose ping failed is left out of routes this long, then pinged again
     push: bool = True  # servers hand each step's output straight to the next server of the chain
+    full_precision: bool = False  # route only through servers whose weights are not quantized
     announce_period: float = 5.0
 
 
@@ -165,7 +166,7 @@ class SwarmClient:
                 servers = {p: s for p, s in servers.items() if p not in unreachable}
                 return find_chain(
                     servers, self.num_blocks, start=start, end=end, rtts=self.rtts,
-                    banned=self.banned(), cache_tokens_needed=cache_tokens,
+                    banned=self.banned(), cache_tokens_needed=cache_tokens, full_precision=self.cfg.full_precision,
                 )
             except NoRouteError:
                 if not wait or time.monotonic() >= deadline:

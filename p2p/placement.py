@@ -43,7 +43,7 @@ def auto_count(server: BlockServer) -> int:
     cfg = server.cfg
     if cfg.num_blocks is not None and cfg.num_blocks < 1:
         raise ValueError(f"--num-blocks must be at least 1, got {cfg.num_blocks}")
-    count = cfg.num_blocks or default_num_blocks(server.checkpoint, parse_dtype(cfg.dtype), cfg.memory, cfg.cache_tokens)
+    count = cfg.num_blocks or default_num_blocks(server.checkpoint, parse_dtype(cfg.dtype), cfg.memory, cfg.cache_tokens, cfg.quant)
     return min(count, server.num_blocks)
 
 
@@ -62,8 +62,8 @@ def _peers(server: BlockServer) -> list[str]:
     return [p for p, s in server.table.snapshot().items() if p != server.host.peer_id and s.state == "online"]
 
 
-def _measure_one_block(checkpoint, index: int, dtype) -> float:
-    return measure_block_throughput(checkpoint.load_blocks(index, index + 1, dtype))
+def _measure_one_block(checkpoint, index: int, dtype, quant: str) -> float:
+    return measure_block_throughput(checkpoint.load_blocks(index, index + 1, dtype, quant=quant))
 
 
 async def measure_speed(server: BlockServer, count: int, index: int = 0) -> Throughput:
@@ -79,7 +79,8 @@ async def measure_speed(server: BlockServer, count: int, index: int = 0) -> Thro
         dtype = parse_dtype(cfg.dtype)
         block_rate, fresh = await loop.run_in_executor(
             server._executor, cached_block_throughput, server.model, dtype,
-            functools.partial(_measure_one_block, server.checkpoint, index, dtype), cfg.throughput == "eval",
+            functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant), cfg.throughput == "eval",
+            cfg.quant,
         )
         source = "measured" if fresh else "cached"
     if cfg.bandwidth is not None:
@@ -148,7 +149,8 @@ async def move(server: BlockServer, start: int) -> None:
         server.state, server.start_block, server.end_block = "joining", start, end
         await _announce(server)
         blocks = await asyncio.get_running_loop().run_in_executor(
-            server._executor, server.checkpoint.load_blocks, start, end, parse_dtype(server.cfg.dtype)
+            server._executor,
+            functools.partial(server.checkpoint.load_blocks, start, end, parse_dtype(server.cfg.dtype), quant=server.cfg.quant),
         )
     except BaseException:
         server._moved_from = None

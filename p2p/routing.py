@@ -28,6 +28,21 @@ class NoRouteError(RuntimeError):
         )
 
 
+class QuantizedOnlyError(NoRouteError):
+    """A client asked for full precision, but only quantized servers hold some blocks."""
+
+    def __init__(self, missing: list[tuple[int, int]], num_blocks: int, holders: Mapping[str, str]):
+        self.missing = missing
+        ranges = ", ".join(f"{a}:{b}" for a, b in missing)
+        quants = "/".join(sorted(set(holders.values()))) or "quantized"
+        RuntimeError.__init__(
+            self,
+            f"--no-quant-servers: block(s) {ranges} of this {num_blocks}-block model are served only by {quants} "
+            f"servers; drop --no-quant-servers or start a full-precision one with "
+            f"`swarm serve --blocks {missing[0][0]}:{missing[0][1]} --quant none --initial-peers ...`",
+        )
+
+
 @dataclass(frozen=True)
 class Span:
     """Blocks ``[start, end)`` to run on ``peer_id``."""
@@ -55,6 +70,7 @@ def find_chain(
     rtts: Mapping[PeerId, float] | None = None,
     banned: frozenset[PeerId] | set[PeerId] = frozenset(),
     cache_tokens_needed: int = 0,
+    full_precision: bool = False,
 ) -> list[Span]:
     """The chain of least expected per-token latency covering blocks ``[start, end)``.
 
@@ -64,11 +80,22 @@ def find_chain(
     use (n + 1) / 2 of its n blocks (``engine.throughput``): its rate per block is its compute
     part times (n + 1) / 2 (the throughput where only that was given), and its network part adds
     1 / network per hop. ``banned`` peers are skipped unless a block has no other server. Raises
-    :class:`NoRouteError` naming the uncovered ranges.
+    :class:`NoRouteError` naming the uncovered ranges. With ``full_precision`` only servers with
+    unquantized weights are used (:class:`QuantizedOnlyError` when quantized ones alone hold some
+    of the blocks).
     """
     end = num_blocks if end is None else end
     rtts = rtts or {}
     live = {p: s for p, s in servers.items() if s.state == "online"}
+    if full_precision:
+        full = {p: s for p, s in live.items() if s.quant == "none"}
+        short = [(max(a, start), min(b, end)) for a, b in gaps(full, num_blocks) if a < end and b > start]
+        covered = not any(a < end and b > start for a, b in gaps(live, num_blocks))
+        if short and covered:
+            holders = {p: s.quant for p, s in live.items() if s.quant != "none"
+                       and any(s.start < b and a < s.end for a, b in short)}
+            raise QuantizedOnlyError(short, num_blocks, holders)
+        live = full
     candidates = {p: s for p, s in live.items() if p not in banned}
     for a, b in gaps(candidates, num_blocks):
         if a < end and b > start:  # banning would open a gap here: allow banned servers again

@@ -38,6 +38,7 @@ from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach, run_backward, run_forward
 from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
+from swarm.engine.quant import parse_quant, weight_bytes
 from swarm.engine.throughput import Throughput
 from swarm.p2p import placement, protocols
 from swarm.p2p.adapter_store import AdapterStore
@@ -72,6 +73,7 @@ class ServerConfig:
     choice_delay: float = 5.0  # with auto: wait a random 0–this many seconds before choosing blocks
     bandwidth: float | None = None  # Mbit/s of the link; default: measured against a peer, else assumed
     dtype: str = "float32"
+    quant: str = "none"  # none, int8 or nf4: the blocks' linears (engine/quant.py)
     cache_tokens: int = 32768
     listen_host: str = "127.0.0.1"
     port: int = 0
@@ -162,6 +164,7 @@ class BlockServer:
     async def start(cls, cfg: ServerConfig, on_ready=None, executor: Executor | None = None) -> BlockServer:
         checkpoint = Checkpoint(cfg.model_dir)
         dtype = parse_dtype(cfg.dtype)
+        parse_quant(cfg.quant)
         fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
         if not cfg.initial_peers and not cfg.new_swarm:
             raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
@@ -181,7 +184,7 @@ class BlockServer:
             await server._announce(direct=True)  # joining: others see the range being loaded
             loop = asyncio.get_running_loop()
             server.blocks = await loop.run_in_executor(
-                server._executor, checkpoint.load_blocks, start, end, dtype
+                server._executor, functools.partial(checkpoint.load_blocks, start, end, dtype, quant=cfg.quant)
             )
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
             host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
@@ -260,6 +263,8 @@ class BlockServer:
             state=self.state,
             throughput=self.speed.throughput,
             dtype=self.cfg.dtype,
+            quant=self.cfg.quant,
+            weight_bytes=weight_bytes(self.blocks) if self.blocks is not None else 0,
             cache_tokens_left=self.budget.tokens_left,
             version=__version__,
             public_name=self.cfg.public_name,

@@ -67,6 +67,8 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
                 "served": s.served,
                 "cache_tokens_left": s.cache_tokens_left,
                 "dtype": s.dtype,
+                "quant": s.quant,
+                "weight_bytes": s.weight_bytes,
                 "version": s.version,
                 "rtt_ms": None if rtts[p] is None else round(rtts[p] * 1e3, 2),
                 "addrs": list(s.addrs),

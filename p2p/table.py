@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 from swarm import __version__
+from swarm.engine.quant import QUANTS
 from swarm.p2p.wire import PeerId
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class ServerInfo:
     state: str = "online"
     throughput: float = 1.0  # tokens/s this server can add to a chain (min of compute and network)
     dtype: str = "float32"
+    quant: str = "none"  # its blocks' linears: none, int8 or nf4
+    weight_bytes: int = 0  # bytes its blocks' weights take in its memory
     cache_tokens_left: int = 0
     version: str = __version__
     public_name: str = ""
@@ -101,6 +104,8 @@ class ServerInfo:
                 state=str(data.get("state", "online")),
                 throughput=float(data.get("throughput", 1.0)),
                 dtype=str(data.get("dtype", "float32")),
+                quant=str(data.get("quant", "none")),
+                weight_bytes=int(data.get("weight_bytes", 0)),
                 cache_tokens_left=int(data.get("cache_tokens_left", 0)),
                 version=str(data.get("version", "")),
                 public_name=str(data.get("public_name", ""))[:64],
@@ -118,7 +123,7 @@ class ServerInfo:
             )
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
-        if (info.state not in STATES or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
+        if (info.state not in STATES or info.quant not in QUANTS or not 0 <= info.weight_bytes < 2**62 or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
                 or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf
                 or not all(0 <= x < math.inf for x in (info.compute, info.network, info.bandwidth))
                 or info.bandwidth_source not in BANDWIDTH_SOURCES or info.throughput_source not in THROUGHPUT_SOURCES

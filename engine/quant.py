@@ -1,0 +1,258 @@
+"""8-bit and 4-bit weights for a block's linears (bitsandbytes), applied from outside the families.
+
+Blocks are built plainly in their float dtype, one at a time; :func:`quantize_linears` then swaps
+each ``nn.Linear`` (or packed linear) for a frozen quantized one, so the float weights of a whole
+range never sit in memory together. Norms, embeddings and the client's head stay in the dtype.
+
+- ``int8`` — LLM.int8: weights int8 per output row (absmax scale), activations int8 per row, with
+  the input features holding an outlier (|x| ≥ 6) multiplied in float instead (``torch._int_mm``
+  through bitsandbytes' ``int8_linear_matmul``). 8.1 bits per weight.
+- ``nf4`` — 4-bit NormalFloat in blocks of 64 with a bfloat16 absmax per block, stored in
+  bitsandbytes' CPU layout for its native kernel (``gemv_4bit``, any batch). 4.25 bits per weight.
+
+One function per precision, whatever the caller does with it: a pass with gradients computes its
+output with the same kernels as an inference pass, and its backward multiplies by the dequantized
+weight (the input's gradient through a frozen layer; bitsandbytes' own rule). So a backward after
+inference gives a gradient (bitsandbytes' ``Linear4bit`` silently gives none once it has repacked
+itself for inference), and forward results are the same with or without gradients.
+
+Where a kernel is missing (no AVX-512 BF16 for nf4's, another accelerator), the same weights are
+dequantized and multiplied in float: slower, the same function up to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm.engine.fast import FrozenLinear
+
+QUANTS = ("none", "int8", "nf4")
+OUTLIER_THRESHOLD = 6.0  # LLM.int8: input features with a value this large are multiplied in float
+NF4_BLOCK = 64
+PACK_ROWS = 32  # bitsandbytes' CPU layout interleaves 32 output rows
+
+
+class QuantUnavailableError(RuntimeError):
+    """bitsandbytes cannot be imported: ``--quant`` needs it."""
+
+
+def parse_quant(name: str) -> str:
+    if name not in QUANTS:
+        raise ValueError(f"unsupported --quant {name!r}; choose one of {', '.join(QUANTS)}")
+    return name
+
+
+@cache
+def bnb():
+    """bitsandbytes, imported quietly: at import it looks for an optional kernel package and logs an
+    error when it is missing (the built-in kernels are used then), which would land on the user's
+    terminal."""
+    os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+    quiet = logging.getLogger("bitsandbytes")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    root_filter = _DropBnbNoise()
+    logging.getLogger().addFilter(root_filter)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import bitsandbytes
+            import bitsandbytes.functional  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library
+        raise QuantUnavailableError(
+            f"--quant needs bitsandbytes, which cannot be loaded ({type(exc).__name__}: {exc}); "
+            "install it with: pip install 'bitsandbytes>=0.45'"
+        ) from None
+    finally:
+        quiet.level = level
+        logging.getLogger().removeFilter(root_filter)
+    return bitsandbytes
+
+
+class _DropBnbNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("bitsandbytes")
+
+
+def _has_op(name: str) -> bool:
+    """Whether bitsandbytes registered a CPU kernel for ``name`` (else the float path is used)."""
+    bnb()
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"bitsandbytes::{name}", "CPU")
+    except RuntimeError:
+        return False
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """``module.compute(x)`` forward; backward to the input through the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        return module.compute(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.dequantize(grad.dtype)
+        return grad @ weight, None
+
+
+class QuantLinear(FrozenLinear):
+    """A frozen quantized linear; subclasses give ``compute`` (no autograd) and ``dequantize``."""
+
+    quant = "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = _QuantMatmul.apply(x, self)
+        else:
+            out = self.compute(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight ``[out, in]`` as floats (what the layer multiplies by, up to rounding)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}"
+
+
+class Int8Linear(QuantLinear):
+    quant = "int8"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1)  # per output row; a zero row stays zero
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.register_buffer("qweight", torch.round(w * (127.0 / safe)[:, None]).to(torch.int8), persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        a = x.reshape(-1, self.in_features).float()
+        outliers = None
+        if OUTLIER_THRESHOLD:
+            cols = (a.abs() >= OUTLIER_THRESHOLD).any(dim=0).nonzero().flatten()
+            if cols.numel():
+                outliers = a[:, cols] @ (self.qweight[:, cols].float() * (self.scale / 127.0)[:, None]).T
+                a = a.index_fill(1, cols, 0.0)
+        row = a.abs().amax(dim=1)
+        safe = torch.where(row > 0, row, torch.ones_like(row))
+        qa = torch.round(a * (127.0 / safe)[:, None]).to(torch.int8)
+        if _has_op("int8_linear_matmul"):
+            acc = torch.ops.bitsandbytes.int8_linear_matmul(qa, self.qweight)
+        else:
+            acc = qa.float() @ self.qweight.float().T
+        out = acc.float() * (row[:, None] * self.scale[None, :] / (127.0 * 127.0))
+        if outliers is not None:
+            out = out + outliers
+        return out.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qweight.float() * (self.scale / 127.0)[:, None]).to(dtype)
+
+
+class NF4Linear(QuantLinear):
+    quant = "nf4"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias)
+        if out_features % PACK_ROWS or in_features % NF4_BLOCK:
+            raise ValueError(f"nf4 needs a linear's sizes to be multiples of {PACK_ROWS} and {NF4_BLOCK}, got {list(weight.shape)}")
+        functional = bnb().functional
+        q, state = functional.quantize_4bit(
+            weight.detach().to(torch.bfloat16).contiguous(), blocksize=NF4_BLOCK, quant_type="nf4", compress_statistics=False
+        )
+        codes = torch.stack(((q.flatten() >> 4) & 0xF, q.flatten() & 0xF), dim=1).reshape(out_features, in_features)
+        self.register_buffer("packed", _pack_for_cpu(codes), persistent=False)  # [out, in / 2] uint8
+        absmax = state.absmax.float().reshape(out_features, in_features // NF4_BLOCK)
+        self.register_buffer("absmax", absmax.T.to(torch.bfloat16).contiguous(), persistent=False)  # [in/64, out]
+        self.register_buffer("code", state.code.float(), persistent=False)  # the 16 NF4 values
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and _has_op("gemv_4bit"):
+            out = torch.ops.bitsandbytes.gemv_4bit.default(
+                x.to(torch.bfloat16), self.packed, [self.out_features, self.in_features], self.absmax, self.code, NF4_BLOCK
+            )
+            return out.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = _unpack_for_cpu(self.packed, self.out_features, self.in_features)
+        values = self.code[codes.long()].reshape(self.out_features, self.in_features // NF4_BLOCK, NF4_BLOCK)
+        return (values * self.absmax.T.float()[:, :, None]).reshape(self.out_features, self.in_features).to(dtype)
+
+
+def _pack_for_cpu(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit ``codes`` ``[N, K]`` (uint8 0–15) in bitsandbytes' CPU kernel layout ``[N, K/2]``:
+    for each 32 rows × 2 columns, low nibbles hold the first 32 values, high nibbles the next 32."""
+    n, k = codes.shape
+    tiles = codes.reshape(n // PACK_ROWS, PACK_ROWS, k // 2, 2).transpose(1, 2).reshape(-1, 2 * PACK_ROWS)
+    return ((tiles[:, PACK_ROWS:] << 4) | tiles[:, :PACK_ROWS]).to(torch.uint8).reshape(n, k // 2)
+
+
+def _unpack_for_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    tiles = packed.reshape(-1, PACK_ROWS)
+    both = torch.cat((tiles & 0xF, tiles >> 4), dim=1)
+    return both.reshape(n // PACK_ROWS, k // 2, PACK_ROWS, 2).transpose(1, 2).reshape(n, k)
+
+
+QUANT_CLASSES = {"int8": Int8Linear, "nf4": NF4Linear}
+
+
+def quantize_linears(module: nn.Module, quant: str) -> int:
+    """Swap every linear of ``module`` (``nn.Linear`` or a packed one) for a ``quant`` one; returns how many."""
+    if quant == "none":
+        return 0
+    cls = QUANT_CLASSES[parse_quant(quant)]
+    bnb()
+    swapped = 0
+    for name, child in list(module.named_children()):
+        weight = _linear_weight(child)
+        if weight is not None:
+            setattr(module, name, cls(weight, None if child.bias is None else child.bias.detach()))
+            swapped += 1
+        else:
+            swapped += quantize_linears(child, quant)
+    return swapped
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, FrozenLinear) and hasattr(module, "packed") and not isinstance(module, QuantLinear):
+        return module.packed.to_dense()
+    return None
+
+
+def matrix_bytes(out_features: int, in_features: int, quant: str) -> int:
+    """Bytes a ``quant`` linear's ``[out, in]`` weight takes: int8 values and a float32 scale per
+    row, or nf4 values (two per byte), a bfloat16 scale per 64 and the 16 float32 code values."""
+    if quant == "int8":
+        return out_features * in_features + 4 * out_features
+    return out_features * in_features // 2 + 2 * out_features * (in_features // NF4_BLOCK) + 64
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers (what its weights take in memory)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type == "meta":
+            continue
+        if not t.is_mkldnn:  # oneDNN's packed weights have no data pointer (and are not shared)
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
