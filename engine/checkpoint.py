@@ -8,6 +8,7 @@ memory-mapped files, so a process never holds weights it does not run.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from collections import defaultdict
@@ -140,7 +141,9 @@ class Checkpoint:
         for file, file_keys in by_file.items():
             with safe_open(file, framework="pt") as f:
                 for key in file_keys:
-                    tensors[key] = f.get_tensor(key).to(dtype)
+                    # a copy: a tensor left on the file's memory map would keep the whole map
+                    # (every page read) resident for as long as any block lives
+                    tensors[key] = f.get_tensor(key).to(dtype, copy=True)
                     self.keys_read.append(key)
         return tensors
 
@@ -238,6 +241,7 @@ class Checkpoint:
             elif fast:
                 pack_linears(block)
             blocks.append(block)
+        return_freed_memory()
         return BlockRange(self.family, self.config, start, end, blocks, dtype)
 
     def load_head(self, dtype: torch.dtype = torch.float32, fast: bool = True) -> torch.nn.Module:
@@ -247,6 +251,15 @@ class Checkpoint:
         if fast:
             pack_linears(head)
         return head
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps the float weights freed while
+    loading, ~15 % of a quantized server's memory; elsewhere this does nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 PREFILL_CHUNK = 512  # positions: longer steps on a session run in chunks of this many

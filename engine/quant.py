@@ -23,6 +23,7 @@ dequantized and multiplied in float: slower, the same function up to rounding.
 from __future__ import annotations
 
 import contextlib
+import ctypes as ct
 import io
 import logging
 import os
@@ -90,13 +91,32 @@ class _DropBnbNoise(logging.Filter):
         return not record.name.startswith("bitsandbytes")
 
 
-def _has_op(name: str) -> bool:
-    """Whether bitsandbytes registered a CPU kernel for ``name`` (else the float path is used)."""
+@cache
+def int8_kernel() -> bool:
+    """Whether int8 × int8 products run natively: ``torch._int_mm``, as bitsandbytes' CPU backend
+    uses it, only with AVX-512 (elsewhere it is a scalar loop, slower than floats)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and hasattr(torch, "_int_mm")
+
+
+@cache
+def nf4_kernel():
+    """bitsandbytes' native nf4 × bfloat16 kernel (AVX-512 BF16 CPUs), or None. Called through its
+    native library as its CPU backend does: the ``torch.ops.bitsandbytes`` route imports PyTorch's
+    symbolic-shape stack on first use (+80 MB resident in every server)."""
     bnb()
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"bitsandbytes::{name}", "CPU")
-    except RuntimeError:
-        return False
+        from bitsandbytes.cextension import lib
+        from bitsandbytes.functional import has_avx512bf16
+
+        kernel = lib.gemv_4bit_inference_cpu_nf4_bf16
+        return kernel if has_avx512bf16() else None
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 values (bitsandbytes' table), ascending from -1 to 1."""
+    return bnb().functional.get_4bit_type("nf4", device="cpu").float().clone()
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -159,8 +179,8 @@ class Int8Linear(QuantLinear):
         row = a.abs().amax(dim=1)
         safe = torch.where(row > 0, row, torch.ones_like(row))
         qa = torch.round(a * (127.0 / safe)[:, None]).to(torch.int8)
-        if _has_op("int8_linear_matmul"):
-            acc = torch.ops.bitsandbytes.int8_linear_matmul(qa, self.qweight)
+        if int8_kernel():
+            acc = torch._int_mm(qa, self.qweight.T)
         else:
             acc = qa.float() @ self.qweight.float().T
         out = acc.float() * (row[:, None] * self.scale[None, :] / (127.0 * 127.0))
@@ -180,23 +200,28 @@ class NF4Linear(QuantLinear):
         super().__init__(in_features, out_features, bias)
         if out_features % PACK_ROWS or in_features % NF4_BLOCK:
             raise ValueError(f"nf4 needs a linear's sizes to be multiples of {PACK_ROWS} and {NF4_BLOCK}, got {list(weight.shape)}")
-        functional = bnb().functional
-        q, state = functional.quantize_4bit(
-            weight.detach().to(torch.bfloat16).contiguous(), blocksize=NF4_BLOCK, quant_type="nf4", compress_statistics=False
-        )
-        codes = torch.stack(((q.flatten() >> 4) & 0xF, q.flatten() & 0xF), dim=1).reshape(out_features, in_features)
-        self.register_buffer("packed", _pack_for_cpu(codes), persistent=False)  # [out, in / 2] uint8
-        absmax = state.absmax.float().reshape(out_features, in_features // NF4_BLOCK)
-        self.register_buffer("absmax", absmax.T.to(torch.bfloat16).contiguous(), persistent=False)  # [in/64, out]
-        self.register_buffer("code", state.code.float(), persistent=False)  # the 16 NF4 values
+        w = weight.detach().float().reshape(out_features, in_features // NF4_BLOCK, NF4_BLOCK)
+        absmax = w.abs().amax(dim=2).to(torch.bfloat16)  # the kernel scales by the bfloat16 value
+        scale = absmax.float()
+        scaled = w / torch.where(scale > 0, scale, torch.ones_like(scale))[:, :, None]
+        code = nf4_code()
+        codes = torch.bucketize(scaled, (code[1:] + code[:-1]) / 2).to(torch.uint8)  # the nearest value
+        self.register_buffer("packed", _pack_for_cpu(codes.reshape(out_features, in_features)), persistent=False)
+        self.register_buffer("absmax", absmax.T.contiguous(), persistent=False)  # [in / 64, out]
+        self.register_buffer("code", code, persistent=False)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and _has_op("gemv_4bit"):
-            out = torch.ops.bitsandbytes.gemv_4bit.default(
-                x.to(torch.bfloat16), self.packed, [self.out_features, self.in_features], self.absmax, self.code, NF4_BLOCK
-            )
-            return out.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype))
+        kernel = nf4_kernel() if x.device.type == "cpu" else None
+        if kernel is None:
+            return F.linear(x, self.dequantize(x.dtype))
+        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        out = torch.empty(a.shape[0], self.out_features, dtype=torch.bfloat16)
+        kernel(
+            ct.c_int64(a.shape[0]), ct.c_int64(self.out_features), ct.c_int64(self.in_features),
+            ct.c_void_p(a.data_ptr()), ct.c_void_p(self.packed.data_ptr()), ct.c_void_p(self.absmax.data_ptr()),
+            ct.c_void_p(out.data_ptr()), ct.c_int64(NF4_BLOCK), ct.c_int64(a.stride(0)), ct.c_int64(out.stride(0)),
+        )
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         codes = _unpack_for_cpu(self.packed, self.out_features, self.in_features)
