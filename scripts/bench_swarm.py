@@ -108,7 +108,9 @@ def thirds(num_blocks: int) -> list[int]:
     return [0, num_blocks // 3, 2 * num_blocks // 3, num_blocks]
 
 
-def start_servers(path: Path, dtype: str, home: str, threads: int | None) -> tuple[list[subprocess.Popen], str]:
+def start_servers(
+    path: Path, dtype: str, home: str, threads: int | None, extra: tuple[str, ...] = ()
+) -> tuple[list[subprocess.Popen], str]:
     cuts = thirds(Checkpoint(path).num_blocks)
     env = {**os.environ, "SWARM_HOME": home}
     procs, first = [], None
@@ -116,6 +118,7 @@ def start_servers(path: Path, dtype: str, home: str, threads: int | None) -> tup
         args = [sys.executable, "-m", "swarm.cli.main", "serve", "--model", str(path), "--dtype", dtype,
                 "--blocks", f"{cuts[i]}:{cuts[i + 1]}", "--identity", f"{home}/id-{i}.key"]
         args += ["--threads", str(threads)] if threads else []
+        args += list(extra)
         args += ["--new-swarm"] if first is None else ["--initial-peers", first]
         procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env))
         for line in procs[-1].stdout:

@@ -8,7 +8,11 @@
 5. The adapter in peft: `PeftModel.from_pretrained` on transformers' model of the same checkpoint;
    its greedy tokens against the swarm's and `--local`'s for several prompts.
 
-    python scripts/demo_finetune.py [--data scripts/data/facts.jsonl] [--output DIR] [--compare 6]
+    python scripts/demo_finetune.py [--data scripts/data/facts.jsonl] [--output DIR] [--compare 6] [--quant nf4]
+
+With ``--quant int8|nf4`` the servers hold their blocks quantized (bfloat16 compute): the adapter is
+trained through the quantized blocks, and the swarm's tokens are compared with ``--local`` over the
+same quantized blocks (peft's full-precision model is shown, not required to agree).
 
 Exits 1 when fewer than 80 % of the training prompts give their completion or a comparison differs.
 """
@@ -67,7 +71,10 @@ def main() -> int:
     parser.add_argument("--output", type=Path, help="where the adapter goes (default: a temporary directory)")
     parser.add_argument("--compare", type=int, default=6, help="prompts compared with peft and --local")
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--quant", choices=("none", "int8", "nf4"), default="none", help="the servers' --quant")
     args = parser.parse_args()
+    quantized = args.quant != "none"
+    server_dtype = torch.bfloat16 if quantized else torch.float32
 
     path = ensure_default_model()
     client = ClientModel.load(path)
@@ -80,8 +87,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="swarm-demo-") as home:
         output = args.output or Path(home) / "adapter"
-        print("starting 3 servers (blocks 0:10, 10:20, 20:30 of the default model) ...", flush=True)
-        procs, first = start_servers(path, "float32", home, None)
+        kind = f"{args.quant}, bfloat16 compute" if quantized else "float32"
+        print(f"starting 3 servers (blocks 0:10, 10:20, 20:30 of the default model, {kind}) ...", flush=True)
+        procs, first = start_servers(path, str(server_dtype).removeprefix("torch."), home, None, ("--quant", args.quant))
         try:
             ccfg = ClientConfig(initial_peers=[first])
 
@@ -120,10 +128,11 @@ def main() -> int:
             prompts = [client.encode(p) for _, p, _ in compare]
             theirs = peft_tokens(path, output, prompts, args.max_new_tokens, client.eos_token_ids)
             same = 0
-            print(f"\npeft + transformers vs swarm vs --local, greedy, {len(compare)} prompts:")
+            against = f"--local with the same {args.quant} blocks" if quantized else "--local"
+            print(f"\npeft + transformers (full precision) vs swarm vs {against}, greedy, {len(compare)} prompts:")
             for (line, prompt, _), ids, peft_ids in zip(compare, prompts, theirs):
-                local_ids = generate_local(client, ids, gen_cfg, adapter=adapter)
-                equal = peft_ids == swarm_tokens[line] == local_ids
+                local_ids = generate_local(client, ids, gen_cfg, server_dtype, adapter=adapter, quant=args.quant)
+                equal = swarm_tokens[line] == local_ids and (quantized or peft_ids == local_ids)
                 same += equal
                 print(f"  {'=' if equal else '≠'} {prompt!r}: peft {peft_ids} swarm {swarm_tokens[line]} local {local_ids}")
             metrics = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
