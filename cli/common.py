@@ -43,6 +43,14 @@ ModelOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations dtype: float32 or bfloat16.")]
+WireDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--wire-dtype",
+        help="Hidden states and gradients on the wire: auto (each server's own dtype: exact), float32 (exact), "
+        "bfloat16, or int8 (blockwise absmax, about a quarter of float32's bytes).",
+    ),
+]
 
 
 InitialPeersOpt = Annotated[

@@ -15,6 +15,7 @@ from swarm.cli.common import (
     DtypeOpt,
     InitialPeersOpt,
     ModelOpt,
+    WireDtypeOpt,
     check,
     check_seconds,
     fail,
@@ -245,6 +246,7 @@ def generate(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")
     ] = 30.0,
+    wire_dtype: WireDtypeOpt = "auto",
 ) -> None:
     """Generate text: stream tokens through a chain of servers (or --local), printing them as they come.
 
@@ -264,10 +266,12 @@ def generate(
     from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.generation import GenerationConfig, check_prompt_length
+    from swarm.p2p.compression import WIRE_CHOICES
 
     try:
         check_seconds("--step-timeout", step_timeout)
         check_seconds("--timeout", timeout, zero_ok=True)
+        check(wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), wire_dtype)
         torch_dtype = parse_dtype(dtype)
         do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
         cfg = GenerationConfig(
@@ -319,7 +323,8 @@ def generate(
             errors += (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
             setup_logging(False)  # recoveries from failed servers are reported on stderr
             ccfg = ClientConfig(
-                initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push
+                initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push,
+                wire_dtype=wire_dtype,
             )
             model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream, adapter=loaded)
