@@ -46,6 +46,14 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations 
 QuantOpt = Annotated[
     str, typer.Option("--quant", help="Weights of the blocks' linears: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat).")
 ]
+WireDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--wire-dtype",
+        help="Hidden states and gradients on the wire: auto (each server's own dtype: exact), float32 (exact), "
+        "bfloat16, or int8 (blockwise absmax, about a quarter of float32's bytes).",
+    ),
+]
 
 
 InitialPeersOpt = Annotated[

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from swarm.cli.common import InitialPeersOpt, ModelOpt, err, fail, peers, setup_logging
+from swarm.cli.common import InitialPeersOpt, ModelOpt, WireDtypeOpt, err, fail, peers, setup_logging
 
 INTERRUPTED = 130
 
@@ -84,6 +84,7 @@ def finetune(
     dtype: Annotated[str, typer.Option("--dtype", help="Local blocks' dtype: float32 or bfloat16 (--local).")] = "float32",
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")] = 30.0,
+    wire_dtype: WireDtypeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Train an adapter you own through the swarm's frozen blocks (or --local).
@@ -122,6 +123,9 @@ def _run(a: dict) -> None:
     try:
         if a["step_timeout"] <= 0 or a["timeout"] < 0:
             raise ValueError("--step-timeout must be > 0 and --timeout >= 0 seconds")
+        from swarm.p2p.compression import check_choice
+
+        check_choice(a["wire_dtype"])
         cfg = FinetuneConfig(
             output=a["output"], adapter=a["adapter"], rank=a["rank"], alpha=a["alpha"], dropout=a["dropout"],
             target_modules=a["target_modules"], num_virtual_tokens=a["num_virtual_tokens"], epochs=a["epochs"],
@@ -170,7 +174,9 @@ def _connect(client, a: dict):
     from swarm.p2p.wire import RemoteError, WireError
 
     setup_logging(False)  # failovers are reported on stderr, as by `swarm generate`
-    ccfg = ClientConfig(initial_peers=initial, step_timeout=a["step_timeout"], wait_timeout=a["timeout"])
+    ccfg = ClientConfig(
+        initial_peers=initial, step_timeout=a["step_timeout"], wait_timeout=a["timeout"], wire_dtype=a["wire_dtype"]
+    )
     errors = (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
     try:
         return RemoteBlocks.connect(client.checkpoint, initial, ccfg), errors

@@ -16,6 +16,7 @@ from swarm.cli.common import (
     InitialPeersOpt,
     ModelOpt,
     QuantOpt,
+    WireDtypeOpt,
     check,
     check_seconds,
     fail,
@@ -263,6 +264,7 @@ def generate(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")
     ] = 30.0,
+    wire_dtype: WireDtypeOpt = "auto",
 ) -> None:
     """Generate text: stream tokens through a chain of servers (or --local), printing them as they come.
 
@@ -283,10 +285,12 @@ def generate(
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.generation import GenerationConfig, check_prompt_length
     from swarm.engine.quant import QuantUnavailableError
+    from swarm.p2p.compression import WIRE_CHOICES
 
     try:
         check_seconds("--step-timeout", step_timeout)
         check_seconds("--timeout", timeout, zero_ok=True)
+        check(wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), wire_dtype)
         torch_dtype = parse_dtype(dtype)
         quantized = local_quant(quant, quant_blocks, local)
         do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
@@ -347,6 +351,7 @@ def generate(
             ccfg = ClientConfig(
                 initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push,
                 full_precision=no_quant_servers,
+                wire_dtype=wire_dtype,
             )
             model_name = model_id(client.checkpoint)
             tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream, adapter=loaded)

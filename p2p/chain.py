@@ -8,6 +8,11 @@ span's adapter tensors after the ``open`` frame's own fields (see
 again, so the replayed history gives the same outputs as before. The servers apply them to every
 step of the session, pushed steps included.
 
+Each span's session has a wire dtype (``ClientConfig.wire_dtype`` resolved for its server, see
+:mod:`swarm.p2p.compression`), named in its open: the client sends the span's inputs that way
+and the server its outputs. The history kept for a span is what its server decoded, so a replay
+rebuilds the very cache it had.
+
 :class:`SwarmClient` (in :mod:`swarm.p2p.client`) opens chains; :class:`SyncChain` presents one
 to the engine's generation loop as an inference session.
 """
@@ -26,6 +31,7 @@ import torch
 from swarm.cache.history import SpanHistory
 from swarm.engine.adapters import AdapterSpec, adapter_digest, span_tensors
 from swarm.p2p import protocols
+from swarm.p2p.compression import received
 from swarm.p2p.host import P2PError, P2PTimeoutError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span
@@ -108,6 +114,7 @@ class SpanSession:
     span: Span
     stream: object
     session_id: str = ""
+    wire: str = "float32"  # how its inputs and outputs travel (see swarm.p2p.compression)
     history: SpanHistory = field(default_factory=SpanHistory)
     frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(REPLY_QUEUE))
     reader: asyncio.Task | None = None
@@ -176,6 +183,7 @@ class RemoteChain:
         self._arrived = asyncio.Event()  # a frame came from one of the sessions
         self._last_step_time: float | None = None
         self._lost_pushes = 0  # push runs in a row that went wrong
+        self.wire_bytes = 0  # bytes of step frames sent and output frames taken (headers included)
 
     @property
     def spans(self) -> list[Span]:
@@ -199,14 +207,17 @@ class RemoteChain:
         stream = None
         try:
             stream = await self.client.host.open_stream(span.peer_id, protocols.INFERENCE, timeout=timeout)
+            wire = self.client.wire_for(span.peer_id)
             fields = {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length}
+            if wire != "float32":  # the default: a server from before wire dtypes takes the open too
+                fields["wire"] = wire
             tensors = []
             if self.adapter is not None:
                 extra, tensors = self.adapter.open_fields(span.start, span.end)
                 fields.update(extra)
             await write_frame(stream, Frame("open", fields, tensors), timeout=timeout)
             opened = expect(await read_frame(stream, timeout=timeout), "opened")
-            session = SpanSession(span, stream, str(opened.fields.get("session_id", "")), arrived=self._arrived)
+            session = SpanSession(span, stream, str(opened.fields.get("session_id", "")), wire, arrived=self._arrived)
             session.start_reading()
             return session
         except (P2PError, WireError, RemoteError) as exc:
@@ -216,20 +227,23 @@ class RemoteChain:
 
     async def _send(self, session: SpanSession, hidden, hypo_ids, position: int, chunks=None) -> torch.Tensor:
         step_id = uuid.uuid4().hex[:16]
-        await self._write_step(session, hidden, hypo_ids, position, step_id, chunks=chunks)
+        await self._write_step(session, received(hidden, session.wire)[0], hypo_ids, position, step_id, chunks=chunks)
         return await self._read_output(session, step_id, hidden.shape)
 
     async def _write_step(
-        self, session: SpanSession, hidden, hypo_ids, position: int, step_id: str, chunks=None, route=None
+        self, session: SpanSession, packed, hypo_ids, position: int, step_id: str, chunks=None, route=None
     ) -> None:
-        tensors = [hidden] if hypo_ids is None else [hidden, hypo_ids.to(torch.int64)]
+        """Send a step: ``packed``, the hidden states as the session's wire dtype sends them."""
+        tensors = [packed] if hypo_ids is None else [packed, hypo_ids.to(torch.int64)]
         fields = {"step_id": step_id, "position": position}
         if chunks is not None:
             fields["chunks"] = chunks
         if route:
             fields["route"] = route
         try:
-            await write_frame(session.stream, Frame("step", fields, tensors), timeout=self.client.cfg.step_timeout)
+            self.wire_bytes += await write_frame(
+                session.stream, Frame("step", fields, tensors), timeout=self.client.cfg.step_timeout
+            )
         except (P2PError, WireError) as exc:
             raise _refused(session.span.peer_id, exc) from exc
 
@@ -248,6 +262,7 @@ class RemoteChain:
                 raise WireError("an output frame without hidden states")
         except (P2PError, WireError, RemoteError) as exc:
             raise _refused(session.span.peer_id, exc) from exc
+        self.wire_bytes += frame.wire_size
         out = frame.tensors[0]
         if out.shape != shape:
             raise SpanFailure(session.span.peer_id, WireError(f"output shape {list(out.shape)} != input {list(shape)}"))
@@ -290,6 +305,7 @@ class RemoteChain:
                         if j == i:
                             raise _refused(session.span.peer_id, exc) from exc
                         raise _PushLost(f"{_short(session.span.peer_id)} failed during a pushed step: {exc}") from exc
+                    self.wire_bytes += frame.wire_size
                     return j, [*frame.tensors[1:], frame.tensors[0]]
             left = deadline - time.monotonic()
             if left <= 0:
@@ -307,12 +323,14 @@ class RemoteChain:
         for s in self.sessions[i + 1 : i + 1 + MAX_TRAIL]:  # a run carries at most MAX_TRAIL outputs
             if not s.session_id:  # a server that did not say its session id cannot be pushed to
                 break
-            route.append({"peer": s.span.peer_id, "session": s.session_id})
+            route.append({"peer": s.span.peer_id, "session": s.session_id, "wire": s.wire})
         return route or None
 
     async def _replay(self, session: SpanSession, inputs: torch.Tensor, chunks: list[int]) -> torch.Tensor:
         """Run ``inputs`` (split into the original ``chunks``) on a fresh session, in as few frames
-        as fit :data:`REPLAY_FRAME_BYTES`; returns the outputs of every position."""
+        as fit :data:`REPLAY_FRAME_BYTES`; returns the outputs of every position. Sent with the
+        session's wire dtype, inputs recorded from a session of the same wire dtype arrive
+        unchanged (quantizing is idempotent and blocks never straddle positions)."""
         per_position = inputs[:, :1].numel() * inputs.element_size()
         outputs, group, start = [], [], 0
         for i, length in enumerate(chunks):
@@ -341,9 +359,10 @@ class RemoteChain:
         grace = min(grace * max(1, hidden.shape[1]), self.client.cfg.step_timeout)  # per token; a long step may take long
         while i < len(self.sessions):
             session = self.sessions[i]
+            packed, sent = received(x, session.wire)  # sent: exactly what the server decodes
             try:
                 route = None if direct else self._route_after(i)
-                await self._write_step(session, x, hypo_ids, self.position, step_id, route=route)
+                await self._write_step(session, packed, hypo_ids, self.position, step_id, route=route)
                 if route is None:
                     j, outputs = i, [await self._read_output(session, step_id, x.shape)]
                 else:
@@ -362,15 +381,16 @@ class RemoteChain:
                 failed_over = True
                 self.client.ban(failure.peer_id)
                 await session.reset()
-                inputs, chunks = session.history.replay(x, hypo_ids)
+                inputs, chunks = session.history.replay(sent, hypo_ids)
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
                 self.sessions[i : i + 1] = replacement
                 i += len(replacement)
                 x = out[:, -hidden.shape[1] :]
                 continue
+            x = sent
             for done, out in zip(self.sessions[i : j + 1], outputs):
                 self.client.unban(done.span.peer_id)
-                done.history.record(x, hypo_ids)
+                done.history.record(x, hypo_ids)  # the others' inputs came by push: as the trail holds them
                 x = out
             i = j + 1
         self.position += hidden.shape[1]
@@ -399,7 +419,7 @@ class RemoteChain:
                     opened.append(session)
                     if x is not None:
                         out = await self._replay(session, x, chunks)
-                        session.history = SpanHistory.from_replay(x, chunks)
+                        session.history = SpanHistory.from_replay(received(x, session.wire)[1], chunks)
                         x = out
                 log.warning(
                     "recovered blocks %d:%d: %s failed (%s); %s took over%s in %.2f s",

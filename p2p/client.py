@@ -23,6 +23,7 @@ from swarm.p2p.chain import (  # noqa: F401  (RemoteChain, SpanFailure, SwarmErr
     SwarmError,
     SyncChain,
 )
+from swarm.p2p.compression import check_choice, resolve
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span, find_chain
@@ -44,6 +45,7 @@ class ClientConfig:
     unreachable_seconds: float = 3.0  # a server whose ping failed is left out of routes this long, then pinged again
     push: bool = True  # servers hand each step's output straight to the next server of the chain
     full_precision: bool = False  # route only through servers whose weights are not quantized
+    wire_dtype: str = "auto"  # hidden states on the wire: auto, float32, bfloat16 or int8 (swarm.p2p.compression)
     announce_period: float = 5.0
 
 
@@ -58,6 +60,7 @@ class SwarmClient:
     """Membership of one model's swarm from the client side. Create with :meth:`start`."""
 
     def __init__(self, host: Host, model: str, num_blocks: int, cfg: ClientConfig):
+        check_choice(cfg.wire_dtype)
         self.host, self.model, self.num_blocks, self.cfg = host, model, num_blocks, cfg
         self.table = PeerTable(model, num_blocks, cfg.announce_period)
         self.rtts: dict[str, float] = {}
@@ -129,6 +132,12 @@ class SwarmClient:
 
         skip = self.banned() | self.unreachable()
         await asyncio.gather(*(one(p) for p in servers if p not in self.rtts and p not in skip))
+
+    def wire_for(self, peer_id: str) -> str:
+        """The wire dtype of a session or pass on ``peer_id``: ``cfg.wire_dtype``, with ``auto``
+        resolved to the compute dtype the server announces (see :func:`~swarm.p2p.compression.resolve`)."""
+        info = self.table.snapshot().get(peer_id)
+        return resolve(self.cfg.wire_dtype, info.dtype if info is not None else "float32")
 
     def unreachable(self) -> set[str]:
         """Servers whose last ping failed lately: left out of routes (also when that opens a gap,

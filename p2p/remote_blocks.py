@@ -19,6 +19,12 @@ at most once per distinct content (digest) per server, later requests name them 
 spec, with its dropout seed, travels with every request), and a server that no longer keeps them
 answers ``unknown_adapter``, which makes the client send them again.
 
+Wire dtype. Hidden states, output gradients and input gradients travel with the client's wire
+dtype (``ClientConfig.wire_dtype`` resolved per server, see :mod:`swarm.p2p.compression`; the
+request names it and the server answers with it); adapter tensors and their gradients always go
+as they are. With ``int8`` the gradients are those of the blocks at the quantized inputs, the
+quantization itself taken as the identity (a straight-through estimate).
+
 Failures. A server that fails (an error reply that is not a refusal, a timeout, a closed stream)
 is banned as in inference and its span is routed again, possibly split over several servers; in
 backward, the inputs of a re-split span's parts are recomputed by forwards from the span's saved
@@ -45,6 +51,7 @@ from swarm.engine.checkpoint import Checkpoint
 from swarm.p2p import protocols
 from swarm.p2p.adapter_store import tensor_bytes
 from swarm.p2p.client import INFO_FRAME, ClientConfig, SpanFailure, SwarmClient, SwarmError
+from swarm.p2p.compression import pack
 from swarm.p2p.host import P2PError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span
@@ -55,7 +62,6 @@ from swarm.p2p.wire import (
     RemoteError,
     WireError,
     adapter_fields,
-    encode,
     expect,
     named_tensors,
     read_frame,
@@ -110,7 +116,8 @@ class _Pass:
 class RemoteBlocks(nn.Module):
     """Every block of the model, run by the swarm, as a module (see the module's docstring).
 
-    ``wire_bytes``: bytes sent and received by its requests (frames and info requests).
+    ``wire_bytes``: bytes sent and received by its requests (frames and info requests, as they
+    went over the wire).
     ``adapter_uploads``: requests that carried adapter tensors. ``last_spans``: the servers the
     last forward ran on, in order. Create with :meth:`connect` (which owns a background event
     loop and a :class:`SwarmClient`) and :meth:`close` it, or use it as a context manager."""
@@ -273,7 +280,8 @@ class RemoteBlocks(nn.Module):
             )
         max_batch = limits.get("max_batch") or batch
         max_tokens = limits.get("max_stateless_tokens") or batch * seq
-        row_bytes = seq * x.shape[2] * x.element_size() * (2 if kind == "backward" else 1)
+        itemsize = 4 if self.client.wire_for(span.peer_id) == "int8" else x.element_size()  # as decoded there
+        row_bytes = seq * x.shape[2] * itemsize * (2 if kind == "backward" else 1)
         max_frame = limits.get("max_frame") or (1 << 62)
         rows = min(batch, max_batch, max_tokens // seq, (max_frame - adapter_bytes - FRAME_SLACK) // row_bytes)
         if rows < 1:
@@ -300,8 +308,12 @@ class RemoteBlocks(nn.Module):
         tensors (and again with them after an ``unknown_adapter`` reply)."""
         peer = span.peer_id
         send = digest is not None and digest not in self._known.get(peer, ())
+        wire = self.client.wire_for(peer)
+        base = [pack(t, wire) for t in base]  # hidden [, grad_output]
         while True:
             fields = {"start": span.start, "end": span.end}
+            if wire != "float32":  # the default: a server from before wire dtypes takes the request too
+                fields["wire"] = wire
             extra = []
             if digest is not None:
                 fields.update(adapter_fields(digest, spec.to_wire(), list(sub) if send else None))
@@ -332,11 +344,10 @@ class RemoteBlocks(nn.Module):
         the server stops work nobody waits for), close; counts the bytes both ways."""
         stream = await self.client.host.open_stream(peer, protocol, timeout=self.cfg.request_timeout)
         try:
-            self.wire_bytes += sum(len(b) for b in encode(frame))
-            await write_frame(stream, frame, timeout=timeout)
+            self.wire_bytes += await write_frame(stream, frame, timeout=timeout)
             kwargs = {} if max_frame is None else {"max_frame": max_frame}
             reply = await read_frame(stream, timeout=timeout, **kwargs)
-            self.wire_bytes += sum(len(b) for b in encode(reply))
+            self.wire_bytes += reply.wire_size
             return reply
         finally:
             await stream.close()

@@ -9,7 +9,8 @@ Protocols (see :mod:`swarm.p2p.protocols`):
 - ``forward`` / ``backward``: stateless passes over a sub-range, optionally with a client's
   adapter (LoRA, deep prompts; kept by digest in an :class:`~swarm.p2p.adapter_store.AdapterStore`);
   backward recomputes the forward and returns the gradient with respect to the input hidden
-  states and to the adapter's tensors (the blocks' weights are frozen). The client must keep its
+  states and to the adapter's tensors (the blocks' weights are frozen). A request may name a
+  wire dtype (``wire``, see :mod:`swarm.p2p.compression`) for the output or input gradient. The client must keep its
   side of the stream open until the reply: an end of stream or a reset means nobody waits for
   the result any more, and the computation stops before its next block.
 
@@ -43,6 +44,7 @@ from swarm.engine.throughput import Throughput
 from swarm.p2p import placement, protocols
 from swarm.p2p.adapter_store import AdapterStore
 from swarm.p2p.bandwidth import handle_probe
+from swarm.p2p.compression import pack_off_loop, session_wire
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.identity import Identity, claim_default_identity
 from swarm.p2p.limits import FrameBudget, FrameBudgetError
@@ -474,6 +476,7 @@ class BlockServer:
             if frame.kind != kind:
                 raise WireError(f"expected a {kind} frame, got {frame.kind}")
             blocks = self.check_range(frame["start"], frame["end"])
+            wire = session_wire(frame.fields.get("wire"))
             hidden = frame.tensors[0]
             check_hidden(blocks, hidden)
             tokens = hidden.shape[0] * hidden.shape[1]
@@ -495,11 +498,12 @@ class BlockServer:
             watcher = asyncio.create_task(_watch_for_end(stream, stop))
             if kind == "forward":
                 output = await self.compute(run_forward, blocks, hidden, tensors, spec, stop.is_set)
-                reply = Frame("result", {}, [output])
+                reply = Frame("result", {}, [await pack_off_loop(output, wire)])
             else:
                 grad_input, grads = await self.compute(
                     run_backward, blocks, hidden, frame.tensors[1], tensors, spec, stop.is_set
                 )
+                grad_input = await pack_off_loop(grad_input, wire)
                 reply = Frame("result", {"names": list(grads)}, [grad_input, *grads.values()])
             self.served(hidden.shape[0] * hidden.shape[1])  # computed: hidden was [batch, seq, hidden]
             await write_frame(stream, reply, timeout=self.cfg.request_timeout)

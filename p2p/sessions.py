@@ -14,6 +14,13 @@ the trail, so a token costs one message per server plus one back to the client, 
 wakes up while the next one computes; the client still gets every output (its history for
 failover) and sends a step itself wherever a run did not finish.
 
+The open may name the session's wire dtype (``wire``, see :mod:`swarm.p2p.compression`): the
+server sends its outputs that way, and pushes them with the wire dtype the route names for the
+next session (that session's own). Whatever arrives is decoded by its own
+table entry and computed in the server's dtype; outputs of earlier servers carried along (the
+trail, and a pushed step's own input) are sent on exactly as they arrived, so the client records
+what each server really received.
+
 ``push``: steps from the previous server of a chain, fed into the named session's inbox, where
 they meet the client's own frames (a step seen twice is answered from the last step). A session
 whose inbox is full drops pushed steps at once (the client sends them itself after its grace), so
@@ -48,6 +55,7 @@ from swarm.engine.checkpoint import BlockRange, StepCancelled
 from swarm.p2p import protocols
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.adapter_store import read_adapter_field, tensor_bytes
+from swarm.p2p.compression import SESSION_WIRES, pack_off_loop, packed_nbytes, session_wire, wire_of_form
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 from swarm.p2p.wire import (
     BAD_REQUEST,
@@ -104,6 +112,7 @@ class _Session:
     last_input: torch.Tensor | None = None
     last_output: torch.Tensor | None = None
     last_reordered: bool = False
+    wire: str = "float32"  # how its outputs are sent (see swarm.p2p.compression)
     ends_at: float | None = None  # set when the server moved away from its blocks (see Sessions.drain)
 
 
@@ -188,6 +197,7 @@ class Sessions:
                         and max_length >= 1):
                     raise ValueError(f"batch must be 1..{cfg.max_batch} and max_length a positive integer")
                 server.check_context(max_length, "max_length")
+                wire = session_wire(opening.fields.get("wire"))
                 adapter, spec, grant = self._take_adapter(opening, blocks, peer)
             finally:
                 opening.release()  # its adapter tensors, if any, are counted in self.adapters now
@@ -205,12 +215,13 @@ class Sessions:
                 self._opening[peer] -= 1
                 if not self._opening[peer]:
                     del self._opening[peer]
-            session = _Session(uuid.uuid4().hex, peer, blocks, kv, adapter, spec, grant)
+            session = _Session(uuid.uuid4().hex, peer, blocks, kv, adapter, spec, grant, wire=wire)
             self.live[session.id] = session
             server.sessions_changed()
             log.info(
-                "session %s opened by %s: blocks %d:%d, batch %d, max_length %d, adapter %s (%d cache tokens left)",
-                session.id[:8], peer[-8:], blocks.start, blocks.end, batch, max_length,
+                "session %s opened by %s: blocks %d:%d, batch %d, max_length %d, wire %s, adapter %s "
+                "(%d cache tokens left)",
+                session.id[:8], peer[-8:], blocks.start, blocks.end, batch, max_length, wire,
                 f"of {len(adapter)} tensors, {grant.nbytes} bytes" if adapter else "none", server.budget.tokens_left,
             )
             await write_frame(stream, Frame("opened", {"session_id": session.id}), timeout=cfg.request_timeout)
@@ -341,14 +352,19 @@ class Sessions:
                 frame.release()
 
     async def _answer(self, session: _Session, stream, frame: Frame, source: str, output, fresh: bool) -> None:
-        # outputs of earlier servers that reached here by push and the client has not seen
-        owed = _step_parts(frame)[2] + ([frame.tensors[0]] if source == "push" else [])
-        carry = sum(t.numel() * t.element_size() for t in [*owed, output]) <= CARRY_BYTES
+        # outputs of earlier servers that reached here by push and the client has not seen, sent
+        # on as they arrived (the client keeps what each server received, for failover)
+        n = len(frame.tensors)
+        owed = [await _as_received(frame, i) for i in range(n - len(_step_parts(frame)[2]), n)]
+        if source == "push":
+            owed.append(await _as_received(frame, 0))
+        carry = sum(packed_nbytes(t) for t in owed) + output.numel() * output.element_size() <= CARRY_BYTES
         if fresh and carry and await self._push_step(frame, output, owed):
             return  # the outputs travel on; the chain's last server (or one that cannot push) replies
         # "to" tells the client which copy this answers: after a failover it sends its own copy
         # and must not take an answer to a push from the server it replaced
         fields = {"step_id": frame["step_id"], "to": source, "trail": len(owed)}
+        output = await pack_off_loop(output, session.wire)
         await write_frame(stream, Frame("output", fields, [output, *owed]), timeout=self.cfg.request_timeout)
 
     async def _step(self, session: _Session, frame: Frame, source: str) -> tuple[torch.Tensor | None, bool]:
@@ -443,18 +459,22 @@ class Sessions:
         finally:
             await stream.reset()
 
-    async def _push_step(self, frame: Frame, output: torch.Tensor, owed: list[torch.Tensor]) -> bool:
+    async def _push_step(self, frame: Frame, output: torch.Tensor, owed: list) -> bool:
         """Send ``output`` straight to the next server of the step's route (so the chain needs no
         round trip through the client per server), with ``owed``: earlier outputs the client has
-        not seen, which the server that finally replies hands it. False if there is no next server
+        not seen, which the server that finally replies hands it (as the frame carries them:
+        tensors or :class:`~swarm.p2p.compression.Int8Blocks`). ``output`` goes with the wire
+        dtype the route names for the next session. False if there is no next server
         or it cannot be reached now (the client then sends it). The first push to a peer only
         starts connecting."""
         route = frame.fields.get("route")
         if not route or not isinstance(route, list) or not isinstance(route[0], dict):
             return False
         nxt = route[0]
-        peer, session = nxt.get("peer"), nxt.get("session")
+        peer, session, wire = nxt.get("peer"), nxt.get("session"), nxt.get("wire", "float32")
         if not (isinstance(peer, str) and isinstance(session, str)) or peer == self.server.host.peer_id:
+            return False
+        if wire not in SESSION_WIRES:
             return False
         if peer not in self.server.table:
             return False  # only to servers of this swarm, never wherever a route points
@@ -473,6 +493,7 @@ class Sessions:
             "route": route[1:MAX_TRAIL], "trail": len(owed),
         }
         hypo_ids = _step_parts(frame)[1]
+        output = await pack_off_loop(output, wire)
         tensors = [output, *([] if hypo_ids is None else [hypo_ids]), *owed]  # hypo_ids travel along
         try:
             async with link.lock:
@@ -496,6 +517,13 @@ class Sessions:
 
 
 MAX_PUSH_LINKS = 256  # distinct next servers this server keeps push streams to
+
+
+async def _as_received(frame: Frame, i: int):
+    """Tensor ``i`` of a received ``frame``, to send on exactly as it arrived (see
+    :func:`~swarm.p2p.compression.wire_of_form`)."""
+    form = frame.forms[i] if i < len(frame.forms) else ""
+    return await pack_off_loop(frame.tensors[i], wire_of_form(form))
 
 
 def _step_parts(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:

@@ -2,13 +2,18 @@
 
     frame  = u32 body_length (big-endian) · body
     body   = u16 header_length · header (msgpack map) · tensor bytes
-    header = {"v": PROTOCOL_VERSION, "kind": str, ...fields, "tensors": [[dtype, shape], ...]}
+    header = {"v": PROTOCOL_VERSION, "kind": str, ...fields, "tensors": [entry, ...]}
+    entry  = [dtype, shape]                  raw tensor bytes (dtype in WIRE_DTYPES)
+           | ["int8b", shape, block_size]    blockwise int8: float32 scales, then int8 values
 
 Tensor bytes follow the header back to back, in the order listed, and are written straight from
-the tensor's memory (no copy into a msgpack object). A frame whose length exceeds the reader's
-maximum, whose header is not a valid msgpack map of a known kind and version, or whose tensor
-table does not add up to the body is refused with :class:`WireError`; the caller answers with an
-``error`` frame and ends that stream, other streams are untouched.
+the tensor's memory (no copy into a msgpack object). ``int8b`` entries (see
+:mod:`swarm.p2p.compression`) are decoded to float32 on arrival. A frame whose length exceeds
+the reader's maximum, whose tensors would decode to more than that maximum, whose header is not
+a valid msgpack map of a known kind and version, or whose tensor table does not add up to the
+body is refused with :class:`WireError`; the caller answers with an ``error`` frame and ends
+that stream, other streams are untouched. Old peers refuse ``int8b`` entries (an unknown dtype)
+rather than misread them, so the protocol version is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, NewType
 import msgpack
 import torch
 
+from swarm.p2p.compression import MAX_BLOCK, Int8Blocks, int8_from_bytes, int8_nbytes
 from swarm.p2p.host import MessageTooLargeError, P2PError
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 
@@ -99,6 +105,8 @@ class Frame:
     fields: dict[str, Any] = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
     grant: Grant | None = field(default=None, repr=False, compare=False)  # its bytes in the reader's FrameBudget
+    forms: list[str] = field(default_factory=list, repr=False, compare=False)  # each tensor's table form, as received
+    wire_size: int = field(default=0, repr=False, compare=False)  # bytes it took on the wire, as received
 
     def release(self) -> None:
         """Give the frame's bytes back to the budget it was read under (idempotent)."""
@@ -112,18 +120,27 @@ class Frame:
             raise WireError(f"a {self.kind} frame needs the field {name!r}") from None
 
 
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
 def encode(frame: Frame) -> list[bytes | memoryview]:
-    """The frame as a list of buffers to write in order (tensor buffers are views, not copies)."""
+    """The frame as a list of buffers to write in order (tensor buffers are views, not copies).
+    A tensor may be an :class:`~swarm.p2p.compression.Int8Blocks` (sent as an ``int8b`` entry)."""
     if frame.kind not in KINDS:
         raise WireError(f"unknown frame kind {frame.kind!r}")
     buffers: list[memoryview] = []
     table = []
     for t in frame.tensors:
+        if isinstance(t, Int8Blocks):
+            table.append(["int8b", list(t.shape), t.block_size])
+            buffers += [_bytes_of(t.scales), _bytes_of(t.values)]
+            continue
         if t.dtype not in _DTYPE_NAMES:
             raise WireError(f"tensor dtype {t.dtype} cannot be sent; use one of {', '.join(WIRE_DTYPES)}")
-        t = t.detach().contiguous().cpu()
         table.append([_DTYPE_NAMES[t.dtype], list(t.shape)])
-        buffers.append(memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b""))
+        buffers.append(_bytes_of(t))
     header = msgpack.packb({**frame.fields, "v": PROTOCOL_VERSION, "kind": frame.kind, "tensors": table})
     if len(header) > 0xFFFF:
         raise WireError("frame header too large")
@@ -131,8 +148,12 @@ def encode(frame: Frame) -> list[bytes | memoryview]:
     return [struct.pack(">IH", body_length, len(header)) + header, *buffers]
 
 
-def decode_body(body: bytes | bytearray) -> Frame:
-    """Parse a frame body (everything after the u32 length). Raises :class:`WireError`."""
+def decode_body(body: bytes | bytearray, max_decoded: int | None = None, reserve=None) -> Frame:
+    """Parse a frame body (everything after the u32 length). Raises :class:`WireError`.
+
+    ``max_decoded`` bounds the bytes its tensors decode to (an ``int8b`` value becomes four);
+    ``reserve(n)`` is called with the bytes they take beyond the body's before any is allocated
+    (to count them in a :class:`~swarm.p2p.limits.FrameBudget`; it raises FrameBudgetError)."""
     if len(body) < 2:
         raise WireError("frame body shorter than its header length field")
     (header_length,) = struct.unpack_from(">H", body)
@@ -157,30 +178,66 @@ def decode_body(body: bytes | bytearray) -> Frame:
     if not isinstance(table, list) or len(table) not in tensor_counts:
         counts = f"{tensor_counts[0]} to {tensor_counts[-1]}" if len(tensor_counts) > 2 else " or ".join(map(str, tensor_counts))
         raise WireError(f"{kind} frame must carry {counts} tensor(s)")
-    tensors, offset = [], 2 + header_length
-    for entry in table:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-                and entry[0] in WIRE_DTYPES and isinstance(entry[1], list)):
-            raise WireError(f"bad tensor entry {entry!r}: expected [dtype, shape] with dtype in {', '.join(WIRE_DTYPES)}")
-        dtype, shape = WIRE_DTYPES[entry[0]], entry[1]
-        if not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape) or len(shape) > 8:
-            raise WireError(f"bad tensor shape {shape!r}")
-        nbytes = math.prod(shape) * dtype.itemsize  # exact: no overflow for absurd shapes
+    entries, offset, decoded = [], 2 + header_length, 0
+    for entry in table:  # sizes first: nothing is allocated for a frame that does not add up
+        form, shape, nbytes, size = _table_entry(entry)
         if offset + nbytes > len(body):
-            raise WireError(f"tensor of shape {shape} ({entry[0]}) runs past the end of the frame")
-        data = bytearray(body[offset : offset + nbytes]) if nbytes else bytearray()
-        try:
-            tensors.append(torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype))
-        except RuntimeError as exc:  # shapes torch cannot lay out (strides past 2^63)
-            raise WireError(f"bad tensor shape {shape!r}: {exc}") from None
-        offset += nbytes
+            raise WireError(f"tensor of shape {shape} ({form}) runs past the end of the frame")
+        entries.append((entry, offset, nbytes))
+        offset, decoded = offset + nbytes, decoded + size
     if offset != len(body):
         raise WireError(f"{len(body) - offset} unexpected trailing bytes after the frame's tensors")
-    return Frame(kind, header, tensors)
+    if max_decoded is not None and decoded > max_decoded:
+        raise WireError(f"a frame whose tensors decode to {decoded} bytes exceeds the maximum of {max_decoded} bytes")
+    if reserve is not None and decoded > len(body):
+        try:
+            reserve(decoded - len(body))
+        except P2PError as exc:  # FrameBudgetError
+            raise WireError(str(exc), code=BUSY) from None
+    tensors = [_tensor(entry, body[start : start + nbytes]) for entry, start, nbytes in entries]
+    return Frame(kind, header, tensors, forms=[entry[0] for entry, _, _ in entries], wire_size=4 + len(body))
 
 
-async def write_frame(stream, frame: Frame, timeout: float | None = None) -> None:
-    """Write ``frame`` to a :class:`~swarm.p2p.host.Stream`."""
+def _table_entry(entry) -> tuple[str, list[int], int, int]:
+    """A tensor table entry's form, shape, bytes in the frame and bytes decoded; or WireError."""
+    if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[0], str)
+            and (entry[0] in WIRE_DTYPES and len(entry) == 2 or entry[0] == "int8b" and len(entry) == 3)
+            and isinstance(entry[1], list)):
+        raise WireError(
+            f"bad tensor entry {entry!r}: expected [dtype, shape] with dtype in {', '.join(WIRE_DTYPES)}, "
+            "or [\"int8b\", shape, block_size]"
+        )
+    shape = entry[1]
+    if not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape) or len(shape) > 8:
+        raise WireError(f"bad tensor shape {shape!r}")
+    numel = math.prod(shape)  # exact: no overflow for absurd shapes
+    if entry[0] != "int8b":
+        nbytes = numel * WIRE_DTYPES[entry[0]].itemsize
+        return entry[0], shape, nbytes, nbytes
+    block_size = entry[2]
+    if not (isinstance(block_size, int) and 1 <= block_size <= MAX_BLOCK):
+        raise WireError(f"bad int8 block size {block_size!r}: expected 1 to {MAX_BLOCK}")
+    return "int8b", shape, int8_nbytes(numel, block_size), 4 * numel
+
+
+def _tensor(entry: list, data) -> torch.Tensor:
+    """Decode one tensor's bytes (their size checked by :func:`_table_entry`)."""
+    shape = entry[1]
+    try:
+        if entry[0] == "int8b":
+            return int8_from_bytes(shape, entry[2], data)
+        dtype = WIRE_DTYPES[entry[0]]
+        if not len(data):
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    except ValueError as exc:  # a NaN scale
+        raise WireError(f"bad int8 tensor: {exc}") from None
+    except RuntimeError as exc:  # shapes torch cannot lay out (strides past 2^63)
+        raise WireError(f"bad tensor shape {shape!r}: {exc}") from None
+
+
+async def write_frame(stream, frame: Frame, timeout: float | None = None) -> int:
+    """Write ``frame`` to a :class:`~swarm.p2p.host.Stream`; returns the bytes written."""
     buffers = encode(frame)
     # small frames go in one write; large tensors are written from their own memory
     if sum(len(b) for b in buffers) <= 1 << 16:
@@ -189,6 +246,7 @@ async def write_frame(stream, frame: Frame, timeout: float | None = None) -> Non
         for b in buffers:
             if len(b):
                 await stream.write(b, timeout=timeout)
+    return sum(len(b) for b in buffers)
 
 
 async def read_frame(
@@ -204,8 +262,10 @@ async def read_frame(
     than ``frame_timeout``: see :meth:`~swarm.p2p.host.Stream.read_message`).
 
     With a ``budget`` the frame's ``grant`` holds its size there: :meth:`Frame.release` it once
-    the frame is dealt with. Bodies over :data:`DECODE_IN_THREAD` bytes are decoded on a worker
-    thread, so a large frame does not stall the event loop."""
+    the frame is dealt with; it also holds the bytes ``int8b`` tensors take beyond the body when
+    decoded (the decoded tensors count against ``max_frame`` too). Bodies over
+    :data:`DECODE_IN_THREAD` bytes are decoded on a worker thread, so a large frame does not stall
+    the event loop."""
     try:
         body = await stream.read_message(max_frame, timeout=timeout, frame_timeout=frame_timeout, budget=budget)
     except MessageTooLargeError as exc:
@@ -213,7 +273,11 @@ async def read_frame(
     except FrameBudgetError as exc:
         raise WireError(str(exc), code=BUSY) from None
     try:
-        frame = decode_body(body) if len(body) <= DECODE_IN_THREAD else await asyncio.to_thread(decode_body, body)
+        reserve = body.grant.grow if body.grant is not None else None
+        if len(body) <= DECODE_IN_THREAD:
+            frame = decode_body(body, max_frame, reserve)
+        else:
+            frame = await asyncio.to_thread(decode_body, body, max_frame, reserve)
     except BaseException:
         body.release()
         raise
