@@ -85,6 +85,9 @@ def finetune(
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")] = 30.0,
     wire_dtype: WireDtypeOpt = "auto",
+    no_quant_servers: Annotated[
+        bool, typer.Option("--no-quant-servers", help="Train only through servers whose weights are not quantized.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Train an adapter you own through the swarm's frozen blocks (or --local).
@@ -175,7 +178,8 @@ def _connect(client, a: dict):
 
     setup_logging(False)  # failovers are reported on stderr, as by `swarm generate`
     ccfg = ClientConfig(
-        initial_peers=initial, step_timeout=a["step_timeout"], wait_timeout=a["timeout"], wire_dtype=a["wire_dtype"]
+        initial_peers=initial, step_timeout=a["step_timeout"], wait_timeout=a["timeout"], wire_dtype=a["wire_dtype"],
+        full_precision=a["no_quant_servers"],
     )
     errors = (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
     try:

@@ -249,12 +249,12 @@ def main() -> None:
 def wire_rows(path: Path, first: str, ids: torch.Tensor, hidden: int, float32_ppl: float) -> dict:
     """Perplexity and bytes per token (one hidden state, one way) per wire dtype, through float32
     servers (whose float32 wire is the float32 row above)."""
-    from swarm.p2p.wire import encoded_bytes
+    from swarm.p2p.compression import encoded_nbytes
 
     out = {}
     for wire in ("float32", "bfloat16", "int8"):
         ppl = float32_ppl if wire == "float32" else swarm_perplexity(path, first, ids, wire_dtype=wire)
-        out[wire] = {"ppl": ppl, "bytes_per_token": encoded_bytes(torch.zeros(1, 1, hidden), wire)}
+        out[wire] = {"ppl": ppl, "bytes_per_token": encoded_nbytes([1, 1, hidden], wire)}
         print(f"  wire {wire:9} perplexity {ppl:.3f}, {out[wire]['bytes_per_token']} bytes per token per hop", flush=True)
     return out
 
