@@ -17,7 +17,7 @@ fine-tuning. ``int64`` tensors (hypo ids) and adapter tensors always travel as t
   bfloat16 server receives.
 
 Two properties keep failover exact under a lossy wire dtype. Blocks never straddle a row of the
-last dimension (:func:`block_size_for`: one block per token's hidden vector up to 4096 values),
+last dimension (:func:`block_size_for`: blocks of 64 values, or another divisor of the row),
 so quantizing a slice of positions or of batch rows gives the slice of the quantized whole; and
 quantizing is idempotent (``unpack(pack(unpack(p))) == unpack(p)`` bit for bit: the decoder
 computes ``(v / 127) * absmax``, so a block's largest value comes back as exactly its absmax).
@@ -36,7 +36,7 @@ import torch
 
 WIRE_CHOICES = ("auto", "float32", "bfloat16", "int8")  # what a client may ask for
 SESSION_WIRES = ("float32", "bfloat16", "float16", "int8")  # what an open or a pass may name (auto resolved)
-BLOCK = 4096  # values per int8 block (at most; see block_size_for)
+BLOCK = 64  # values per int8 block (at most; see block_size_for)
 MAX_BLOCK = 1 << 20  # the largest block size a decoder accepts
 _CASTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # scales below this are flushed to zero (idempotence)
@@ -72,14 +72,19 @@ class Int8Blocks:
 def block_size_for(shape) -> int:
     """Values per block for a tensor of ``shape``: a divisor of its last dimension (blocks never
     straddle rows; see the module's docstring), as large as possible up to :data:`BLOCK`. A row
-    with no divisor of at least ``BLOCK / 4`` in that range is one block (up to MAX_BLOCK)."""
+    with no divisor between ``BLOCK / 4`` and ``BLOCK`` is one block (up to MAX_BLOCK).
+
+    Small blocks because a linear code is used: residual streams have a few outlier features
+    (SmolLM2's reach 350 where the median is 1.6), and one in a block of a whole row (576 values)
+    leaves the rest of the row a few levels: +2.8 % perplexity over four span boundaries, against
+    +0.6 % in blocks of 64 (and +0.6 % for the paper's dynamic code in blocks of 4096), at 4 bytes
+    of scale per 64 values (27 % of float32's bytes instead of 25 %)."""
     row = int(shape[-1]) if len(shape) else 1
     if row <= BLOCK:
         return max(row, 1)
-    first = -(-row // BLOCK)
-    for parts in range(first, 4 * first + 1):
-        if row % parts == 0:
-            return row // parts
+    for size in range(BLOCK, BLOCK // 4 - 1, -1):
+        if row % size == 0:
+            return size
     return min(row, MAX_BLOCK)
 
 

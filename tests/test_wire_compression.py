@@ -84,8 +84,9 @@ def test_blocks_of_4096_with_a_shorter_last_one_and_bytes_per_token():
         part = x[4096 * i : 4096 * (i + 1)]
         assert (back[4096 * i : 4096 * (i + 1)] - part).abs().max() <= part.abs().max() / 254 * (1 + 1e-5)
     # the default model's hidden state (576 values) per token per hop
-    assert [encoded_nbytes((1, 1, 576), w) for w in ("float32", "bfloat16", "int8")] == [2304, 1152, 580]
-    assert encoded_nbytes((1, 1, 8192), "int8") == 8192 + 2 * 4
+    # in blocks of 64 (9 per row): 576 values and 9 scales
+    assert [encoded_nbytes((1, 1, 576), w) for w in ("float32", "bfloat16", "int8")] == [2304, 1152, 612]
+    assert encoded_nbytes((1, 1, 8192), "int8") == 8192 + 128 * 4
 
 
 def _int8_body(shape, block_size, scales: list[float], values: bytes, entry=None) -> bytes:
