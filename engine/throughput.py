@@ -22,7 +22,7 @@ from swarm.engine.checkpoint import BlockRange
 from swarm.engine.default_model import swarm_home
 
 ASSUMED_BANDWIDTH_MBIT = 100.0  # announced when nothing was measured or given (status marks it "assumed")
-WIRE_BITS = 32  # bits per value of a hidden state on the wire (clients send float32 activations)
+WIRE_BITS = 32  # bits per value of a hidden state on the wire by default: a float32 server's (--wire-dtype auto)
 
 
 def measure_block_throughput(blocks: BlockRange, seconds: float = 0.3, max_steps: int = 128, context: int = 32) -> float:
@@ -127,13 +127,13 @@ class Throughput:
 
 def server_throughput(
     block_rate: float | None, num_blocks: int, bandwidth_mbit: float, hidden_size: int,
-    given: float | None = None, source: str = "measured", bandwidth_source: str = "assumed",
+    given: float | None = None, source: str = "measured", bandwidth_source: str = "assumed", wire_bits: int = WIRE_BITS,
 ) -> Throughput:
     """min(compute, network) for a server of ``num_blocks`` blocks, one of which runs ``block_rate``
     decode steps/s, on a link of ``bandwidth_mbit``; ``given`` (``--throughput NUMBER``) replaces
     the minimum (compute is then reported as 0 unless a ``block_rate`` is known)."""
     compute = block_rate / expected_blocks_used(num_blocks) if block_rate else 0.0
-    network = network_throughput(bandwidth_mbit, hidden_size)
+    network = network_throughput(bandwidth_mbit, hidden_size, wire_bits)
     if given is not None:
         return Throughput(given, round(compute, 2), round(network, 2), bandwidth_mbit, "given", bandwidth_source,
                           block_rate or 0.0)

@@ -62,6 +62,12 @@ def _peers(server: BlockServer) -> list[str]:
     return [p for p, s in server.table.snapshot().items() if p != server.host.peer_id and s.state == "online"]
 
 
+def wire_bits(cfg) -> int:
+    """Bits per value of a hidden state this server receives by default (``--wire-dtype auto``
+    sends each server its own dtype: 16 for bfloat16, 32 for float32)."""
+    return parse_dtype(cfg.dtype).itemsize * 8
+
+
 def _measure_one_block(checkpoint, index: int, dtype, quant: str) -> float:
     return measure_block_throughput(checkpoint.load_blocks(index, index + 1, dtype, quant=quant))
 
@@ -91,7 +97,7 @@ async def measure_speed(server: BlockServer, count: int, index: int = 0) -> Thro
     return server_throughput(
         block_rate, count, mbit, server.checkpoint.config.hidden_size,
         given=None if isinstance(cfg.throughput, str) else float(cfg.throughput),
-        source=source, bandwidth_source=mbit_source,
+        source=source, bandwidth_source=mbit_source, wire_bits=wire_bits(cfg),
     )
 
 
@@ -112,6 +118,7 @@ async def measure_bandwidth_later(server: BlockServer) -> None:
             server.speed = server_throughput(
                 server.speed.block_rate, server.end_block - server.start_block, round(measured, 1),
                 server.checkpoint.config.hidden_size, source=server.speed.source, bandwidth_source="measured",
+                wire_bits=wire_bits(server.cfg),
             )
             log.info("link measured: %.0f Mbit/s; announcing %.1f tokens/s", measured, server.speed.throughput)
 

@@ -260,10 +260,10 @@ def wire_rows(path: Path, first: str, ids: torch.Tensor, hidden: int, float32_pp
 
 
 def report(results: dict) -> None:
-    print("\n| model | precision | perplexity | vs float32 | swarm decode tok/s | local prefill tok/s | local decode tok/s "
-          "| server RSS (blocks 0:22) | weights |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, res in results["models"].items():
+        print("\n| model | precision | perplexity | vs float32 | swarm decode tok/s | local prefill tok/s "
+              "| local decode tok/s | server RSS (blocks 0:22) | weights |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         base = res["precisions"]["float32"]["ppl"]
         for precision, row in res["precisions"].items():
             change = row["ppl"] / base - 1
