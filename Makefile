@@ -24,6 +24,7 @@ bench: model
 	$(PY) scripts/bench_local.py
 	$(PY) scripts/bench_swarm.py
 	$(PY) scripts/bench_finetune.py
+	$(PY) scripts/bench_quant.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

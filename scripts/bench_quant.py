@@ -203,6 +203,69 @@ def memory(path: Path, home: str) -> dict[str, dict]:
     return out
 
 
+def layer_bench(repeats: int = 20) -> list[dict]:
+    """One 2048×5632 linear (TinyLlama's MLP shape), 1 thread: forward at batch 1 and 128 without
+    gradients, forward + input gradient at batch 1, and the output's error against float32, for our
+    layers and bitsandbytes' own modules (eval and train mode) side by side."""
+    import logging
+    import warnings
+
+    from swarm.engine.fast import PackedLinear
+    from swarm.engine.quant import Int8Linear, NF4Linear, bnb
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(5632, 2048, generator=g) * 0.02
+    x1, x128 = torch.randn(1, 2048, generator=g), torch.randn(128, 2048, generator=g)
+    want = x128 @ weight.T
+    plain = torch.nn.Linear(2048, 5632, bias=False)
+    plain.weight.data = weight.to(torch.bfloat16)
+    layers = {"bfloat16 nn.Linear": plain, "bfloat16 packed (ours)": PackedLinear(plain),
+              "int8 (ours)": Int8Linear(weight, None), "nf4 (ours)": NF4Linear(weight, None)}
+    lib = bnb()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for mode in ("eval", "train"):
+        q8 = lib.nn.Linear8bitLt(2048, 5632, bias=False, has_fp16_weights=False, threshold=6.0)
+        q8.load_state_dict({"weight": weight.to(torch.float16)})
+        q4 = lib.nn.Linear4bit(2048, 5632, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        q4.weight = lib.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
+        q4 = q4.to("cpu")
+        layers[f"int8 bitsandbytes Linear8bitLt, {mode}"] = q8.to("cpu").train(mode == "train")
+        layers[f"nf4 bitsandbytes Linear4bit, {mode}"] = q4.train(mode == "train")
+
+    def timed(fn) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t) / repeats * 1e3
+
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes warns per call (casts, a missing autograd kernel)
+        for name, layer in layers.items():
+            with torch.no_grad():
+                b1 = timed(lambda: layer(x1.to(torch.bfloat16)))
+                b128 = timed(lambda: layer(x128.to(torch.bfloat16)))
+                err = ((layer(x128.to(torch.bfloat16)).float() - want).norm() / want.norm()).item()
+
+            def backward():
+                xg = x1.to(torch.bfloat16).requires_grad_(True)
+                out = layer(xg)
+                if out.requires_grad:
+                    out.float().sum().backward()
+                return xg.grad
+
+            grad = backward() is not None
+            rows.append({"layer": name, "batch1_ms": b1, "batch128_ms": b128,
+                         "fwd_bwd_ms": timed(backward) if grad else None, "error": err})
+            print(f"  layer {name:38} batch 1 {b1:6.2f} ms, batch 128 {b128:6.1f} ms, fwd+bwd "
+                  + (f"{rows[-1]['fwd_bwd_ms']:6.1f} ms" if grad else "no gradient") + f", error {err:.1e}", flush=True)
+    torch.set_num_threads(threads)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="default,1.1b")
@@ -210,9 +273,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="tokens per decode run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="the one-layer comparison with bitsandbytes' modules")
     args = parser.parse_args()
     paths = {"default": ("SmolLM2-135M", ensure_default_model), "1.1b": ("Llama-1.1B (random)", random_1b_checkpoint)}
     results: dict = {"threads": torch.get_num_threads(), "models": {}}
+    if args.layers:
+        print("one 2048×5632 linear, 1 thread:", flush=True)
+        results["layers"] = layer_bench()
     with tempfile.TemporaryDirectory(prefix="swarm-bench-quant-") as home:
         for key in args.models.split(","):
             label, get = paths[key]
