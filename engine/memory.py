@@ -29,7 +29,7 @@ def block_bytes(checkpoint: Checkpoint, index: int, dtype: torch.dtype, quant: s
             n = 1
             for size in shape:
                 n *= size
-            total += matrix_bytes(*shape, quant) if quant != "none" and len(shape) == 2 else n * dtype.itemsize
+            total += matrix_bytes(*shape, quant, dtype.itemsize) if quant != "none" and len(shape) == 2 else n * dtype.itemsize
     return total
 
 

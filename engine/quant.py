@@ -268,8 +268,15 @@ def _unpack_for_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 QUANT_CLASSES = {"int8": Int8Linear, "nf4": NF4Linear}
 
 
+def fits(quant: str, out_features: int, in_features: int) -> bool:
+    """Whether a linear of these sizes can be held in ``quant``: nf4's CPU layout needs the output
+    size a multiple of 32 and the input size of 64 (a linear that does not fit stays as it is)."""
+    return quant != "nf4" or (out_features % PACK_ROWS == 0 and in_features % NF4_BLOCK == 0)
+
+
 def quantize_linears(module: nn.Module, quant: str) -> int:
-    """Swap every linear of ``module`` (``nn.Linear`` or a packed one) for a ``quant`` one; returns how many."""
+    """Swap every linear of ``module`` (``nn.Linear`` or a packed one) for a ``quant`` one, except
+    those whose sizes do not :func:`fit <fits>`; returns how many were swapped."""
     if quant == "none":
         return 0
     cls = QUANT_CLASSES[parse_quant(quant)]
@@ -278,8 +285,9 @@ def quantize_linears(module: nn.Module, quant: str) -> int:
     for name, child in list(module.named_children()):
         weight = _linear_weight(child)
         if weight is not None:
-            setattr(module, name, cls(weight, None if child.bias is None else child.bias.detach()))
-            swapped += 1
+            if fits(quant, *weight.shape):
+                setattr(module, name, cls(weight, None if child.bias is None else child.bias.detach()))
+                swapped += 1
         else:
             swapped += quantize_linears(child, quant)
     return swapped
@@ -293,9 +301,12 @@ def _linear_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def matrix_bytes(out_features: int, in_features: int, quant: str) -> int:
+def matrix_bytes(out_features: int, in_features: int, quant: str, itemsize: int) -> int:
     """Bytes a ``quant`` linear's ``[out, in]`` weight takes: int8 values and a float32 scale per
-    row, or nf4 values (two per byte), a bfloat16 scale per 64 and the 16 float32 code values."""
+    row, or nf4 values (two per byte), a bfloat16 scale per 64 and the 16 float32 code values (one
+    that does not fit nf4 stays in the dtype of ``itemsize`` bytes)."""
+    if not fits(quant, out_features, in_features):
+        return out_features * in_features * itemsize
     if quant == "int8":
         return out_features * in_features + 4 * out_features
     return out_features * in_features // 2 + 2 * out_features * (in_features // NF4_BLOCK) + 64

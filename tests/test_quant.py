@@ -93,8 +93,10 @@ def test_load_blocks_quantizes_the_chosen_blocks_only(tiny):
     for quant in ("none", "int8", "nf4"):
         held = weight_bytes(checkpoint.load_blocks(1, 2, torch.bfloat16, quant=quant))
         assert abs(block_bytes(checkpoint, 1, torch.bfloat16, quant) - held) <= 0.02 * held, quant
-    # adapters wrap quantized linears like any other
+    # adapters wrap quantized linears like any other; a linear nf4's layout cannot hold stays as it is
     assert quantize_linears(torch.nn.Sequential(torch.nn.Linear(64, 32)), "int8") == 1
+    odd = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(48, 40))
+    assert quantize_linears(odd, "nf4") == 1 and isinstance(odd[1], torch.nn.Linear)
     attach(mixed)
 
 
