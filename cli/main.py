@@ -293,6 +293,9 @@ def generate(
         check(wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), wire_dtype)
         torch_dtype = parse_dtype(dtype)
         quantized = local_quant(quant, quant_blocks, local)
+        if local and (no_quant_servers or wire_dtype != "auto"):
+            flag = "--no-quant-servers" if no_quant_servers else "--wire-dtype"
+            raise ValueError(f"{flag} is about the servers of a swarm run; a --local run has none (drop one of the two)")
         do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
         cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,

@@ -238,8 +238,8 @@ class Checkpoint:
             if quant != "none" and (quantized is None or index in quantized):
                 quantize_linears(block, quant)
                 del state, tensors
-            elif fast:
-                pack_linears(block)
+            if fast:
+                pack_linears(block)  # bfloat16 linears not quantized (all, or those a quantization cannot hold)
             blocks.append(block)
         return_freed_memory()
         return BlockRange(self.family, self.config, start, end, blocks, dtype)

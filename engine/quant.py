@@ -27,6 +27,7 @@ import ctypes as ct
 import io
 import logging
 import os
+import threading
 from functools import cache
 
 import torch
@@ -59,8 +60,7 @@ def bnb():
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
     quiet = logging.getLogger("bitsandbytes")
     level, quiet.level = quiet.level, logging.CRITICAL
-    root_filter = _DropBnbNoise()
-    logging.getLogger().addFilter(root_filter)
+    _import_lock.acquire()  # torch.compile is swapped for the import: one importer at a time
     compile_ = torch.compile
     torch.compile = _no_compile  # see _no_compile
     try:
@@ -75,7 +75,7 @@ def bnb():
     finally:
         torch.compile = compile_
         quiet.level = level
-        logging.getLogger().removeFilter(root_filter)
+        _import_lock.release()
     return bitsandbytes
 
 
@@ -86,9 +86,7 @@ def _no_compile(fn=None, **kwargs):
     return fn if fn is not None else (lambda f: f)
 
 
-class _DropBnbNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("bitsandbytes")
+_import_lock = threading.Lock()
 
 
 @cache
@@ -102,27 +100,63 @@ def int8_kernel() -> bool:
 def nf4_kernel():
     """bitsandbytes' native nf4 × bfloat16 kernel (AVX-512 BF16 CPUs), or None. Called through its
     native library as its CPU backend does: the ``torch.ops.bitsandbytes`` route imports PyTorch's
-    symbolic-shape stack on first use (+80 MB resident in every server)."""
+    symbolic-shape stack on first use (+80 MB resident in every server). These are internals: the
+    kernel is used only after it agreed with the float path on a probe layer (another
+    bitsandbytes release could change its layout or arguments)."""
     bnb()
     try:
         from bitsandbytes.cextension import lib
         from bitsandbytes.functional import has_avx512bf16
 
         kernel = lib.gemv_4bit_inference_cpu_nf4_bf16
-        return kernel if has_avx512bf16() else None
+        if not has_avx512bf16():
+            return None
     except (ImportError, AttributeError, RuntimeError):
         return None
+    g = torch.Generator().manual_seed(0)
+    probe = NF4Linear(torch.randn(64, 128, generator=g), None)
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    want = x.float() @ probe.dequantize_lookup(torch.float32).T
+    got = _gemv(kernel, x, probe).float()
+    return kernel if torch.allclose(got, want, rtol=0.02, atol=0.02 * want.abs().max().item()) else None
 
 
 @cache
 def nf4_dequantize_kernel(dtype: torch.dtype):
-    """bitsandbytes' native nf4 → ``dtype`` (float32, bfloat16) dequantization, or None."""
+    """bitsandbytes' native nf4 → ``dtype`` (float32, bfloat16) dequantization, or None (also when
+    it disagrees with the lookup on a probe layer)."""
     names = {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32", torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16"}
     if dtype not in names or nf4_kernel() is None:
         return None
     from bitsandbytes.cextension import lib
 
-    return getattr(lib, names[dtype], None)
+    kernel = getattr(lib, names[dtype], None)
+    probe = NF4Linear(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)), None)
+    if kernel is None or not torch.equal(_dequantize_native(kernel, probe, dtype), probe.dequantize_lookup(dtype)):
+        return None
+    return kernel
+
+
+def _gemv(kernel, a: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+    """``a`` (bfloat16 ``[rows ≥ 1, in]``, contiguous) times the layer's weight, by ``kernel``."""
+    out = torch.empty(a.shape[0], layer.out_features, dtype=torch.bfloat16)
+    kernel(
+        ct.c_int64(a.shape[0]), ct.c_int64(layer.out_features), ct.c_int64(layer.in_features),
+        ct.c_void_p(a.data_ptr()), ct.c_void_p(layer.packed.data_ptr()), ct.c_void_p(layer.absmax.data_ptr()),
+        ct.c_void_p(out.data_ptr()), ct.c_int64(NF4_BLOCK), ct.c_int64(a.stride(0)), ct.c_int64(out.stride(0)),
+    )
+    return out
+
+
+def _dequantize_native(kernel, layer: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
+    n, k = layer.out_features, layer.in_features
+    codes = _unpack_for_cpu(layer.packed, n, k)
+    pairs = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()  # its row-major layout: high nibble first
+    absmax = layer.absmax.T.float().contiguous()
+    out = torch.empty(n, k, dtype=dtype)
+    kernel(ct.c_void_p(pairs.data_ptr()), ct.c_void_p(absmax.data_ptr()), ct.c_void_p(out.data_ptr()),
+           ct.c_longlong(NF4_BLOCK), ct.c_longlong(n), ct.c_longlong(k))
+    return out
 
 
 def nf4_code() -> torch.Tensor:
@@ -183,10 +217,12 @@ class Int8Linear(QuantLinear):
         a = x.reshape(-1, self.in_features).float()
         outliers = None
         if OUTLIER_THRESHOLD:
-            cols = (a.abs() >= OUTLIER_THRESHOLD).any(dim=0).nonzero().flatten()
-            if cols.numel():
-                outliers = a[:, cols] @ (self.qweight[:, cols].float() * (self.scale / 127.0)[:, None]).T
-                a = a.index_fill(1, cols, 0.0)
+            big = a.abs() >= OUTLIER_THRESHOLD
+            cols = big.any(dim=0).nonzero().flatten()
+            if cols.numel():  # each row's own outlier values go in float (rows stay independent)
+                part = a[:, cols] * big[:, cols]
+                outliers = part @ (self.qweight[:, cols].float() * (self.scale / 127.0)[:, None]).T
+                a = a.masked_fill(big, 0.0)
         row = a.abs().amax(dim=1)
         safe = torch.where(row > 0, row, torch.ones_like(row))
         qa = torch.round(a * (127.0 / safe)[:, None]).to(torch.int8)
@@ -228,25 +264,19 @@ class NF4Linear(QuantLinear):
         if kernel is None:
             return F.linear(x, self.dequantize(x.dtype))
         a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        out = torch.empty(a.shape[0], self.out_features, dtype=torch.bfloat16)
-        kernel(
-            ct.c_int64(a.shape[0]), ct.c_int64(self.out_features), ct.c_int64(self.in_features),
-            ct.c_void_p(a.data_ptr()), ct.c_void_p(self.packed.data_ptr()), ct.c_void_p(self.absmax.data_ptr()),
-            ct.c_void_p(out.data_ptr()), ct.c_int64(NF4_BLOCK), ct.c_int64(a.stride(0)), ct.c_int64(out.stride(0)),
-        )
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if not a.shape[0]:  # the kernel divides by the row count
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return _gemv(kernel, a, self).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        codes = _unpack_for_cpu(self.packed, n, k)
         kernel = nf4_dequantize_kernel(dtype)
-        if kernel is not None:  # bitsandbytes' native dequantization (4x faster than the lookup below)
-            pairs = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()  # its row-major layout: high nibble first
-            absmax = self.absmax.T.float().contiguous()
-            out = torch.empty(n, k, dtype=dtype)
-            kernel(ct.c_void_p(pairs.data_ptr()), ct.c_void_p(absmax.data_ptr()), ct.c_void_p(out.data_ptr()),
-                   ct.c_longlong(NF4_BLOCK), ct.c_longlong(n), ct.c_longlong(k))
-            return out
+        if kernel is not None:  # bitsandbytes' native dequantization (4x faster than the lookup)
+            return _dequantize_native(kernel, self, dtype)
+        return self.dequantize_lookup(dtype)
+
+    def dequantize_lookup(self, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`dequantize` in plain PyTorch (no bitsandbytes kernel)."""
+        codes = _unpack_for_cpu(self.packed, self.out_features, self.in_features)
         values = self.code[codes.long()].reshape(self.out_features, self.in_features // NF4_BLOCK, NF4_BLOCK)
         return (values * self.absmax.T.float()[:, :, None]).reshape(self.out_features, self.in_features).to(dtype)
 
@@ -291,6 +321,11 @@ def quantize_linears(module: nn.Module, quant: str) -> int:
         else:
             swapped += quantize_linears(child, quant)
     return swapped
+
+
+def quantization(module: nn.Module) -> str:
+    """What ``module``'s linears are held in: ``int8``, ``nf4`` or ``none`` (none quantized)."""
+    return next((m.quant for m in module.modules() if isinstance(m, QuantLinear)), "none")
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:

@@ -121,6 +121,8 @@ def int8_from_bytes(shape: list[int], block_size: int, data: bytes | bytearray) 
     if not bool((torch.isfinite(scales) & (scales >= 0)).all()):
         raise ValueError("int8 block scales must be finite and >= 0")
     values = torch.frombuffer(bytearray(data[4 * blocks :]), dtype=torch.int8) if n else torch.zeros(0, dtype=torch.int8)
+    if n and bool((values == -128).any()):  # outside the code: it would decode past its block's absmax
+        raise ValueError("int8 values must be in -127..127")
     return Int8Blocks(tuple(shape), block_size, scales, values).dequantize()
 
 

@@ -39,7 +39,7 @@ from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach, run_backward, run_forward
 from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
-from swarm.engine.quant import parse_quant, weight_bytes
+from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
 from swarm.p2p import placement, protocols
 from swarm.p2p.adapter_store import AdapterStore
@@ -265,7 +265,7 @@ class BlockServer:
             state=self.state,
             throughput=self.speed.throughput,
             dtype=self.cfg.dtype,
-            quant=self.cfg.quant,
+            quant=quantization(self.blocks) if self.blocks is not None else self.cfg.quant,
             weight_bytes=weight_bytes(self.blocks) if self.blocks is not None else 0,
             cache_tokens_left=self.budget.tokens_left,
             version=__version__,
@@ -480,9 +480,9 @@ class BlockServer:
             hidden = frame.tensors[0]
             check_hidden(blocks, hidden)
             tokens = hidden.shape[0] * hidden.shape[1]
-            if hidden.shape[0] > self.cfg.max_batch or tokens > self.cfg.max_stateless_tokens:
+            if not 1 <= hidden.shape[0] <= self.cfg.max_batch or tokens > self.cfg.max_stateless_tokens:
                 raise ValueError(
-                    f"a {kind} pass takes at most batch {self.cfg.max_batch} and {self.cfg.max_stateless_tokens} "
+                    f"a {kind} pass takes batch 1 to {self.cfg.max_batch} and {self.cfg.max_stateless_tokens} "
                     f"tokens here, got {list(hidden.shape[:2])}; split it"
                 )
             self.check_context(hidden.shape[1], f"a {kind} pass of length")

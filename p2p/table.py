@@ -35,6 +35,7 @@ MAX_MOVES = 10  # recent moves taken from one announcement
 BANDWIDTH_SOURCES = ("measured", "given", "assumed", "")
 THROUGHPUT_SOURCES = ("measured", "cached", "given", "")
 STATES = ("joining", "online", "offline")
+DTYPES = ("float32", "bfloat16", "float16")  # as engine.checkpoint.DTYPES
 
 
 def model_id(checkpoint: Checkpoint) -> str:
@@ -105,7 +106,7 @@ class ServerInfo:
                 throughput=float(data.get("throughput", 1.0)),
                 dtype=str(data.get("dtype", "float32")),
                 quant=str(data.get("quant", "none")),
-                weight_bytes=int(data.get("weight_bytes", 0)),
+                weight_bytes=_count(data.get("weight_bytes", 0)),
                 cache_tokens_left=int(data.get("cache_tokens_left", 0)),
                 version=str(data.get("version", "")),
                 public_name=str(data.get("public_name", ""))[:64],
@@ -123,13 +124,21 @@ class ServerInfo:
             )
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
-        if (info.state not in STATES or info.quant not in QUANTS or not 0 <= info.weight_bytes < 2**62 or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
+        if (info.state not in STATES or info.quant not in QUANTS or info.dtype not in DTYPES
+                or not 0 <= info.weight_bytes < 2**62 or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
                 or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf
                 or not all(0 <= x < math.inf for x in (info.compute, info.network, info.bandwidth))
                 or info.bandwidth_source not in BANDWIDTH_SOURCES or info.throughput_source not in THROUGHPUT_SOURCES
                 or not all(math.isfinite(m[0]) and 0 <= m[1] < m[2] and 0 <= m[3] < m[4] for m in info.moves)):
             raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
         return info
+
+
+def _count(value) -> int:
+    """A non-negative integer field of an announcement (not a float, string or bool)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}"[:200])
+    return value
 
 
 def _move(entry) -> tuple[float, int, int, int, int]:

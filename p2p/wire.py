@@ -28,7 +28,7 @@ from typing import Any, NewType
 import msgpack
 import torch
 
-from swarm.p2p.compression import MAX_BLOCK, Int8Blocks, int8_from_bytes, int8_nbytes
+from swarm.p2p.compression import MAX_BLOCK, Int8Blocks, block_size_for, int8_from_bytes, int8_nbytes
 from swarm.p2p.host import MessageTooLargeError, P2PError
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 
@@ -217,6 +217,8 @@ def _table_entry(entry) -> tuple[str, list[int], int, int]:
     block_size = entry[2]
     if not (isinstance(block_size, int) and 1 <= block_size <= MAX_BLOCK):
         raise WireError(f"bad int8 block size {block_size!r}: expected 1 to {MAX_BLOCK}")
+    if block_size != block_size_for(shape):  # the one senders use; any other could decode to padding
+        raise WireError(f"bad int8 block size {block_size} for shape {shape}: expected {block_size_for(shape)}")
     return "int8b", shape, int8_nbytes(numel, block_size), 4 * numel
 
 

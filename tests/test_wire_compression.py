@@ -75,14 +75,19 @@ def test_quantizing_is_idempotent_bit_for_bit():
     assert torch.equal(again.scales, q.scales) and torch.equal(again.values, q.values)
 
 
-def test_blocks_of_4096_with_a_shorter_last_one_and_bytes_per_token():
-    x = torch.randn(10_000)
-    q = quantize(x, block_size=4096)
-    assert q.scales.shape == (3,) and q.nbytes == 3 * 4 + 10_000
-    back = decode_body(_wire(Frame("result", {}, [q]))[4:]).tensors[0]
-    for i in range(3):
-        part = x[4096 * i : 4096 * (i + 1)]
-        assert (back[4096 * i : 4096 * (i + 1)] - part).abs().max() <= part.abs().max() / 254 * (1 + 1e-5)
+def test_blocks_of_64_within_rows_and_bytes_per_token():
+    x = torch.randn(2, 576)
+    q = quantize(x)
+    assert q.block_size == 64 and q.scales.shape == (18,) and q.nbytes == 18 * 4 + 1152
+    back = decode_body(_wire(Frame("result", {}, [q]))[4:]).tensors[0].reshape(-1)
+    for i in range(18):
+        part = x.reshape(-1)[64 * i : 64 * (i + 1)]
+        assert (back[64 * i : 64 * (i + 1)] - part).abs().max() <= part.abs().max() / 254 * (1 + 1e-5)
+    assert quantize(torch.randn(1, 4099)).block_size == 4099  # a prime row: one block
+    # only the block size senders use is accepted (another could decode to hidden padding)
+    other = quantize(x, block_size=32)
+    with pytest.raises(WireError, match="block size 32"):
+        decode_body(_wire(Frame("result", {}, [other]))[4:])
     # the default model's hidden state (576 values) per token per hop
     # in blocks of 64 (9 per row): 576 values and 9 scales
     assert [encoded_nbytes((1, 1, 576), w) for w in ("float32", "bfloat16", "int8")] == [2304, 1152, 612]
@@ -104,7 +109,8 @@ def _int8_body(shape, block_size, scales: list[float], values: bytes, entry=None
         (_int8_body([4], "4", [1.0], b"\x01" * 4), "block size"),
         (_int8_body([4], 4, [1.0], b"", entry=["int8b", [4]]), "bad tensor entry"),
         (_int8_body([4], 4, [1.0], b"\x01" * 4, entry=["int8b", [4], 4, 0]), "bad tensor entry"),
-        (_int8_body([4], 2, [1.0], b"\x01" * 4), "runs past"),  # two blocks, one scale
+        (_int8_body([4], 2, [1.0], b"\x01" * 4), "block size"),  # not the senders' block size
+        (_int8_body([4], 4, [1.0], b"\x80\x01\x01\x01"), "-127"),  # -128 decodes past the absmax
         (_int8_body([4], 4, [1.0], b"\x01" * 3), "runs past"),  # truncated values
         (_int8_body([4], 4, [1.0], b"\x01" * 5), "trailing"),  # the shape says fewer values
         (_int8_body([2, -1], 4, [1.0], b""), "bad tensor shape"),
