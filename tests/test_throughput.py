@@ -98,10 +98,11 @@ def test_the_link_is_measured_against_a_peer_and_probes_are_bounded(tiny_checkpo
                 await eventually(lambda: b.table.snapshot()[a.host.peer_id].bandwidth_source == "measured",
                                  timeout=20, what="a's measured link announced")
                 # an echo never carries more than it was sent, and a probe frame is bounded
-                reply = await protocols.request(b.host, a.host.peer_id, protocols.PROBE, Frame("info"), 5)
+                # (deadlines are generous: 1 MiB through Noise on a loaded 2-core machine took over 5 s once)
+                reply = await protocols.request(b.host, a.host.peer_id, protocols.PROBE, Frame("info"), 30)
                 assert reply.kind == "error"
                 big = Frame("probe", {}, [torch.zeros(PROBE_MAX_FRAME // 4 + 1)])
-                reply = await protocols.request(b.host, a.host.peer_id, protocols.PROBE, big, 5)
+                reply = await protocols.request(b.host, a.host.peer_id, protocols.PROBE, big, 30)
                 assert reply.kind == "error" and reply["code"] == "bad_frame", reply
             finally:
                 await b.stop()
