@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -110,12 +111,12 @@ def create_app(backend: Backend) -> Starlette:
         if chat:
             param, messages = "messages", parse_messages(body.get("messages"))
             try:
-                prompt_ids = backend.encode_chat(messages)
+                prompt_ids = await anyio.to_thread.run_sync(backend.encode_chat, messages)
             except Exception as exc:  # no template, or a conversation the template refuses (jinja2's errors)
                 raise ApiError(400, f"messages: the chat template refused them: {exc}", "messages") from None
         else:
             param, prompt = "prompt", parse_prompt(body.get("prompt"), cm.checkpoint.config.vocab_size)
-            prompt_ids = backend.encode(prompt) if isinstance(prompt, str) else prompt
+            prompt_ids = await anyio.to_thread.run_sync(backend.encode, prompt) if isinstance(prompt, str) else prompt
         if not prompt_ids:
             raise ApiError(400, f"{param}: the prompt has no tokens", param)
         try:

@@ -163,6 +163,13 @@ class Backend:
         ccfg = self.cfg.client
         return (ccfg.step_timeout + ccfg.wait_timeout) * (spans + 1) + 10
 
+    def event_timeout(self) -> float | None:
+        """The longest a job may go without a token: opening a chain, then a step through a chain
+        of one server per block (None with ``--local``: computing here, nothing to wait for)."""
+        if self.swarm is None:
+            return None
+        return self.open_timeout() + self.step_timeout(self.client_model.checkpoint.num_blocks)
+
     def open_timeout(self) -> float:
         ccfg = self.cfg.client
         return ccfg.request_timeout * (len(ccfg.initial_peers) + 1) + ccfg.wait_timeout
@@ -251,7 +258,14 @@ class Job:
         threading.Thread(target=self._run, name="swarm-api-job", daemon=True).start()
 
     async def next(self) -> Event:
-        return await self.events.get()
+        """The next event; an error (and the job cancelled) if none comes within the longest a
+        chain may legitimately take (its own timeouts fire first: this guards against a bug)."""
+        try:
+            return await asyncio.wait_for(self.events.get(), self.backend.event_timeout())
+        except TimeoutError:
+            self.cancel()
+            return Event("error", error=ApiError(503, "the swarm made no progress on this request in time",
+                                                 code="swarm_unavailable"))
 
     def cancel(self) -> None:
         """Stop the generation (idempotent; thread-safe): the call in flight on the swarm client's

@@ -308,6 +308,33 @@ def test_local_mode_with_an_adapter(tiny):
         assert status["gaps"] == [] and [s["blocks"] for s in status["servers"]] == [[0, 4]]
 
 
+def test_an_error_mid_stream_is_an_error_event(tiny, monkeypatch):
+    """A failure after the first token ends the stream with an error event (the `openai` client
+    raises it), not a hang or a cut connection; the next request is served."""
+    import swarm.cli.api_backend as api_backend
+    from swarm.p2p.chain import SwarmError
+
+    real, calls = api_backend.generate, []
+
+    def fails_once(head, open_session, ids, cfg, on_token, prefix=None):
+        calls.append(1)
+        if len(calls) > 1:
+            return real(head, open_session, ids, cfg, on_token, prefix=prefix)
+        for token in ids[:3]:
+            on_token(token)
+        raise SwarmError("blocks 2:4 lost their server and no other could take them over")
+
+    monkeypatch.setattr(api_backend, "generate", fails_once)
+    with api_server(ApiConfig(model_dir=tiny[0], local=True)) as (url, _):
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        parts = []
+        with pytest.raises(openai.APIError, match="2:4"):
+            for chunk in client.completions.create(model="model", prompt=PROMPT, max_tokens=8, stream=True):
+                parts.extend(c.text for c in chunk.choices)
+        assert "".join(parts)  # the text before the failure came through
+        assert complete(client, "model", False, False, max_tokens=4, temperature=0)[0] == expected(tiny[0], 4)["text"]
+
+
 def test_cli_errors_are_one_line(tiny, tmp_path):
     from typer.testing import CliRunner
 
