@@ -15,6 +15,7 @@ from swarm.cli.common import (
     WireDtypeOpt,
     check,
     check_seconds,
+    err,
     fail,
     peers,
     setup_logging,
@@ -103,6 +104,10 @@ def api(
     from swarm.cli.api import serve_api
     from swarm.p2p.client import SwarmError
     from swarm.p2p.host import P2PError
+
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: --host {host} without --api-key: anyone who reaches this port can use the swarm through it",
+                  highlight=False, markup=False)
 
     def ready(url: str, backend) -> None:
         where = "this process (--local)" if local else "the swarm"
