@@ -231,6 +231,22 @@ def test_disconnect_cancels_and_frees_sessions(api, client):
     assert backend.jobs == set()
 
 
+def test_disconnect_while_waiting_for_a_whole_answer(api, monkeypatch):
+    url, backend = api
+    started = []
+    start = Job.start
+    monkeypatch.setattr(Job, "start", lambda job: (started.append(job), start(job)))
+    body = {"model": "model", "prompt": PROMPT, "max_tokens": 240, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    left = time.monotonic()
+    (job,) = started
+    while not job.finished:
+        assert time.monotonic() - left < 3, "the generation went on after the client left"
+        time.sleep(0.005)
+    assert len(job.tokens) < 200, f"{len(job.tokens)} tokens generated for a client that left"
+
+
 def test_errors_have_openai_shape_and_codes(tiny, client, api):
     url = api[0]
     auth = {"Authorization": f"Bearer {KEY}"}
