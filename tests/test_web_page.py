@@ -203,7 +203,7 @@ def test_page_shows_the_swarm_and_streams_a_chat_answer(browser, target, tmp_pat
 
 
 @contextmanager
-def dev_api():
+def dev_api(api_key: str | None = None):
     pytest.importorskip("starlette")
     uvicorn = pytest.importorskip("uvicorn")
     import asyncio
@@ -250,6 +250,15 @@ def dev_api():
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    def keyed(handler):  # 401 in OpenAI's shape unless the request carries the key
+        async def check(request):
+            if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+                return JSONResponse({"error": {"message": "wrong API key", "type": "invalid_request_error"}}, 401)
+            answer = handler(request)
+            return await answer if asyncio.iscoroutine(answer) else answer
+        return check
+
+    status, models, chat = keyed(status), keyed(models), keyed(chat)
     app = Starlette(routes=[
         Route("/", lambda request: FileResponse(static / "index.html")),
         Mount("/static", StaticFiles(directory=static)),

@@ -85,7 +85,38 @@ function ago(seconds) {
   return Math.round(seconds / 3600) + " h ago";
 }
 
-function renderServers(servers) {
+function nameCell(name) {
+  const full = String(name || "").slice(0, 256);
+  const td = text("td", full || "–", "name");
+  if (full) td.title = full;
+  return td;
+}
+
+const stateClass = (state) => "state-" + (state === "online" ? "ok" : state === "joining" ? "warn" : "bad");
+
+// a server's blocks drawn to scale over the model's blocks
+function rangeBar(blocks, n, state) {
+  const bar = document.createElement("span");
+  bar.className = "range";
+  bar.setAttribute("aria-hidden", "true");
+  if (Array.isArray(blocks) && n > 0) {
+    const fill = document.createElement("span");
+    fill.className = stateClass(state);
+    const lo = Math.min(Math.max(num(blocks[0]), 0), n), hi = Math.min(Math.max(num(blocks[1]), lo), n);
+    fill.style.left = (100 * lo / n) + "%";
+    fill.style.width = (100 * (hi - lo) / n) + "%";
+    bar.append(fill);
+  }
+  return bar;
+}
+
+function blocksCell(blocks, n, state) {
+  const td = text("td", range(blocks), "num mono");
+  td.append(rangeBar(blocks, n, state));
+  return td;
+}
+
+function renderServers(servers, n) {
   const rows = servers.map((s) => {
     const tr = document.createElement("tr");
     const peer = String(s.peer_id || "");
@@ -94,12 +125,11 @@ function renderServers(servers) {
     const peerCell = text("td", "…" + peer.slice(-6), "mono");
     peerCell.title = peer;
     const state = text("td", "");
-    state.append(text("span", String(s.state || "?"), "badge state-" + (
-      s.state === "online" ? "ok" : s.state === "joining" ? "warn" : "bad")));
+    state.append(text("span", String(s.state || "?"), "badge " + stateClass(s.state)));
     tr.append(
       peerCell,
-      text("td", String(s.name || "–").slice(0, 64)),
-      text("td", range(s.blocks), "num mono"),
+      nameCell(s.name),
+      blocksCell(s.blocks, n, s.state),
       state,
       text("td", weights(s)),
       text("td", speed(s), "num"),
@@ -117,6 +147,7 @@ function renderCoverage(data) {
   const n = Math.max(0, Math.min(num(data.num_blocks), 10000));
   const gaps = Array.isArray(data.gaps) ? data.gaps : [];
   const low = (data.bottleneck && Array.isArray(data.bottleneck.blocks)) ? data.bottleneck.blocks : [];
+  const everyBlock = low.length === 1 && num(low[0][0]) === 0 && num(low[0][1]) === n;  // nothing to point at
   const inRanges = (b, ranges) => ranges.some((r) => b >= r[0] && b < r[1]);
   const cover = Array.isArray(data.coverage) ? data.coverage : [];
   const bar = $("coverage");
@@ -125,14 +156,15 @@ function renderCoverage(data) {
   for (let b = 0; b < n; b++) {
     const cell = document.createElement("span");
     const served = !inRanges(b, gaps);
-    cell.className = "cell " + (served ? "served" : "gap") + (served && gaps.length === 0 && inRanges(b, low) ? " low" : "");
+    cell.className = "cell " + (served ? "served" : "gap") + (served && !gaps.length && !everyBlock && inRanges(b, low) ? " low" : "");
     cell.dataset.block = b;
     cell.dataset.served = served;
     cell.title = `block ${b}: ` + (served ? `${Math.round(num(cover[b]))} tok/s in total` : "nobody serves it");
     cells.push(cell);
   }
   bar.replaceChildren(...cells);
-  $("tick-last").textContent = n;
+  $("tick-first").textContent = n ? "0" : "";
+  $("tick-last").textContent = n || "";
   const full = gaps.length === 0 && n > 0;
   const gapText = gaps.map(range).join(", ");
   const g = $("gaps");
@@ -165,7 +197,7 @@ function renderSwarm(data) {
   if (!data || !Array.isArray(data.servers)) throw new ApiError(0, "unexpected answer from v1/swarm");
   swarmModel = String(data.model || "");
   $("model-name").textContent = `${swarmModel} · ${num(data.num_blocks)} blocks`;
-  renderServers(data.servers);
+  renderServers(data.servers, num(data.num_blocks));
   renderCoverage(data);
   renderNotes(data);
 }
@@ -188,7 +220,8 @@ async function refresh() {
     const e = $("swarm-error");
     e.textContent = "Cannot read the swarm: " + err.message;
     e.hidden = false;
-    setLive("error", lastOk ? "stale · last update " + new Date(lastOk).toLocaleTimeString() : "no answer");
+    setLive("error", err.status === 401 ? "waiting for an API key"
+      : lastOk ? "stale · last update " + new Date(lastOk).toLocaleTimeString() : "no answer");
   } finally {
     // the next refresh starts when this one ended (no pile-up on a slow swarm); none while hidden
     setTimeout(function again() {
