@@ -14,7 +14,8 @@ const conversation = [];  // {role, content} sent in full with every request
 let chatAbort = null;     // AbortController of the request streaming now
 let refreshes = 0;
 let lastOk = 0;
-let swarmModel = "";
+let swarmModel = "";      // the swarm's model id (v1/swarm)
+let apiModel = "";        // the base model's name in the API (v1/models)
 
 // ---- API access -------------------------------------------------------------------------------
 
@@ -196,7 +197,8 @@ function renderNotes(data) {
 function renderSwarm(data) {
   if (!data || !Array.isArray(data.servers)) throw new ApiError(0, "unexpected answer from v1/swarm");
   swarmModel = String(data.model || "");
-  $("model-name").textContent = `${swarmModel} · ${num(data.num_blocks)} blocks`;
+  $("model-name").textContent = `${apiModel || swarmModel} · ${num(data.num_blocks)} blocks`;
+  $("model-name").title = "model id in the swarm: " + swarmModel;
   renderServers(data.servers, num(data.num_blocks));
   renderCoverage(data);
   renderNotes(data);
@@ -233,7 +235,10 @@ async function refresh() {
 async function loadModels() {
   try {
     const body = await getJson("v1/models", STATUS_TIMEOUT_MS);
-    const ids = (Array.isArray(body.data) ? body.data : []).map((m) => String(m.id));
+    const list = Array.isArray(body.data) ? body.data : [];
+    const ids = list.map((m) => String(m.id));
+    const base = list.find((m) => m.parent == null);  // adapters name their base model as parent
+    apiModel = base ? String(base.id) : "";
     $("model").replaceChildren(...ids.map((id) => {
       const opt = text("option", id);
       opt.value = id;
