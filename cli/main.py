@@ -402,6 +402,10 @@ from swarm.cli.finetune import finetune  # noqa: E402  (its own module: the comm
 
 app.command()(finetune)
 
+from swarm.cli.api_command import api  # noqa: E402  (its own module: the web stack loads only when it runs)
+
+app.command()(api)
+
 
 @app.command()
 def status(

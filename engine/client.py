@@ -18,9 +18,9 @@ import torch
 from swarm.engine import default_model
 from swarm.engine.adapter_io import Adapter
 from swarm.engine.adapters import attach
-from swarm.engine.checkpoint import Checkpoint, fix_hint, read_json
+from swarm.engine.checkpoint import BlockRange, Checkpoint, fix_hint, read_json
 from swarm.engine.families import CheckpointError
-from swarm.engine.generation import GenerationConfig, LocalSession, generate
+from swarm.engine.generation import GenerationConfig, LocalSession, OpenSession, generate
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]
 # the files a tokenizer is built from: a fast tokenizer, a sentencepiece model, or a BPE vocabulary
@@ -90,11 +90,18 @@ class ClientModel:
         if chat:
             if not self.has_chat_template:
                 raise ValueError(f"--chat: the model at {self.path} has no chat template; drop --chat")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return self.encode_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation (``[{"role": ..., "content": ...}]``) by the model's chat
+        template, ending where the assistant's answer starts. Raises ``ValueError`` when the model
+        has no chat template, and whatever the template raises for a conversation it refuses
+        (jinja2's ``TemplateError``: roles out of order, say)."""
+        if not self.has_chat_template:
+            raise ValueError(f"the model at {self.path} has no chat template")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -163,13 +170,19 @@ def generate_local(
     ``quant``, the blocks in ``quantized`` (all when None) have quantized linears, as a swarm's
     servers with ``--quant`` would."""
     blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, dtype, quant=quant, quantized=quantized)
-    tensors = spec = prefix = None
-    if adapter is not None:
-        tensors, spec, prefix = adapter.tensors or None, adapter.spec, adapter.prompt
-        if tensors:
-            attach(blocks)
+    prefix = adapter.prompt if adapter is not None else None
+    return generate(client.head, local_sessions(blocks, adapter), prompt_ids, cfg, on_token, prefix=prefix)
+
+
+def local_sessions(blocks: BlockRange, adapter: Adapter | None = None) -> OpenSession:
+    """``open_session`` for :func:`~swarm.engine.generation.generate` over blocks held here, with
+    ``adapter``'s LoRA and deep-prompt tensors applied (its shallow prompt is the caller's prefix)."""
+    tensors = spec = None
+    if adapter is not None and adapter.tensors:
+        tensors, spec = adapter.tensors, adapter.spec
+        attach(blocks)
 
     def open_session(batch: int, max_length: int) -> LocalSession:
         return LocalSession(blocks, batch, max_length, tensors, spec)
 
-    return generate(client.head, open_session, prompt_ids, cfg, on_token, prefix=prefix)
+    return open_session

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 from swarm.p2p.client import SwarmError, fetch_info
 from swarm.p2p.host import Host, P2PError
-from swarm.p2p.table import PeerTable, coverage, gaps
-from swarm.p2p.wire import RemoteError, WireError
+from swarm.p2p.table import PeerTable, ServerInfo, coverage, gaps
+from swarm.p2p.wire import PeerId, RemoteError, WireError
 
 
 async def gather_status(initial_peers: list[str], model: str | None = None, timeout: float = 10.0) -> dict:
@@ -43,51 +44,70 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
         for s in servers.values():
             host.add_addrs(s.peer_id, list(s.addrs))
 
-        async def rtt(peer_id):
-            try:
-                return await host.ping(peer_id, timeout=min(timeout, 3.0))
-            except P2PError:
-                return None
-
-        rtts = dict(zip(servers, await asyncio.gather(*(rtt(p) for p in servers))))
-        reachable = {p: s for p, s in servers.items() if rtts[p] is not None}
-        rows = [
-            {
-                "peer_id": s.peer_id,
-                "name": s.public_name,
-                "blocks": [s.start, s.end],
-                "state": s.state if p in reachable else "unreachable",
-                "throughput": s.throughput,
-                "throughput_source": s.throughput_source,
-                "compute": s.compute,
-                "network": s.network,
-                "bandwidth": s.bandwidth,
-                "bandwidth_source": s.bandwidth_source,
-                "sessions": s.sessions,
-                "served": s.served,
-                "cache_tokens_left": s.cache_tokens_left,
-                "dtype": s.dtype,
-                "quant": s.quant,
-                "weight_bytes": s.weight_bytes,
-                "version": s.version,
-                "rtt_ms": None if rtts[p] is None else round(rtts[p] * 1e3, 2),
-                "addrs": list(s.addrs),
-            }
-            for p, s in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end, item[0]))
-        ]
-        totals = coverage(reachable, num_blocks)
-        return {
-            "model": model,
-            "num_blocks": num_blocks,
-            "servers": rows,
-            "gaps": [list(g) for g in gaps(reachable, num_blocks)],
-            "coverage": totals,
-            "bottleneck": bottleneck(totals),
-            "moves": recent_moves(servers),
-            "unreachable_initial_peers": errors,
-        }
+        rtts = await ping_all(host, servers, timeout=min(timeout, 3.0))
+        return status_report(model, num_blocks, servers, rtts, errors)
     finally:
         await host.close()
+
+
+async def ping_all(host: Host, servers: Mapping[PeerId, ServerInfo], timeout: float = 3.0) -> dict[PeerId, float | None]:
+    """Round-trip time in seconds to every server at once (None: no answer within ``timeout``)."""
+
+    async def rtt(peer_id):
+        try:
+            return await host.ping(peer_id, timeout=timeout)
+        except P2PError:
+            return None
+
+    return dict(zip(servers, await asyncio.gather(*(rtt(p) for p in servers))))
+
+
+def status_report(
+    model: str,
+    num_blocks: int,
+    servers: Mapping[PeerId, ServerInfo],
+    rtts: Mapping[PeerId, float | None],
+    unreachable_initial_peers: list[str] = (),
+) -> dict:
+    """The status object (``swarm status --json``, ``GET /v1/swarm`` of ``swarm api``) of a table
+    snapshot and the servers' round-trip times: a server without an RTT is ``unreachable`` and
+    counts for neither gaps nor coverage."""
+    reachable = {p: s for p, s in servers.items() if rtts.get(p) is not None}
+    rows = [
+        {
+            "peer_id": s.peer_id,
+            "name": s.public_name,
+            "blocks": [s.start, s.end],
+            "state": s.state if p in reachable else "unreachable",
+            "throughput": s.throughput,
+            "throughput_source": s.throughput_source,
+            "compute": s.compute,
+            "network": s.network,
+            "bandwidth": s.bandwidth,
+            "bandwidth_source": s.bandwidth_source,
+            "sessions": s.sessions,
+            "served": s.served,
+            "cache_tokens_left": s.cache_tokens_left,
+            "dtype": s.dtype,
+            "quant": s.quant,
+            "weight_bytes": s.weight_bytes,
+            "version": s.version,
+            "rtt_ms": None if p not in reachable else round(rtts[p] * 1e3, 2),
+            "addrs": list(s.addrs),
+        }
+        for p, s in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end, item[0]))
+    ]
+    totals = coverage(reachable, num_blocks)
+    return {
+        "model": model,
+        "num_blocks": num_blocks,
+        "servers": rows,
+        "gaps": [list(g) for g in gaps(reachable, num_blocks)],
+        "coverage": totals,
+        "bottleneck": bottleneck(totals),
+        "moves": recent_moves(servers),
+        "unreachable_initial_peers": list(unreachable_initial_peers),
+    }
 
 
 def recent_moves(servers, limit: int = 10) -> list[dict]:

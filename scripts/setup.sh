@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything swarm needs in .venv/ of the repository: system build tools for libp2p's
-# fastecdsa (gcc, libgmp-dev, python3-dev), torch, and the project with its test dependencies.
+# fastecdsa (gcc, libgmp-dev, python3-dev), Chromium for the web page's test, torch, and the project with
+# its test dependencies.
 # First it checks that $PYTHON (default python3) is Python 3.11 or newer; `setup.sh --check-python`
 # does only that.
 set -euo pipefail
@@ -35,16 +36,32 @@ command -v gcc >/dev/null 2>&1 || need+=(gcc)
 for pkg in libgmp-dev python3-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
-if [ ${#need[@]} -gt 0 ]; then
+# a headless browser for the web page's test (tests/test_web_page.py, skipped without it): Debian's
+# chromium and its chromedriver, never a browser downloaded by a test tool
+browser=()
+command -v chromium >/dev/null 2>&1 || browser+=(chromium)
+[ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
+sudo_cmd=""
+[ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+if [ ${#need[@]} -gt 0 ] || [ ${#browser[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
-        echo "installing system packages: ${need[*]}"
-        sudo_cmd=""
-        [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
         $sudo_cmd apt-get update -qq
-        $sudo_cmd apt-get install -y -qq "${need[@]}"
-    else
+    elif [ ${#need[@]} -gt 0 ]; then
         echo "please install a C compiler, GMP headers and Python headers (needed to build fastecdsa)" >&2
         exit 1
+    fi
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing system packages: ${need[*]}"
+    $sudo_cmd apt-get install -y -qq "${need[@]}"
+fi
+if [ ${#browser[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "installing system packages: ${browser[*]}"
+        $sudo_cmd apt-get install -y -qq "${browser[@]}" ||
+            echo "warning: could not install ${browser[*]}: the web page's test will be skipped" >&2
+    else
+        echo "warning: no apt-get to install chromium and chromedriver: the web page's test will be skipped" >&2
     fi
 fi
 

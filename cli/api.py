@@ -1,0 +1,338 @@
+"""`swarm api`: an OpenAI-compatible HTTP API (and the swarm's web page) over a persistent swarm client.
+
+The stack: Starlette on uvicorn (with uvloop where installed). Starlette is a small, well-kept ASGI
+toolkit (routing, streaming responses, static files, lifespan) with no model layer to fight, and
+uvicorn is the server most ASGI apps run on; FastAPI would add request models we validate
+ourselves anyway (to name the bad field in OpenAI's error shape). No HTTP is written by hand.
+
+Routes: ``GET /`` (the web page, ``cli/static/index.html``), ``/static/*``, ``GET /v1/swarm``
+(``swarm status --json``'s object), ``GET /v1/models``, ``POST /v1/completions``, ``POST
+/v1/chat/completions`` (``stream: true``: server-sent events in OpenAI's chunk format, ending
+with ``data: [DONE]``). Errors have OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}``. How requests are read: :mod:`swarm.cli.api_requests`; how they run:
+:mod:`swarm.cli.api_backend`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from swarm.cli.api_backend import ApiConfig, Backend, Event, Job, with_max_tokens
+from swarm.cli.api_requests import ApiError, parse_json, parse_messages, parse_prompt, parse_sampling
+from swarm.engine.context import check_prompt_length
+
+log = logging.getLogger("swarm.api")
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 8 * 2**20  # bytes of one request body
+PLACEHOLDER = ("<!doctype html><title>swarm api</title><p>swarm api is running: the OpenAI-compatible API is at "
+               "<code>/v1</code> (<a href='/v1/models'>models</a>, <a href='/v1/swarm'>swarm</a>).</p>")
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def create_app(backend: Backend) -> Starlette:
+    """The ASGI app over a started :class:`Backend` (whoever started it closes it)."""
+    slots = anyio.Semaphore(backend.cfg.max_requests)
+
+    def check_key(request: Request) -> None:
+        key = backend.cfg.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            what = "wrong" if given else "missing"
+            raise ApiError(401, f"{what} API key: send the key given to `swarm api --api-key` as "
+                                "'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    def endpoint(handler):
+        async def wrapped(request: Request) -> Response:
+            try:
+                check_key(request)
+                return await handler(request)
+            except ApiError as exc:
+                return error_response(exc)
+            except Exception as exc:  # one line to the caller; the server keeps serving
+                log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+        return wrapped
+
+    async def index(request: Request) -> Response:
+        page = STATIC / "index.html"
+        return FileResponse(page) if page.is_file() else HTMLResponse(PLACEHOLDER)
+
+    async def swarm_status(request: Request) -> Response:
+        return JSONResponse(await backend.status())
+
+    async def models(request: Request) -> Response:
+        created = int(backend.started)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "swarm",
+             "root": backend.name, "parent": None if adapter is None else backend.name}
+            for name, adapter in backend.models.items()
+        ]})
+
+    async def completions(request: Request) -> Response:
+        return await run(request, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await run(request, chat=True)
+
+    async def run(request: Request, chat: bool) -> Response:
+        body = parse_json(await read_body(request))
+        name = body.get("model") or backend.name
+        if not isinstance(name, str) or name not in backend.models:
+            raise ApiError(404, f"the model {json.dumps(name)[:80]} is not served here; served: "
+                                f"{', '.join(backend.models)}", "model", "model_not_found")
+        adapter = backend.models[name]
+        cm = backend.client_model
+        sampling = parse_sampling(body, cm.eos_token_ids, chat)
+        if chat:
+            param, messages = "messages", parse_messages(body.get("messages"))
+            try:
+                prompt_ids = await anyio.to_thread.run_sync(backend.encode_chat, messages)
+            except Exception as exc:  # no template, or a conversation the template refuses (jinja2's errors)
+                raise ApiError(400, f"messages: the chat template refused them: {exc}", "messages") from None
+        else:
+            param, prompt = "prompt", parse_prompt(body.get("prompt"), cm.checkpoint.config.vocab_size)
+            prompt_ids = await anyio.to_thread.run_sync(backend.encode, prompt) if isinstance(prompt, str) else prompt
+        if not prompt_ids:
+            raise ApiError(400, f"{param}: the prompt has no tokens", param)
+        try:
+            check_prompt_length(len(prompt_ids), cm.head.max_positions, adapter.num_virtual_tokens if adapter else 0)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param, "context_length_exceeded") from None
+        gen = with_max_tokens(sampling.gen, sampling.max_tokens or backend.cfg.default_max_tokens)
+        reply = Reply(chat, name, len(prompt_ids), sampling.include_usage)
+
+        await slots.acquire()
+        job = Job(backend, prompt_ids, gen, sampling.stop, adapter)
+        handed_over = False
+
+        def done() -> None:
+            job.cancel()  # nothing left to cancel when it ended
+            slots.release()
+
+        try:
+            job.start()
+            first = await until_disconnect(request, job.next())
+            if first is None:
+                return Response(status_code=499)
+            if first.kind == "error":
+                return error_response(first.error)
+            if sampling.stream:
+                handed_over = True
+                return EventStream(reply.chunks(job, first), on_close=done)
+            text, event = [], first
+            while event.kind == "text":
+                text.append(event.text)
+                event = await until_disconnect(request, job.next())
+                if event is None:
+                    return Response(status_code=499)
+            if event.kind == "error":
+                return error_response(event.error)
+            return JSONResponse(reply.whole("".join(text), event.finish, len(job.tokens)))
+        finally:
+            if not handed_over:
+                done()
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code="not_found" if exc.status_code == 404 else None))
+
+    routes = [
+        Route("/", index),
+        Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
+        Route("/v1/swarm", endpoint(swarm_status)),
+        Route("/v1/models", endpoint(models)),
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    app.state.backend = backend
+    return app
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, refused (413) past :data:`MAX_BODY` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise ApiError(413, f"the request body is {declared} bytes; at most {MAX_BODY} are taken")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, awaitable):
+    """``await awaitable``, or None if the client goes away first."""
+    result = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            await wait_disconnect(request.receive)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        result = await awaitable
+        group.cancel_scope.cancel()
+    return result
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that end the moment the client goes away, also between writes (Starlette
+    notices a disconnect at the next write only, and a failover can make that a while); then, and
+    at every other end, ``on_close`` runs."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-write
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await wait_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            self.on_close()
+
+
+class Reply:
+    """OpenAI's response objects for one request: a whole one, or the chunks of a stream."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, include_usage: bool):
+        self.chat, self.model, self.prompt_tokens, self.include_usage = chat, model, prompt_tokens, include_usage
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def _object(self, kind: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def whole(self, text: str, finish: str, completion_tokens: int) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            return self._object("chat.completion", [choice], usage=self.usage(completion_tokens))
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return self._object("text_completion", [choice], usage=self.usage(completion_tokens))
+
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> str:
+        if self.chat:
+            delta = {} if text is None else {"content": text}
+            if first:
+                delta = {"role": "assistant", **delta}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = self._object("chat.completion.chunk", [choice])
+        else:
+            obj = self._object("text_completion", [{"index": 0, "text": text or "", "logprobs": None,
+                                                    "finish_reason": finish}])
+        if self.include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    async def chunks(self, job: Job, event: Event):
+        """The stream from the job's first event on: text chunks, a last chunk with the finish
+        reason (and one with the usage if asked), ``[DONE]``; an error mid-stream is sent as an
+        ``error`` event (the `openai` client raises it), then ``[DONE]``."""
+        first = True
+        while event.kind == "text":
+            yield self.chunk(event.text, first=first)
+            first = False
+            event = await job.next()
+        if event.kind == "error":
+            yield sse(event.error.body())
+        else:
+            yield self.chunk(None if self.chat else "", event.finish, first=first)
+            if self.include_usage:
+                yield sse(self._object("chat.completion.chunk" if self.chat else "text_completion", [],
+                                       usage=self.usage(len(job.tokens))))
+        yield "data: [DONE]\n\n"
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (``port`` 0: any free one). Raises ``OSError`` (in use, no such address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or --host") from None
+    return sock
+
+
+def make_server(backend: Backend, sock: socket.socket):
+    """A uvicorn server of the app on ``sock`` (run it with ``server.run(sockets=[sock])``)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(backend), log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def serve_api(cfg: ApiConfig, host: str, port: int, on_ready=None) -> None:
+    """Serve until interrupted. The socket is bound and the swarm joined before the first request
+    is taken; ``on_ready(url)`` is called then. Raises what :meth:`Backend.start` and :func:`bind`
+    raise."""
+    sock = bind(host, port)
+    try:
+        backend = Backend.start(cfg)
+        try:
+            server = make_server(backend, sock)
+            name = sock.getsockname()
+            url = f"http://{'[' + name[0] + ']' if ':' in name[0] else name[0]}:{name[1]}"
+            if on_ready is not None:
+                on_ready(url, backend)
+            server.run(sockets=[sock])
+        finally:
+            backend.close()
+    finally:
+        sock.close()

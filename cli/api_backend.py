@@ -1,0 +1,415 @@
+"""What `swarm api` serves requests with: the client's head and tokenizer, and either one persistent
+swarm client or every block in this process (``--local``); and :class:`Job`, one request's
+generation.
+
+Threads and loops. The swarm client (its libp2p host, its peer table kept fresh by the servers'
+announcements, its connections) lives on a :class:`~swarm.p2p.loop.BackgroundLoop`, as in `swarm
+generate`; the HTTP server has its own loop. Each request's generation runs the engine's loop
+(:func:`swarm.engine.generation.generate`, unchanged: the same tokens as `swarm generate`) on a
+thread of its own, where the embeddings, the LM head and sampling compute; each step of the chain
+is a call onto the swarm client's loop. Text reaches the request's handler through an asyncio
+queue on the HTTP loop. So neither loop ever waits for torch.
+
+Cancellation. :meth:`Job.cancel` (the client went away) cancels the call in flight on the swarm
+client's loop (a step, a failover, a chain being opened) and ends the generation at once; the
+chain's sessions are then closed (or reset, if a step was cut in half), so the servers free their
+caches within a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from swarm.cli.api_requests import ApiError
+from swarm.engine.adapter_io import Adapter, load_adapter
+from swarm.engine.client import ClientModel, local_sessions
+from swarm.engine.generation import GenerationConfig, generate
+from swarm.p2p.client import ClientConfig, SwarmClient
+from swarm.p2p.loop import BackgroundLoop
+from swarm.p2p.table import ServerInfo, gaps, model_id
+
+log = logging.getLogger("swarm.api")
+
+RESYNC_PERIOD = 10.0  # s: with a gap in the table, ask the initial peers for theirs this often
+
+
+@dataclass
+class ApiConfig:
+    model_dir: Path
+    initial_peers: list[str] = field(default_factory=list)
+    local: bool = False
+    name: str = ""  # the base model's name in the API (default: the checkpoint directory's name)
+    adapters: dict[str, Path] = field(default_factory=dict)  # model name → adapter directory
+    dtype: torch.dtype = torch.float32
+    api_key: str | None = None
+    default_max_tokens: int = 512  # for a request without max_tokens
+    max_requests: int = 16  # generations at once; later requests wait for a slot
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+
+class Backend:
+    """The models a `swarm api` serves and what runs them. Create with :meth:`start`; :meth:`close`."""
+
+    def __init__(self, cfg: ApiConfig, client_model: ClientModel, adapters: dict[str, Adapter]):
+        self.cfg, self.client_model = cfg, client_model
+        self.name = cfg.name or cfg.model_dir.name
+        self.models: dict[str, Adapter | None] = {self.name: None, **adapters}
+        self.swarm_model = model_id(client_model.checkpoint)
+        self.background: BackgroundLoop | None = None
+        self.swarm: SwarmClient | None = None
+        self.blocks = None  # --local: every block, loaded once
+        self.jobs: set[Job] = set()  # running now (tests look at their chains)
+        self.started = time.time()
+        self._compute = threading.Lock()  # --local: one step at a time (adapters patch the shared blocks)
+        self._tokenizer = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
+        self._resync: concurrent.futures.Future | None = None
+
+    @classmethod
+    def start(cls, cfg: ApiConfig) -> Backend:
+        """Load the head and tokenizer (and every block with ``local``), the adapters, and join the
+        swarm. Raises ``ValueError`` (a bad adapter or checkpoint), :class:`SwarmError` (no initial
+        peer answers), ``TimeoutError``."""
+        client_model = ClientModel.load(cfg.model_dir, cfg.dtype)
+        adapters = {name: load_adapter(path, client_model.checkpoint) for name, path in cfg.adapters.items()}
+        backend = cls(cfg, client_model, adapters)
+        if backend.name in adapters:
+            raise ValueError(f"--adapter {backend.name}=...: that is the base model's name; choose another")
+        if cfg.local:
+            ckpt = client_model.checkpoint
+            backend.blocks = ckpt.load_blocks(0, ckpt.num_blocks, cfg.dtype)
+            return backend
+        backend.background = BackgroundLoop()
+        try:
+            ccfg = cfg.client
+            timeout = ccfg.request_timeout * (len(ccfg.initial_peers) + 1) + 10
+            start = SwarmClient.start(backend.swarm_model, client_model.checkpoint.num_blocks, ccfg)
+            backend.swarm = backend.background.call(start, timeout=timeout)
+            backend._resync = asyncio.run_coroutine_threadsafe(backend._keep_synced(), backend.background.loop)
+        except BaseException:
+            backend.close()
+            raise
+        return backend
+
+    def close(self) -> None:
+        for job in list(self.jobs):
+            job.cancel()
+        if self.background is None:
+            return
+        if self._resync is not None:
+            self._resync.cancel()
+        if self.swarm is not None:
+            try:
+                self.background.call(self.swarm.close(), timeout=15)
+            except (TimeoutError, OSError) as exc:
+                log.warning("closing the swarm client: %s", exc)
+        self.background.close()
+
+    async def _keep_synced(self) -> None:
+        """Announcements keep the table fresh; should they stop reaching us (the peers we heard them
+        through left), a table with a gap is taken again from the initial peers."""
+        while True:
+            await asyncio.sleep(RESYNC_PERIOD)
+            if gaps(self.swarm.table.snapshot(), self.swarm.num_blocks):
+                try:
+                    await self.swarm.sync()
+                except Exception as exc:  # the next period tries again
+                    log.info("resync with the initial peers failed: %s", exc)
+
+    # --- text ---------------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        with self._tokenizer:
+            return self.client_model.encode(prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        with self._tokenizer:
+            return self.client_model.encode_chat(messages)
+
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer:
+            return self.client_model.decode(ids)
+
+    # --- the swarm ----------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        """``swarm status --json``'s object for the client's table (every server pinged now);
+        with ``--local``, this process as the one server."""
+        from swarm.p2p.status import ping_all, status_report
+
+        num_blocks = self.client_model.checkpoint.num_blocks
+        if self.swarm is None:
+            me = ServerInfo(peer_id="local", addrs=(), model=self.swarm_model, start=0, end=num_blocks,
+                            public_name="this process (--local)", sessions=len(self.jobs), dtype=str(self.cfg.dtype)[6:])
+            return status_report(self.swarm_model, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0})
+
+        async def gather() -> dict:
+            servers = self.swarm.table.snapshot()
+            return status_report(self.swarm_model, num_blocks, servers, await ping_all(self.swarm.host, servers, 2.0))
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(gather(), self.background.loop))
+
+    def step_timeout(self, spans: int) -> float:
+        """The longest one step of a chain of ``spans`` servers may take (its own per-span timeouts
+        and failover deadlines fire first; this only guards against a bug), as `swarm generate`."""
+        ccfg = self.cfg.client
+        return (ccfg.step_timeout + ccfg.wait_timeout) * (spans + 1) + 10
+
+    def event_timeout(self) -> float | None:
+        """The longest a job may go without a token: opening a chain, then a step through a chain
+        of one server per block (None with ``--local``: computing here, nothing to wait for)."""
+        if self.swarm is None:
+            return None
+        return self.open_timeout() + self.step_timeout(self.client_model.checkpoint.num_blocks)
+
+    def open_timeout(self) -> float:
+        ccfg = self.cfg.client
+        return ccfg.request_timeout * (len(ccfg.initial_peers) + 1) + ccfg.wait_timeout
+
+
+class _Cancelled(Exception):
+    """The request's client went away."""
+
+
+class _StopString(Exception):
+    """The text reached a stop string."""
+
+
+class StopScanner:
+    """Turns tokens into text deltas as they come: incomplete UTF-8 sequences are held back (as
+    `swarm generate` prints), and so is any end of the text that could begin a stop string; once
+    the text holds a stop string, it ends just before it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]):
+        self.decode, self.stops = decode, stops
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the text handed out
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The new text that is sure to stay; sets ``stopped`` when a stop string appeared."""
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        cut = self._first_stop(text)
+        if cut is not None:
+            self.stopped, self.text = True, text[: max(cut, self.sent)]
+            return self._advance(len(self.text))
+        self.text = text
+        if text.endswith("\ufffd"):
+            return ""
+        held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._advance(len(text) - held)
+
+    def flush(self) -> str:
+        """The rest of the text once generation ended (without a stop string)."""
+        return self._advance(len(self.text))
+
+    def _first_stop(self, text: str) -> int | None:
+        begin = max(0, self.sent - max((len(s) for s in self.stops), default=0))
+        found = [i for i in (text.find(s, begin) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def _advance(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent : upto], upto
+        return delta
+
+
+@dataclass
+class Event:
+    kind: str  # "text" (a delta), "end" (``finish``), "error" (``error``)
+    text: str = ""
+    finish: str = ""
+    error: ApiError | None = None
+
+
+class Job:
+    """One request's generation on its own thread: :meth:`next` gives its events (text deltas,
+    then an end or an error); :meth:`cancel` stops it at once. Create on the HTTP loop."""
+
+    def __init__(self, backend: Backend, prompt_ids: list[int], gen: GenerationConfig, stops: tuple[str, ...],
+                 adapter: Adapter | None):
+        self.backend, self.prompt_ids, self.gen, self.adapter = backend, prompt_ids, gen, adapter
+        self.scanner = StopScanner(backend.decode, stops)
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.chain = None  # the RemoteChain serving it, once open
+        self.finished = False
+        self._cancelled = False
+        self._pending: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.scanner.tokens
+
+    def start(self) -> None:
+        self.backend.jobs.add(self)
+        threading.Thread(target=self._run, name="swarm-api-job", daemon=True).start()
+
+    async def next(self) -> Event:
+        """The next event; an error (and the job cancelled) if none comes within the longest a
+        chain may legitimately take (its own timeouts fire first: this guards against a bug)."""
+        try:
+            return await asyncio.wait_for(self.events.get(), self.backend.event_timeout())
+        except TimeoutError:
+            self.cancel()
+            return Event("error", error=ApiError(503, "the swarm made no progress on this request in time",
+                                                 code="swarm_unavailable"))
+
+    def cancel(self) -> None:
+        """Stop the generation (idempotent; thread-safe): the call in flight on the swarm client's
+        loop is cancelled, and the sessions are closed by the job's thread."""
+        with self._lock:
+            self._cancelled = True
+            if self._pending is not None:
+                self._pending.cancel()
+
+    # --- the job's thread ---------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the HTTP loop is closed: nobody listens any more
+            pass
+
+    def _run(self) -> None:
+        try:
+            prefix = self.adapter.prompt if self.adapter is not None else None
+            open_session = self._open_swarm if self.backend.swarm is not None else self._open_local()
+            generate(self.backend.client_model.head, open_session, self.prompt_ids, self.gen, self._on_token,
+                     prefix=prefix)
+            tokens, eos = self.scanner.tokens, self.gen.eos_token_ids
+            finish = "stop" if tokens and tokens[-1] in eos else "length"
+            tail = self.scanner.flush()
+            if tail:
+                self._emit(Event("text", tail))
+            self._emit(Event("end", finish=finish))
+        except _StopString:
+            self._emit(Event("end", finish="stop"))
+        except _Cancelled:
+            self._emit(Event("error", error=ApiError(499, "the request was cancelled")))
+        except Exception as exc:
+            self._emit(Event("error", error=api_error(exc)))
+        finally:
+            self.finished = True
+            self.backend.jobs.discard(self)
+
+    def _on_token(self, token: int) -> None:
+        if self._cancelled:
+            raise _Cancelled()
+        delta = self.scanner.push(token)
+        if delta:
+            self._emit(Event("text", delta))
+        if self.scanner.stopped:
+            raise _StopString()
+
+    def _call(self, coro, timeout: float):
+        """Run ``coro`` on the swarm client's loop and wait (at most ``timeout``); :meth:`cancel`
+        cancels it."""
+        with self._lock:
+            if self._cancelled:
+                coro.close()
+                raise _Cancelled()
+            future = asyncio.run_coroutine_threadsafe(coro, self.backend.background.loop)
+            self._pending = future
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise _Cancelled() from None
+        except TimeoutError:
+            future.cancel()
+            raise
+        finally:
+            self._pending = None
+
+    def _open_swarm(self, batch: int, max_length: int) -> _JobChain:
+        from swarm.p2p.chain import ChainAdapter
+
+        adapter = self.adapter
+        remote = ChainAdapter(adapter.tensors, adapter.spec) if adapter is not None and adapter.tensors else None
+        self.chain = self._call(self.backend.swarm.open_chain(batch, max_length, remote), self.backend.open_timeout())
+        return _JobChain(self, self.chain)
+
+    def _open_local(self):
+        opener = local_sessions(self.backend.blocks, self.adapter)
+        lock = self.backend._compute
+
+        def open_session(batch: int, max_length: int):
+            session = opener(batch, max_length)
+            step = session.step
+
+            def locked_step(hidden, hypo_ids=None):
+                if self._cancelled:
+                    raise _Cancelled()
+                with lock:
+                    return step(hidden, hypo_ids)
+
+            session.step = locked_step
+            return session
+
+        return open_session
+
+
+class _JobChain:
+    """A job's :class:`~swarm.p2p.chain.RemoteChain` as the engine's inference session (as
+    :class:`~swarm.p2p.chain.SyncChain`, with each step cancellable by the job)."""
+
+    def __init__(self, job: Job, chain):
+        self.job, self.chain = job, chain
+        self._cut = False  # a step was cancelled half-way: the streams may hold half a frame
+
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self._cut = True
+        out = self.job._call(self.chain.step(hidden, hypo_ids), self.job.backend.step_timeout(len(self.chain.spans)))
+        self._cut = False
+        return out
+
+    def close(self) -> None:
+        """Close every session (a reset after a cut step: the server ends the session as a failed
+        one, freeing its cache at once). Never cancelled, bounded."""
+        chain = self.chain
+
+        async def reset() -> None:
+            for session in chain.sessions:
+                await session.reset()
+            chain.sessions = []
+
+        try:
+            self.job.backend.background.call(reset() if self._cut else chain.close(), timeout=10)
+        except Exception as exc:  # the servers free an abandoned session on their own timeout
+            log.warning("closing a chain: %s", exc)
+
+
+def api_error(exc: Exception) -> ApiError:
+    """The HTTP error of a generation that failed: 503 where the swarm cannot serve (the missing
+    blocks named), 500 for anything else (one line; the log has the rest)."""
+    from swarm.cache.kv import CacheFullError
+    from swarm.p2p.chain import SwarmError
+    from swarm.p2p.host import P2PError
+    from swarm.p2p.routing import NoRouteError
+    from swarm.p2p.wire import RemoteError, WireError
+
+    if isinstance(exc, NoRouteError):
+        missing = ", ".join(f"{a}:{b}" for a, b in exc.missing)
+        return ApiError(503, f"the swarm cannot serve this model now: blocks {missing} have no server ({exc})",
+                        code="blocks_unserved")
+    if isinstance(exc, (SwarmError, TimeoutError, P2PError, RemoteError, WireError, CacheFullError)):
+        return ApiError(503, f"the swarm could not serve this request: {exc or type(exc).__name__}",
+                        code="swarm_unavailable")
+    log.error("a generation failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def with_max_tokens(gen: GenerationConfig, max_tokens: int) -> GenerationConfig:
+    return replace(gen, max_new_tokens=max_tokens)

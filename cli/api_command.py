@@ -1,0 +1,136 @@
+"""``swarm api``: parse flags and serve :mod:`swarm.cli.api` (imported only when the command runs:
+the rest of the CLI does not load the web stack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from swarm.cli.common import (
+    DtypeOpt,
+    InitialPeersOpt,
+    ModelOpt,
+    WireDtypeOpt,
+    check,
+    check_seconds,
+    err,
+    fail,
+    peers,
+    setup_logging,
+)
+
+
+def api(
+    model: ModelOpt = None,
+    initial_peers: InitialPeersOpt = None,
+    local: Annotated[bool, typer.Option("--local", help="Run every block in this process (no swarm).")] = False,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port).")] = 8000,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option("--api-key", envvar="SWARM_API_KEY",
+                     help="Require 'Authorization: Bearer KEY' on /v1 (env: SWARM_API_KEY)."),
+    ] = None,
+    adapter: Annotated[
+        Optional[list[str]],
+        typer.Option("--adapter", help="NAME=DIR: serve an adapter (from swarm finetune or peft) as model NAME; repeatable."),
+    ] = None,
+    name: Annotated[
+        Optional[str], typer.Option("--name", help="The base model's name in the API.", show_default="the checkpoint directory's name")
+    ] = None,
+    default_max_tokens: Annotated[
+        int, typer.Option("--default-max-tokens", help="New tokens at most for a request without max_tokens.")
+    ] = 512,
+    max_requests: Annotated[
+        int, typer.Option("--max-requests", help="Generations at once; later requests wait for a slot.")
+    ] = 16,
+    dtype: DtypeOpt = "float32",
+    step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Seconds a request waits for servers covering every block (then 503)."),
+    ] = 10.0,
+    push: Annotated[
+        bool, typer.Option("--push/--no-push", help="Servers pass each step straight to the next server of the chain.")
+    ] = True,
+    no_quant_servers: Annotated[
+        bool, typer.Option("--no-quant-servers", help="Use only servers whose weights are not quantized (int8, nf4).")
+    ] = False,
+    wire_dtype: WireDtypeOpt = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests' failures in full and swarm events.")] = False,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) and the
+    swarm's web page (/) over one persistent swarm client (or --local)."""
+    from swarm.engine.checkpoint import parse_dtype
+    from swarm.engine.client import ModelNotAvailableError, resolve_model
+    from swarm.engine.families import UnsupportedModelError
+    from swarm.p2p.compression import WIRE_CHOICES
+
+    try:
+        check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
+        check(api_key is None or api_key.strip() != "", "--api-key", "a non-empty key", repr(api_key))
+        check(default_max_tokens >= 1, "--default-max-tokens", "at least 1", default_max_tokens)
+        check(max_requests >= 1, "--max-requests", "at least 1", max_requests)
+        check_seconds("--step-timeout", step_timeout)
+        check_seconds("--timeout", timeout, zero_ok=True)
+        check(wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), wire_dtype)
+        adapters = parse_adapters(adapter or [])
+        if not local and not peers(initial_peers):
+            raise ValueError("give --initial-peers (a multiaddr printed by `swarm serve`, or SWARM_INITIAL_PEERS), "
+                             "or --local to run every block here")
+        torch_dtype = parse_dtype(dtype)
+        setup_logging(verbose)
+        from swarm.cli.api_backend import ApiConfig
+        from swarm.p2p.client import ClientConfig
+
+        cfg = ApiConfig(
+            model_dir=resolve_model(model),
+            initial_peers=peers(initial_peers),
+            local=local,
+            name=name or "",
+            adapters=adapters,
+            dtype=torch_dtype,
+            api_key=api_key.strip() if api_key else None,
+            default_max_tokens=default_max_tokens,
+            max_requests=max_requests,
+            client=ClientConfig(initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout,
+                                push=push, full_precision=no_quant_servers, wire_dtype=wire_dtype),
+        )
+    except (ValueError, ModelNotAvailableError) as exc:
+        fail(str(exc))
+
+    from swarm.cli.api import serve_api
+    from swarm.p2p.client import SwarmError
+    from swarm.p2p.host import P2PError
+
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: --host {host} without --api-key: anyone who reaches this port can use the swarm through it",
+                  highlight=False, markup=False)
+
+    def ready(url: str, backend) -> None:
+        where = "this process (--local)" if local else "the swarm"
+        print(f"serving {', '.join(backend.models)} from {where} at {url} (OpenAI API at {url}/v1)", flush=True)
+
+    try:
+        serve_api(cfg, host, port, on_ready=ready)
+    except (ValueError, UnsupportedModelError, SwarmError, P2PError, TimeoutError, OSError, RuntimeError) as exc:
+        fail(str(exc) or type(exc).__name__)  # a bad adapter or checkpoint, no swarm, the port in use
+    except KeyboardInterrupt:
+        pass
+
+
+def parse_adapters(values: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` flags as ``{name: directory}``; ``ValueError`` naming ``--adapter`` otherwise."""
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter must be NAME=DIR (a model name and an adapter directory), got {value!r}")
+        if name in out:
+            raise ValueError(f"--adapter {name}=...: given twice")
+        out[name] = Path(directory).expanduser()
+    return out
+
