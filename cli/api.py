@@ -27,7 +27,9 @@ import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -39,7 +41,12 @@ from swarm.engine.context import check_prompt_length
 log = logging.getLogger("swarm.api")
 
 STATIC = Path(__file__).parent / "static"
-MAX_BODY = 8 * 2**20  # bytes of one request body
+MAX_BODY = 2 * 2**20  # bytes of one request body (an 8,192-token context is ~40 KB of text)
+BODY_TIMEOUT = 30.0  # s for a request's body to arrive (a client trickling bytes holds nothing longer)
+WAIT_TIMEOUT = 60.0  # s a request may wait for a free generation slot
+MAX_WAITING = 64  # requests waiting for a slot at once; more are refused (429)
+MAX_CONNECTIONS = 512  # connections and requests at once (uvicorn answers 503 beyond)
+STATUS_TTL = 1.0  # s a /v1/swarm report is reused (every open page polls it; each report pings every server)
 PLACEHOLDER = ("<!doctype html><title>swarm api</title><p>swarm api is running: the OpenAI-compatible API is at "
                "<code>/v1</code> (<a href='/v1/models'>models</a>, <a href='/v1/swarm'>swarm</a>).</p>")
 
@@ -52,6 +59,8 @@ def error_response(exc: ApiError) -> JSONResponse:
 def create_app(backend: Backend) -> Starlette:
     """The ASGI app over a started :class:`Backend` (whoever started it closes it)."""
     slots = anyio.Semaphore(backend.cfg.max_requests)
+    waiting = [0]  # requests waiting for a slot now
+    report: dict = {"at": -STATUS_TTL, "value": None, "lock": anyio.Lock()}
 
     def check_key(request: Request) -> None:
         key = backend.cfg.api_key
@@ -83,7 +92,11 @@ def create_app(backend: Backend) -> Starlette:
         return FileResponse(page) if page.is_file() else HTMLResponse(PLACEHOLDER)
 
     async def swarm_status(request: Request) -> Response:
-        return JSONResponse(await backend.status())
+        async with report["lock"]:  # one report at a time, reused for STATUS_TTL
+            if time.monotonic() - report["at"] >= STATUS_TTL:
+                report["value"] = await backend.status()
+                report["at"] = time.monotonic()
+            return JSONResponse(report["value"])
 
     async def models(request: Request) -> Response:
         created = int(backend.started)
@@ -102,7 +115,9 @@ def create_app(backend: Backend) -> Starlette:
     async def run(request: Request, chat: bool) -> Response:
         body = parse_json(await read_body(request))
         name = body.get("model") or backend.name
-        if not isinstance(name, str) or name not in backend.models:
+        if not isinstance(name, str):
+            raise ApiError(400, "model must be a string (a name from /v1/models)", "model", "invalid_value")
+        if name not in backend.models:
             raise ApiError(404, f"the model {json.dumps(name)[:80]} is not served here; served: "
                                 f"{', '.join(backend.models)}", "model", "model_not_found")
         adapter = backend.models[name]
@@ -126,7 +141,28 @@ def create_app(backend: Backend) -> Starlette:
         gen = with_max_tokens(sampling.gen, sampling.max_tokens or backend.cfg.default_max_tokens)
         reply = Reply(chat, name, len(prompt_ids), sampling.include_usage)
 
-        await slots.acquire()
+        if waiting[0] >= MAX_WAITING and slots.value == 0:
+            raise ApiError(429, f"{MAX_WAITING} requests are waiting already; try again shortly", code="busy")
+        got, left = [], False
+
+        async def take() -> bool:
+            await slots.acquire()
+            got.append(True)  # no checkpoint between: a slot taken is always known here
+            return True
+
+        waiting[0] += 1
+        try:
+            with anyio.move_on_after(WAIT_TIMEOUT):
+                left = await until_disconnect(request, take()) is None
+        finally:
+            waiting[0] -= 1
+        if left or not got:
+            if got:
+                slots.release()
+            if left:
+                return Response(status_code=499)  # the client left while waiting
+            raise ApiError(429, f"no generation slot was free within {WAIT_TIMEOUT:.0f} s (--max-requests "
+                                f"{backend.cfg.max_requests}); try again shortly", code="busy")
         job = Job(backend, prompt_ids, gen, sampling.stop, adapter)
         handed_over = False
 
@@ -169,23 +205,35 @@ def create_app(backend: Backend) -> Starlette:
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    middleware = []
+    if backend.cfg.cors_origins:  # browser front-ends served from elsewhere (opt-in)
+        middleware.append(Middleware(CORSMiddleware, allow_origins=backend.cfg.cors_origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found}, middleware=middleware)
     app.state.backend = backend
     return app
 
 
 async def read_body(request: Request) -> bytes:
-    """The request's body, refused (413) past :data:`MAX_BODY` bytes."""
+    """The request's body, refused past :data:`MAX_BODY` bytes (413) or :data:`BODY_TIMEOUT`
+    seconds (408)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise ApiError(413, f"the request body is {declared} bytes; at most {MAX_BODY} are taken")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
-        chunks.append(chunk)
+    with anyio.move_on_after(BODY_TIMEOUT) as scope:
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(499, "the client went away while sending its request") from None
+    if scope.cancelled_caught:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s")
     return b"".join(chunks)
+
 
 
 async def wait_disconnect(receive) -> None:
@@ -314,7 +362,8 @@ def make_server(backend: Backend, sock: socket.socket):
     """A uvicorn server of the app on ``sock`` (run it with ``server.run(sockets=[sock])``)."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(backend), log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(backend), log_level="warning", lifespan="off", timeout_graceful_shutdown=5,
+                            limit_concurrency=MAX_CONNECTIONS)
     return uvicorn.Server(config)
 
 

@@ -51,6 +51,7 @@ class ApiConfig:
     adapters: dict[str, Path] = field(default_factory=dict)  # model name → adapter directory
     dtype: torch.dtype = torch.float32
     api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API (CORS)
     default_max_tokens: int = 512  # for a request without max_tokens
     max_requests: int = 16  # generations at once; later requests wait for a slot
     client: ClientConfig = field(default_factory=ClientConfig)

@@ -33,6 +33,11 @@ def api(
         typer.Option("--api-key", envvar="SWARM_API_KEY",
                      help="Require 'Authorization: Bearer KEY' on /v1 (env: SWARM_API_KEY)."),
     ] = None,
+    cors_origin: Annotated[
+        Optional[list[str]],
+        typer.Option("--cors-origin", help="Let web pages of this origin (e.g. http://localhost:3000, or *) call the API "
+                                           "from a browser; repeatable (default: none)."),
+    ] = None,
     adapter: Annotated[
         Optional[list[str]],
         typer.Option("--adapter", help="NAME=DIR: serve an adapter (from swarm finetune or peft) as model NAME; repeatable."),
@@ -93,6 +98,7 @@ def api(
             adapters=adapters,
             dtype=torch_dtype,
             api_key=api_key.strip() if api_key else None,
+            cors_origins=list(cors_origin or []),
             default_max_tokens=default_max_tokens,
             max_requests=max_requests,
             client=ClientConfig(initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout,

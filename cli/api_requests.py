@@ -34,8 +34,8 @@ class ApiError(Exception):
                  type: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                             413: "invalid_request_error"}.get(status, "server_error")
+        self.type = type or {401: "authentication_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -115,7 +115,8 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
         raise bad("response_format is not supported by swarm api: only plain text", "response_format")
 
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
-    max_tokens = next((v for v in (_integer(body, n, 1) for n in names) if v is not None), None)
+    given = [_integer(body, n, 1) for n in names]  # every one is checked, the first given is taken
+    max_tokens = next((v for v in given if v is not None), None)
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
     top_p = _number(body, "top_p", 0.0, 1.0, 1.0, low_open=True)
     top_k = _integer(body, "top_k", 0) or 0
@@ -129,7 +130,9 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options must be an object", "stream_options")
-    include_usage = bool((options or {}).get("include_usage", False))
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad("stream_options.include_usage must be true or false", "stream_options")
     gen = GenerationConfig(
         max_new_tokens=max_tokens or 1,  # the final value is set once the prompt's length is known
         do_sample=temperature > 0,

@@ -139,12 +139,17 @@ def test_models_swarm_and_page(api, swarm):
     headers = {"Authorization": f"Bearer {KEY}"}
     models = httpx.get(f"{url}/models", headers=headers).json()
     assert [m["id"] for m in models["data"]] == ["model", "deep"]
-    status = httpx.get(f"{url}/swarm", headers=headers).json()
+    deadline = time.monotonic() + 15  # a server's "online" may reach the API's table an announcement later
+    while True:
+        status = httpx.get(f"{url}/swarm", headers=headers).json()
+        if all(s["state"] == "online" for s in status["servers"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     reference = run(gather_status([swarm[0].maddr]))  # what `swarm status --json` prints
     assert status.keys() == reference.keys()
     assert {s["peer_id"]: s["blocks"] for s in status["servers"]} == {s["peer_id"]: s["blocks"] for s in reference["servers"]}
     assert status["gaps"] == [] and all(c > 0 for c in status["coverage"]) and status["num_blocks"] == 4
-    assert all(s["state"] == "online" and s["rtt_ms"] is not None for s in status["servers"])
+    assert all(s["state"] == "online" and s["rtt_ms"] is not None for s in status["servers"]), status["servers"]
     page = httpx.get(url.removesuffix("/v1") + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
@@ -270,9 +275,12 @@ def test_errors_have_openai_shape_and_codes(tiny, client, api):
         ({"prompt": ""}, "prompt"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"prompt": PROMPT, "stream": True, "stream_options": {"include_usage": "false"}}, "stream_options"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3, "max_tokens": "x"}, "max_tokens"),
+        ({"prompt": PROMPT, "model": 5}, "model"),
     ]:
         path = "chat/completions" if "messages" in body else "completions"
-        status, error = post(path, {"model": "model", **body})
+        status, error = post(path, {"model": "model", **body})  # (a body's own "model" wins)
         assert (status, error["param"]) == (400, param), (body, error)
     status, error = post("completions", {"model": "gpt-4o", "prompt": PROMPT})
     assert (status, error["code"]) == (404, "model_not_found") and "model" in error["message"]
