@@ -364,7 +364,16 @@ def make_server(backend: Backend, sock: socket.socket):
 
     config = uvicorn.Config(create_app(backend), log_level="warning", lifespan="off", timeout_graceful_shutdown=5,
                             limit_concurrency=MAX_CONNECTIONS)
-    return uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # Ctrl-C: end the generations first, so their streams finish (an error event, then
+            # [DONE]) and their connections close, instead of being cut after the grace period
+            for job in list(backend.jobs):
+                job.cancel(ApiError(503, "swarm api is shutting down", code="shutting_down"))
+            await super().shutdown(sockets=sockets)
+
+    return Server(config)
 
 
 def serve_api(cfg: ApiConfig, host: str, port: int, on_ready=None) -> None:

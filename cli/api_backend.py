@@ -247,6 +247,7 @@ class Job:
         self.chain = None  # the RemoteChain serving it, once open
         self.finished = False
         self._cancelled = False
+        self._why: ApiError | None = None
         self._pending: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
 
@@ -268,11 +269,13 @@ class Job:
             return Event("error", error=ApiError(503, "the swarm made no progress on this request in time",
                                                  code="swarm_unavailable"))
 
-    def cancel(self) -> None:
+    def cancel(self, why: ApiError | None = None) -> None:
         """Stop the generation (idempotent; thread-safe): the call in flight on the swarm client's
-        loop is cancelled, and the sessions are closed by the job's thread."""
+        loop is cancelled, and the sessions are closed by the job's thread. ``why`` is the error
+        a stream still listening gets (by default: the request was cancelled)."""
         with self._lock:
             self._cancelled = True
+            self._why = self._why or why
             if self._pending is not None:
                 self._pending.cancel()
 
@@ -299,7 +302,7 @@ class Job:
         except _StopString:
             self._emit(Event("end", finish="stop"))
         except _Cancelled:
-            self._emit(Event("error", error=ApiError(499, "the request was cancelled")))
+            self._emit(Event("error", error=self._why or ApiError(499, "the request was cancelled")))
         except Exception as exc:
             self._emit(Event("error", error=api_error(exc)))
         finally:
