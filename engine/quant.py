@@ -5,10 +5,12 @@ each ``nn.Linear`` (or packed linear) for a frozen quantized one, so the float w
 range never sit in memory together. Norms, embeddings and the client's head stay in the dtype.
 
 - ``int8`` — LLM.int8: weights int8 per output row (absmax scale), activations int8 per row, with
-  the input features holding an outlier (|x| ≥ 6) multiplied in float instead (``torch._int_mm``
-  through bitsandbytes' ``int8_linear_matmul``). 8.1 bits per weight.
-- ``nf4`` — 4-bit NormalFloat in blocks of 64 with a bfloat16 absmax per block, stored in
-  bitsandbytes' CPU layout for its native kernel (``gemv_4bit``, any batch). 4.25 bits per weight.
+  each row's outlier values (|x| ≥ 6) multiplied in float instead, so rows stay independent;
+  products by ``torch._int_mm`` (what bitsandbytes' CPU backend calls). 8 bits per weight and a
+  float32 scale per row.
+- ``nf4`` — bitsandbytes' 4-bit NormalFloat code in blocks of 64 with a bfloat16 absmax per block,
+  stored in its CPU layout for its native kernel (any batch; called through its native library,
+  see :func:`nf4_kernel`). 4.25 bits per weight. The kernel multiplies in bfloat16.
 
 One function per precision, whatever the caller does with it: a pass with gradients computes its
 output with the same kernels as an inference pass, and its backward multiplies by the dequantized
