@@ -18,6 +18,7 @@ demo: model
 	$(PY) scripts/demo_swarm.py "The capital of France is"
 
 test: model
+	bash scripts/setup.sh --browser  # the web page's test needs Debian's chromium (quick once installed)
 	$(PY) -m pytest -q
 
 bench: model

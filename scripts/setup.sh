@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything swarm needs in .venv/ of the repository: system build tools for libp2p's
-# fastecdsa (gcc, libgmp-dev, python3-dev), Chromium for the web page's test, torch, and the project with
-# its test dependencies.
+# fastecdsa (gcc, libgmp-dev, python3-dev), torch, and the project with its test dependencies; with
+# --browser (as `make test` runs it) also Debian's chromium and chromium-driver for the web page's test.
 # First it checks that $PYTHON (default python3) is Python 3.11 or newer; `setup.sh --check-python`
 # does only that.
 set -euo pipefail
@@ -30,6 +30,8 @@ if [ -x .venv/bin/python ] && ! version=$(is_new_enough .venv/bin/python); then
     exit 1
 fi
 [ "${1:-}" = "--check-python" ] && exit 0
+with_browser=0  # `setup.sh --browser` (make test): also the browser of the web page's test
+[ "${1:-}" = "--browser" ] && with_browser=1
 
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
@@ -39,8 +41,10 @@ done
 # a headless browser for the web page's test (tests/test_web_page.py, skipped without it): Debian's
 # chromium and its chromedriver, never a browser downloaded by a test tool
 browser=()
-command -v chromium >/dev/null 2>&1 || browser+=(chromium)
-[ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
+if [ $with_browser -eq 1 ]; then
+    command -v chromium >/dev/null 2>&1 || browser+=(chromium)
+    [ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
+fi
 sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
 if [ ${#need[@]} -gt 0 ] || [ ${#browser[@]} -gt 0 ]; then
