@@ -29,7 +29,8 @@ class Run:
 
     def __init__(self, args: list[str], home):
         self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(swarm_cmd(*args), stdout=subprocess.PIPE, stderr=self._stderr, env=swarm_env(home))
+        env = {**swarm_env(home), "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread (see finish)
+        self.proc = subprocess.Popen(swarm_cmd(*args), stdout=subprocess.PIPE, stderr=self._stderr, env=env)
         self.stdout, self._chunks = b"", queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -52,9 +53,17 @@ class Run:
             self.stdout += chunk
         return self.stdout
 
-    def finish(self, timeout: float = 60.0) -> tuple[int, str, str]:
-        """Wait for the exit: (exit code, all of stdout, all of stderr)."""
-        code = self.proc.wait(timeout)
+    def finish(self, timeout: float = 120.0) -> tuple[int, str, str]:
+        """Wait for the exit: (exit code, all of stdout, all of stderr). A process still running at
+        the deadline (its cleanup after a frozen server takes its timeouts one after another, which
+        a loaded machine stretches) is aborted, and the test fails showing where each thread was."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(30)
+            self._stderr.seek(0)
+            raise AssertionError(f"no exit within {timeout} s; its threads:\n{self._stderr.read().decode()[-6000:]}") from None
         while chunk := self._chunks.get(timeout=timeout):
             self.stdout += chunk
         self._stderr.seek(0)
