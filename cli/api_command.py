@@ -12,6 +12,7 @@ from swarm.cli.common import (
     DtypeOpt,
     InitialPeersOpt,
     ModelOpt,
+    NoQuantServersOpt,
     WireDtypeOpt,
     check,
     check_seconds,
@@ -60,9 +61,7 @@ def api(
     push: Annotated[
         bool, typer.Option("--push/--no-push", help="Servers pass each step straight to the next server of the chain.")
     ] = True,
-    no_quant_servers: Annotated[
-        bool, typer.Option("--no-quant-servers", help="Use only servers whose weights are not quantized (int8, nf4).")
-    ] = False,
+    no_quant_servers: NoQuantServersOpt = False,
     wire_dtype: WireDtypeOpt = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests' failures in full and swarm events.")] = False,
 ) -> None:

@@ -46,6 +46,9 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations 
 QuantOpt = Annotated[
     str, typer.Option("--quant", help="Weights of the blocks' linears: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat).")
 ]
+NoQuantServersOpt = Annotated[
+    bool, typer.Option("--no-quant-servers", help="Use only servers whose weights are not quantized (int8, nf4).")
+]
 WireDtypeOpt = Annotated[
     str,
     typer.Option(

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from swarm.cli.common import InitialPeersOpt, ModelOpt, WireDtypeOpt, err, fail, peers, setup_logging
+from swarm.cli.common import InitialPeersOpt, ModelOpt, NoQuantServersOpt, WireDtypeOpt, err, fail, peers, setup_logging
 
 INTERRUPTED = 130
 
@@ -85,9 +85,7 @@ def finetune(
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")] = 30.0,
     wire_dtype: WireDtypeOpt = "auto",
-    no_quant_servers: Annotated[
-        bool, typer.Option("--no-quant-servers", help="Train only through servers whose weights are not quantized.")
-    ] = False,
+    no_quant_servers: NoQuantServersOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Train an adapter you own through the swarm's frozen blocks (or --local).

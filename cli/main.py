@@ -16,6 +16,7 @@ from swarm.cli.common import (
     InitialPeersOpt,
     ModelOpt,
     QuantOpt,
+    NoQuantServersOpt,
     WireDtypeOpt,
     check,
     check_seconds,
@@ -252,9 +253,7 @@ def generate(
         Optional[str],
         typer.Option("--quant-blocks", help="With --local --quant: only these blocks, START:END (default: all)."),
     ] = None,
-    no_quant_servers: Annotated[
-        bool, typer.Option("--no-quant-servers", help="Use only servers whose weights are not quantized (int8, nf4).")
-    ] = False,
+    no_quant_servers: NoQuantServersOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with token ids and text.")] = False,
     initial_peers: InitialPeersOpt = None,
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,

@@ -307,7 +307,7 @@ def fits(quant: str, out_features: int, in_features: int) -> bool:
 
 
 def quantize_linears(module: nn.Module, quant: str) -> int:
-    """Swap every linear of ``module`` (``nn.Linear`` or a packed one) for a ``quant`` one, except
+    """Swap every ``nn.Linear`` of ``module`` (before any is packed) for a ``quant`` one, except
     those whose sizes do not :func:`fit <fits>`; returns how many were swapped."""
     if quant == "none":
         return 0
@@ -331,11 +331,7 @@ def quantization(module: nn.Module) -> str:
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if isinstance(module, FrozenLinear) and hasattr(module, "packed") and not isinstance(module, QuantLinear):
-        return module.packed.to_dense()
-    return None
+    return module.weight if isinstance(module, nn.Linear) else None
 
 
 def matrix_bytes(out_features: int, in_features: int, quant: str, itemsize: int) -> int:

@@ -19,15 +19,12 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import msgpack
 from swarm import __version__
+from swarm.engine.checkpoint import DTYPES, Checkpoint
 from swarm.engine.quant import QUANTS
 from swarm.p2p.wire import PeerId
-
-if TYPE_CHECKING:
-    from swarm.engine.checkpoint import Checkpoint
 
 MAX_SERVERS = 10_000  # entries a table takes (one per peer id); a flood of made-up peers is ignored beyond
 MAX_ADDRS = 16  # addresses taken from one announcement
@@ -35,7 +32,6 @@ MAX_MOVES = 10  # recent moves taken from one announcement
 BANDWIDTH_SOURCES = ("measured", "given", "assumed", "")
 THROUGHPUT_SOURCES = ("measured", "cached", "given", "")
 STATES = ("joining", "online", "offline")
-DTYPES = ("float32", "bfloat16", "float16")  # as engine.checkpoint.DTYPES
 
 
 def model_id(checkpoint: Checkpoint) -> str:
