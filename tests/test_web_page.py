@@ -6,14 +6,11 @@ shows both servers and full coverage, refreshes live, and a chat message typed i
 answer (several chunks) equal to what the API answers the same request without streaming. A
 screenshot is saved under the test's tmp dir and its path printed (``pytest -s`` shows it).
 
-Skipped, with the reason, where Chromium, chromedriver or selenium are missing, or where
-``swarm.cli.api`` does not exist yet. ``SWARM_PAGE_DEV=1`` runs the same checks against a fake API
-(see the DEV ONLY section at the end) to work on the page without a swarm; it is never the default.
+Skipped, with the reason, where Chromium, chromedriver or selenium are missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -121,12 +118,6 @@ def swarm_api(model: Path, initial_peer: str, home: Path, peer_ids: set[str], ti
 
 @pytest.fixture
 def target(tmp_path):
-    if os.environ.get("SWARM_PAGE_DEV") == "1":
-        with dev_api() as dev:  # DEV ONLY: a fake API, see below
-            yield dev
-        return
-    if importlib.util.find_spec("swarm.cli.api") is None:
-        pytest.skip("`swarm api` (swarm/cli/api.py) does not exist on this branch yet")
     from swarm.engine.default_model import MARKER, default_model_dir
 
     model = default_model_dir()
@@ -196,85 +187,3 @@ def test_page_shows_the_swarm_and_streams_a_chat_answer(browser, target, tmp_pat
     browser.save_screenshot(str(shot))
     print(f"screenshot of the page: {shot}")
 
-
-# ---- DEV ONLY: a fake API to work on the page without a swarm (SWARM_PAGE_DEV=1) ----------------
-# It serves the real static files but invents its answers; it is not what the test above checks
-# by default, and it can go once `swarm api` lands.
-
-
-@contextmanager
-def dev_api(api_key: str | None = None):
-    pytest.importorskip("starlette")
-    uvicorn = pytest.importorskip("uvicorn")
-    import asyncio
-    import threading
-
-    from starlette.applications import Starlette
-    from starlette.responses import FileResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Mount, Route
-    from starlette.staticfiles import StaticFiles
-
-    static = Path(__file__).resolve().parents[1] / "cli" / "static"
-    peers = [f"12D3KooWDev{i}{'x' * 40}" for i in range(3)]
-    words = ["The", " capital", " of", " France", " is", " Paris", "."]
-
-    def status(request):
-        servers = [
-            {"peer_id": p, "name": f"dev-{i}", "blocks": [10 * i, 10 * i + 10], "state": "online", "throughput": 60.0,
-             "throughput_source": "measured", "bandwidth_source": "measured", "sessions": i, "served": 3.0 * i,
-             "cache_tokens_left": 32768, "dtype": "float32", "quant": "none", "weight_bytes": 141 * 2**20,
-             "version": "0.1.0", "rtt_ms": 0.8 + i}
-            for i, p in enumerate(peers)
-        ]
-        return JSONResponse({"model": "llama-dev", "num_blocks": 30, "servers": servers, "gaps": [],
-                             "coverage": [60.0] * 30, "bottleneck": {"throughput": 60.0, "blocks": [[0, 30]]},
-                             "moves": []})
-
-    def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": "dev-model", "object": "model", "owned_by": "swarm"}]})
-
-    async def chat(request):
-        body = await request.json()
-        if not body.get("stream"):
-            return JSONResponse({"choices": [{"index": 0, "finish_reason": "length",
-                                              "message": {"role": "assistant", "content": "".join(words)}}]})
-
-        async def events():
-            for i, word in enumerate(words):
-                await asyncio.sleep(0.05)
-                finish = "length" if i == len(words) - 1 else None
-                chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": word},
-                                                                         "finish_reason": finish}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    def keyed(handler):  # 401 in OpenAI's shape unless the request carries the key
-        async def check(request):
-            if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-                return JSONResponse({"error": {"message": "wrong API key", "type": "invalid_request_error"}}, 401)
-            answer = handler(request)
-            return await answer if asyncio.iscoroutine(answer) else answer
-        return check
-
-    status, models, chat = keyed(status), keyed(models), keyed(chat)
-    app = Starlette(routes=[
-        Route("/", lambda request: FileResponse(static / "index.html")),
-        Mount("/static", StaticFiles(directory=static)),
-        Route("/v1/swarm", status), Route("/v1/models", models),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-    ])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "dev server did not start"
-            time.sleep(0.05)
-        yield Target(f"http://127.0.0.1:{port}/", set(peers), 30)
-    finally:
-        server.should_exit = True
-        thread.join(10)
