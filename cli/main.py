@@ -60,7 +60,17 @@ def serve(
         ),
     ] = 5.0,
     port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port).")] = 0,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface, announced by their addresses).")
+    ] = "127.0.0.1",
+    announce_addr: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--announce-addr",
+            help="The multiaddr other peers should dial, e.g. /ip4/203.0.113.7/tcp/31337 behind a port forward "
+            "(repeatable; default: the listen address).",
+        ),
+    ] = None,
     initial_peers: InitialPeersOpt = None,
     new_swarm: Annotated[bool, typer.Option("--new-swarm", help="Start a new swarm (no initial peers).")] = False,
     identity: Annotated[
@@ -140,6 +150,7 @@ def serve(
     from swarm.engine.default_model import swarm_home
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.quant import QuantUnavailableError
+    from swarm.p2p.addresses import check_announce_addr
     from swarm.p2p.host import P2PError
     from swarm.p2p.identity import claim_identity
     from swarm.p2p.server import ServerConfig, default_identity, serve_forever
@@ -177,6 +188,7 @@ def serve(
             import torch
 
             torch.set_num_threads(threads)
+        announce = [check_announce_addr(a, None) for a in announce_addr or []]  # the peer id is checked on start
         cfg = ServerConfig(
             model_dir=resolve_model(model),
             blocks=blocks,
@@ -189,6 +201,7 @@ def serve(
             cache_tokens=cache_tokens,
             listen_host=host,
             port=port,
+            announce_addrs=announce,
             # claimed now: a key file in use by another process is refused before anything loads
             identity=claim_identity(identity) if identity else default_identity(swarm_home()),
             initial_peers=peers(initial_peers),
@@ -213,7 +226,7 @@ def serve(
         )
 
         def ready(server) -> None:
-            addr = next((a for a in server.host.addrs if "/ip4/" in a), server.host.addrs[0])
+            addr = next((a for a in server.addrs if "/ip4/" in a), server.addrs[0])
             print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {addr}", flush=True)
 
         serve_forever(cfg, on_ready=ready)

@@ -24,7 +24,7 @@ def coverage_bar(data: dict, width: int = 60) -> Text:
 
 def status_view(data: dict) -> Group:
     table = Table(title=f"{data['model']} — {data['num_blocks']} blocks", title_justify="left")
-    for col, justify in [("peer", "left"), ("name", "left"), ("blocks", "right"), ("state", "left"),
+    for col, justify in [("peer", "left"), ("name", "left"), ("address", "left"), ("blocks", "right"), ("state", "left"),
                          ("weights", "left"), ("tok/s", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
                          ("version", "left")]:
         table.add_column(col, justify=justify)
@@ -33,6 +33,7 @@ def status_view(data: dict) -> Group:
         table.add_row(
             "…" + s["peer_id"][-6:],
             s["name"] or "-",
+            Text(_address(s.get("addrs") or [])),  # not markup: a peer announces what it likes
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
             _weights(s),
@@ -68,6 +69,15 @@ def status_view(data: dict) -> Group:
     if notes:
         summary.append("\n" + "\n".join(notes), style="dim")
     return Group(table, summary)
+
+
+def _address(addrs: list) -> str:
+    """A server's first announced address as ``host:port`` (``+N`` more), ``-`` when it gave none."""
+    if not addrs:
+        return "-"
+    parts = str(addrs[0]).split("/")
+    short = f"[{parts[2]}]:{parts[4]}" if len(parts) > 4 and parts[1] == "ip6" else ":".join(parts[2:5:2])
+    return short + (f" +{len(addrs) - 1}" if len(addrs) > 1 else "")
 
 
 def _weights(s: dict) -> str:

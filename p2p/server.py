@@ -43,6 +43,7 @@ from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
 from swarm.p2p import placement, protocols
 from swarm.p2p.adapter_store import AdapterStore
+from swarm.p2p.addresses import check_announce_addr, interface_ips, public_addrs
 from swarm.p2p.bandwidth import handle_probe
 from swarm.p2p.compression import pack_off_loop, session_wire
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
@@ -79,6 +80,7 @@ class ServerConfig:
     cache_tokens: int = 32768
     listen_host: str = "127.0.0.1"
     port: int = 0
+    announce_addrs: list[str] = field(default_factory=list)  # announced instead of the listen addresses (--announce-addr)
     identity: Path | Identity | None = None  # a key file, one claimed already, or None: a fresh key
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
@@ -129,6 +131,7 @@ class BlockServer:
     def __init__(self, cfg: ServerConfig, host: Host, checkpoint: Checkpoint, model: str, executor: Executor | None = None):
         self.cfg, self.host, self.checkpoint, self.model = cfg, host, checkpoint, model
         self.num_blocks = checkpoint.num_blocks
+        self.addrs = list(host.addrs)  # what it announces (see start)
         self.table = PeerTable(model, self.num_blocks, cfg.announce_period)
         self.budget = KVCacheBudget(cfg.cache_tokens)
         self.blocks: BlockRange | None = None
@@ -174,6 +177,9 @@ class BlockServer:
         host = await Host.start(listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity)
         server = cls(cfg, host, checkpoint, model, executor)
         try:
+            server.addrs = [check_announce_addr(a, host.peer_id) for a in cfg.announce_addrs] or public_addrs(
+                host.addrs, interface_ips()
+            )
             host.set_stream_handler(protocols.INFO, server._limited(protocols.INFO, server._handle_info))
             host.set_stream_handler(protocols.PROBE, server._limited(protocols.PROBE, functools.partial(handle_probe, server)))
             await server._join()
@@ -258,7 +264,7 @@ class BlockServer:
     def info(self) -> ServerInfo:
         return ServerInfo(
             peer_id=self.host.peer_id,
-            addrs=tuple(self.host.addrs),
+            addrs=tuple(self.addrs),
             model=self.model,
             start=self.start_block,
             end=self.end_block,
