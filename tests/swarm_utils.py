@@ -28,11 +28,12 @@ def swarm_env(home: Path) -> dict:
 class ServerProcess:
     """One `swarm serve` process; its stderr goes to a log file next to its identity."""
 
-    def __init__(self, args: list[str], home: Path, name: str):
+    def __init__(self, args: list[str], home: Path, name: str, prefix: tuple[str, ...] = ()):
+        """``prefix``: a command the server runs under, e.g. ``ip netns exec NS``."""
         self.log_path = home / f"{name}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            swarm_cmd("serve", *args), stdout=subprocess.PIPE, stderr=self._log, text=True, env=swarm_env(home)
+            [*prefix, *swarm_cmd("serve", *args)], stdout=subprocess.PIPE, stderr=self._log, text=True, env=swarm_env(home)
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
