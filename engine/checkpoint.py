@@ -319,7 +319,8 @@ class BlockRange(torch.nn.Module):
     ) -> torch.Tensor:
         """Run the blocks. A step of more than :data:`PREFILL_CHUNK` positions on a session runs
         as consecutive chunks of that many (so its attention's memory stays bounded however long
-        the prompt); every caller chunks the same way, so results are the same everywhere.
+        the prompt), and a stateless pass over many rows runs them in groups of about that many
+        positions; every caller chunks the same way, so results are the same everywhere.
 
         ``should_stop`` is checked before every block of every chunk: once it returns true the
         pass ends with :class:`StepCancelled` (work nobody waits for any more stops; the session's
@@ -329,8 +330,11 @@ class BlockRange(torch.nn.Module):
                 f"hidden states must have shape [batch, seq ≥ 1, {self.config.hidden_size}], got {list(hidden.shape)}"
             )
         batch, seq, _ = hidden.shape
-        if session is None:
-            return self._run(hidden, None, should_stop)
+        if session is None:  # stateless: rows in groups of about PREFILL_CHUNK positions (bounded activations)
+            rows = max(1, PREFILL_CHUNK // seq)
+            if batch <= rows:
+                return self._run(hidden, None, should_stop)
+            return torch.cat([self._run(hidden[i : i + rows], None, should_stop) for i in range(0, batch, rows)])
         if batch != session.batch:
             raise ValueError(f"the session was opened for batch {session.batch}, got hidden states of batch {batch}")
         session.check_room(seq)
