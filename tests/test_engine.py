@@ -73,6 +73,20 @@ def test_stateless_forward_equals_cached_prefill(tiny_checkpoint):
     assert torch.equal(stateless, cached)
 
 
+def test_stateless_forward_of_many_rows_runs_in_groups_with_the_same_result(tiny_checkpoint, monkeypatch):
+    ckpt = Checkpoint(tiny_checkpoint)
+    blocks = ckpt.load_blocks(0, ckpt.num_blocks)
+    hidden = torch.randn(5, 6, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = blocks(hidden)
+        monkeypatch.setattr("swarm.engine.checkpoint.PREFILL_CHUNK", 12)  # groups of 2 rows: 2 + 2 + 1
+        calls = []
+        monkeypatch.setattr(blocks, "_run", lambda x, *a, run=blocks._run: calls.append(len(x)) or run(x, *a))
+        grouped = blocks(hidden)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(grouped, whole, rtol=1e-4, atol=1e-4)  # other matrix shapes: other rounding
+
+
 def test_range_loader_reads_only_its_tensors(tiny_checkpoint):
     ckpt = Checkpoint(tiny_checkpoint)
     prefix = ckpt.family.block_prefix
