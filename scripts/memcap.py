@@ -157,14 +157,15 @@ def _remove(group: MemoryCgroup, timeout: float = 10.0) -> None:
 
 
 def run_capped(cmd: list[str], group: MemoryCgroup, timeout: float, **popen) -> subprocess.CompletedProcess:
-    """Run ``cmd`` inside ``group`` and wait for it; on timeout it is killed and ``TimeoutExpired``
-    raised. A shell enters the group, then executes ``cmd`` in its place, so everything ``cmd``
-    loads is charged there (and no ``preexec_fn`` runs in a possibly threaded caller)."""
+    """Run ``cmd`` inside ``group`` and wait for it. A shell enters the group, then executes ``cmd``
+    in its place, so everything ``cmd`` loads is charged there (and no ``preexec_fn`` runs in a
+    possibly threaded caller). On timeout (``TimeoutExpired``), or anything else that ends the
+    wait (Ctrl-C), the process is killed before the exception goes on."""
     enter = f'echo $$ > "{group.path}/cgroup.procs" && exec "$@"'
     with subprocess.Popen(["/bin/sh", "-c", enter, "sh", *cmd], **popen) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:
             proc.kill()
             proc.communicate()
             raise
