@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test bench bench-paper clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ bench: model
 	$(PY) scripts/bench_swarm.py
 	$(PY) scripts/bench_finetune.py
 	$(PY) scripts/bench_quant.py
+
+bench-paper: model  # root: emulated hosts (network namespaces), memory cgroups, dropped caches
+	$(PY) -m pip install --quiet -e '.[plot]'
+	$(PY) scripts/bench_paper.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -79,7 +79,8 @@ class Lab:
     them and deletes the namespaces, whatever happened before."""
 
     def __init__(self):
-        self.tag = f"sw{os.getpid() % 100000}"
+        _remove_stale_labs()
+        self.tag = f"sw{os.getpid()}"
         self.bridge_ns = f"{self.tag}-br"
         self.hosts: dict[str, NetHost] = {}
         sh("ip", "netns", "add", self.bridge_ns)
@@ -147,15 +148,28 @@ class Lab:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        for ns in namespaces:  # anything else still running in them (started by hand, or orphaned)
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for ns in namespaces:
+            _delete_namespace(ns)
         self.hosts.clear()
+
+
+def _delete_namespace(ns: str) -> None:
+    """Kill what still runs in ``ns`` (started by hand, or orphaned) and delete it."""
+    for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _remove_stale_labs() -> None:
+    """Delete the namespaces of labs whose process is gone (killed before it could clean up)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    for ns in (line.split()[0] for line in listed if line.strip()):
+        owner = ns.split("-", 1)[0][2:]
+        if ns.startswith("sw") and "-" in ns and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            _delete_namespace(ns)
 
 
 # ---- the delaying relay -------------------------------------------------------------------------

@@ -38,12 +38,14 @@ command -v gcc >/dev/null 2>&1 || need+=(gcc)
 for pkg in libgmp-dev python3-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
-# a headless browser for the web page's test (tests/test_web_page.py, skipped without it): Debian's
-# chromium and its chromedriver, never a browser downloaded by a test tool
+# what the tests need beyond Python (each test skips with the reason without it): a headless browser
+# for the web page's test (tests/test_web_page.py), Debian's chromium and its chromedriver, never a
+# browser downloaded by a test tool; ip and tc for the emulated hosts (tests/test_netns.py)
 browser=()
 if [ $with_browser -eq 1 ]; then
     command -v chromium >/dev/null 2>&1 || browser+=(chromium)
     [ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
+    { command -v ip && command -v tc; } >/dev/null 2>&1 || browser+=(iproute2)
 fi
 sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -63,9 +65,9 @@ if [ ${#browser[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         echo "installing system packages: ${browser[*]}"
         $sudo_cmd apt-get install -y -qq "${browser[@]}" ||
-            echo "warning: could not install ${browser[*]}: the web page's test will be skipped" >&2
+            echo "warning: could not install ${browser[*]}: the tests that need them will be skipped" >&2
     else
-        echo "warning: no apt-get to install chromium and chromedriver: the web page's test will be skipped" >&2
+        echo "warning: no apt-get to install ${browser[*]}: the tests that need them will be skipped" >&2
     fi
 fi
 
