@@ -28,6 +28,7 @@ bench: model
 	$(PY) scripts/bench_quant.py
 
 bench-paper: model  # root: emulated hosts (network namespaces), memory cgroups, dropped caches
+	bash scripts/setup.sh --netlab
 	$(PY) -m pip install --quiet -e '.[plot]'
 	$(PY) scripts/bench_paper.py
 

@@ -188,9 +188,16 @@ def serve(
             import torch
 
             torch.set_num_threads(threads)
-        announce = [check_announce_addr(a, None) for a in announce_addr or []]  # the peer id is checked on start
+        # claimed now: a key file in use by another process is refused before anything loads
+        key = claim_identity(identity) if identity else default_identity(swarm_home())
+        try:
+            announce = list(dict.fromkeys(check_announce_addr(a, key.peer_id) for a in announce_addr or []))
+            model_dir = resolve_model(model)
+        except BaseException:
+            key.release()
+            raise
         cfg = ServerConfig(
-            model_dir=resolve_model(model),
+            model_dir=model_dir,
             blocks=blocks,
             num_blocks=num_blocks,
             memory=memory,
@@ -202,8 +209,7 @@ def serve(
             listen_host=host,
             port=port,
             announce_addrs=announce,
-            # claimed now: a key file in use by another process is refused before anything loads
-            identity=claim_identity(identity) if identity else default_identity(swarm_home()),
+            identity=key,
             initial_peers=peers(initial_peers),
             new_swarm=new_swarm,
             public_name=public_name,
@@ -226,8 +232,9 @@ def serve(
         )
 
         def ready(server) -> None:
-            addr = next((a for a in server.addrs if "/ip4/" in a), server.addrs[0])
-            print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {addr}", flush=True)
+            first, *more = [a for a in server.addrs if "/ip4/" in a] + [a for a in server.addrs if "/ip4/" not in a]
+            also = f" (also at {', '.join(more)})" if more else ""
+            print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {first}{also}", flush=True)
 
         serve_forever(cfg, on_ready=ready)
     except (ValueError, ModelNotAvailableError, UnsupportedModelError, OSError, P2PError, QuantUnavailableError) as exc:

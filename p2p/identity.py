@@ -21,6 +21,7 @@ from typing import IO
 from libp2p import generate_new_ed25519_identity
 from libp2p.crypto.keys import KeyPair
 from libp2p.identity_utils import load_identity, save_identity
+from libp2p.peer.id import ID
 
 from swarm.p2p.bridge import P2PError
 
@@ -49,6 +50,10 @@ class Identity:
     key_pair: KeyPair
     path: Path | None = None
     _lock: IO | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return ID.from_pubkey(self.key_pair.public_key).to_base58()
 
     def release(self) -> None:
         """Give the key file up (idempotent)."""

@@ -94,7 +94,10 @@ class ServerInfo:
         try:
             info = cls(
                 peer_id=PeerId(str(data["peer_id"])),
-                addrs=tuple(str(a) for a in list(data.get("addrs", ()))[:MAX_ADDRS]),
+                # printable and short: they are dialed, logged and shown in `swarm status`
+                addrs=tuple(
+                    a for a in list(data.get("addrs", ()))[:MAX_ADDRS] if isinstance(a, str) and len(a) <= 256 and a.isprintable()
+                ),
                 model=str(data["model"]),
                 start=int(data["start"]),
                 end=int(data["end"]),

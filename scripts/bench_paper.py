@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -60,8 +61,9 @@ class Swarm:
         self.hosts = [self.lab.add_host(f"s{i + 1}") for i in range(3)]
         self.client_host = self.lab.add_host("client")
         self.relays = [Relay(self.lab, h, RELAY_PORT, SERVER_PORT, 0.0) for h in self.hosts]
-        self.groups = [stack.enter_context(memory_cgroup(f"swarm-paper-{h.name}", server_cap)) for h in self.hosts]
-        self.client_group = stack.enter_context(memory_cgroup("swarm-paper-client", client_cap))
+        tag = f"swarm-paper-{os.getpid()}"
+        self.groups = [stack.enter_context(memory_cgroup(f"{tag}-{h.name}", server_cap)) for h in self.hosts]
+        self.client_group = stack.enter_context(memory_cgroup(f"{tag}-client", client_cap))
         self.addrs: list[str] = []
         cuts = thirds(Checkpoint(model).num_blocks)
         drop_caches()
@@ -72,13 +74,12 @@ class Swarm:
                     "--blocks", f"{cuts[i]}:{cuts[i + 1]}", "--host", "127.0.0.1", "--port", str(SERVER_PORT),
                     "--announce-addr", announce, "--identity", str(home / f"{host.name}.key"), "--threads", "2",
                     "--cache-tokens", "4096", "--throughput", "10", "--bandwidth", "100", *join]
-            log = open(home / f"{host.name}.log", "w")
-            proc = self.lab.popen(host, argv, stdout=subprocess.PIPE, stderr=log, text=True)
-            self.groups[i].add(proc.pid)
+            with open(home / f"{host.name}.log", "w") as log:
+                proc = self.lab.popen(host, argv, self.groups[i].command([]), stdout=subprocess.PIPE, stderr=log, text=True)
             line = proc.stdout.readline()
             if "serving blocks" not in line:
                 raise RuntimeError(f"server {host.name} did not start:\n{(home / f'{host.name}.log').read_text()[-3000:]}")
-            self.addrs.append(line.split(" at ")[1].strip())
+            self.addrs.append(line.split(" at ")[1].split()[0])
 
     def shape(self, mbit: float, rtt_ms: float) -> None:
         for host in [*self.hosts, self.client_host]:
@@ -91,9 +92,9 @@ class Swarm:
         after ``on_set_rtt(ms)``)."""
         argv = [sys.executable, str(Path(__file__).with_name("paper_client.py")), str(self.model),
                 "--peers", ",".join(self.addrs), "--steps", str(steps), *args]
-        proc = self.lab.popen(self.client_host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-        self.client_group.add(proc.pid)
+        with open(self.home / "client.log", "w") as log:
+            proc = self.lab.popen(self.client_host, argv, self.client_group.command([]), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=log, text=True)
         out = []
         for line in proc.stdout:
             record = json.loads(line)
@@ -107,7 +108,7 @@ class Swarm:
         if proc.wait() != 0:
             servers = "\n".join(f"{h.name} (exit {h.procs[-1].poll()}, OOM kills {g.oom_kills()}): "
                                  f"{(self.home / f'{h.name}.log').read_text()[-1500:]}" for h, g in zip(self.hosts, self.groups))
-            raise RuntimeError(f"the client failed:\n{proc.stderr.read()[-3000:]}\nservers:\n{servers}")
+            raise RuntimeError(f"the client failed:\n{(self.home / 'client.log').read_text()[-3000:]}\nservers:\n{servers}")
         return out
 
     def peaks(self) -> list[int | None]:
@@ -195,6 +196,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "paper.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "paper_decode_vs_rtt.png")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM cleans up as Ctrl-C does
     if args.replot:
         plot(json.loads(args.out.read_text()), args.plot)
         return
@@ -218,13 +220,13 @@ def main() -> None:
     else:
         results["rows"].append({"setup": "offloading (skipped)"})
 
-    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="swarm-paper-") as home:
+    with tempfile.TemporaryDirectory(prefix="swarm-paper-") as home, ExitStack() as stack:  # processes end first
         print("starting 3 servers on 3 hosts ...", flush=True)
-        swarm = Swarm(stack, model, server_cap, cap, Path(home))
+        net = Swarm(stack, model, server_cap, cap, Path(home))
         for setup, mbit, rtt in ROWS:
             print(f"swarm, {setup} ...", flush=True)
-            swarm.shape(mbit, rtt)
-            got = {r["what"]: r for r in swarm.client("--table", ",".join(COLUMNS), steps=args.steps)}
+            net.shape(mbit, rtt)
+            got = {r["what"]: r for r in net.client("--table", ",".join(COLUMNS), steps=args.steps)}
             row = {"setup": f"swarm, {setup}", "rtt_ms": statistics.mean(got["link"]["rtt_ms"]), "mbit": got["link"]["mbit"],
                    "decode_128": got["decode_128"]["steps_per_s"], "decode_1024": got["decode_1024"]["steps_per_s"],
                    "forward_1x128": got["forward_1x128"]["tokens_per_s"], "forward_16x128": got["forward_16x128"]["tokens_per_s"],
@@ -233,12 +235,12 @@ def main() -> None:
         print("sweep ...", flush=True)
         compute = [local_compute(model, 16)]
         rtts = [float(r) for r in args.rtts.split(",")]
-        swarm.shape(args.sweep_mbit, 0.0)
-        sweep = swarm.client("--sweep", ",".join(map(str, rtts)), steps=args.steps,
-                             on_set_rtt=lambda ms: swarm.shape(args.sweep_mbit, ms))
+        net.shape(args.sweep_mbit, 0.0)
+        sweep = net.client("--sweep", ",".join(map(str, rtts)), steps=args.steps,
+                             on_set_rtt=lambda ms: net.shape(args.sweep_mbit, ms))
         compute.append(local_compute(model, 16))
         results["compute_s_per_token"] = compute
-        results["server_and_client_peak_bytes"] = swarm.peaks()
+        results["server_and_client_peak_bytes"] = net.peaks()
     per_token = statistics.mean(compute)
     points = [p for p in sweep if p["what"] == "sweep"]
     base = min(points, key=lambda p: statistics.mean(p["rtt_ms"]))

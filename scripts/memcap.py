@@ -60,11 +60,14 @@ class MemoryCgroup:
         """Move process ``pid`` into the group (its later allocations are charged here)."""
         (self.path / "cgroup.procs").write_text(f"{pid}\n")
 
+    def command(self, cmd: list[str]) -> list[str]:
+        """``cmd`` behind a shell that enters the group, then executes ``cmd`` in its place, so
+        everything ``cmd`` loads is charged here (and no ``preexec_fn`` runs in a possibly
+        threaded caller)."""
+        return ["/bin/sh", "-c", f'echo $$ > "{self.path}/cgroup.procs" && exec "$@"', "sh", *cmd]
+
     def pids(self) -> list[int]:
         return [int(line) for line in (self.path / "cgroup.procs").read_text().split()]
-
-    def usage_bytes(self) -> int:
-        return int(self._file("memory.usage_in_bytes", "memory.current").read_text())
 
     def peak_bytes(self) -> int | None:
         """The most memory (page cache included) the group has held; None where the kernel does not
@@ -157,12 +160,10 @@ def _remove(group: MemoryCgroup, timeout: float = 10.0) -> None:
 
 
 def run_capped(cmd: list[str], group: MemoryCgroup, timeout: float, **popen) -> subprocess.CompletedProcess:
-    """Run ``cmd`` inside ``group`` and wait for it. A shell enters the group, then executes ``cmd``
-    in its place, so everything ``cmd`` loads is charged there (and no ``preexec_fn`` runs in a
-    possibly threaded caller). On timeout (``TimeoutExpired``), or anything else that ends the
-    wait (Ctrl-C), the process is killed before the exception goes on."""
-    enter = f'echo $$ > "{group.path}/cgroup.procs" && exec "$@"'
-    with subprocess.Popen(["/bin/sh", "-c", enter, "sh", *cmd], **popen) as proc:
+    """Run ``cmd`` inside ``group`` (:meth:`MemoryCgroup.command`) and wait for it. On timeout
+    (``TimeoutExpired``), or anything else that ends the wait (Ctrl-C), the process is killed
+    before the exception goes on."""
+    with subprocess.Popen(group.command(cmd), **popen) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUBNET = "10.77.0"
+PREFIX = "swarmlab"  # namespaces: swarmlab<pid>-<host>, swarmlab<pid>-br
 CHUNK = 1 << 16
 RELAY_BUFFER = 64 << 20  # bytes held per direction before the relay stops reading (backpressure)
 
@@ -48,7 +49,7 @@ def unavailable() -> str | None:
         return "network namespaces need root (run as root to include this)"
     if not shutil.which("ip") or not shutil.which("tc"):
         return "the ip and tc commands (iproute2) are missing"
-    probe = f"swprobe{os.getpid()}"
+    probe = f"{PREFIX}{os.getpid()}-probe"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"cannot make a network namespace: {made.stderr.strip()}"
@@ -70,7 +71,6 @@ class NetHost:
     ns: str
     ip: str
     port: str  # the bridge's end of its veth (in the lab's bridge namespace)
-    mbit: float | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
 
 
@@ -80,7 +80,7 @@ class Lab:
 
     def __init__(self):
         _remove_stale_labs()
-        self.tag = f"sw{os.getpid()}"
+        self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge_ns = f"{self.tag}-br"
         self.hosts: dict[str, NetHost] = {}
         sh("ip", "netns", "add", self.bridge_ns)
@@ -114,7 +114,6 @@ class Lab:
 
     def shape(self, host: NetHost, mbit: float | None) -> None:
         """Limit ``host``'s link to ``mbit`` Mbit/s each way (None: no limit)."""
-        host.mbit = mbit
         for ns, dev in ((host.ns, "eth0"), (self.bridge_ns, host.port)):
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
             if mbit:
@@ -128,9 +127,11 @@ class Lab:
     def cmd(self, host: NetHost, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", host.ns, *argv]
 
-    def popen(self, host: NetHost, argv: list[str], **kw) -> subprocess.Popen:
-        """Start ``argv`` on ``host`` (killed by :meth:`close` if still running)."""
-        proc = subprocess.Popen(self.cmd(host, argv), **kw)
+    def popen(self, host: NetHost, argv: list[str], prefix: list[str] = (), **kw) -> subprocess.Popen:
+        """Start ``argv`` on ``host`` (killed by :meth:`close` if still running); ``prefix`` runs
+        outside the namespace first (e.g. a shell entering a cgroup, which ``ip netns exec`` would
+        hide by mounting its own /sys)."""
+        proc = subprocess.Popen([*prefix, *self.cmd(host, argv)], **kw)
         host.procs.append(proc)
         return proc
 
@@ -167,8 +168,8 @@ def _remove_stale_labs() -> None:
     """Delete the namespaces of labs whose process is gone (killed before it could clean up)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
     for ns in (line.split()[0] for line in listed if line.strip()):
-        owner = ns.split("-", 1)[0][2:]
-        if ns.startswith("sw") and "-" in ns and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+        owner = ns.split("-", 1)[0][len(PREFIX):]
+        if ns.startswith(PREFIX) and "-" in ns and owner.isdigit() and not Path(f"/proc/{owner}").exists():
             _delete_namespace(ns)
 
 
@@ -245,7 +246,6 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
 
 async def _serve_relay(listen: str, to: str, delay: list[float]) -> None:
     to_host, to_port = to.rsplit(":", 1)
-    tasks: set[asyncio.Task] = set()
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -254,13 +254,11 @@ async def _serve_relay(listen: str, to: str, delay: list[float]) -> None:
             writer.close()
             return
         pipes = [asyncio.create_task(_pipe(reader, up_writer, delay)), asyncio.create_task(_pipe(up_reader, writer, delay))]
-        tasks.update(pipes)
         try:
             await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for task in pipes:
                 task.cancel()
-                tasks.discard(task)
             await asyncio.gather(*pipes, return_exceptions=True)
             for w in (writer, up_writer):
                 w.close()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything swarm needs in .venv/ of the repository: system build tools for libp2p's
 # fastecdsa (gcc, libgmp-dev, python3-dev), torch, and the project with its test dependencies; with
-# --browser (as `make test` runs it) also Debian's chromium and chromium-driver for the web page's test.
+# --browser (as `make test` runs it) also what the tests need beyond Python: Debian's chromium and chromium-driver for
+# the web page's test, ip and tc for the emulated hosts; --netlab (make bench-paper) only ip and tc.
 # First it checks that $PYTHON (default python3) is Python 3.11 or newer; `setup.sh --check-python`
 # does only that.
 set -euo pipefail
@@ -30,8 +31,10 @@ if [ -x .venv/bin/python ] && ! version=$(is_new_enough .venv/bin/python); then
     exit 1
 fi
 [ "${1:-}" = "--check-python" ] && exit 0
-with_browser=0  # `setup.sh --browser` (make test): also the browser of the web page's test
-[ "${1:-}" = "--browser" ] && with_browser=1
+with_browser=0  # `setup.sh --browser` (make test): also what the tests need beyond Python (below)
+with_netlab=0   # `setup.sh --netlab` (make bench-paper): ip and tc for the emulated hosts
+[ "${1:-}" = "--browser" ] && with_browser=1 && with_netlab=1
+[ "${1:-}" = "--netlab" ] && with_netlab=1
 
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
@@ -41,15 +44,17 @@ done
 # what the tests need beyond Python (each test skips with the reason without it): a headless browser
 # for the web page's test (tests/test_web_page.py), Debian's chromium and its chromedriver, never a
 # browser downloaded by a test tool; ip and tc for the emulated hosts (tests/test_netns.py)
-browser=()
+test_pkgs=()
 if [ $with_browser -eq 1 ]; then
-    command -v chromium >/dev/null 2>&1 || browser+=(chromium)
-    [ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
-    { command -v ip && command -v tc; } >/dev/null 2>&1 || browser+=(iproute2)
+    command -v chromium >/dev/null 2>&1 || test_pkgs+=(chromium)
+    [ -x /usr/bin/chromedriver ] || test_pkgs+=(chromium-driver)
+fi
+if [ $with_netlab -eq 1 ]; then
+    { command -v ip && command -v tc; } >/dev/null 2>&1 || test_pkgs+=(iproute2)
 fi
 sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-if [ ${#need[@]} -gt 0 ] || [ ${#browser[@]} -gt 0 ]; then
+if [ ${#need[@]} -gt 0 ] || [ ${#test_pkgs[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         $sudo_cmd apt-get update -qq
     elif [ ${#need[@]} -gt 0 ]; then
@@ -61,13 +66,13 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "installing system packages: ${need[*]}"
     $sudo_cmd apt-get install -y -qq "${need[@]}"
 fi
-if [ ${#browser[@]} -gt 0 ]; then
+if [ ${#test_pkgs[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
-        echo "installing system packages: ${browser[*]}"
-        $sudo_cmd apt-get install -y -qq "${browser[@]}" ||
-            echo "warning: could not install ${browser[*]}: the tests that need them will be skipped" >&2
+        echo "installing system packages: ${test_pkgs[*]}"
+        $sudo_cmd apt-get install -y -qq "${test_pkgs[@]}" ||
+            echo "warning: could not install ${test_pkgs[*]}: the tests that need them will be skipped" >&2
     else
-        echo "warning: no apt-get to install ${browser[*]}: the tests that need them will be skipped" >&2
+        echo "warning: no apt-get to install ${test_pkgs[*]}: the tests that need them will be skipped" >&2
     fi
 fi
 

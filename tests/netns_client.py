@@ -29,7 +29,7 @@ def main() -> None:
             sys.stdin.readline()
 
     cfg = GenerationConfig(max_new_tokens=tokens, eos_token_ids=())
-    out = swarm_generate(model, initial_peer, cfg, on_token, step_timeout=2.0, wait_timeout=20.0)
+    out = swarm_generate(model, initial_peer, cfg, on_token, step_timeout=4.0, wait_timeout=20.0)
     print(json.dumps({"tokens": out, "served_by": served_by}), flush=True)
 
 
