@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -475,6 +476,8 @@ def status(
     from swarm.cli.render import status_view
 
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)  # a pipe or file has no width to fit: a row per server, not wrapped cells
 
     def show(data: dict) -> None:
         if as_json:
