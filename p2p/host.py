@@ -306,7 +306,7 @@ class Host:
         self._identity = identity
         self._key_pair = identity.key_pair
         self._listen = listen
-        self.peer_id = ID.from_pubkey(self._key_pair.public_key).to_base58()
+        self.peer_id = identity.peer_id
         # this run of the peer id: its start time, then random bits, so that a later run of the
         # same key sorts after an earlier one (announcements carry it: see swarm.p2p.table)
         self.instance = f"{time.time_ns():016x}{secrets.token_hex(4)}"
