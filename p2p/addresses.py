@@ -23,10 +23,10 @@ SIOCGIFFLAGS, SIOCGIFADDR, IFF_UP, IFF_RUNNING = 0x8913, 0x8915, 0x1, 0x40
 PROBE = {4: "192.0.2.1", 6: "2001:db8::1"}  # documentation addresses: "connecting" a UDP socket sends nothing
 
 
-def check_announce_addr(text: str, peer_id: str | None) -> str:
+def check_announce_addr(text: str, peer_id: str) -> str:
     """``text`` as a full multiaddr ending in ``/p2p/<peer_id>``, or ValueError saying what is wrong:
     it must name an IP address other peers can dial and a TCP port, and may end in this server's
-    own peer id. With ``peer_id`` None (not known yet) only the form is checked."""
+    own peer id."""
     where = f"--announce-addr {text}"
     try:
         maddr = multiaddr.Multiaddr(text)
@@ -42,16 +42,15 @@ def check_announce_addr(text: str, peer_id: str | None) -> str:
         raise ValueError(f"{where}: {ip} is not an address other peers can dial; give this machine's address as they reach it")
     if not 0 < int(parts[1][1]) <= 65535:
         raise ValueError(f"{where}: the port must be between 1 and 65535")
-    if peer_id is not None and names[2:] and parts[2][1] != peer_id:
+    if names[2:] and parts[2][1] != peer_id:
         raise ValueError(f"{where}: ends in another peer id than this server's ({peer_id}); drop the /p2p/ part")
-    canonical = f"/{names[0]}/{ip}/tcp/{int(parts[1][1])}"
-    return canonical if peer_id is None else f"{canonical}/p2p/{peer_id}"
+    return f"/{names[0]}/{ip}/tcp/{int(parts[1][1])}/p2p/{peer_id}"
 
 
 def _dialable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved or (ip.version == 6 and ip.is_link_local):
         return False  # (an IPv6 link-local address needs an interface zone a multiaddr cannot carry)
-    return not (ip.version == 4 and (ip in ipaddress.ip_network("0.0.0.0/8") or ip == ipaddress.IPv4Address("255.255.255.255")))
+    return not (ip.version == 4 and ip in ipaddress.ip_network("0.0.0.0/8"))  # (240/4, broadcast included, is reserved)
 
 
 def public_addrs(listen_addrs: list[str], interfaces: list[str]) -> list[str]:
