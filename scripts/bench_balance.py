@@ -78,6 +78,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from memcap import in_cgroup  # noqa: E402
+
 READY = re.compile(r"serving blocks (\d+):(\d+) of \S+ at (/ip4/\S+)")
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
@@ -163,7 +166,7 @@ class Server:
         self._log = open(self.log_path, "w")  # noqa: SIM115  (open for the process's life, closed by wait)
         cmd = swarm_cmd("serve", *args)
         if group is not None and throttle_start:  # in the group from the first instruction on
-            cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group.path / "cgroup.procs"), *cmd]
+            cmd = in_cgroup(group.path, cmd)
         env = {**os.environ, "SWARM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
         self._lines: queue.Queue[str | None] = queue.Queue()

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_local import bench as local_bench, random_1b_checkpoint  # noqa: E402
-from bench_swarm import thirds  # noqa: E402
+from bench_swarm import READY, thirds  # noqa: E402
 from memcap import drop_caches, memory_cgroup  # noqa: E402
 from netlab import Lab, Relay, unavailable  # noqa: E402
 
@@ -76,10 +76,10 @@ class Swarm:
                     "--cache-tokens", "4096", "--throughput", "10", "--bandwidth", "100", *join]
             with open(home / f"{host.name}.log", "w") as log:
                 proc = self.lab.popen(host, argv, self.groups[i].command([]), stdout=subprocess.PIPE, stderr=log, text=True)
-            line = proc.stdout.readline()
-            if "serving blocks" not in line:
+            ready = READY.search(proc.stdout.readline())
+            if not ready:
                 raise RuntimeError(f"server {host.name} did not start:\n{(home / f'{host.name}.log').read_text()[-3000:]}")
-            self.addrs.append(line.split(" at ")[1].split()[0])
+            self.addrs.append(ready.group(1))
 
     def shape(self, mbit: float, rtt_ms: float) -> None:
         for host in [*self.hosts, self.client_host]:

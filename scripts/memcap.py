@@ -61,10 +61,8 @@ class MemoryCgroup:
         (self.path / "cgroup.procs").write_text(f"{pid}\n")
 
     def command(self, cmd: list[str]) -> list[str]:
-        """``cmd`` behind a shell that enters the group, then executes ``cmd`` in its place, so
-        everything ``cmd`` loads is charged here (and no ``preexec_fn`` runs in a possibly
-        threaded caller)."""
-        return ["/bin/sh", "-c", f'echo $$ > "{self.path}/cgroup.procs" && exec "$@"', "sh", *cmd]
+        """``cmd`` started inside the group (see :func:`in_cgroup`)."""
+        return in_cgroup(self.path, cmd)
 
     def pids(self) -> list[int]:
         return [int(line) for line in (self.path / "cgroup.procs").read_text().split()]
@@ -157,6 +155,13 @@ def _remove(group: MemoryCgroup, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise CgroupError(f"could not remove the cgroup {group.path}: {exc}") from None
             time.sleep(0.05)
+
+
+def in_cgroup(group: Path, cmd: list[str]) -> list[str]:
+    """``cmd`` behind a shell that enters the cgroup directory ``group`` (of any controller), then
+    executes ``cmd`` in its place, so everything ``cmd`` does counts there from its first
+    instruction (and no ``preexec_fn`` runs in a possibly threaded caller)."""
+    return ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group), *cmd]
 
 
 def run_capped(cmd: list[str], group: MemoryCgroup, timeout: float, **popen) -> subprocess.CompletedProcess:
