@@ -129,16 +129,20 @@ class Checkpoint:
                 f"{fix_hint(self.path)}"
             ) from None
 
-    def read(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read exactly ``keys`` (converted to ``dtype``), opening each file once."""
+    def files_of(self, keys: list[str]) -> dict[Path, list[str]]:
+        """``keys`` by the file holding them (CheckpointError naming any this checkpoint lacks)."""
         missing = [k for k in keys if k not in self._files]
         if missing:
             raise CheckpointError(f"{self.path}: missing tensor(s) {', '.join(missing[:5])}")
         by_file: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self._files[key]].append(key)
+        return dict(by_file)
+
+    def read(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Read exactly ``keys`` (converted to ``dtype``), opening each file once."""
         tensors = {}
-        for file, file_keys in by_file.items():
+        for file, file_keys in self.files_of(keys).items():
             with safe_open(file, framework="pt") as f:
                 for key in file_keys:
                     # a copy: a tensor left on the file's memory map would keep the whole map
@@ -166,11 +170,8 @@ class Checkpoint:
         the same weights agree (a float16 copy may not: it rounds twice). Sharded or not and
         file names do not matter. A sample cannot see a change outside it: this tells apart
         checkpoints (another fine-tune, another seed), it does not authenticate them."""
-        by_file: dict[Path, list[str]] = defaultdict(list)
-        for key in self._files:
-            by_file[self._files[key]].append(key)
         samples = {}
-        for file, keys in by_file.items():
+        for file, keys in self.files_of(self.tensor_names()).items():
             with safe_open(file, framework="pt") as f:
                 for key in keys:
                     samples[key] = self._sample(f.get_slice(key))

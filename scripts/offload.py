@@ -79,18 +79,15 @@ class StreamedCheckpoint(Checkpoint):
 
     def __init__(self, path: str | Path):
         super().__init__(path)
-        self._layouts = {file: _layout(file) for file in set(self._files.values())}
+        self._layouts = {file: _layout(file) for file in self.files_of(self.tensor_names())}
         self.slot: int | None = None
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
     def read(self, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        missing = [k for k in keys if k not in self._files]
-        if missing:
-            raise CheckpointError(f"{self.path}: missing tensor(s) {', '.join(missing[:5])}")
         tensors, run_index = {}, 0
-        for file in dict.fromkeys(self._files[k] for k in keys):
+        for file, file_keys in self.files_of(keys).items():
             layout = self._layouts[file]
-            wanted = sorted((k for k in keys if self._files[k] == file), key=lambda k: layout[k][2])
+            wanted = sorted(file_keys, key=lambda k: layout[k][2])
             with open(file, "rb", buffering=0) as f:
                 for run in _runs(wanted, layout):
                     start, end = layout[run[0]][2], max(layout[k][3] for k in run)
