@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from swarm.cli.common import (
+    Commands,
     DtypeOpt,
     InitialPeersOpt,
     ModelOpt,
@@ -32,8 +33,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Commands,
 )
 GAPS = 3  # `swarm status`: some blocks have no server
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from swarm import __version__
+
+        print(f"swarm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print swarm's version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Run and fine-tune language models too large for one machine over a swarm of peers."""
 
 
 @app.command()
@@ -148,7 +167,7 @@ def serve(
 ) -> None:
     """Serve a contiguous range of a model's blocks to the swarm."""
     from swarm.engine.client import ModelNotAvailableError, resolve_model
-    from swarm.engine.default_model import swarm_home
+    from swarm.engine.default_model import usable_home
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.quant import QuantUnavailableError
     from swarm.p2p.addresses import check_announce_addr
@@ -189,8 +208,9 @@ def serve(
             import torch
 
             torch.set_num_threads(threads)
-        # claimed now: a key file in use by another process is refused before anything loads
-        key = claim_identity(identity) if identity else default_identity(swarm_home())
+        # the home (default identity, throughput cache) and the identity are checked before anything loads
+        home = usable_home() if identity is None or isinstance(throughput_spec, str) else None
+        key = claim_identity(identity) if identity else default_identity(home)
         try:
             announce = list(dict.fromkeys(check_announce_addr(a, key.peer_id) for a in announce_addr or []))
             model_dir = resolve_model(model)
@@ -289,8 +309,6 @@ def generate(
     """Generate text: stream tokens through a chain of servers (or --local), printing them as they come.
 
     The output always ends with a newline, also when an error ends it early."""
-    from dataclasses import replace
-
     from swarm.engine.context import quick_prompt_check
     from swarm.engine.default_model import ALIASES, DEFAULT_MODEL, default_model_dir
 
@@ -299,47 +317,37 @@ def generate(
         quick_prompt_check(default_model_dir() if spec in ALIASES else Path(spec).expanduser(), prompt)
     except ValueError as exc:
         fail(str(exc))
-    from swarm.engine.adapter_io import load_adapter
-    from swarm.engine.checkpoint import parse_dtype
-    from swarm.engine.client import ClientModel, ModelNotAvailableError, TextStream, generate_local, resolve_model
+    from dataclasses import replace
+
+    from swarm.cache.kv import CacheFullError
+    from swarm.config import ClientOptions, sampling
+    from swarm.engine.client import ModelNotAvailableError, TextStream
     from swarm.engine.families import UnsupportedModelError
-    from swarm.engine.generation import GenerationConfig, check_prompt_length
+    from swarm.engine.generation import check_prompt_length
     from swarm.engine.quant import QuantUnavailableError
-    from swarm.p2p.compression import WIRE_CHOICES
+    from swarm.facade import Swarm
+    from swarm.p2p.client import SwarmError
+    from swarm.p2p.host import P2PError
+    from swarm.p2p.routing import NoRouteError
+    from swarm.p2p.wire import RemoteError, WireError
 
     try:
-        check_seconds("--step-timeout", step_timeout)
-        check_seconds("--timeout", timeout, zero_ok=True)
-        check(wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), wire_dtype)
-        torch_dtype = parse_dtype(dtype)
-        quantized = local_quant(quant, quant_blocks, local)
-        if local and (no_quant_servers or wire_dtype != "auto"):
-            flag = "--no-quant-servers" if no_quant_servers else "--wire-dtype"
-            raise ValueError(f"{flag} is about the servers of a swarm run; a --local run has none (drop one of the two)")
-        do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
-        cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if temperature is not None else 1.0,
-            top_k=top_k or 0,
-            top_p=top_p if top_p is not None else 1.0,
-            repetition_penalty=repetition_penalty,
-            num_beams=num_beams,
-            length_penalty=length_penalty,
-            seed=seed,
+        options = ClientOptions(
+            model=model, initial_peers=tuple(initial_peers or ()), local=local, dtype=dtype, adapter=adapter,
+            step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
+            wire_dtype=wire_dtype, quant=quant, quant_blocks=quant_blocks,
         )
-        path = resolve_model(model, quiet=as_json)
-        client = ClientModel.load(path, torch_dtype)
-        cfg = replace(cfg, eos_token_ids=client.eos_token_ids)
-        loaded = load_adapter(adapter, client.checkpoint) if adapter is not None else None  # AdapterError: a ValueError
+        cfg = sampling(
+            max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+        )
+        client = Swarm.start(options, quiet=as_json, connect=False)  # AdapterError, CheckpointError: ValueErrors
+        cfg = replace(cfg, eos_token_ids=client.client_model.eos_token_ids)
         prompt_ids = client.encode(prompt, chat=chat)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give some text to continue")
-        virtual = loaded.num_virtual_tokens if loaded is not None else 0
+        virtual = client.adapter.num_virtual_tokens if client.adapter is not None else 0
         check_prompt_length(len(prompt_ids), client.head.max_positions, virtual)  # before any network setup
-        if quantized is not None and quantized != "all":
-            check(quantized.stop <= client.checkpoint.num_blocks, "--quant-blocks",
-                  f"within this model's blocks 0:{client.checkpoint.num_blocks}", quant_blocks)
     except (ValueError, ModelNotAvailableError, UnsupportedModelError, RuntimeError, QuantUnavailableError) as exc:
         fail(str(exc))
 
@@ -351,33 +359,13 @@ def generate(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    stream = None if as_json or num_beams > 1 else TextStream(client, write)
-    from swarm.cache.kv import CacheFullError
-
+    stream = None if as_json or num_beams > 1 else TextStream(client.client_model, write)
     # CheckpointError is a ValueError (e.g. damaged block tensors); CacheFullError: no memory for the cache
-    errors: tuple[type[BaseException], ...] = (ValueError, CacheFullError)
+    errors = (ValueError, CacheFullError, SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
     try:
-        if local:
-            tokens = generate_local(
-                client, prompt_ids, cfg, torch_dtype, on_token=stream, adapter=loaded,
-                quant=quant, quantized=None if quantized == "all" else quantized,
-            )
-        else:
-            from swarm.p2p.client import ClientConfig, SwarmError, generate_swarm
-            from swarm.p2p.host import P2PError
-            from swarm.p2p.routing import NoRouteError
-            from swarm.p2p.table import model_id
-            from swarm.p2p.wire import RemoteError, WireError
-
-            errors += (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
+        if not local:
             setup_logging(False)  # recoveries from failed servers are reported on stderr
-            ccfg = ClientConfig(
-                initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout, push=push,
-                full_precision=no_quant_servers,
-                wire_dtype=wire_dtype,
-            )
-            model_name = model_id(client.checkpoint)
-            tokens = generate_swarm(client, model_name, prompt_ids, cfg, ccfg, on_token=stream, adapter=loaded)
+        tokens = client.generate_ids(prompt_ids, cfg, on_token=stream)
     except BaseException as exc:
         if wrote:
             write("\n")  # end the partial output's line
@@ -386,6 +374,8 @@ def generate(
         if isinstance(exc, errors):
             fail(str(exc) or type(exc).__name__)
         raise
+    finally:
+        client.close()
     text = client.decode(tokens)
     if as_json:
         print(json.dumps({"prompt_ids": prompt_ids, "token_ids": tokens, "text": text}))
@@ -393,29 +383,6 @@ def generate(
         print(text)
     else:
         write(text[stream.printed :] + "\n")
-
-
-def local_quant(quant: str, quant_blocks: str | None, local: bool) -> range | str | None:
-    """The blocks ``generate --local --quant`` quantizes: "all", a range, or None (no --quant).
-    Raises ``ValueError`` naming the flag for a bad value or one that needs --local."""
-    from swarm.engine.quant import bnb, parse_quant
-
-    if parse_quant(quant) == "none":
-        if quant_blocks is not None:
-            raise ValueError("--quant-blocks needs --quant int8 or nf4")
-        return None
-    if not local:
-        raise ValueError("--quant quantizes the blocks of a --local run; servers choose their own with `swarm serve --quant`")
-    bnb()
-    if quant_blocks is None:
-        return "all"
-    try:
-        start, end = (int(x) for x in quant_blocks.split(":"))
-    except ValueError:
-        raise ValueError(f"--quant-blocks must be START:END (e.g. 0:10), got {quant_blocks!r}") from None
-    if not 0 <= start < end:
-        raise ValueError(f"--quant-blocks {quant_blocks}: START must be less than END, both at least 0")
-    return range(start, end)
 
 
 from swarm.cli.finetune import finetune  # noqa: E402  (its own module: the command is long)

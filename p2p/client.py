@@ -196,6 +196,42 @@ class SwarmClient:
         await self.host.close()
 
 
+def chain_timeouts(cfg: ClientConfig, spans: int) -> tuple[float, float]:
+    """(opening a chain, one step through a chain of ``spans`` servers): the longest each may take.
+    The chain's own per-span timeouts and recovery deadlines fire first; these only guard against a
+    bug."""
+    setup = cfg.request_timeout * (len(cfg.initial_peers) + 1) + cfg.wait_timeout
+    return setup, (cfg.step_timeout + cfg.wait_timeout) * (spans + 1) + 10
+
+
+def swarm_sessions(
+    background: BackgroundLoop,
+    client: SwarmClient,
+    adapter=None,
+    on_chain: Callable[[RemoteChain], None] | None = None,
+) -> Callable[[int, int], SyncChain]:
+    """``open_session`` for :func:`~swarm.engine.generation.generate` over ``client`` (living on
+    ``background``): each session is a chain of servers, with ``adapter``'s LoRA and deep-prompt
+    tensors sent to them (its shallow prompt is the caller's prefix). ``on_chain`` is given each
+    chain as it opens."""
+    remote = ChainAdapter(adapter.tensors, adapter.spec) if adapter is not None and adapter.tensors else None
+
+    def open_session(batch: int, max_length: int) -> SyncChain:
+        setup, _ = chain_timeouts(client.cfg, 0)
+        chain = background.call(client.open_chain(batch, max_length, remote), timeout=setup)
+        if on_chain is not None:
+            on_chain(chain)
+        return SyncChain(background, chain, chain_timeouts(client.cfg, len(chain.spans))[1])
+
+    return open_session
+
+
+def start_client(background: BackgroundLoop, model: str, num_blocks: int, cfg: ClientConfig) -> SwarmClient:
+    """Join the swarm of ``model`` on ``background``'s loop. Raises :class:`SwarmError` when no
+    initial peer answers for this model, ``TimeoutError``."""
+    return background.call(SwarmClient.start(model, num_blocks, cfg), timeout=chain_timeouts(cfg, 0)[0])
+
+
 def generate_swarm(
     client_model,
     model: str,
@@ -206,7 +242,8 @@ def generate_swarm(
     on_chain: Callable[[RemoteChain], None] | None = None,
     adapter=None,
 ) -> list[int]:
-    """The engine's generation loop over a chain of servers (see :func:`swarm.engine.generation.generate`).
+    """The engine's generation loop over a chain of servers (see :func:`swarm.engine.generation.generate`),
+    joining the swarm for this one call (:class:`swarm.Swarm` joins once for many).
     ``on_chain`` is given each chain as it opens (to watch which servers serve). ``adapter`` (an
     :class:`~swarm.engine.adapter_io.Adapter`): its LoRA and deep-prompt tensors go to the servers
     with each session's open, its shallow prompt is prepended here; the tokens equal
@@ -217,24 +254,13 @@ def generate_swarm(
     virtual = 0 if prefix is None else prefix.shape[0]
     # before any network setup
     check_prompt_length(len(prompt_ids), client_model.head.max_positions, virtual_tokens=virtual)
-    remote = ChainAdapter(adapter.tensors, adapter.spec) if adapter is not None and adapter.tensors else None
     background = BackgroundLoop()
     client = None
     try:
-        setup_timeout = cfg.request_timeout * (len(cfg.initial_peers) + 1) + cfg.wait_timeout
-        client = background.call(SwarmClient.start(model, client_model.checkpoint.num_blocks, cfg), timeout=setup_timeout)
-
-        def open_session(batch: int, max_length: int) -> SyncChain:
-            chain = background.call(client.open_chain(batch, max_length, remote), timeout=setup_timeout)
-            if on_chain is not None:
-                on_chain(chain)
-            # the chain's own per-span timeouts and recovery deadlines fire first; this one only
-            # guards against a bug
-            return SyncChain(background, chain, (cfg.step_timeout + cfg.wait_timeout) * (len(chain.spans) + 1) + 10)
-
+        client = start_client(background, model, client_model.checkpoint.num_blocks, cfg)
+        open_session = swarm_sessions(background, client, adapter, on_chain)
         return generate(client_model.head, open_session, prompt_ids, gen_cfg, on_token, prefix=prefix)
     finally:
         if client is not None:
             background.call(client.close(), timeout=15)
         background.close()
-
