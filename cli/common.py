@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup, TyperOption
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -21,6 +22,31 @@ def fail(message: str, code: int = 1) -> None:
     # escaped: messages quote paths, lists and errors ("[Errno 2]") that rich would read as markup
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+class Commands(TyperGroup):
+    """The ``swarm`` group: its help and its commands' show no type after a flag.
+
+    Typer's rich help prints each option's type in a column, flags included (``--local <bool>``,
+    even ``--help <bool>``), which reads as if the flag took a value: ``swarm generate --local true
+    "Hi"`` then takes ``true`` for the prompt. An empty metavar leaves the column blank for flags;
+    done here, where every command passes on its way to its help, so a new command needs nothing."""
+
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command.get_params(ctx))
+        return command
+
+
+def _plain_flags(params: list) -> list:
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
 
 
 def check(ok: bool, flag: str, rule: str, value: object) -> None:

