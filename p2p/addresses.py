@@ -47,6 +47,32 @@ def check_announce_addr(text: str, peer_id: str) -> str:
     return f"/{names[0]}/{ip}/tcp/{int(parts[1][1])}/p2p/{peer_id}"
 
 
+def check_initial_peer(text: str) -> str:
+    """``text``, an ``--initial-peers`` value, in canonical form, or ValueError saying what is
+    wrong with it: it must be a multiaddr such as `swarm serve` prints, an IP address (not a host
+    name) other peers can dial, a TCP port and the peer's id (``/p2p/12D3KooW...``): without the id
+    a client could not tell the peer it reached from an impostor."""
+    where = f"--initial-peers {text}"
+    example = "give a multiaddr printed by `swarm serve`, like /ip4/1.2.3.4/tcp/PORT/p2p/12D3KooW..."
+    try:
+        maddr = multiaddr.Multiaddr(text)  # checks each part: the address, the port, the peer id's multihash
+        parts = [(p.name, maddr.value_for_protocol(p.code)) for p in maddr.protocols()]
+    except Exception as exc:  # the multiaddr package raises a handful of types for bad text
+        why = str(exc).split(" (string:")[0].removeprefix(f"Invalid MultiAddr {text!r}: ")
+        raise ValueError(f"{where}: not a multiaddr ({why}); {example}") from None
+    names = [name for name, _ in parts]
+    if names[:2] not in (["ip4", "tcp"], ["ip6", "tcp"]) or names[2:] != ["p2p"]:
+        missing = " (the /p2p/PEER_ID part is missing)" if names[-1:] != ["p2p"] else ""
+        raise ValueError(f"{where}: not /ip4/ADDRESS/tcp/PORT/p2p/PEER_ID{missing}; {example}")
+    ip = ipaddress.ip_address(parts[0][1])
+    # (loopback is fine here, unlike in an announcement: a client on the server's machine dials it)
+    if ip.is_unspecified or ip.is_multicast or (ip.version == 6 and ip.is_link_local):
+        raise ValueError(f"{where}: {ip} is not an address a peer can be reached at; {example}")
+    if not 0 < int(parts[1][1]) <= 65535:
+        raise ValueError(f"{where}: the port must be between 1 and 65535; {example}")
+    return f"/{names[0]}/{ip}/tcp/{int(parts[1][1])}/p2p/{parts[2][1]}"
+
+
 def _dialable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved or (ip.version == 6 and ip.is_link_local):
         return False  # (an IPv6 link-local address needs an interface zone a multiaddr cannot carry)
