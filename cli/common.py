@@ -96,8 +96,11 @@ InitialPeersOpt = Annotated[
 
 
 def peers(values: Optional[list[str]]) -> list[str]:
-    # accept repeated flags and comma/space-separated lists (the environment form)
-    return [p for v in values or [] for p in v.replace(",", " ").split()]
+    """``--initial-peers`` (repeated flags, or comma- or space-separated lists: the environment's
+    form), each checked: ValueError naming the flag for one that is not a peer's full multiaddr."""
+    from swarm.config import split_peers
+
+    return split_peers(values)
 
 
 def setup_logging(verbose: bool) -> None:
