@@ -110,6 +110,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read the data file ({exc.strerror or exc})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (utf-8-sig: Windows editors write one)
     records = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
