@@ -103,6 +103,21 @@ def peers(values: Optional[list[str]]) -> list[str]:
     return split_peers(values)
 
 
+def quiet_stdout() -> None:
+    """After a ``BrokenPipeError`` on stdout (its reader is gone): point stdout at ``os.devnull``, so
+    that the flush at exit does not fail again with "Exception ignored ... BrokenPipeError" on
+    stderr (the advice of Python's ``signal`` module docs)."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test runner's buffer): nothing to flush
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def setup_logging(verbose: bool) -> None:
     import logging
 
