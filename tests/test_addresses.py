@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from swarm.cli.render import status_view
-from swarm.p2p.addresses import check_announce_addr, interface_ips, public_addrs
+from swarm.p2p.addresses import check_announce_addr, check_initial_peer, interface_ips, public_addrs
 from swarm.p2p.status import gather_status
 from server_utils import served
 
@@ -48,6 +48,39 @@ def test_announce_addr_is_checked(given, expected):
         assert str(expected) in str(err.value) and "\n" not in str(err.value)
     else:
         assert check_announce_addr(given, PEER) == expected
+
+
+INITIAL = [  # (--initial-peers value, canonical form or the error's words)
+    (f"/ip4/203.0.113.7/tcp/31337/p2p/{PEER}", f"/ip4/203.0.113.7/tcp/31337/p2p/{PEER}"),
+    (f"/ip4/127.0.0.1/tcp/031337/p2p/{PEER}", f"/ip4/127.0.0.1/tcp/31337/p2p/{PEER}"),  # loopback: a swarm on one machine
+    (f"/ip6/0:0::1/tcp/4001/p2p/{PEER}", f"/ip6/::1/tcp/4001/p2p/{PEER}"),
+    ("/ip4/10.0.0.2/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",  # an RSA key's (sha256) peer id
+     "/ip4/10.0.0.2/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"),
+    ("garbage", ValueError("not a multiaddr")),
+    ("/ip4/999.1.1.1/tcp/1", ValueError("not a multiaddr")),
+    ("/ip4/203.0.113.7/tcp/4001", ValueError("the /p2p/PEER_ID part is missing")),
+    ("/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWgarbage", ValueError("not a multiaddr")),  # not a peer id
+    ("/ip4/203.0.113.7/tcp/4001/p2p/garbage", ValueError("not a multiaddr")),
+    (f"/ip4/203.0.113.7/tcp/0/p2p/{PEER}", ValueError("the port must be")),
+    (f"/ip4/203.0.113.7/tcp/70000/p2p/{PEER}", ValueError("not a multiaddr")),
+    (f"/ip4/0.0.0.0/tcp/4001/p2p/{PEER}", ValueError("not an address a peer can be reached at")),
+    (f"/ip6/fe80::1/tcp/4001/p2p/{PEER}", ValueError("not an address a peer can be reached at")),
+    (f"/dns4/swarm.example.org/tcp/443/p2p/{PEER}", ValueError("not /ip4/ADDRESS/tcp/PORT/p2p/PEER_ID")),
+    (f"/ip4/203.0.113.7/udp/4001/p2p/{PEER}", ValueError("not /ip4/ADDRESS/tcp/PORT/p2p/PEER_ID")),
+    (f"/p2p/{PEER}", ValueError("not /ip4/ADDRESS/tcp/PORT/p2p/PEER_ID")),
+    (f"/ip4/203.0.113.7/tcp/4001/p2p/{PEER}/p2p/{PEER}", ValueError("not /ip4/ADDRESS/tcp/PORT/p2p/PEER_ID")),
+]
+
+
+@pytest.mark.parametrize("given, expected", INITIAL)
+def test_initial_peer_is_checked(given, expected):
+    if isinstance(expected, ValueError):
+        with pytest.raises(ValueError, match="--initial-peers") as err:
+            check_initial_peer(given)
+        message = str(err.value)
+        assert str(expected) in message and "printed by `swarm serve`" in message and "\n" not in message
+    else:
+        assert check_initial_peer(given) == expected
 
 
 IFACES = ["127.0.0.1", "10.1.0.2", "192.0.2.5", "::1", "2001:db8::5"]
