@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -20,12 +19,13 @@ from swarm.cli.common import (
     QuantOpt,
     NoQuantServersOpt,
     WireDtypeOpt,
-    check,
     check_seconds,
+    err,
     fail,
     peers,
     setup_logging,
 )
+from swarm.p2p.serve_options import ServeOptions  # light: no torch or libp2p (the flags' defaults)
 
 app = typer.Typer(
     name="swarm",
@@ -58,7 +58,9 @@ def main(
 @app.command()
 def serve(
     model: ModelOpt = None,
-    blocks: Annotated[str, typer.Option("--blocks", help="Block range START:END (end exclusive), or auto.")] = "auto",
+    blocks: Annotated[
+        str, typer.Option("--blocks", help="Block range START:END (end exclusive), or auto.")
+    ] = ServeOptions.blocks,
     num_blocks: Annotated[
         Optional[int], typer.Option(
             "--num-blocks", help="With --blocks auto: how many blocks (default: as many as fit in --memory)."
@@ -78,11 +80,11 @@ def serve(
             help="With --blocks auto: wait a random 0 to this many seconds before choosing (servers started "
             "together spread out).",
         ),
-    ] = 5.0,
-    port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port).")] = 0,
+    ] = ServeOptions.choice_delay,
+    port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port).")] = ServeOptions.port,
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface, announced by their addresses).")
-    ] = "127.0.0.1",
+    ] = ServeOptions.host,
     announce_addr: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -96,32 +98,39 @@ def serve(
     identity: Annotated[
         Optional[Path], typer.Option("--identity", help="Ed25519 key file (stable peer id); default under $SWARM_HOME.")
     ] = None,
-    dtype: DtypeOpt = "float32",
-    quant: QuantOpt = "none",
-    cache_tokens: Annotated[int, typer.Option("--cache-tokens", help="KV cache budget in tokens (batch × length).")] = 32768,
+    dtype: DtypeOpt = ServeOptions.dtype,
+    quant: QuantOpt = ServeOptions.quant,
+    cache_tokens: Annotated[
+        int, typer.Option("--cache-tokens", help="KV cache budget in tokens (batch × length).")
+    ] = ServeOptions.cache_tokens,
     public_name: Annotated[str, typer.Option("--public-name", help="A name shown in `swarm status`.")] = "",
-    announce_period: Annotated[float, typer.Option("--announce-period", help="Seconds between announcements.")] = 5.0,
-    step_timeout: Annotated[float, typer.Option("--step-timeout", help="Close sessions idle this many seconds.")] = 300.0,
+    announce_period: Annotated[
+        float, typer.Option("--announce-period", help="Seconds between announcements.")
+    ] = ServeOptions.announce_period,
+    idle_timeout: Annotated[
+        float, typer.Option("--idle-timeout", help="Close sessions idle this many seconds (their cache is freed).")
+    ] = ServeOptions.idle_timeout,
+    step_timeout: Annotated[Optional[float], typer.Option("--step-timeout", hidden=True)] = None,  # --idle-timeout's old name
     threads: Annotated[
         Optional[int],
         typer.Option("--threads", help="CPU threads for block computation (default: PyTorch's, one per core)."),
     ] = None,
     open_timeout: Annotated[
         float, typer.Option("--open-timeout", help="Close a session that sends no step this many seconds after opening.")
-    ] = 60.0,
+    ] = ServeOptions.open_timeout,
     request_timeout: Annotated[
         float,
         typer.Option("--request-timeout", help="Seconds a request may take to arrive; each frame gets this plus 1 s per MiB."),
-    ] = 30.0,
+    ] = ServeOptions.request_timeout,
     peer_cache_share: Annotated[
         float, typer.Option("--peer-cache-share", help="The part of --cache-tokens one peer may hold (0-1].")
-    ] = 0.5,
+    ] = ServeOptions.peer_cache_share,
     max_peer_sessions: Annotated[
         int, typer.Option("--max-peer-sessions", help="Inference sessions one peer may hold open at once.")
-    ] = 32,
+    ] = ServeOptions.max_peer_sessions,
     frame_memory: Annotated[
         int, typer.Option("--frame-memory", help="MiB of frames in flight from all peers together (one peer: 320).")
-    ] = 1024,
+    ] = ServeOptions.frame_memory,
     throughput: Annotated[
         str,
         typer.Option(
@@ -129,7 +138,7 @@ def serve(
             help="Announced speed in tokens/s: auto (min of compute, measured once and cached, and network), "
             "eval (measure compute again) or a number announced as it is.",
         ),
-    ] = "auto",
+    ] = ServeOptions.throughput,
     bandwidth: Annotated[
         Optional[float],
         typer.Option(
@@ -140,124 +149,49 @@ def serve(
     balance_period: Annotated[
         float,
         typer.Option("--balance-period", help="With --blocks auto: check every random 0–2× this many seconds whether to move."),
-    ] = 60.0,
+    ] = ServeOptions.balance_period,
     balance_quality: Annotated[
         float,
         typer.Option(
             "--balance-quality",
             help="Move when the swarm's bottleneck would grow more than 1/this (0: never move; at most 1).",
         ),
-    ] = 0.75,
+    ] = ServeOptions.balance_quality,
     drain_timeout: Annotated[
         float,
         typer.Option("--drain-timeout", help="After a move, seconds the old range's sessions may take to finish."),
-    ] = 60.0,
+    ] = ServeOptions.drain_timeout,
     adapter_memory: Annotated[
         int,
         typer.Option("--adapter-memory", help="MiB of clients' training adapters kept, all peers together (one peer: 64)."),
-    ] = 256,
+    ] = ServeOptions.adapter_memory,
     session_adapter_memory: Annotated[
         int,
         typer.Option(
             "--session-adapter-memory",
             help="MiB of adapters held by inference sessions, all peers together (one peer: 256, one session: 64).",
         ),
-    ] = 1024,
+    ] = ServeOptions.session_adapter_memory,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,
 ) -> None:
     """Serve a contiguous range of a model's blocks to the swarm."""
-    from swarm.engine.client import ModelNotAvailableError, resolve_model
-    from swarm.engine.default_model import usable_home
+    flags = dict(locals())  # the parameters: each is the ServeOptions field of the same name
+    from swarm.engine.client import ModelNotAvailableError
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.quant import QuantUnavailableError
-    from swarm.p2p.addresses import check_announce_addr
     from swarm.p2p.host import P2PError
-    from swarm.p2p.identity import claim_identity
-    from swarm.p2p.server import ServerConfig, default_identity, serve_forever
+    from swarm.p2p.server import serve_forever
+    from swarm.p2p.server_handle import ready_line
 
+    del flags["verbose"], flags["step_timeout"]
+    if step_timeout is not None:
+        err.print("warning: --step-timeout is deprecated, use --idle-timeout", highlight=False, markup=False)
+        flags["idle_timeout"] = step_timeout
     try:
-        check(num_blocks is None or num_blocks >= 1, "--num-blocks", "at least 1", num_blocks)
-        check(memory is None or 0 < memory < math.inf, "--memory", "a positive number of GB", memory)
-        check_seconds("--choice-delay", choice_delay, zero_ok=True)
-        check(bandwidth is None or 0 < bandwidth < math.inf, "--bandwidth", "a positive number of Mbit/s", bandwidth)
-        check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
-        check(identity is None or not identity.is_dir(), "--identity", "a key file, not a directory", identity)
-        check(cache_tokens >= 1, "--cache-tokens", "at least 1", cache_tokens)
-        check_seconds("--announce-period", announce_period)
-        check_seconds("--step-timeout", step_timeout)
-        check(threads is None or threads >= 1, "--threads", "at least 1", threads)
-        check_seconds("--open-timeout", open_timeout)
-        check_seconds("--request-timeout", request_timeout)
-        check(0 < peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", peer_cache_share)
-        check(max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", max_peer_sessions)
-        check(frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", frame_memory)
-        from swarm.engine.quant import bnb, parse_quant
-
-        if parse_quant(quant) != "none":
-            bnb()  # a missing bitsandbytes is one line now, not an error after the model loads
-        from swarm.engine.throughput import parse_throughput
-
-        throughput_spec = parse_throughput(throughput)
-        check_seconds("--balance-period", balance_period)
-        check(0 <= balance_quality <= 1, "--balance-quality", "between 0 and 1 (0: never move)", balance_quality)
-        check_seconds("--drain-timeout", drain_timeout, zero_ok=True)
-        check(adapter_memory >= 1, "--adapter-memory", "at least 1 (MiB)", adapter_memory)
-        check(session_adapter_memory >= 1, "--session-adapter-memory", "at least 1 (MiB)", session_adapter_memory)
+        options = ServeOptions(**flags)
         setup_logging(verbose)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        # the home (default identity, throughput cache) and the identity are checked before anything loads
-        home = usable_home() if identity is None or isinstance(throughput_spec, str) else None
-        key = claim_identity(identity) if identity else default_identity(home)
-        try:
-            announce = list(dict.fromkeys(check_announce_addr(a, key.peer_id) for a in announce_addr or []))
-            model_dir = resolve_model(model)
-        except BaseException:
-            key.release()
-            raise
-        cfg = ServerConfig(
-            model_dir=model_dir,
-            blocks=blocks,
-            num_blocks=num_blocks,
-            memory=memory,
-            choice_delay=choice_delay,
-            bandwidth=bandwidth,
-            dtype=dtype,
-            quant=quant,
-            cache_tokens=cache_tokens,
-            listen_host=host,
-            port=port,
-            announce_addrs=announce,
-            identity=key,
-            initial_peers=peers(initial_peers),
-            new_swarm=new_swarm,
-            public_name=public_name,
-            announce_period=announce_period,
-            step_timeout=step_timeout,
-            open_timeout=open_timeout,
-            request_timeout=request_timeout,
-            peer_cache_share=peer_cache_share,
-            max_peer_sessions=max_peer_sessions,
-            frame_memory=frame_memory << 20,
-            throughput=throughput_spec,
-            balance_period=balance_period,
-            balance_quality=balance_quality,
-            drain_timeout=drain_timeout,
-            adapter_memory=adapter_memory << 20,
-            peer_adapter_memory=min(64, adapter_memory) << 20,
-            session_adapter_memory=session_adapter_memory << 20,
-            peer_session_adapter_memory=min(256, session_adapter_memory) << 20,
-            max_adapter_bytes=min(64, session_adapter_memory) << 20,
-        )
-
-        def ready(server) -> None:
-            first, *more = [a for a in server.addrs if "/ip4/" in a] + [a for a in server.addrs if "/ip4/" not in a]
-            also = f" (also at {', '.join(more)})" if more else ""
-            print(f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {first}{also}", flush=True)
-
-        serve_forever(cfg, on_ready=ready)
+        cfg = options.server_config()
+        serve_forever(cfg, on_ready=lambda server: print(ready_line(server), flush=True))
     except (ValueError, ModelNotAvailableError, UnsupportedModelError, OSError, P2PError, QuantUnavailableError) as exc:
         fail(str(exc))  # CheckpointError is a ValueError; OSError includes ConnectionError
     except KeyboardInterrupt:

@@ -39,10 +39,9 @@ PROBE_TIMEOUT = 5.0  # seconds one peer gets for its bandwidth echoes
 
 def auto_count(server: BlockServer) -> int:
     """How many blocks an ``auto`` server holds: ``--num-blocks``, else as many as fit in
-    ``--memory`` (or the memory available now); at most the model's."""
+    ``--memory`` (or the memory available now), at most the model's (``--num-blocks`` beyond
+    it was refused at the start: :func:`~swarm.p2p.serve_options.check_num_blocks`)."""
     cfg = server.cfg
-    if cfg.num_blocks is not None and cfg.num_blocks < 1:
-        raise ValueError(f"--num-blocks must be at least 1, got {cfg.num_blocks}")
     count = cfg.num_blocks or default_num_blocks(server.checkpoint, parse_dtype(cfg.dtype), cfg.memory, cfg.cache_tokens, cfg.quant)
     return min(count, server.num_blocks)
 

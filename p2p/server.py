@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
+import torch
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach, run_backward, run_forward
@@ -49,6 +50,14 @@ from swarm.p2p.compression import pack_off_loop, session_wire
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.identity import Identity, claim_default_identity
 from swarm.p2p.limits import FrameBudget, FrameBudgetError
+from swarm.p2p.serve_options import (
+    PEER_ADAPTER_MIB,
+    PEER_SESSION_ADAPTER_MIB,
+    SESSION_ADAPTER_MIB,
+    ServeOptions,
+    check_num_blocks,
+    parse_blocks,
+)
 from swarm.p2p.sessions import Sessions, check_hidden
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
 from swarm.p2p.wire import (
@@ -67,58 +76,54 @@ from swarm.p2p.wire import (
 log = logging.getLogger("swarm.server")
 
 
+_DEFAULT = ServeOptions  # the defaults of the options a user gives (see swarm.p2p.serve_options)
+
+
 @dataclass
 class ServerConfig:
+    """What one :class:`BlockServer` runs with: the user's options resolved (the model's directory,
+    the identity claimed, limits in bytes; built by :meth:`ServeOptions.server_config
+    <swarm.p2p.serve_options.ServeOptions.server_config>`, which checks them), and limits no flag
+    sets. Tests build one directly to set a limit small."""
+
     model_dir: Path
-    blocks: str = "auto"  # "START:END" or "auto"
+    blocks: str = _DEFAULT.blocks  # "START:END" or "auto"
     num_blocks: int | None = None  # with auto; default: as many as fit in memory (see engine.memory)
     memory: float | None = None  # GB the server may use (blocks + KV budget); default: what is available
-    choice_delay: float = 5.0  # with auto: wait a random 0–this many seconds before choosing blocks
+    choice_delay: float = _DEFAULT.choice_delay  # with auto: wait a random 0–this many seconds before choosing blocks
     bandwidth: float | None = None  # Mbit/s of the link; default: measured against a peer, else assumed
-    dtype: str = "float32"
-    quant: str = "none"  # none, int8 or nf4: the blocks' linears (engine/quant.py)
-    cache_tokens: int = 32768
-    listen_host: str = "127.0.0.1"
-    port: int = 0
+    dtype: str = _DEFAULT.dtype
+    quant: str = _DEFAULT.quant  # none, int8 or nf4: the blocks' linears (engine/quant.py)
+    cache_tokens: int = _DEFAULT.cache_tokens
+    listen_host: str = _DEFAULT.host
+    port: int = _DEFAULT.port
     announce_addrs: list[str] = field(default_factory=list)  # announced instead of the listen addresses (--announce-addr)
     identity: Path | Identity | None = None  # a key file, one claimed already, or None: a fresh key
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     public_name: str = ""
-    announce_period: float = 5.0
-    step_timeout: float = 300.0  # an open session idle this long is closed and its cache freed
+    announce_period: float = _DEFAULT.announce_period
+    idle_timeout: float = _DEFAULT.idle_timeout  # an open session idle this long is closed and its cache freed
+    threads: int | None = None  # CPU threads for block computation (torch.set_num_threads, for the process)
     session_timeout: float = 1800.0  # no session lives longer than this (its cache is freed)
-    request_timeout: float = 30.0  # also each frame's deadline from its first byte (plus a second per MiB)
-    open_timeout: float = 60.0  # a session with no step this long after its open is closed (the client's step timeout: a chain opens all its sessions before its first step)
+    request_timeout: float = _DEFAULT.request_timeout  # also each frame's deadline from its first byte (plus a second per MiB)
+    open_timeout: float = _DEFAULT.open_timeout  # a session with no step this long after its open is closed (the client's step timeout: a chain opens all its sessions before its first step)
     max_batch: int = 64
     max_frame: int = DEFAULT_MAX_FRAME
-    frame_memory: int = 1 << 30  # bytes of frames in flight from all peers together
+    frame_memory: int = _DEFAULT.frame_memory << 20  # bytes of frames in flight from all peers together
     peer_frame_memory: int = DEFAULT_MAX_FRAME + (64 << 20)  # ... and from one peer (at most frame_memory)
-    max_peer_sessions: int = 32  # open inference sessions one peer may hold
-    peer_cache_share: float = 0.5  # the part of --cache-tokens one peer may hold
+    max_peer_sessions: int = _DEFAULT.max_peer_sessions  # open inference sessions one peer may hold
+    peer_cache_share: float = _DEFAULT.peer_cache_share  # the part of --cache-tokens one peer may hold
     max_stateless_tokens: int = 8192  # batch × length of one forward or backward pass
-    throughput: str | float = "auto"  # auto, eval or a number (see engine.throughput.parse_throughput)
-    balance_period: float = 60.0  # with --blocks auto: check every random 0–2× this whether to move
-    balance_quality: float = 0.75  # move when the swarm's bottleneck grows more than 1/this (0: never move)
-    drain_timeout: float = 60.0  # after a move, sessions on the old range may finish this long, then fail over
-    adapter_memory: int = 256 << 20  # bytes of clients' training adapters kept (by digest), from all peers
-    peer_adapter_memory: int = 64 << 20  # ... and for one peer (also the most one request may carry)
-    max_adapter_bytes: int = 64 << 20  # adapter tensors one inference session may carry (with its open)
-    peer_session_adapter_memory: int = 256 << 20  # ... that one peer's sessions may hold here together
-    session_adapter_memory: int = 1 << 30  # ... that all sessions may hold together
-
-
-def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int] | None:
-    """``"START:END"`` → (start, end); ``"auto"`` → None. Raises ``ValueError`` naming --blocks."""
-    if spec == "auto":
-        return None
-    try:
-        start, end = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise ValueError(f"--blocks must be START:END (e.g. 0:10) or auto, got {spec!r}") from None
-    if not 0 <= start < end <= num_blocks:
-        raise ValueError(f"--blocks {spec}: this model has blocks 0:{num_blocks}")
-    return start, end
+    throughput: str | float = _DEFAULT.throughput  # auto, eval or a number (see engine.throughput.parse_throughput)
+    balance_period: float = _DEFAULT.balance_period  # with --blocks auto: check every random 0–2× this whether to move
+    balance_quality: float = _DEFAULT.balance_quality  # move when the swarm's bottleneck grows more than 1/this (0: never move)
+    drain_timeout: float = _DEFAULT.drain_timeout  # after a move, sessions on the old range may finish this long, then fail over
+    adapter_memory: int = _DEFAULT.adapter_memory << 20  # bytes of clients' training adapters kept (by digest), from all peers
+    peer_adapter_memory: int = PEER_ADAPTER_MIB << 20  # ... and for one peer (also the most one request may carry)
+    max_adapter_bytes: int = SESSION_ADAPTER_MIB << 20  # adapter tensors one inference session may carry (with its open)
+    peer_session_adapter_memory: int = PEER_SESSION_ADAPTER_MIB << 20  # ... that one peer's sessions may hold here together
+    session_adapter_memory: int = _DEFAULT.session_adapter_memory << 20  # ... that all sessions may hold together
 
 
 # concurrent streams one peer may have open per protocol (inference: max_peer_sessions + 8)
@@ -167,12 +172,25 @@ class BlockServer:
 
     @classmethod
     async def start(cls, cfg: ServerConfig, on_ready=None, executor: Executor | None = None) -> BlockServer:
-        checkpoint = Checkpoint(cfg.model_dir)
-        dtype = parse_dtype(cfg.dtype)
-        parse_quant(cfg.quant)
-        fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
-        if not cfg.initial_peers and not cfg.new_swarm:
-            raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
+        """Join the swarm, choose and load the blocks, announce them; ``on_ready(server)`` once
+        online. An :class:`Identity` in ``cfg`` is released when this fails. Raises ``ValueError``
+        naming the flag for a range this model cannot have, ``CheckpointError`` (a ValueError),
+        ``P2PError``, ``ConnectionError`` (no initial peer answered), ``OSError``."""
+        try:
+            checkpoint = Checkpoint(cfg.model_dir)
+            dtype = parse_dtype(cfg.dtype)
+            parse_quant(cfg.quant)
+            fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
+            if fixed is None:
+                check_num_blocks(cfg.num_blocks, checkpoint.num_blocks)
+            if not cfg.initial_peers and not cfg.new_swarm:
+                raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)  # the process's: PyTorch has one intra-op pool
+        except BaseException:
+            if isinstance(cfg.identity, Identity):
+                cfg.identity.release()
+            raise
         model = model_id(checkpoint)
         host = await Host.start(listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity)
         server = cls(cfg, host, checkpoint, model, executor)
@@ -362,7 +380,7 @@ class BlockServer:
             "peer_adapter_memory": self.adapters.peer_bytes,
             "max_adapter_bytes": self.cfg.max_adapter_bytes,
             "context": self.context,
-            "step_timeout": self.cfg.step_timeout,
+            "idle_timeout": self.cfg.idle_timeout,
             "open_timeout": self.cfg.open_timeout,
             "session_timeout": self.cfg.session_timeout,
         }

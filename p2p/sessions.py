@@ -315,9 +315,9 @@ class Sessions:
             if session.ends_at is not None and now >= session.ends_at:
                 raise SessionEnded("this server moved to other blocks; continue elsewhere", SESSION_EXPIRED)
             if active is None:  # the room a session reserves returns quickly if it is never used
-                idle_left = session.opened + min(cfg.open_timeout, cfg.step_timeout) - now
+                idle_left = session.opened + min(cfg.open_timeout, cfg.idle_timeout) - now
             else:
-                idle_left = active + cfg.step_timeout - now
+                idle_left = active + cfg.idle_timeout - now
             if idle_left <= 0:
                 waited = "no step since the session opened" if active is None else "no step"
                 raise SessionEnded(f"{waited} for {now - (active or session.opened):.0f} s: session closed", SESSION_EXPIRED)
@@ -427,14 +427,14 @@ class Sessions:
     async def handle_push(self, stream) -> None:
         """Steps pushed by the previous server of a chain, for sessions held here. Unknown sessions
         (closed meanwhile) and sessions whose inbox is full are skipped: their clients send the
-        step themselves. The stream is reset when this ends (idle for the step timeout, a bad
+        step themselves. The stream is reset when this ends (idle for the idle timeout, a bad
         frame), so the pusher's next write fails and it falls back to the client instead of
         pushing into the void."""
         server, cfg = self.server, self.cfg
         try:
             while True:
                 frame = await read_frame(
-                    stream, timeout=cfg.step_timeout, max_frame=cfg.max_frame,
+                    stream, timeout=cfg.idle_timeout, max_frame=cfg.max_frame,
                     frame_timeout=cfg.request_timeout, budget=server.frames,
                 )
                 try:

@@ -90,7 +90,7 @@ def test_a_stalled_frame_ends_its_stream_at_its_deadline(tiny, protocol):
     announced) from its first byte, not at the stream's idle timeout, and its bytes are freed."""
 
     async def scenario():
-        async with served(tiny, request_timeout=1.0, step_timeout=600.0) as (server, maddr):
+        async with served(tiny, request_timeout=1.0, idle_timeout=600.0) as (server, maddr):
             async with peer(maddr) as (host, sp):
                 if protocol == protocols.INFERENCE:
                     stream, opened = await _open(host, sp)
