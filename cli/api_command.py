@@ -1,4 +1,4 @@
-"""``swarm api``: parse flags and serve :mod:`swarm.cli.api` (imported only when the command runs:
+"""``swarm api``: parse flags and serve :mod:`swarm.api` (imported only when the command runs:
 the rest of the CLI does not load the web stack)."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def api(
                              "or --local to run every block here")
         torch_dtype = parse_dtype(dtype)
         setup_logging(verbose)
-        from swarm.cli.api_backend import ApiConfig
+        from swarm.api.backend import ApiConfig
         from swarm.p2p.client import ClientConfig
 
         cfg = ApiConfig(
@@ -106,7 +106,7 @@ def api(
     except (ValueError, ModelNotAvailableError) as exc:
         fail(str(exc))
 
-    from swarm.cli.api import serve_api
+    from swarm.api.app import serve_api
     from swarm.p2p.client import SwarmError
     from swarm.p2p.host import P2PError
 

@@ -20,8 +20,8 @@ openai = pytest.importorskip("openai")
 
 from conftest import write_tiny_checkpoint  # noqa: E402
 from server_utils import served  # noqa: E402
-from swarm.cli.api import bind, make_server  # noqa: E402
-from swarm.cli.api_backend import ApiConfig, Backend, Job, StopScanner  # noqa: E402
+from swarm.api.app import bind, make_server  # noqa: E402
+from swarm.api.backend import ApiConfig, Backend, Job, StopScanner  # noqa: E402
 from swarm.engine.adapter_io import save_deep_prompt  # noqa: E402
 from swarm.engine.checkpoint import Checkpoint  # noqa: E402
 from swarm.p2p.client import ClientConfig  # noqa: E402
@@ -335,7 +335,7 @@ def test_local_mode_with_an_adapter(tiny):
 def test_an_error_mid_stream_is_an_error_event(tiny, monkeypatch):
     """A failure after the first token ends the stream with an error event (the `openai` client
     raises it), not a hang or a cut connection; the next request is served."""
-    import swarm.cli.api_backend as api_backend
+    import swarm.api.backend as api_backend
     from swarm.p2p.chain import SwarmError
 
     real, calls = api_backend.generate, []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from swarm.cli.api_requests import ApiError
+from swarm.api.requests import ApiError
 from swarm.engine.adapter_io import Adapter, load_adapter
 from swarm.engine.client import ClientModel, local_sessions
 from swarm.engine.generation import GenerationConfig, generate

@@ -5,12 +5,12 @@ toolkit (routing, streaming responses, static files, lifespan) with no model lay
 uvicorn is the server most ASGI apps run on; FastAPI would add request models we validate
 ourselves anyway (to name the bad field in OpenAI's error shape). No HTTP is written by hand.
 
-Routes: ``GET /`` (the web page, ``cli/static/index.html``), ``/static/*``, ``GET /v1/swarm``
+Routes: ``GET /`` (the web page, ``api/static/index.html``), ``/static/*``, ``GET /v1/swarm``
 (``swarm status --json``'s object), ``GET /v1/models``, ``POST /v1/completions``, ``POST
 /v1/chat/completions`` (``stream: true``: server-sent events in OpenAI's chunk format, ending
 with ``data: [DONE]``). Errors have OpenAI's shape ``{"error": {"message", "type", "param",
-"code"}}``. How requests are read: :mod:`swarm.cli.api_requests`; how they run:
-:mod:`swarm.cli.api_backend`.
+"code"}}``. How requests are read: :mod:`swarm.api.requests`; how they run:
+:mod:`swarm.api.backend`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from swarm.cli.api_backend import ApiConfig, Backend, Event, Job, with_max_tokens
-from swarm.cli.api_requests import ApiError, parse_json, parse_messages, parse_prompt, parse_sampling
+from swarm.api.backend import ApiConfig, Backend, Event, Job, with_max_tokens
+from swarm.api.requests import ApiError, parse_json, parse_messages, parse_prompt, parse_sampling
 from swarm.engine.context import check_prompt_length
 
 log = logging.getLogger("swarm.api")
