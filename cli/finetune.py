@@ -1,5 +1,5 @@
-"""``swarm finetune``: parse flags, check the data, load the client and the blocks, call
-:func:`swarm.engine.finetune.finetune`, show progress and a summary."""
+"""``swarm finetune``: parse the flags, call :func:`swarm.train.finetune` (``swarm.finetune``)
+under a progress bar, print its errors in one line and a summary."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from swarm.cli.common import InitialPeersOpt, ModelOpt, NoQuantServersOpt, WireDtypeOpt, err, fail, peers, setup_logging
+from swarm.cli.common import InitialPeersOpt, ModelOpt, NoQuantServersOpt, WireDtypeOpt, err, fail, setup_logging
 
 INTERRUPTED = 130
 
@@ -39,10 +39,22 @@ def finetune(
     num_virtual_tokens: Annotated[
         int, typer.Option("--num-virtual-tokens", help="Trainable prompt length.", rich_help_panel="Prompt tuning")
     ] = 16,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.", rich_help_panel="Training")] = 15,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--epochs",
+            help="Passes over the training data (with --max-steps: whichever ends first).",
+            show_default="15, or as many as --max-steps needs",
+            rich_help_panel="Training",
+        ),
+    ] = None,
     max_steps: Annotated[
         int | None,
-        typer.Option("--max-steps", help="Stop after this many optimizer steps (the schedule spans them).", rich_help_panel="Training"),
+        typer.Option(
+            "--max-steps",
+            help="Stop after this many optimizer steps, over as many epochs as they need (the schedule spans them).",
+            rich_help_panel="Training",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.", rich_help_panel="Training")] = 8,
     grad_accum: Annotated[
@@ -81,6 +93,16 @@ def finetune(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run checkpointed in --output exactly.", rich_help_panel="Training")
     ] = False,
+    save_best: Annotated[
+        bool | None,
+        typer.Option(
+            "--save-best/--no-save-best",
+            help="Keep the adapter of the lowest eval loss in OUTPUT/best (evals: at the start, at each "
+            "--save-every checkpoint, at the end).",
+            show_default="on with an eval split: --eval-fraction above 0",
+            rich_help_panel="Training",
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Local blocks' dtype: float32 or bfloat16 (--local).")] = "float32",
     step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")] = 30.0,
@@ -108,151 +130,121 @@ def _interrupted_message(output: Path) -> str:
 
 
 def _run(a: dict) -> None:
-    from swarm.engine.finetune_data import DataError, read_jsonl
-
-    try:  # flags and data first: a bad file fails before torch and the model load
-        records = read_jsonl(a["data"])
-    except DataError as exc:
-        fail(str(exc))
-    from swarm.engine.checkpoint import parse_dtype
-    from swarm.engine.client import ClientModel, ModelNotAvailableError, resolve_model
-    from swarm.engine.default_model import DEFAULT_MODEL
+    from swarm.engine.client import ModelNotAvailableError
     from swarm.engine.families import UnsupportedModelError
-    from swarm.engine.finetune import FinetuneConfig, preflight
-    from swarm.engine.finetune_data import tokenize_records
+    from swarm.train import CLIENT_OPTIONS, TRAIN_OPTIONS, finetune, swarm_errors
 
+    if not a["local"]:
+        setup_logging(False)  # failovers are reported on stderr, as by `swarm generate`
+    bar = _Bar(quiet=a["as_json"])
+    options = {k: a[k] for k in (*CLIENT_OPTIONS, *TRAIN_OPTIONS)}
     try:
-        if a["step_timeout"] <= 0 or a["timeout"] < 0:
-            raise ValueError("--step-timeout must be > 0 and --timeout >= 0 seconds")
-        from swarm.p2p.compression import check_choice
-
-        check_choice(a["wire_dtype"])
-        cfg = FinetuneConfig(
-            output=a["output"], adapter=a["adapter"], rank=a["rank"], alpha=a["alpha"], dropout=a["dropout"],
-            target_modules=a["target_modules"], num_virtual_tokens=a["num_virtual_tokens"], epochs=a["epochs"],
-            max_steps=a["max_steps"], batch_size=a["batch_size"], grad_accum=a["grad_accum"], lr=a["lr"],
-            warmup_steps=a["warmup_steps"], weight_decay=a["weight_decay"], max_grad_norm=a["max_grad_norm"],
-            max_length=a["max_length"], seed=a["seed"], eval_fraction=a["eval_fraction"], save_every=a["save_every"],
-            resume=a["resume"], base_model=a["model"] or DEFAULT_MODEL, dtype=a["dtype"],
-        )
-        torch_dtype = parse_dtype(a["dtype"])
-        client = ClientModel.load(resolve_model(a["model"], quiet=a["as_json"]))
-        eos = client.eos_token_ids[0] if client.eos_token_ids else client.tokenizer.eos_token_id
-        dataset = tokenize_records(records, client.tokenizer, a["data"], cfg.max_length, eos)
-        preflight(cfg, client, dataset)
-    except (ValueError, ModelNotAvailableError, UnsupportedModelError) as exc:
-        fail(str(exc))  # DataError and CheckpointError are ValueErrors
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
-    blocks = None
-    try:
-        if a["local"]:
-            from swarm.engine.adapters import LocalBlocks
-
-            checkpoint = client.checkpoint
-            blocks = LocalBlocks(checkpoint.load_blocks(0, checkpoint.num_blocks, torch_dtype))
-        else:
-            blocks, swarm_errors = _connect(client, a)
-            errors += swarm_errors
-        result = _train(cfg, blocks, client, dataset, a["as_json"])
-    except errors as exc:
+        result = finetune(a["data"], output=a["output"], adapter=a["adapter"], on_event=bar.on_event,
+                          quiet=a["as_json"], **options)
+    except Exception as exc:  # what swarm.train.finetune documents (a DataError is a ValueError)
+        errors = (ValueError, OSError, ModelNotAvailableError, UnsupportedModelError)
+        if not isinstance(exc, errors + (() if a["local"] else swarm_errors())):
+            raise
+        bar.stop()  # before the message: a live bar would draw over it
         fail(str(exc) or type(exc).__name__)
     finally:
-        if blocks is not None and hasattr(blocks, "close"):
-            blocks.close()
-    _summary(result, cfg, dataset, a["as_json"])
+        bar.stop()
+    _summary(result, a)
 
 
-def _connect(client, a: dict):
-    """The swarm's blocks as a module (``RemoteBlocks``), and the errors that mean "the swarm
-    cannot do it" (reported in one line)."""
-    initial = peers(a["initial_peers"])
-    if not initial:
-        raise ValueError("--initial-peers: give a peer of the swarm (as printed by `swarm serve`), or train with --local")
-    from swarm.p2p.client import ClientConfig, SwarmError
-    from swarm.p2p.host import P2PError
-    from swarm.p2p.remote_blocks import RemoteBlocks
-    from swarm.p2p.routing import NoRouteError
-    from swarm.p2p.wire import RemoteError, WireError
+class _Bar:
+    """The run's progress on stderr: the start line, a bar (on a terminal only), and eval losses
+    as lines either way (none with ``quiet``)."""
 
-    setup_logging(False)  # failovers are reported on stderr, as by `swarm generate`
-    ccfg = ClientConfig(
-        initial_peers=initial, step_timeout=a["step_timeout"], wait_timeout=a["timeout"], wire_dtype=a["wire_dtype"],
-        full_precision=a["no_quant_servers"],
-    )
-    errors = (SwarmError, NoRouteError, TimeoutError, P2PError, RemoteError, WireError)
-    try:
-        return RemoteBlocks.connect(client.checkpoint, initial, ccfg), errors
-    except errors as exc:
-        raise ValueError(str(exc) or type(exc).__name__) from None
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
 
-
-def _train(cfg, blocks, client, dataset, quiet: bool):
-    """Run :func:`~swarm.engine.finetune.finetune` under a progress bar on stderr (a terminal only;
-    eval losses are printed as lines either way)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from swarm.engine.finetune import finetune
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[speed]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
-    )
-    task = None
-
-    def on_event(event: dict) -> None:
-        nonlocal task
+    def on_event(self, event: dict) -> None:
         kind = event["type"]
         if kind == "start":
-            task = progress.add_task(
-                f"{cfg.adapter}", total=event["total_steps"], completed=event["step"], loss="-", speed="-"
+            self._start(event)
+        elif kind == "step" and self.progress is not None:
+            self.progress.update(self.task, completed=event["step"], loss=f"{event['loss']:.4f}",
+                                 speed=f"{event['tokens_per_s']:.0f}")
+        elif kind == "eval" and not self.quiet:
+            best = " (best so far)" if event.get("best") and event["step"] else ""
+            err.print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}{best}", highlight=False)
+
+    def _start(self, event: dict) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        # started here, not before the call: fetching the default model shows a progress of its own
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=self.quiet or not err.is_terminal,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(event["adapter"], total=event["total_steps"], completed=event["step"],
+                                           loss="-", speed="-")
+        if not self.quiet:
+            err.print(
+                f"training {event['adapter']} on {event['examples']} examples ({event['eval_examples']} held out): "
+                f"{event['limit']}, lr {event['lr']:g}, warmup {event['warmup_steps']}"
+                + (f", resuming at step {event['step']}" if event["step"] else ""),
+                highlight=False,
             )
-            if not quiet:
-                err.print(
-                    f"training {cfg.adapter} on {event['examples']} examples ({event['eval_examples']} held out): "
-                    f"{event['total_steps']} steps, lr {event['lr']:g}, warmup {event['warmup_steps']}"
-                    + (f", resuming at step {event['step']}" if event["step"] else "")
-                )
-        elif kind == "step":
-            progress.update(task, completed=event["step"], loss=f"{event['loss']:.4f}", speed=f"{event['tokens_per_s']:.0f}")
-        elif kind == "eval" and not quiet:
-            progress.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
 
-    with progress:
-        return finetune(cfg, blocks, client, dataset, on_event=on_event)
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
-def _summary(result, cfg, dataset, as_json: bool) -> None:
+def _summary(result, a: dict) -> None:
     from dataclasses import asdict
 
-    if as_json:
-        print(json.dumps({**asdict(result), "output": str(result.output), "adapter": cfg.adapter}))
+    if a["as_json"]:
+        best = None if result.best_output is None else str(result.best_output)
+        summary = {**asdict(result), "output": str(result.output), "best_output": best, "adapter": a["adapter"]}
+        print(json.dumps(summary))
         return
 
     def loss(before, after) -> str:
         return "-" if before is None else f"{before:.4f} → {after:.4f}"
 
     minutes, seconds = divmod(result.seconds, 60)
+    total = result.examples + result.eval_examples + result.dropped
     lines = [
         (
-            f"trained a {cfg.adapter} adapter: {result.steps} steps over {result.examples} examples, "
+            f"trained a {a['adapter']} adapter: {result.steps} steps over {result.examples} examples, "
             f"{result.tokens} tokens in {int(minutes)}m{seconds:04.1f}s"
         ),
         f"  train loss  {loss(result.train_loss_before, result.train_loss_after)}  (before → after, without dropout)",
         f"  eval loss   {loss(result.eval_loss_before, result.eval_loss_after)}  ({result.eval_examples} held-out examples)",
         (
-            f"  truncated   {result.truncated} of {len(dataset.examples) + result.dropped} examples over --max-length "
-            f"{cfg.max_length}" + (f" ({result.dropped} dropped: nothing left to learn)" if result.dropped else "")
+            f"  truncated   {result.truncated} of {total} examples over --max-length {a['max_length']}"
+            + (f" ({result.dropped} dropped: nothing left to learn)" if result.dropped else "")
         ),
         f"  adapter     {result.output}  (use: swarm generate --adapter {result.output} ...)",
-        f"  metrics     {result.output / 'metrics.jsonl'}",
     ]
+    if result.best_output is not None:
+        final = {0: ": the adapter before training", result.steps: ": the final adapter"}.get(result.best_step, "")
+        lines.append(
+            f"  best        {result.best_output}  "
+            f"(eval loss {result.best_eval_loss:.4f} at step {result.best_step}{final})"
+        )
+    lines.append(f"  metrics     {result.output / 'metrics.jsonl'}")
     print("\n".join(lines))
     sys.stdout.flush()

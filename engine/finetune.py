@@ -18,8 +18,10 @@ random choice derives from ``seed`` and the step: the held-out split, each epoch
 initial adapter, and each micro-batch's LoRA dropout masks (``AdapterSpec.seed``, the same
 wherever a block runs). A checkpoint (``OUTPUT/checkpoint/state.pt``, written atomically every
 ``save_every`` steps and at the end) holds the tensors, the optimizer's state, the step (which
-fixes the data position and the learning rate) and the global torch RNG state; resuming checks that
-every setting that shapes the run (and the model and the data) is the one saved.
+fixes the data position and the learning rate), the global torch RNG state and the best eval loss
+so far; resuming checks that every setting that shapes the run (and the model and the data) is the
+one saved. With an eval split the adapter of the best eval loss is kept in ``OUTPUT/best``
+(:mod:`swarm.engine.finetune_state`: what the run keeps on disk).
 
 A loop of one's own uses the same pieces::
 
@@ -36,9 +38,7 @@ A loop of one's own uses the same pieces::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -51,13 +51,23 @@ from torch import nn
 from swarm.engine.adapter_io import save_deep_prompt, save_lora, save_prompt
 from swarm.engine.adapters import PROMPT_KEY, AdapterSpec, init_deep_prompts, init_lora, resolve_targets
 from swarm.engine.finetune_data import IGNORE, Batch, Dataset, Example, collate, token_loss, with_virtual_tokens
+from swarm.engine.finetune_state import (
+    BEST,
+    CHECKPOINT,
+    METRICS,
+    Best,
+    Metrics,
+    check_resume,
+    load_checkpoint,
+    replace_dir,
+    restore_dir,
+    save_checkpoint,
+)
 
 KINDS = ("lora", "prompt", "deep-prompt")
 DEFAULT_LR = {"lora": 2e-3, "prompt": 1e-2, "deep-prompt": 1e-2}
+DEFAULT_EPOCHS = 15  # when neither --epochs nor --max-steps is given
 WARMUP_SHARE = 0.1  # default warmup: this share of the run's optimizer steps
-CHECKPOINT = "checkpoint/state.pt"
-METRICS = "metrics.jsonl"
-CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -65,10 +75,13 @@ class FinetuneConfig:
     """What to train and how; each field is the ``swarm finetune`` flag of the same name.
 
     ``lr=None``: :data:`DEFAULT_LR` of the adapter kind. ``warmup_steps=None``: 10 % of the
-    run's optimizer steps. ``max_steps``: caps the run's length (the cosine schedule spans the
-    capped length). ``save_every=0``: a checkpoint only at the end. ``dtype`` names the blocks'
-    dtype; it only guards ``resume`` (the blocks come from outside). Raises ``ValueError`` naming
-    the flag for a value out of range."""
+    run's optimizer steps. The run's length: ``max_steps`` optimizer steps, over as many epochs as
+    they need; ``epochs`` passes over the data; with both, whichever ends first; with neither,
+    :data:`DEFAULT_EPOCHS` epochs (the cosine schedule spans the run). ``save_every=0``: a
+    checkpoint only at the end. ``save_best`` (None: on when ``eval_fraction > 0``): keep the
+    adapter of the lowest eval loss in ``OUTPUT/best``. ``dtype`` names the blocks' dtype; it only
+    guards ``resume`` (the blocks come from outside). Raises ``ValueError`` naming the flag for a
+    value out of range."""
 
     output: Path
     adapter: str = "lora"
@@ -77,7 +90,7 @@ class FinetuneConfig:
     dropout: float = 0.0
     target_modules: str | None = None  # None: the family's default (peft's), "all-linear", or names
     num_virtual_tokens: int = 16
-    epochs: int = 15
+    epochs: int | None = None
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
@@ -90,6 +103,7 @@ class FinetuneConfig:
     eval_fraction: float = 0.1
     save_every: int = 100
     resume: bool = False
+    save_best: bool | None = None
     base_model: str = ""  # recorded in the adapter's config (base_model_name_or_path)
     dtype: str = "float32"
 
@@ -101,7 +115,7 @@ class FinetuneConfig:
             (math.isfinite(self.alpha) and self.alpha > 0, "--alpha", "a positive number", self.alpha),
             (0 <= self.dropout < 1, "--dropout", "in [0, 1)", self.dropout),
             (self.num_virtual_tokens >= 1, "--num-virtual-tokens", "at least 1", self.num_virtual_tokens),
-            (self.epochs >= 1, "--epochs", "at least 1", self.epochs),
+            (self.epochs is None or self.epochs >= 1, "--epochs", "at least 1", self.epochs),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps", "at least 1", self.max_steps),
             (self.batch_size >= 1, "--batch-size", "at least 1", self.batch_size),
             (self.grad_accum >= 1, "--grad-accum", "at least 1", self.grad_accum),
@@ -117,6 +131,21 @@ class FinetuneConfig:
         for ok, flag, rule, value in checks:
             if not ok:
                 raise ValueError(f"{flag} must be {rule}, got {value}")
+        if self.save_best and self.eval_fraction == 0:
+            raise ValueError("--save-best keeps the adapter of the best eval loss: it needs --eval-fraction above 0")
+
+    @property
+    def epoch_limit(self) -> int | None:
+        """The epochs that bound the run: ``epochs``, :data:`DEFAULT_EPOCHS` when neither it nor
+        ``max_steps`` is given, None when ``max_steps`` alone decides."""
+        if self.epochs is not None:
+            return self.epochs
+        return DEFAULT_EPOCHS if self.max_steps is None else None
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the run keeps its best adapter by eval loss in ``OUTPUT/best``."""
+        return self.save_best if self.save_best is not None else self.eval_fraction > 0
 
     @property
     def peak_lr(self) -> float:
@@ -151,6 +180,9 @@ class FinetuneResult:
     truncated: int
     dropped: int
     seconds: float
+    best_step: int | None = None  # the step of the lowest eval loss (None: no best kept)
+    best_eval_loss: float | None = None
+    best_output: Path | None = None  # OUTPUT/best: the adapter of that step
 
 
 @dataclass
@@ -163,6 +195,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    limit: str  # the run's length and what sets it, in words: "60 steps (--max-steps)"
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -176,12 +209,25 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
 
 
 def plan(cfg: FinetuneConfig, dataset: Dataset) -> Plan:
+    """The run's plan: its split, its steps per epoch, and its length (see :class:`FinetuneConfig`)."""
     train, held = split(dataset.examples, cfg.eval_fraction, cfg.seed)
     micro = math.ceil(len(train) / cfg.batch_size)
     per_epoch = math.ceil(micro / cfg.grad_accum)
-    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(per_epoch * cfg.epochs, cfg.max_steps)
+    total, limit = run_length(cfg, per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(WARMUP_SHARE * total)
-    return Plan(train, held, micro, per_epoch, total, min(warmup, total))
+    return Plan(train, held, micro, per_epoch, total, min(warmup, total), limit)
+
+
+def run_length(cfg: FinetuneConfig, steps_per_epoch: int) -> tuple[int, str]:
+    """The run's optimizer steps, and which limit gives them, in words for the start line."""
+    epochs = cfg.epoch_limit
+    by_epochs = None if epochs is None else steps_per_epoch * epochs
+    if cfg.max_steps is not None and (by_epochs is None or cfg.max_steps <= by_epochs):
+        return cfg.max_steps, f"{cfg.max_steps} steps (--max-steps)"
+    if cfg.max_steps is not None:
+        return by_epochs, f"{by_epochs} steps (--epochs {epochs} ends before --max-steps {cfg.max_steps})"
+    given = f"--epochs {epochs}" if cfg.epochs is not None else f"{epochs} epochs"
+    return by_epochs, f"{by_epochs} steps ({given})"
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
@@ -298,6 +344,7 @@ def run_identity(cfg: FinetuneConfig, client, dataset: Dataset) -> dict:
             "max_grad_norm", "max_length", "seed", "eval_fraction", "dtype"]
     keys += ["rank", "alpha", "dropout"] if cfg.adapter == "lora" else ["num_virtual_tokens"]
     identity = {k: getattr(cfg, k) for k in keys}
+    identity["epochs"] = cfg.epoch_limit  # None: --max-steps alone sets the length
     identity["lr"] = cfg.peak_lr
     if cfg.adapter == "lora":
         identity["target_modules"] = resolve_targets(client.checkpoint, cfg.target_modules)
@@ -328,75 +375,20 @@ def _fingerprint(checkpoint) -> str:
     return _FINGERPRINTS[checkpoint]
 
 
-def _flag(key: str) -> str:
-    return {"model": "--model", "data": "the training data"}.get(key, "--" + key.replace("_", "-"))
-
-
-def _check_resume(saved: dict, current: dict, path: Path) -> None:
-    for key, value in current.items():
-        if saved.get(key) != value:
-            if key in ("model", "data"):
-                raise ValueError(f"--resume: {_flag(key)} differs from the run saved in {path}; resume with the same one")
-            raise ValueError(
-                f"--resume: {_flag(key)} is {value} but the run saved in {path} used {saved.get(key)}; "
-                "resume with the same flags or start a new --output"
-            )
-
-
-class _Metrics:
-    """``metrics.jsonl``: one JSON object per line, flushed as written."""
-
-    def __init__(self, path: Path, keep_until: int | None):
-        self.path = path
-        if keep_until is not None and path.exists():  # resuming: drop what the lost steps wrote
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_until]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif keep_until is None:
-            path.write_text("")
-        self.file = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (a reader sees the old file or the new one, never a
-    part: an interrupt while saving loses only this save)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The state saved at ``path``; ``ValueError`` naming it when missing or unreadable."""
-    if not path.is_file():
-        raise ValueError(f"--resume: no checkpoint at {path}; start without --resume")
-    try:
-        state = torch.load(path, weights_only=True)
-        assert state.get("version") == CHECKPOINT_VERSION
-        return state
-    except Exception:  # a damaged or foreign file: all end the same way for the user
-        raise ValueError(f"--resume: {path} is damaged or not a swarm finetune checkpoint; start a new --output") from None
-
-
-def save_adapter(cfg: FinetuneConfig, client, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the trained adapter into ``cfg.output`` in its format (see :mod:`swarm.engine.adapter_io`)."""
+def save_adapter(cfg: FinetuneConfig, client, tensors: dict[str, torch.Tensor], directory: Path | None = None) -> None:
+    """Write the adapter into ``directory`` (default ``cfg.output``) in its format (see
+    :mod:`swarm.engine.adapter_io`)."""
     checkpoint, base = client.checkpoint, cfg.base_model or str(client.path)
+    directory = cfg.output if directory is None else directory
     if cfg.adapter == "lora":
         targets = resolve_targets(checkpoint, cfg.target_modules)
-        save_lora(cfg.output, checkpoint, tensors, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+        save_lora(directory, checkpoint, tensors, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                   targets=targets, base_model=base)
     elif cfg.adapter == "prompt":
-        save_prompt(cfg.output, checkpoint, tensors[PROMPT_KEY], base)
+        save_prompt(directory, checkpoint, tensors[PROMPT_KEY], base)
     else:
         deep = {k: v for k, v in tensors.items() if k != PROMPT_KEY}
-        save_deep_prompt(cfg.output, checkpoint, tensors[PROMPT_KEY], deep, base)
+        save_deep_prompt(directory, checkpoint, tensors[PROMPT_KEY], deep, base)
 
 
 def preflight(cfg: FinetuneConfig, client, dataset: Dataset) -> tuple[dict, dict | None]:
@@ -416,7 +408,14 @@ def preflight(cfg: FinetuneConfig, client, dataset: Dataset) -> tuple[dict, dict
             )
         return identity, None
     state = load_checkpoint(path)
-    _check_resume(state["run"], identity, path)
+    saved = state["run"]
+    if state["version"] == 1 and cfg.epochs is None and saved.get("max_steps") is not None:
+        # version 1 bounded every run by --epochs (15 by default), --max-steps too: the same run
+        # when its steps ended first
+        by_default_epochs = DEFAULT_EPOCHS * plan(cfg, dataset).steps_per_epoch
+        if saved.get("epochs") == DEFAULT_EPOCHS and saved["max_steps"] <= by_default_epochs:
+            saved["epochs"] = None
+    check_resume(saved, identity, path)
     return identity, state
 
 
@@ -431,7 +430,8 @@ def finetune(
 
     ``client``: a :class:`~swarm.engine.client.ClientModel` (head in float32). ``on_event``
     receives every record as it happens: ``{"type": "start", "total_steps", "step", ...}`` once,
-    then the ``"step"`` and ``"eval"`` records also written to ``metrics.jsonl``, then
+    then the ``"step"`` and ``"eval"`` records also written to ``metrics.jsonl`` (an eval that
+    gave a new best, saved in ``OUTPUT/best``, has ``"best": True``), then
     ``{"type": "checkpoint", "step"}`` after each save. An exception (``KeyboardInterrupt``
     included) propagates as it is: the last checkpoint stands, and ``resume`` continues from it
     exactly. Raises ``ValueError`` for a ``--target-modules`` name that matches nothing, an
@@ -449,6 +449,7 @@ def finetune(
     optimizer = torch.optim.AdamW([tensors[k] for k in names], lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
     stats = {"tokens": 0, "seconds": 0.0, "eval_before": None, "train_before": None}
     step = 0
+    best = Best()
     if state is not None:
         with torch.no_grad():
             for k in names:
@@ -456,8 +457,12 @@ def finetune(
         optimizer.load_state_dict(state["optimizer"])
         step, stats = state["step"], state["stats"]
         torch.set_rng_state(state["rng"])
+        best = Best.from_state(state["best"])
     cfg.output.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(cfg.output / METRICS, step if cfg.resume else None)
+    best_dir = cfg.output / BEST
+    restore_dir(best_dir)  # an interrupt in the middle of saving it
+    keep_best = cfg.keeps_best and bool(p.eval)
+    metrics = Metrics(cfg.output / METRICS, step if cfg.resume else None)
     emit = on_event or (lambda record: None)
     started = time.monotonic() - stats["seconds"]
 
@@ -470,14 +475,19 @@ def finetune(
 
     def eval_now() -> float | None:
         loss = evaluate(cfg, head, blocks, tensors, p.eval, pad_id)
-        if loss is not None:
-            record({"type": "eval", "step": step, "eval_loss": loss, "time": time.monotonic() - started})
+        if loss is None:
+            return None
+        entry = {"type": "eval", "step": step, "eval_loss": loss, "time": time.monotonic() - started}
+        if keep_best and best.improves(loss):
+            replace_dir(best_dir, lambda directory: save_adapter(cfg, client, tensors, directory))
+            best.step, best.eval_loss = step, loss
+            entry["best"] = True
+        record(entry)
         return loss
 
     def checkpoint() -> None:
         stats["seconds"] = time.monotonic() - started
         save_checkpoint(ckpt_path, {
-            "version": CHECKPOINT_VERSION,
             "run": identity,
             "step": step,
             "position": {"epoch": step // p.steps_per_epoch, "micro_batch": (step % p.steps_per_epoch) * cfg.grad_accum},
@@ -485,12 +495,14 @@ def finetune(
             "optimizer": optimizer.state_dict(),
             "rng": torch.get_rng_state(),  # the run draws from none; blocks given from outside might
             "stats": stats,
+            "best": best.state(),
         })
         emit({"type": "checkpoint", "step": step})
 
     try:
         emit({"type": "start", "step": step, "total_steps": p.total_steps, "examples": len(p.train),
-              "eval_examples": len(p.eval), "warmup_steps": p.warmup_steps, "lr": cfg.peak_lr})
+              "eval_examples": len(p.eval), "warmup_steps": p.warmup_steps, "lr": cfg.peak_lr,
+              "adapter": cfg.adapter, "limit": p.limit, "best": str(best_dir) if keep_best else None})
         if step == 0:
             stats["eval_before"] = eval_now()
             stats["train_before"] = train_loss_now()
@@ -529,5 +541,8 @@ def finetune(
         truncated=dataset.truncated,
         dropped=dataset.dropped,
         seconds=time.monotonic() - started,
+        best_step=best.step if keep_best else None,
+        best_eval_loss=best.eval_loss if keep_best else None,
+        best_output=best_dir if keep_best and best.step is not None else None,
     )
 

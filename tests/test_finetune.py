@@ -200,6 +200,10 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(client, tmp_pa
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.steps == whole.steps and resumed.eval_loss_after == whole.eval_loss_after
+    # the best so far came back from the checkpoint: the same best, the same adapter in best/
+    assert (resumed.best_step, resumed.best_eval_loss) == (whole.best_step, whole.best_eval_loss)
+    a, b = (load_file(tmp_path / d / "best" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     def losses(d):
         lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
@@ -208,6 +212,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(client, tmp_pa
     assert losses("cut") == losses("whole")  # the lost steps' lines were dropped, then redone
 
 
+@pytest.mark.slow
 def test_sigint_stops_cleanly_and_resume_is_exact(tiny, tmp_path):
     data = _write(tmp_path / "d.jsonl", FACTS.read_text().splitlines()[:8])  # 6 to train on, 2 steps an epoch
     args = [str(data), "--local", "--model", str(tiny), "--epochs", "50", "--batch-size", "3", "--lr", "1e-2",
@@ -238,6 +243,7 @@ def test_sigint_stops_cleanly_and_resume_is_exact(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_server_killed_during_training_changes_nothing(tiny, tmp_path):
     """`swarm finetune` through two servers (0:2, 2:4), LoRA dropout on; the 2:4 server gets
     SIGKILL after two steps and a new one takes its blocks: training finishes, and the adapter
@@ -280,3 +286,125 @@ def _steps(out: Path) -> int:
     if not metrics.exists():
         return 0
     return sum('"type": "step"' in line for line in metrics.read_text().splitlines())
+
+
+def _split_aware(path: Path, n: int, fraction: float, train: dict, held: dict) -> Path:
+    """``n`` lines: ``held`` on the lines the split (seed 0) holds out, ``train`` on the others."""
+    from swarm.engine.finetune import split
+
+    held_out = set(split(list(range(n)), fraction, 0)[1])
+    return _write(path, [json.dumps(held if i in held_out else train) for i in range(n)])
+
+
+@pytest.mark.parametrize("flags, steps, limit", [
+    ([], 30, "30 steps (15 epochs)"),
+    (["--epochs", "3"], 6, "6 steps (--epochs 3)"),
+    (["--max-steps", "40"], 40, "40 steps (--max-steps)"),  # past the 15 epochs a default would give
+    (["--max-steps", "5", "--epochs", "4"], 5, "5 steps (--max-steps)"),
+    (["--epochs", "3", "--max-steps", "40"], 6, "6 steps (--epochs 3 ends before --max-steps 40)"),
+])
+def test_max_steps_wins_over_the_default_epochs_and_the_start_line_says_which_limit_applies(
+    flags, steps, limit, tiny, tmp_path
+):
+    data = _write(tmp_path / "d.jsonl", FACTS.read_text().splitlines()[:8])  # 6 to train on, 2 steps an epoch
+    result = _invoke([str(data), "--local", "--model", str(tiny), "--output", str(tmp_path / "o"), "--batch-size", "3",
+                      "--eval-fraction", "0.25", "--max-length", "64", "--save-every", "0", *flags])
+    assert result.exit_code == 0, result.stderr
+    assert f"(2 held out): {limit}, lr" in result.stderr, result.stderr
+    assert f"trained a lora adapter: {steps} steps over 6 examples" in result.stdout, result.stdout
+    lines = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["type"] == "step"] == list(range(1, steps + 1))
+
+
+def test_the_best_adapter_by_eval_loss_is_kept_when_the_eval_loss_rises(client, tmp_path):
+    """Data whose held-out completions differ from the trained ones: the eval loss falls, then rises
+    as the run learns the trained answer. OUTPUT/best holds the adapter of the lowest eval loss (the
+    one its step's checkpoint held), the final adapter stays the last step's."""
+    from swarm.engine.finetune import save_adapter
+
+    data = _split_aware(tmp_path / "d.jsonl", 8, 0.25, {"prompt": "Say it:", "completion": " zz"},
+                        {"prompt": "Say it:", "completion": " qq"})
+    cfg = _cfg(tmp_path / "o", lr=0.05, max_steps=40, epochs=None, batch_size=3, eval_fraction=0.25, save_every=4,
+               target_modules="all-linear", rank=16)
+    blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))
+    snapshots = tmp_path / "at"
+
+    def snapshot(event):  # the adapter at each checkpoint, saved as the run saves adapters
+        if event["type"] == "checkpoint":
+            state = torch.load(cfg.output / CHECKPOINT, weights_only=True)
+            save_adapter(cfg, client, state["tensors"], snapshots / str(event["step"]))
+
+    result = finetune(cfg, blocks, client, _dataset(client, data), on_event=snapshot)
+    records = map(json.loads, (tmp_path / "o" / "metrics.jsonl").read_text().splitlines())
+    evals = [r for r in records if r["type"] == "eval"]
+    losses = {r["step"]: r["eval_loss"] for r in evals}
+    best_step = min(losses, key=losses.get)
+    assert 0 < best_step < result.steps == 40 and result.eval_loss_after > losses[best_step] + 0.5, losses
+    assert (result.best_step, result.best_eval_loss) == (best_step, losses[best_step])
+    assert result.best_output == cfg.output / "best"
+    new_lows = [s for s in losses if losses[s] < min([v for t, v in losses.items() if t < s], default=float("inf"))]
+    assert [r["step"] for r in evals if r.get("best")] == new_lows
+    best = load_file(cfg.output / "best" / "adapter_model.safetensors")
+    at_best = load_file(snapshots / str(best_step) / "adapter_model.safetensors")
+    final = load_file(cfg.output / "adapter_model.safetensors")
+    assert best.keys() == at_best.keys() == final.keys()
+    assert all(torch.equal(best[k], at_best[k]) for k in best)
+    assert not all(torch.equal(best[k], final[k]) for k in best)
+    assert (cfg.output / "best" / "adapter_config.json").read_text() == (cfg.output / "adapter_config.json").read_text()
+    assert sorted(p.name for p in cfg.output.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "best",
+                                                            "checkpoint", "metrics.jsonl"]  # no .tmp/.old left
+
+
+def test_a_normal_run_keeps_a_best_that_generate_loads(tiny, client, tmp_path):
+    data = _write(tmp_path / "d.jsonl", FACTS.read_text().splitlines()[:8])
+    args = [str(data), "--local", "--model", str(tiny), "--epochs", "2", "--batch-size", "3", "--eval-fraction", "0.25",
+            "--max-length", "64", "--lr", "1e-2"]
+    result = _invoke([*args, "--output", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.stderr
+    best = tmp_path / "o" / "best"
+    assert f"  best        {best}  (eval loss " in result.stdout, result.stdout
+    assert "at step 4: the final adapter)" in result.stdout, result.stdout  # the loss fell throughout
+    adapter = load_adapter(best, client.checkpoint)
+    assert adapter.kind == "lora" and any(v.abs().max() > 0 for k, v in adapter.tensors.items() if k.endswith("lora_B"))
+    generated = CliRunner().invoke(app, ["generate", "--local", "--model", str(tiny), "--adapter", str(best),
+                                         "--max-new-tokens", "2", "--json", "The capital of Zorbia is"])
+    assert generated.exit_code == 0, (generated.stderr, generated.exception)
+    assert len(json.loads(generated.stdout)["token_ids"]) == 2
+
+    result = _invoke([*args, "--output", str(tmp_path / "j"), "--json"])
+    summary = json.loads(result.stdout)
+    assert summary["best_output"] == str(tmp_path / "j" / "best") and summary["best_step"] == summary["steps"] == 4
+    assert summary["best_eval_loss"] == summary["eval_loss_after"]
+
+    result = _invoke([*args, "--output", str(tmp_path / "n"), "--no-save-best", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["best_output"] is None, result.stderr
+    assert not (tmp_path / "n" / "best").exists()
+    result = _invoke([*args, "--output", str(tmp_path / "e"), "--save-best", "--eval-fraction", "0"])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--save-best keeps the adapter of the best eval loss: it needs --eval-fraction above 0" in result.stderr
+
+
+def test_a_version_1_checkpoint_still_resumes_exactly(client, tmp_path):
+    """A checkpoint of before best-keeping (version 1: no best, and --epochs 15 recorded even for a
+    --max-steps run) resumes, and ends with the adapter of an uninterrupted run."""
+    blocks = LocalBlocks(client.checkpoint.load_blocks(0, client.checkpoint.num_blocks))
+    dataset = _dataset(client)
+    kw = {"epochs": None, "max_steps": 6, "save_every": 3, "batch_size": 4}
+    finetune(_cfg(tmp_path / "whole", **kw), blocks, client, dataset)
+
+    def stop_at_4(event):
+        if event["type"] == "step" and event["step"] == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(_cfg(tmp_path / "cut", **kw), blocks, client, dataset, on_event=stop_at_4)
+    path = tmp_path / "cut" / CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    del state["best"]
+    state["version"], state["run"]["epochs"] = 1, 15
+    torch.save(state, path)
+    resumed = finetune(_cfg(tmp_path / "cut", resume=True, **kw), blocks, client, dataset)
+    assert resumed.steps == 6 and resumed.best_step == 6  # best kept from the resumed step on
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(path, weights_only=True)["version"] == 2
