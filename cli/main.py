@@ -23,6 +23,7 @@ from swarm.cli.common import (
     err,
     fail,
     peers,
+    quiet_stdout,
     setup_logging,
 )
 from swarm.p2p.serve_options import ServeOptions  # light: no torch or libp2p (the flags' defaults)
@@ -357,6 +358,7 @@ def status(
 
     try:
         check_seconds("--interval", interval)
+        initial = peers(initial_peers)
         model_name = None
         if model is not None:
             from swarm.engine.checkpoint import Checkpoint
@@ -370,7 +372,7 @@ def status(
 
     def once() -> dict:
         try:
-            return run(gather_status(peers(initial_peers), model_name))
+            return run(gather_status(initial, model_name))
         except SwarmError as exc:
             fail(str(exc))
 
@@ -405,6 +407,8 @@ def status(
                 show(data)
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # the reader left (`| head -1`): end as after Ctrl-C, with the last refresh's status
+        quiet_stdout()
     if data["gaps"]:
         raise typer.Exit(GAPS)
 
