@@ -35,7 +35,7 @@ from swarm.engine.client import ClientModel, local_sessions
 from swarm.engine.generation import GenerationConfig, generate
 from swarm.p2p.client import ClientConfig, SwarmClient
 from swarm.p2p.loop import BackgroundLoop
-from swarm.p2p.table import ServerInfo, gaps, model_id
+from swarm.p2p.table import ServerInfo, gaps, model_id, model_name
 
 log = logging.getLogger("swarm.api")
 
@@ -62,7 +62,7 @@ class Backend:
 
     def __init__(self, cfg: ApiConfig, client_model: ClientModel, adapters: dict[str, Adapter]):
         self.cfg, self.client_model = cfg, client_model
-        self.name = cfg.name or cfg.model_dir.name
+        self.name = cfg.name or model_name(cfg.model_dir)  # the name `swarm status` and servers' ready lines show
         self.models: dict[str, Adapter | None] = {self.name: None, **adapters}
         self.swarm_model = model_id(client_model.checkpoint)
         self.background: BackgroundLoop | None = None
@@ -150,11 +150,12 @@ class Backend:
         if self.swarm is None:
             me = ServerInfo(peer_id="local", addrs=(), model=self.swarm_model, start=0, end=num_blocks,
                             public_name="this process (--local)", sessions=len(self.jobs), dtype=str(self.cfg.dtype)[6:])
-            return status_report(self.swarm_model, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0})
+            return status_report(self.swarm_model, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0}, model_name=self.name)
 
         async def gather() -> dict:
             servers = self.swarm.table.snapshot()
-            return status_report(self.swarm_model, num_blocks, servers, await ping_all(self.swarm.host, servers, 2.0))
+            rtts = await ping_all(self.swarm.host, servers, 2.0)
+            return status_report(self.swarm_model, num_blocks, servers, rtts, model_name=self.name)
 
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(gather(), self.background.loop))
 

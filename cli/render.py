@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -22,8 +23,16 @@ def coverage_bar(data: dict, width: int = 60) -> Text:
     return bar
 
 
+def model_title(data: dict) -> str:
+    """``NAME (ID)``: what people call the model, and beside it the id the swarm knows it by (the
+    id alone when no server announces a name)."""
+    name = data.get("model_name")
+    return f"{name} ({data['model']})" if name else data["model"]
+
+
 def status_view(data: dict) -> Group:
-    table = Table(title=f"{data['model']} — {data['num_blocks']} blocks", title_justify="left")
+    # escaped, as the cells below are plain Text: a peer announces what it likes
+    table = Table(title=escape(f"{model_title(data)} — {data['num_blocks']} blocks"), title_justify="left")
     for col, justify in [("peer", "left"), ("name", "left"), ("address", "left"), ("blocks", "right"), ("state", "left"),
                          ("weights", "left"), ("tok/s", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
                          ("version", "left")]:
@@ -32,7 +41,7 @@ def status_view(data: dict) -> Group:
         state_style = {"online": "green", "joining": "yellow"}.get(s["state"], "red")
         table.add_row(
             "…" + s["peer_id"][-6:],
-            s["name"] or "-",
+            Text(s["name"] or "-"),
             Text(_address(s.get("addrs") or [])),  # not markup: a peer announces what it likes
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
@@ -41,7 +50,7 @@ def status_view(data: dict) -> Group:
             f"{s.get('sessions', 0)} · {s.get('served', 0.0):.0f}/s",
             str(s["cache_tokens_left"]),
             "-" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms",
-            s["version"],
+            Text(s["version"]),
         )
     gaps = data["gaps"]
     summary = Text("coverage ")

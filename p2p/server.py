@@ -59,7 +59,7 @@ from swarm.p2p.serve_options import (
     parse_blocks,
 )
 from swarm.p2p.sessions import Sessions, check_hidden
-from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, parse_announcement
+from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, model_name, parse_announcement
 from swarm.p2p.wire import (
     BAD_REQUEST,
     BUSY,
@@ -135,6 +135,7 @@ class BlockServer:
 
     def __init__(self, cfg: ServerConfig, host: Host, checkpoint: Checkpoint, model: str, executor: Executor | None = None):
         self.cfg, self.host, self.checkpoint, self.model = cfg, host, checkpoint, model
+        self.model_name = model_name(cfg.model_dir)  # what people call it; ``model`` is what it is
         self.num_blocks = checkpoint.num_blocks
         self.addrs = list(host.addrs)  # what it announces (see start)
         self.table = PeerTable(model, self.num_blocks, cfg.announce_period)
@@ -284,6 +285,7 @@ class BlockServer:
             peer_id=self.host.peer_id,
             addrs=tuple(self.addrs),
             model=self.model,
+            model_name=self.model_name,
             start=self.start_block,
             end=self.end_block,
             state=self.state,

@@ -22,11 +22,13 @@ def dial_order(addrs: list[str]) -> list[str]:
 
 
 def ready_line(server: BlockServer) -> str:
-    """``serving blocks START:END of MODEL at MULTIADDR (also at ...)``: what `swarm serve` prints
-    when it is ready (scripts and tests wait for it)."""
+    """``NAME: serving blocks START:END of MODEL_ID at MULTIADDR (also at ...)``: what `swarm serve`
+    prints when it is ready (scripts and tests wait for it: :data:`swarm.launch.READY`). The name
+    people call the model comes first, so that ``of MODEL_ID at MULTIADDR`` stays one word each."""
     first, *more = dial_order(server.addrs)
     also = f" (also at {', '.join(more)})" if more else ""
-    return f"serving blocks {server.start_block}:{server.end_block} of {server.model} at {first}{also}"
+    return (f"{server.model_name}: serving blocks {server.start_block}:{server.end_block} of {server.model} "
+            f"at {first}{also}")
 
 
 class Server:

@@ -8,15 +8,15 @@ from collections.abc import Mapping
 
 from swarm.p2p.client import SwarmError, fetch_info
 from swarm.p2p.host import Host, P2PError
-from swarm.p2p.table import PeerTable, ServerInfo, coverage, gaps
+from swarm.p2p.table import MAX_NAME, PeerTable, ServerInfo, announced_text, coverage, gaps
 from swarm.p2p.wire import PeerId, RemoteError, WireError
 
 
 async def gather_status(initial_peers: list[str], model: str | None = None, timeout: float = 10.0) -> dict:
     """Ask the initial peers for their tables and ping every server listed.
 
-    Returns ``{"model", "num_blocks", "servers": [{peer_id, blocks, state, throughput, ...}], "gaps",
-    "coverage", "bottleneck", "moves"}``.
+    Returns ``{"model", "model_name", "num_blocks", "servers": [{peer_id, blocks, state, throughput,
+    ...}], "gaps", "coverage", "bottleneck", "moves"}``.
     A server that does not answer its ping (killed, frozen, unreachable from here) is shown with
     state ``unreachable`` and counts for neither gaps nor coverage: the tables still list it until
     its entry expires (3 announce periods), but no client could use it.
@@ -45,7 +45,10 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
             host.add_addrs(s.peer_id, list(s.addrs))
 
         rtts = await ping_all(host, servers, timeout=min(timeout, 3.0))
-        return status_report(model, num_blocks, servers, rtts, errors)
+        # the name the initial peers announce (else any server's: a client has no checkpoint to name it)
+        names = [announced_text(i.get("model_name", ""), MAX_NAME) for i in infos if i.get("model") == model]
+        name = next((n for n in [*names, *(s.model_name for s in servers.values())] if n), "")
+        return status_report(model, num_blocks, servers, rtts, errors, model_name=name)
     finally:
         await host.close()
 
@@ -68,10 +71,12 @@ def status_report(
     servers: Mapping[PeerId, ServerInfo],
     rtts: Mapping[PeerId, float | None],
     unreachable_initial_peers: list[str] = (),
+    model_name: str = "",
 ) -> dict:
     """The status object (``swarm status --json``, ``GET /v1/swarm`` of ``swarm api``) of a table
     snapshot and the servers' round-trip times: a server without an RTT is ``unreachable`` and
-    counts for neither gaps nor coverage."""
+    counts for neither gaps nor coverage. ``model`` is the model's id, ``model_name`` what people
+    call it ("" when unknown)."""
     reachable = {p: s for p, s in servers.items() if rtts.get(p) is not None}
     rows = [
         {
@@ -100,6 +105,7 @@ def status_report(
     totals = coverage(reachable, num_blocks)
     return {
         "model": model,
+        "model_name": model_name,
         "num_blocks": num_blocks,
         "servers": rows,
         "gaps": [list(g) for g in gaps(reachable, num_blocks)],

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import msgpack
 from swarm import __version__
@@ -29,6 +31,7 @@ from swarm.p2p.wire import PeerId
 MAX_SERVERS = 10_000  # entries a table takes (one per peer id); a flood of made-up peers is ignored beyond
 MAX_ADDRS = 16  # addresses taken from one announcement
 MAX_MOVES = 10  # recent moves taken from one announcement
+MAX_NAME = 96  # characters of an announced model name (a Hub repo id is at most 96)
 BANDWIDTH_SOURCES = ("measured", "given", "assumed", "")
 THROUGHPUT_SOURCES = ("measured", "cached", "given", "")
 STATES = ("joining", "online", "offline")
@@ -42,6 +45,25 @@ def model_id(checkpoint: Checkpoint) -> str:
     identity = {"config": _model_fields(checkpoint.raw_config), "weights": checkpoint.fingerprint()}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return f"{checkpoint.raw_config.get('model_type', 'model')}-{digest}"
+
+
+def model_name(model_dir: Path) -> str:
+    """What people call the model in a checkpoint directory: the directory's name (the name `swarm
+    api` serves it by), or ``ORG/NAME`` for a Hugging Face Hub snapshot (whose directory,
+    ``models--ORG--NAME/snapshots/REVISION``, is named by its revision). Shown beside the
+    :func:`model_id`, which says what the model is but not what it is called."""
+    model_dir = Path(os.path.abspath(model_dir))  # "." and ".." by name; a symlink keeps its own name
+    repo = model_dir.parent.parent.name
+    if model_dir.parent.name == "snapshots" and repo.startswith("models--"):
+        return "/".join(repo.removeprefix("models--").split("--", 1))
+    return model_dir.name
+
+
+def announced_text(value: object, limit: int) -> str:
+    """A string field of an announcement as it may be shown (``swarm status``, logs, the web page),
+    or "" when it is not a printable string: every peer is a stranger, and a control character
+    could rewrite a terminal. Cut to ``limit`` characters."""
+    return value[:limit] if isinstance(value, str) and value.isprintable() else ""
 
 
 def _model_fields(raw: dict) -> dict:
@@ -79,6 +101,7 @@ class ServerInfo:
     bandwidth_source: str = ""  # measured (a timed echo to a peer), given (--bandwidth) or assumed
     throughput_source: str = ""  # measured now, cached (an earlier measurement here) or given (--throughput N)
     moves: tuple = ()  # recent moves: (unix time, from start, from end, to start, to end), oldest first
+    model_name: str = ""  # what people call the model (:func:`model_name`; "" from servers before it was announced)
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     def to_wire(self) -> dict:
@@ -108,7 +131,7 @@ class ServerInfo:
                 weight_bytes=_count(data.get("weight_bytes", 0)),
                 cache_tokens_left=int(data.get("cache_tokens_left", 0)),
                 version=str(data.get("version", "")),
-                public_name=str(data.get("public_name", ""))[:64],
+                public_name=announced_text(data.get("public_name", ""), 64),
                 period=float(data.get("period", 5.0)),
                 instance=str(data.get("instance", ""))[:64],
                 sessions=int(data.get("sessions", 0)),
@@ -119,6 +142,7 @@ class ServerInfo:
                 bandwidth_source=str(data.get("bandwidth_source", "")),
                 throughput_source=str(data.get("throughput_source", "")),
                 moves=tuple(_move(m) for m in list(data.get("moves") or ())[-MAX_MOVES:]),
+                model_name=announced_text(data.get("model_name", ""), MAX_NAME),
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:

@@ -197,7 +197,7 @@ function renderNotes(data) {
 function renderSwarm(data) {
   if (!data || !Array.isArray(data.servers)) throw new ApiError(0, "unexpected answer from v1/swarm");
   swarmModel = String(data.model || "");
-  $("model-name").textContent = `${apiModel || swarmModel} · ${num(data.num_blocks)} blocks`;
+  $("model-name").textContent = `${apiModel || String(data.model_name || "") || swarmModel} · ${num(data.num_blocks)} blocks`;
   $("model-name").title = "model id in the swarm: " + swarmModel;
   renderServers(data.servers, num(data.num_blocks));
   renderCoverage(data);
