@@ -181,8 +181,7 @@ def serve(
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.quant import QuantUnavailableError
     from swarm.p2p.host import P2PError
-    from swarm.p2p.server import serve_forever
-    from swarm.p2p.server_handle import ready_line
+    from swarm.p2p.server_handle import ready_line, serve_forever
 
     del flags["verbose"], flags["step_timeout"]
     if step_timeout is not None:

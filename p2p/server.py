@@ -7,12 +7,12 @@ Protocols (see :mod:`swarm.p2p.protocols`):
 - ``inference`` and ``push``: sessions with KV caches, stepped by their client and pushed along
   the chain by the servers before this one (see :mod:`swarm.p2p.sessions`);
 - ``forward`` / ``backward``: stateless passes over a sub-range, optionally with a client's
-  adapter (LoRA, deep prompts; kept by digest in an :class:`~swarm.p2p.adapter_store.AdapterStore`);
-  backward recomputes the forward and returns the gradient with respect to the input hidden
-  states and to the adapter's tensors (the blocks' weights are frozen). A request may name a
-  wire dtype (``wire``, see :mod:`swarm.p2p.compression`) for the output or input gradient. The client must keep its
-  side of the stream open until the reply: an end of stream or a reset means nobody waits for
-  the result any more, and the computation stops before its next block.
+  adapter (see :mod:`swarm.p2p.passes`).
+
+Where its blocks go (an ``auto`` range, moves) is decided by :mod:`swarm.p2p.placement`, which
+sees the server through :class:`~swarm.p2p.placement.Placed`. It runs in a process as `swarm
+serve` does (:func:`~swarm.p2p.server_handle.serve_forever`) or beside other work
+(:class:`~swarm.p2p.server_handle.Server`).
 
 Every peer is a stranger: what one peer can make the server hold is bounded (streams per
 protocol, sessions and cache tokens, bytes of frames in flight, a deadline per frame), and a bad
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 import time
 from collections import Counter
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -38,18 +37,18 @@ import msgpack
 import torch
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
-from swarm.engine.adapters import attach, run_backward, run_forward
-from swarm.engine.checkpoint import BlockRange, Checkpoint, StepCancelled, parse_dtype
+from swarm.engine.adapters import attach
+from swarm.engine.checkpoint import BlockRange, Checkpoint, parse_dtype
 from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
 from swarm.p2p import placement, protocols
 from swarm.p2p.adapter_store import AdapterStore
 from swarm.p2p.addresses import check_announce_addr, interface_ips, public_addrs
-from swarm.p2p.bandwidth import handle_probe
-from swarm.p2p.compression import pack_off_loop, session_wire
+from swarm.p2p.bandwidth import handle_probe, measure_link
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
-from swarm.p2p.identity import Identity, claim_default_identity
-from swarm.p2p.limits import FrameBudget, FrameBudgetError
+from swarm.p2p.identity import Identity
+from swarm.p2p.limits import FrameBudget
+from swarm.p2p.passes import handle_pass
 from swarm.p2p.serve_options import (
     PEER_ADAPTER_MIB,
     PEER_SESSION_ADAPTER_MIB,
@@ -58,20 +57,10 @@ from swarm.p2p.serve_options import (
     check_num_blocks,
     parse_blocks,
 )
-from swarm.p2p.sessions import Sessions, check_hidden
+from swarm.p2p.sessions import Sessions
 from swarm.p2p.table import PeerTable, ServerInfo, announce_topic, model_id, model_name, parse_announcement
-from swarm.p2p.wire import (
-    BAD_REQUEST,
-    BUSY,
-    DEFAULT_MAX_FRAME,
-    SERVER_ERROR,
-    Frame,
-    RemoteError,
-    WireError,
-    error_frame,
-    read_frame,
-    write_frame,
-)
+from swarm.p2p.tasks import Tasks
+from swarm.p2p.wire import BUSY, DEFAULT_MAX_FRAME, Frame, RemoteError, WireError, error_frame, read_frame, write_frame
 
 log = logging.getLogger("swarm.server")
 
@@ -154,7 +143,7 @@ class BlockServer:
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
         # allocating, zeroing and freeing KV caches: off the event loop, not queued behind compute
         self._memory = ThreadPoolExecutor(1, thread_name_prefix="swarm-memory")
-        self._tasks: list[asyncio.Task] = []
+        self._tasks = Tasks(log)  # its background tasks: announcements, placement, the table's listener
         self._stopped = asyncio.Event()
         self._cache_changed = asyncio.Event()
         self._moved_from: tuple[int, int] | None = None  # the range held before the last move
@@ -216,17 +205,17 @@ class BlockServer:
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
             host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
             host.set_stream_handler(protocols.PUSH, server._limited(protocols.PUSH, server.inference.handle_push))
-            host.set_stream_handler(protocols.FORWARD, server._limited(protocols.FORWARD, server._handle_forward))
-            host.set_stream_handler(protocols.BACKWARD, server._limited(protocols.BACKWARD, server._handle_backward))
+            for protocol, kind in ((protocols.FORWARD, "forward"), (protocols.BACKWARD, "backward")):
+                host.set_stream_handler(protocol, server._limited(protocol, functools.partial(handle_pass, server, kind)))
             server.state = "online"
             await server._announce(direct=True)
-            server._tasks.append(asyncio.create_task(server._announce_loop()))
+            server._tasks.spawn(server._announce_loop(), "announce")
             if server.speed.bandwidth_source == "assumed" and server.speed.source != "given":
-                server._tasks.append(asyncio.create_task(placement.measure_bandwidth_later(server)))
+                server._tasks.spawn(placement.measure_bandwidth_later(server), "measure bandwidth")
             if fixed is None and cfg.balance_quality > 0:  # a range given by hand stays where it is
-                server._tasks.append(asyncio.create_task(placement.balance_loop(server)))
+                server._tasks.spawn(placement.balance_loop(server), "balance")
         except BaseException:
-            await host.close()
+            await server._release()
             raise
         if on_ready is not None:
             on_ready(server)
@@ -235,7 +224,7 @@ class BlockServer:
     async def _join(self) -> None:
         """Subscribe to the model's topic, dial the initial peers and take their tables."""
         subscription = await self.host.subscribe(announce_topic(self.model))
-        self._tasks.append(asyncio.create_task(self._listen(subscription)))
+        self._tasks.spawn(self._listen(subscription), "listen")
         errors = []
         for maddr in self.cfg.initial_peers:
             try:
@@ -265,18 +254,73 @@ class BlockServer:
         except (P2PError, TimeoutError, OSError) as exc:
             log.warning("could not announce going offline: %s", exc)
         await self.inference.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._release()
+
+    async def _release(self) -> None:
+        """Stop the background tasks, close the host, let the executors' threads go."""
+        await self._tasks.close()
         await self.host.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._memory.shutdown(wait=False, cancel_futures=True)
 
-    # ---- load balancing (see swarm.p2p.placement) ------------------------------------------
+    # ---- placement (decided by swarm.p2p.placement) ----------------------------------------
+
+    # what placement sees of a server (swarm.p2p.placement.Placed), besides cfg, checkpoint,
+    # model, speed, balance_checks and compute
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        return self.start_block, self.end_block
+
+    @property
+    def online(self) -> bool:
+        return self.state == "online"
+
+    def snapshot(self) -> dict[str, ServerInfo]:
+        return self.table.snapshot()
+
+    async def link_speed(self, peers: list[str], timeout: float) -> float | None:
+        return await measure_link(self.host, peers, timeout)
 
     async def move(self, start: int) -> None:
-        """Serve the same number of blocks from ``start`` on (see :func:`swarm.p2p.placement.move`)."""
-        await placement.move(self, start)
+        """Serve the same number of blocks from ``start`` on: announce the new range as joining,
+        load it, announce it online; sessions on the old range may finish within
+        ``drain_timeout``, then end with ``session_expired`` (their clients fail over, replaying
+        their history, so their output stays exact). Requests for the old range from clients
+        with an older view are answered ``busy`` (they go elsewhere). If loading fails, the
+        server stays on its old range."""
+        old_blocks, old_range = self.blocks, (self.start_block, self.end_block)
+        end = start + old_range[1] - old_range[0]
+        log.info("moving from blocks %d:%d to %d:%d", *old_range, start, end)
+        try:
+            self._moved_from = old_range
+            self.state, self.start_block, self.end_block = "joining", start, end
+            await self._announce_move()
+            blocks = await self.compute(
+                functools.partial(self.checkpoint.load_blocks, start, end, parse_dtype(self.cfg.dtype), quant=self.cfg.quant)
+            )
+        except BaseException:
+            self._moved_from = None
+            self.state, self.start_block, self.end_block = "online", *old_range
+            await self._announce_move()
+            raise
+        self.blocks = attach(blocks)
+        self.state = "online"
+        self.moves = [*self.moves[-9:], {"time": time.time(), "from": list(old_range), "to": [start, end]}]
+        await self._announce_move()
+        await self.inference.drain(old_blocks, self.cfg.drain_timeout)
+
+    async def _announce_move(self) -> None:
+        """Announce a step of a move, best effort: a failed announcement must not leave a move half
+        done (the periodic announcements repeat it)."""
+        try:
+            await self._announce(direct=True)
+        except (P2PError, OSError) as exc:
+            log.warning("could not announce blocks %d:%d (%s): %s", self.start_block, self.end_block, self.state, exc)
 
     # ---- announcements ---------------------------------------------------------------------
 
@@ -487,124 +531,3 @@ class BlockServer:
             await write_frame(stream, error_frame(str(exc), code), timeout=5)
         except (P2PError, OSError):
             pass
-
-    async def _stateless(self, stream, kind: str) -> None:
-        """A ``forward`` (hidden [, adapter...]) or ``backward`` (hidden, grad_output [, adapter...])
-        request, answered with a ``result``: the output, or the gradient with respect to hidden
-        followed by the adapter tensors' gradients (named by its ``names`` field)."""
-        frame, watcher, stop = None, None, threading.Event()
-        peer = stream.remote_peer_id
-        try:
-            frame = await read_frame(
-                stream, timeout=self.cfg.request_timeout, max_frame=self.cfg.max_frame,
-                frame_timeout=self.cfg.request_timeout, budget=self.frames,
-            )
-            if frame.kind != kind:
-                raise WireError(f"expected a {kind} frame, got {frame.kind}")
-            blocks = self.check_range(frame["start"], frame["end"])
-            wire = session_wire(frame.fields.get("wire"))
-            hidden = frame.tensors[0]
-            check_hidden(blocks, hidden)
-            tokens = hidden.shape[0] * hidden.shape[1]
-            if not 1 <= hidden.shape[0] <= self.cfg.max_batch or tokens > self.cfg.max_stateless_tokens:
-                raise ValueError(
-                    f"a {kind} pass takes batch 1 to {self.cfg.max_batch} and {self.cfg.max_stateless_tokens} "
-                    f"tokens here, got {list(hidden.shape[:2])}; split it"
-                )
-            self.check_context(hidden.shape[1], f"a {kind} pass of length")
-            base = 1 if kind == "forward" else 2
-            if kind == "backward" and not frame.tensors[1].is_floating_point():
-                raise ValueError(f"grad_output must be floating point, got {frame.tensors[1].dtype}")
-            tensors, spec = await self.adapters.resolve(peer, frame, base, blocks)
-            if kind == "backward" and tensors and frame.grant is not None:
-                # the reply carries the adapter's float32 gradients, which the request (naming the
-                # adapter by digest) need not: count them with the frame until the reply is written
-                frame.grant.grow(sum(4 * t.numel() for t in tensors.values()))
-            # the client keeps its side open until the reply: an end or a reset means nobody waits
-            watcher = asyncio.create_task(_watch_for_end(stream, stop))
-            if kind == "forward":
-                output = await self.compute(run_forward, blocks, hidden, tensors, spec, stop.is_set)
-                reply = Frame("result", {}, [await pack_off_loop(output, wire)])
-            else:
-                grad_input, grads = await self.compute(
-                    run_backward, blocks, hidden, frame.tensors[1], tensors, spec, stop.is_set
-                )
-                grad_input = await pack_off_loop(grad_input, wire)
-                reply = Frame("result", {"names": list(grads)}, [grad_input, *grads.values()])
-            self.served(hidden.shape[0] * hidden.shape[1])  # computed: hidden was [batch, seq, hidden]
-            await write_frame(stream, reply, timeout=self.cfg.request_timeout)
-        except StepCancelled:
-            log.info("%s request from %s abandoned by its client: stopped", kind, peer[-8:])
-        except WireError as exc:
-            await self.reply_error(stream, exc, exc.code)
-        except FrameBudgetError as exc:
-            await self.reply_error(stream, exc, BUSY)
-        except (ValueError, TypeError) as exc:
-            await self.reply_error(stream, exc, BAD_REQUEST)
-        except (RuntimeError, MemoryError) as exc:  # our own failure: the client goes elsewhere
-            log.exception("%s request from %s failed", kind, peer[-8:])
-            await self.reply_error(stream, exc, SERVER_ERROR)
-        except (P2PTimeoutError, StreamClosedError) as exc:
-            log.info("%s request from %s ended early: %s", kind, peer[-8:], exc)
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
-            if frame is not None:
-                frame.release()
-
-    async def _handle_forward(self, stream) -> None:
-        await self._stateless(stream, "forward")
-
-    async def _handle_backward(self, stream) -> None:
-        await self._stateless(stream, "backward")
-
-
-async def _watch_for_end(stream, stop: threading.Event) -> None:
-    """Set ``stop`` when the peer sends anything more, ends its side or resets the stream."""
-    try:
-        await stream.read(1)
-    except P2PError:
-        pass
-    stop.set()
-
-
-def default_identity(home: Path) -> Identity:
-    """``$SWARM_HOME/identity.key``, or ``identity-2.key``, ... when another process holds it,
-    claimed for this process (see :mod:`swarm.p2p.identity`): several servers on one machine get
-    distinct peer ids, each stable across restarts."""
-    return claim_default_identity(home)
-
-
-def serve_forever(cfg: ServerConfig, on_ready=None) -> None:
-    """Run a server until SIGINT/SIGTERM, then announce offline and exit cleanly.
-
-    The event loop runs on a background thread and block computation on this (the main) thread,
-    where PyTorch's kernels are fastest (see :class:`~swarm.p2p.loop.MainThreadExecutor`)."""
-    import signal
-
-    from swarm.p2p.loop import BackgroundLoop, MainThreadExecutor
-
-    compute = MainThreadExecutor()
-    background = BackgroundLoop()
-    stop_requested = threading.Event()
-
-    def request_stop(*_):
-        stop_requested.set()
-        compute.wake()
-
-    # SIGTERM from before the start, whose ready line a supervisor may answer with a signal at
-    # once: then the server stops as soon as it has started. Ctrl-C during the start interrupts it.
-    signal.signal(signal.SIGTERM, request_stop)
-    try:
-        starting = asyncio.run_coroutine_threadsafe(BlockServer.start(cfg, on_ready, compute), background.loop)
-        starting.add_done_callback(lambda _: compute.wake())
-        compute.run_until(starting.done)
-        server = starting.result()
-        signal.signal(signal.SIGINT, request_stop)
-        compute.run_until(stop_requested.is_set)
-        stopping = asyncio.run_coroutine_threadsafe(server.stop(), background.loop)
-        stopping.add_done_callback(lambda _: compute.wake())
-        compute.run_until(stopping.done)
-    finally:
-        background.close()

@@ -1,17 +1,19 @@
-"""A server in this process (:class:`Server`), for notebooks, programs and tests, and the line
-`swarm serve` prints once it is ready.
-
-`swarm serve` runs a :class:`~swarm.p2p.server.BlockServer` with its event loop on a thread and
-block computation on the main thread (:func:`~swarm.p2p.server.serve_forever`); a :class:`Server`
-leaves the caller's thread free instead: its loop runs on a thread of its own and computation on
-another, so a notebook can start servers and a client side by side.
+"""Two ways to run a :class:`~swarm.p2p.server.BlockServer`: :func:`serve_forever`, as `swarm serve`
+does (its event loop on a thread, block computation on the main thread, until a signal), and
+:class:`Server`, a server in this process beside other work (notebooks, programs, tests): its loop
+runs on a thread of its own and computation on another, so the caller's thread stays free. And
+the line `swarm serve` prints once it is ready.
 """
 
 from __future__ import annotations
 
-from swarm.p2p.loop import BackgroundLoop
+import asyncio
+import signal
+import threading
+
+from swarm.p2p.loop import BackgroundLoop, MainThreadExecutor
 from swarm.p2p.serve_options import ServeOptions
-from swarm.p2p.server import BlockServer
+from swarm.p2p.server import BlockServer, ServerConfig
 
 STOP_TIMEOUT = 30.0  # seconds close() waits for the offline announcement and the sessions to end
 
@@ -29,6 +31,36 @@ def ready_line(server: BlockServer) -> str:
     also = f" (also at {', '.join(more)})" if more else ""
     return (f"{server.model_name}: serving blocks {server.start_block}:{server.end_block} of {server.model} "
             f"at {first}{also}")
+
+
+def serve_forever(cfg: ServerConfig, on_ready=None) -> None:
+    """Run a server until SIGINT/SIGTERM, then announce offline and exit cleanly.
+
+    The event loop runs on a background thread and block computation on this (the main) thread,
+    where PyTorch's kernels are fastest (see :class:`~swarm.p2p.loop.MainThreadExecutor`)."""
+    compute = MainThreadExecutor()
+    background = BackgroundLoop()
+    stop_requested = threading.Event()
+
+    def request_stop(*_):
+        stop_requested.set()
+        compute.wake()
+
+    # SIGTERM from before the start, whose ready line a supervisor may answer with a signal at
+    # once: then the server stops as soon as it has started. Ctrl-C during the start interrupts it.
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        starting = asyncio.run_coroutine_threadsafe(BlockServer.start(cfg, on_ready, compute), background.loop)
+        starting.add_done_callback(lambda _: compute.wake())
+        compute.run_until(starting.done)
+        server = starting.result()
+        signal.signal(signal.SIGINT, request_stop)
+        compute.run_until(stop_requested.is_set)
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(), background.loop)
+        stopping.add_done_callback(lambda _: compute.wake())
+        compute.run_until(stopping.done)
+    finally:
+        background.close()
 
 
 class Server:

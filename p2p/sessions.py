@@ -50,13 +50,15 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.cache.kv import CacheFullError
-from swarm.engine.adapters import AdapterSpec, applied, check_tensors
+from swarm.engine.adapters import AdapterSpec, check_tensors
 from swarm.engine.checkpoint import BlockRange, StepCancelled
+from swarm.engine.steps import check_chunks, check_hidden, run_step
 from swarm.p2p import protocols
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.adapter_store import read_adapter_field, tensor_bytes
 from swarm.p2p.compression import SESSION_WIRES, pack_off_loop, packed_nbytes, session_wire, wire_of_form
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
+from swarm.p2p.tasks import Tasks
 from swarm.p2p.wire import (
     BAD_REQUEST,
     BUSY,
@@ -136,6 +138,7 @@ class Sessions:
         self.live: dict[str, _Session] = {}
         self._push_links: dict[str, _PushLink] = {}
         self._opening: Counter = Counter()  # peer -> sessions being allocated now
+        self._tasks = Tasks(log)  # connections to push links being opened
         # adapter bytes sessions hold, per peer and in total (the same bookkeeping as frames in flight)
         self.adapters = FrameBudget(
             self.cfg.session_adapter_memory, min(self.cfg.peer_session_adapter_memory, self.cfg.session_adapter_memory)
@@ -151,10 +154,7 @@ class Sessions:
         """Stop every session's work and connection attempts (the host closes after this)."""
         for session in self.live.values():
             session.stop.set()
-        tasks = [link.connecting for link in self._push_links.values() if link.connecting]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
 
     async def drain(self, blocks: BlockRange, timeout: float) -> None:
         """Let the sessions running on ``blocks`` (a range this server no longer serves) finish
@@ -380,7 +380,7 @@ class Sessions:
         position = frame["position"]
         if not isinstance(position, int):
             raise ValueError(f"a step's position must be an integer, got {position!r}")
-        chunks = _check_chunks(frame.fields.get("chunks"), hidden)
+        chunks = check_chunks(frame.fields.get("chunks"), hidden)
         check_hidden(session.blocks, hidden)
         self.server.check_context(position + hidden.shape[1], "the step's end position")
         repeat = frame["step_id"] == session.last_step and position == session.last_position
@@ -390,7 +390,7 @@ class Sessions:
             raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
         session.last_step = None  # until this step has run
         output, fresh = await self.server.compute(
-            _run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
+            run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
             session.last_input if repeat else None, session.last_output, position if repeat else None,
             session.last_reordered, session.stop.is_set, session.adapter, session.spec, session=session,
         )
@@ -486,7 +486,7 @@ class Sessions:
         link = self._push_links.setdefault(peer, _PushLink())
         if link.stream is None:  # not connected yet (connecting now, or failed lately)
             if link.connecting is None and time.monotonic() >= link.retry_at:
-                link.connecting = asyncio.create_task(self._connect_push(peer, link))
+                link.connecting = self._tasks.spawn(self._connect_push(peer, link), f"push link to {peer[-8:]}")
             return False
         fields = {
             "session": session, "step_id": frame["step_id"], "position": frame["position"],
@@ -539,55 +539,3 @@ def _step_parts(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, list[t
     if any(t.shape != hidden.shape or not t.is_floating_point() for t in trail):  # dtypes may differ by server
         raise ValueError("a step's trail tensors must be hidden states shaped like its own")
     return hidden, hypo_ids, trail
-
-
-def check_hidden(blocks: BlockRange, hidden: torch.Tensor) -> None:
-    if not hidden.is_floating_point() or hidden.dim() != 3 or hidden.shape[-1] != blocks.config.hidden_size:
-        raise ValueError(
-            f"hidden states must be floating point [batch, seq, {blocks.config.hidden_size}], "
-            f"got {hidden.dtype} {list(hidden.shape)}"
-        )
-
-
-def _check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
-    """A step may carry ``chunks``: the lengths of the steps it replays (a replacement server
-    rebuilding a failed one's cache runs the client's history step by step, exactly as it was
-    first computed). Without it the step is one chunk."""
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden states must be [batch, seq, hidden], got shape {list(hidden.shape)}")
-    if chunks is None:
-        return [hidden.shape[1]]
-    if not (isinstance(chunks, list) and chunks and all(isinstance(c, int) and c > 0 for c in chunks)):
-        raise ValueError("chunks must be a non-empty list of positive step lengths")
-    if sum(chunks) != hidden.shape[1]:
-        raise ValueError(f"chunks add up to {sum(chunks)} positions but the step carries {list(hidden.shape)}")
-    return chunks
-
-
-def _run_step(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int], last_input, last_output, rewind_to,
-              reordered: bool, should_stop, adapter=None, spec: AdapterSpec | None = None) -> tuple[torch.Tensor, bool]:
-    """On the compute thread: a step (or a replay split into ``chunks``), or the answer to a repeat
-    of the last step (``rewind_to`` set): the same input gets the same output without computing,
-    another input rewinds the cache to ``rewind_to`` and is computed anew. The session's
-    ``adapter`` (checked when it opened) is lent to the blocks for the step. Returns the outputs
-    of every position and whether they were computed now."""
-    if rewind_to is not None:
-        if last_input is not None and torch.equal(hidden, last_input):
-            return last_output, False
-        if reordered:  # the rows were reordered for the other input: they cannot be put back
-            raise ValueError("this step was already run with other inputs and reordered the cache; reopen the session")
-        kv.rewind(rewind_to)
-    if hypo_ids is not None:
-        batch = hidden.shape[0]
-        if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (batch,):
-            raise ValueError(f"hypo_ids must be int64 of shape [{batch}], got {hypo_ids.dtype} {list(hypo_ids.shape)}")
-        if len(hypo_ids) and not (0 <= int(hypo_ids.min()) and int(hypo_ids.max()) < batch):
-            raise ValueError(f"hypo_ids must index rows 0..{batch - 1}")
-    kv.check_room(hidden.shape[1])
-    outputs, start = [], 0
-    with torch.no_grad(), applied(blocks, adapter, spec):
-        for i, length in enumerate(chunks):
-            part = hidden[:, start : start + length]
-            outputs.append(blocks(part, kv, hypo_ids if i == 0 else None, should_stop=should_stop))
-            start += length
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), True

@@ -16,6 +16,7 @@ from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
 from swarm.p2p.identity import claim_identity
 from swarm.p2p.loop import run
+from swarm.p2p.placement import Placed
 from swarm.p2p.serve_options import ServeOptions
 from swarm.p2p.server_handle import Server
 from swarm_utils import swarm_generate
@@ -117,6 +118,7 @@ def test_a_server_in_this_process_serves_a_client(tiny_checkpoints, tmp_path):
         assert first.model == client_model_id(client_model)
         with Server(model, blocks="2:4", initial_peers=first.address, identity=tmp_path / "b.key", **common) as second:
             assert second.blocks == (2, 4)
+            assert isinstance(second._server, Placed)  # all placement may touch of a server
             tokens = swarm_generate(model, first.address, cfg, wait_timeout=20.0)
     assert tokens == expected
     first.close()
