@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup model demo test bench bench-paper clean
+.PHONY: setup model demo test bench bench-paper docs clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ bench-paper: model  # root: emulated hosts (network namespaces), memory cgroups,
 	bash scripts/setup.sh --netlab
 	$(PY) -m pip install --quiet -e '.[plot]'
 	$(PY) scripts/bench_paper.py
+
+docs:  # rewrite the benchmark tables of README.md and docs/ from scripts/results/*.json (docs_figures.py --check compares)
+	$(or $(PYTHON),python3) scripts/docs_figures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
