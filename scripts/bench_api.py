@@ -32,14 +32,12 @@ from pathlib import Path
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_swarm import start_servers  # noqa: E402
-
-from swarm.engine.client import ClientModel  # noqa: E402
-from swarm.engine.default_model import ensure_default_model  # noqa: E402
-from swarm.engine.generation import GenerationConfig  # noqa: E402
-from swarm.p2p.client import ClientConfig, generate_swarm  # noqa: E402
-from swarm.p2p.table import model_id  # noqa: E402
+from swarm.engine.client import ClientModel
+from swarm.engine.default_model import ensure_default_model
+from swarm.engine.generation import GenerationConfig
+from swarm.launch import even_ranges, running_swarm
+from swarm.p2p.client import ClientConfig, generate_swarm
+from swarm.p2p.table import model_id
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 URL = re.compile(r"at (http://\S+) \(OpenAI API")
@@ -135,9 +133,12 @@ def main() -> None:
     path = ensure_default_model()
     client = ClientModel.load(path)
     prompt_ids = client.encode(PROMPT, chat=True)
-    with tempfile.TemporaryDirectory(prefix="swarm-bench-api-") as home:
-        procs, first = start_servers(path, args.dtype, home, None)
-        api = None
+    ranges = even_ranges(client.checkpoint.num_blocks, 3)
+    with (
+        tempfile.TemporaryDirectory(prefix="swarm-bench-api-") as home,
+        running_swarm(path, ranges, home, ("--dtype", args.dtype)) as servers,
+    ):
+        first, api = servers[0].maddr, None
         try:
             api, url = start_api(path, first, home)
             stream_once(url, 4)  # warm up: the API's chain and the servers' first sessions
@@ -167,10 +168,9 @@ def main() -> None:
                 rate, ttft = concurrent_batch(url, args.tokens, n)
                 print(f"  {n:>8}{rate:>17.1f}{ttft * 1e3:>14.0f}", flush=True)
         finally:
-            for p in ([api] if api else []) + procs:
-                p.terminate()
-            for p in ([api] if api else []) + procs:
-                p.wait(15)
+            if api:
+                api.terminate()
+                api.wait(15)
 
 
 if __name__ == "__main__":

@@ -67,21 +67,18 @@ import argparse
 import json
 import math
 import os
-import queue
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from memcap import in_cgroup  # noqa: E402
+from memcap import in_cgroup  # a sibling script (its folder is on sys.path)
 
-READY = re.compile(r"serving blocks (\d+):(\d+) of \S+ at (/ip4/\S+)")
+from swarm.launch import ServeProcess
+
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
@@ -153,58 +150,17 @@ def period_for(shares: list[float]) -> int:
 # ---- processes ------------------------------------------------------------------------------------
 
 
-def swarm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "swarm.cli.main", *args]
-
-
-class Server:
-    """One `swarm serve` process (stderr to a log file), optionally started inside a cgroup."""
+class Server(ServeProcess):
+    """One `swarm serve` process (SWARM_HOME ``home``, its stderr in ``home/server.log``), optionally
+    started inside a cgroup."""
 
     def __init__(self, args: list[str], home: Path, name: str, group: CpuGroup | None, throttle_start: bool):
         home.mkdir(parents=True, exist_ok=True)
-        self.name, self.group, self.log_path = name, group, home / "server.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115  (open for the process's life, closed by wait)
-        cmd = swarm_cmd("serve", *args)
-        if group is not None and throttle_start:  # in the group from the first instruction on
-            cmd = in_cgroup(group.path, cmd)
+        self.name, self.group = name, group
+        # in the group from the first instruction on
+        prefix = in_cgroup(group.path, []) if group is not None and throttle_start else []
         env = {**os.environ, "SWARM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.maddr = ""
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_ready(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.wait()}: {self.tail()}")
-            if match := READY.search(line):
-                self.maddr = match.group(3)
-                return self.maddr
-        raise RuntimeError(f"{self.name} not ready in {timeout:.0f} s: {self.tail()}")
-
-    def tail(self) -> str:
-        self._log.flush()
-        lines = self.log_path.read_text().strip().splitlines()
-        return lines[-1] if lines else "(empty log)"
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-
-    def wait(self) -> None:
-        """After :meth:`terminate`: wait for the exit (SIGKILL after 15 s)."""
-        wait_or_kill(self.proc)
-        self._log.close()
+        super().__init__(args, env=env, log=home / "server.log", prefix=prefix)
 
 
 class Client:
@@ -516,8 +472,10 @@ def run_benchmark(args) -> None:
                 c.close()
             for s in servers:
                 s.terminate()
-            for p in [*clients, *servers]:
-                p.wait()
+            for c in clients:
+                c.wait()
+            for s in servers:
+                s.stop()
             for g in groups:
                 try:
                     g.remove()

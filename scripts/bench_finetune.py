@@ -19,23 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_swarm import start_servers, thirds  # noqa: E402
-
-from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets, run_backward  # noqa: E402
-from swarm.engine.checkpoint import Checkpoint, parse_dtype  # noqa: E402
-from swarm.engine.default_model import ensure_default_model  # noqa: E402
-from swarm.p2p.client import ClientConfig  # noqa: E402
-from swarm.p2p.remote_blocks import RemoteBlocks  # noqa: E402
+from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets, run_backward
+from swarm.engine.checkpoint import Checkpoint, parse_dtype
+from swarm.engine.default_model import ensure_default_model
+from swarm.launch import even_ranges, running_swarm
+from swarm.p2p.client import ClientConfig
+from swarm.p2p.remote_blocks import RemoteBlocks
 
 
 class RecomputingBlocks(torch.nn.Module):
@@ -105,33 +101,30 @@ def main() -> None:
     ckpt = Checkpoint(path)
     dtype = parse_dtype(args.dtype)
     head = ckpt.load_head(dtype)
-    cuts = thirds(ckpt.num_blocks)
+    cuts = [i * ckpt.num_blocks // 3 for i in range(4)]  # the servers' ranges, recomputed locally alike
     local = LocalBlocks(ckpt.load_blocks(0, ckpt.num_blocks, dtype))
     recomputing = RecomputingBlocks(local.blocks, cuts)
     tensors = init_lora(ckpt, resolve_targets(ckpt, None), rank=8, seed=0)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(100, 40000, (args.batch, args.length), generator=generator) for _ in range(args.steps)]
-    with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
-        procs, first = start_servers(path, args.dtype, home, None)
-        try:
-            with RemoteBlocks.connect(ckpt, [first], ClientConfig(initial_peers=[first])) as remote:
-                settings = {"local": local, "local, recomputing": recomputing, "swarm (3 servers)": remote}
-                for blocks in settings.values():  # warm up: kernels, connections, adapters on servers
-                    train(head, blocks, batches[:1], tensors, 1)
-                rates: dict[str, list[float]] = {name: [] for name in settings}
-                wire = []
-                for _ in range(args.rounds):
-                    for name, blocks in settings.items():
-                        before = remote.wire_bytes
-                        seconds, tokens = train(head, blocks, batches, tensors, args.steps)
-                        rates[name].append(tokens / seconds)
-                        if blocks is remote:
-                            wire.append((remote.wire_bytes - before) / args.steps)
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(15)
+    with (
+        tempfile.TemporaryDirectory(prefix="swarm-bench-") as home,
+        running_swarm(path, even_ranges(ckpt.num_blocks, 3), home, ("--dtype", args.dtype)) as servers,
+    ):
+        first = servers[0].maddr
+        with RemoteBlocks.connect(ckpt, [first], ClientConfig(initial_peers=[first])) as remote:
+            settings = {"local": local, "local, recomputing": recomputing, "swarm (3 servers)": remote}
+            for blocks in settings.values():  # warm up: kernels, connections, adapters on servers
+                train(head, blocks, batches[:1], tensors, 1)
+            rates: dict[str, list[float]] = {name: [] for name in settings}
+            wire = []
+            for _ in range(args.rounds):
+                for name, blocks in settings.items():
+                    before = remote.wire_bytes
+                    seconds, tokens = train(head, blocks, batches, tensors, args.steps)
+                    rates[name].append(tokens / seconds)
+                    if blocks is remote:
+                        wire.append((remote.wire_bytes - before) / args.steps)
     print(f"LoRA r=8 q/v training, SmolLM2-135M, {args.dtype}, batch {args.batch} × {args.length} tokens, "
           f"{args.steps} steps per run, {args.rounds} alternating rounds:")
     print(f"  {'setting':<22}{'tokens/s':>10}{'÷ local':>10}")

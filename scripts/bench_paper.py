@@ -37,13 +37,12 @@ from pathlib import Path
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_local import bench as local_bench, random_1b_checkpoint  # noqa: E402
-from bench_swarm import READY, thirds  # noqa: E402
-from memcap import drop_caches, memory_cgroup  # noqa: E402
-from netlab import Lab, Relay, unavailable  # noqa: E402
+from bench_local import bench as local_bench, random_1b_checkpoint  # sibling scripts (their folder is on sys.path)
+from memcap import drop_caches, memory_cgroup
+from netlab import Lab, Relay, unavailable
 
-from swarm.engine.checkpoint import Checkpoint  # noqa: E402
+from swarm.engine.checkpoint import Checkpoint
+from swarm.launch import ServeProcess, even_ranges
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = [("1 Gbit/s, < 5 ms", 1000.0, 0.0), ("100 Mbit/s, < 5 ms", 100.0, 0.0), ("100 Mbit/s, 100 ms", 100.0, 100.0)]
@@ -64,22 +63,25 @@ class Swarm:
         tag = f"swarm-paper-{os.getpid()}"
         self.groups = [stack.enter_context(memory_cgroup(f"{tag}-{h.name}", server_cap)) for h in self.hosts]
         self.client_group = stack.enter_context(memory_cgroup(f"{tag}-client", client_cap))
-        self.addrs: list[str] = []
-        cuts = thirds(Checkpoint(model).num_blocks)
+        self.servers: list[ServeProcess] = []
+        ranges = even_ranges(Checkpoint(model).num_blocks, 3)
         drop_caches()
         for i, host in enumerate(self.hosts):
             announce = f"/ip4/{host.ip}/tcp/{RELAY_PORT}"
             join = ["--new-swarm"] if i == 0 else ["--initial-peers", self.addrs[0]]
-            argv = [sys.executable, "-m", "swarm.cli.main", "serve", "--model", str(model), "--dtype", "bfloat16",
-                    "--blocks", f"{cuts[i]}:{cuts[i + 1]}", "--host", "127.0.0.1", "--port", str(SERVER_PORT),
-                    "--announce-addr", announce, "--identity", str(home / f"{host.name}.key"), "--threads", "2",
-                    "--cache-tokens", "4096", "--throughput", "10", "--bandwidth", "100", *join]
-            with open(home / f"{host.name}.log", "w") as log:
-                proc = self.lab.popen(host, argv, self.groups[i].command([]), stdout=subprocess.PIPE, stderr=log, text=True)
-            ready = READY.search(proc.stdout.readline())
-            if not ready:
-                raise RuntimeError(f"server {host.name} did not start:\n{(home / f'{host.name}.log').read_text()[-3000:]}")
-            self.addrs.append(ready.group(1))
+            args = ["--model", str(model), "--dtype", "bfloat16", "--blocks", ranges[i], "--host", "127.0.0.1",
+                    "--port", str(SERVER_PORT), "--announce-addr", announce, "--identity", str(home / f"{host.name}.key"),
+                    "--threads", "2", "--cache-tokens", "4096", "--throughput", "10", "--bandwidth", "100", *join]
+            # the cgroup's shell first: `ip netns exec` mounts its own /sys, which would hide the cgroups
+            prefix = [*self.groups[i].command([]), *self.lab.cmd(host, [])]
+            server = ServeProcess(args, log=home / f"{host.name}.log", prefix=prefix)
+            self.servers.append(server)
+            stack.callback(server.stop)
+            server.wait_ready(timeout=300)
+
+    @property
+    def addrs(self) -> list[str]:
+        return [server.maddr for server in self.servers]
 
     def shape(self, mbit: float, rtt_ms: float) -> None:
         for host in [*self.hosts, self.client_host]:
@@ -106,8 +108,8 @@ class Swarm:
             else:
                 out.append(record)
         if proc.wait() != 0:
-            servers = "\n".join(f"{h.name} (exit {h.procs[-1].poll()}, OOM kills {g.oom_kills()}): "
-                                 f"{(self.home / f'{h.name}.log').read_text()[-1500:]}" for h, g in zip(self.hosts, self.groups))
+            servers = "\n".join(f"{h.name} (exit {s.proc.poll()}, OOM kills {g.oom_kills()}): {s.log(1500)}"
+                                 for h, g, s in zip(self.hosts, self.groups, self.servers))
             raise RuntimeError(f"the client failed:\n{(self.home / 'client.log').read_text()[-3000:]}\nservers:\n{servers}")
         return out
 

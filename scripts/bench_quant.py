@@ -21,12 +21,13 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,18 +35,17 @@ import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must prec
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_local import random_1b_checkpoint  # noqa: E402
+from bench_local import random_1b_checkpoint  # a sibling script (its folder is on sys.path)
 
-from swarm.engine.checkpoint import Checkpoint  # noqa: E402
-from swarm.engine.client import ClientModel  # noqa: E402
-from swarm.engine.default_model import ensure_default_model  # noqa: E402
-from swarm.engine.generation import GenerationConfig  # noqa: E402
-from swarm.p2p.client import ClientConfig, generate_swarm  # noqa: E402
-from swarm.p2p.remote_blocks import RemoteBlocks  # noqa: E402
-from swarm.p2p.table import model_id  # noqa: E402
+from swarm.engine.checkpoint import Checkpoint
+from swarm.engine.client import ClientModel
+from swarm.engine.default_model import ensure_default_model
+from swarm.engine.generation import GenerationConfig
+from swarm.launch import ServeProcess, even_ranges, running_swarm
+from swarm.p2p.client import ClientConfig, generate_swarm
+from swarm.p2p.remote_blocks import RemoteBlocks
+from swarm.p2p.table import model_id
 
-READY = re.compile(r"serving blocks \S+ of \S+ at (/ip4/\S+)")
 TEXT = Path(__file__).parent / "data" / "heldout_en.txt"
 # precision -> (--dtype, --quant)
 PRECISIONS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
@@ -64,47 +64,14 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-class Servers:
-    """`swarm serve` processes of ``path`` for ``ranges`` in one precision (a fresh home each)."""
-
-    def __init__(self, path: Path, ranges: list[str], precision: str, home: str):
-        dtype, quant = PRECISIONS[precision]
-        self.procs: list[subprocess.Popen] = []
-        self.first = ""
-        env = {**os.environ, "SWARM_HOME": home}
-        try:
-            for i, blocks in enumerate(ranges):
-                args = [sys.executable, "-m", "swarm.cli.main", "serve", "--model", str(path), "--dtype", dtype,
-                        "--quant", quant, "--blocks", blocks, "--identity", f"{home}/id-{precision}-{i}.key",
-                        "--throughput", "100", "--bandwidth", "1000", "--announce-period", "2"]
-                args += ["--new-swarm"] if not self.first else ["--initial-peers", self.first]
-                proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
-                self.procs.append(proc)
-                for line in proc.stdout:
-                    match = READY.search(line)
-                    if match:
-                        self.first = self.first or match.group(1)
-                        break
-                else:
-                    raise RuntimeError(f"a {precision} server of {path.name} failed to start")
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def thirds(num_blocks: int) -> list[str]:
-    cuts = [0, num_blocks // 3, 2 * num_blocks // 3, num_blocks]
-    return [f"{cuts[i]}:{cuts[i + 1]}" for i in range(3)]
+@contextmanager
+def serving(path: Path, ranges: list[str], precision: str, home: str) -> Iterator[list[ServeProcess]]:
+    """`swarm serve` processes of ``path`` for ``ranges`` in one precision (identities and logs in
+    ``home/PRECISION``)."""
+    dtype, quant = PRECISIONS[precision]
+    flags = ("--dtype", dtype, "--quant", quant, "--throughput", "100", "--bandwidth", "1000", "--announce-period", "2")
+    with running_swarm(path, ranges, Path(home) / precision, flags, env={**os.environ, "SWARM_HOME": home}) as servers:
+        yield servers
 
 
 def text_ids(path: Path, limit: int | None) -> torch.Tensor:
@@ -187,19 +154,16 @@ def memory(path: Path, home: str) -> dict[str, dict]:
     blocks = f"0:{min(22, Checkpoint(path).num_blocks)}"
     out = {}
     for precision in PRECISIONS:
-        servers = Servers(path, [blocks], precision, home)
-        try:
+        with serving(path, [blocks], precision, home) as servers:
             time.sleep(2)  # let the announce loop and the host settle
-            rss, peak = rss_mb(servers.procs[0].pid)
+            rss, peak = rss_mb(servers[0].pid)
             status = subprocess.run([sys.executable, "-m", "swarm.cli.main", "status", "--json", "--initial-peers",
-                                     servers.first], capture_output=True, text=True, env={**os.environ, "SWARM_HOME": home})
+                                     servers[0].maddr], capture_output=True, text=True, env={**os.environ, "SWARM_HOME": home})
             weights = json.loads(status.stdout)["servers"][0]["weight_bytes"] / 2**20
             out[precision] = {"rss_mb": round(rss), "peak_mb": round(peak), "weights_mb": round(weights),
                               "overhead_mb": round(rss - weights)}
             print(f"  memory {precision:9} blocks {blocks}: RSS {rss:7.0f} MB (peak {peak:.0f}), weights {weights:7.0f} MB",
                   flush=True)
-        finally:
-            servers.close()
     return out
 
 
@@ -291,15 +255,12 @@ def main() -> None:
             res: dict = {"tokens": len(ids), "precisions": {}}
             results["models"][label] = res
             for precision in PRECISIONS:
-                servers = Servers(path, thirds(ckpt.num_blocks), precision, home)
-                try:
-                    row = {"ppl": swarm_perplexity(path, servers.first, ids)}
+                with serving(path, even_ranges(ckpt.num_blocks, 3), precision, home) as servers:
+                    row = {"ppl": swarm_perplexity(path, servers[0].maddr, ids)}
                     if key == "1.1b":
-                        row["swarm_decode_tok_s"] = swarm_decode(path, servers.first, args.tokens, args.rounds)
+                        row["swarm_decode_tok_s"] = swarm_decode(path, servers[0].maddr, args.tokens, args.rounds)
                     if precision == "float32":
-                        res["wire"] = wire_rows(path, servers.first, ids, ckpt.config.hidden_size, row["ppl"])
-                finally:
-                    servers.close()
+                        res["wire"] = wire_rows(path, servers[0].maddr, ids, ckpt.config.hidden_size, row["ppl"])
                 res["precisions"][precision] = row
                 print(f"  {precision:9} perplexity {row['ppl']:.3f}"
                       + (f", swarm decode {row['swarm_decode_tok_s']:.1f} tok/s" if "swarm_decode_tok_s" in row else ""),

@@ -11,40 +11,21 @@ transfer). Usage: python scripts/bench_recovery.py [--dtype float32] [--tokens 1
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_swarm import READY  # noqa: E402
-
-from swarm.engine.checkpoint import parse_dtype  # noqa: E402
-from swarm.engine.client import ClientModel  # noqa: E402
-from swarm.engine.default_model import ensure_default_model  # noqa: E402
-from swarm.engine.generation import GenerationConfig  # noqa: E402
-from swarm.p2p.client import ClientConfig, generate_swarm  # noqa: E402
-from swarm.p2p.table import model_id  # noqa: E402
+from swarm.engine.checkpoint import parse_dtype
+from swarm.engine.client import ClientModel
+from swarm.engine.default_model import ensure_default_model
+from swarm.engine.generation import GenerationConfig
+from swarm.launch import running_swarm
+from swarm.p2p.client import ClientConfig, generate_swarm
+from swarm.p2p.table import model_id
 
 PROMPT = "The capital of France is"
-
-
-def start(path: Path, blocks: str, dtype: str, home: str, i: int, first: str | None):
-    import os
-    import subprocess
-
-    args = [sys.executable, "-m", "swarm.cli.main", "serve", "--model", str(path), "--blocks", blocks,
-            "--dtype", dtype, "--identity", f"{home}/id-{i}.key"]
-    args += ["--new-swarm"] if first is None else ["--initial-peers", first]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "SWARM_HOME": home})
-    for line in proc.stdout:
-        match = READY.search(line)
-        if match:
-            return proc, match.group(1)
-    raise RuntimeError("a server failed to start")
 
 
 def replay_compute(client: ClientModel, dtype, prompt_len: int, position: int) -> float:
@@ -73,38 +54,31 @@ def main() -> None:
     model = model_id(client.checkpoint)
     cfg = GenerationConfig(max_new_tokens=args.tokens, eos_token_ids=())
     kills_at = list(range(args.every, args.tokens, args.every))
-    with tempfile.TemporaryDirectory(prefix="swarm-recovery-") as home:
-        procs = {}
-        first = None
-        for i, blocks in enumerate(["0:10", "10:20", "20:30"] + ["10:20"] * len(kills_at)):
-            proc, addr = start(path, blocks, args.dtype, home, i, first)
-            first = first or addr
-            procs[addr.rsplit("/p2p/", 1)[1]] = proc
-        try:
-            ccfg = ClientConfig(initial_peers=[first])
-            t = time.perf_counter()
-            clean = generate_swarm(client, model, prompt, cfg, ccfg)
-            clean_tps = len(clean) / (time.perf_counter() - t)
+    ranges = ["0:10", "10:20", "20:30"] + ["10:20"] * len(kills_at)
+    with (
+        tempfile.TemporaryDirectory(prefix="swarm-recovery-") as home,
+        running_swarm(path, ranges, home, ("--dtype", args.dtype)) as servers,
+    ):
+        first = servers[0].maddr
+        procs = {server.maddr.rsplit("/p2p/", 1)[1]: server for server in servers}
+        ccfg = ClientConfig(initial_peers=[first])
+        t = time.perf_counter()
+        clean = generate_swarm(client, model, prompt, cfg, ccfg)
+        clean_tps = len(clean) / (time.perf_counter() - t)
 
-            chains, stamps, kills = [], [], []
+        chains, stamps, kills = [], [], []
 
-            def on_token(_):
-                stamps.append(time.perf_counter())
-                if len(stamps) in kills_at:
-                    peer = next(s.span.peer_id for s in chains[-1].sessions if s.span.start <= 10 < s.span.end)
-                    kills.append((len(stamps), time.perf_counter()))
-                    procs[peer].kill()
-                    procs[peer].wait()
+        def on_token(_):
+            stamps.append(time.perf_counter())
+            if len(stamps) in kills_at:
+                peer = next(s.span.peer_id for s in chains[-1].sessions if s.span.start <= 10 < s.span.end)
+                kills.append((len(stamps), time.perf_counter()))
+                procs[peer].proc.kill()
+                procs[peer].proc.wait()
 
-            t = time.perf_counter()
-            disturbed = generate_swarm(client, model, prompt, cfg, ccfg, on_token, chains.append)
-            disturbed_tps = len(disturbed) / (time.perf_counter() - t)
-        finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in procs.values():
-                proc.wait()
+        t = time.perf_counter()
+        disturbed = generate_swarm(client, model, prompt, cfg, ccfg, on_token, chains.append)
+        disturbed_tps = len(disturbed) / (time.perf_counter() - t)
     print(f"default model, {args.dtype}, {args.tokens} tokens, a kill every {args.every} tokens")
     print(f"  identical output: {disturbed == clean}")
     print(f"  tokens/s undisturbed {clean_tps:.1f}, with kills {disturbed_tps:.1f}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import struct
 import subprocess
@@ -28,19 +27,18 @@ from types import SimpleNamespace
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_local import random_1b_checkpoint  # noqa: E402
+from bench_local import random_1b_checkpoint  # a sibling script (its folder is on sys.path)
 
-from swarm.engine.checkpoint import Checkpoint, parse_dtype  # noqa: E402
-from swarm.engine.default_model import ensure_default_model  # noqa: E402
-from swarm.engine.generation import GenerationConfig, LocalSession, generate  # noqa: E402
-from swarm.p2p.client import ClientConfig, generate_swarm  # noqa: E402
-from swarm.p2p.host import Host  # noqa: E402
-from swarm.p2p.loop import run  # noqa: E402
-from swarm.p2p.table import model_id  # noqa: E402
-from swarm.p2p.wire import Frame, read_frame, write_frame  # noqa: E402
+from swarm.engine.checkpoint import Checkpoint, parse_dtype
+from swarm.engine.default_model import ensure_default_model
+from swarm.engine.generation import GenerationConfig, LocalSession, generate
+from swarm.launch import even_ranges, running_swarm
+from swarm.p2p.client import ClientConfig, generate_swarm
+from swarm.p2p.host import Host
+from swarm.p2p.loop import run
+from swarm.p2p.table import model_id
+from swarm.p2p.wire import Frame, read_frame, write_frame
 
-READY = re.compile(r"serving blocks \S+ of \S+ at (/ip4/\S+)")
 ECHO = "/swarm-bench/echo/1.0.0"
 
 
@@ -108,27 +106,8 @@ def thirds(num_blocks: int) -> list[int]:
     return [0, num_blocks // 3, 2 * num_blocks // 3, num_blocks]
 
 
-def start_servers(
-    path: Path, dtype: str, home: str, threads: int | None, extra: tuple[str, ...] = ()
-) -> tuple[list[subprocess.Popen], str]:
-    cuts = thirds(Checkpoint(path).num_blocks)
-    env = {**os.environ, "SWARM_HOME": home}
-    procs, first = [], None
-    for i in range(3):
-        args = [sys.executable, "-m", "swarm.cli.main", "serve", "--model", str(path), "--dtype", dtype,
-                "--blocks", f"{cuts[i]}:{cuts[i + 1]}", "--identity", f"{home}/id-{i}.key"]
-        args += ["--threads", str(threads)] if threads else []
-        args += list(extra)
-        args += ["--new-swarm"] if first is None else ["--initial-peers", first]
-        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env))
-        for line in procs[-1].stdout:
-            match = READY.search(line)
-            if match:
-                first = first or match.group(1)
-                break
-        else:
-            raise RuntimeError("a server failed to start")
-    return procs, first
+def server_flags(dtype: str, threads: int | None) -> tuple[str, ...]:
+    return ("--dtype", dtype, *(("--threads", str(threads)) if threads else ()))
 
 
 def decode_bench(
@@ -136,23 +115,19 @@ def decode_bench(
 ) -> tuple[float, float, float]:
     """Local against 3 `swarm serve` processes on loopback (see :func:`alternate_with_local`)."""
     ckpt = Checkpoint(path)
-    with tempfile.TemporaryDirectory(prefix="swarm-bench-") as home:
-        procs, first = start_servers(path, dtype_name, home, threads)
-        try:
-            model = model_id(ckpt)
-            cfg = ClientConfig(initial_peers=[first], push=push)
+    with (
+        tempfile.TemporaryDirectory(prefix="swarm-bench-") as home,
+        running_swarm(path, even_ranges(ckpt.num_blocks, 3), home, server_flags(dtype_name, threads)) as servers,
+    ):
+        model = model_id(ckpt)
+        cfg = ClientConfig(initial_peers=[servers[0].maddr], push=push)
 
-            def swarm(head, prompt: list[int]) -> float:
-                client = SimpleNamespace(head=head, checkpoint=ckpt)
-                gen_cfg = GenerationConfig(max_new_tokens=tokens)
-                return median_per_token(lambda on_token: generate_swarm(client, model, prompt, gen_cfg, cfg, on_token=on_token))
+        def swarm(head, prompt: list[int]) -> float:
+            client = SimpleNamespace(head=head, checkpoint=ckpt)
+            gen_cfg = GenerationConfig(max_new_tokens=tokens)
+            return median_per_token(lambda on_token: generate_swarm(client, model, prompt, gen_cfg, cfg, on_token=on_token))
 
-            return alternate_with_local(ckpt, parse_dtype(dtype_name), tokens, rounds, swarm)
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(15)
+        return alternate_with_local(ckpt, parse_dtype(dtype_name), tokens, rounds, swarm)
 
 
 def pipe_server(rfd: int, wfd: int, path: str, start: int, end: int, dtype_name: str, threads: int) -> None:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
-import re
 import signal
 import subprocess
 import sys
@@ -37,10 +35,10 @@ import threading
 import time
 from pathlib import Path
 
+from swarm.launch import ServeProcess
 from swarm.p2p.balance import UNIT, Load, best_start, should_move
 from swarm.p2p.table import ServerInfo
 
-READY = re.compile(r"serving blocks (\d+):(\d+) of \S+ at (/ip4/\S+)")
 LIVE = ("online", "joining")  # the states the balance functions count
 
 
@@ -48,49 +46,15 @@ def swarm(*args: str) -> list[str]:
     return [sys.executable, "-m", "swarm.cli.main", *args]
 
 
-class Server:
-    """One `swarm serve` process; its stderr goes to a log file, its stdout is read for the ready line."""
+class Server(ServeProcess):
+    """One `swarm serve` process (its stderr in ``tmp/NAME.log``) and the throughput it announces."""
 
     def __init__(self, name: str, throughput: float, args: list[str], tmp: Path):
+        super().__init__(args, log=tmp / f"{name}.log")
         self.name, self.throughput = name, throughput
-        self.log_path = tmp / f"{name}.log"
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(swarm("serve", *args), stdout=subprocess.PIPE, stderr=log, text=True)
-        self.maddr, self.blocks = "", (0, 0)
 
-    def wait_ready(self, timeout: float = 180) -> None:
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump():
-            for line in self.proc.stdout:
-                lines.put(line)
-                if READY.search(line):
-                    break
-            else:
-                lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if match := READY.search(line):
-                self.blocks, self.maddr = (int(match.group(1)), int(match.group(2))), match.group(3)
-                return
-        raise RuntimeError(f"{self.name} did not start (exit code {self.proc.poll()}):\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def wait_ready(self, timeout: float = 180) -> str:
+        return super().wait_ready(timeout)
 
 
 class StatusWatch:

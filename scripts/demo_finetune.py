@@ -30,17 +30,16 @@ from pathlib import Path
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_swarm import start_servers  # noqa: E402
+from swarm.engine.adapter_io import load_adapter
+from swarm.engine.client import ClientModel, generate_local
+from swarm.engine.default_model import ensure_default_model
+from swarm.engine.finetune import FinetuneConfig, plan
+from swarm.engine.finetune_data import read_jsonl, tokenize_records
+from swarm.engine.generation import GenerationConfig
+from swarm.launch import even_ranges, running_swarm
+from swarm.p2p.client import ClientConfig, generate_swarm
+from swarm.p2p.table import model_id
 
-from swarm.engine.adapter_io import load_adapter  # noqa: E402
-from swarm.engine.client import ClientModel, generate_local  # noqa: E402
-from swarm.engine.default_model import ensure_default_model  # noqa: E402
-from swarm.engine.finetune import FinetuneConfig, plan  # noqa: E402
-from swarm.engine.finetune_data import read_jsonl, tokenize_records  # noqa: E402
-from swarm.engine.generation import GenerationConfig  # noqa: E402
-from swarm.p2p.client import ClientConfig, generate_swarm  # noqa: E402
-from swarm.p2p.table import model_id  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,8 +88,9 @@ def main() -> int:
         output = args.output or Path(home) / "adapter"
         kind = f"{args.quant}, bfloat16 compute" if quantized else "float32"
         print(f"starting 3 servers (blocks 0:10, 10:20, 20:30 of the default model, {kind}) ...", flush=True)
-        procs, first = start_servers(path, str(server_dtype).removeprefix("torch."), home, None, ("--quant", args.quant))
-        try:
+        flags = ("--dtype", str(server_dtype).removeprefix("torch."), "--quant", args.quant)
+        with running_swarm(path, even_ranges(client.checkpoint.num_blocks, 3), home, flags) as servers:
+            first = servers[0].maddr
             ccfg = ClientConfig(initial_peers=[first])
 
             def swarm_answer(prompt: str, adapter=None) -> list[int]:
@@ -139,11 +139,6 @@ def main() -> int:
             evals = [m["eval_loss"] for m in metrics if m["type"] == "eval"]
             print(f"\neval loss {evals[0]:.3f} → {evals[-1]:.3f}; token for token equal: {same} of {len(compare)}")
             return 0 if train_rate >= 0.8 and same == len(compare) and evals[-1] < evals[0] else 1
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(15)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,13 @@ servers (SIGTERM: they announce offline and exit). Usage: python scripts/demo_sw
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-READY = re.compile(r"serving blocks \S+ of \S+ at (/ip4/\S+)")
+from swarm.launch import ServeProcess
+
 RANGES = ["0:10", "10:20", "20:30"]
 
 
@@ -22,30 +21,19 @@ def swarm(*args: str) -> list[str]:
     return [sys.executable, "-m", "swarm.cli.main", *args]
 
 
-def wait_ready(proc: subprocess.Popen, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:
-        match = READY.search(line)
-        if match:
-            return match.group(1)
-        if time.monotonic() > deadline:
-            break
-    raise RuntimeError(f"a server did not start (exit code {proc.poll()})")
-
-
 def main() -> int:
     prompt = sys.argv[1] if len(sys.argv) > 1 else "The capital of France is"
-    servers: list[subprocess.Popen] = []
+    servers: list[ServeProcess] = []
     with tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp:
         try:
             first = None
             for i, blocks in enumerate(RANGES):
-                args = ["serve", "--blocks", blocks, "--identity", str(Path(tmp) / f"server-{i}.key"),
+                args = ["--blocks", blocks, "--identity", str(Path(tmp) / f"server-{i}.key"),
                         "--public-name", f"demo-{i}", "--announce-period", "2"]
                 args += ["--new-swarm"] if first is None else ["--initial-peers", first]
-                print(f"$ swarm {' '.join(args)}", flush=True)
-                servers.append(subprocess.Popen(swarm(*args), stdout=subprocess.PIPE, text=True))
-                addr = wait_ready(servers[-1])
+                print(f"$ swarm serve {' '.join(args)}", flush=True)
+                servers.append(ServeProcess(args))
+                addr = servers[-1].wait_ready()
                 print(f"  ready at {addr}", flush=True)
                 first = first or addr
             print("\n$ swarm status", flush=True)
@@ -55,13 +43,10 @@ def main() -> int:
             print(f'\n$ swarm generate --local "{prompt}" --max-new-tokens 24', flush=True)
             subprocess.run(swarm("generate", "--local", prompt, "--max-new-tokens", "24"), check=True)
         finally:
-            for proc in servers:
-                proc.terminate()
-            for proc in servers:
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                server.stop()
     return 0
 
 

@@ -47,11 +47,10 @@ from pathlib import Path
 
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
+from memcap import drop_caches, memory_cgroup, run_capped  # a sibling script (its folder is on sys.path)
+
 from swarm.cache.kv import LayerKVShape, SessionKV
 from swarm.engine.checkpoint import BlockRange, Checkpoint, CheckpointError, parse_dtype
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memcap import drop_caches, memory_cgroup, run_capped
 
 MODES = ("mmap", "stream")
 SAFETENSORS_DTYPES = {
