@@ -1,9 +1,10 @@
-# `make demo`: set everything up and run the main job.  `make test`: set up and run the test suite.
+# `make demo`: set everything up and run the main job.  `make test`: set up and run the test suite
+# (`make test-fast`: the tests that take seconds, not minutes).
 # PYTHON=python3.11 make demo: create .venv/ with that interpreter (Python 3.11 or newer).
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup model demo test bench bench-paper docs clean
+.PHONY: setup model demo test test-fast bench bench-paper docs clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +21,9 @@ demo: model
 test: model
 	bash scripts/setup.sh --browser  # the web page's test needs Debian's chromium (quick once installed)
 	$(PY) -m pytest -q
+
+test-fast: model  # under 2 minutes on 2 cores: no multi-process swarms, network namespaces or browser
+	$(PY) -m pytest -q -m "not slow and not netns and not browser"
 
 bench: model
 	$(PY) scripts/bench_local.py

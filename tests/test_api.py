@@ -134,6 +134,7 @@ def usage_of(ref: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
+@pytest.mark.slow
 def test_models_swarm_and_page(api, swarm):
     url, backend = api
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -154,6 +155,7 @@ def test_models_swarm_and_page(api, swarm):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
 def test_text_equals_swarm_generate(tiny, client, chat):
     """Greedy (temperature 0) and sampled (temperature, top_p, seed), streamed and not: the text,
@@ -169,6 +171,7 @@ def test_text_equals_swarm_generate(tiny, client, chat):
         assert (text, finish, usage) == (sampled["text"], finish_of(sampled, 12), usage_of(sampled)), stream
 
 
+@pytest.mark.slow
 def test_stop_strings_and_adapter(tiny, client, api):
     model_dir, deep = tiny
     ref = expected(model_dir, 16)
@@ -196,6 +199,7 @@ def test_stop_scanner_holds_back_what_may_start_a_stop():
     assert [scanner.push(i) for i in range(3)] == ["a", "b", "c"]
 
 
+@pytest.mark.slow
 def test_eight_concurrent_streams(tiny, client):
     ref = expected(tiny[0], 20)
 
@@ -218,6 +222,7 @@ def _idle_budgets(url: str, timeout: float = 15.0) -> dict[str, int]:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_disconnect_cancels_and_frees_sessions(api, client):
     url, backend = api
     before = _idle_budgets(url)
@@ -236,6 +241,7 @@ def test_disconnect_cancels_and_frees_sessions(api, client):
     assert backend.jobs == set()
 
 
+@pytest.mark.slow
 def test_disconnect_while_waiting_for_a_whole_answer(api, monkeypatch):
     url, backend = api
     started = []
@@ -252,6 +258,7 @@ def test_disconnect_while_waiting_for_a_whole_answer(api, monkeypatch):
     assert len(job.tokens) < 200, f"{len(job.tokens)} tokens generated for a client that left"
 
 
+@pytest.mark.slow
 def test_errors_have_openai_shape_and_codes(tiny, client, api):
     url = api[0]
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -379,6 +386,7 @@ def test_cli_errors_are_one_line(tiny, tmp_path):
     taken.close()
 
 
+@pytest.mark.slow
 def test_server_killed_mid_stream_is_invisible(tiny, api, client, swarm, caplog, monkeypatch):
     """Runs last: at the 6th token, kills whichever 2:4 server the stream uses (from the job's own
     thread, so the kill lands mid-generation however fast this machine is); the spare takes over

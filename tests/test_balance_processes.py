@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from swarm.p2p.loop import run
 from swarm.p2p.status import gather_status
 from swarm_utils import ServerProcess
 
 PERIOD = 2.0  # --balance-period: servers check every random 0–2× this
+
+pytestmark = pytest.mark.slow  # real servers over several balance periods
 
 
 def test_auto_servers_spread_by_throughput_and_cover_a_departure_within_three_periods(tmp_path, tiny_checkpoints):

@@ -15,6 +15,8 @@ import time
 
 from typer.testing import CliRunner
 
+import pytest
+
 from swarm.cli.main import app
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
@@ -70,6 +72,7 @@ class Run:
         return code, self.stdout.decode(), self._stderr.read().decode()
 
 
+@pytest.mark.slow
 def test_status_exits_3_on_gaps_and_watches_frame_by_frame(tmp_path, tiny_checkpoints):
     with running_swarm(tiny_checkpoints["llama"], ["0:2"], tmp_path) as servers:
         peer = ["--initial-peers", servers[0].maddr]
@@ -106,6 +109,7 @@ def test_generate_output_ends_with_a_newline(tiny_checkpoints):
         assert plain.stdout == json.loads(data.stdout)["text"] + "\n"
 
 
+@pytest.mark.slow
 def test_interrupt_or_error_after_partial_output_ends_the_line(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     # 240 tokens and no end-of-sequence token on this model: far more than are out when the test acts

@@ -26,6 +26,7 @@ def model_dir():
     return path
 
 
+@pytest.mark.slow
 def test_capital_of_france_is_paris(model_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "swarm.cli.main", "generate", "--local", "The capital of France is", "--max-new-tokens", "8"],

@@ -2,7 +2,8 @@
 
 - ```python blocks run for real, each in a fresh namespace, in a temporary directory holding
   ``facts.jsonl`` (a copy of scripts/data/facts.jsonl), with ``SWARM_INITIAL_PEERS`` naming a real
-  swarm of the default model (two `swarm serve` processes, blocks 0:15 and 15:30).
+  swarm of the default model (two `swarm serve` processes, blocks 0:15 and 15:30) and a
+  ``SWARM_HOME`` of their own (the user's converted models linked in).
 - ```sh blocks: every `swarm ...` line is parsed by the real CLI (typer's click command validates
   its flags and values without running it); the quick ones run for real, in this process, from
   the repository root: ``swarm --version``, ``swarm status`` without ``--watch``, and ``swarm
@@ -99,6 +100,18 @@ def swarm_peers(tmp_path_factory):
         yield servers[0].maddr
 
 
+@pytest.fixture(scope="module")
+def swarm_home(tmp_path_factory):
+    """A SWARM_HOME of the examples' own (their identity keys and measurements stay out of the
+    user's), sharing the user's converted models."""
+    from swarm.engine.default_model import ensure_default_model
+
+    models = ensure_default_model(quiet=True).parent
+    home = tmp_path_factory.mktemp("docs-home")
+    (home / "models").symlink_to(models, target_is_directory=True)
+    return home
+
+
 def needs_swarm(code: str) -> bool:
     """Whether a python block opens a client without ``local=True`` and without its own peers."""
     calls = re.findall(r"swarm\.(?:open|finetune)\(([^)]*)\)", code)
@@ -110,11 +123,12 @@ def needs_swarm(code: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
-def test_python_example_runs(block: Block, tmp_path, monkeypatch, request):
+def test_python_example_runs(block: Block, tmp_path, monkeypatch, request, swarm_home):
     if block.skip_reason:
         pytest.skip(block.skip_reason)
     shutil.copy(ROOT / "scripts" / "data" / "facts.jsonl", tmp_path / "facts.jsonl")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWARM_HOME", str(swarm_home))
     if needs_swarm(block.code):
         monkeypatch.setenv("SWARM_INITIAL_PEERS", request.getfixturevalue("swarm_peers"))
     else:
@@ -182,7 +196,7 @@ def runs_for_real(name: str | None, args: list[str], params: dict) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", SH, ids=[b.id for b in SH])
-def test_sh_example_parses_and_quick_ones_run(block: Block, monkeypatch, request):
+def test_sh_example_parses_and_quick_ones_run(block: Block, monkeypatch, request, swarm_home):
     from typer.testing import CliRunner
 
     from swarm.cli.main import app
@@ -212,7 +226,7 @@ def test_sh_example_parses_and_quick_ones_run(block: Block, monkeypatch, request
         parsed.append(line)
         if not runs_for_real(name, args, params):
             continue
-        env = {"SWARM_INITIAL_PEERS": ""}
+        env = {"SWARM_INITIAL_PEERS": "", "SWARM_HOME": str(swarm_home)}
         if name == "status" or (name == "generate" and not params.get("local")):
             env["SWARM_INITIAL_PEERS"] = request.getfixturevalue("swarm_peers")
         result = CliRunner().invoke(app, args, env=env)

@@ -23,6 +23,8 @@ from swarm_utils import ServerProcess, run_swarm, running_swarm, swarm_generate
 
 PROMPT = "The capital of France is"
 
+pytestmark = pytest.mark.slow  # real server processes killed and frozen
+
 
 @pytest.fixture(scope="module")
 def tiny6(tmp_path_factory):

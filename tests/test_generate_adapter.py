@@ -94,6 +94,7 @@ def _local(model_dir, cfg: GenerationConfig, adapter) -> list[int]:
     return generate_local(client, client.encode(PROMPT), cfg, adapter=adapter)
 
 
+@pytest.mark.slow
 def test_a_peft_lora_adapter_gives_peft_tokens_locally_and_through_the_swarm(case, swarm, tmp_path):
     """Acceptance 4: `swarm generate --adapter` (--local and through two servers) equals greedy
     transformers + peft generation with the same adapter, token for token."""
@@ -114,6 +115,7 @@ def test_a_peft_lora_adapter_gives_peft_tokens_locally_and_through_the_swarm(cas
     assert plain != theirs, "the adapter must change the output"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["prompt", "deep"])
 def test_prompt_and_deep_prompt_adapters_through_the_swarm_equal_local(case, swarm, kind):
     model_dir = case["model"]
@@ -149,6 +151,7 @@ def test_a_prompt_adapter_equals_peft_prompt_tuning(case):
     assert ours == seq[-NEW_TOKENS:]
 
 
+@pytest.mark.slow
 def test_bad_adapters_are_refused_and_the_servers_keep_serving(case, swarm):
     model_dir = case["model"]
     cfg = GenerationConfig(max_new_tokens=4, eos_token_ids=())
@@ -225,6 +228,7 @@ def test_session_adapters_are_bounded_and_freed_however_the_session_ends(case):
     run(scenario())
 
 
+@pytest.mark.slow
 def test_failover_with_an_adapter_gives_the_same_tokens(case, swarm):
     """The server serving blocks 2:4 is killed mid-generation; the spare takes over, gets the
     adapter with its open, replays the history (virtual tokens included) and the tokens equal

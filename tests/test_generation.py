@@ -34,6 +34,7 @@ def _hf_generate(path, prompt_ids: list[int], **kwargs) -> list[int]:
     return new
 
 
+@pytest.mark.slow
 def test_cli_local_greedy_equals_transformers(tiny_checkpoint):
     proc = _swarm("generate", "--local", "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--json", PROMPT)
     assert proc.returncode == 0, proc.stderr
@@ -43,6 +44,7 @@ def test_cli_local_greedy_equals_transformers(tiny_checkpoint):
     assert len(expected) > 1
 
 
+@pytest.mark.slow
 def test_cli_streams_plain_text(tiny_checkpoints):
     path = tiny_checkpoints["llama"]
     plain = _swarm("generate", "--local", "--model", str(path), "--max-new-tokens", "12", PROMPT)
@@ -105,6 +107,7 @@ def test_bad_generation_flags_are_clear(tiny_checkpoints):
         GenerationConfig(num_beams=2, do_sample=True)
 
 
+@pytest.mark.slow
 def test_missing_model_and_offline_hub_fail_fast(tmp_path):
     proc = _swarm("generate", "--local", "--model", str(tmp_path / "nope"), PROMPT)
     assert proc.returncode == 1 and "no such checkpoint directory" in proc.stderr
@@ -113,6 +116,7 @@ def test_missing_model_and_offline_hub_fail_fast(tmp_path):
     assert "could not fetch it from the Hugging Face Hub" in proc.stderr and "--model DIR" in proc.stderr
 
 
+@pytest.mark.slow
 def test_swarm_commands_without_peers_say_what_to_pass(tiny_checkpoints):
     proc = _swarm("serve", "--model", str(tiny_checkpoints["llama"]), "--blocks", "0:2")
     assert proc.returncode == 1 and "--initial-peers" in proc.stderr and "--new-swarm" in proc.stderr

@@ -6,22 +6,23 @@ were (issue 9, acceptance 2)."""
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from hostile_peer import HostilePeer  # scripts/hostile_peer.py (pytest's pythonpath)
 from swarm.p2p import protocols
 from swarm.p2p.host import Host
 from swarm.p2p.loop import run
 from swarm.p2p.wire import Frame
 from swarm_utils import generate_json, local_json, running_swarm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from hostile_peer import HostilePeer  # noqa: E402
-
 PROMPT = "The capital of France is"
 SECONDS = float(os.environ.get("SWARM_HOSTILE_SECONDS", "30"))  # scripts/hostile_peer.py runs as long as asked
+
+pytestmark = pytest.mark.slow  # an attack of SWARM_HOSTILE_SECONDS on a real server
 
 
 def _rss_mb(pid: int) -> float:

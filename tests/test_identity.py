@@ -68,6 +68,7 @@ def _serve(home: Path, name: str, model: Path, *args: str) -> ServerProcess:
     return ServerProcess(["--model", str(model), "--blocks", "0:4", "--announce-period", "1", *args], home, name)
 
 
+@pytest.mark.slow
 def test_servers_never_share_a_peer_id(tmp_path, tiny_checkpoints):
     """Default and explicit identities in every combination on one machine ($SWARM_HOME shared):
     distinct peer ids, and a second process on a key in use exits 1 naming the file."""
@@ -158,6 +159,7 @@ def test_model_id_follows_config_and_weights_not_the_directory(tmp_path, tiny_ch
     assert expected.startswith("llama-")  # readable in `swarm status`
 
 
+@pytest.mark.slow
 def test_a_copy_in_another_directory_joins_the_swarm(tmp_path, tiny_checkpoints):
     original = tiny_checkpoints["llama"]
     copy = _copy(original, tmp_path / "my-copy-of-the-model", shards=2)

@@ -24,6 +24,8 @@ from swarm_utils import ServerProcess, generate_json, local_json
 
 PROMPT = "The capital of France is"
 
+pytestmark = pytest.mark.slow  # real server processes restarted, killed and frozen
+
 
 def run(coro, timeout: float = 60.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))

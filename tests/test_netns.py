@@ -14,19 +14,21 @@ from pathlib import Path
 import pytest
 
 from conftest import write_tiny_checkpoint
+from netlab import Lab, unavailable  # scripts/netlab.py (pytest's pythonpath)
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
 from swarm_utils import ServerProcess, swarm_env
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from netlab import Lab, unavailable  # noqa: E402
 
 PROMPT = "The capital of France is"
 TOKENS, PAUSE_AT, BLOCK = 24, 8, 2
 CLIENT = Path(__file__).with_name("netns_client.py")
 
 REASON = unavailable()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no emulated hosts: {REASON}")
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.slow,
+    pytest.mark.skipif(REASON is not None, reason=f"no emulated hosts: {REASON}"),
+]
 
 
 @pytest.fixture(scope="module")

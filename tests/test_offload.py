@@ -4,19 +4,16 @@ while every pass reads every block from the file again, in both ways of reading.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import VOCAB, write_tiny_checkpoint
+from offload import OffloadedModel, StreamedCheckpoint  # scripts/offload.py (pytest's pythonpath)
 from swarm.engine import checkpoint as engine_checkpoint
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.client import local_sessions
 from swarm.engine.generation import GenerationConfig, generate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from offload import OffloadedModel, StreamedCheckpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+import pytest
+
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.generation import LocalSession
 from swarm.p2p import protocols
@@ -57,6 +59,7 @@ class _Replies:
             task.cancel()
 
 
+@pytest.mark.slow
 def test_pushed_steps_equal_local_and_repeats_are_answered_exactly(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     ckpt = Checkpoint(model)

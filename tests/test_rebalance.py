@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from server_utils import eventually, peer
+import pytest
+
 from swarm.p2p import protocols
 from swarm.p2p.loop import run
 from swarm.p2p.server import BlockServer, ServerConfig
@@ -14,6 +16,7 @@ from swarm.p2p.status import gather_status
 from swarm.p2p.wire import Frame, read_frame, write_frame
 
 
+@pytest.mark.slow
 def test_an_auto_server_moves_to_the_weakest_blocks_and_drains_its_old_range(tiny_checkpoints):
     model = tiny_checkpoints["llama"]  # 4 blocks, hidden 64
     common = dict(model_dir=model, announce_period=0.5)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from swarm_utils import generate_json, running_swarm
 
 
+@pytest.mark.slow
 def test_verbose_server_logs_each_session_open_and_close(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     with running_swarm(model, ["0:4"], tmp_path, extra=("-v",)) as servers:

@@ -383,6 +383,7 @@ def test_a_client_fails_over_from_a_failing_server_and_the_output_stays_exact(ti
     assert all(torch.equal(out, exp) for out, exp in zip(outputs, expected))
 
 
+@pytest.mark.slow
 def test_inbound_connection_slots_are_freed_when_connections_close(tiny):
     """py-libp2p keeps each inbound connection's slot (250 of them) until the host stops: a server
     refused every peer after 250 connections in its lifetime. Here the server's limit is cut to 3

@@ -9,6 +9,7 @@ import random
 import struct
 
 import msgpack
+import pytest
 import torch
 
 from swarm.engine.checkpoint import Checkpoint
@@ -89,6 +90,7 @@ async def _session_after_open_errors(host: Host, peer: str, hidden_size: int) ->
     return out
 
 
+@pytest.mark.slow
 def test_fuzzed_frames_get_errors_and_the_server_keeps_serving(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     ckpt = Checkpoint(model)
@@ -123,6 +125,7 @@ def test_fuzzed_frames_get_errors_and_the_server_keeps_serving(tmp_path, tiny_ch
     assert after["token_ids"] == expected["token_ids"]
 
 
+@pytest.mark.slow
 def test_forward_and_backward_protocols_match_local(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["qwen2"]
     blocks = Checkpoint(model).load_blocks(1, 3)
@@ -153,6 +156,7 @@ def test_forward_and_backward_protocols_match_local(tmp_path, tiny_checkpoints):
     assert grad_in.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_long_computation_does_not_stall_the_server(tmp_path):
     """While a big forward pass runs, the same server answers pings and info requests."""
     model = write_tiny_checkpoint(

@@ -12,6 +12,7 @@ from swarm_utils import generate_json, local_json, run_swarm, running_swarm
 PROMPT = "The capital of France is"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, ranges", [("llama", ["0:2", "2:3", "3:4"]), ("bloom", ["0:1", "1:4"])])
 def test_swarm_greedy_equals_local(family, ranges, tmp_path, tiny_checkpoints):
     model = tiny_checkpoints[family]
@@ -34,6 +35,7 @@ def test_swarm_greedy_equals_local(family, ranges, tmp_path, tiny_checkpoints):
     assert beams["token_ids"] == local_beams["token_ids"]
 
 
+@pytest.mark.slow
 def test_status_and_auto_blocks_cover_a_30_block_model(tmp_path):
     model = write_tiny_checkpoint(tmp_path / "tiny30", "llama", num_hidden_layers=30)
     with running_swarm(model, ["auto", "auto", "auto"], tmp_path, extra=("--num-blocks", "10")) as servers:
@@ -56,6 +58,7 @@ def test_generate_without_swarm_says_how_to_start_one(tmp_path, tiny_checkpoints
     assert "--initial-peers" in proc.stderr and "swarm serve --new-swarm" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_blocks_are_named(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     with running_swarm(model, ["0:2"], tmp_path) as servers:
@@ -66,6 +69,7 @@ def test_missing_blocks_are_named(tmp_path, tiny_checkpoints):
     assert "2:4" in proc.stderr and "swarm serve --blocks 2:4" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_announces_offline_and_exits_cleanly(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     with running_swarm(model, ["0:2", "2:4"], tmp_path) as servers:

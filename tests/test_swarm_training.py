@@ -170,6 +170,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(RANGES))
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradients_through_the_swarm_equal_local_autograd(swarms, family, case):
@@ -182,6 +183,7 @@ def test_gradients_through_the_swarm_equal_local_autograd(swarms, family, case):
     assert [(s.start, s.end) for s in swarm.remote.last_spans] == [(0, 2), (2, 4)]
 
 
+@pytest.mark.slow
 def test_adapter_tensors_cross_the_wire_once_per_digest(swarms):
     swarm = swarms["llama"]
     remote = swarm.remote
@@ -278,6 +280,7 @@ async def _reply_kind(host, peer: str, frame: Frame) -> str:
         await stream.close()
 
 
+@pytest.mark.slow
 def test_malformed_adapter_requests_get_errors_while_inference_stays_exact(swarms):
     swarm = swarms["llama"]
     checkpoint = Checkpoint(swarm.model)
@@ -306,6 +309,7 @@ def test_malformed_adapter_requests_get_errors_while_inference_stays_exact(swarm
 # ---- an in-process server with small limits -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_split_batches_and_resend_after_eviction(tmp_path, swarms):
     """A server taking one row per request and keeping one adapter: a batch of 3 goes as 3
     requests per pass, and an adapter evicted by another is sent again (``unknown_adapter``)."""
@@ -351,6 +355,7 @@ def test_adapter_store_bounds_and_fifo():
 # ---- failover (last: it kills servers) ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_step_or_between_steps_changes_nothing(swarms):
     swarm = swarms["llama"]
     remote, client = swarm.remote, swarm.remote.client
@@ -386,6 +391,7 @@ def test_a_server_killed_mid_step_or_between_steps_changes_nothing(swarms):
     assert remote.last_spans[-1].peer_id != swarm.peer(victim)
 
 
+@pytest.mark.slow
 def test_backward_gradients_by_digest_count_in_the_frame_budget(tmp_path):
     """A backward naming a kept adapter by digest is a small frame whose reply carries the
     adapter's float32 gradients: those bytes count in the peer's frame budget until the reply is

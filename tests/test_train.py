@@ -120,6 +120,7 @@ def test_a_local_call_equals_the_command_and_reports_as_it_goes(tiny, data, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_swarm_call_through_the_environments_peers_equals_a_local_one(tiny, data, tmp_path, monkeypatch):
     """Two servers (0:2, 2:4), joined through SWARM_INITIAL_PEERS: the adapter equals a local run's
     (to float32 rounding), and the call leaves no thread of its swarm client behind."""

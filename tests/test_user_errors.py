@@ -199,6 +199,7 @@ def test_damaged_default_model_says_to_convert_it_again(tiny_checkpoints, tmp_pa
     _assert_one_line_error(result.exit_code, result.stderr, f"delete {model} and run the command again")
 
 
+@pytest.mark.slow
 def test_processes_print_one_line(tiny_checkpoints, tmp_path_factory, tmp_path):
     root = tmp_path_factory.getbasetemp() / "damaged"
     model = {c: str(_damaged(tiny_checkpoints["llama"], root, c, d)) for c, d, _ in CHECKPOINTS

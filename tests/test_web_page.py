@@ -27,6 +27,7 @@ import pytest
 from swarm_utils import running_swarm, swarm_cmd, swarm_env
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 QUESTION = "What is the capital of France?"
 MAX_TOKENS = 12
 
