@@ -13,7 +13,7 @@ One way in, for programs as for the ``swarm`` command::
 - :class:`Server`: a server in this process (`swarm serve`), for notebooks and tests.
 - The pieces of a training loop of one's own: :func:`read_dataset`, :func:`batches`,
   :func:`init_lora`, :class:`AdapterSpec`, :func:`save_lora`.
-- The configs every way in shares: :class:`ClientOptions`, :class:`ServerConfig`,
+- The configs every way in shares: :class:`ClientOptions`, :class:`ServeOptions`,
   :class:`FinetuneConfig`.
 
 The names load on first use, so ``import swarm`` (and the ``swarm`` command) stays quick. Inside,
@@ -49,8 +49,8 @@ _EXPORTS = {
     "finetune": "swarm.train",
     "FinetuneConfig": "swarm.engine.finetune",
     "FinetuneResult": "swarm.engine.finetune",
-    "Server": "swarm.p2p.server",
-    "ServerConfig": "swarm.p2p.server",
+    "Server": "swarm.p2p.server_handle",
+    "ServeOptions": "swarm.p2p.serve_options",
     "AdapterSpec": "swarm.engine.adapters",
     "Batch": "swarm.engine.finetune_data",
     "Dataset": "swarm.engine.finetune_data",
@@ -69,7 +69,8 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time the names l
     from swarm.facade import Swarm, batches, init_lora, open, read_dataset, save_lora
     from swarm.p2p.chain import SwarmError
     from swarm.p2p.routing import NoRouteError
-    from swarm.p2p.server import Server, ServerConfig
+    from swarm.p2p.serve_options import ServeOptions
+    from swarm.p2p.server_handle import Server
     from swarm.train import finetune
 
 
