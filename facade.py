@@ -50,7 +50,7 @@ class Swarm:
         self.background = None  # swarm: the loop the client lives on (swarm.p2p.loop.BackgroundLoop)
         self.client = None  # swarm: a swarm.p2p.client.SwarmClient
         self._blocks: nn.Module | None = None
-        self._compute = threading.Lock()  # local: one step at a time (adapters patch the shared blocks)
+        self.compute_lock = threading.Lock()  # local: one step at a time (adapters patch the shared blocks)
         self._tokenizer = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
         self._closed = False
 
@@ -219,7 +219,7 @@ class Swarm:
             from swarm.p2p.client import swarm_sessions
 
             return swarm_sessions(self.background, self.client, self.adapter, on_chain)
-        opener, lock = local_sessions(self.local_blocks, self.adapter), self._compute
+        opener, lock = local_sessions(self.local_blocks, self.adapter), self.compute_lock
 
         def open_session(batch: int, max_length: int):
             session = opener(batch, max_length)
@@ -316,18 +316,19 @@ class Swarm:
         """The swarm's topology, the report of `swarm status --json` (every server pinged now);
         with ``local``, this process as the one server."""
         from swarm.p2p.status import ping_all, status_report
-        from swarm.p2p.table import ServerInfo
+        from swarm.p2p.table import ServerInfo, model_name
 
-        num_blocks = self.checkpoint.num_blocks
+        num_blocks, name = self.checkpoint.num_blocks, model_name(self.client_model.path)
         self.connect()
         if self.client is None:
             me = ServerInfo(peer_id="local", addrs=(), model=self.model_id, start=0, end=num_blocks,
                             public_name="this process (--local)", dtype=self.options.dtype)
-            return status_report(self.model_id, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0})
+            return status_report(self.model_id, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0}, model_name=name)
 
         async def gather() -> dict:
             servers = self.client.table.snapshot()
-            return status_report(self.model_id, num_blocks, servers, await ping_all(self.client.host, servers, 2.0))
+            rtts = await ping_all(self.client.host, servers, 2.0)
+            return status_report(self.model_id, num_blocks, servers, rtts, model_name=name)
 
         return self.background.call(gather(), timeout=30)
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from swarm.api.requests import ApiError
+from swarm.config import ClientOptions, check
 from swarm.engine.adapter_io import Adapter, load_adapter
-from swarm.engine.client import ClientModel, local_sessions
+from swarm.engine.client import local_sessions
 from swarm.engine.generation import GenerationConfig, generate
-from swarm.p2p.client import ClientConfig, SwarmClient
-from swarm.p2p.loop import BackgroundLoop
-from swarm.p2p.table import ServerInfo, gaps, model_id, model_name
+from swarm.facade import Swarm
+from swarm.p2p.table import ServerInfo, gaps, model_name
 
 log = logging.getLogger("swarm.api")
 
@@ -44,75 +44,91 @@ RESYNC_PERIOD = 10.0  # s: with a gap in the table, ask the initial peers for th
 
 @dataclass
 class ApiConfig:
-    model_dir: Path
-    initial_peers: list[str] = field(default_factory=list)
-    local: bool = False
-    name: str = ""  # the base model's name in the API (default: the checkpoint directory's name)
-    adapters: dict[str, Path] = field(default_factory=dict)  # model name → adapter directory
-    dtype: torch.dtype = torch.float32
+    """What `swarm api` serves and how; ``ValueError`` naming the flag of a value out of range.
+
+    ``client``: the swarm client's options (``--model``, ``--initial-peers`` or ``--local``,
+    ``--dtype``, timeouts, wire...; see :class:`~swarm.config.ClientOptions`). ``name``: the base
+    model's name in the API (default: the checkpoint's name, as `swarm status` shows it).
+    ``adapters``: model name → adapter directory."""
+
+    client: ClientOptions = field(default_factory=lambda: ClientOptions(timeout=10.0))
+    name: str = ""
+    adapters: dict[str, Path] = field(default_factory=dict)
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API (CORS)
     default_max_tokens: int = 512  # for a request without max_tokens
     max_requests: int = 16  # generations at once; later requests wait for a slot
-    client: ClientConfig = field(default_factory=ClientConfig)
+
+    def __post_init__(self):
+        check(self.api_key is None or self.api_key.strip() != "", "--api-key", "a non-empty key", repr(self.api_key))
+        check(self.default_max_tokens >= 1, "--default-max-tokens", "at least 1", self.default_max_tokens)
+        check(self.max_requests >= 1, "--max-requests", "at least 1", self.max_requests)
+        if self.api_key is not None:
+            self.api_key = self.api_key.strip()
+        self.client = self.client.with_env_peers()
+        if not self.client.local and not self.client.initial_peers:
+            raise ValueError("give --initial-peers (a multiaddr printed by `swarm serve`, or SWARM_INITIAL_PEERS), "
+                             "or --local to run every block here")
+        if self.client.adapter is not None:
+            raise ValueError("--adapter of `swarm api` is NAME=DIR: each adapter is a model of its own")
 
 
 class Backend:
-    """The models a `swarm api` serves and what runs them. Create with :meth:`start`; :meth:`close`."""
+    """The models a `swarm api` serves and what runs them: a :class:`~swarm.facade.Swarm` (the
+    client's head and tokenizer, and the swarm joined once or every block here) and the
+    adapters. Create with :meth:`start`; :meth:`close`."""
 
-    def __init__(self, cfg: ApiConfig, client_model: ClientModel, adapters: dict[str, Adapter]):
-        self.cfg, self.client_model = cfg, client_model
-        self.name = cfg.name or model_name(cfg.model_dir)  # the name `swarm status` and servers' ready lines show
+    def __init__(self, cfg: ApiConfig, handle: Swarm, adapters: dict[str, Adapter]):
+        self.cfg, self.handle = cfg, handle
+        self.client_model = handle.client_model
+        self.name = cfg.name or model_name(handle.client_model.path)  # as `swarm status` and the ready lines say
         self.models: dict[str, Adapter | None] = {self.name: None, **adapters}
-        self.swarm_model = model_id(client_model.checkpoint)
-        self.background: BackgroundLoop | None = None
-        self.swarm: SwarmClient | None = None
-        self.blocks = None  # --local: every block, loaded once
+        self.swarm_model = handle.model_id
         self.jobs: set[Job] = set()  # running now (tests look at their chains)
         self.started = time.time()
-        self._compute = threading.Lock()  # --local: one step at a time (adapters patch the shared blocks)
-        self._tokenizer = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
         self._resync: concurrent.futures.Future | None = None
+
+    @property
+    def background(self):
+        """The loop the swarm client lives on (None with ``--local``)."""
+        return self.handle.background
+
+    @property
+    def swarm(self):
+        """The swarm client (:class:`~swarm.p2p.client.SwarmClient`; None with ``--local``)."""
+        return self.handle.client
+
+    @property
+    def blocks(self):
+        """``--local``: every block, loaded once."""
+        return self.handle.local_blocks
 
     @classmethod
     def start(cls, cfg: ApiConfig) -> Backend:
         """Load the head and tokenizer (and every block with ``local``), the adapters, and join the
         swarm. Raises ``ValueError`` (a bad adapter or checkpoint), :class:`SwarmError` (no initial
         peer answers), ``TimeoutError``."""
-        client_model = ClientModel.load(cfg.model_dir, cfg.dtype)
-        adapters = {name: load_adapter(path, client_model.checkpoint) for name, path in cfg.adapters.items()}
-        backend = cls(cfg, client_model, adapters)
-        if backend.name in adapters:
-            raise ValueError(f"--adapter {backend.name}=...: that is the base model's name; choose another")
-        if cfg.local:
-            ckpt = client_model.checkpoint
-            backend.blocks = ckpt.load_blocks(0, ckpt.num_blocks, cfg.dtype)
-            return backend
-        backend.background = BackgroundLoop()
+        handle = Swarm.start(cfg.client, connect=False)
         try:
-            ccfg = cfg.client
-            timeout = ccfg.request_timeout * (len(ccfg.initial_peers) + 1) + 10
-            start = SwarmClient.start(backend.swarm_model, client_model.checkpoint.num_blocks, ccfg)
-            backend.swarm = backend.background.call(start, timeout=timeout)
-            backend._resync = asyncio.run_coroutine_threadsafe(backend._keep_synced(), backend.background.loop)
+            checkpoint = handle.checkpoint
+            adapters = {name: load_adapter(path, checkpoint) for name, path in cfg.adapters.items()}
+            backend = cls(cfg, handle, adapters)
+            if backend.name in adapters:
+                raise ValueError(f"--adapter {backend.name}=...: that is the base model's name; choose another")
+            handle.connect()
         except BaseException:
-            backend.close()
+            handle.close()
             raise
+        if backend.swarm is not None:
+            backend._resync = asyncio.run_coroutine_threadsafe(backend._keep_synced(), backend.background.loop)
         return backend
 
     def close(self) -> None:
         for job in list(self.jobs):
             job.cancel()
-        if self.background is None:
-            return
         if self._resync is not None:
             self._resync.cancel()
-        if self.swarm is not None:
-            try:
-                self.background.call(self.swarm.close(), timeout=15)
-            except (TimeoutError, OSError) as exc:
-                log.warning("closing the swarm client: %s", exc)
-        self.background.close()
+        self.handle.close()
 
     async def _keep_synced(self) -> None:
         """Announcements keep the table fresh; should they stop reaching us (the peers we heard them
@@ -128,16 +144,13 @@ class Backend:
     # --- text ---------------------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
-        with self._tokenizer:
-            return self.client_model.encode(prompt)
+        return self.handle.encode(prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        with self._tokenizer:
-            return self.client_model.encode_chat(messages)
+        return self.handle.encode_chat(messages)
 
     def decode(self, ids: list[int]) -> str:
-        with self._tokenizer:
-            return self.client_model.decode(ids)
+        return self.handle.decode(ids)
 
     # --- the swarm ----------------------------------------------------------------------------
 
@@ -149,7 +162,7 @@ class Backend:
         num_blocks = self.client_model.checkpoint.num_blocks
         if self.swarm is None:
             me = ServerInfo(peer_id="local", addrs=(), model=self.swarm_model, start=0, end=num_blocks,
-                            public_name="this process (--local)", sessions=len(self.jobs), dtype=str(self.cfg.dtype)[6:])
+                            public_name="this process (--local)", sessions=len(self.jobs), dtype=self.cfg.client.dtype)
             return status_report(self.swarm_model, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0}, model_name=self.name)
 
         async def gather() -> dict:
@@ -162,8 +175,9 @@ class Backend:
     def step_timeout(self, spans: int) -> float:
         """The longest one step of a chain of ``spans`` servers may take (its own per-span timeouts
         and failover deadlines fire first; this only guards against a bug), as `swarm generate`."""
-        ccfg = self.cfg.client
-        return (ccfg.step_timeout + ccfg.wait_timeout) * (spans + 1) + 10
+        from swarm.p2p.client import chain_timeouts
+
+        return chain_timeouts(self.swarm.cfg, spans)[1]
 
     def event_timeout(self) -> float | None:
         """The longest a job may go without a token: opening a chain, then a step through a chain
@@ -173,8 +187,9 @@ class Backend:
         return self.open_timeout() + self.step_timeout(self.client_model.checkpoint.num_blocks)
 
     def open_timeout(self) -> float:
-        ccfg = self.cfg.client
-        return ccfg.request_timeout * (len(ccfg.initial_peers) + 1) + ccfg.wait_timeout
+        from swarm.p2p.client import chain_timeouts
+
+        return chain_timeouts(self.swarm.cfg, 0)[0]
 
 
 class _Cancelled(Exception):
@@ -348,7 +363,7 @@ class Job:
 
     def _open_local(self):
         opener = local_sessions(self.backend.blocks, self.adapter)
-        lock = self.backend._compute
+        lock = self.backend.handle.compute_lock
 
         def open_session(batch: int, max_length: int):
             session = opener(batch, max_length)

@@ -15,10 +15,8 @@ from swarm.cli.common import (
     NoQuantServersOpt,
     WireDtypeOpt,
     check,
-    check_seconds,
     err,
     fail,
-    peers,
     setup_logging,
 )
 
@@ -67,42 +65,29 @@ def api(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) and the
     swarm's web page (/) over one persistent swarm client (or --local)."""
-    from swarm.engine.checkpoint import parse_dtype
+    from swarm.config import ClientOptions
     from swarm.engine.client import ModelNotAvailableError, resolve_model
     from swarm.engine.families import UnsupportedModelError
-    from swarm.p2p.compression import WIRE_CHOICES
 
     try:
         check(0 <= port <= 65535, "--port", "between 0 and 65535 (0: any free port)", port)
-        check(api_key is None or api_key.strip() != "", "--api-key", "a non-empty key", repr(api_key))
-        check(default_max_tokens >= 1, "--default-max-tokens", "at least 1", default_max_tokens)
-        check(max_requests >= 1, "--max-requests", "at least 1", max_requests)
-        check_seconds("--step-timeout", step_timeout)
-        check_seconds("--timeout", timeout, zero_ok=True)
-        check(wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), wire_dtype)
-        adapters = parse_adapters(adapter or [])
-        if not local and not peers(initial_peers):
-            raise ValueError("give --initial-peers (a multiaddr printed by `swarm serve`, or SWARM_INITIAL_PEERS), "
-                             "or --local to run every block here")
-        torch_dtype = parse_dtype(dtype)
-        setup_logging(verbose)
         from swarm.api.backend import ApiConfig
-        from swarm.p2p.client import ClientConfig
 
         cfg = ApiConfig(
-            model_dir=resolve_model(model),
-            initial_peers=peers(initial_peers),
-            local=local,
+            client=ClientOptions(
+                model=model, initial_peers=tuple(initial_peers or ()), local=local, dtype=dtype,
+                step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
+                wire_dtype=wire_dtype,
+            ),
             name=name or "",
-            adapters=adapters,
-            dtype=torch_dtype,
-            api_key=api_key.strip() if api_key else None,
+            adapters=parse_adapters(adapter or []),
+            api_key=api_key,
             cors_origins=list(cors_origin or []),
             default_max_tokens=default_max_tokens,
             max_requests=max_requests,
-            client=ClientConfig(initial_peers=peers(initial_peers), step_timeout=step_timeout, wait_timeout=timeout,
-                                push=push, full_precision=no_quant_servers, wire_dtype=wire_dtype),
         )
+        setup_logging(verbose)
+        resolve_model(model)  # the default model fetched (with progress) before the server starts
     except (ValueError, ModelNotAvailableError) as exc:
         fail(str(exc))
 

@@ -24,7 +24,7 @@ from swarm.api.app import bind, make_server  # noqa: E402
 from swarm.api.backend import ApiConfig, Backend, Job, StopScanner  # noqa: E402
 from swarm.engine.adapter_io import save_deep_prompt  # noqa: E402
 from swarm.engine.checkpoint import Checkpoint  # noqa: E402
-from swarm.p2p.client import ClientConfig  # noqa: E402
+from swarm.config import ClientOptions  # noqa: E402
 from swarm.p2p.loop import BackgroundLoop, run  # noqa: E402
 from swarm.p2p.status import gather_status  # noqa: E402
 from swarm_utils import local_json, running_swarm  # noqa: E402
@@ -83,9 +83,8 @@ def swarm(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(tiny, swarm):
     model_dir, deep = tiny
-    ccfg = ClientConfig(initial_peers=[swarm[0].maddr], step_timeout=5.0, wait_timeout=10.0)
-    cfg = ApiConfig(model_dir=model_dir, initial_peers=ccfg.initial_peers, api_key=KEY, adapters={"deep": deep},
-                    client=ccfg)
+    options = ClientOptions(model=model_dir, initial_peers=(swarm[0].maddr,), step_timeout=5.0, timeout=10.0)
+    cfg = ApiConfig(client=options, api_key=KEY, adapters={"deep": deep})
     with api_server(cfg) as (url, backend):
         yield url, backend
 
@@ -310,8 +309,7 @@ def test_missing_blocks_is_503_naming_them(tiny):
     server = served(model_dir, "0:2")
     try:
         _, maddr = background.call(server.__aenter__(), timeout=60)
-        cfg = ApiConfig(model_dir=model_dir, initial_peers=[maddr],
-                        client=ClientConfig(initial_peers=[maddr], wait_timeout=0.3))
+        cfg = ApiConfig(client=ClientOptions(model=model_dir, initial_peers=(maddr,), timeout=0.3))
         with api_server(cfg) as (url, _):
             client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
             for stream in (False, True):
@@ -329,7 +327,7 @@ def test_missing_blocks_is_503_naming_them(tiny):
 def test_local_mode_with_an_adapter(tiny):
     """`swarm api --local`: every block here, the adapter's model too; text equals `swarm generate --local`."""
     model_dir, deep = tiny
-    with api_server(ApiConfig(model_dir=model_dir, local=True, adapters={"deep": deep})) as (url, backend):
+    with api_server(ApiConfig(client=ClientOptions(model=model_dir, local=True), adapters={"deep": deep})) as (url, backend):
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
         chat = expected(model_dir, 10, "--chat")
         assert complete(client, "model", True, True, max_tokens=10, temperature=0)[0] == chat["text"]
@@ -356,7 +354,7 @@ def test_an_error_mid_stream_is_an_error_event(tiny, monkeypatch):
         raise SwarmError("blocks 2:4 lost their server and no other could take them over")
 
     monkeypatch.setattr(api_backend, "generate", fails_once)
-    with api_server(ApiConfig(model_dir=tiny[0], local=True)) as (url, _):
+    with api_server(ApiConfig(client=ClientOptions(model=tiny[0], local=True))) as (url, _):
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
         parts = []
         with pytest.raises(openai.APIError, match="2:4"):

@@ -68,8 +68,11 @@ def test_bad_options_get_the_flags_messages(tiny_checkpoints, monkeypatch):
     with pytest.raises(TypeError, match="unknown option stepp_timeout"):
         swarm.open(model, stepp_timeout=3)
     monkeypatch.delenv("SWARM_INITIAL_PEERS", raising=False)
-    with pytest.raises(ValueError, match="--initial-peers"):
+    with pytest.raises(swarm.SwarmError, match="--initial-peers"):
         swarm.open(model)
+    with pytest.raises(ValueError) as caught:
+        swarm.open(model, initial_peers="/ip4/999.1.1.1/tcp/1")
+    assert str(caught.value) == cli_error(["generate", "--model", model, "--initial-peers", "/ip4/999.1.1.1/tcp/1", PROMPT])
 
 
 @pytest.mark.slow
