@@ -8,40 +8,20 @@ Generation's options (``max_new_tokens``, ``temperature``...) are :func:`samplin
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from swarm.p2p.serve_options import check, check_seconds, flag  # noqa: F401  (one set of rules' helpers)
+from swarm.p2p.serve_options import split_peers as split_server_peers
+
 ENV_PEERS = "SWARM_INITIAL_PEERS"
-
-
-def flag(name: str) -> str:
-    """The command-line flag of option ``name`` (``step_timeout`` → ``--step-timeout``)."""
-    return "--" + name.replace("_", "-")
-
-
-def check(ok: bool, flag: str, rule: str, value: object) -> None:
-    """Raise ``ValueError`` naming ``flag`` and the rule its ``value`` breaks, unless ``ok``."""
-    if not ok:
-        raise ValueError(f"{flag} must be {rule}, got {value}")
-
-
-def check_seconds(flag: str, value: float, zero_ok: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
-    check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value)
 
 
 def split_peers(values: str | list[str] | tuple[str, ...] | None) -> list[str]:
     """Initial peers as a list: repeated flags, and comma- or space-separated lists (the
     environment's form) alike, each checked (:func:`~swarm.p2p.addresses.check_initial_peer`)."""
-    if isinstance(values, str):
-        values = [values]
-    if not values:
-        return []
-    from swarm.p2p.addresses import check_initial_peer
-
-    return [check_initial_peer(p) for v in values or [] for p in str(v).replace(",", " ").split()]
+    return list(split_server_peers(values))
 
 
 def env_peers() -> list[str]:

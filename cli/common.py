@@ -5,13 +5,14 @@ import ``main`` twice if a command's module imported ``main``)."""
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup, TyperOption
+
+from swarm.config import check, check_seconds  # noqa: F401  (the commands' flag checks)
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -47,17 +48,6 @@ def _plain_flags(params: list) -> list:
         if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
             param.metavar = ""
     return params
-
-
-def check(ok: bool, flag: str, rule: str, value: object) -> None:
-    """Raise ``ValueError`` naming ``flag`` and the rule its ``value`` breaks, unless ``ok``."""
-    if not ok:
-        raise ValueError(f"{flag} must be {rule}, got {value}")
-
-
-def check_seconds(flag: str, value: float, zero_ok: bool = False) -> None:
-    ok = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
-    check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value)
 
 
 ModelOpt = Annotated[
