@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,13 +21,13 @@ from swarm.cli.main import app
 from swarm.cli.render import status_view
 from swarm.engine.default_model import HomeError, usable_home
 from swarm.engine.finetune_data import read_jsonl
+from swarm.launch import READY  # the ready line, as scripts and tests read it
 from swarm.p2p.server_handle import ready_line
 from swarm.p2p.status import status_report
 from swarm.p2p.table import MAX_NAME, ServerInfo, model_name
 from swarm_utils import running_swarm, swarm_cmd, swarm_env
 
 COMMANDS = ["serve", "generate", "finetune", "api", "status"]
-READY = re.compile(r"serving blocks (\d+):(\d+) of (\S+) at (/ip4/\S+/p2p/\S+)")  # the ready line, as scripts read it
 PEER = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
 
 
