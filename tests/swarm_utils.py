@@ -64,13 +64,17 @@ def local_json(args: list[str]) -> dict:
 
 
 def swarm_generate(model_dir, initial_peer: str, cfg, on_token=None, *, prompt: str = "The capital of France is",
-                   adapter=None, **client_kw) -> list[int]:
-    """Generate through the swarm in this process (``adapter``: one from ``load_adapter``, or
-    None); ``on_token(i, chain)`` runs after token i with the chain serving it."""
+                   adapter=None, wait_timeout: float | None = None, **options) -> list[int]:
+    """Generate through the swarm in this process with a :class:`swarm.Swarm` (``adapter``: one
+    from ``load_adapter``, or None; ``options``: :class:`swarm.ClientOptions`' fields,
+    ``wait_timeout`` its ``timeout``); ``on_token(i, chain)`` runs after token i with the chain
+    serving it."""
+    from swarm.config import ClientOptions
     from swarm.engine.client import ClientModel
-    from swarm.p2p.client import ClientConfig, generate_swarm
-    from swarm.p2p.table import model_id
+    from swarm.facade import Swarm
 
+    if wait_timeout is not None:
+        options["timeout"] = wait_timeout
     client_model = ClientModel.load(model_dir)
     chains, count = [], []
 
@@ -79,6 +83,5 @@ def swarm_generate(model_dir, initial_peer: str, cfg, on_token=None, *, prompt: 
         if on_token is not None:
             on_token(len(count), chains[-1])
 
-    ccfg = ClientConfig(initial_peers=[initial_peer], **client_kw)
-    return generate_swarm(client_model, model_id(client_model.checkpoint), client_model.encode(prompt), cfg, ccfg,
-                          hook, chains.append, adapter=adapter)
+    with Swarm(ClientOptions(model=str(model_dir), initial_peers=(initial_peer,), **options), client_model, adapter) as s:
+        return s.generate_ids(client_model.encode(prompt), cfg, hook, chains.append)

@@ -177,7 +177,7 @@ def test_a_bad_adapter_directory_is_one_line_naming_it(case, tmp_path):
     for directory, named in cases.items():
         model = other if directory == case["root"] / "deep" else case["model"]
         result = CliRunner().invoke(app, ["generate", "--model", str(model), "--adapter", str(directory),
-                                          "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/none", PROMPT])
+                                          "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA", PROMPT])
         assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
