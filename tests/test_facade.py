@@ -76,6 +76,7 @@ def test_bad_options_get_the_flags_messages(tiny_checkpoints, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_through_the_swarm_text_stream_status_and_gradients(tmp_path, tiny_checkpoints, monkeypatch):
     model = tiny_checkpoints["llama"]
     data_file = tmp_path / "data.jsonl"
