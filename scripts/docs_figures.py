@@ -103,7 +103,7 @@ def headline() -> str:
          f" (goal ≥ {NF4_SPEED_GOAL:g}×)",
          f"{nf4['local_decode_tok_s']:.1f} vs {bf16['local_decode_tok_s']:.1f} tok/s, random 1.1B Llama (`quant.json`)"],
         ["int8 weights, perplexity", f"**{pct((small['precisions']['int8']['ppl'] / f32 - 1) * 100)}**",
-         f"SmolLM2-135M over 3 servers, held-out English (`quant.json`)"],
+         "SmolLM2-135M over 3 servers, held-out English (`quant.json`)"],
         ["int8 wire, bytes per token and hop", f"**{num(wire['int8']['bytes_per_token'])}** of {num(wire['float32']['bytes_per_token'])}",
          f"SmolLM2-135M; perplexity {pct((wire['int8']['ppl'] / wire['float32']['ppl'] - 1) * 100)} (`quant.json`)"],
     ]

@@ -1,6 +1,6 @@
 """Every code example in README.md and docs/*.md, run, so the docs cannot rot (docs/tests.md, "The docs").
 
-- ```python blocks run for real, each in a fresh namespace, in a temporary directory holding
+- ```python blocks run for real, each as a script in a fresh interpreter, in a temporary directory holding
   ``facts.jsonl`` (a copy of scripts/data/facts.jsonl), with ``SWARM_INITIAL_PEERS`` naming a real
   swarm of the default model (two `swarm serve` processes, blocks 0:15 and 15:30) and a
   ``SWARM_HOME`` of their own (the user's converted models linked in).
@@ -20,12 +20,13 @@ scripts/results/ now.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,8 @@ LANGUAGES = {"python": "run", "sh": "run", "text": "output"}
 
 # first words of sh lines the test does not run, and why
 NOT_RUN = {
-    "make": "sets up the machine or runs for minutes (the suite, a benchmark)",
+    "make": "sets up the machine, runs the suite or a benchmark (minutes), or rewrites the docs' tables "
+            "(make docs: test_generated_figures_equal_the_results_files checks them)",
     "pip": "installs packages",
     "curl": "needs `swarm api` listening on port 8000; tests/test_api.py calls every route",
     "export": "sets a variable for the lines after it; this test sets SWARM_INITIAL_PEERS to its own swarm",
@@ -49,6 +51,7 @@ NOT_RUN = {
 }
 MAX_RUN_TOKENS = 16  # `swarm generate` lines with at most this many --max-new-tokens run for real
 SWARM_RANGES = ["0:15", "15:30"]
+EXAMPLE_TIMEOUT = 300  # seconds one python example may take (they take a few)
 
 
 @dataclass(frozen=True)
@@ -123,20 +126,20 @@ def needs_swarm(code: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
-def test_python_example_runs(block: Block, tmp_path, monkeypatch, request, swarm_home):
+def test_python_example_runs(block: Block, tmp_path, request, swarm_home):
     if block.skip_reason:
         pytest.skip(block.skip_reason)
     shutil.copy(ROOT / "scripts" / "data" / "facts.jsonl", tmp_path / "facts.jsonl")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SWARM_HOME", str(swarm_home))
+    (tmp_path / "example.py").write_text(block.code)
+    env = {**os.environ, "SWARM_HOME": str(swarm_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("SWARM_INITIAL_PEERS", None)
     if needs_swarm(block.code):
-        monkeypatch.setenv("SWARM_INITIAL_PEERS", request.getfixturevalue("swarm_peers"))
-    else:
-        monkeypatch.delenv("SWARM_INITIAL_PEERS", raising=False)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(block.code, block.id, "exec"), {"__name__": "__main__"})  # noqa: S102
-    assert printed.getvalue().strip(), f"{block.id} printed nothing; an example shows its result"
+        env["SWARM_INITIAL_PEERS"] = request.getfixturevalue("swarm_peers")
+    # a fresh interpreter, as a user runs it (also: swarm's OpenMP settings apply only before torch loads)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=EXAMPLE_TIMEOUT)
+    assert proc.returncode == 0, f"{block.id} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert proc.stdout.strip(), f"{block.id} printed nothing; an example shows its result"
 
 
 # --- sh blocks ---------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ def test_sh_example_parses_and_quick_ones_run(block: Block, monkeypatch, request
             if reason is None:
                 errors.append(f"{line}: {words[0]!r} is neither a swarm command nor in NOT_RUN with a reason")
             else:
-                not_run.append(f"{line}: {reason}")
+                not_run.append((line, reason))
             continue
         args = words[1:]
         try:
@@ -238,7 +241,8 @@ def test_sh_example_parses_and_quick_ones_run(block: Block, monkeypatch, request
             ran.append(line)
     assert not errors, f"{block.id}:\n" + "\n".join(errors)
     if not parsed:
-        pytest.skip("nothing to parse or run: " + "; ".join(not_run))
+        reasons = {reason: [line for line, r in not_run if r == reason] for _, reason in not_run}
+        pytest.skip("nothing to parse or run: " + "; ".join(f"{', '.join(lines)}: {r}" for r, lines in reasons.items()))
     assert parsed
 
 
