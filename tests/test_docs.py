@@ -13,9 +13,9 @@
 - A block opts out only with ``# doc-test: skip (why)`` on its first line, and the skips are
   counted: they must be fewer than the blocks that run.
 
-Also: README.md has at most 300 lines, every relative link (and its #anchor) points to something
-that exists, and the generated benchmark tables equal what scripts/docs_figures.py makes of
-scripts/results/ now.
+Also: every flag of every command is mentioned in the pages, README.md has at most 300 lines,
+every relative link (and its #anchor) points to something that exists, and the generated benchmark
+tables equal what scripts/docs_figures.py makes of scripts/results/ now.
 """
 
 from __future__ import annotations
@@ -267,6 +267,26 @@ def test_skips_are_marked_explained_and_few():
 
 
 # --- the pages ---------------------------------------------------------------------------------
+
+
+def test_every_flag_is_documented():
+    """Each flag of each command appears somewhere in README.md or docs/ (its help is not enough:
+    the pages say what it is for and how it fits with the rest)."""
+    import typer.main
+
+    from swarm.cli.main import app
+
+    text = "".join(p.read_text() for p in DOCS)
+    group = typer.main.get_command(app)
+    ctx = group.make_context("swarm", [], resilient_parsing=True)
+    missing = []
+    for name in group.list_commands(ctx):
+        for param in group.get_command(ctx, name).params:
+            names = [o for o in param.opts + param.secondary_opts if o.startswith("-") and o != "--help"]
+            if names and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text) for o in names):
+                missing.append(f"swarm {name} {'/'.join(names)}")
+    assert not missing, "flags no page mentions:\n" + "\n".join(missing)
+
 
 
 def test_readme_is_short():
