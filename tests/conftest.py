@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+import swarm  # noqa: F401  (first: it sets GOMP_SPINCOUNT before torch loads, as in the commands)
+import torch  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
 VOCAB = 320
