@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from swarm.cli.common import (
+    PushOpt,
+    StepTimeoutOpt,
     DtypeOpt,
     InitialPeersOpt,
     ModelOpt,
@@ -19,6 +21,7 @@ from swarm.cli.common import (
     fail,
     setup_logging,
 )
+from swarm.config import ClientOptions  # light: the client flags' defaults
 
 
 def api(
@@ -51,21 +54,18 @@ def api(
         int, typer.Option("--max-requests", help="Generations at once; later requests wait for a slot.")
     ] = 16,
     dtype: DtypeOpt = "float32",
-    step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
+    step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
     timeout: Annotated[
         float,
         typer.Option("--timeout", help="Seconds a request waits for servers covering every block (then 503)."),
     ] = 10.0,
-    push: Annotated[
-        bool, typer.Option("--push/--no-push", help="Servers pass each step straight to the next server of the chain.")
-    ] = True,
+    push: PushOpt = ClientOptions.push,
     no_quant_servers: NoQuantServersOpt = False,
     wire_dtype: WireDtypeOpt = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests' failures in full and swarm events.")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) and the
     swarm's web page (/) over one persistent swarm client (or --local)."""
-    from swarm.config import ClientOptions
     from swarm.engine.client import ModelNotAvailableError, resolve_model
     from swarm.engine.families import UnsupportedModelError
 

@@ -75,6 +75,15 @@ WireDtypeOpt = Annotated[
 ]
 
 
+StepTimeoutOpt = Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")]
+PushOpt = Annotated[
+    bool, typer.Option("--push/--no-push", help="Servers pass each step straight to the next server of the chain.")
+]
+# the client's flags above are declared once here and shared by generate, finetune and api; their
+# rules and defaults are swarm.config.ClientOptions'
+
+
 InitialPeersOpt = Annotated[
     Optional[list[str]],
     typer.Option(

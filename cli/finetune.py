@@ -10,7 +10,18 @@ from typing import Annotated
 
 import typer
 
-from swarm.cli.common import InitialPeersOpt, ModelOpt, NoQuantServersOpt, WireDtypeOpt, err, fail, setup_logging
+from swarm.cli.common import (
+    InitialPeersOpt,
+    ModelOpt,
+    NoQuantServersOpt,
+    StepTimeoutOpt,
+    TimeoutOpt,
+    WireDtypeOpt,
+    err,
+    fail,
+    setup_logging,
+)
+from swarm.config import ClientOptions  # light: the client flags' defaults
 
 INTERRUPTED = 130
 
@@ -104,8 +115,8 @@ def finetune(
         ),
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Local blocks' dtype: float32 or bfloat16 (--local).")] = "float32",
-    step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")] = 30.0,
+    step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
+    timeout: TimeoutOpt = ClientOptions.timeout,
     wire_dtype: WireDtypeOpt = "auto",
     no_quant_servers: NoQuantServersOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,

@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 
 from swarm.cli.common import (
+    PushOpt,
+    StepTimeoutOpt,
+    TimeoutOpt,
     Commands,
     DtypeOpt,
     InitialPeersOpt,
@@ -26,6 +29,7 @@ from swarm.cli.common import (
     quiet_stdout,
     setup_logging,
 )
+from swarm.config import ClientOptions  # light: the client flags' defaults
 from swarm.p2p.serve_options import ServeOptions  # light: no torch or libp2p (the flags' defaults)
 
 app = typer.Typer(
@@ -231,13 +235,9 @@ def generate(
     no_quant_servers: NoQuantServersOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with token ids and text.")] = False,
     initial_peers: InitialPeersOpt = None,
-    step_timeout: Annotated[float, typer.Option("--step-timeout", help="Seconds to wait for a server's reply.")] = 60.0,
-    push: Annotated[
-        bool, typer.Option("--push/--no-push", help="Servers pass each step straight to the next server of the chain.")
-    ] = True,
-    timeout: Annotated[
-        float, typer.Option("--timeout", help="Seconds to wait for servers covering every block.")
-    ] = 30.0,
+    step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
+    push: PushOpt = ClientOptions.push,
+    timeout: TimeoutOpt = ClientOptions.timeout,
     wire_dtype: WireDtypeOpt = "auto",
 ) -> None:
     """Generate text: stream tokens through a chain of servers (or --local), printing them as they come.
@@ -254,7 +254,7 @@ def generate(
     from dataclasses import replace
 
     from swarm.cache.kv import CacheFullError
-    from swarm.config import ClientOptions, sampling
+    from swarm.config import sampling
     from swarm.engine.client import ModelNotAvailableError, TextStream
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.generation import check_prompt_length

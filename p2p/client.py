@@ -27,6 +27,7 @@ from swarm.p2p.compression import check_choice, resolve
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span, find_chain
+from swarm.p2p.tasks import Tasks
 from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
 from swarm.p2p.wire import Frame, RemoteError, WireError, expect
 
@@ -67,7 +68,7 @@ class SwarmClient:
         self._failures: dict[str, int] = {}
         self._banned_until: dict[str, float] = {}
         self._unreachable_until: dict[str, float] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks = Tasks(log)  # the announcements' listener
 
     @classmethod
     async def start(cls, model: str, num_blocks: int, cfg: ClientConfig) -> SwarmClient:
@@ -80,7 +81,7 @@ class SwarmClient:
         client = cls(host, model, num_blocks, cfg)
         try:
             subscription = await host.subscribe(announce_topic(model))
-            client._tasks.append(asyncio.create_task(client._listen(subscription)))
+            client._tasks.spawn(client._listen(subscription), "listen")
             await client.sync()
         except BaseException:
             await client.close()
@@ -190,9 +191,7 @@ class SwarmClient:
         return chain
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         await self.host.close()
 
 
