@@ -63,7 +63,7 @@ class ClientOptions:
         from swarm.p2p.compression import WIRE_CHOICES
 
         set_ = object.__setattr__
-        set_(self, "initial_peers", tuple(split_peers(list(self.initial_peers))))
+        set_(self, "initial_peers", tuple(split_peers(self.initial_peers)))
         if self.model is not None:
             set_(self, "model", str(self.model))
         if self.adapter is not None:
