@@ -32,7 +32,7 @@ from swarm.engine.adapters import AdapterSpec, LocalBlocks
 from swarm.engine.checkpoint import BlockRange, Checkpoint
 from swarm.engine.client import ClientModel, TextStream, local_sessions, resolve_model
 from swarm.engine.finetune import forward_logits
-from swarm.engine.finetune_data import Batch, token_loss
+from swarm.engine.finetune_data import Batch, token_loss, with_virtual_tokens
 from swarm.engine.generation import GenerationConfig, check_prompt_length, generate
 
 log = logging.getLogger("swarm")
@@ -307,7 +307,8 @@ class Swarm:
         labelled positions, with the adapter ``tensors`` applied with ``spec``:
         ``loss.backward()`` fills each tensor's ``.grad`` (through the servers)."""
         logits = self.logits(batch.input_ids, tensors, spec)
-        total, count = token_loss(logits, batch.labels)
+        virtual = logits.shape[1] - batch.input_ids.shape[1]  # a prompt's positions, before the input's
+        total, count = token_loss(logits, with_virtual_tokens(batch.labels, virtual))
         return total / max(count, 1)
 
     # --- the swarm -------------------------------------------------------------------------
