@@ -9,10 +9,10 @@ Generation's options (``max_new_tokens``, ``temperature``...) are :func:`samplin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from swarm.p2p.serve_options import check, check_seconds, flag  # noqa: F401  (one set of rules' helpers)
+from swarm.p2p.serve_options import build_options, check, check_seconds  # noqa: F401  (one set of rules' helpers)
 from swarm.p2p.serve_options import split_peers as split_server_peers
 
 ENV_PEERS = "SWARM_INITIAL_PEERS"
@@ -85,11 +85,7 @@ class ClientOptions:
     def build(cls, **options) -> ClientOptions:
         """The options of a Python caller: ``TypeError`` for a name that is not an option (as a
         function would), ``ValueError`` naming the flag for a bad value."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise TypeError(f"unknown option {', '.join(unknown)} (options: {', '.join(sorted(names))})")
-        return cls(**options)
+        return build_options(cls, options)
 
     @property
     def torch_dtype(self):
@@ -135,10 +131,6 @@ class ClientOptions:
         if self.initial_peers or self.local:
             return self
         return replace(self, initial_peers=tuple(env_peers()))
-
-
-SAMPLING = ("max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "num_beams",
-            "length_penalty")
 
 
 def sampling(

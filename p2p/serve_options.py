@@ -70,6 +70,16 @@ def check_num_blocks(count: int | None, model_blocks: int) -> None:
     check(count is None or count <= model_blocks, "--num-blocks", f"at most this model's {model_blocks} blocks", count)
 
 
+def build_options(cls, options: dict):
+    """``cls(**options)`` for a Python caller's keywords: ``TypeError`` listing the options for a
+    name that is none of ``cls``' fields (as a function would), else what ``cls`` raises."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown option {', '.join(unknown)} (options: {', '.join(sorted(names))})")
+    return cls(**options)
+
+
 def split_peers(values) -> tuple[str, ...]:
     """Repeated flags and comma- or space-separated lists (the environment's form) alike, each
     checked (:func:`~swarm.p2p.addresses.check_initial_peer`: ValueError naming --initial-peers)."""
@@ -183,11 +193,7 @@ class ServeOptions:
     def build(cls, **options) -> ServeOptions:
         """The options of a Python caller: ``TypeError`` for a name that is not an option (as a
         function would), ``ValueError`` naming the flag for a bad value."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise TypeError(f"unknown option {', '.join(unknown)} (options: {', '.join(sorted(names))})")
-        return cls(**options)
+        return build_options(cls, options)
 
     def server_config(self):
         """The server's :class:`~swarm.p2p.server.ServerConfig`, once the machine allows it: the
