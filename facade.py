@@ -78,6 +78,7 @@ class Swarm:
         """Load every block (``local``) or join the swarm, once. Raises
         :class:`~swarm.p2p.client.SwarmError` (no initial peer, or none answers for this model),
         ``TimeoutError``, and with ``local`` what loading the blocks raises."""
+        self._check_open()
         if self.local_blocks is not None or self.client is not None:
             return
         options, ckpt = self.options, self.checkpoint
@@ -106,10 +107,11 @@ class Swarm:
             raise
 
     def close(self) -> None:
-        """Leave the swarm and free the blocks (idempotent)."""
+        """Leave the swarm and free the blocks (idempotent). The handle refuses further use."""
         if self._closed:
             return
         self._closed = True
+        self.local_blocks = self._blocks = None
         if self.background is not None:
             try:
                 if self.client is not None:
@@ -118,6 +120,10 @@ class Swarm:
                 log.warning("closing the swarm client: %s", exc)
             finally:
                 self.background.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Swarm is closed: open another with swarm.open(...)")
 
     def __enter__(self) -> Swarm:
         return self
@@ -155,6 +161,7 @@ class Swarm:
         [batch, seq, hidden], tensors=None, spec=None) -> hidden``, with the adapter ``tensors``
         (see :func:`init_lora`) applied with ``spec``; gradients flow to ``hidden`` and to every
         tensor, through the servers (with failover) or here with ``local``."""
+        self._check_open()
         if self._blocks is None:
             self.connect()
             if self.local_blocks is not None:
@@ -202,8 +209,7 @@ class Swarm:
         ``on_token`` is called with each as it is chosen, ``on_chain`` with each chain of servers
         as it opens. Raises ``ValueError`` for a prompt past the model's context, and the swarm's
         errors (:class:`~swarm.p2p.client.SwarmError`, ``NoRouteError``, ``TimeoutError``...)."""
-        if self._closed:
-            raise RuntimeError("this Swarm is closed")
+        self._check_open()
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give some text to continue")
@@ -219,13 +225,21 @@ class Swarm:
             from swarm.p2p.client import swarm_sessions
 
             return swarm_sessions(self.background, self.client, self.adapter, on_chain)
-        opener, lock = local_sessions(self.local_blocks, self.adapter), self.compute_lock
+        return self.local_sessions(self.adapter)
+
+    def local_sessions(self, adapter: Adapter | None, before_step: Callable[[], None] | None = None):
+        """``local``: the engine's session opener over the blocks held here, each step under
+        :attr:`compute_lock` (an adapter patches the shared blocks for its step), ``before_step``
+        called first (it may raise to stop the generation)."""
+        opener, lock = local_sessions(self.local_blocks, adapter), self.compute_lock
 
         def open_session(batch: int, max_length: int):
             session = opener(batch, max_length)
             step = session.step
 
             def locked_step(hidden, hypo_ids=None):
+                if before_step is not None:
+                    before_step()
                 with lock:
                     return step(hidden, hypo_ids)
 
@@ -279,6 +293,7 @@ class Swarm:
 
         worker = threading.Thread(target=run, name="swarm-stream", daemon=True)
         worker.start()
+        interrupted = False
         try:
             while True:
                 piece = pieces.get()
@@ -288,9 +303,13 @@ class Swarm:
                     raise piece
                 if piece:
                     yield piece
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             stop.set()
-            worker.join()
+            if not interrupted:  # Ctrl-C returns at once; the worker stops at its next token
+                worker.join()
 
     # --- training --------------------------------------------------------------------------
 
@@ -316,14 +335,19 @@ class Swarm:
     def status(self) -> dict:
         """The swarm's topology, the report of `swarm status --json` (every server pinged now);
         with ``local``, this process as the one server."""
+        return self.status_report()
+
+    def status_report(self, name: str | None = None, local_sessions: int = 0) -> dict:
+        """:meth:`status` with the model called ``name`` (default: the checkpoint's name) and,
+        with ``local``, ``local_sessions`` generations running here (`swarm api` counts its own)."""
         from swarm.p2p.status import ping_all, status_report
         from swarm.p2p.table import ServerInfo, model_name
 
-        num_blocks, name = self.checkpoint.num_blocks, model_name(self.client_model.path)
+        num_blocks, name = self.checkpoint.num_blocks, name or model_name(self.client_model.path)
         self.connect()
         if self.client is None:
             me = ServerInfo(peer_id="local", addrs=(), model=self.model_id, start=0, end=num_blocks,
-                            public_name="this process (--local)", dtype=self.options.dtype)
+                            public_name="this process (--local)", sessions=local_sessions, dtype=self.options.dtype)
             return status_report(self.model_id, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0}, model_name=name)
 
         async def gather() -> dict:
@@ -359,14 +383,22 @@ def open(model: str | Path | None = None, *, initial_peers: Sequence[str] | str 
 def read_dataset(path: str | Path, tokenizer, max_length: int = 512, eos_token_id: int | None = None):
     """The JSON-lines file ``path`` (``{text}``, ``{prompt, completion}`` or ``{messages}`` per
     line, as `swarm finetune` takes it), tokenized: a :class:`~swarm.engine.finetune_data.Dataset`
-    whose ``examples`` have ``input_ids`` and ``labels``. Examples over ``max_length`` tokens are
-    cut; ``eos_token_id`` (default: the tokenizer's) ends texts and completions. Raises
-    ``DataError`` (a ``ValueError``) as ``FILE:LINE: what is wrong``."""
+    whose ``examples`` have ``input_ids`` and ``labels``. ``tokenizer``: a :class:`Swarm` (its
+    tokenizer, and the model's first stop token to end texts and completions, as `swarm finetune`
+    does) or a transformers tokenizer (its ``eos_token_id``). Examples over ``max_length`` tokens
+    are cut; ``eos_token_id`` overrides the end token. Raises ``DataError`` (a ``ValueError``) as
+    ``FILE:LINE: what is wrong``."""
     from swarm.engine.finetune_data import read_jsonl, tokenize_records
 
     if max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {max_length}")
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    if isinstance(tokenizer, Swarm):
+        stops = tokenizer.client_model.eos_token_ids
+        tokenizer = tokenizer.tokenizer
+        default_eos = stops[0] if stops else tokenizer.eos_token_id
+    else:
+        default_eos = tokenizer.eos_token_id
+    eos = default_eos if eos_token_id is None else eos_token_id
     return tokenize_records(read_jsonl(path), tokenizer, path, max_length, eos)
 
 

@@ -3,7 +3,7 @@ tests, benchmarks and demos use to stand up a swarm on one machine (or on emulat
 
 A server prints one line on stdout once its blocks are loaded and it is reachable::
 
-    serving blocks 0:10 of SmolLM2-135M-Instruct at /ip4/127.0.0.1/tcp/4001/p2p/12D3... (also at ...)
+    SmolLM2-135M-Instruct: serving blocks 0:10 of llama-82641b35383e5806 at /ip4/127.0.0.1/tcp/4001/p2p/12D3... (also at ...)
 
 :data:`READY` reads it; :class:`ServeProcess` starts one server and waits for that line with a
 deadline; :func:`running_swarm` starts several joined into one swarm and stops them on the way out::
@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-# groups: first block, end block, model name, the first announced multiaddr
+# groups: first block, end block, the model's id, the first announced multiaddr
 READY = re.compile(r"serving blocks (\d+):(\d+) of (\S+) at (/\S+)")
 
 

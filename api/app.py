@@ -378,7 +378,7 @@ def make_server(backend: Backend, sock: socket.socket):
 
 def serve_api(cfg: ApiConfig, host: str, port: int, on_ready=None) -> None:
     """Serve until interrupted. The socket is bound and the swarm joined before the first request
-    is taken; ``on_ready(url)`` is called then. Raises what :meth:`Backend.start` and :func:`bind`
+    is taken; ``on_ready(url, backend)`` is called then. Raises what :meth:`Backend.start` and :func:`bind`
     raise."""
     sock = bind(host, port)
     try:

@@ -32,10 +32,9 @@ import torch
 from swarm.api.requests import ApiError
 from swarm.config import ClientOptions, check
 from swarm.engine.adapter_io import Adapter, load_adapter
-from swarm.engine.client import local_sessions
 from swarm.engine.generation import GenerationConfig, generate
 from swarm.facade import Swarm
-from swarm.p2p.table import ServerInfo, gaps, model_name
+from swarm.p2p.table import gaps, model_name
 
 log = logging.getLogger("swarm.api")
 
@@ -156,21 +155,8 @@ class Backend:
 
     async def status(self) -> dict:
         """``swarm status --json``'s object for the client's table (every server pinged now);
-        with ``--local``, this process as the one server."""
-        from swarm.p2p.status import ping_all, status_report
-
-        num_blocks = self.client_model.checkpoint.num_blocks
-        if self.swarm is None:
-            me = ServerInfo(peer_id="local", addrs=(), model=self.swarm_model, start=0, end=num_blocks,
-                            public_name="this process (--local)", sessions=len(self.jobs), dtype=self.cfg.client.dtype)
-            return status_report(self.swarm_model, num_blocks, {me.peer_id: me}, {me.peer_id: 0.0}, model_name=self.name)
-
-        async def gather() -> dict:
-            servers = self.swarm.table.snapshot()
-            rtts = await ping_all(self.swarm.host, servers, 2.0)
-            return status_report(self.swarm_model, num_blocks, servers, rtts, model_name=self.name)
-
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(gather(), self.background.loop))
+        with ``--local``, this process as the one server, its sessions the jobs running now."""
+        return await asyncio.to_thread(self.handle.status_report, self.name, len(self.jobs))
 
     def step_timeout(self, spans: int) -> float:
         """The longest one step of a chain of ``spans`` servers may take (its own per-span timeouts
@@ -362,23 +348,11 @@ class Job:
         return _JobChain(self, self.chain)
 
     def _open_local(self):
-        opener = local_sessions(self.backend.blocks, self.adapter)
-        lock = self.backend.handle.compute_lock
+        def before_step() -> None:
+            if self._cancelled:
+                raise _Cancelled()
 
-        def open_session(batch: int, max_length: int):
-            session = opener(batch, max_length)
-            step = session.step
-
-            def locked_step(hidden, hypo_ids=None):
-                if self._cancelled:
-                    raise _Cancelled()
-                with lock:
-                    return step(hidden, hypo_ids)
-
-            session.step = locked_step
-            return session
-
-        return open_session
+        return self.backend.handle.local_sessions(self.adapter, before_step)
 
 
 class _JobChain:

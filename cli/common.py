@@ -80,8 +80,8 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait fo
 PushOpt = Annotated[
     bool, typer.Option("--push/--no-push", help="Servers pass each step straight to the next server of the chain.")
 ]
-# the client's flags above are declared once here and shared by generate, finetune and api; their
-# rules and defaults are swarm.config.ClientOptions'
+# the client's flags above are declared once here and shared by generate, api and (all but --push)
+# finetune; their rules and defaults are swarm.config.ClientOptions'
 
 
 InitialPeersOpt = Annotated[

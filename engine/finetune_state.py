@@ -29,6 +29,17 @@ CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
+def _step_of(line: str) -> float:
+    """The step of one metrics line; a blank, torn (the run was killed mid-write) or foreign line
+    is dropped when a resumed run rewrites the file."""
+    try:
+        record = json.loads(line)
+        step = record.get("step", 0) if isinstance(record, dict) else None
+    except ValueError:
+        step = None
+    return step if isinstance(step, (int, float)) else float("inf")
+
+
 class Metrics:
     """``metrics.jsonl``: one JSON object per line, flushed as written. ``keep_until``: a resumed
     run's step (the lines of later steps, which it redoes, are dropped); None: a new file."""
@@ -36,8 +47,7 @@ class Metrics:
     def __init__(self, path: Path, keep_until: int | None):
         self.path = path
         if keep_until is not None and path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_until]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
             path.write_text("".join(line + "\n" for line in kept))
         elif keep_until is None:
             path.write_text("")
@@ -67,11 +77,11 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"--resume: no checkpoint at {path}; start without --resume")
     try:
         state = torch.load(path, weights_only=True)
-        assert state.get("version") in READABLE_VERSIONS
+        readable = isinstance(state, dict) and state.get("version") in READABLE_VERSIONS
     except Exception:  # a damaged or foreign file: all end the same way for the user
-        raise ValueError(
-            f"--resume: {path} is damaged or not a swarm finetune checkpoint; start a new --output"
-        ) from None
+        readable = False
+    if not readable:
+        raise ValueError(f"--resume: {path} is damaged or not a swarm finetune checkpoint; start a new --output")
     state.setdefault("best", None)  # version 1 kept no best
     return state
 

@@ -41,8 +41,11 @@ def flag(name: str) -> str:
 
 
 def check_seconds(flag: str, value: float, zero_ok: bool = False) -> None:
-    ok = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
-    check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value)
+    """``value`` is a finite number of seconds, > 0 (or >= 0 with ``zero_ok``): a Python caller's
+    ``"5"`` gets the flag's message, not a ``TypeError`` from a comparison."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+    check(ok, flag, "a number of seconds " + (">= 0" if zero_ok else "> 0"), value if number else repr(value))
 
 
 def parse_blocks(spec: str, num_blocks: int | None = None) -> tuple[int, int] | None:

@@ -92,6 +92,18 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {f: write_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-all-{f}"), f) for f in FAMILIES}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """PyTorch on one thread for a module of tiny models: two threads only wait on each other (and
+    stall when the cores are shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_environment():
     # the suite never reaches a model hub

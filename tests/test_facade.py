@@ -44,6 +44,31 @@ def test_leaving_a_stream_early_stops_it(tiny_checkpoints):
         assert first and s.generate(PROMPT, max_new_tokens=3)
 
 
+def test_a_closed_swarm_refuses_use_and_frees_its_blocks(tiny_checkpoints):
+    s = swarm.open(tiny_checkpoints["llama"], local=True)
+    assert s.generate(PROMPT, max_new_tokens=2) and s.blocks is not None
+    s.close()
+    assert s.local_blocks is None
+    for use in (lambda: s.generate(PROMPT, max_new_tokens=2), lambda: s.blocks, s.status, s.connect):
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
+    s.close()  # idempotent
+
+
+def test_read_dataset_tokenizes_as_finetune_does(tiny_checkpoints, tmp_path):
+    from swarm.engine.finetune_data import read_jsonl, tokenize_records
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "one two three"}\n{"prompt": "Q?", "completion": " A."}\n')
+    with swarm.open(tiny_checkpoints["llama"], local=True) as s:
+        stop = s.client_model.eos_token_ids[0]
+        expected = tokenize_records(read_jsonl(data), s.tokenizer, data, 64, stop).examples
+        got = swarm.read_dataset(data, s, max_length=64).examples
+        assert [e.input_ids for e in got] == [e.input_ids for e in expected] and got[0].input_ids[-1] == stop
+        other = swarm.read_dataset(data, s, max_length=64, eos_token_id=stop + 1).examples
+        assert other[0].input_ids[-1] == stop + 1
+
+
 def test_bad_options_get_the_flags_messages(tiny_checkpoints, monkeypatch):
     model = str(tiny_checkpoints["llama"])
     cases = [
@@ -65,6 +90,8 @@ def test_bad_options_get_the_flags_messages(tiny_checkpoints, monkeypatch):
             assert str(caught.value) == cli_error(["generate", "--model", model, "--local", flag, value, PROMPT])
         with pytest.raises(TypeError, match="max_new_token"):
             s.generate(PROMPT, max_new_token=3)
+    with pytest.raises(ValueError, match=r"^--step-timeout must be a number of seconds > 0, got '5'$"):
+        swarm.open(model, local=True, step_timeout="5")  # a string, as from a config file: the flag's rule
     with pytest.raises(TypeError, match="unknown option stepp_timeout"):
         swarm.open(model, stepp_timeout=3)
     monkeypatch.delenv("SWARM_INITIAL_PEERS", raising=False)
@@ -75,7 +102,6 @@ def test_bad_options_get_the_flags_messages(tiny_checkpoints, monkeypatch):
     assert str(caught.value) == cli_error(["generate", "--model", model, "--initial-peers", "/ip4/999.1.1.1/tcp/1", PROMPT])
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_through_the_swarm_text_stream_status_and_gradients(tmp_path, tiny_checkpoints, monkeypatch):
     model = tiny_checkpoints["llama"]
@@ -101,7 +127,7 @@ def test_through_the_swarm_text_stream_status_and_gradients(tmp_path, tiny_check
 
 def _lora_grads(s: swarm.Swarm, data_file) -> dict[str, torch.Tensor]:
     """One loss over a small batch, as the README's loop computes it: the LoRA gradients."""
-    data = swarm.read_dataset(data_file, s.tokenizer, max_length=64)
+    data = swarm.read_dataset(data_file, s, max_length=64)
     lora = swarm.init_lora(s.checkpoint, ["q_proj", "v_proj"], rank=4, seed=0)
     with torch.no_grad():  # B starts at zero: give it values, so A's gradient is not zero too
         generator = torch.Generator().manual_seed(1)

@@ -30,13 +30,7 @@ from swarm_utils import ServerProcess, running_swarm, swarm_cmd, swarm_env
 FACTS = Path(__file__).resolve().parents[1] / "scripts" / "data" / "facts.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: two threads only wait on each other (and stall when the cores are shared)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

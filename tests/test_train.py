@@ -27,12 +27,7 @@ FACTS = Path(__file__).resolve().parents[1] / "scripts" / "data" / "facts.jsonl"
 SMALL = {"batch_size": 4, "max_length": 64, "lr": 1e-2, "save_every": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
