@@ -23,7 +23,6 @@ and open_stream then waits (until its timeout) for one to close.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import secrets
@@ -46,11 +45,11 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE as YAMUX_MAX_WINDOW
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
+from swarm.p2p.host_bounds import STREAM_BUFFER_LIMIT, bound_connections
 from swarm.p2p.identity import Identity, IdentityInUseError, claim_identity, load_or_create_identity
 from swarm.p2p.streams import (
     CLOSE_TIMEOUT,
@@ -65,7 +64,7 @@ from swarm.p2p.streams import (
 __all__ = ["DialTimeoutError", "Host", "P2PError", "P2PTimeoutError", "PeerUnreachableError"]
 __all__ += ["FrameStalledError", "IdentityInUseError", "Message", "MessageTooLargeError", "Stream"]
 __all__ += ["StreamClosedError", "Subscription"]
-__all__ += ["load_or_create_identity"]
+__all__ += ["STREAM_BUFFER_LIMIT", "load_or_create_identity"]
 
 log = logging.getLogger(__name__)
 if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose logs
@@ -86,7 +85,6 @@ HEARTBEAT_S = 1  # gossipsub heartbeat: meshes form within a second or two on lo
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 OUTBOUND_QUEUE = 4096  # RPCs queued per pubsub peer before drops (py-libp2p: 32)
 MAX_ADDRS = 16  # addresses remembered per peer
-STREAM_BUFFER_LIMIT = YAMUX_MAX_WINDOW + (1 << 20)  # unread bytes a yamux stream may hold (a window's worth)
 SUBSCRIPTION_QUEUE = 4096  # messages a subscription holds unread before it drops new ones
 MAX_PUBLISH_BYTES = (1 << 20) - (16 << 10)  # pubsub drops RPCs over 1 MiB; leave room for signature etc.
 
@@ -140,82 +138,6 @@ async def _close_connections(lp) -> None:
 
 async def _no_auto_connect() -> None:
     return None
-
-
-class _FlowControlViolation(ConnectionAbortedError):
-    """A peer sent more on a stream than its receive window allows (yamux then drops the connection)."""
-
-
-class _StreamBuffer(bytearray):
-    """A yamux stream's receive buffer that refuses to grow past any window a peer may use."""
-
-    def extend(self, data) -> None:
-        if len(self) + len(data) > STREAM_BUFFER_LIMIT:
-            raise _FlowControlViolation(f"a peer sent {len(self) + len(data)} unread bytes on one stream")
-        super().extend(data)
-
-
-class _StreamBuffers(dict):
-    def __init__(self, buffers: dict):
-        super().__init__()
-        for stream_id, buffer in buffers.items():
-            self[stream_id] = buffer
-
-    def __setitem__(self, stream_id, buffer) -> None:
-        super().__setitem__(stream_id, buffer if isinstance(buffer, _StreamBuffer) else _StreamBuffer(buffer))
-
-
-class _InboundConn:
-    """The connection an inbound handler task set up, once it exists (see :func:`_free_inbound_slots`)."""
-
-    def __init__(self):
-        self.conn = None
-        self.ready = trio.Event()
-
-
-_INBOUND: contextvars.ContextVar[_InboundConn | None] = contextvars.ContextVar("swarm_inbound", default=None)
-
-
-def _free_inbound_slots(network) -> None:
-    """Make py-libp2p 0.8.1's inbound handlers end when their connection closes, and bound every
-    connection's yamux stream buffers.
-
-    Each inbound connection takes a slot of the swarm's limiter (250) and its handler task then
-    waits for the whole swarm to finish, not for the connection: after 250 connections in its
-    lifetime (every `swarm generate` is a new one) a server refused every peer. Here the handler
-    runs beside a watcher that cancels it once the connection it registered closes, which frees
-    the slot and the task."""
-    handle, add_conn = network._do_handle_inbound_connection, network.add_conn
-
-    async def registering_add_conn(muxed_conn, direction="unknown"):
-        if isinstance(getattr(muxed_conn, "stream_buffers", None), dict):
-            # py-libp2p's yamux only logs a warning when a peer ignores the receive window, and
-            # keeps buffering (measured: +100 MiB/s of RSS from one stream): a stream's buffer
-            # past the largest window ends that connection instead (an OSError in its reader)
-            muxed_conn.stream_buffers = _StreamBuffers(muxed_conn.stream_buffers)
-        conn = await add_conn(muxed_conn, direction)
-        seen = _INBOUND.get()
-        if seen is not None and seen.conn is None:
-            seen.conn = conn
-            seen.ready.set()
-        return conn
-
-    async def bounded_handle(read_write_closer, maddr, failure_event) -> None:
-        seen = _InboundConn()
-        _INBOUND.set(seen)
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                await seen.ready.wait()
-                await seen.conn.event_closed.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            await handle(read_write_closer, maddr, failure_event)
-            nursery.cancel_scope.cancel()
-
-    network.add_conn = registering_add_conn
-    network._do_handle_inbound_connection = bounded_handle
 
 
 class _RoomyQueues(dict):
@@ -369,7 +291,7 @@ class Host:
         # hold under 150 connections, and a failed dial blocks explicit dials to that peer for 60 s:
         # we dial only when asked to.
         lp.get_network().auto_connector.maybe_connect = _no_auto_connect
-        _free_inbound_slots(lp.get_network())
+        bound_connections(lp.get_network())
         gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6,
