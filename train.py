@@ -87,7 +87,7 @@ def finetune(
     client_kw = {k: options[k] for k in CLIENT_OPTIONS if k in options}
     peers = client_kw.get("initial_peers")
     client_kw["initial_peers"] = (peers,) if isinstance(peers, str) else tuple(peers or ())
-    client_options = ClientOptions(**client_kw).with_env_peers()
+    client_options = ClientOptions.build(**client_kw).with_env_peers()
     from swarm.engine.default_model import DEFAULT_MODEL
 
     cfg = FinetuneConfig(
@@ -110,6 +110,6 @@ def _run(cfg: FinetuneConfig, options, records, data: Path, on_event, quiet: boo
     client = ClientModel.load(resolve_model(options.model, quiet=quiet))
     eos = client.eos_token_ids[0] if client.eos_token_ids else client.tokenizer.eos_token_id
     dataset = tokenize_records(records, client.tokenizer, data, cfg.max_length, eos)
-    preflight(cfg, client, dataset)  # every check that needs no blocks, before they load
+    checked = preflight(cfg, client, dataset)  # every check that needs no blocks, before they load
     with Swarm(options, client, None) as swarm:
-        return train(cfg, swarm.blocks, client, dataset, on_event=on_event)
+        return train(cfg, swarm.blocks, client, dataset, on_event=on_event, checked=checked)

@@ -425,8 +425,11 @@ def finetune(
     client,
     dataset: Dataset,
     on_event: Callable[[dict], None] | None = None,
+    checked: tuple[dict, dict | None] | None = None,
 ) -> FinetuneResult:
     """Train ``cfg.adapter`` on ``dataset`` through ``blocks`` and save it into ``cfg.output``.
+    ``checked``: what :func:`preflight` returned for these arguments, when the caller ran it
+    before loading the blocks (else it runs here).
 
     ``client``: a :class:`~swarm.engine.client.ClientModel` (head in float32). ``on_event``
     receives every record as it happens: ``{"type": "start", "total_steps", "step", ...}`` once,
@@ -443,7 +446,7 @@ def finetune(
     if pad_id is None:
         pad_id = client.eos_token_ids[0] if client.eos_token_ids else 0
     ckpt_path = cfg.output / CHECKPOINT
-    identity, state = preflight(cfg, client, dataset)
+    identity, state = checked if checked is not None else preflight(cfg, client, dataset)
     tensors = {k: v.requires_grad_(True) for k, v in init_trainable(cfg, client).items()}
     names = sorted(tensors)
     optimizer = torch.optim.AdamW([tensors[k] for k in names], lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
