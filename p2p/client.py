@@ -230,36 +230,3 @@ def start_client(background: BackgroundLoop, model: str, num_blocks: int, cfg: C
     initial peer answers for this model, ``TimeoutError``."""
     return background.call(SwarmClient.start(model, num_blocks, cfg), timeout=chain_timeouts(cfg, 0)[0])
 
-
-def generate_swarm(
-    client_model,
-    model: str,
-    prompt_ids: list[int],
-    gen_cfg,
-    cfg: ClientConfig,
-    on_token: Callable[[int], None] | None = None,
-    on_chain: Callable[[RemoteChain], None] | None = None,
-    adapter=None,
-) -> list[int]:
-    """The engine's generation loop over a chain of servers (see :func:`swarm.engine.generation.generate`),
-    joining the swarm for this one call (:class:`swarm.Swarm` joins once for many).
-    ``on_chain`` is given each chain as it opens (to watch which servers serve). ``adapter`` (an
-    :class:`~swarm.engine.adapter_io.Adapter`): its LoRA and deep-prompt tensors go to the servers
-    with each session's open, its shallow prompt is prepended here; the tokens equal
-    :func:`~swarm.engine.client.generate_local` with the same adapter."""
-    from swarm.engine.generation import check_prompt_length, generate
-
-    prefix = adapter.prompt if adapter is not None else None
-    virtual = 0 if prefix is None else prefix.shape[0]
-    # before any network setup
-    check_prompt_length(len(prompt_ids), client_model.head.max_positions, virtual_tokens=virtual)
-    background = BackgroundLoop()
-    client = None
-    try:
-        client = start_client(background, model, client_model.checkpoint.num_blocks, cfg)
-        open_session = swarm_sessions(background, client, adapter, on_chain)
-        return generate(client_model.head, open_session, prompt_ids, gen_cfg, on_token, prefix=prefix)
-    finally:
-        if client is not None:
-            background.call(client.close(), timeout=15)
-        background.close()

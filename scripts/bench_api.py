@@ -1,15 +1,22 @@
-"""`swarm api` against `swarm generate`: time to first token and decode speed of one streamed
-request, and aggregate tokens/s with 1, 4 and 8 requests at once.
+"""`swarm api` against the Python API and `swarm generate`: time to first token and decode speed of
+one streamed request, and aggregate tokens/s with 1, 4 and 8 requests at once.
 
 3 `swarm serve` processes on loopback each hold a third of the default model's blocks; one `swarm
-api` process joins them. Each round, alternating (this machine's speed drifts): one streamed
-greedy request through the API (TTFT: from sending the request to its first text chunk), then the
-same generation by `swarm generate`'s library path in this process (:func:`generate_swarm`: it
-joins the swarm, opens a chain, generates; TTFT from the call), then the `swarm generate` command
-itself (TTFT from starting the process to its first printed text: interpreter, model load and
-joining included). Decode tokens/s: the tokens after the first over the time after the first.
-Then 1, 4 and 8 concurrent streamed requests through the API: aggregate tokens/s (all tokens
-over the wall time of the batch) and their mean TTFT.
+api` process joins them. Each round, alternating (this machine's speed drifts), the same greedy
+generation four ways:
+
+- through the API, streamed (TTFT: from sending the request to its first text chunk);
+- in this process by one :func:`swarm.open` client joined before the rounds and reused, as the API
+  holds its own (TTFT from calling ``generate_ids``: opening a chain, the prefill);
+- in this process by a fresh :func:`swarm.open` per request, what `swarm generate` does after its
+  interpreter starts (TTFT from calling ``swarm.open``: loading the client's part of the model,
+  joining the swarm, opening a chain);
+- by the `swarm generate --chat` command itself (TTFT from starting the process to its first
+  printed text: interpreter, imports, model load and joining included).
+
+Decode tokens/s: the tokens after the first over the time after the first. Then 1, 4 and 8
+concurrent streamed requests through the API: aggregate tokens/s (all tokens over the wall time of
+the batch) and their mean TTFT. Writes scripts/results/api.json (``--out``).
 
     python scripts/bench_api.py [--tokens 32] [--rounds 3] [--concurrency 1,4,8]
 """
@@ -29,15 +36,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
+import swarm  # first: it sets OpenMP's spin count, which must precede PyTorch
 import httpx
 
-from swarm.engine.client import ClientModel
+from bench_common import add_out, write_results  # a sibling script (its folder is on sys.path)
+
+from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.default_model import ensure_default_model
-from swarm.engine.generation import GenerationConfig
 from swarm.launch import even_ranges, running_swarm
-from swarm.p2p.client import ClientConfig, generate_swarm
-from swarm.p2p.table import model_id
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 URL = re.compile(r"at (http://\S+) \(OpenAI API")
@@ -82,13 +88,24 @@ def decode_rate(ttft: float, total: float, tokens: int) -> float:
     return (tokens - 1) / (total - ttft) if tokens > 1 and total > ttft else float("nan")
 
 
-def library_once(client: ClientModel, first: str, prompt_ids: list[int], tokens: int) -> tuple[float, float, int, str]:
+def facade_once(client: swarm.Swarm, tokens: int, began: float | None = None) -> tuple[float, float, int, str]:
+    """One greedy generation by ``client``: (TTFT s, total s, tokens, text), timed from ``began``
+    (default: the call)."""
+    began = time.perf_counter() if began is None else began
     stamps: list[float] = []
-    cfg = GenerationConfig(max_new_tokens=tokens, eos_token_ids=client.eos_token_ids)
-    began = time.perf_counter()
-    out = generate_swarm(client, model_id(client.checkpoint), prompt_ids, cfg, ClientConfig(initial_peers=[first]),
-                         on_token=lambda _: stamps.append(time.perf_counter()))
+    cfg = client.generation_config(max_new_tokens=tokens)
+    prompt_ids = client.encode(PROMPT, chat=True)
+    out = client.generate_ids(prompt_ids, cfg, on_token=lambda _: stamps.append(time.perf_counter()))
     return stamps[0] - began, stamps[-1] - began, len(out), client.decode(out)
+
+
+def fresh_once(path: Path, first: str, tokens: int) -> tuple[float, float, int, str, float]:
+    """A fresh :func:`swarm.open` for one generation, as `swarm generate` does: (TTFT s, total s,
+    tokens, text, seconds of ``swarm.open`` alone), all from calling ``swarm.open``."""
+    began = time.perf_counter()
+    with swarm.open(path, initial_peers=[first]) as client:
+        opened = time.perf_counter() - began
+        return (*facade_once(client, tokens, began), opened)
 
 
 def cli_once(path: Path, first: str, home: str, tokens: int) -> tuple[float, float]:
@@ -123,17 +140,24 @@ def concurrent_batch(url: str, tokens: int, n: int) -> tuple[float, float]:
     return sum(r[2] for r in results) / wall, statistics.mean(r[0] for r in results)
 
 
+PATHS = {  # key -> what the row is
+    "api": "swarm api (persistent client), streamed",
+    "reused": "swarm.open reused in-process (a chain per request)",
+    "fresh": "swarm.open per request in-process (load + join + chain)",
+    "cli": "swarm generate command (process start included)",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--dtype", default="float32")
+    add_out(parser, "api")
     args = parser.parse_args()
     path = ensure_default_model()
-    client = ClientModel.load(path)
-    prompt_ids = client.encode(PROMPT, chat=True)
-    ranges = even_ranges(client.checkpoint.num_blocks, 3)
+    ranges = even_ranges(Checkpoint(path).num_blocks, 3)
     with (
         tempfile.TemporaryDirectory(prefix="swarm-bench-api-") as home,
         running_swarm(path, ranges, home, ("--dtype", args.dtype)) as servers,
@@ -142,35 +166,48 @@ def main() -> None:
         try:
             api, url = start_api(path, first, home)
             stream_once(url, 4)  # warm up: the API's chain and the servers' first sessions
-            rows: dict[str, list[tuple[float, float, int]]] = {"api": [], "library": [], "cli": []}
+            rows: dict[str, list[tuple[float, float, int]]] = {key: [] for key in PATHS}
+            opens: list[float] = []
             same = True
-            for _ in range(args.rounds):
-                ttft, total, used, text = stream_once(url, args.tokens)
-                rows["api"].append((ttft, total, used))
-                *lib, lib_text = library_once(client, first, prompt_ids, args.tokens)
-                rows["library"].append(tuple(lib))
-                same = same and lib_text == text
-                rows["cli"].append((*cli_once(path, first, home, args.tokens), used))  # the same greedy tokens
+            with swarm.open(path, initial_peers=[first]) as reused:
+                facade_once(reused, 4)  # warm up, as the API was
+                for _ in range(args.rounds):
+                    ttft, total, used, text = stream_once(url, args.tokens)
+                    rows["api"].append((ttft, total, used))
+                    *timing, reused_text = facade_once(reused, args.tokens)
+                    rows["reused"].append(tuple(timing))
+                    *timing, fresh_text, opened = fresh_once(path, first, args.tokens)
+                    rows["fresh"].append(tuple(timing))
+                    opens.append(opened)
+                    same = same and reused_text == text and fresh_text == text
+                    rows["cli"].append((*cli_once(path, first, home, args.tokens), used))  # the same greedy tokens
             print(f"one streamed request, {args.tokens} new tokens (greedy), 3 loopback servers of SmolLM2-135M "
                   f"({args.dtype}), median of {args.rounds} alternating rounds:")
-            print(f"  {'path':<52}{'TTFT ms':>10}{'decode tok/s':>14}")
-            names = {"api": "swarm api (persistent client), streamed",
-                     "library": "swarm generate's path in-process (join + chain)",
-                     "cli": "swarm generate command (process start included)"}
-            for key, name in names.items():
+            print(f"  {'path':<58}{'TTFT ms':>10}{'decode tok/s':>14}")
+            paths = []
+            for key, name in PATHS.items():
                 ttft = statistics.median(r[0] for r in rows[key])
                 rate = statistics.median(decode_rate(*r) for r in rows[key])
-                print(f"  {name:<52}{ttft * 1e3:>10.0f}{rate:>14.1f}", flush=True)
-            print(f"  the API's text equals generate_swarm's in every round: {'yes' if same else 'NO'}")
+                print(f"  {name:<58}{ttft * 1e3:>10.0f}{rate:>14.1f}", flush=True)
+                rounds = [{"ttft_ms": r[0] * 1e3, "total_ms": r[1] * 1e3, "tokens": r[2]} for r in rows[key]]
+                paths.append({"path": key, "label": name, "ttft_ms": ttft * 1e3, "decode_tok_s": rate, "rounds": rounds})
+            print(f"  swarm.open alone (load + join): {statistics.median(opens) * 1e3:.0f} ms")
+            print(f"  the API's text equals the Python API's in every round: {'yes' if same else 'NO'}")
             print(f"\nconcurrent streamed requests through swarm api, {args.tokens} new tokens each:")
             print(f"  {'requests':>8}{'aggregate tok/s':>17}{'mean TTFT ms':>14}")
+            concurrency = []
             for n in (int(x) for x in args.concurrency.split(",")):
                 rate, ttft = concurrent_batch(url, args.tokens, n)
                 print(f"  {n:>8}{rate:>17.1f}{ttft * 1e3:>14.0f}", flush=True)
+                concurrency.append({"requests": n, "aggregate_tok_s": rate, "mean_ttft_ms": ttft * 1e3})
         finally:
             if api:
                 api.terminate()
                 api.wait(15)
+    settings = {"tokens": args.tokens, "rounds": args.rounds, "concurrency": [c["requests"] for c in concurrency],
+                "dtype": args.dtype, "servers": 3, "model": "SmolLM2-135M", "prompt": PROMPT}
+    write_results(args.out, "api", settings, {"paths": paths, "open_ms": statistics.median(opens) * 1e3,
+                                              "same_text": same, "concurrency": concurrency})
 
 
 if __name__ == "__main__":

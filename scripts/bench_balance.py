@@ -30,15 +30,17 @@ for at least 0.3 s, three CFS periods.)
 Without cgroups (not root, no cgroup v1 ``cpu`` controller) the script says so and runs with the
 announced figures only: the servers then differ on paper, not in reality.
 
-Measurement: ``--clients`` client processes (started once, the model's head loaded) generate
-``--tokens`` tokens greedily from the same prompt at the same time, through one swarm, then the
-other, alternating over ``--rounds`` rounds after one warm-up run each (this machine's speed
-drifts 10–20 % over minutes). Per run: aggregate tokens/s (all clients' tokens after their first
+Measurement: ``--clients`` client processes (started once, each holding one :func:`swarm.open`
+client per swarm, joined in the warm-up run and reused, as a program using the facade does)
+generate ``--tokens`` tokens greedily from the same prompt at the same time, through one swarm,
+then the other, alternating over ``--rounds`` rounds after one warm-up run each (this machine's
+speed drifts 10–20 % over minutes). Per run: aggregate tokens/s (all clients' tokens after their first
 ÷ the span from the earliest first token to the latest last token) and per-client decode tokens/s
 (median over clients); the route each client took is printed too. Every client's tokens must be
 the same in both placements (greedy: the placement may change speed, never text). Printed: the
 medians over rounds, as a markdown table, with each placement's bottleneck from `swarm status`
-(the least sum of announced throughputs over a block).
+(the least sum of announced throughputs over a block); written to scripts/results/balance.json
+(``--out``).
 
 What it shows: how much generation throughput the placement rule is worth when servers differ in
 speed, with the client's routing as it is. What it does not show:
@@ -58,7 +60,7 @@ speed, with the client's routing as it is. What it does not show:
 * a quiet result on a busy machine: other load changes the figures by tens of percent.
 
     python scripts/bench_balance.py [--rounds 3] [--tokens 24] [--clients 4] [--num-blocks 15]
-        [--speeds 0.5,0.25,0.25,0.125,0.0625,0.0625] [--throughput quota|eval] [--balance-period 2]
+        [--speeds 0.5,0.25,0.25,0.125,0.0625,0.0625] [--throughput quota|eval] [--balance-period 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from memcap import in_cgroup  # a sibling script (its folder is on sys.path)
+from bench_common import add_out, write_results  # sibling scripts (their folder is on sys.path)
+from memcap import in_cgroup
 
 from swarm.launch import ServeProcess
 
@@ -164,8 +167,8 @@ class Server(ServeProcess):
 
 
 class Client:
-    """A client process (this script with ``--client``): loads the model's head once, then runs one
-    generation per request line."""
+    """A client process (this script with ``--client``): one generation per request line, by a
+    :func:`swarm.open` client per swarm, each joined at its swarm's first request."""
 
     def __init__(self, model: Path):
         self.proc = subprocess.Popen(
@@ -208,32 +211,35 @@ def wait_or_kill(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 def client_main(model: str) -> None:
     """``--client MODEL``: for each line {"peer", "tokens", "prompt"} read from stdin, generate
-    greedily through the swarm and print {"ids", "first", "last", "count", "route"} (times on the
-    monotonic clock, which all processes of this machine share; route: the peer ids of the last
-    chain), or {"error"}."""
-    from swarm.engine.client import ClientModel
-    from swarm.engine.generation import GenerationConfig
-    from swarm.p2p.client import ClientConfig, generate_swarm
-    from swarm.p2p.table import model_id
+    greedily through the swarm ``peer`` belongs to and print {"ids", "first", "last", "count",
+    "route"} (times on the monotonic clock, which all processes of this machine share; route: the
+    peer ids of the last chain), or {"error"}. One :func:`swarm.open` client per peer, joined at
+    its first request and kept."""
+    import swarm
 
-    client_model = ClientModel.load(Path(model))
-    name = model_id(client_model.checkpoint)
+    clients: dict[str, swarm.Swarm] = {}
     print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
-        stamps: list[float] = []
-        chains: list = []
-        try:
-            ids = generate_swarm(
-                client_model, name, client_model.encode(request["prompt"]),
-                GenerationConfig(max_new_tokens=request["tokens"]), ClientConfig(initial_peers=[request["peer"]]),
-                lambda _, stamps=stamps: stamps.append(time.monotonic()), chains.append,
-            )
-            route = [str(span.peer_id) for span in chains[-1].spans] if chains else []
-            print(json.dumps({"ids": ids, "first": stamps[0], "last": stamps[-1], "count": len(stamps),
-                              "route": route}), flush=True)
-        except Exception as exc:  # noqa: BLE001  (reported to the parent, which stops the benchmark)
-            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            stamps: list[float] = []
+            chains: list = []
+            try:
+                if request["peer"] not in clients:
+                    clients[request["peer"]] = swarm.open(model, initial_peers=[request["peer"]])
+                client = clients[request["peer"]]
+                ids = client.generate_ids(
+                    client.encode(request["prompt"]), swarm.GenerationConfig(max_new_tokens=request["tokens"]),
+                    lambda _, stamps=stamps: stamps.append(time.monotonic()), chains.append,
+                )
+                route = [str(span.peer_id) for span in chains[-1].spans] if chains else []
+                print(json.dumps({"ids": ids, "first": stamps[0], "last": stamps[-1], "count": len(stamps),
+                                  "route": route}), flush=True)
+            except Exception as exc:  # noqa: BLE001  (reported to the parent, which stops the benchmark)
+                print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    finally:
+        for client in clients.values():
+            client.close()
 
 
 # ---- placements -----------------------------------------------------------------------------------
@@ -370,6 +376,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--throughput", default="quota", help="announced speeds: quota (share × measured) or eval")
     p.add_argument("--balance-period", type=float, default=2.0, help="the balanced servers' --balance-period (s)")
     p.add_argument("--client", metavar="MODEL", help=argparse.SUPPRESS)
+    add_out(p, "balance")
     args = p.parse_args(argv)
     if args.client:
         return args
@@ -461,7 +468,9 @@ def run_benchmark(args) -> None:
             final = {label: status(peer) for label, peer in peers.items()}
             if placement(final["balanced"]) != placement(settled):
                 print("note: the balanced servers moved during the measurement")
-            report(args, final, results, measured)
+            figures = report(args, final, results, measured)
+            figures["throttled"] = {label: [{"periods": n, "throttled": t} for n, t in per_server]
+                                    for label, per_server in throttled.items()}
             if groups:
                 print("CFS periods in which a server used up its quota, of those it ran in (servers in start order): "
                       + "; ".join(f"{label} {shares_throttled(t)}" for label, t in throttled.items()))
@@ -481,10 +490,18 @@ def run_benchmark(args) -> None:
                     g.remove()
                 except OSError as exc:
                     print(f"warning: could not remove cgroup {g.path}: {exc.strerror}", file=sys.stderr)
-    print(f"whole run (start, settle, measure, stop): {time.monotonic() - began:.0f} s")
+    whole = time.monotonic() - began
+    print(f"whole run (start, settle, measure, stop): {whole:.0f} s")
+    settings = {"rounds": args.rounds, "tokens": args.tokens, "clients": args.clients, "num_blocks": args.num_blocks,
+                "shares": args.shares, "throughput": args.throughput, "balance_period": args.balance_period,
+                "cgroups": args.cgroups, "announced": [t if t == "eval" else float(t) for t in throughputs],
+                "naive_ranges": naive, "model": "SmolLM2-135M"}
+    write_results(args.out, "balance", settings, {**figures, "whole_run_s": whole})
 
 
-def report(args, final: dict, results: dict, measured: float) -> None:
+def report(args, final: dict, results: dict, measured: float) -> dict:
+    """Print the medians as a markdown table; returns them, per placement and round, for the
+    results file."""
     def layout(label: str, st: dict) -> str:
         by_name = {s["name"]: s for s in st["servers"]}
         parts = []
@@ -507,10 +524,26 @@ def report(args, final: dict, results: dict, measured: float) -> None:
         print(f"| {label} | {layout(label, st)} | {st['bottleneck']['throughput']:.0f} "
               f"(blocks {', '.join(f'{a}:{b}' for a, b in st['bottleneck']['blocks'])}) "
               f"| {med[label][0]:.2f} | {med[label][1]:.2f} |")
-    ratio = statistics.median(b[0] / n[0] for b, n in zip(results["balanced"], results["naive"]))
+    ratios = [b[0] / n[0] for b, n in zip(results["balanced"], results["naive"])]
+    ratio = statistics.median(ratios)
     print(f"\nbalanced ÷ naive, aggregate tokens/s: {ratio:.2f} (median of the rounds' ratios); "
           f"bottleneck ratio {final['balanced']['bottleneck']['throughput'] / final['naive']['bottleneck']['throughput']:.2f}")
     print(f"measurement: {measured:.0f} s")
+
+    def servers(label: str) -> list[dict]:
+        """Each server in start order: its share of a core, blocks and announced throughput (None: gone)."""
+        by_name = {s["name"]: s for s in final[label]["servers"]}
+        found = [by_name.get(f"{label}-{i}") for i in range(len(args.shares))]
+        return [{"share": share, "blocks": s and list(s["blocks"]), "throughput": s and s["throughput"]}
+                for share, s in zip(args.shares, found)]
+
+    placements = {
+        label: {"servers": servers(label), "bottleneck": final[label]["bottleneck"], "aggregate_tok_s": med[label][0],
+                "per_client_tok_s": med[label][1],
+                "rounds": [{"aggregate_tok_s": a, "per_client_tok_s": c} for a, c in results[label]]}
+        for label in ("balanced", "naive")
+    }
+    return {"placements": placements, "ratio": ratio, "ratios": ratios, "measured_s": measured}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,10 @@
 The default model (SmolLM2-135M, 30 blocks), LoRA rank 8 on q/v, AdamW. Each round trains
 ``--steps`` optimizer steps locally (every block in this process) and then the same steps through
 3 `swarm serve` processes on loopback holding blocks 0:10, 10:20 and 20:30; rounds alternate
-(this machine's speed drifts by 10–20 % over minutes). Prints training tokens/s of both, their
-ratio (the median of the rounds' ratios), and the bytes that crossed the wire per step.
+(this machine's speed drifts by 10–20 % over minutes). The swarm's blocks are those of a client of
+the public facade (``swarm.open(...).blocks``), as a user's own training loop has them. Prints
+training tokens/s of both, their ratio (the median of the rounds' ratios), and the bytes that
+crossed the wire per step; writes them to scripts/results/finetune.json (``--out``).
 
 Also the floor of the swarm's design on any machine: servers keep no state between requests, so
 a backward request recomputes its span's forward (as the paper's servers do); **local with
@@ -22,16 +24,16 @@ import statistics
 import tempfile
 import time
 
-import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
+import swarm  # first: it sets OpenMP's spin count, which must precede PyTorch
 import torch
 import torch.nn.functional as F
+
+from bench_common import add_out, write_results  # a sibling script (its folder is on sys.path)
 
 from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets, run_backward
 from swarm.engine.checkpoint import Checkpoint, parse_dtype
 from swarm.engine.default_model import ensure_default_model
 from swarm.launch import even_ranges, running_swarm
-from swarm.p2p.client import ClientConfig
-from swarm.p2p.remote_blocks import RemoteBlocks
 
 
 class RecomputingBlocks(torch.nn.Module):
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--dtype", default="float32")
+    add_out(parser, "finetune")
     args = parser.parse_args()
 
     path = ensure_default_model()
@@ -111,8 +114,8 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="swarm-bench-") as home,
         running_swarm(path, even_ranges(ckpt.num_blocks, 3), home, ("--dtype", args.dtype)) as servers,
     ):
-        first = servers[0].maddr
-        with RemoteBlocks.connect(ckpt, [first], ClientConfig(initial_peers=[first])) as remote:
+        with swarm.open(path, initial_peers=[servers[0].maddr]) as client:
+            remote = client.blocks
             settings = {"local": local, "local, recomputing": recomputing, "swarm (3 servers)": remote}
             for blocks in settings.values():  # warm up: kernels, connections, adapters on servers
                 train(head, blocks, batches[:1], tensors, 1)
@@ -128,13 +131,23 @@ def main() -> None:
     print(f"LoRA r=8 q/v training, SmolLM2-135M, {args.dtype}, batch {args.batch} × {args.length} tokens, "
           f"{args.steps} steps per run, {args.rounds} alternating rounds:")
     print(f"  {'setting':<22}{'tokens/s':>10}{'÷ local':>10}")
-    for name, values in rates.items():
+    rows = []
+    for key, (name, values) in zip(("local", "recomputing", "swarm"), rates.items()):
         ratio = statistics.median(v / loc for v, loc in zip(values, rates["local"]))
         print(f"  {name:<22}{statistics.median(values):>10.1f}{ratio:>10.2f}")
+        rows.append({"setting": key, "label": name, "tok_s": statistics.median(values), "ratio": ratio,
+                     "tok_s_rounds": values})
     hidden = args.batch * args.length * ckpt.config.hidden_size * dtype.itemsize
     print(f"  wire per step: {statistics.median(wire) / 1e6:.2f} MB "
           f"(hidden states alone: {3 * 5 * hidden / 1e6:.2f} MB = 3 servers × 5 tensors of {hidden / 1e6:.2f} MB: "
           f"forward input and output, backward input, gradient in and out)")
+    settings = {"steps": args.steps, "rounds": args.rounds, "batch": args.batch, "length": args.length,
+                "dtype": args.dtype, "rank": 8, "targets": "q/v (the family's default)", "optimizer": "AdamW, lr 1e-3",
+                "servers": even_ranges(ckpt.num_blocks, 3)}
+    write_results(args.out, "finetune", settings, {
+        "rows": rows, "wire_bytes_per_step": statistics.median(wire),
+        "hidden_tensor_bytes": hidden, "hidden_bytes_per_step": 3 * 5 * hidden,
+    })
 
 
 if __name__ == "__main__":

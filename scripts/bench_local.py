@@ -4,7 +4,7 @@ For each model and dtype: prefill tokens/s (one 128-token prompt) and decode tok
 steps with the KV cache, embeddings → all blocks → LM head → argmax, as `swarm generate --local`
 does), and the physical bound: bytes of weights read per decoded token ÷ measured memory read
 bandwidth. Models: the default model and a random-weight 1.1B Llama-shaped checkpoint (TinyLlama
-dimensions), written once under $SWARM_HOME/bench/.
+dimensions), written once under $SWARM_HOME/bench/. Writes scripts/results/local.json (``--out``).
 
     python scripts/bench_local.py [--steps 64] [--prompt 128] [--models default,1.1b] [--dtypes float32,bfloat16]
 """
@@ -19,6 +19,8 @@ from pathlib import Path
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 from safetensors.torch import save_file
+
+from bench_common import add_out, write_results  # a sibling script (its folder is on sys.path)
 
 from swarm.engine.checkpoint import Checkpoint, parse_dtype
 from swarm.engine.default_model import ensure_default_model, swarm_home
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--models", default="default,1.1b")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    add_out(parser, "local")
     args = parser.parse_args()
 
     bandwidth = read_bandwidth()
@@ -128,6 +131,7 @@ def main() -> None:
     header = f"{'model':<22}{'dtype':<10}{'prefill tok/s':>14}{'decode tok/s':>14}{'bound tok/s':>13}{'of bound':>10}"
     print(header)
     print("-" * len(header))
+    rows = []
     for model in args.models.split(","):
         path = paths[model]()
         for dtype_name in args.dtypes.split(","):
@@ -138,6 +142,11 @@ def main() -> None:
                 f"{bound:>13.1f}{r['decode_tok_s'] / bound:>9.0%}",
                 flush=True,
             )
+            rows.append({"model": names[model], "dtype": dtype_name, **r, "bound_tok_s": bound,
+                         "of_bound": r["decode_tok_s"] / bound})
+    settings = {"steps": args.steps, "prompt": args.prompt, "models": args.models.split(","),
+                "dtypes": args.dtypes.split(",")}
+    write_results(args.out, "local", settings, {"read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows})
 
 
 if __name__ == "__main__":

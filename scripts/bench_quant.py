@@ -29,22 +29,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 import torch.nn.functional as F
 
-from bench_local import random_1b_checkpoint  # a sibling script (its folder is on sys.path)
+from bench_common import open_swarm  # sibling scripts (their folder is on sys.path)
+from bench_local import random_1b_checkpoint
 
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.client import ClientModel
 from swarm.engine.default_model import ensure_default_model
 from swarm.engine.generation import GenerationConfig
 from swarm.launch import ServeProcess, even_ranges, running_swarm
-from swarm.p2p.client import ClientConfig, generate_swarm
+from swarm.p2p.client import ClientConfig
 from swarm.p2p.remote_blocks import RemoteBlocks
-from swarm.p2p.table import model_id
 
 TEXT = Path(__file__).parent / "data" / "heldout_en.txt"
 # precision -> (--dtype, --quant)
@@ -109,17 +108,16 @@ def swarm_perplexity(path: Path, first: str, ids: torch.Tensor, **client_kw) -> 
 
 
 def swarm_decode(path: Path, first: str, tokens: int, rounds: int) -> float:
-    """Decode tokens/s through the swarm (median over rounds of the median time between tokens)."""
-    ckpt = Checkpoint(path)
-    client = SimpleNamespace(head=ckpt.load_head(torch.bfloat16), checkpoint=ckpt)
-    cfg = ClientConfig(initial_peers=[first])
+    """Decode tokens/s through the swarm (median over rounds of the median time between tokens), by
+    a client of the facade joined once."""
     prompt = list(range(100, 116))
     rates = []
-    for _ in range(rounds):
-        stamps: list[float] = []
-        generate_swarm(client, model_id(ckpt), prompt, GenerationConfig(max_new_tokens=tokens), cfg,
-                       on_token=lambda _: stamps.append(time.perf_counter()))
-        rates.append(1 / statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
+    with open_swarm(path, [first], dtype="bfloat16") as client:
+        for _ in range(rounds):
+            stamps: list[float] = []
+            client.generate_ids(prompt, GenerationConfig(max_new_tokens=tokens),
+                                on_token=lambda _: stamps.append(time.perf_counter()))
+            rates.append(1 / statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
     return statistics.median(rates)
 
 

@@ -6,6 +6,10 @@
    3 `swarm serve` processes on loopback, each holding a third of the blocks. Prints the median
    per-token time of both and their ratio, for the default model and the random 1.1B Llama, with
    the servers' default thread count and one thread, with and without server-to-server push.
+   The swarm side is a client of the public facade (:func:`swarm.open`), joined once per setting.
+3. The floor: the same 3 processes and blocks connected by OS pipes in a ring instead of libp2p.
+
+Writes scripts/results/swarm.json (``--out``).
 
     python scripts/bench_swarm.py [--tokens 48] [--models default,1.1b] [--dtype bfloat16]
 """
@@ -13,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import struct
@@ -22,21 +25,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 import torch
 
-from bench_local import random_1b_checkpoint  # a sibling script (its folder is on sys.path)
+from bench_common import add_out, open_swarm, write_results  # sibling scripts (their folder is on sys.path)
+from bench_local import random_1b_checkpoint
 
 from swarm.engine.checkpoint import Checkpoint, parse_dtype
 from swarm.engine.default_model import ensure_default_model
 from swarm.engine.generation import GenerationConfig, LocalSession, generate
 from swarm.launch import even_ranges, running_swarm
-from swarm.p2p.client import ClientConfig, generate_swarm
 from swarm.p2p.host import Host
 from swarm.p2p.loop import run
-from swarm.p2p.table import model_id
 from swarm.p2p.wire import Frame, read_frame, write_frame
 
 ECHO = "/swarm-bench/echo/1.0.0"
@@ -84,10 +85,11 @@ def per_token(open_session, head, prompt: list[int], tokens: int) -> float:
     return median_per_token(lambda on_token: generate(head, open_session, prompt, cfg, on_token=on_token))
 
 
-def alternate_with_local(ckpt: Checkpoint, dtype, tokens: int, rounds: int, remote) -> tuple[float, float, float]:
+def alternate_with_local(ckpt: Checkpoint, dtype, tokens: int, rounds: int, remote) -> dict:
     """Median per-token time of local decoding and of ``remote(head, prompt)`` (which returns its
     own median per-token time), and the median of their ratio, over ``rounds`` alternating runs
-    (this machine's speed drifts; alternating keeps the two comparable)."""
+    (this machine's speed drifts; alternating keeps the two comparable): ``local_s``, ``remote_s``,
+    ``ratio`` and each round's ``local_s_rounds``, ``remote_s_rounds``."""
     head = ckpt.load_head(dtype)
     prompt = list(range(100, 116))
     blocks = ckpt.load_blocks(0, ckpt.num_blocks, dtype)
@@ -98,7 +100,8 @@ def alternate_with_local(ckpt: Checkpoint, dtype, tokens: int, rounds: int, remo
         locals_.append(per_token(local_session, head, prompt, tokens))
         remotes.append(remote(head, prompt))
     ratio = statistics.median(r / loc for r, loc in zip(remotes, locals_))
-    return statistics.median(locals_), statistics.median(remotes), ratio
+    return {"local_s": statistics.median(locals_), "remote_s": statistics.median(remotes), "ratio": ratio,
+            "local_s_rounds": locals_, "remote_s_rounds": remotes}
 
 
 def thirds(num_blocks: int) -> list[int]:
@@ -110,24 +113,20 @@ def server_flags(dtype: str, threads: int | None) -> tuple[str, ...]:
     return ("--dtype", dtype, *(("--threads", str(threads)) if threads else ()))
 
 
-def decode_bench(
-    path: Path, dtype_name: str, tokens: int, threads: int | None, push: bool, rounds: int
-) -> tuple[float, float, float]:
-    """Local against 3 `swarm serve` processes on loopback (see :func:`alternate_with_local`)."""
+def decode_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, push: bool, rounds: int) -> dict:
+    """Local against 3 `swarm serve` processes on loopback, through one client of the facade
+    joined once (see :func:`alternate_with_local`)."""
     ckpt = Checkpoint(path)
+    gen_cfg = GenerationConfig(max_new_tokens=tokens)
     with (
         tempfile.TemporaryDirectory(prefix="swarm-bench-") as home,
         running_swarm(path, even_ranges(ckpt.num_blocks, 3), home, server_flags(dtype_name, threads)) as servers,
+        open_swarm(path, [servers[0].maddr], dtype=dtype_name, push=push) as client,
     ):
-        model = model_id(ckpt)
-        cfg = ClientConfig(initial_peers=[servers[0].maddr], push=push)
+        def through_swarm(head, prompt: list[int]) -> float:
+            return median_per_token(lambda on_token: client.generate_ids(prompt, gen_cfg, on_token=on_token))
 
-        def swarm(head, prompt: list[int]) -> float:
-            client = SimpleNamespace(head=head, checkpoint=ckpt)
-            gen_cfg = GenerationConfig(max_new_tokens=tokens)
-            return median_per_token(lambda on_token: generate_swarm(client, model, prompt, gen_cfg, cfg, on_token=on_token))
-
-        return alternate_with_local(ckpt, parse_dtype(dtype_name), tokens, rounds, swarm)
+        return alternate_with_local(ckpt, parse_dtype(dtype_name), tokens, rounds, through_swarm)
 
 
 def pipe_server(rfd: int, wfd: int, path: str, start: int, end: int, dtype_name: str, threads: int) -> None:
@@ -158,7 +157,7 @@ def _read_exactly(f, n: int) -> bytes:
     return bytes(buf)
 
 
-def floor_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, rounds: int) -> tuple[float, float, float]:
+def floor_bench(path: Path, dtype_name: str, tokens: int, threads: int | None, rounds: int) -> dict:
     """The same 3 processes and blocks, connected by OS pipes in a ring instead of libp2p: what
     splitting the model across processes costs on this machine before any network stack."""
     ckpt = Checkpoint(path)
@@ -210,32 +209,45 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating local and swarm runs per setting")
     parser.add_argument("--floor", default="on", help="also run the pipe floor (on/off)")
     parser.add_argument("--pipe-server", nargs=7, help=argparse.SUPPRESS)
+    add_out(parser, "swarm")
     args = parser.parse_args()
     if args.pipe_server:
         r, w, path, start, end, dtype_name, threads = args.pipe_server
         return pipe_server(int(r), int(w), path, int(start), int(end), dtype_name, int(threads))
 
     print("wire (TCP + Noise + yamux, loopback, one frame out and echoed back):")
+    wire = []
     for label, rtt_ms, mbps in run(wire_bench()):
         print(f"  {label:>6} hidden-state frame: round trip {rtt_ms:8.2f} ms, {mbps:8.1f} MB/s")
+        wire.append({"frame": label, "round_trip_ms": rtt_ms, "mb_s": mbps})
     paths = {"default": ("SmolLM2-135M", ensure_default_model), "1.1b": ("Llama-1.1B (random)", random_1b_checkpoint)}
     print(f"\ndecode, {args.dtype}, median per-token time over {args.tokens} tokens, 3 loopback servers,")
     print(f"{args.rounds} alternating local and swarm runs (ratio: the median of the runs' ratios):")
     print(f"  {'model':<22}{'server threads':>15}{'push':>6}{'local ms':>10}{'swarm ms':>10}{'swarm/local':>13}")
+    rows = []
+
+    def record(name: str, threads: str, transport: str, r: dict) -> None:
+        shown = {"libp2p, push": "on", "libp2p, no push": "off", "pipes": "pipes"}[transport]
+        print(f"  {name:<22}{threads:>15}{shown:>6}{r['local_s'] * 1e3:>10.2f}{r['remote_s'] * 1e3:>10.2f}"
+              f"{r['ratio']:>13.2f}", flush=True)
+        rows.append({"model": name, "threads": threads, "transport": transport, "local_ms": r["local_s"] * 1e3,
+                     "swarm_ms": r["remote_s"] * 1e3, "ratio": r["ratio"],
+                     "local_ms_rounds": [t * 1e3 for t in r["local_s_rounds"]],
+                     "swarm_ms_rounds": [t * 1e3 for t in r["remote_s_rounds"]]})
+
     for key in args.models.split(","):
         name, get_path = paths[key]
         for threads in args.threads.split(","):
+            n = None if threads == "default" else int(threads)
             for push in args.push.split(","):
-                n = None if threads == "default" else int(threads)
-                local, swarm, ratio = decode_bench(get_path(), args.dtype, args.tokens, n, push == "on", args.rounds)
-                print(
-                    f"  {name:<22}{threads:>15}{push:>6}{local * 1e3:>10.2f}{swarm * 1e3:>10.2f}{ratio:>13.2f}",
-                    flush=True,
-                )
+                r = decode_bench(get_path(), args.dtype, args.tokens, n, push == "on", args.rounds)
+                record(name, threads, "libp2p, push" if push == "on" else "libp2p, no push", r)
             if args.floor == "on":
-                n = None if threads == "default" else int(threads)
-                local, ring, ratio = floor_bench(get_path(), args.dtype, args.tokens, n, args.rounds)
-                print(f"  {name:<22}{threads:>15}{'pipes':>6}{local * 1e3:>10.2f}{ring * 1e3:>10.2f}{ratio:>13.2f}", flush=True)
+                record(name, threads, "pipes", floor_bench(get_path(), args.dtype, args.tokens, n, args.rounds))
+    settings = {"tokens": args.tokens, "prompt": 16, "models": args.models.split(","), "dtype": args.dtype,
+                "threads": args.threads.split(","), "push": args.push.split(","), "rounds": args.rounds,
+                "floor": args.floor, "servers": 3}
+    write_results(args.out, "swarm", settings, {"wire": wire, "decode": rows})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
+import swarm  # first: it sets OpenMP's spin count, which must precede PyTorch
 import torch
 
 from swarm.engine.adapter_io import load_adapter
@@ -37,8 +37,6 @@ from swarm.engine.finetune import FinetuneConfig, plan
 from swarm.engine.finetune_data import read_jsonl, tokenize_records
 from swarm.engine.generation import GenerationConfig
 from swarm.launch import even_ranges, running_swarm
-from swarm.p2p.client import ClientConfig, generate_swarm
-from swarm.p2p.table import model_id
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +80,6 @@ def main() -> int:
     held_lines = {ex.line for ex in plan(FinetuneConfig(output=Path(".")), dataset).eval}
     cases = [(r.line, r.data["prompt"], r.data["completion"]) for r in records]
     gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=client.eos_token_ids)
-    model = model_id(client.checkpoint)
 
     with tempfile.TemporaryDirectory(prefix="swarm-demo-") as home:
         output = args.output or Path(home) / "adapter"
@@ -91,14 +88,12 @@ def main() -> int:
         flags = ("--dtype", str(server_dtype).removeprefix("torch."), "--quant", args.quant)
         with running_swarm(path, even_ranges(client.checkpoint.num_blocks, 3), home, flags) as servers:
             first = servers[0].maddr
-            ccfg = ClientConfig(initial_peers=[first])
-
-            def swarm_answer(prompt: str, adapter=None) -> list[int]:
-                return generate_swarm(client, model, client.encode(prompt), gen_cfg, ccfg, adapter=adapter)
 
             print("\nbefore: the base model through the swarm")
-            for _, prompt, completion in cases[:4]:
-                print(f"  {prompt!r} → {client.decode(swarm_answer(prompt))!r}   (taught: {completion!r})")
+            with swarm.open(path, initial_peers=[first]) as base:
+                for _, prompt, completion in cases[:4]:
+                    answer = base.generate_ids(base.encode(prompt), gen_cfg)
+                    print(f"  {prompt!r} → {client.decode(answer)!r}   (taught: {completion!r})")
 
             print(f"\n$ swarm finetune {args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data} "
                   f"--adapter lora --output {output} --initial-peers {first}", flush=True)
@@ -111,16 +106,17 @@ def main() -> int:
             print("\nafter: swarm generate --adapter through the swarm, every prompt of the data")
             hits = {True: [0, 0], False: [0, 0]}  # held out? -> [taught, all]
             swarm_tokens = {}
-            for line, prompt, completion in cases:
-                tokens = swarm_answer(prompt, adapter)
-                swarm_tokens[line] = tokens
-                text = client.decode(tokens)
-                ok = text.strip().startswith(completion.strip())
-                held = line in held_lines
-                hits[held][0] += ok
-                hits[held][1] += 1
-                print(f"  {'✓' if ok else '✗'} {'(held out) ' if held else ''}{prompt!r} → {text!r}")
-            train_rate = hits[False][0] / max(1, hits[False][1])
+            with swarm.open(path, initial_peers=[first], adapter=output) as tuned:
+                for line, prompt, completion in cases:
+                    tokens = tuned.generate_ids(tuned.encode(prompt), gen_cfg)
+                    swarm_tokens[line] = tokens
+                    text = client.decode(tokens)
+                    ok = text.strip().startswith(completion.strip())
+                    held = line in held_lines
+                    hits[held][0] += ok
+                    hits[held][1] += 1
+                    print(f"  {'✓' if ok else '✗'} {'(held out) ' if held else ''}{prompt!r} → {text!r}")
+                train_rate = hits[False][0] / max(1, hits[False][1])
             print(f"\ntaught completions: {hits[False][0]} of {hits[False][1]} training prompts ({train_rate:.0%}), "
                   f"{hits[True][0]} of {hits[True][1]} held-out prompts")
 

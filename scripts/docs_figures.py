@@ -1,7 +1,9 @@
 """The benchmark figures of the docs, generated from the results files: `make docs`.
 
 Every table of figures in README.md and docs/*.md that a results file holds is written by this
-script between marker comments, so the docs and ``scripts/results/*.json`` never disagree::
+script between marker comments, so the docs and ``scripts/results/*.json`` never disagree (the
+loopback benchmarks' files also carry their run's date, commit and machine, which the figures
+cite; see scripts/bench_common.py)::
 
     <!-- figures:quant_precisions -->
     | model | precision | perplexity | ...      (generated: edit the script, not the table)
@@ -248,6 +250,192 @@ def quant_layers() -> str:
     return table(header, "lrrrr", rows)
 
 
+# --- the loopback benchmarks (bench_local, bench_swarm, bench_api, bench_recovery, bench_finetune,
+# bench_balance): each file carries its run's date, commit and machine (scripts/bench_common.py)
+
+# goals from the issues (not results): swarm ÷ local decode with push and the servers' default
+# threads; fine-tuning through the swarm ÷ local; the recovery's own cost
+SWARM_GOAL = {"SmolLM2-135M": 1.30, "Llama-1.1B (random)": 1.10}
+FINETUNE_GOAL = 0.75
+RECOVERY_GOAL_MS = 1000
+
+
+def ran(name: str) -> str:
+    """Where a loopback figure comes from: "`local.json`, the run of 2026-12-05 (commit abc1234;
+    2 cores of AMD EPYC ..., torch 2.9.1)"."""
+    r = results(name)
+    m = r["machine"]
+    commit = f"commit {r['commit']}" + (" with uncommitted changes" if r.get("dirty") else "")
+    cpu = f"{m['cpu_count']} cores" + (f" of {m['cpu']}" if m.get("cpu") else "")
+    return f"`scripts/results/{name}.json`, the run of {r['date'][:10]} ({commit}; {cpu}, torch {m['torch']})"
+
+
+def short(model: str) -> str:
+    """ "SmolLM2-135M" → "135M", "Llama-1.1B (random)" → "1.1B"."""
+    return model.split(" ")[0].split("-")[-1]
+
+
+def times(n: int, word: str) -> str:
+    """ "1 round", "3 rounds"."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def sig(x: float) -> str:
+    """No decimals from 100 up, one below: 152, 19.8, 6.1."""
+    return num(x) if x >= 100 else f"{x:.1f}"
+
+
+def local() -> str:
+    data = results("local")
+    rows = [[r["model"], r["dtype"], num(r["prefill_tok_s"]), f"{r['decode_tok_s']:.1f}", sig(r["bound_tok_s"]),
+             f"{r['of_bound'] * 100:.0f} %"] for r in data["rows"]]
+    return (f"Generated from {ran('local')}; memory read bandwidth measured {data['read_bandwidth_gb_s']:.0f} GB/s.\n\n"
+            + table(["model", "dtype", "prefill tok/s", "decode tok/s", "bound tok/s", "of bound"], "llrrrr", rows))
+
+
+TRANSPORTS = {"libp2p, push": "libp2p, push", "libp2p, no push": "libp2p, no push", "pipes": "pipes (floor)"}
+
+
+def swarm_decode() -> str:
+    data = results("swarm")
+    default = f"default ({data['machine']['torch_threads']})"
+    rows = []
+    for r in data["decode"]:
+        goal = SWARM_GOAL.get(r["model"]) if r["transport"] == "libp2p, push" and r["threads"] == "default" else None
+        ratio = f"**{r['ratio']:.2f}**" if goal else f"{r['ratio']:.2f}"
+        rows.append([r["model"], default if r["threads"] == "default" else r["threads"], TRANSPORTS[r["transport"]],
+                     f"{r['local_ms']:.1f}", f"{r['swarm_ms']:.1f}", ratio, f"≤ {goal:.2f}" if goal else ""])
+    s = data["settings"]
+    return (f"Generated from {ran('swarm')}: {s['dtype']}, {s['tokens']} new tokens, {times(s['rounds'], 'round')}.\n\n"
+            + table(["model", "servers' `--threads`", "transport", "local ms/token", "swarm ms/token", "swarm ÷ local",
+                     "goal"], "lllrrrr", rows))
+
+
+def swarm_wire() -> str:
+    rows = [[f"{w['frame']} hidden state", f"{w['round_trip_ms']:.2f} ms" if w["round_trip_ms"] < 10
+             else f"{num(w['round_trip_ms'])} ms", f"{num(w['mb_s'])} MB/s"] for w in results("swarm")["wire"]]
+    return table(["frame (one frame sent and echoed back between two hosts in one process)", "round trip",
+                  "throughput"], "lrr", rows)
+
+
+API_PATHS = {
+    "api": "`swarm api` (persistent client), streamed",
+    "reused": "`swarm.open` reused in-process (a chain per request)",
+    "fresh": "`swarm.open` per request in-process (load, join, chain): `swarm generate`'s path",
+    "cli": "`swarm generate` command (process start, model load, join)",
+}
+
+
+def api_paths() -> str:
+    data = results("api")
+    rows = [[API_PATHS.get(p["path"], p["path"]), (f"**{num(p['ttft_ms'])}**" if p["path"] == "api"
+                                                    else num(p["ttft_ms"])), f"{p['decode_tok_s']:.1f}"]
+            for p in data["paths"]]
+    s = data["settings"]
+    same = "equalled the Python API's in every round" if data["same_text"] else "**differed** from the Python API's"
+    return (f"Generated from {ran('api')}: {s['tokens']} new tokens, medians of {times(s['rounds'], 'round')}; "
+            f"the API's text "
+            f"{same}, and `swarm.open` alone (load and join) took {num(data['open_ms'])} ms.\n\n"
+            + table(["path", "TTFT ms", "decode tok/s"], "lrr", rows))
+
+
+def api_concurrency() -> str:
+    rows = [[str(c["requests"]), f"{c['aggregate_tok_s']:.1f}", num(c["mean_ttft_ms"])]
+            for c in results("api")["concurrency"]]
+    return table(["requests at once through `swarm api`", "aggregate tok/s", "mean TTFT ms"], "rrr", rows)
+
+
+def recovery() -> str:
+    data = results("recovery")
+    same = "identical to" if data["identical"] else "**different** from"
+    rows = [[str(k["token"]), f"{num(k['to_next_ms'])} ms", f"{num(k['replay_ms'])} ms", f"{num(k['recovery_ms'])} ms"]
+            for k in data["kills"]]
+    return (f"Generated from {ran('recovery')}: the output with kills was {same} the undisturbed one, at "
+            f"{data['disturbed_tok_s']:.1f} tokens/s against {data['undisturbed_tok_s']:.1f}.\n\n"
+            + table(["kill at token", "death → next token", "replay compute (same steps, locally)",
+                     "recovery's own cost"], "rrrr", rows))
+
+
+FINETUNE_SETTINGS = {
+    "local": "local (every block in one process)",
+    "recomputing": "local, recomputing as servers do (the floor)",
+    "swarm": "swarm, 3 servers",
+}
+
+
+def finetune() -> str:
+    data = results("finetune")
+    rows = []
+    for r in data["rows"]:
+        goal = r["setting"] == "swarm"
+        ratio = f"**{r['ratio']:.2f}**" if goal else f"{r['ratio']:.2f}"
+        rows.append([FINETUNE_SETTINGS.get(r["setting"], r["setting"]), num(r["tok_s"]), ratio,
+                     f"≥ {FINETUNE_GOAL:.2f}" if goal else ""])
+    s = data["settings"]
+    return (f"Generated from {ran('finetune')}: {times(s['rounds'], 'round')} of {times(s['steps'], 'step')} "
+            "per setting.\n\n"
+            + table(["setting", "training tokens/s", "÷ local", "goal"], "lrrr", rows)
+            + f"\nWire per optimizer step: {data['wire_bytes_per_step'] / 1e6:.1f} MB. The hidden states are "
+            f"{data['hidden_bytes_per_step'] / 1e6:.1f} MB of it (3 servers × 5 tensors of "
+            f"{data['hidden_tensor_bytes'] / 1e6:.2f} MB).\n")
+
+
+FRACTIONS = {0.5: "½", 0.25: "¼", 0.125: "⅛"}
+
+
+def _share(x: float) -> str:
+    from fractions import Fraction
+
+    return FRACTIONS.get(x) or str(Fraction(x).limit_denominator(1000))
+
+
+def balance() -> str:
+    data = results("balance")
+    rows = []
+    for label, p in data["placements"].items():
+        servers = ", ".join(f"{_share(s['share'])}→{s['blocks'][0]}:{s['blocks'][1]}" if s["blocks"] else
+                            f"{_share(s['share'])}→gone" for s in p["servers"])
+        where = ", ".join(f"{a}:{b}" for a, b in p["bottleneck"]["blocks"])
+        agg = f"{p['aggregate_tok_s']:.2f}"
+        rows.append([label, servers, f"{num(p['bottleneck']['throughput'])} ({where})",
+                     f"**{agg}**" if label == "balanced" else agg, f"{p['per_client_tok_s']:.2f}"])
+    s, pl = data["settings"], data["placements"]
+    quotas = "" if s["cgroups"] else " **No CPU quotas** in this run: the servers differed only in what they announced."
+    neck = pl["balanced"]["bottleneck"]["throughput"] / pl["naive"]["bottleneck"]["throughput"]
+    return (f"Generated from {ran('balance')}: {times(s['rounds'], 'round')}, "
+            f"{data['whole_run_s'] / 60:.1f} min in all."
+            f"{quotas}\n\n"
+            + table(["placement", "servers (share → blocks)", "bottleneck", "aggregate tok/s", "per client tok/s"],
+                    "llrrr", rows)
+            + f"\nBalanced ÷ naive: {data['ratio']:.2f} in aggregate (median of the rounds' ratios; the bottleneck "
+            f"ratio is {neck:.2f}), ranging from {min(data['ratios']):.2f} to {max(data['ratios']):.2f} over rounds.\n")
+
+
+def headline_loopback() -> str:
+    """README's figures of the loopback benchmarks, beside :func:`headline`."""
+    sw = results("swarm")
+    push = {r["model"]: r["ratio"] for r in sw["decode"]
+            if r["transport"] == "libp2p, push" and r["threads"] == "default"}
+    ft = next(r for r in results("finetune")["rows"] if r["setting"] == "swarm")
+    rec = results("recovery")
+    kills = [k["recovery_ms"] for k in rec["kills"]]
+    api = {p["path"]: p for p in results("api")["paths"]}
+    rows = [
+        ["swarm ÷ local decode, 3 loopback servers",
+         ", ".join(f"**{v:.2f}** ({short(m)}" + (f", goal ≤ {SWARM_GOAL[m]:.2f})" if m in SWARM_GOAL else ")")
+                   for m, v in push.items()),
+         f"{sw['settings']['dtype']}, push, the servers' default threads (`swarm.json`)"],
+        ["LoRA training through 3 servers ÷ local", f"**{ft['ratio']:.2f}** (goal ≥ {FINETUNE_GOAL:.2f})",
+         f"SmolLM2-135M, {results('finetune')['settings']['dtype']} (`finetune.json`)"],
+        ["recovery's own cost, per failed server", f"**{num(min(kills))}–{num(max(kills))} ms**"
+         f" (goal < {RECOVERY_GOAL_MS / 1000:g} s)", "SIGKILL of a serving server; output "
+         + ("unchanged" if rec["identical"] else "**changed**") + " (`recovery.json`)"],
+        ["first token through `swarm api`", f"**{num(api['api']['ttft_ms'])} ms**",
+         f"a fresh `swarm.open` per request: {num(api['fresh']['ttft_ms'])} ms (`api.json`)"],
+    ]
+    return table(["figure", "value", "setting"], "lrl", rows)
+
+
 FIGURES: dict[str, Callable[[], str]] = {
     "headline": headline,
     "paper": paper,
@@ -257,6 +445,15 @@ FIGURES: dict[str, Callable[[], str]] = {
     "quant_precisions": quant_precisions,
     "quant_wire": quant_wire,
     "quant_layers": quant_layers,
+    "local": local,
+    "swarm_decode": swarm_decode,
+    "swarm_wire": swarm_wire,
+    "api_paths": api_paths,
+    "api_concurrency": api_concurrency,
+    "recovery": recovery,
+    "finetune": finetune,
+    "balance": balance,
+    "headline_loopback": headline_loopback,
 }
 
 

@@ -20,17 +20,17 @@ import json
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
-import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
+import swarm  # first: it sets OpenMP's spin count, which must precede PyTorch
 import torch
+
+from bench_common import open_swarm  # a sibling script (its folder is on sys.path)
 
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.generation import GenerationConfig
 from swarm.p2p.bandwidth import measure_bandwidth
-from swarm.p2p.client import ClientConfig, generate_swarm
+from swarm.p2p.client import ClientConfig
 from swarm.p2p.remote_blocks import RemoteBlocks
-from swarm.p2p.table import model_id
 
 SEQ = 128
 
@@ -55,14 +55,14 @@ def measure_link(remote: RemoteBlocks, peers: list[str]) -> dict:
     return remote.background.call(link(), timeout=300)
 
 
-def decode(head, checkpoint: Checkpoint, cfg: ClientConfig, prompt_len: int, steps: int) -> dict:
-    """Greedy decoding of ``steps`` tokens after a random prompt of ``prompt_len`` tokens."""
+def decode(client: swarm.Swarm, prompt_len: int, steps: int) -> dict:
+    """Greedy decoding of ``steps`` tokens after a random prompt of ``prompt_len`` tokens, by
+    ``client`` (a joined :class:`swarm.Swarm`)."""
     g = torch.Generator().manual_seed(prompt_len)
-    prompt = torch.randint(100, checkpoint.config.vocab_size - 100, (prompt_len,), generator=g).tolist()
+    prompt = torch.randint(100, client.checkpoint.config.vocab_size - 100, (prompt_len,), generator=g).tolist()
     stamps = [time.perf_counter()]
     gen = GenerationConfig(max_new_tokens=steps + 1, eos_token_ids=())
-    generate_swarm(SimpleNamespace(head=head, checkpoint=checkpoint), model_id(checkpoint), prompt, gen, cfg,
-                   on_token=lambda _: stamps.append(time.perf_counter()))
+    client.generate_ids(prompt, gen, on_token=lambda _: stamps.append(time.perf_counter()))
     between = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     return {"steps_per_s": round(1 / statistics.median(between), 3), "prefill_s": round(stamps[1] - stamps[0], 3),
             "step_ms": [round(t * 1e3, 1) for t in between]}
@@ -90,14 +90,19 @@ def main() -> None:
     args = parser.parse_args()
     peers = args.peers.split(",")
     checkpoint = Checkpoint(args.model_dir)
-    head = checkpoint.load_head(torch.bfloat16)
     cfg = ClientConfig(initial_peers=peers[:1], request_timeout=60, step_timeout=120, wait_timeout=60)
+
+    def decode_fresh(prompt_len: int) -> dict:
+        """:func:`decode` by a client of the facade joined for it (through the links as they are now)."""
+        with open_swarm(checkpoint.path, peers[:1], dtype="bfloat16", step_timeout=120, timeout=60) as client:
+            return decode(client, prompt_len, args.steps)
+
     with RemoteBlocks.connect(checkpoint, cfg=cfg) as remote:
         emit(what="link", **measure_link(remote, peers))
         for name in [m for m in args.table.split(",") if m]:
             kind, size = name.split("_")
             if kind == "decode":
-                emit(what=name, **decode(head, checkpoint, cfg, int(size), args.steps))
+                emit(what=name, **decode_fresh(int(size)))
             else:
                 batch = int(size.split("x")[0])
                 emit(what=name, **forward(remote, checkpoint.config.hidden_size, batch))
@@ -106,7 +111,7 @@ def main() -> None:
         sys.stdin.readline()
         with RemoteBlocks.connect(checkpoint, cfg=cfg) as remote:  # fresh connections: through the new delay
             link = measure_link(remote, peers)
-        emit(what="sweep", set_rtt_ms=rtt, **link, **decode(head, checkpoint, cfg, SEQ, args.steps))
+        emit(what="sweep", set_rtt_ms=rtt, **link, **decode_fresh(SEQ))
 
 
 if __name__ == "__main__":
