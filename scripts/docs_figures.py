@@ -475,7 +475,11 @@ def render(text: str, where: str) -> tuple[str, list[str]]:
             raise FigureError(f"{where}: <!-- figures:{name} --> names no figure; known: {', '.join(FIGURES)}")
         try:
             new = figure()
-        except (KeyError, IndexError, TypeError, ValueError, FileNotFoundError) as exc:
+        except FileNotFoundError as exc:
+            missing = Path(exc.filename).relative_to(ROOT) if Path(exc.filename).is_relative_to(ROOT) else exc.filename
+            raise FigureError(f"{where}: figure {name}: {missing} does not exist (run the benchmark that writes it, "
+                              "see docs/benchmarks.md)") from exc
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise FigureError(f"{where}: figure {name}: its results file lacks {exc!r}") from exc
         if new != old:
             stale.append(name)

@@ -103,3 +103,9 @@ def test_a_marker_is_rewritten_and_then_up_to_date(figures, tmp_path):
     figures.run([doc], check=False)
     assert "| 20 | 367 ms |" in doc.read_text() and doc.read_text().endswith("<!-- /figures -->\nafter\n")
     assert figures.run([doc], check=True) == []
+
+
+def test_a_missing_results_file_is_named(figures, tmp_path):
+    (tmp_path / "api.json").unlink()
+    with pytest.raises(figures.FigureError, match=r"figure api_paths: .*api\.json does not exist"):
+        figures.render("<!-- figures:api_paths -->\n<!-- /figures -->\n", "page.md")
