@@ -133,6 +133,13 @@ def serve(
     max_peer_sessions: Annotated[
         int, typer.Option("--max-peer-sessions", help="Inference sessions one peer may hold open at once.")
     ] = ServeOptions.max_peer_sessions,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            help="Sessions whose steps run together as one batched pass (1: one at a time; results are the same).",
+        ),
+    ] = ServeOptions.max_batch,
     frame_memory: Annotated[
         int, typer.Option("--frame-memory", help="MiB of frames in flight from all peers together (one peer: 320).")
     ] = ServeOptions.frame_memory,

@@ -30,6 +30,17 @@ def model_title(data: dict) -> str:
     return f"{name} ({data['model']})" if name else data["model"]
 
 
+def _load(s: dict) -> str:
+    """Sessions open · tokens/s computed lately, then (when it batches) sessions per pass of its
+    most, and computations waiting now."""
+    text = f"{s.get('sessions', 0)} · {s.get('served', 0.0):.0f}/s"
+    if s.get("max_batch", 1) > 1:
+        text += f" · ×{s.get('batch', 0.0):.1f}/{s['max_batch']}"
+    if s.get("queued"):
+        text += f" · {s['queued']} waiting"
+    return text
+
+
 def status_view(data: dict) -> Group:
     # escaped, as the cells below are plain Text: a peer announces what it likes
     table = Table(title=escape(f"{model_title(data)} — {data['num_blocks']} blocks"), title_justify="left")
@@ -47,7 +58,7 @@ def status_view(data: dict) -> Group:
             Text(s["state"], style=state_style),
             _weights(s),
             _speed(s),
-            f"{s.get('sessions', 0)} · {s.get('served', 0.0):.0f}/s",
+            _load(s),
             str(s["cache_tokens_left"]),
             "-" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms",
             Text(s["version"]),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarm.engine.checkpoint import BlockRange, Checkpoint
-from swarm.engine.fast import FrozenLinear
+from swarm.engine.fast import FrozenLinear, run_per_segment
 
 PROMPT_KEY = "prompt_embeddings"
 MAX_RANK = 1024  # LoRA rank a server accepts
@@ -93,7 +93,7 @@ class LoraLinear(nn.Module):
         self.lora: tuple[torch.Tensor, torch.Tensor, AdapterSpec] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = run_per_segment(self.base, x)  # once per session in a batched pass, unless batch-invariant
         if self.lora is None:
             return out
         a, b, spec = self.lora

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from swarm.cache.kv import KVCacheBudget, LayerKVShape, SessionKV
 from swarm.engine.default_model import MARKER
 from swarm.engine.families import CheckpointError, Family, get_family
-from swarm.engine.fast import pack_linears
+from swarm.engine.fast import SEGMENTS, is_frozen_linear, linear_batch_invariant, pack_linears
 from swarm.engine.layers import StepContext
 from swarm.engine.quant import quantize_linears
 
@@ -346,8 +346,68 @@ class BlockRange(torch.nn.Module):
         chunks = [self._run(hidden[:, i : i + PREFILL_CHUNK], session, should_stop) for i in range(0, seq, PREFILL_CHUNK)]
         return torch.cat(chunks, dim=1)
 
+    def run_batch(
+        self,
+        steps: list[tuple[torch.Tensor, SessionKV]],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[torch.Tensor]:
+        """The steps of several sessions of batch 1 (``(hidden [1, seq, hidden], session)``, each
+        at most :data:`PREFILL_CHUNK` positions) as one pass: every linear runs once over all
+        their positions (or, where a linear is not batch-invariant, once per session: see
+        :func:`~swarm.engine.fast.run_per_segment`); attention runs per session. Each output is
+        bit-identical to the session's step run alone (a session of batch 1 always steps this
+        way). Blocks whose linears neither are invariant nor split per session (not
+        :attr:`batch_exact`) run the steps one after another. Raises ``ValueError`` for a step
+        that does not fit its session; nothing has run then."""
+        for hidden, session in steps:
+            if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"a batched step needs hidden states [1, seq, {self.config.hidden_size}], "
+                                 f"got {list(hidden.shape)}")
+            if session.batch != 1 or not 1 <= hidden.shape[1] <= PREFILL_CHUNK:
+                raise ValueError(f"a batched step needs sessions of batch 1 and 1 to {PREFILL_CHUNK} positions")
+            session.check_room(hidden.shape[1])
+        if len({id(session) for _, session in steps}) != len(steps):
+            raise ValueError("a session may appear once in a batched step")
+        if len(steps) > 1 and not self.batch_exact:
+            return [self.run_batch([step], should_stop)[0] for step in steps]
+        segments = []
+        for hidden, session in steps:
+            segment = StepContext(past=session.length, seq=hidden.shape[1])
+            self.family.prepare_step(self.config, segment, self.dtype, 1)
+            segments.append(segment)
+        ctx = StepContext.batched(segments)
+        x = hidden.to(self.dtype) if len(steps) == 1 else torch.cat([h.to(self.dtype) for h, _ in steps], dim=1)
+        token = SEGMENTS.set(tuple(s.seq for s in segments))
+        try:
+            for i, block in enumerate(self.blocks):
+                if should_stop is not None and should_stop():
+                    raise StepCancelled("the pass was cancelled: nobody waits for its result any more")
+                x = block(x, ctx, [(session.keys[i], session.values[i]) for _, session in steps])
+        finally:
+            SEGMENTS.reset(token)
+        for hidden, session in steps:
+            session.advance(hidden.shape[1])
+        return [x] if len(steps) == 1 else list(x.split([h.shape[1] for h, _ in steps], dim=1))
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a row's result through every linear here is the same whatever the number of
+        rows beside it, so a batched pass reads each weight once for all its sessions (packed
+        bfloat16; see :mod:`swarm.engine.fast`)."""
+        return all(linear_batch_invariant(m) for m in self.modules() if is_frozen_linear(m))
+
+    @property
+    def batch_exact(self) -> bool:
+        """Whether :meth:`run_batch` may run several sessions in one pass: each linear is
+        batch-invariant or wrapped to run once per session (as :func:`~swarm.engine.adapters.attach`
+        wraps them)."""
+        wrapped = {id(m.base) for m in self.modules() if hasattr(m, "base") and is_frozen_linear(m.base)}
+        return all(linear_batch_invariant(m) or id(m) in wrapped for m in self.modules() if is_frozen_linear(m))
+
     def _run(self, hidden: torch.Tensor, session: SessionKV | None, should_stop) -> torch.Tensor:
         # hidden: [batch, seq, hidden_size]; writes positions [past, past + seq) of the session
+        if session is not None and session.batch == 1:  # the way every batch-1 session steps (batched or not)
+            return self.run_batch([(hidden, session)], should_stop)[0]
         batch, seq, _ = hidden.shape
         ctx = StepContext(past=session.length if session is not None else 0, seq=seq)
         self.family.prepare_step(self.config, ctx, self.dtype, batch)

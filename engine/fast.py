@@ -6,12 +6,19 @@ weights pre-packed into oneDNN's blocked layout reaches ~45–75 GB/s, with bit-
 (see ``scripts/bench_local.py``). :func:`pack_linears` swaps every ``nn.Linear`` of a module for a
 :class:`PackedLinear` holding only the packed weight (no second copy).
 
-Only bfloat16 is packed: for float32, oneDNN's packed kernels sum in another order than the
-default path (differences ~1e-4), and float32 is our reference precision. Where the private op is
-missing (another PyTorch build), modules are left as they are.
+Packed bfloat16 kernels are also **batch-invariant**: a row's output does not depend on how many
+rows share the call (measured from one row up), which lets a server batch many sessions' steps
+and stay exact. Float32 stays on PyTorch's default kernel, which is not: it takes another kernel
+for one row, for 2–15 and for 16 or more (and oneDNN's packed float32 kernel, invariant from two
+rows up, costs 1.9× per decode token when one row is padded to two). A batched pass of such
+linears runs them once per session instead (:func:`run_per_segment`): still exact, sharing
+everything else of the pass. Where the private op is missing (another PyTorch build), modules are
+left as they are.
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +33,19 @@ def packing_available() -> bool:
     )
 
 
+PACKED_DTYPES = (torch.bfloat16,)
+
+# the positions of each session in a batched pass whose linears are not batch-invariant (see
+# run_per_segment); None outside such a pass
+SEGMENTS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("swarm_segments", default=None)
+
+
 class FrozenLinear(nn.Module):
     """A linear layer whose weight is frozen and kept in some other form than ``nn.Linear``'s
-    (packed, quantized). Adapters wrap these like ``nn.Linear`` (gradients flow to the input)."""
+    (packed, quantized). Adapters wrap these like ``nn.Linear`` (gradients flow to the input).
+    ``batch_invariant``: a row's output is the same whatever the rows beside it."""
+
+    batch_invariant = False
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
@@ -38,6 +55,8 @@ class FrozenLinear(nn.Module):
 
 class PackedLinear(FrozenLinear):
     """A frozen linear layer whose weight lives in oneDNN's packed layout (inference)."""
+
+    batch_invariant = True
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, None if linear.bias is None else linear.bias.detach())
@@ -51,13 +70,36 @@ class PackedLinear(FrozenLinear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def is_frozen_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, FrozenLinear))
+
+
+def linear_batch_invariant(module: nn.Module) -> bool:
+    """Whether ``module``'s output for a row is the same whatever the number of rows beside it:
+    packed layers, and bfloat16 ``nn.Linear`` (PyTorch's default kernel, measured invariant);
+    float32 ``nn.Linear`` is not, and quantized layers say for themselves."""
+    if isinstance(module, FrozenLinear):
+        return module.batch_invariant
+    return isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16
+
+
+def run_per_segment(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; inside a batched pass (``x``: ``[1, positions, in]``, :data:`SEGMENTS` set)
+    with a linear that is not batch-invariant, one call per session's positions, each then the
+    very call its step alone makes."""
+    segments = SEGMENTS.get()
+    if segments is None or len(segments) == 1 or linear_batch_invariant(linear):
+        return linear(x)
+    return torch.cat([linear(part) for part in x.split(segments, dim=1)], dim=1)
+
+
 def pack_linears(module: nn.Module) -> int:
     """Swap the bfloat16 ``nn.Linear`` layers of ``module`` (on CPU) for packed ones; returns how many."""
     if not packing_available():
         return 0
     swapped = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
+        if isinstance(child, nn.Linear) and child.weight.dtype in PACKED_DTYPES and child.weight.device.type == "cpu":
             setattr(module, name, PackedLinear(child))
             swapped += 1
         else:

@@ -10,6 +10,7 @@ A step processes ``seq`` new positions after ``past`` positions already in the s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -85,21 +86,60 @@ def causal_mask(past: int, seq: int, sliding_window: int | None = None) -> torch
     return mask
 
 
+class PerSegment:
+    """A value of a batched step that differs by segment (a mask, ALiBi biases): :func:`attend`
+    resolves it with each segment's own context."""
+
+    def __init__(self, resolve: Callable[[StepContext], object]):
+        self.resolve = resolve
+
+
+# extras that hold one row per position (rotary cos/sin, [seq, head_dim] each): a batched step
+# concatenates its segments' along the positions; every other extra is resolved per segment
+TOKEN_EXTRAS = ("rope",)
+
+
 @dataclass
 class StepContext:
     """What every block of a run needs for one step, computed once per step.
 
     ``past``: positions already cached; ``seq``: new positions in this step. ``extra`` holds
     family-specific precomputed tensors (rotary cos/sin, ALiBi masks).
+
+    A batched step (:meth:`batched`) runs several sessions' steps side by side along the
+    positions of one row: ``segments`` holds each session's own context, in order, and the
+    blocks get one KV cache per segment. Everything but attention works on the positions as they
+    come; :func:`attend` runs each segment's attention on its own, exactly as if it were alone.
     """
 
     past: int
     seq: int
     extra: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
+    segments: list[StepContext] | None = None
 
-    def bool_mask(self, sliding_window: int | None = None) -> torch.Tensor | None:
+    @classmethod
+    def batched(cls, segments: list[StepContext]) -> StepContext:
+        """One context for ``segments`` (each prepared by its family's ``prepare_step``) laid end
+        to end: per-position extras concatenated, the others (and masks) resolved per segment.
+        One segment keeps its own ``past`` (a deep prompt's hook reads it)."""
+        ctx = cls(past=segments[0].past if len(segments) == 1 else 0, seq=sum(s.seq for s in segments),
+                  segments=segments)
+        for key, value in segments[0].extra.items():
+            if key not in TOKEN_EXTRAS:
+                ctx.extra[key] = PerSegment(lambda sub, key=key: sub.extra[key])
+            elif len(segments) == 1:
+                ctx.extra[key] = value
+            elif isinstance(value, tuple):
+                ctx.extra[key] = tuple(torch.cat([s.extra[key][i] for s in segments]) for i in range(len(value)))
+            else:
+                ctx.extra[key] = torch.cat([s.extra[key] for s in segments])
+        return ctx
+
+    def bool_mask(self, sliding_window: int | None = None) -> torch.Tensor | PerSegment | None:
         """The causal mask for this step, or ``None`` where every key is visible (plain decode)."""
+        if self.segments is not None:
+            return PerSegment(lambda sub: sub.bool_mask(sliding_window))
         if sliding_window is None and self.seq == 1:
             return None
         if sliding_window is not None and self.past + self.seq <= sliding_window and self.seq == 1:
@@ -124,7 +164,20 @@ def attend(
 
     ``mask`` is a boolean or additive float mask broadcastable to ``[batch, heads, seq, past + seq]``,
     or ``None`` for "every key visible".
+
+    A batched step (``ctx.segments``; ``kv`` one cache per segment) attends segment by segment,
+    each on contiguous copies of its positions, so a session's result does not depend on what
+    else shares the step.
     """
+    if ctx.segments is not None:
+        outputs, start = [], 0
+        for sub, sub_kv in zip(ctx.segments, kv, strict=True):
+            end = start + sub.seq
+            part = [t[:, :, start:end].contiguous() for t in (q, k, v)]
+            sub_mask = mask.resolve(sub) if isinstance(mask, PerSegment) else mask
+            outputs.append(attend(*part, sub, sub_kv, mask=sub_mask, scale=scale))
+            start = end
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     if kv is not None:
         k_buf, v_buf = kv
         end = ctx.past + ctx.seq

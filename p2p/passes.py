@@ -64,11 +64,11 @@ async def handle_pass(server: BlockServer, kind: str, stream) -> None:
         # the client keeps its side open until the reply: an end or a reset means nobody waits
         watcher = asyncio.create_task(_watch_for_end(stream, stop))
         if kind == "forward":
-            output = await server.compute(run_forward, blocks, hidden, tensors, spec, stop.is_set)
+            output = await server.compute(run_forward, blocks, hidden, tensors, spec, stop.is_set, peer=peer, kind="pass")
             reply = Frame("result", {}, [await pack_off_loop(output, wire)])
         else:
             grad_input, grads = await server.compute(
-                run_backward, blocks, hidden, frame.tensors[1], tensors, spec, stop.is_set
+                run_backward, blocks, hidden, frame.tensors[1], tensors, spec, stop.is_set, peer=peer, kind="pass"
             )
             grad_input = await pack_off_loop(grad_input, wire)
             reply = Frame("result", {"names": list(grads)}, [grad_input, *grads.values()])

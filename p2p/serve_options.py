@@ -21,9 +21,11 @@ PEER_ADAPTER_MIB = 64  # clients' training adapters, kept by digest (also the mo
 PEER_SESSION_ADAPTER_MIB = 256  # held by one peer's inference sessions together
 SESSION_ADAPTER_MIB = 64  # carried by one inference session (with its open)
 
+MAX_BATCH = 256  # sessions in one batched pass, at most
+
 # the options that are numbers: whole ones, and any (None: the option's automatic value)
-WHOLE = ("num_blocks", "port", "cache_tokens", "threads", "max_peer_sessions", "frame_memory", "adapter_memory",
-         "session_adapter_memory")
+WHOLE = ("num_blocks", "port", "cache_tokens", "threads", "max_peer_sessions", "max_batch", "frame_memory",
+         "adapter_memory", "session_adapter_memory")
 NUMBERS = ("memory", "choice_delay", "bandwidth", "announce_period", "idle_timeout", "open_timeout", "request_timeout",
            "peer_cache_share", "balance_period", "balance_quality", "drain_timeout")
 OPTIONAL = ("num_blocks", "memory", "bandwidth", "threads")
@@ -124,6 +126,7 @@ class ServeOptions:
     request_timeout: float = 30.0
     peer_cache_share: float = 0.5
     max_peer_sessions: int = 32
+    max_batch: int = 32
     frame_memory: int = 1024
     throughput: str | float = "auto"
     bandwidth: float | None = None
@@ -169,6 +172,7 @@ class ServeOptions:
         check_seconds("--request-timeout", self.request_timeout)
         check(0 < self.peer_cache_share <= 1, "--peer-cache-share", "a fraction in (0, 1]", self.peer_cache_share)
         check(self.max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", self.max_peer_sessions)
+        check(1 <= self.max_batch <= MAX_BATCH, "--max-batch", f"between 1 and {MAX_BATCH}", self.max_batch)
         check(self.frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", self.frame_memory)
         from swarm.engine.checkpoint import parse_dtype
         from swarm.engine.quant import bnb, parse_quant
@@ -251,6 +255,7 @@ class ServeOptions:
             request_timeout=self.request_timeout,
             peer_cache_share=self.peer_cache_share,
             max_peer_sessions=self.max_peer_sessions,
+            batch_steps=self.max_batch,
             frame_memory=self.frame_memory << 20,
             throughput=self.throughput,
             balance_period=self.balance_period,

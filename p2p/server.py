@@ -38,7 +38,7 @@ import torch
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach
-from swarm.engine.checkpoint import BlockRange, Checkpoint, parse_dtype
+from swarm.engine.checkpoint import PREFILL_CHUNK, BlockRange, Checkpoint, parse_dtype
 from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
 from swarm.p2p import placement, protocols
@@ -49,6 +49,7 @@ from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.identity import Identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.passes import handle_pass
+from swarm.p2p.scheduler import ComputeQueue, Work
 from swarm.p2p.serve_options import (
     PEER_ADAPTER_MIB,
     PEER_SESSION_ADAPTER_MIB,
@@ -97,7 +98,8 @@ class ServerConfig:
     session_timeout: float = 1800.0  # no session lives longer than this (its cache is freed)
     request_timeout: float = _DEFAULT.request_timeout  # also each frame's deadline from its first byte (plus a second per MiB)
     open_timeout: float = _DEFAULT.open_timeout  # a session with no step this long after its open is closed (the client's step timeout: a chain opens all its sessions before its first step)
-    max_batch: int = 64
+    max_batch: int = 64  # rows of one session or pass
+    batch_steps: int = _DEFAULT.max_batch  # sessions whose steps run as one pass (--max-batch; 1: one at a time)
     max_frame: int = DEFAULT_MAX_FRAME
     frame_memory: int = _DEFAULT.frame_memory << 20  # bytes of frames in flight from all peers together
     peer_frame_memory: int = DEFAULT_MAX_FRAME + (64 << 20)  # ... and from one peer (at most frame_memory)
@@ -114,6 +116,8 @@ class ServerConfig:
     peer_session_adapter_memory: int = PEER_SESSION_ADAPTER_MIB << 20  # ... that one peer's sessions may hold here together
     session_adapter_memory: int = _DEFAULT.session_adapter_memory << 20  # ... that all sessions may hold together
 
+
+BATCH_POSITIONS = 2 * PREFILL_CHUNK  # positions of one batched pass, all its sessions' together (bounded activations)
 
 # concurrent streams one peer may have open per protocol (inference: max_peer_sessions + 8)
 PEER_STREAMS = {protocols.PROBE: 2, protocols.INFO: 8, protocols.PUSH: 8, protocols.FORWARD: 8, protocols.BACKWARD: 8}
@@ -141,6 +145,8 @@ class BlockServer:
         self._streams: Counter = Counter()  # (peer, protocol) -> streams open now
         # block computation: one call at a time, off the event loop (see MainThreadExecutor)
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="swarm-compute")
+        # what runs there next, and which sessions' steps run together (batched once blocks load)
+        self.queue = ComputeQueue(self._executor, 1, BATCH_POSITIONS)
         # allocating, zeroing and freeing KV caches: off the event loop, not queued behind compute
         self._memory = ThreadPoolExecutor(1, thread_name_prefix="swarm-memory")
         self._tasks = Tasks(log)  # its background tasks: announcements, placement, the table's listener
@@ -203,6 +209,7 @@ class BlockServer:
                 server._executor, functools.partial(checkpoint.load_blocks, start, end, dtype, quant=cfg.quant)
             )
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
+            server._set_batching()
             host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
             host.set_stream_handler(protocols.PUSH, server._limited(protocols.PUSH, server.inference.handle_push))
             for protocol, kind in ((protocols.FORWARD, "forward"), (protocols.BACKWARD, "backward")):
@@ -309,6 +316,7 @@ class BlockServer:
             await self._announce_move()
             raise
         self.blocks = attach(blocks)
+        self._set_batching()
         self.state = "online"
         self.moves = [*self.moves[-9:], {"time": time.time(), "from": list(old_range), "to": [start, end]}]
         await self._announce_move()
@@ -344,6 +352,9 @@ class BlockServer:
             instance=self.host.instance,
             sessions=len(self.sessions),
             served=round(self._served_rate, 2),
+            queued=self.queue.waiting(),
+            batch=round(self.queue.occupancy, 2) if self.queue.passes else 0.0,
+            max_batch=self.queue.max_batch,
             compute=self.speed.compute,
             network=self.speed.network,
             bandwidth=self.speed.bandwidth,
@@ -501,13 +512,34 @@ class BlockServer:
                 f"{what} {positions} exceeds this model's context of {self.context} positions; shorten the prompt"
             )
 
-    async def compute(self, fn, *args, session=None):
-        """``fn(*args)`` on the compute thread (one call at a time). With a ``session``, its
-        ``computing`` is the call, so whoever frees the session can wait for the call to stop."""
-        future = self._executor.submit(fn, *args)
+    async def compute(self, fn, *args, session=None, peer: str = "", kind: str = "step"):
+        """``fn(*args)`` on the compute thread (one call at a time), queued as ``peer``'s work of
+        ``kind`` (``"step"``: inference, first; ``"pass"``: training; see
+        :mod:`swarm.p2p.scheduler`). With a ``session``, its ``computing`` is the call, so
+        whoever frees the session can wait for the call to stop."""
+        future = self.queue.submit(Work(peer=peer, kind=kind, fn=fn, args=args))
         if session is not None:
             session.computing = future
         return await asyncio.wrap_future(future)
+
+    async def compute_step(self, session, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """A plain step of ``session`` (batch 1, no adapter, at most a prefill chunk), which the
+        compute thread may run together with other sessions' (see :mod:`swarm.p2p.scheduler`);
+        returns (output, True) as :func:`~swarm.engine.steps.run_step` does."""
+        blocks = session.blocks
+        work = Work(peer=session.peer, kind="step", positions=hidden.shape[1], batch_key=(id(blocks.blocks[0]), blocks.end),
+                    batch=(blocks, hidden, session.kv, session.stop.is_set))
+        future = self.queue.submit(work)
+        session.computing = future
+        return await asyncio.wrap_future(future)
+
+    def _set_batching(self) -> None:
+        """``--max-batch`` sessions per pass (exact whatever the kernels: attached blocks run a
+        linear that is not batch-invariant once per session, see swarm.engine.fast)."""
+        self.queue.max_batch = self.cfg.batch_steps if self.blocks.batch_exact else 1
+        if not self.blocks.batch_invariant:
+            log.info("batched passes run each linear once per session: %s kernels are not batch-invariant here",
+                     self.cfg.quant if self.cfg.quant != "none" else self.cfg.dtype)
 
     async def in_memory_thread(self, fn, *args, orphan=None):
         """``fn(*args)`` on the thread that allocates and frees KV caches (off the event loop).

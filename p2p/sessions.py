@@ -51,7 +51,7 @@ import torch
 
 from swarm.cache.kv import CacheFullError
 from swarm.engine.adapters import AdapterSpec, check_tensors
-from swarm.engine.checkpoint import BlockRange, StepCancelled
+from swarm.engine.checkpoint import PREFILL_CHUNK, BlockRange, StepCancelled
 from swarm.engine.steps import check_chunks, check_hidden, run_step
 from swarm.p2p import protocols
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
@@ -389,11 +389,16 @@ class Sessions:
         if not repeat and position != session.kv.length:
             raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
         session.last_step = None  # until this step has run
-        output, fresh = await self.server.compute(
-            run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
-            session.last_input if repeat else None, session.last_output, position if repeat else None,
-            session.last_reordered, session.stop.is_set, session.adapter, session.spec, session=session,
-        )
+        plain = not repeat and hypo_ids is None and len(chunks) == 1 and not session.adapter
+        if plain and session.kv.batch == 1 and hidden.shape[1] <= PREFILL_CHUNK:  # may run batched with others
+            output, fresh = await self.server.compute_step(session, hidden)
+        else:
+            output, fresh = await self.server.compute(
+                run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
+                session.last_input if repeat else None, session.last_output, position if repeat else None,
+                session.last_reordered, session.stop.is_set, session.adapter, session.spec, session=session,
+                peer=session.peer,
+            )
         session.last_step, session.last_position = frame["step_id"], position
         session.last_input, session.last_output = hidden, output
         session.last_reordered = hypo_ids is not None

@@ -95,6 +95,9 @@ class ServerInfo:
     instance: str = ""  # this run of the server's process (start time, random bits): later runs sort after
     sessions: int = 0  # load: inference sessions open now
     served: float = 0.0  # load: tokens per second computed over the last announcement period (all requests)
+    queued: int = 0  # load: computations waiting for its compute thread now
+    batch: float = 0.0  # load: sessions per batched pass lately (mean; 0: none run yet)
+    max_batch: int = 1  # sessions one batched pass may hold (--max-batch; 1 where its kernels cannot batch exactly)
     compute: float = 0.0  # tokens/s of its compute (decode steps/s of a block ÷ blocks a request uses)
     network: float = 0.0  # tokens/s its link carries (bandwidth ÷ bits of a hidden state)
     bandwidth: float = 0.0  # Mbit/s of its link
@@ -136,6 +139,9 @@ class ServerInfo:
                 instance=str(data.get("instance", ""))[:64],
                 sessions=int(data.get("sessions", 0)),
                 served=float(data.get("served", 0.0)),
+                queued=_count(data.get("queued", 0)),
+                batch=float(data.get("batch", 0.0)),
+                max_batch=_count(data.get("max_batch", 1)),
                 compute=float(data.get("compute", 0.0)),
                 network=float(data.get("network", 0.0)),
                 bandwidth=float(data.get("bandwidth", 0.0)),
@@ -150,6 +156,7 @@ class ServerInfo:
         if (info.state not in STATES or info.quant not in QUANTS or info.dtype not in DTYPES
                 or not 0 <= info.weight_bytes < 2**62 or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
                 or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf
+                or not 0 <= info.queued < 2**31 or not 0 <= info.batch <= 1 << 16 or not 1 <= info.max_batch <= 1 << 16
                 or not all(0 <= x < math.inf for x in (info.compute, info.network, info.bandwidth))
                 or info.bandwidth_source not in BANDWIDTH_SOURCES or info.throughput_source not in THROUGHPUT_SOURCES
                 or not all(math.isfinite(m[0]) and 0 <= m[1] < m[2] and 0 <= m[3] < m[4] for m in info.moves)):

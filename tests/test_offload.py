@@ -40,7 +40,8 @@ def test_streamed_reads_equal_the_memory_map(tiny_llama):
 def test_offloaded_logits_equal_in_memory(tiny_llama, monkeypatch, mode, dtype, fast, prefetch):
     monkeypatch.setattr(engine_checkpoint, "PREFILL_CHUNK", 4)  # the 10-token prefill runs in 3 chunks
     ckpt = Checkpoint(tiny_llama)
-    head, blocks = ckpt.load_head(dtype), ckpt.load_blocks(0, ckpt.num_blocks, dtype)
+    # the same kernels as the offloaded blocks (packed or not: float32 packed sums in another order)
+    head, blocks = ckpt.load_head(dtype), ckpt.load_blocks(0, ckpt.num_blocks, dtype, fast=fast)
     model = OffloadedModel(tiny_llama, dtype, mode, fast=fast, prefetch=prefetch)
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     ref_kv, offloaded = blocks.open_session(2, 16), model.open_session(2, 16)

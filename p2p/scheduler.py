@@ -1,0 +1,188 @@
+"""What a server computes next, and which sessions' steps it computes together.
+
+Every computation of a server (inference steps, training's forward and backward passes, a
+throughput measurement) goes through one :class:`ComputeQueue` onto the single compute thread.
+The queue decides with :func:`pick`, a pure function over what waits:
+
+- **Interactive first.** Inference steps (``"step"``) go before training passes (``"pass"``), as a
+  person waits on a token and nobody on a gradient step by the millisecond.
+- **Fair by peer.** Within a class, peers take turns (round robin, starting after the peer served
+  last), each peer's work in the order it came; a peer with sixty sessions waiting gets one turn
+  per round like a peer with one.
+- **Batched.** The first work in that order, when it is a batchable step (a session of batch 1,
+  no adapter, at most a prefill chunk of positions), takes along the other batchable steps of the
+  same blocks in the same fair order, up to ``max_batch`` sessions and ``max_positions``
+  positions: one pass runs them all (:meth:`~swarm.engine.checkpoint.BlockRange.run_batch`),
+  each session's output bit-identical to its step alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("step", "pass")  # in the order they are served
+
+
+@dataclass(eq=False)
+class Work:
+    """One computation waiting for the compute thread. ``batch``: for a batchable step, the
+    blocks' identity (steps batch only with steps of the same blocks) and ``(blocks, hidden, kv,
+    should_stop)``; None for a call ``fn(*args)``."""
+
+    peer: str
+    kind: str
+    positions: int = 0
+    fn: Callable | None = None
+    args: tuple = ()
+    batch_key: object = None
+    batch: tuple | None = None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    queued: float = field(default_factory=time.monotonic)
+
+
+def fair_order(waiting: Sequence[Work], after_peer: str | None) -> list[Work]:
+    """``waiting`` in the order it would be served: the first class of :data:`KINDS` with work,
+    its peers in turns (the first peer after ``after_peer`` in order of their first work, then
+    on, wrapping), one work per peer per round, each peer's work in arrival order."""
+    for kind in KINDS:
+        by_peer: dict[str, deque] = {}
+        for work in waiting:
+            if work.kind == kind:
+                by_peer.setdefault(work.peer, deque()).append(work)
+        if not by_peer:
+            continue
+        peers = list(by_peer)
+        if after_peer in by_peer:
+            turn = peers.index(after_peer) + 1
+            peers = peers[turn:] + peers[:turn]
+        order = []
+        while by_peer:
+            for peer in peers:
+                queue = by_peer.get(peer)
+                if queue:
+                    order.append(queue.popleft())
+                    if not queue:
+                        del by_peer[peer]
+        return order
+    return []
+
+
+def pick(waiting: Sequence[Work], after_peer: str | None, max_batch: int, max_positions: int) -> list[Work]:
+    """The work to run next (see the module's docstring): one call, or batchable steps to run
+    as one pass (the first of them the one whose turn it is). Empty when nothing waits."""
+    order = fair_order(waiting, after_peer)
+    if not order:
+        return []
+    first = order[0]
+    if first.batch is None or max_batch <= 1:
+        return [first]
+    chosen, positions = [first], first.positions
+    for work in order[1:]:
+        if len(chosen) >= max_batch:
+            break
+        if work.batch is not None and work.batch_key == first.batch_key and positions + work.positions <= max_positions:
+            chosen.append(work)
+            positions += work.positions
+    return chosen
+
+
+class ComputeQueue:
+    """The server's compute thread, fed in :func:`pick`'s order (thread-safe; awaited from the
+    event loop through the futures :meth:`submit` returns).
+
+    ``executor`` runs the queue's drain (one thread: PyTorch computes there). ``max_batch``:
+    sessions per batched pass (1: every step alone). Counts what it ran, for the announcements
+    and `swarm status`: ``passes``, ``batched_steps`` (steps run in passes of more than one),
+    ``steps`` and the recent mean batch size."""
+
+    def __init__(self, executor: concurrent.futures.Executor, max_batch: int, max_positions: int):
+        self._executor = executor
+        self.max_batch, self.max_positions = max_batch, max_positions
+        self._lock = threading.Lock()
+        self._waiting: list[Work] = []
+        self._draining = False
+        self._last_peer: str | None = None
+        self.steps = self.passes = self.batched_steps = 0
+        self.occupancy = 1.0  # the recent mean number of sessions per batched pass (moving average)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def submit(self, work: Work) -> concurrent.futures.Future:
+        with self._lock:
+            self._waiting.append(work)
+            if self._draining:
+                return work.future
+            self._draining = True
+        try:
+            self._executor.submit(self._drain)
+        except RuntimeError as exc:  # the executor is shut down: the server is stopping
+            with self._lock:
+                self._draining = False
+                self._waiting.remove(work)
+            work.future.set_exception(exc)
+        return work.future
+
+    def _drain(self) -> None:
+        """On the compute thread: run work until none waits."""
+        while True:
+            with self._lock:
+                self._waiting = [w for w in self._waiting if not w.future.cancelled()]
+                chosen = pick(self._waiting, self._last_peer, self.max_batch, self.max_positions)
+                if not chosen:
+                    self._draining = False
+                    return
+                for work in chosen:
+                    self._waiting.remove(work)
+                self._last_peer = chosen[0].peer
+            chosen = [w for w in chosen if w.future.set_running_or_notify_cancel()]
+            if not chosen:
+                continue
+            if chosen[0].batch is None:
+                _run_call(chosen[0])
+            else:
+                self._run_batch(chosen)
+
+    def _run_batch(self, chosen: list[Work]) -> None:
+        ready = []
+        for work in chosen:  # a step that cannot run fails alone, before the pass
+            blocks, hidden, kv, _ = work.batch
+            try:
+                kv.check_room(hidden.shape[1])
+            except BaseException as exc:
+                work.future.set_exception(exc)
+            else:
+                ready.append(work)
+        if not ready:
+            return
+        blocks = ready[0].batch[0]
+        stops = [w.batch[3] for w in ready]
+        try:
+            with torch.no_grad():
+                outputs = blocks.run_batch([(w.batch[1], w.batch[2]) for w in ready], lambda: all(s() for s in stops))
+        except BaseException as exc:  # handed to every awaiting step
+            for work in ready:
+                work.future.set_exception(exc)
+            return
+        self.steps += len(ready)
+        self.passes += 1
+        if len(ready) > 1:
+            self.batched_steps += len(ready)
+        self.occupancy = 0.9 * self.occupancy + 0.1 * len(ready)
+        for work, output in zip(ready, outputs):
+            work.future.set_result((output, True))
+
+
+def _run_call(work: Work) -> None:
+    try:
+        work.future.set_result(work.fn(*work.args))
+    except BaseException as exc:  # handed to the awaiting coroutine
+        work.future.set_exception(exc)

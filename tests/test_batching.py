@@ -1,0 +1,164 @@
+"""Batched steps are exact: a session's output through :meth:`BlockRange.run_batch` is bit-identical
+to its step run alone, whatever shares the pass (other sessions' decode steps and prefill chunks,
+at other positions), for every family, in float32 and bfloat16."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from swarm.engine.adapters import attach
+from swarm.engine.checkpoint import PREFILL_CHUNK, Checkpoint
+from swarm.engine.fast import PackedLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sessions(blocks, prompts: list[int], max_length: int = 96):
+    """One session per prompt length, each holding that many positions of random hidden states."""
+    torch.manual_seed(0)
+    sessions = []
+    for length in prompts:
+        session = blocks.open_session(1, max_length)
+        blocks(torch.randn(1, length, blocks.config.hidden_size), session)
+        sessions.append(session)
+    return sessions
+
+
+def _clone(session):
+    copy = type(session)(None, batch=1, max_length=session.max_length, layers=[], dtype=torch.float32)
+    copy.keys = [k.clone() for k in session.keys]
+    copy.values = [v.clone() for v in session.values]
+    copy.length = session.length
+    return copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_session_steps_the_same_alone_and_in_any_batch(tiny_checkpoint, dtype):
+    blocks = Checkpoint(tiny_checkpoint).load_blocks(0, 4, dtype)
+    assert blocks.batch_invariant == (dtype == torch.bfloat16)  # float32's default kernels are not
+    attach(blocks)  # as servers do: a linear that is not invariant then runs once per session of a pass
+    assert blocks.batch_exact
+    sessions = _sessions(blocks, [3, 17, 1, 40, 8, 64, 5])
+    hidden = blocks.config.hidden_size
+    torch.manual_seed(1)
+    steps = [torch.randn(1, seq, hidden) for seq in (1, 1, 1, 4, 1, 1, 9)]  # decode steps and prefill chunks
+    alone = [blocks.run_batch([(h, _clone(s))])[0] for h, s in zip(steps, sessions)]
+    for order in (list(range(7)), [6, 2, 0, 5, 3, 1, 4], [3, 5]):
+        copies = {i: _clone(sessions[i]) for i in order}
+        batched = blocks.run_batch([(steps[i], copies[i]) for i in order])
+        for i, out in zip(order, batched):
+            assert torch.equal(out, alone[i]), f"session {i} differs in batch {order}"
+            assert copies[i].length == sessions[i].length + steps[i].shape[1]
+        # and the next step after a batched one sees the same cache as after a lone one
+        for i in order:
+            lone = _clone(sessions[i])
+            blocks.run_batch([(steps[i], lone)])
+            nxt = torch.randn(1, 1, hidden)
+            assert torch.equal(blocks.run_batch([(nxt, lone)])[0], blocks.run_batch([(nxt, copies[i])])[0])
+
+
+def test_a_plain_forward_on_a_session_is_the_batched_path(tiny_checkpoints):
+    blocks = Checkpoint(tiny_checkpoints["llama"]).load_blocks(0, 4)
+    (a,), (b,) = _sessions(blocks, [5]), _sessions(blocks, [5])  # the same positions cached
+    step = torch.randn(1, 1, blocks.config.hidden_size)
+    other = torch.randn(1, 1, blocks.config.hidden_size)
+    (third,) = _sessions(blocks, [9])
+    assert torch.equal(blocks(step, a), blocks.run_batch([(step, b), (other, third)])[0])
+
+
+def test_packed_linears_are_batch_invariant_from_one_row():
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16,):
+        for shape in ((64, 128), (128, 64), (576, 1536)):
+            linear = PackedLinear(torch.nn.Linear(*shape).to(dtype))
+            x = torch.randn(300, shape[0]).to(dtype)
+            with torch.no_grad():
+                reference = linear(x)
+                for rows in (1, 2, 3, 7, 16, 33, 130):
+                    assert torch.equal(linear(x[:rows]), reference[:rows]), (dtype, shape, rows)
+                assert torch.equal(linear(x[None, :1]), reference[None, :1])
+
+
+def test_blocks_that_cannot_batch_exactly_run_the_steps_one_by_one(tiny_checkpoints):
+    blocks = Checkpoint(tiny_checkpoints["llama"]).load_blocks(0, 4, torch.float32)
+    assert not blocks.batch_exact  # float32 linears, not attached
+    sessions = _sessions(blocks, [3, 6])
+    steps = [torch.randn(1, 1, blocks.config.hidden_size), torch.randn(1, 2, blocks.config.hidden_size)]
+    alone = [blocks.run_batch([(h, _clone(s))])[0] for h, s in zip(steps, sessions)]
+    together = blocks.run_batch(list(zip(steps, sessions)))
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def test_bad_batches_are_refused_before_anything_runs(tiny_checkpoints):
+    blocks = Checkpoint(tiny_checkpoints["llama"]).load_blocks(0, 4)
+    (session,) = _sessions(blocks, [4])
+    hidden = blocks.config.hidden_size
+    for steps, match in [
+        ([(torch.randn(2, 1, hidden), session)], "1, seq"),
+        ([(torch.randn(1, PREFILL_CHUNK + 1, hidden), session)], "positions"),
+        ([(torch.randn(1, 1, hidden), session), (torch.randn(1, 1, hidden), session)], "once"),
+        ([(torch.randn(1, 200, hidden), session)], "max_length"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            blocks.run_batch(steps)
+    assert session.length == 4
+
+
+PROMPTS = [
+    "The capital of France is", "Once upon a time", "1, 2, 3, 4,", "Hello", "The quick brown fox jumps over the lazy dog and",
+    "In a hole in the ground there lived", "def fib(n):", "Paris", "Water boils at", "Roses are red,", "A", "To be or not",
+]
+
+
+def _requests() -> list[tuple[str, dict]]:
+    """Prompts of many lengths with greedy and sampled settings."""
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        settings = dict(max_new_tokens=6 + i % 5)
+        if i % 3 == 1:
+            settings.update(temperature=0.9, top_p=0.9, seed=i)
+        elif i % 3 == 2:
+            settings.update(temperature=0.7, top_k=20, seed=100 + i)
+        out.append((prompt, settings))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_concurrent_generations_batch_and_each_equals_its_run_alone(tiny_checkpoints, tmp_path, dtype):
+    """12 concurrent generations (other prompts, lengths and sampling) through two in-process
+    servers that batch: every text equals the same request run alone and run locally, and the
+    servers did run steps of several sessions as one pass."""
+    import swarm
+
+    model = tiny_checkpoints["llama"]
+    requests = _requests()
+    with swarm.open(model, local=True, dtype=dtype) as local:
+        expected = [local.generate(p, **kw) for p, kw in requests]
+    common = dict(throughput=100, announce_period=1, max_batch=8, dtype=dtype, choice_delay=0)
+    with swarm.Server(model, blocks="0:2", new_swarm=True, identity=tmp_path / "a.key", **common) as first, \
+         swarm.Server(model, blocks="2:4", initial_peers=[first.address], identity=tmp_path / "b.key", **common) as second:
+        with swarm.open(model, initial_peers=[first.address], dtype=dtype) as s:
+            alone = [s.generate(p, **kw) for p, kw in requests[:3]]
+            assert alone == expected[:3]
+            results: list[str | None] = [None] * len(requests)
+            barrier = threading.Barrier(len(requests))
+
+            def run(i: int) -> None:
+                barrier.wait(30)
+                results[i] = s.generate(requests[i][0], **requests[i][1])
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert results == expected
+            queues = [server._server.queue for server in (first, second)]
+            assert all(q.max_batch == 8 for q in queues)
+            assert all(q.batched_steps > 0 for q in queues), [(q.passes, q.steps, q.batched_steps) for q in queues]
+            report = s.status()
+            assert {srv["max_batch"] for srv in report["servers"]} == {8}

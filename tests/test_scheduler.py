@@ -1,0 +1,82 @@
+"""What a server computes next (:func:`swarm.p2p.scheduler.pick`), table-tested, and the queue on a
+real compute thread: interactive steps first, peers in turns, batchable steps together."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import pytest
+
+from swarm.p2p.scheduler import ComputeQueue, Work, fair_order, pick
+
+
+def W(peer: str, name: str, kind: str = "step", batch: bool = True, positions: int = 1, key: object = "blocks") -> Work:
+    work = Work(peer=peer, kind=kind, positions=positions)
+    if batch and kind == "step":
+        work.batch_key, work.batch = key, ("blocks", None, None, None)
+    work.name = name
+    return work
+
+
+def names(works) -> list[str]:
+    return [w.name for w in works]
+
+
+CASES = [
+    # (waiting, after_peer, max_batch, max_positions, expected)
+    ("nothing", [], None, 8, 1024, []),
+    ("one step", [W("a", "a1")], None, 8, 1024, ["a1"]),
+    ("steps of one peer batch in order", [W("a", "a1"), W("a", "a2"), W("a", "a3")], None, 8, 1024, ["a1", "a2", "a3"]),
+    ("max_batch bounds the batch", [W("a", f"a{i}") for i in range(5)], None, 2, 1024, ["a0", "a1"]),
+    ("max_batch 1: one step", [W("a", "a1"), W("b", "b1")], None, 1, 1024, ["a1"]),
+    ("peers take turns: a greedy peer cannot push out another",
+     [*(W("a", f"a{i}") for i in range(6)), W("b", "b0")], None, 3, 1024, ["a0", "b0", "a1"]),
+    ("the turn passes after the peer served last", [W("a", "a0"), W("b", "b0"), W("c", "c0")], "a", 2, 1024, ["b0", "c0"]),
+    ("inference before training", [W("a", "p", kind="pass"), W("b", "s")], None, 8, 1024, ["s"]),
+    ("a training pass runs alone", [W("a", "p1", kind="pass"), W("a", "p2", kind="pass")], None, 8, 1024, ["p1"]),
+    ("an unbatchable step runs alone", [W("a", "u", batch=False), W("b", "b0")], None, 8, 1024, ["u"]),
+    ("unbatchable steps are skipped by a batch", [W("a", "a0"), W("b", "u", batch=False), W("c", "c0")], None, 8, 1024,
+     ["a0", "c0"]),
+    ("other blocks do not batch", [W("a", "a0"), W("b", "b0", key="other"), W("c", "c0")], None, 8, 1024, ["a0", "c0"]),
+    ("positions bound the batch", [W("a", "a0", positions=512), W("b", "b0", positions=512), W("c", "c0", positions=1)],
+     None, 8, 600, ["a0", "c0"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_pick(case):
+    _, waiting, after, max_batch, max_positions, expected = case
+    assert names(pick(waiting, after, max_batch, max_positions)) == expected
+
+
+def test_fair_order_interleaves_peers_keeping_each_peers_order():
+    waiting = [W("a", "a0"), W("a", "a1"), W("b", "b0"), W("a", "a2"), W("c", "c0"), W("b", "b1")]
+    assert names(fair_order(waiting, None)) == ["a0", "b0", "c0", "a1", "b1", "a2"]
+    assert names(fair_order(waiting, "b")) == ["c0", "a0", "b0", "a1", "b1", "a2"]
+    assert names(fair_order(waiting, "gone")) == ["a0", "b0", "c0", "a1", "b1", "a2"]
+
+
+def test_queue_serves_steps_before_passes_and_skips_cancelled_work():
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    queue = ComputeQueue(executor, max_batch=4, max_positions=1024)
+    gate, ran = threading.Event(), []
+    blocker = queue.submit(Work(peer="x", kind="pass", fn=gate.wait, args=(10,)))  # holds the thread
+    passes = [queue.submit(Work(peer="t", kind="pass", fn=ran.append, args=(f"pass{i}",))) for i in range(2)]
+    steps = [queue.submit(Work(peer=p, kind="step", fn=ran.append, args=(p,))) for p in ("a", "b")]
+    cancelled = queue.submit(Work(peer="c", kind="step", fn=ran.append, args=("cancelled",)))
+    assert cancelled.cancel()
+    gate.set()
+    for future in [blocker, *passes, *steps]:
+        future.result(10)
+    assert ran == ["a", "b", "pass0", "pass1"]
+    assert queue.waiting() == 0
+    executor.shutdown()
+
+
+def test_a_shut_down_executor_fails_the_work_at_once():
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    executor.shutdown()
+    future = ComputeQueue(executor, 4, 1024).submit(Work(peer="a", kind="step", fn=lambda: 1))
+    with pytest.raises(RuntimeError):
+        future.result(1)
