@@ -170,14 +170,7 @@ def attend(
     else shares the step.
     """
     if ctx.segments is not None:
-        outputs, start = [], 0
-        for sub, sub_kv in zip(ctx.segments, kv, strict=True):
-            end = start + sub.seq
-            part = [t[:, :, start:end].contiguous() for t in (q, k, v)]
-            sub_mask = mask.resolve(sub) if isinstance(mask, PerSegment) else mask
-            outputs.append(attend(*part, sub, sub_kv, mask=sub_mask, scale=scale))
-            start = end
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return _attend_segments(q, k, v, ctx, kv, mask, scale)
     if kv is not None:
         k_buf, v_buf = kv
         end = ctx.past + ctx.seq
@@ -187,7 +180,7 @@ def attend(
             # attend over a whole bucket of cached positions (the rest are zeros, masked out): the
             # matmuls then keep their shapes for DECODE_BUCKET steps instead of changing every step,
             # and oneDNN builds (JIT-compiles) a kernel per shape, ~0.2 ms each here.
-            padded = min(-(-end // DECODE_BUCKET) * DECODE_BUCKET, k_buf.shape[2])
+            padded = _decode_bucket(ctx, kv)
             return _decode_attention(q, k_buf[:, :, :padded], v_buf[:, :, :padded], mask, scale, valid=end)
         k, v = k_buf[:, :, :end], v_buf[:, :, :end]
     elif ctx.past:
@@ -200,10 +193,53 @@ def attend(
 DECODE_BUCKET = 64  # cached positions are attended in multiples of this many during decoding
 
 
-def _decode_attention(q, k, v, mask, scale, valid: int):
+def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale) -> torch.Tensor:
+    """:func:`attend` for a batched step: each segment on contiguous copies of its positions, as
+    alone; the decode steps (one position, no mask) that attend over the same number of cached
+    positions together, in one matmul each way (measured bit-identical to one at a time: the
+    batch dimensions of a matmul do not change the sums of an item; a different number of
+    positions would)."""
+    outputs: list[torch.Tensor | None] = [None] * len(ctx.segments)
+    groups: dict[int, list[tuple[int, list[torch.Tensor], StepContext, tuple]]] = {}
+    start = 0
+    for i, (sub, sub_kv) in enumerate(zip(ctx.segments, kvs, strict=True)):
+        end = start + sub.seq
+        part = [t[:, :, start:end].contiguous() for t in (q, k, v)]
+        sub_mask = mask.resolve(sub) if isinstance(mask, PerSegment) else mask
+        if sub.seq == 1 and sub_kv is not None and sub_mask is None:
+            groups.setdefault(_decode_bucket(sub, sub_kv), []).append((i, part, sub, sub_kv))
+        else:
+            outputs[i] = attend(*part, sub, sub_kv, mask=sub_mask, scale=scale)
+        start = end
+    for padded, members in groups.items():
+        if len(members) == 1:
+            i, part, sub, sub_kv = members[0]
+            outputs[i] = attend(*part, sub, sub_kv, mask=None, scale=scale)
+            continue
+        for _, (_, k_new, v_new), sub, (k_buf, v_buf) in members:
+            k_buf[:, :, sub.past : sub.past + 1] = k_new
+            v_buf[:, :, sub.past : sub.past + 1] = v_new
+        together = _decode_attention(
+            torch.cat([part[0] for _, part, _, _ in members]),
+            torch.cat([kv[0][:, :, :padded] for _, _, _, kv in members]),
+            torch.cat([kv[1][:, :, :padded] for _, _, _, kv in members]),
+            None, scale, valid=torch.tensor([sub.past + 1 for _, _, sub, _ in members]),
+        )
+        for row, (i, _, _, _) in enumerate(members):
+            outputs[i] = together[row : row + 1]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _decode_bucket(ctx: StepContext, kv) -> int:
+    """The cached positions a decode step attends over: whole buckets, within the buffer."""
+    return min(-(-(ctx.past + ctx.seq) // DECODE_BUCKET) * DECODE_BUCKET, kv[0].shape[2])
+
+
+def _decode_attention(q, k, v, mask, scale, valid: int | torch.Tensor):
     """One query position: plain matmuls over grouped heads (PyTorch's CPU SDPA kernel costs ~10×
     more here). Softmax in float32, as the fused kernels do. Keys from ``valid`` on are padding
-    (zeros in the cache buffers): masked out, they weigh exactly 0."""
+    (zeros in the cache buffers): masked out, they weigh exactly 0. ``valid``: one count for every
+    row, or one per row of the batch (decode steps of several sessions, ``mask`` None)."""
     b, heads, _, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -215,7 +251,10 @@ def _decode_attention(q, k, v, mask, scale, valid: int):
             scores[..., :valid].masked_fill_(~mask.reshape(-1, 1, 1, valid), float("-inf"))
         else:
             scores[..., :valid] += mask.reshape(-1, kv_heads, group, valid)
-    if valid < length:
+    if isinstance(valid, torch.Tensor):  # per row: the same -inf a row alone gets
+        padding = torch.arange(length)[None, :] >= valid[:, None]
+        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    elif valid < length:
         scores[..., valid:] = float("-inf")
     probs = scores.float().softmax(-1).to(v.dtype)
     return torch.matmul(probs, v).reshape(b, heads, 1, d)
