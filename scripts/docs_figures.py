@@ -436,6 +436,29 @@ def headline_loopback() -> str:
     return table(["figure", "value", "setting"], "lrl", rows)
 
 
+def concurrency() -> str:
+    """bench_concurrency.py: sessions at once, batched (--max-batch 32) beside one at a time."""
+    data = results("concurrency")
+    rows = []
+    for r in data["results"]:
+        sessions = r["sessions"]
+        one = sessions[min(sessions, key=int)]["batched"]["aggregate_tok_s"]
+        for n, f in sessions.items():
+            on, off = f["batched"], f["alone"]
+            rows.append([f"{short(r['model'])} {r['dtype']}", n,
+                         f"{on['aggregate_tok_s']:.1f} ({on['aggregate_tok_s'] / one:.1f}×)",
+                         f"{off['aggregate_tok_s']:.1f} ({off['aggregate_tok_s'] / one:.1f}×)",
+                         f"{on['ms_per_token_p50']:.0f} / {on['ms_per_token_p95']:.0f}",
+                         f"{off['ms_per_token_p50']:.0f} / {off['ms_per_token_p95']:.0f}",
+                         "yes" if f["tokens_equal"] else "**no**"])
+    settings = data["settings"]
+    return (f"Generated from {ran('concurrency')}: {settings['tokens']} new tokens per session after a prompt of "
+            f"{settings['prompt_tokens']} tokens, {times(settings['rounds'], 'round')} per setting.\n\n"
+            + table(["model", "sessions", "tok/s batched (× one session)", "tok/s one at a time",
+                     "ms/token p50 / p95, batched", "ms/token p50 / p95, one at a time", "same tokens"],
+                    "lrrrrrl", rows))
+
+
 FIGURES: dict[str, Callable[[], str]] = {
     "headline": headline,
     "paper": paper,
@@ -454,6 +477,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "finetune": finetune,
     "balance": balance,
     "headline_loopback": headline_loopback,
+    "concurrency": concurrency,
 }
 
 
