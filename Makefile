@@ -25,11 +25,15 @@ test: model
 test-fast: model  # under 2 minutes on 2 cores: no multi-process swarms, network namespaces or browser
 	$(PY) -m pytest -q -m "not slow and not netns and not browser"
 
-bench: model
+bench: model  # each writes scripts/results/NAME.json; then `make docs` (bench_balance.py needs root: see docs/benchmarks.md)
 	$(PY) scripts/bench_local.py
 	$(PY) scripts/bench_swarm.py
+	$(PY) scripts/bench_api.py
+	$(PY) scripts/bench_recovery.py
 	$(PY) scripts/bench_finetune.py
-	$(PY) scripts/bench_quant.py
+	$(PY) scripts/bench_concurrency.py
+	$(PY) scripts/bench_invariance.py
+	$(PY) scripts/bench_quant.py --json scripts/results/quant.json
 
 bench-paper: model  # root: emulated hosts (network namespaces), memory cgroups, dropped caches
 	bash scripts/setup.sh --netlab

@@ -537,9 +537,6 @@ class BlockServer:
         """``--max-batch`` sessions per pass (exact whatever the kernels: attached blocks run a
         linear that is not batch-invariant once per session, see swarm.engine.fast)."""
         self.queue.max_batch = self.cfg.batch_steps if self.blocks.batch_exact else 1
-        if not self.blocks.batch_invariant:
-            log.info("batched passes run each linear once per session: %s kernels are not batch-invariant here",
-                     self.cfg.quant if self.cfg.quant != "none" else self.cfg.dtype)
 
     async def in_memory_thread(self, fn, *args, orphan=None):
         """``fn(*args)`` on the thread that allocates and frees KV caches (off the event loop).

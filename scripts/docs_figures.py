@@ -459,6 +459,41 @@ def concurrency() -> str:
                     "lrrrrrl", rows))
 
 
+def invariance() -> str:
+    """bench_invariance.py: which kernels give a row the same bits whatever rows share the call."""
+    data = results("invariance")
+    by_kernel: dict[str, list[dict]] = {}
+    for row in data["linears"]:
+        by_kernel.setdefault(row["kernel"], []).append(row)
+    rows = []
+    for kernel, shapes in by_kernel.items():
+        invariant = all(r["invariant"] for r in shapes)
+        classes = "; ".join(f"{r['shape']}: {', '.join(r['classes'])}" for r in shapes if not r["invariant"])
+        worst = max(r["max_rel_diff"] for r in shapes)
+        rows.append([kernel, "**yes**, from one row" if invariant else "no", classes or "one class",
+                     "0" if worst == 0 else f"{worst:.1e}"])
+    attention = data["attention"]
+    batched = all(a["batched_equal"] for a in attention)
+    padded = [a for a in attention if a["padded_max_diff"] > 0]
+    costs = data["costs"]
+    linear = "; ".join(f"{c['shape']}: {c['F.linear float32']:.2f} ms default, "
+                       f"{c['packed float32, padded to 2 rows']:.2f} ms packed and padded" for c in costs["linear_1row_ms"])
+    passes = {(r["dtype"], r["sessions"]): r for r in costs["model_pass"]}
+    model = "; ".join(f"{dtype}: {passes[(dtype, 1)]['ms_per_token']:.1f} ms per token alone, "
+                      f"{passes[(dtype, 16)]['ms_per_token']:.1f} with 16 sessions in a pass"
+                      for dtype in ("float32", "bfloat16") if (dtype, 1) in passes and (dtype, 16) in passes)
+    return (f"Generated from {ran('invariance')}. Row counts tried: 1–64, 96, 128, 200, 300; the classes are the "
+            "row counts that give row 0 the same bits (count in brackets); the difference is the largest from "
+            "the 300-row result, relative to its largest value.\n\n"
+            + table(["kernel", "batch-invariant", "classes of row counts where not", "largest difference"], "llll", rows)
+            + f"\nDecode attention, one matmul for n = 2–32 sessions over the same cached positions: "
+            f"{'bit-identical to each alone' if batched else '**not** identical'} in every case measured; over "
+            f"256 more (masked) positions: {'identical' if not padded else 'different in ' + str(len(padded)) + ' of ' + str(len(attention)) + ' cases (up to ' + format(max(a['padded_max_diff'] for a in padded), '.1e') + ')'}"
+            f", so only sessions with the same bucket of positions attend together.\n\n"
+            f"What invariance would cost in float32, one row: {linear}. The default model's 30 blocks in one "
+            f"process: {model}.\n")
+
+
 FIGURES: dict[str, Callable[[], str]] = {
     "headline": headline,
     "paper": paper,
@@ -478,6 +513,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "balance": balance,
     "headline_loopback": headline_loopback,
     "concurrency": concurrency,
+    "invariance": invariance,
 }
 
 

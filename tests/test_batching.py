@@ -11,7 +11,6 @@ import torch
 
 from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import PREFILL_CHUNK, Checkpoint
-from swarm.engine.fast import PackedLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,8 +37,8 @@ def _clone(session):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_session_steps_the_same_alone_and_in_any_batch(tiny_checkpoint, dtype):
     blocks = Checkpoint(tiny_checkpoint).load_blocks(0, 4, dtype)
-    assert blocks.batch_invariant == (dtype == torch.bfloat16)  # float32's default kernels are not
-    attach(blocks)  # as servers do: a linear that is not invariant then runs once per session of a pass
+    assert not blocks.batch_invariant  # no kernel is trusted to be (scripts/bench_invariance.py)
+    attach(blocks)  # as servers do: each linear then runs once per session of a pass
     assert blocks.batch_exact
     sessions = _sessions(blocks, [3, 17, 1, 40, 8, 64, 5])
     hidden = blocks.config.hidden_size
@@ -67,19 +66,6 @@ def test_a_plain_forward_on_a_session_is_the_batched_path(tiny_checkpoints):
     other = torch.randn(1, 1, blocks.config.hidden_size)
     (third,) = _sessions(blocks, [9])
     assert torch.equal(blocks(step, a), blocks.run_batch([(step, b), (other, third)])[0])
-
-
-def test_packed_linears_are_batch_invariant_from_one_row():
-    torch.manual_seed(0)
-    for dtype in (torch.bfloat16,):
-        for shape in ((64, 128), (128, 64), (576, 1536)):
-            linear = PackedLinear(torch.nn.Linear(*shape).to(dtype))
-            x = torch.randn(300, shape[0]).to(dtype)
-            with torch.no_grad():
-                reference = linear(x)
-                for rows in (1, 2, 3, 7, 16, 33, 130):
-                    assert torch.equal(linear(x[:rows]), reference[:rows]), (dtype, shape, rows)
-                assert torch.equal(linear(x[None, :1]), reference[None, :1])
 
 
 def test_blocks_that_cannot_batch_exactly_run_the_steps_one_by_one(tiny_checkpoints):
