@@ -132,24 +132,35 @@ class ComputeQueue:
         return work.future
 
     def _drain(self) -> None:
-        """On the compute thread: run work until none waits."""
-        while True:
-            with self._lock:
-                self._waiting = [w for w in self._waiting if not w.future.cancelled()]
-                chosen = pick(self._waiting, self._last_peer, self.max_batch, self.max_positions)
-                if not chosen:
-                    self._draining = False
-                    return
-                for work in chosen:
-                    self._waiting.remove(work)
+        """On the compute thread: run the next work, then hand the thread back to its executor
+        with another drain queued while work waits (so the executor's owner sees between passes,
+        e.g. a server's main thread noticing a stop request while clients keep stepping)."""
+        with self._lock:
+            self._waiting = [w for w in self._waiting if not w.future.cancelled()]
+            chosen = pick(self._waiting, self._last_peer, self.max_batch, self.max_positions)
+            for work in chosen:
+                self._waiting.remove(work)
+            if chosen:
                 self._last_peer = chosen[0].peer
+        try:
             chosen = [w for w in chosen if w.future.set_running_or_notify_cancel()]
-            if not chosen:
-                continue
-            if chosen[0].batch is None:
+            if chosen and chosen[0].batch is None:
                 _run_call(chosen[0])
-            else:
+            elif chosen:
                 self._run_batch(chosen)
+        finally:
+            with self._lock:
+                more = bool(self._waiting)
+                self._draining = more
+            if more:
+                try:
+                    self._executor.submit(self._drain)
+                except RuntimeError:  # shut down: fail what waits, nobody will run it
+                    with self._lock:
+                        waiting, self._waiting, self._draining = self._waiting, [], False
+                    for work in waiting:
+                        if work.future.set_running_or_notify_cancel():
+                            work.future.set_exception(RuntimeError("the server is stopping"))
 
     def _run_batch(self, chosen: list[Work]) -> None:
         ready = []

@@ -80,3 +80,18 @@ def test_a_shut_down_executor_fails_the_work_at_once():
     future = ComputeQueue(executor, 4, 1024).submit(Work(peer="a", kind="step", fn=lambda: 1))
     with pytest.raises(RuntimeError):
         future.result(1)
+
+
+def test_the_compute_thread_is_handed_back_between_passes():
+    """A server's main thread runs the queue through MainThreadExecutor and checks for a stop
+    request between calls: a queue that always has work must still let it see one."""
+    from swarm.p2p.loop import MainThreadExecutor
+
+    executor = MainThreadExecutor()
+    queue = ComputeQueue(executor, max_batch=4, max_positions=1024)
+    ran = []
+    futures = [queue.submit(Work(peer="a", kind="pass", fn=ran.append, args=(i,))) for i in range(3)]
+    executor.run_until(lambda: len(ran) >= 1, poll=0.05)
+    assert ran == [0] and queue.waiting() == 2  # returned after one pass, the rest still queued
+    executor.run_until(lambda: len(ran) == 3, poll=0.05)
+    assert [f.result(1) for f in futures] == [None, None, None]
