@@ -44,6 +44,7 @@ class ClientConfig:
     wait_timeout: float = 30.0  # how long to wait for servers covering every block
     ban_seconds: float = 15.0  # a failed server is avoided this long (doubling on repeated failures)
     unreachable_seconds: float = 3.0  # a server whose ping failed is left out of routes this long, then pinged again
+    ping_timeout: float = 1.0  # a server not answering a ping this fast is unreachable (for unreachable_seconds)
     push: bool = True  # servers hand each step's output straight to the next server of the chain
     full_precision: bool = False  # route only through servers whose weights are not quantized
     wire_dtype: str = "auto"  # hidden states on the wire: auto, float32, bfloat16 or int8 (swarm.p2p.compression)
@@ -118,14 +119,14 @@ class SwarmClient:
             except Exception as exc:  # whatever a stranger sends, this listener must keep listening
                 log.debug("ignoring an announcement from %s: %s", sender[-8:], exc)
 
-    async def ping_new(self, servers, timeout: float = 1.0) -> None:
+    async def ping_new(self, servers, timeout: float | None = None) -> None:
         """Measure round-trip times to servers not measured yet (banned ones are skipped). A server
         that does not answer is unreachable for ``unreachable_seconds`` (see :meth:`route`), then
         pinged again."""
 
         async def one(peer_id: str):
             try:
-                self.rtts[peer_id] = await self.host.ping(peer_id, timeout=timeout)
+                self.rtts[peer_id] = await self.host.ping(peer_id, timeout=timeout or self.cfg.ping_timeout)
                 self._unreachable_until.pop(peer_id, None)
             except P2PError as exc:
                 log.info("server %s does not answer a ping: %s", peer_id[-8:], exc)

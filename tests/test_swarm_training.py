@@ -42,7 +42,9 @@ from swarm_utils import ServerProcess
 
 # llama: a whole-model server (banned by the gradient tests, used by the failover test) and a spare
 RANGES = {"llama": ["0:2", "2:4", "0:4", "2:4"], "bloom": ["0:2", "2:4"]}
-CLIENT = ClientConfig(request_timeout=10, step_timeout=20, wait_timeout=20, ban_seconds=3600)
+# a ping of the first request may take over 1 s while the suite's other servers start: then the
+# split servers would be unreachable for a moment, the banned whole-model one used (and unbanned)
+CLIENT = ClientConfig(request_timeout=10, step_timeout=20, wait_timeout=20, ban_seconds=3600, ping_timeout=10)
 
 
 @dataclass
