@@ -390,7 +390,8 @@ class Sessions:
             raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
         session.last_step = None  # until this step has run
         plain = not repeat and hypo_ids is None and len(chunks) == 1 and not session.adapter
-        if plain and session.kv.batch == 1 and hidden.shape[1] <= PREFILL_CHUNK:  # may run batched with others
+        batch_one = hidden.shape[0] == 1 and 1 <= hidden.shape[1] <= PREFILL_CHUNK
+        if plain and session.kv.batch == 1 and batch_one:  # may run batched with others
             output, fresh = await self.server.compute_step(session, hidden)
         else:
             output, fresh = await self.server.compute(

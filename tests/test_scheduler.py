@@ -95,3 +95,29 @@ def test_the_compute_thread_is_handed_back_between_passes():
     assert ran == [0] and queue.waiting() == 2  # returned after one pass, the rest still queued
     executor.run_until(lambda: len(ran) == 3, poll=0.05)
     assert [f.result(1) for f in futures] == [None, None, None]
+
+
+def test_a_malformed_step_fails_alone_not_the_steps_batched_with_it(tiny_checkpoints):
+    """A stranger's step of the wrong shape must not end other peers' sessions in its pass."""
+    import torch
+
+    from swarm.engine.adapters import attach
+    from swarm.engine.checkpoint import Checkpoint
+
+    blocks = attach(Checkpoint(tiny_checkpoints["llama"]).load_blocks(0, 4))
+    hidden = blocks.config.hidden_size
+    good, bad = blocks.open_session(1, 16), blocks.open_session(1, 16)
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    queue = ComputeQueue(executor, max_batch=4, max_positions=1024)
+    gate = threading.Event()
+    queue.submit(Work(peer="x", kind="step", fn=gate.wait, args=(10,)))  # hold the thread: both wait together
+    key = (id(blocks.blocks[0]), blocks.end)
+    ok = queue.submit(Work(peer="a", kind="step", positions=1, batch_key=key,
+                           batch=(blocks, torch.randn(1, 1, hidden), good, lambda: False)))
+    wrong = queue.submit(Work(peer="b", kind="step", positions=1, batch_key=key,
+                              batch=(blocks, torch.randn(2, 1, hidden), bad, lambda: False)))
+    gate.set()
+    assert ok.result(10)[0].shape == (1, 1, hidden) and good.length == 1
+    with pytest.raises(ValueError, match="batched step"):
+        wrong.result(10)
+    executor.shutdown()
