@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from swarm.cache.kv import KVCacheBudget, LayerKVShape, SessionKV
 from swarm.engine.default_model import MARKER
 from swarm.engine.families import CheckpointError, Family, get_family
-from swarm.engine.fast import SEGMENTS, is_frozen_linear, linear_batch_invariant, pack_linears
+from swarm.engine.fast import SEGMENTS, is_frozen_linear, pack_linears
 from swarm.engine.layers import StepContext
 from swarm.engine.quant import quantize_linears
 
@@ -283,6 +283,7 @@ class BlockRange(torch.nn.Module):
         super().__init__()
         self.family, self.config, self.start, self.end, self.dtype = family, config, start, end, dtype
         self.blocks = torch.nn.ModuleList(blocks)
+        self._exact = False  # batch_exact, once found true
         num_kv_heads, head_dim = family.kv_heads(config)
         self.kv_shapes = [LayerKVShape(num_kv_heads, head_dim)] * len(blocks)
 
@@ -352,20 +353,15 @@ class BlockRange(torch.nn.Module):
         should_stop: Callable[[], bool] | None = None,
     ) -> list[torch.Tensor]:
         """The steps of several sessions of batch 1 (``(hidden [1, seq, hidden], session)``, each
-        at most :data:`PREFILL_CHUNK` positions) as one pass: every linear runs once over all
-        their positions (or, where a linear is not batch-invariant, once per session: see
-        :func:`~swarm.engine.fast.run_per_segment`); attention runs per session. Each output is
-        bit-identical to the session's step run alone (a session of batch 1 always steps this
-        way). Blocks whose linears neither are invariant nor split per session (not
-        :attr:`batch_exact`) run the steps one after another. Raises ``ValueError`` for a step
-        that does not fit its session; nothing has run then."""
+        at most :data:`PREFILL_CHUNK` positions) as one pass: attention runs per session (decode
+        steps over the same cached positions in one matmul), each linear once per session (see
+        :func:`~swarm.engine.fast.run_per_segment`), the rest once. Each output is bit-identical
+        to the session's step run alone (a session of batch 1 always steps this way). Blocks whose
+        linears are not wrapped to run per session (not :attr:`batch_exact`) run the steps one
+        after another. Raises ``ValueError`` for a step that does not fit its session (see
+        :meth:`check_batch_step`); nothing has run then."""
         for hidden, session in steps:
-            if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"a batched step needs hidden states [1, seq, {self.config.hidden_size}], "
-                                 f"got {list(hidden.shape)}")
-            if session.batch != 1 or not 1 <= hidden.shape[1] <= PREFILL_CHUNK:
-                raise ValueError(f"a batched step needs sessions of batch 1 and 1 to {PREFILL_CHUNK} positions")
-            session.check_room(hidden.shape[1])
+            self.check_batch_step(hidden, session)
         if len({id(session) for _, session in steps}) != len(steps):
             raise ValueError("a session may appear once in a batched step")
         if len(steps) > 1 and not self.batch_exact:
@@ -389,20 +385,24 @@ class BlockRange(torch.nn.Module):
             session.advance(hidden.shape[1])
         return [x] if len(steps) == 1 else list(x.split([h.shape[1] for h, _ in steps], dim=1))
 
-    @property
-    def batch_invariant(self) -> bool:
-        """Whether a row's result through every linear here is the same whatever the number of
-        rows beside it, so a batched pass reads each weight once for all its sessions (packed
-        bfloat16; see :mod:`swarm.engine.fast`)."""
-        return all(linear_batch_invariant(m) for m in self.modules() if is_frozen_linear(m))
+    def check_batch_step(self, hidden: torch.Tensor, session: SessionKV) -> None:
+        """``ValueError`` unless ``hidden`` is one step :meth:`run_batch` can run on ``session``:
+        ``[1, 1..PREFILL_CHUNK, hidden_size]``, on a session of batch 1 with room for it."""
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"a batched step needs hidden states [1, seq, {self.config.hidden_size}], "
+                             f"got {list(hidden.shape)}")
+        if session.batch != 1 or not 1 <= hidden.shape[1] <= PREFILL_CHUNK:
+            raise ValueError(f"a batched step needs sessions of batch 1 and 1 to {PREFILL_CHUNK} positions")
+        session.check_room(hidden.shape[1])
 
     @property
     def batch_exact(self) -> bool:
-        """Whether :meth:`run_batch` may run several sessions in one pass: each linear is
-        batch-invariant or wrapped to run once per session (as :func:`~swarm.engine.adapters.attach`
-        wraps them)."""
-        wrapped = {id(m.base) for m in self.modules() if hasattr(m, "base") and is_frozen_linear(m.base)}
-        return all(linear_batch_invariant(m) or id(m) in wrapped for m in self.modules() if is_frozen_linear(m))
+        """Whether :meth:`run_batch` may run several sessions in one pass: every linear is wrapped
+        to run once per session (as :func:`~swarm.engine.adapters.attach` wraps them)."""
+        if not self._exact:  # once wrapped, always wrapped: walked until then, not on every pass
+            wrapped = {id(m.base) for m in self.modules() if hasattr(m, "base") and is_frozen_linear(m.base)}
+            self._exact = all(id(m) in wrapped for m in self.modules() if is_frozen_linear(m))
+        return self._exact
 
     def _run(self, hidden: torch.Tensor, session: SessionKV | None, should_stop) -> torch.Tensor:
         # hidden: [batch, seq, hidden_size]; writes positions [past, past + seq) of the session

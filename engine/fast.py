@@ -32,19 +32,13 @@ def packing_available() -> bool:
     )
 
 
-PACKED_DTYPES = (torch.bfloat16,)
-
-# the positions of each session in a batched pass whose linears are not batch-invariant (see
-# run_per_segment); None outside such a pass
+# the positions of each session in a batched pass of several (see run_per_segment); None outside one
 SEGMENTS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("swarm_segments", default=None)
 
 
 class FrozenLinear(nn.Module):
     """A linear layer whose weight is frozen and kept in some other form than ``nn.Linear``'s
-    (packed, quantized). Adapters wrap these like ``nn.Linear`` (gradients flow to the input).
-    ``batch_invariant``: a row's output is the same whatever the rows beside it."""
-
-    batch_invariant = False
+    (packed, quantized). Adapters wrap these like ``nn.Linear`` (gradients flow to the input)."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
@@ -54,8 +48,6 @@ class FrozenLinear(nn.Module):
 
 class PackedLinear(FrozenLinear):
     """A frozen linear layer whose weight lives in oneDNN's packed layout (inference)."""
-
-    batch_invariant = False  # measured not to be, for some shapes and row counts (see the module's docstring)
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, None if linear.bias is None else linear.bias.detach())
@@ -73,18 +65,12 @@ def is_frozen_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, FrozenLinear))
 
 
-def linear_batch_invariant(module: nn.Module) -> bool:
-    """Whether ``module``'s output for a row is the same whatever the number of rows beside it
-    (frozen layers say for themselves; PyTorch's ``nn.Linear`` is not, in float32 or bfloat16)."""
-    return isinstance(module, FrozenLinear) and module.batch_invariant
-
-
 def run_per_segment(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; inside a batched pass (``x``: ``[1, positions, in]``, :data:`SEGMENTS` set)
-    with a linear that is not batch-invariant, one call per session's positions, each then the
-    very call its step alone makes."""
+    """``linear(x)``; inside a batched pass of several sessions (``x``: ``[1, positions, in]``,
+    :data:`SEGMENTS` set), one call per session's positions, each then the very call its step
+    alone makes (no kernel is trusted to be batch-invariant: see the module's docstring)."""
     segments = SEGMENTS.get()
-    if segments is None or len(segments) == 1 or linear_batch_invariant(linear):
+    if segments is None or len(segments) == 1:
         return linear(x)
     return torch.cat([linear(part) for part in x.split(segments, dim=1)], dim=1)
 
@@ -95,7 +81,7 @@ def pack_linears(module: nn.Module) -> int:
         return 0
     swapped = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.weight.dtype in PACKED_DTYPES and child.weight.device.type == "cpu":
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
             setattr(module, name, PackedLinear(child))
             swapped += 1
         else:

@@ -167,9 +167,7 @@ class ComputeQueue:
         for work in chosen:  # a step that cannot run fails alone, before the pass
             blocks, hidden, kv, _ = work.batch
             try:
-                if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or kv.batch != 1:
-                    raise ValueError(f"a batched step needs hidden states [1, seq ≥ 1, hidden], got {list(hidden.shape)}")
-                kv.check_room(hidden.shape[1])
+                blocks.check_batch_step(hidden, kv)
             except BaseException as exc:
                 work.future.set_exception(exc)
             else:
