@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -249,6 +250,17 @@ def check_tensors(blocks: BlockRange, tensors: Mapping[str, torch.Tensor]) -> No
             raise ValueError(f"adapter tensors of {stem!r}: lora_A and lora_B must both be given, with one rank")
 
 
+# what applied() lent the blocks on this thread, innermost last: (layers with their LoRA, the
+# prompt hooks' switches); suspended() takes it off for a moment and puts it back
+_lent = threading.local()
+
+
+def _lent_stack() -> list[tuple[list, list]]:
+    if not hasattr(_lent, "stack"):
+        _lent.stack = []
+    return _lent.stack
+
+
 @contextlib.contextmanager
 def applied(
     blocks: BlockRange, tensors: Mapping[str, torch.Tensor] | None, spec: AdapterSpec | None = None
@@ -261,7 +273,7 @@ def applied(
         return
     spec = spec or AdapterSpec()
     layers = lora_layers(blocks)
-    used, hooks = [], []
+    used, hooks, switches = [], [], []
     try:
         for key, a in tensors.items():
             match = _KEY.match(key)
@@ -272,24 +284,56 @@ def applied(
                 continue
             if match.group(2) is None:
                 block = blocks.blocks[index - blocks.start]
-                hooks.append(block.register_forward_pre_hook(_prompt_hook(a)))
+                switch = [True]
+                hooks.append(block.register_forward_pre_hook(_prompt_hook(a, switch)))
+                switches.append(switch)
             elif match.group(3) == "A":
                 layer = layers[f"{index}.{match.group(2)}"]
                 layer.lora = (a, tensors[key[:-1] + "B"], spec)
                 used.append(layer)
+        _lent_stack().append(([(layer, layer.lora) for layer in used], switches))
         yield
     finally:
+        if _lent_stack() and _lent_stack()[-1][1] is switches:
+            _lent_stack().pop()
         for layer in used:
             layer.lora = None
         for hook in hooks:
             hook.remove()
 
 
-def _prompt_hook(prompt: torch.Tensor) -> Callable:
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Inside :func:`applied` (a training pass between two of its blocks), run something else on
+    the same blocks without the pass's adapter: what every enclosing ``applied`` of this thread
+    lent is taken off until the end of the ``with`` (where another ``applied`` may lend its own),
+    then put back."""
+    stack = _lent_stack()
+    _lent.stack = []
+    for loras, switches in stack:
+        for layer, _ in loras:
+            layer.lora = None
+        for switch in switches:
+            switch[0] = False
+    try:
+        yield
+    finally:
+        _lent.stack = stack
+        for loras, switches in stack:
+            for layer, lora in loras:
+                layer.lora = lora
+            for switch in switches:
+                switch[0] = True
+
+
+def _prompt_hook(prompt: torch.Tensor, switch: list[bool]) -> Callable:
     """A pre-hook adding ``prompt`` ([num_virtual, hidden]) to a block's input at positions
-    ``[0, num_virtual)``, wherever the step's positions ``[past, past + seq)`` meet them."""
+    ``[0, num_virtual)``, wherever the step's positions ``[past, past + seq)`` meet them (while
+    ``switch[0]``: see :func:`suspended`)."""
 
     def hook(module, args):
+        if not switch[0]:
+            return None
         hidden, ctx = args[0], args[1]
         first, last = ctx.past, min(ctx.past + ctx.seq, prompt.shape[0])
         if first >= last:

@@ -270,6 +270,17 @@ class StepCancelled(RuntimeError):
     """A pass stopped early because its ``should_stop`` said so."""
 
 
+def _stop_hook(should_stop: Callable[[], bool]) -> Callable:
+    """A gradient hook on a block's output: the backward pass checks ``should_stop`` before that
+    block's backward as the forward does before its forward."""
+
+    def hook(grad: torch.Tensor) -> None:
+        if should_stop():
+            raise StepCancelled("the backward pass was cancelled: nobody waits for its result any more")
+
+    return hook
+
+
 class BlockRange(torch.nn.Module):
     """Blocks ``[start, end)`` of a model run as one unit, sharing one step context.
 
@@ -324,8 +335,9 @@ class BlockRange(torch.nn.Module):
         the prompt), and a stateless pass over many rows runs them in groups of about that many
         positions; every caller chunks the same way, so results are the same everywhere.
 
-        ``should_stop`` is checked before every block of every chunk: once it returns true the
-        pass ends with :class:`StepCancelled` (work nobody waits for any more stops; the session's
+        ``should_stop`` is checked before every block of every chunk (and, when the output
+        requires grad, before every block's backward): once it returns true the pass ends with
+        :class:`StepCancelled` (work nobody waits for any more stops; the session's
         cache is then unusable, close it)."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size or hidden.shape[1] == 0:
             raise ValueError(
@@ -417,6 +429,8 @@ class BlockRange(torch.nn.Module):
                 raise StepCancelled("the pass was cancelled: nobody waits for its result any more")
             kv = (session.keys[i], session.values[i]) if session is not None else None
             hidden = block(hidden, ctx, kv)
+            if should_stop is not None and hidden.requires_grad:  # the backward asks too, block by block
+                hidden.register_hook(_stop_hook(should_stop))
         if session is not None:
             session.advance(seq)
         return hidden

@@ -5,7 +5,8 @@ gradient with respect to the input hidden states and to the adapter's tensors (t
 are frozen). A request may name a wire dtype (``wire``, see :mod:`swarm.p2p.compression`) for the
 output or input gradient. The client must keep its side of the stream open until the reply: an end
 of stream or a reset means nobody waits for the result any more, and the computation stops before
-its next block.
+its next block. Before each block (forward and backward), the inference steps waiting on the
+server run (see :meth:`~swarm.p2p.scheduler.ComputeQueue.between`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from swarm.engine.adapters import run_backward, run_forward
+from swarm.engine.adapters import run_backward, run_forward, suspended
 from swarm.engine.checkpoint import StepCancelled
 from swarm.engine.steps import check_hidden
 from swarm.p2p.compression import pack_off_loop, session_wire
@@ -63,12 +64,13 @@ async def handle_pass(server: BlockServer, kind: str, stream) -> None:
             frame.grant.grow(sum(4 * t.numel() for t in tensors.values()))
         # the client keeps its side open until the reply: an end or a reset means nobody waits
         watcher = asyncio.create_task(_watch_for_end(stream, stop))
+        check = _between_blocks(server, stop)
         if kind == "forward":
-            output = await server.compute(run_forward, blocks, hidden, tensors, spec, stop.is_set, peer=peer, kind="pass")
+            output = await server.compute(run_forward, blocks, hidden, tensors, spec, check, peer=peer, kind="pass")
             reply = Frame("result", {}, [await pack_off_loop(output, wire)])
         else:
             grad_input, grads = await server.compute(
-                run_backward, blocks, hidden, frame.tensors[1], tensors, spec, stop.is_set, peer=peer, kind="pass"
+                run_backward, blocks, hidden, frame.tensors[1], tensors, spec, check, peer=peer, kind="pass"
             )
             grad_input = await pack_off_loop(grad_input, wire)
             reply = Frame("result", {"names": list(grads)}, [grad_input, *grads.values()])
@@ -93,6 +95,17 @@ async def handle_pass(server: BlockServer, kind: str, stream) -> None:
             await asyncio.gather(watcher, return_exceptions=True)
         if frame is not None:
             frame.release()
+
+
+def _between_blocks(server: BlockServer, stop: threading.Event):
+    """What a pass checks before each block's forward and backward: the inference steps waiting
+    run first (interactive first, even inside a long pass), then whether anyone still waits."""
+
+    def check() -> bool:
+        server.queue.between(suspended)
+        return stop.is_set()
+
+    return check
 
 
 async def _watch_for_end(stream, stop: threading.Event) -> None:

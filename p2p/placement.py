@@ -120,7 +120,7 @@ async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughpu
         block_rate, fresh = await server.compute(
             cached_block_throughput, server.model, dtype,
             functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant), cfg.throughput == "eval",
-            cfg.quant,
+            cfg.quant, kind="pass",
         )
         source = "measured" if fresh else "cached"
     if cfg.bandwidth is not None:

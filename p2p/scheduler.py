@@ -13,12 +13,19 @@ The queue decides with :func:`pick`, a pure function over what waits:
   no adapter, at most a prefill chunk of positions), takes along the other batchable steps of the
   same blocks in the same fair order, up to ``max_batch`` sessions and ``max_positions``
   positions: one pass runs them all (:meth:`~swarm.engine.checkpoint.BlockRange.run_batch`),
-  each session's output bit-identical to its step alone.
+  each session's output bit-identical to its step alone. Each peer with steps waiting gets at
+  most its share of the sessions (``max_batch`` divided among them, rounded up), so a peer that
+  opened sixty sessions cannot fill every pass the others' steps ride in.
+- **Steps inside long passes.** A training pass (thousands of positions, seconds) calls
+  :meth:`ComputeQueue.between` before each of its blocks' forward and backward: the steps that
+  wait then run (one pick of them) with the pass's adapter taken off the blocks, so a person's
+  next token waits for one block of someone's backward, not all of it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections import deque
@@ -27,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("step", "pass")  # in the order they are served
+KINDS = ("step", "pass")  # in the order they are served; "pass": training passes and the server's own work
 
 
 @dataclass(eq=False)
@@ -83,13 +90,16 @@ def pick(waiting: Sequence[Work], after_peer: str | None, max_batch: int, max_po
     first = order[0]
     if first.batch is None or max_batch <= 1:
         return [first]
-    chosen, positions = [first], first.positions
-    for work in order[1:]:
+    fits = [w for w in order if w.batch is not None and w.batch_key == first.batch_key]
+    share = -(-max_batch // len({w.peer for w in fits}))  # each peer's sessions in the pass, at most
+    chosen, positions, taken = [first], first.positions, {first.peer: 1}
+    for work in fits[1:]:
         if len(chosen) >= max_batch:
             break
-        if work.batch is not None and work.batch_key == first.batch_key and positions + work.positions <= max_positions:
+        if taken.get(work.peer, 0) < share and positions + work.positions <= max_positions:
             chosen.append(work)
             positions += work.positions
+            taken[work.peer] = taken.get(work.peer, 0) + 1
     return chosen
 
 
@@ -110,6 +120,7 @@ class ComputeQueue:
         self._draining = False
         self._last_peer: str | None = None
         self.steps = self.passes = self.batched_steps = 0
+        self.interleaved = 0  # times steps ran inside a long pass (see between)
         self.occupancy = 1.0  # the recent mean number of sessions per batched pass (moving average)
 
     def waiting(self) -> int:
@@ -143,11 +154,7 @@ class ComputeQueue:
             if chosen:
                 self._last_peer = chosen[0].peer
         try:
-            chosen = [w for w in chosen if w.future.set_running_or_notify_cancel()]
-            if chosen and chosen[0].batch is None:
-                _run_call(chosen[0])
-            elif chosen:
-                self._run_batch(chosen)
+            self._run(chosen)
         finally:
             with self._lock:
                 more = bool(self._waiting)
@@ -161,6 +168,29 @@ class ComputeQueue:
                     for work in waiting:
                         if work.future.set_running_or_notify_cancel():
                             work.future.set_exception(RuntimeError("the server is stopping"))
+
+    def between(self, suspend: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        """On the compute thread, inside a running pass (before one of its blocks): run the
+        steps that wait, one :func:`pick` of them, under ``suspend()`` (which takes what the pass
+        lent the blocks off them, e.g. :func:`swarm.engine.adapters.suspended`)."""
+        with self._lock:
+            steps = [w for w in self._waiting if w.kind == "step" and not w.future.cancelled()]
+            chosen = pick(steps, self._last_peer, self.max_batch, self.max_positions)
+            for work in chosen:
+                self._waiting.remove(work)
+            if chosen:
+                self._last_peer = chosen[0].peer
+        if chosen:
+            self.interleaved += 1
+            with suspend(), torch.no_grad():
+                self._run(chosen)
+
+    def _run(self, chosen: list[Work]) -> None:
+        chosen = [w for w in chosen if w.future.set_running_or_notify_cancel()]
+        if chosen and chosen[0].batch is None:
+            _run_call(chosen[0])
+        elif chosen:
+            self._run_batch(chosen)
 
     def _run_batch(self, chosen: list[Work]) -> None:
         ready = []

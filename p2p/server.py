@@ -308,7 +308,8 @@ class BlockServer:
             self.state, self.start_block, self.end_block = "joining", start, end
             await self._announce_move()
             blocks = await self.compute(
-                functools.partial(self.checkpoint.load_blocks, start, end, parse_dtype(self.cfg.dtype), quant=self.cfg.quant)
+                functools.partial(self.checkpoint.load_blocks, start, end, parse_dtype(self.cfg.dtype), quant=self.cfg.quant),
+                kind="pass",  # the server's own work: after the steps of the range it still serves
             )
         except BaseException:
             self._moved_from = None
@@ -514,7 +515,7 @@ class BlockServer:
 
     async def compute(self, fn, *args, session=None, peer: str = "", kind: str = "step"):
         """``fn(*args)`` on the compute thread (one call at a time), queued as ``peer``'s work of
-        ``kind`` (``"step"``: inference, first; ``"pass"``: training; see
+        ``kind`` (``"step"``: inference, first; ``"pass"``: training and the server's own work; see
         :mod:`swarm.p2p.scheduler`). With a ``session``, its ``computing`` is the call, so
         whoever frees the session can wait for the call to stop."""
         future = self.queue.submit(Work(peer=peer, kind=kind, fn=fn, args=args))

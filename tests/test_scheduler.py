@@ -33,6 +33,12 @@ CASES = [
     ("peers take turns: a greedy peer cannot push out another",
      [*(W("a", f"a{i}") for i in range(6)), W("b", "b0")], None, 3, 1024, ["a0", "b0", "a1"]),
     ("the turn passes after the peer served last", [W("a", "a0"), W("b", "b0"), W("c", "c0")], "a", 2, 1024, ["b0", "c0"]),
+    ("a peer gets at most its share of a batch when others wait",
+     [*(W("a", f"a{i}") for i in range(6)), W("b", "b0")], None, 4, 1024, ["a0", "b0", "a1"]),
+    ("shares are max_batch over the peers waiting, rounded up",
+     [*(W("a", f"a{i}") for i in range(6)), *(W("b", f"b{i}") for i in range(6)), W("c", "c0")], None, 5, 1024,
+     ["a0", "b0", "c0", "a1", "b1"]),
+    ("alone, a peer fills the batch", [W("a", f"a{i}") for i in range(6)], None, 4, 1024, ["a0", "a1", "a2", "a3"]),
     ("inference before training", [W("a", "p", kind="pass"), W("b", "s")], None, 8, 1024, ["s"]),
     ("a training pass runs alone", [W("a", "p1", kind="pass"), W("a", "p2", kind="pass")], None, 8, 1024, ["p1"]),
     ("an unbatchable step runs alone", [W("a", "u", batch=False), W("b", "b0")], None, 8, 1024, ["u"]),
@@ -121,3 +127,87 @@ def test_a_malformed_step_fails_alone_not_the_steps_batched_with_it(tiny_checkpo
     with pytest.raises(ValueError, match="batched step"):
         wrong.result(10)
     executor.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_steps_run_between_the_blocks_of_a_long_pass_exactly(tiny_checkpoints, kind):
+    """A training pass checks the queue before each block's forward and backward: steps that
+    wait run there, without the pass's adapter (LoRA and a deep prompt), each output equal to
+    its step alone, and the pass's own result equal to the pass run without interruption."""
+    import torch
+
+    from swarm.engine.adapters import attach, init_lora, run_backward, run_forward, suspended
+    from swarm.engine.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tiny_checkpoints["llama"])
+    blocks = attach(ckpt.load_blocks(0, 4))
+    size = blocks.config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    tensors = init_lora(ckpt, ["self_attn.q_proj", "mlp.down_proj"], rank=4, seed=1)
+    tensors = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in tensors.items()}  # B ≠ 0: it shows
+    tensors["1.prompt"] = torch.randn(3, size, generator=generator)
+    hidden, grad = torch.randn(1, 200, size, generator=generator), torch.randn(1, 200, size, generator=generator)
+    steps = [torch.randn(1, n, size, generator=generator) for n in (5, 1, 3)]
+
+    def run_pass(check):
+        if kind == "forward":
+            return run_forward(blocks, hidden, tensors, None, check)
+        return run_backward(blocks, hidden, grad, tensors, None, check)
+
+    expected_pass = run_pass(lambda: False)
+    with torch.no_grad():
+        expected_steps = [blocks(h, blocks.open_session(1, 16)) for h in steps]
+
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    queue = ComputeQueue(executor, max_batch=2, max_positions=1024)
+    calls, submitted, done_at = [], threading.Event(), {}
+    interrupt_at = 2 if kind == "forward" else blocks.end + 2  # the forward's 2nd block; the backward's 2nd
+
+    def check() -> bool:
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            submitted.wait(10)
+        queue.between(suspended)
+        return False
+
+    result = queue.submit(Work(peer="trainer", kind="pass", fn=run_pass, args=(check,)))
+    while len(calls) < interrupt_at - 1:  # the pass is running: steps come now
+        threading.Event().wait(0.001)
+    key = (id(blocks.blocks[0]), blocks.end)
+    futures = []
+    for i, h in enumerate(steps):
+        work = Work(peer=f"user{i}", kind="step", positions=h.shape[1], batch_key=key,
+                    batch=(blocks, h, blocks.open_session(1, 16), lambda: False))
+        futures.append(queue.submit(work))
+        futures[-1].add_done_callback(lambda f, i=i: done_at.setdefault(i, len(calls)))
+    submitted.set()
+    got_pass = result.result(30)
+    assert all(done_at[i] < len(calls) for i in range(len(steps))), (done_at, len(calls))  # before the pass ended
+    assert queue.interleaved >= 2  # max_batch 2: the three steps took two stops
+    for future, want in zip(futures, expected_steps):
+        assert torch.equal(future.result(1)[0], want)
+    if kind == "forward":
+        assert torch.equal(got_pass, expected_pass)
+    else:
+        assert torch.equal(got_pass[0], expected_pass[0])
+        assert all(torch.equal(got_pass[1][k], expected_pass[1][k]) for k in tensors)
+    executor.shutdown()
+
+
+def test_a_backward_nobody_waits_for_stops_between_blocks(tiny_checkpoints):
+    import torch
+
+    from swarm.engine.adapters import attach, run_backward
+    from swarm.engine.checkpoint import Checkpoint, StepCancelled
+
+    blocks = attach(Checkpoint(tiny_checkpoints["llama"]).load_blocks(0, 4))
+    hidden = torch.randn(1, 20, blocks.config.hidden_size)
+    calls = []
+
+    def check() -> bool:  # the client leaves once the forward is done
+        calls.append(1)
+        return len(calls) > blocks.end + 1
+
+    with pytest.raises(StepCancelled, match="backward"):
+        run_backward(blocks, hidden, torch.randn_like(hidden), None, None, check)
+    assert len(calls) == blocks.end + 2  # four forwards, then the first two blocks' backward checks
