@@ -19,7 +19,8 @@ The queue decides with :func:`pick`, a pure function over what waits:
 - **Steps inside long passes.** A training pass (thousands of positions, seconds) calls
   :meth:`ComputeQueue.between` before each of its blocks' forward and backward: the steps that
   wait then run (one pick of them) with the pass's adapter taken off the blocks, so a person's
-  next token waits for one block of someone's backward, not all of it.
+  next token waits for one block of someone's backward, not all of it. Hence a pass that has
+  waited :data:`PASS_PATIENCE` behind steps goes first: steady inference cannot starve training.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 KINDS = ("step", "pass")  # in the order they are served; "pass": training passes and the server's own work
+PASS_PATIENCE = 2.0  # seconds a pass waits behind steps at most before it goes first (see fair_order)
 
 
 @dataclass(eq=False)
@@ -54,10 +56,18 @@ class Work:
     queued: float = field(default_factory=time.monotonic)
 
 
-def fair_order(waiting: Sequence[Work], after_peer: str | None) -> list[Work]:
+def fair_order(waiting: Sequence[Work], after_peer: str | None, now: float | None = None) -> list[Work]:
     """``waiting`` in the order it would be served: the first class of :data:`KINDS` with work,
     its peers in turns (the first peer after ``after_peer`` in order of their first work, then
-    on, wrapping), one work per peer per round, each peer's work in arrival order."""
+    on, wrapping), one work per peer per round, each peer's work in arrival order. At time
+    ``now`` (``time.monotonic``), a pass that has waited :data:`PASS_PATIENCE` or more goes
+    first (the oldest such), so steady inference cannot starve training: the steps that wait run
+    between its blocks anyway."""
+    if now is not None:
+        overdue = [w for w in waiting if w.kind == "pass" and now - w.queued >= PASS_PATIENCE]
+        if overdue:
+            first = min(overdue, key=lambda w: w.queued)
+            return [first, *(w for w in fair_order([w for w in waiting if w is not first], after_peer))]
     for kind in KINDS:
         by_peer: dict[str, deque] = {}
         for work in waiting:
@@ -81,10 +91,13 @@ def fair_order(waiting: Sequence[Work], after_peer: str | None) -> list[Work]:
     return []
 
 
-def pick(waiting: Sequence[Work], after_peer: str | None, max_batch: int, max_positions: int) -> list[Work]:
+def pick(
+    waiting: Sequence[Work], after_peer: str | None, max_batch: int, max_positions: int, now: float | None = None
+) -> list[Work]:
     """The work to run next (see the module's docstring): one call, or batchable steps to run
-    as one pass (the first of them the one whose turn it is). Empty when nothing waits."""
-    order = fair_order(waiting, after_peer)
+    as one pass (the first of them the one whose turn it is). Empty when nothing waits. ``now``:
+    see :func:`fair_order`."""
+    order = fair_order(waiting, after_peer, now)
     if not order:
         return []
     first = order[0]
@@ -148,7 +161,7 @@ class ComputeQueue:
         e.g. a server's main thread noticing a stop request while clients keep stepping)."""
         with self._lock:
             self._waiting = [w for w in self._waiting if not w.future.cancelled()]
-            chosen = pick(self._waiting, self._last_peer, self.max_batch, self.max_positions)
+            chosen = pick(self._waiting, self._last_peer, self.max_batch, self.max_positions, time.monotonic())
             for work in chosen:
                 self._waiting.remove(work)
             if chosen:
@@ -163,11 +176,16 @@ class ComputeQueue:
                 try:
                     self._executor.submit(self._drain)
                 except RuntimeError:  # shut down: fail what waits, nobody will run it
-                    with self._lock:
-                        waiting, self._waiting, self._draining = self._waiting, [], False
-                    for work in waiting:
-                        if work.future.set_running_or_notify_cancel():
-                            work.future.set_exception(RuntimeError("the server is stopping"))
+                    self.fail_waiting()
+
+    def fail_waiting(self) -> None:
+        """Fail every work still waiting (the executor was shut down: a drain it cancelled or
+        refused will not run them)."""
+        with self._lock:
+            waiting, self._waiting, self._draining = self._waiting, [], False
+        for work in waiting:
+            if work.future.set_running_or_notify_cancel():
+                work.future.set_exception(RuntimeError("the server is stopping"))
 
     def between(self, suspend: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
         """On the compute thread, inside a running pass (before one of its blocks): run the

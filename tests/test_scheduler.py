@@ -56,6 +56,20 @@ def test_pick(case):
     assert names(pick(waiting, after, max_batch, max_positions)) == expected
 
 
+def test_a_pass_waiting_past_its_patience_goes_before_steps():
+    from swarm.p2p.scheduler import PASS_PATIENCE
+
+    old, young, steps = W("t", "old", kind="pass"), W("u", "young", kind="pass"), [W("a", "a0"), W("b", "b0")]
+    old.queued, young.queued = 100.0, 101.0
+    for work in steps:
+        work.queued = 101.0
+    waiting = [*steps, young, old]
+    assert names(pick(waiting, None, 8, 1024, now=100.0 + PASS_PATIENCE / 2)) == ["a0", "b0"]
+    assert names(pick(waiting, None, 8, 1024, now=101.0 + PASS_PATIENCE)) == ["old"]  # the oldest overdue pass
+    assert names(fair_order(waiting, None, now=101.0 + PASS_PATIENCE)) == ["old", "a0", "b0"]  # then the class of steps, as ever
+    assert names(pick(waiting, None, 8, 1024)) == ["a0", "b0"]  # no clock: steps first
+
+
 def test_fair_order_interleaves_peers_keeping_each_peers_order():
     waiting = [W("a", "a0"), W("a", "a1"), W("b", "b0"), W("a", "a2"), W("c", "c0"), W("b", "b1")]
     assert names(fair_order(waiting, None)) == ["a0", "b0", "c0", "a1", "b1", "a2"]
@@ -86,6 +100,19 @@ def test_a_shut_down_executor_fails_the_work_at_once():
     future = ComputeQueue(executor, 4, 1024).submit(Work(peer="a", kind="step", fn=lambda: 1))
     with pytest.raises(RuntimeError):
         future.result(1)
+
+
+def test_work_behind_a_cancelled_drain_fails_instead_of_hanging():
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    queue = ComputeQueue(executor, max_batch=4, max_positions=1024)
+    gate = threading.Event()
+    executor.submit(gate.wait, 10)  # the thread is busy: the queue's drain waits in the executor
+    waiting = queue.submit(Work(peer="a", kind="step", fn=lambda: 1))
+    executor.shutdown(wait=False, cancel_futures=True)  # as a stopping server does: the drain is cancelled
+    queue.fail_waiting()
+    gate.set()
+    with pytest.raises(RuntimeError, match="stopping"):
+        waiting.result(5)
 
 
 def test_the_compute_thread_is_handed_back_between_passes():
