@@ -37,6 +37,7 @@ bench: model  # each writes scripts/results/NAME.json; then `make docs` (bench_b
 	$(PY) scripts/bench_finetune.py
 	$(PY) scripts/bench_concurrency.py
 	$(PY) scripts/bench_invariance.py
+	$(PY) scripts/bench_interference.py
 	$(PY) scripts/bench_quant.py --json scripts/results/quant.json
 
 bench-paper: model  # root: emulated hosts (network namespaces), memory cgroups, dropped caches
