@@ -148,3 +148,74 @@ def test_concurrent_generations_batch_and_each_equals_its_run_alone(tiny_checkpo
             assert all(q.batched_steps > 0 for q in queues), [(q.passes, q.steps, q.batched_steps) for q in queues]
             report = s.status()
             assert {srv["max_batch"] for srv in report["servers"]} == {8}
+
+
+def _info(maddr: str) -> dict:
+    """A server's own info reply (what it would announce now)."""
+    from swarm.p2p import protocols
+    from swarm.p2p.host import Host
+    from swarm.p2p.loop import run
+    from swarm.p2p.wire import Frame
+
+    async def ask() -> dict:
+        host = await Host.start()
+        try:
+            peer = await host.connect(maddr, timeout=10)
+            return (await protocols.request(host, peer, protocols.INFO, Frame("info"), 10))["info"]
+        finally:
+            await host.close()
+
+    return run(ask())
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_its_batch_holds_16_sessions_changes_no_output(tiny_checkpoints, tmp_path):
+    """16 concurrent generations (greedy and sampled, prompts of many lengths) batched on one
+    `swarm serve` process, SIGKILLed while it holds all of them: every session fails over to a
+    replacement, replays, and ends with exactly its local output."""
+    import swarm
+    from swarm_utils import ServerProcess, running_swarm
+
+    model = tiny_checkpoints["llama"]
+    requests = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), kw | {"max_new_tokens": 10})
+                for i, (_, kw) in enumerate(_requests() * 2)][:16]
+    with swarm.open(model, local=True) as local:
+        expected = [local.generate_ids(local.encode(p), local.generation_config(**kw)) for p, kw in requests]
+    assert min(len(e) for e in expected) >= 4  # each reaches the pause
+    with running_swarm(model, ["0:2", "2:4"], tmp_path, ("--throughput", "100", "--max-batch", "16")) as servers:
+        doomed = servers[1]
+        with swarm.open(model, initial_peers=[servers[0].maddr]) as s:
+            arrived, resume = threading.Barrier(len(requests) + 1), threading.Event()
+            results: list = [None] * len(requests)
+
+            def run(i: int) -> None:
+                count = [0]
+
+                def on_token(_) -> None:  # every session holds at its 4th token until the server is gone
+                    count[0] += 1
+                    if count[0] == 4:
+                        arrived.wait(60)
+                        resume.wait(60)
+
+                prompt, kw = requests[i]
+                results[i] = s.generate_ids(s.encode(prompt), s.generation_config(**kw), on_token=on_token)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+            for t in threads:
+                t.start()
+            arrived.wait(60)  # all 16 sessions are open on the doomed server, mid-generation
+            info = _info(doomed.maddr)  # it holds them all, and has run them in batched passes
+            assert info["sessions"] == len(requests) and info["batch"] > 1, info
+            replacement = ServerProcess(["--model", str(model), "--blocks", "2:4", "--throughput", "100",
+                                         "--announce-period", "1", "--initial-peers", servers[0].maddr],
+                                        tmp_path, "replacement")
+            try:
+                replacement.wait_ready()
+                doomed.proc.kill()
+                doomed.proc.wait(10)
+                resume.set()
+                for t in threads:
+                    t.join(120)
+            finally:
+                replacement.stop()
+    assert results == expected
