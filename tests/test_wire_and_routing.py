@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import msgpack
 import pytest
 import torch
 
-from swarm.p2p.routing import NoRouteError, Span, choose_blocks, find_chain
+from swarm.p2p.routing import NoRouteError, Span, choose_blocks, find_chain, load_factor
 from swarm.p2p.table import PeerTable, ServerInfo, coverage, gaps, model_id, parse_announcement
 from swarm.p2p.wire import Frame, WireError, decode_body, encode
 
@@ -95,6 +96,28 @@ def test_find_chain_prefers_fast_and_near_servers():
     # one wide server beats three hops when hops are expensive
     servers["w"] = _server("w", 0, 30, throughput=100)
     assert find_chain(servers, 30, rtts={"w": 0.05, "a": 0.05, "b": 0.05, "c": 0.05}) == [Span("w", 0, 30)]
+
+
+def _loaded(peer, start, end, sessions=0, max_batch=1, queued=0, throughput=10.0):
+    return dataclasses.replace(_server(peer, start, end, throughput=throughput), sessions=sessions,
+                               max_batch=max_batch, queued=queued)
+
+
+@pytest.mark.parametrize("case, servers, expected", [
+    ("idle servers: the faster", [_loaded("a", 0, 30, throughput=20), _loaded("b", 0, 30)], "a"),
+    ("a busy server without batching yields to an idle one", [_loaded("a", 0, 30, sessions=4), _loaded("b", 0, 30)], "b"),
+    ("a batching server with 16 sessions yields to an idle one",
+     [_loaded("a", 0, 30, sessions=16, max_batch=32), _loaded("b", 0, 30, max_batch=32)], "b"),
+    ("a batching server's few sessions cost less than a 3× slower idle server",
+     [_loaded("a", 0, 30, sessions=2, max_batch=32, throughput=30), _loaded("b", 0, 30, throughput=10)], "a"),
+    ("work queued now counts", [_loaded("a", 0, 30, queued=8), _loaded("b", 0, 30, throughput=5)], "b"),
+    ("the less loaded of two loaded servers",
+     [_loaded("a", 0, 30, sessions=6, max_batch=4), _loaded("b", 0, 30, sessions=2, max_batch=4)], "b"),
+])
+def test_find_chain_spreads_clients_by_announced_load(case, servers, expected):
+    chain = find_chain(_table(*servers), 30, rtts={s.peer_id: 0.01 for s in servers})
+    assert [span.peer_id for span in chain] == [expected], case
+    assert load_factor(_loaded("x", 0, 30)) == 1.0
 
 
 def test_find_chain_subranges_banned_and_cache_penalty():
