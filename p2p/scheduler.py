@@ -13,14 +13,15 @@ The queue decides with :func:`pick`, a pure function over what waits:
   no adapter, at most a prefill chunk of positions), takes along the other batchable steps of the
   same blocks in the same fair order, up to ``max_batch`` sessions and ``max_positions``
   positions: one pass runs them all (:meth:`~swarm.engine.checkpoint.BlockRange.run_batch`),
-  each session's output bit-identical to its step alone. Each peer with steps waiting gets at
-  most its share of the sessions (``max_batch`` divided among them, rounded up), so a peer that
-  opened sixty sessions cannot fill every pass the others' steps ride in.
+  each session's output bit-identical to its step alone. Taken in the peers' turns, a batch
+  gives each peer an equal share of its sessions, and a peer more only of what others leave: a
+  peer that opened sixty sessions cannot push out another's step.
 - **Steps inside long passes.** A training pass (thousands of positions, seconds) calls
   :meth:`ComputeQueue.between` before each of its blocks' forward and backward: the steps that
   wait then run (one pick of them) with the pass's adapter taken off the blocks, so a person's
-  next token waits for one block of someone's backward, not all of it. Hence a pass that has
-  waited :data:`PASS_PATIENCE` behind steps goes first: steady inference cannot starve training.
+  next token waits for one block of someone's backward, not all of it. Hence, when the oldest
+  pass has waited :data:`PASS_PATIENCE` behind steps, passes go first (in their own turns):
+  steady inference cannot starve training.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,63 +57,69 @@ class Work:
     queued: float = field(default_factory=time.monotonic)
 
 
-def fair_order(waiting: Sequence[Work], after_peer: str | None, now: float | None = None) -> list[Work]:
+def fair_order(
+    waiting: Sequence[Work], after_peer: str | Mapping[str, str] | None, now: float | None = None
+) -> list[Work]:
     """``waiting`` in the order it would be served: the first class of :data:`KINDS` with work,
-    its peers in turns (the first peer after ``after_peer`` in order of their first work, then
-    on, wrapping), one work per peer per round, each peer's work in arrival order. At time
-    ``now`` (``time.monotonic``), a pass that has waited :data:`PASS_PATIENCE` or more goes
-    first (the oldest such), so steady inference cannot starve training: the steps that wait run
-    between its blocks anyway."""
-    if now is not None:
-        overdue = [w for w in waiting if w.kind == "pass" and now - w.queued >= PASS_PATIENCE]
-        if overdue:
-            first = min(overdue, key=lambda w: w.queued)
-            return [first, *(w for w in fair_order([w for w in waiting if w is not first], after_peer))]
-    for kind in KINDS:
-        by_peer: dict[str, deque] = {}
-        for work in waiting:
-            if work.kind == kind:
-                by_peer.setdefault(work.peer, deque()).append(work)
-        if not by_peer:
-            continue
-        peers = list(by_peer)
-        if after_peer in by_peer:
-            turn = peers.index(after_peer) + 1
-            peers = peers[turn:] + peers[:turn]
-        order = []
-        while by_peer:
-            for peer in peers:
-                queue = by_peer.get(peer)
-                if queue:
-                    order.append(queue.popleft())
-                    if not queue:
-                        del by_peer[peer]
-        return order
+    its peers in turns (the first peer after ``after_peer``, the peer served last, per kind when
+    a mapping, in order of their first work, then on, wrapping), one work per peer per round,
+    each peer's work in arrival order. At time ``now`` (``time.monotonic``), while steps wait
+    and the oldest pass has waited :data:`PASS_PATIENCE` or more, the passes go first (in their
+    own turns), so steady inference cannot starve training: the steps that wait run between a
+    pass's blocks anyway."""
+    def last(kind: str) -> str | None:
+        return after_peer.get(kind) if isinstance(after_peer, Mapping) else after_peer
+
+    classes = {kind: [w for w in waiting if w.kind == kind] for kind in KINDS}
+    kinds = list(KINDS)
+    passes = classes["pass"]
+    if now is not None and classes["step"] and passes and now - min(w.queued for w in passes) >= PASS_PATIENCE:
+        kinds = ["pass", "step"]
+    for kind in kinds:
+        if classes[kind]:
+            return _turns(classes[kind], last(kind))
     return []
 
 
+def _turns(works: Sequence[Work], after_peer: str | None) -> list[Work]:
+    by_peer: dict[str, deque] = {}
+    for work in works:
+        by_peer.setdefault(work.peer, deque()).append(work)
+    peers = list(by_peer)
+    if after_peer in by_peer:
+        turn = peers.index(after_peer) + 1
+        peers = peers[turn:] + peers[:turn]
+    order = []
+    while by_peer:
+        for peer in peers:
+            queue = by_peer.get(peer)
+            if queue:
+                order.append(queue.popleft())
+                if not queue:
+                    del by_peer[peer]
+    return order
+
+
 def pick(
-    waiting: Sequence[Work], after_peer: str | None, max_batch: int, max_positions: int, now: float | None = None
+    waiting: Sequence[Work], after_peer: str | Mapping[str, str] | None, max_batch: int, max_positions: int,
+    now: float | None = None,
 ) -> list[Work]:
     """The work to run next (see the module's docstring): one call, or batchable steps to run
-    as one pass (the first of them the one whose turn it is). Empty when nothing waits. ``now``:
-    see :func:`fair_order`."""
+    as one pass (the first of them the one whose turn it is). Empty when nothing waits.
+    ``after_peer`` and ``now``: see :func:`fair_order`."""
     order = fair_order(waiting, after_peer, now)
     if not order:
         return []
     first = order[0]
     if first.batch is None or max_batch <= 1:
         return [first]
-    fits = [w for w in order if w.batch is not None and w.batch_key == first.batch_key]
-    share = -(-max_batch // len({w.peer for w in fits}))  # each peer's sessions in the pass, at most
-    chosen, positions, taken = [first], first.positions, {first.peer: 1}
-    for work in fits[1:]:
+    chosen, positions = [first], first.positions
+    for work in order[1:]:  # peers in turns: a peer gets more than others only of what they leave
         if len(chosen) >= max_batch:
             break
-        if taken.get(work.peer, 0) < share and positions + work.positions <= max_positions:
+        if work.batch is not None and work.batch_key == first.batch_key and positions + work.positions <= max_positions:
             chosen.append(work)
             positions += work.positions
-            taken[work.peer] = taken.get(work.peer, 0) + 1
     return chosen
 
 
@@ -131,7 +138,7 @@ class ComputeQueue:
         self._lock = threading.Lock()
         self._waiting: list[Work] = []
         self._draining = False
-        self._last_peer: str | None = None
+        self._last_peer: dict[str, str] = {}  # per kind: the peer served last
         self.steps = self.passes = self.batched_steps = 0
         self.interleaved = 0  # times steps ran inside a long pass (see between)
         self.occupancy = 1.0  # the recent mean number of sessions per batched pass (moving average)
@@ -165,7 +172,7 @@ class ComputeQueue:
             for work in chosen:
                 self._waiting.remove(work)
             if chosen:
-                self._last_peer = chosen[0].peer
+                self._last_peer[chosen[0].kind] = chosen[0].peer
         try:
             self._run(chosen)
         finally:
@@ -197,7 +204,7 @@ class ComputeQueue:
             for work in chosen:
                 self._waiting.remove(work)
             if chosen:
-                self._last_peer = chosen[0].peer
+                self._last_peer[chosen[0].kind] = chosen[0].peer
         if chosen:
             self.interleaved += 1
             with suspend(), torch.no_grad():

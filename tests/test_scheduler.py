@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 
 import pytest
 
@@ -33,11 +34,11 @@ CASES = [
     ("peers take turns: a greedy peer cannot push out another",
      [*(W("a", f"a{i}") for i in range(6)), W("b", "b0")], None, 3, 1024, ["a0", "b0", "a1"]),
     ("the turn passes after the peer served last", [W("a", "a0"), W("b", "b0"), W("c", "c0")], "a", 2, 1024, ["b0", "c0"]),
-    ("a peer gets at most its share of a batch when others wait",
-     [*(W("a", f"a{i}") for i in range(6)), W("b", "b0")], None, 4, 1024, ["a0", "b0", "a1"]),
-    ("shares are max_batch over the peers waiting, rounded up",
+    ("equal shares of a batch for the peers waiting",
      [*(W("a", f"a{i}") for i in range(6)), *(W("b", f"b{i}") for i in range(6)), W("c", "c0")], None, 5, 1024,
      ["a0", "b0", "c0", "a1", "b1"]),
+    ("a peer gets more only of what others leave",
+     [*(W("a", f"a{i}") for i in range(6)), W("b", "b0")], None, 4, 1024, ["a0", "b0", "a1", "a2"]),
     ("alone, a peer fills the batch", [W("a", f"a{i}") for i in range(6)], None, 4, 1024, ["a0", "a1", "a2", "a3"]),
     ("inference before training", [W("a", "p", kind="pass"), W("b", "s")], None, 8, 1024, ["s"]),
     ("a training pass runs alone", [W("a", "p1", kind="pass"), W("a", "p2", kind="pass")], None, 8, 1024, ["p1"]),
@@ -56,18 +57,46 @@ def test_pick(case):
     assert names(pick(waiting, after, max_batch, max_positions)) == expected
 
 
-def test_a_pass_waiting_past_its_patience_goes_before_steps():
+def test_passes_past_their_patience_go_before_steps_in_their_own_turns():
     from swarm.p2p.scheduler import PASS_PATIENCE
 
-    old, young, steps = W("t", "old", kind="pass"), W("u", "young", kind="pass"), [W("a", "a0"), W("b", "b0")]
-    old.queued, young.queued = 100.0, 101.0
+    passes = [W("t1", "t1a", kind="pass"), W("t1", "t1b", kind="pass"), W("t2", "t2a", kind="pass")]
+    for k, work in enumerate(passes):
+        work.queued = 100.0 + k * 0.1
+    steps = [W("a", "a0"), W("b", "b0")]
     for work in steps:
         work.queued = 101.0
-    waiting = [*steps, young, old]
-    assert names(pick(waiting, None, 8, 1024, now=100.0 + PASS_PATIENCE / 2)) == ["a0", "b0"]
-    assert names(pick(waiting, None, 8, 1024, now=101.0 + PASS_PATIENCE)) == ["old"]  # the oldest overdue pass
-    assert names(fair_order(waiting, None, now=101.0 + PASS_PATIENCE)) == ["old", "a0", "b0"]  # then the class of steps, as ever
+    waiting = [*steps, *passes]
+    later = 100.0 + PASS_PATIENCE
+    assert names(pick(waiting, None, 8, 1024, now=100.0 + PASS_PATIENCE / 2)) == ["a0", "b0"]  # steps first
     assert names(pick(waiting, None, 8, 1024)) == ["a0", "b0"]  # no clock: steps first
+    assert names(pick(waiting, {"pass": "t1"}, 8, 1024, now=later)) == ["t2a"]  # overdue: passes, t2's turn
+    assert names(fair_order(waiting, {"pass": "t2", "step": "a"}, now=later)) == ["t1a", "t2a", "t1b"]
+    # no step waits: passes take their turns whatever their age (no first-come first-served)
+    assert names(pick(passes, {"pass": "t1"}, 8, 1024, now=later + 60)) == ["t2a"]
+
+
+def test_the_queue_keeps_the_trainers_turns_when_steps_run_inside_their_passes():
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    queue = ComputeQueue(executor, max_batch=4, max_positions=1024)
+    gate, ran = threading.Event(), []
+
+    def train(name: str) -> None:
+        ran.append(name)
+        queue.submit(Work(peer="user", kind="step", fn=ran.append, args=(f"step in {name}",)))
+        queue.between()  # the step that came meanwhile runs here, inside the pass
+
+    blocker = queue.submit(Work(peer="x", kind="step", fn=gate.wait, args=(10,)))  # holds the thread
+    futures = [queue.submit(Work(peer=p, kind="pass", fn=train, args=(f"{p}{i}",))) for p, i in
+               (("t1", 0), ("t1", 1), ("t2", 0))]
+    futures += [queue.submit(Work(peer=f"u{i}", kind="step", fn=ran.append, args=(f"u{i}",))) for i in range(3)]
+    gate.set()
+    for future in [blocker, *futures]:
+        future.result(10)
+    # the steps went first; then the trainers alternate (a step run inside t1's pass does not hand t1 the next turn)
+    assert [r for r in ran if r.startswith("t")] == ["t10", "t20", "t11"], ran
+    assert ran[3:] == ["t10", "step in t10", "t20", "step in t20", "t11", "step in t11"]
+    executor.shutdown()
 
 
 def test_fair_order_interleaves_peers_keeping_each_peers_order():
@@ -156,8 +185,8 @@ def test_a_malformed_step_fails_alone_not_the_steps_batched_with_it(tiny_checkpo
     executor.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["forward", "backward"])
-def test_steps_run_between_the_blocks_of_a_long_pass_exactly(tiny_checkpoints, kind):
+@pytest.mark.parametrize("kind, phase", [("forward", "forward"), ("backward", "forward"), ("backward", "backward")])
+def test_steps_run_between_the_blocks_of_a_long_pass_exactly(tiny_checkpoints, kind, phase):
     """A training pass checks the queue before each block's forward and backward: steps that
     wait run there, without the pass's adapter (LoRA and a deep prompt), each output equal to
     its step alone, and the pass's own result equal to the pass run without interruption."""
@@ -188,7 +217,7 @@ def test_steps_run_between_the_blocks_of_a_long_pass_exactly(tiny_checkpoints, k
     executor = concurrent.futures.ThreadPoolExecutor(1)
     queue = ComputeQueue(executor, max_batch=2, max_positions=1024)
     calls, submitted, done_at = [], threading.Event(), {}
-    interrupt_at = 2 if kind == "forward" else blocks.end + 2  # the forward's 2nd block; the backward's 2nd
+    interrupt_at = 2 if phase == "forward" else blocks.end + 2  # the forward's 2nd block; the backward's 2nd
 
     def check() -> bool:
         calls.append(1)
@@ -198,7 +227,9 @@ def test_steps_run_between_the_blocks_of_a_long_pass_exactly(tiny_checkpoints, k
         return False
 
     result = queue.submit(Work(peer="trainer", kind="pass", fn=run_pass, args=(check,)))
+    deadline = time.monotonic() + 30
     while len(calls) < interrupt_at - 1:  # the pass is running: steps come now
+        assert not result.done() and time.monotonic() < deadline, result
         threading.Event().wait(0.001)
     key = (id(blocks.blocks[0]), blocks.end)
     futures = []
