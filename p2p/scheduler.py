@@ -57,19 +57,14 @@ class Work:
     queued: float = field(default_factory=time.monotonic)
 
 
-def fair_order(
-    waiting: Sequence[Work], after_peer: str | Mapping[str, str] | None, now: float | None = None
-) -> list[Work]:
+def fair_order(waiting: Sequence[Work], last: Mapping[str, str] | None, now: float | None = None) -> list[Work]:
     """``waiting`` in the order it would be served: the first class of :data:`KINDS` with work,
-    its peers in turns (the first peer after ``after_peer``, the peer served last, per kind when
-    a mapping, in order of their first work, then on, wrapping), one work per peer per round,
+    its peers in turns (the first peer after ``last[kind]``, the peer of that kind served last,
+    in order of their first work, then on, wrapping), one work per peer per round,
     each peer's work in arrival order. At time ``now`` (``time.monotonic``), while steps wait
     and the oldest pass has waited :data:`PASS_PATIENCE` or more, the passes go first (in their
     own turns), so steady inference cannot starve training: the steps that wait run between a
     pass's blocks anyway."""
-    def last(kind: str) -> str | None:
-        return after_peer.get(kind) if isinstance(after_peer, Mapping) else after_peer
-
     classes = {kind: [w for w in waiting if w.kind == kind] for kind in KINDS}
     kinds = list(KINDS)
     passes = classes["pass"]
@@ -77,7 +72,7 @@ def fair_order(
         kinds = ["pass", "step"]
     for kind in kinds:
         if classes[kind]:
-            return _turns(classes[kind], last(kind))
+            return _turns(classes[kind], (last or {}).get(kind))
     return []
 
 
@@ -101,13 +96,13 @@ def _turns(works: Sequence[Work], after_peer: str | None) -> list[Work]:
 
 
 def pick(
-    waiting: Sequence[Work], after_peer: str | Mapping[str, str] | None, max_batch: int, max_positions: int,
+    waiting: Sequence[Work], last: Mapping[str, str] | None, max_batch: int, max_positions: int,
     now: float | None = None,
 ) -> list[Work]:
     """The work to run next (see the module's docstring): one call, or batchable steps to run
     as one pass (the first of them the one whose turn it is). Empty when nothing waits.
-    ``after_peer`` and ``now``: see :func:`fair_order`."""
-    order = fair_order(waiting, after_peer, now)
+    ``last`` and ``now``: see :func:`fair_order`."""
+    order = fair_order(waiting, last, now)
     if not order:
         return []
     first = order[0]
@@ -168,11 +163,7 @@ class ComputeQueue:
         e.g. a server's main thread noticing a stop request while clients keep stepping)."""
         with self._lock:
             self._waiting = [w for w in self._waiting if not w.future.cancelled()]
-            chosen = pick(self._waiting, self._last_peer, self.max_batch, self.max_positions, time.monotonic())
-            for work in chosen:
-                self._waiting.remove(work)
-            if chosen:
-                self._last_peer[chosen[0].kind] = chosen[0].peer
+            chosen = self._take(self._waiting, time.monotonic())
         try:
             self._run(chosen)
         finally:
@@ -199,16 +190,21 @@ class ComputeQueue:
         steps that wait, one :func:`pick` of them, under ``suspend()`` (which takes what the pass
         lent the blocks off them, e.g. :func:`swarm.engine.adapters.suspended`)."""
         with self._lock:
-            steps = [w for w in self._waiting if w.kind == "step" and not w.future.cancelled()]
-            chosen = pick(steps, self._last_peer, self.max_batch, self.max_positions)
-            for work in chosen:
-                self._waiting.remove(work)
-            if chosen:
-                self._last_peer[chosen[0].kind] = chosen[0].peer
+            chosen = self._take([w for w in self._waiting if w.kind == "step" and not w.future.cancelled()])
         if chosen:
             self.interleaved += 1
             with suspend(), torch.no_grad():
                 self._run(chosen)
+
+    def _take(self, candidates: list[Work], now: float | None = None) -> list[Work]:
+        """Under the lock: :func:`pick` among ``candidates``, taken off the queue, their peer's
+        turn noted."""
+        chosen = pick(candidates, self._last_peer, self.max_batch, self.max_positions, now)
+        for work in chosen:
+            self._waiting.remove(work)
+        if chosen:
+            self._last_peer[chosen[0].kind] = chosen[0].peer
+        return chosen
 
     def _run(self, chosen: list[Work]) -> None:
         chosen = [w for w in chosen if w.future.set_running_or_notify_cancel()]

@@ -33,7 +33,8 @@ CASES = [
     ("max_batch 1: one step", [W("a", "a1"), W("b", "b1")], None, 1, 1024, ["a1"]),
     ("peers take turns: a greedy peer cannot push out another",
      [*(W("a", f"a{i}") for i in range(6)), W("b", "b0")], None, 3, 1024, ["a0", "b0", "a1"]),
-    ("the turn passes after the peer served last", [W("a", "a0"), W("b", "b0"), W("c", "c0")], "a", 2, 1024, ["b0", "c0"]),
+    ("the turn passes after the peer served last", [W("a", "a0"), W("b", "b0"), W("c", "c0")], {"step": "a"}, 2, 1024,
+     ["b0", "c0"]),
     ("equal shares of a batch for the peers waiting",
      [*(W("a", f"a{i}") for i in range(6)), *(W("b", f"b{i}") for i in range(6)), W("c", "c0")], None, 5, 1024,
      ["a0", "b0", "c0", "a1", "b1"]),
@@ -102,8 +103,8 @@ def test_the_queue_keeps_the_trainers_turns_when_steps_run_inside_their_passes()
 def test_fair_order_interleaves_peers_keeping_each_peers_order():
     waiting = [W("a", "a0"), W("a", "a1"), W("b", "b0"), W("a", "a2"), W("c", "c0"), W("b", "b1")]
     assert names(fair_order(waiting, None)) == ["a0", "b0", "c0", "a1", "b1", "a2"]
-    assert names(fair_order(waiting, "b")) == ["c0", "a0", "b0", "a1", "b1", "a2"]
-    assert names(fair_order(waiting, "gone")) == ["a0", "b0", "c0", "a1", "b1", "a2"]
+    assert names(fair_order(waiting, {"step": "b"})) == ["c0", "a0", "b0", "a1", "b1", "a2"]
+    assert names(fair_order(waiting, {"step": "gone", "pass": "b"})) == ["a0", "b0", "c0", "a1", "b1", "a2"]
 
 
 def test_queue_serves_steps_before_passes_and_skips_cancelled_work():
