@@ -149,7 +149,7 @@ class ComputeQueue:
                 return work.future
             self._draining = True
         try:
-            self._executor.submit(self._drain)
+            self._schedule_drain()
         except RuntimeError as exc:  # the executor is shut down: the server is stopping
             with self._lock:
                 self._draining = False
@@ -172,9 +172,14 @@ class ComputeQueue:
                 self._draining = more
             if more:
                 try:
-                    self._executor.submit(self._drain)
+                    self._schedule_drain()
                 except RuntimeError:  # shut down: fail what waits, nobody will run it
                     self.fail_waiting()
+
+    def _schedule_drain(self) -> None:
+        """Queue a drain on the executor; should a shutdown cancel it before it runs, what waits
+        fails at once instead of staying pending (raises ``RuntimeError`` if already shut down)."""
+        self._executor.submit(self._drain).add_done_callback(lambda f: f.cancelled() and self.fail_waiting())
 
     def fail_waiting(self) -> None:
         """Fail every work still waiting (the executor was shut down: a drain it cancelled or

@@ -268,7 +268,6 @@ class BlockServer:
         await self._tasks.close()
         await self.host.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self.queue.fail_waiting()  # its cancelled drain would have left them pending
         self._memory.shutdown(wait=False, cancel_futures=True)
 
     # ---- placement (decided by swarm.p2p.placement) ----------------------------------------
