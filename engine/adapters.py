@@ -94,7 +94,7 @@ class LoraLinear(nn.Module):
         self.lora: tuple[torch.Tensor, torch.Tensor, AdapterSpec] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_per_segment(self.base, x)  # once per session in a batched pass, unless batch-invariant
+        out = run_per_segment(self.base, x)  # in a batched pass: over only as many rows as the kernel is invariant for
         if self.lora is None:
             return out
         a, b, spec = self.lora

@@ -366,7 +366,8 @@ class BlockRange(torch.nn.Module):
     ) -> list[torch.Tensor]:
         """The steps of several sessions of batch 1 (``(hidden [1, seq, hidden], session)``, each
         at most :data:`PREFILL_CHUNK` positions) as one pass: attention runs per session (decode
-        steps over the same cached positions in one matmul), each linear once per session (see
+        steps over the same cached positions in one matmul), each linear over pools of sessions'
+        rows as large as its kernel was measured batch-invariant for (see
         :func:`~swarm.engine.fast.run_per_segment`), the rest once. Each output is bit-identical
         to the session's step run alone (a session of batch 1 always steps this way). Blocks whose
         linears are not wrapped to run per session (not :attr:`batch_exact`) run the steps one
@@ -410,7 +411,7 @@ class BlockRange(torch.nn.Module):
     @property
     def batch_exact(self) -> bool:
         """Whether :meth:`run_batch` may run several sessions in one pass: every linear is wrapped
-        to run once per session (as :func:`~swarm.engine.adapters.attach` wraps them)."""
+        to pool only sessions' rows it is invariant for (as :func:`~swarm.engine.adapters.attach` wraps them)."""
         if not self._exact:  # once wrapped, always wrapped: walked until then, not on every pass
             wrapped = {id(m.base) for m in self.modules() if hasattr(m, "base") and is_frozen_linear(m.base)}
             self._exact = all(id(m) in wrapped for m in self.modules() if is_frozen_linear(m))

@@ -38,6 +38,7 @@ import torch
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach
+from swarm.engine.fast import measure_pooling
 from swarm.engine.checkpoint import PREFILL_CHUNK, BlockRange, Checkpoint, parse_dtype
 from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
@@ -210,6 +211,9 @@ class BlockServer:
             )
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
             server._set_batching()
+            if server.queue.max_batch > 1:  # what each linear may pool in a batched pass, measured here
+                pooling = await loop.run_in_executor(server._executor, measure_pooling, server.blocks, server.blocks.dtype)
+                log.info("batched passes pool rows per linear call (rows: linears): %s", pooling)
             host.set_stream_handler(protocols.INFERENCE, server._limited(protocols.INFERENCE, server.inference.handle_inference))
             host.set_stream_handler(protocols.PUSH, server._limited(protocols.PUSH, server.inference.handle_push))
             for protocol, kind in ((protocols.FORWARD, "forward"), (protocols.BACKWARD, "backward")):
@@ -535,8 +539,9 @@ class BlockServer:
         return await asyncio.wrap_future(future)
 
     def _set_batching(self) -> None:
-        """``--max-batch`` sessions per pass (exact whatever the kernels: attached blocks run a
-        linear that is not batch-invariant once per session, see swarm.engine.fast)."""
+        """``--max-batch`` sessions per pass (exact whatever the kernels: attached blocks run each
+        linear over only as many sessions' rows as it was measured invariant for, see
+        swarm.engine.fast)."""
         self.queue.max_batch = self.cfg.batch_steps if self.blocks.batch_exact else 1
 
     async def in_memory_thread(self, fn, *args, orphan=None):

@@ -11,6 +11,7 @@ import torch
 
 from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import PREFILL_CHUNK, Checkpoint
+from swarm.engine.fast import POOL_ROWS, invariant_rows, measure_pooling, pools
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,8 +39,11 @@ def _clone(session):
 def test_a_session_steps_the_same_alone_and_in_any_batch(tiny_checkpoint, dtype):
     blocks = Checkpoint(tiny_checkpoint).load_blocks(0, 4, dtype)
     assert not blocks.batch_exact  # no kernel is trusted to be batch-invariant (scripts/bench_invariance.py)
-    attach(blocks)  # as servers do: each linear then runs once per session of a pass
+    attach(blocks)  # as servers do: each linear then pools only as many sessions' rows as it is invariant for
     assert blocks.batch_exact
+    pooling = measure_pooling(blocks, dtype)
+    if dtype == torch.bfloat16:  # packed bfloat16 linears pool the pass's rows: that path is what is checked
+        assert max(pooling) > 16, pooling
     sessions = _sessions(blocks, [3, 17, 1, 40, 8, 64, 5])
     hidden = blocks.config.hidden_size
     torch.manual_seed(1)
@@ -57,6 +61,42 @@ def test_a_session_steps_the_same_alone_and_in_any_batch(tiny_checkpoint, dtype)
             blocks.run_batch([(steps[i], lone)])
             nxt = torch.randn(1, 1, hidden)
             assert torch.equal(blocks.run_batch([(nxt, lone)])[0], blocks.run_batch([(nxt, copies[i])])[0])
+
+
+@pytest.mark.parametrize("segments, limit, expected", [
+    ((1, 1, 1), 1, [1, 1, 1]),  # not invariant: every session's rows alone
+    ((1, 1, 1), 64, [3]),
+    ((1,) * 10, 4, [4, 4, 2]),
+    ((1, 9, 1, 1), 8, [1, 9, 2]),  # a session longer than the limit runs alone, the others pool around it
+    ((3, 5, 2, 6), 8, [8, 8]),
+    ((3, 6, 2), 8, [3, 8]),  # sessions are never split: each pool ends where the next would not fit
+    ((8, 8), 8, [8, 8]),
+    ((), 8, []),
+])
+def test_pools_of_a_pass(segments, limit, expected):
+    assert pools(segments, limit) == expected
+    assert sum(expected) == sum(segments)
+
+
+class _RowCountLinear(torch.nn.Linear):
+    """A "linear" whose rows are independent (elementwise) except that it changes path past
+    ``switch`` rows, as real kernels do at some row counts."""
+
+    switch = 5
+
+    def forward(self, x):
+        out = x[..., : self.out_features] * 2.0
+        return out + 1e-3 if x.shape[-2] > self.switch else out
+
+
+def test_invariance_is_measured_per_kind_of_linear():
+    assert invariant_rows(_RowCountLinear(8, 4), torch.float32) == _RowCountLinear.switch
+    _RowCountLinear.switch = 100
+    try:  # the same kind and shapes: remembered, not measured again
+        assert invariant_rows(_RowCountLinear(8, 4), torch.float32) == 5
+        assert invariant_rows(_RowCountLinear(8, 6), torch.float32) == POOL_ROWS
+    finally:
+        _RowCountLinear.switch = 5
 
 
 def test_a_plain_forward_on_a_session_is_the_batched_path(tiny_checkpoints):
