@@ -34,7 +34,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from swarm.api.backend import ApiConfig, Backend, Event, Job, with_max_tokens
+from swarm.api.backend import ApiConfig, Backend, Choices, Event, with_max_tokens
+from swarm.api.logprobs import Logprobs
 from swarm.api.requests import ApiError, parse_json, parse_messages, parse_prompt, parse_sampling
 from swarm.engine.context import check_prompt_length
 
@@ -58,7 +59,8 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 def create_app(backend: Backend) -> Starlette:
     """The ASGI app over a started :class:`Backend` (whoever started it closes it)."""
-    slots = anyio.Semaphore(backend.cfg.max_requests)
+    slots = anyio.Semaphore(backend.cfg.max_requests)  # generations at once (a request of n choices takes n)
+    taking = anyio.Lock()
     waiting = [0]  # requests waiting for a slot now
     report: dict = {"at": -STATUS_TTL, "value": None, "lock": anyio.Lock()}
 
@@ -139,15 +141,24 @@ def create_app(backend: Backend) -> Starlette:
         except ValueError as exc:
             raise ApiError(400, str(exc), param, "context_length_exceeded") from None
         gen = with_max_tokens(sampling.gen, sampling.max_tokens or backend.cfg.default_max_tokens)
-        reply = Reply(chat, name, len(prompt_ids), sampling.include_usage)
+        n = sampling.n
+        if n > backend.cfg.max_requests:
+            raise ApiError(400, f"n is {n}, more than the {backend.cfg.max_requests} generations this API runs at once "
+                                "(swarm api --max-requests)", "n", "invalid_value")
+        prompt_text = None  # completions' echo and log-probability offsets (which count from the prompt's start)
+        if not chat and (sampling.echo or sampling.logprobs is not None):
+            prompt_text = prompt if isinstance(prompt, str) else await anyio.to_thread.run_sync(backend.decode, prompt_ids)
+        reply = Reply(chat, name, prompt_ids, sampling, backend.decode, prompt_text)
 
-        if waiting[0] >= MAX_WAITING and slots.value == 0:
+        if waiting[0] >= MAX_WAITING and slots.value < n:
             raise ApiError(429, f"{MAX_WAITING} requests are waiting already; try again shortly", code="busy")
         got, left = [], False
 
         async def take() -> bool:
-            await slots.acquire()
-            got.append(True)  # no checkpoint between: a slot taken is always known here
+            async with taking:  # one request gathers its n slots at a time: no two hold part of theirs
+                for _ in range(n):
+                    await slots.acquire()
+                    got.append(True)  # no checkpoint between: a slot taken is always known here
             return True
 
         waiting[0] += 1
@@ -156,39 +167,43 @@ def create_app(backend: Backend) -> Starlette:
                 left = await until_disconnect(request, take()) is None
         finally:
             waiting[0] -= 1
-        if left or not got:
-            if got:
+        if left or len(got) < n:
+            for _ in got:
                 slots.release()
             if left:
                 return Response(status_code=499)  # the client left while waiting
             raise ApiError(429, f"no generation slot was free within {WAIT_TIMEOUT:.0f} s (--max-requests "
                                 f"{backend.cfg.max_requests}); try again shortly", code="busy")
-        job = Job(backend, prompt_ids, gen, sampling.stop, adapter)
+        choices = Choices(backend, prompt_ids, gen, sampling.stop, adapter, n, sampling.logprobs, sampling.echo)
         handed_over = False
 
         def done() -> None:
-            job.cancel()  # nothing left to cancel when it ended
-            slots.release()
+            choices.cancel()  # nothing left to cancel when they ended
+            for _ in range(n):
+                slots.release()
 
         try:
-            job.start()
-            first = await until_disconnect(request, job.next())
+            choices.start()
+            first = await until_disconnect(request, choices.next())
             if first is None:
                 return Response(status_code=499)
             if first.kind == "error":
                 return error_response(first.error)
             if sampling.stream:
                 handed_over = True
-                return EventStream(reply.chunks(job, first), on_close=done)
-            text, event = [], first
-            while event.kind == "text":
-                text.append(event.text)
-                event = await until_disconnect(request, job.next())
+                return EventStream(reply.chunks(choices, first), on_close=done)
+            event, ended = first, 0
+            while True:
+                if event.kind == "error":
+                    return error_response(event.error)
+                reply.take(event)
+                ended += event.kind == "end"
+                if ended == n:
+                    break
+                event = await until_disconnect(request, choices.next())
                 if event is None:
                     return Response(status_code=499)
-            if event.kind == "error":
-                return error_response(event.error)
-            return JSONResponse(reply.whole("".join(text), event.finish, len(job.tokens)))
+            return JSONResponse(reply.whole(choices))
         finally:
             if not handed_over:
                 done()
@@ -285,58 +300,110 @@ class EventStream(StreamingResponse):
 
 
 class Reply:
-    """OpenAI's response objects for one request: a whole one, or the chunks of a stream."""
+    """OpenAI's response objects for one request of ``n`` choices: a whole one (each choice's
+    events gathered with :meth:`take`), or the chunks of a stream. ``prompt_text``: a
+    completion's prompt, put before each choice's text with ``echo``."""
 
-    def __init__(self, chat: bool, model: str, prompt_tokens: int, include_usage: bool):
-        self.chat, self.model, self.prompt_tokens, self.include_usage = chat, model, prompt_tokens, include_usage
+    def __init__(self, chat: bool, model: str, prompt_ids: list[int], sampling, decode, prompt_text: str | None = None):
+        self.chat, self.model, self.prompt_ids, self.prompt_text = chat, model, prompt_ids, prompt_text
+        self.echo = prompt_text if sampling.echo else None
+        self.include_usage, self.top = sampling.include_usage, sampling.logprobs
+        self.n = sampling.n
+        self.logprobs = Logprobs(decode)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self.texts: list[list[str]] = [[] for _ in range(self.n)]
+        self.finish: list[str | None] = [None] * self.n
+        self.entries: list[list] = [[] for _ in range(self.n)]
+        self.offsets: list[list[int]] = [[] for _ in range(self.n)]
 
     def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        prompt = len(self.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
     def _object(self, kind: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
 
-    def whole(self, text: str, finish: str, completion_tokens: int) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            return self._object("chat.completion", [choice], usage=self.usage(completion_tokens))
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._object("text_completion", [choice], usage=self.usage(completion_tokens))
+    def _base(self) -> int:
+        """Where a choice's text begins in completions' offsets (which count from the prompt's start)."""
+        return len(self.prompt_text or "")
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> str:
+    def take(self, event: Event) -> None:
+        """Gather a text or end event for :meth:`whole`."""
+        i = event.index
+        self.texts[i].append(event.text)
+        self.entries[i].extend(event.logprobs)
+        self.offsets[i].extend(self._base() + o for o in event.offsets)
+        if event.kind == "end":
+            self.finish[i] = event.finish
+
+    def _logprobs(self, entries: list, offsets: list[int], job=None) -> dict | None:
+        """A choice's (or a chunk's) log-probability object; with ``job``, the echoed prompt's first."""
+        if self.top is None:
+            return None
+        if self.chat:
+            return self.logprobs.chat(entries)
+        if job is not None and self.echo is not None:
+            head, head_offsets = self.logprobs.prompt(self.prompt_ids, job.prompt_logprobs)
+            entries, offsets = [*head, *entries], [*head_offsets, *offsets]
+        return self.logprobs.completion(entries, offsets)
+
+    def whole(self, choices) -> dict:
+        out = []
+        for i, job in enumerate(choices.jobs):
+            text = "".join(self.texts[i])
+            logprobs = self._logprobs(self.entries[i], self.offsets[i], job)
+            if self.chat:
+                out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                            "finish_reason": self.finish[i]})
+            else:
+                out.append({"index": i, "text": (self.echo or "") + text, "logprobs": logprobs, "finish_reason": self.finish[i]})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self._object(kind, out, usage=self.usage(choices.completion_tokens))
+
+    def chunk(self, index: int, text: str | None, finish: str | None = None, first: bool = False,
+              logprobs: dict | None = None) -> str:
         if self.chat:
             delta = {} if text is None else {"content": text}
             if first:
                 delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             obj = self._object("chat.completion.chunk", [choice])
         else:
-            obj = self._object("text_completion", [{"index": 0, "text": text or "", "logprobs": None,
+            obj = self._object("text_completion", [{"index": index, "text": text or "", "logprobs": logprobs,
                                                     "finish_reason": finish}])
         if self.include_usage:
             obj["usage"] = None
         return sse(obj)
 
-    async def chunks(self, job: Job, event: Event):
-        """The stream from the job's first event on: text chunks, a last chunk with the finish
-        reason (and one with the usage if asked), ``[DONE]``; an error mid-stream is sent as an
-        ``error`` event (the `openai` client raises it), then ``[DONE]``."""
-        first = True
-        while event.kind == "text":
-            yield self.chunk(event.text, first=first)
-            first = False
-            event = await job.next()
-        if event.kind == "error":
-            yield sse(event.error.body())
-        else:
-            yield self.chunk(None if self.chat else "", event.finish, first=first)
-            if self.include_usage:
-                yield sse(self._object("chat.completion.chunk" if self.chat else "text_completion", [],
-                                       usage=self.usage(len(job.tokens))))
+    async def chunks(self, choices, event: Event):
+        """The stream from the first event on: each choice's text chunks (tagged with its index;
+        the first of a completion's choice with ``echo`` begins with the prompt), a last chunk
+        with its finish reason; once every choice ended, one with the usage if asked, then
+        ``[DONE]``. An error is sent as an ``error`` event (the `openai` client raises it), then
+        ``[DONE]``."""
+        first = [True] * self.n
+        ended = 0
+        while True:
+            if event.kind == "error":
+                yield sse(event.error.body())
+                break
+            i = event.index
+            job = choices.jobs[i] if first[i] else None
+            logprobs = self._logprobs(event.logprobs, [self._base() + o for o in event.offsets], job)
+            text = event.text if not (first[i] and self.echo is not None) else self.echo + event.text
+            if event.kind == "text":
+                yield self.chunk(i, text, first=first[i], logprobs=logprobs)
+            else:
+                yield self.chunk(i, (text or None) if self.chat else text, event.finish, first=first[i], logprobs=logprobs)
+                ended += 1
+            first[i] = False
+            if ended == self.n:
+                if self.include_usage:
+                    yield sse(self._object("chat.completion.chunk" if self.chat else "text_completion", [],
+                                           usage=self.usage(choices.completion_tokens)))
+                break
+            event = await choices.next()
         yield "data: [DONE]\n\n"
 
 

@@ -19,6 +19,7 @@ caches within a round trip.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import logging
 import threading
@@ -32,7 +33,7 @@ import torch
 from swarm.api.requests import ApiError
 from swarm.config import ClientOptions, check
 from swarm.engine.adapter_io import Adapter, load_adapter
-from swarm.engine.generation import GenerationConfig, generate
+from swarm.engine.generation import GenerationConfig, TokenLogprob, generate
 from swarm.facade import Swarm
 from swarm.p2p.table import gaps, model_name
 
@@ -194,14 +195,17 @@ class StopScanner:
     def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...]):
         self.decode, self.stops = decode, stops
         self.tokens: list[int] = []
+        self.offsets: list[int] = []  # where each token's text begins in the whole text
         self.sent = 0  # characters of the text handed out
         self.text = ""
+        self.full = ""  # the text of every token so far (no stop string cut)
         self.stopped = False
 
     def push(self, token: int) -> str:
         """The new text that is sure to stay; sets ``stopped`` when a stop string appeared."""
         self.tokens.append(token)
-        text = self.decode(self.tokens)
+        self.offsets.append(len(self.full))
+        text = self.full = self.decode(self.tokens)
         cut = self._first_stop(text)
         if cut is not None:
             self.stopped, self.text = True, text[: max(cut, self.sent)]
@@ -215,6 +219,11 @@ class StopScanner:
     def flush(self) -> str:
         """The rest of the text once generation ended (without a stop string)."""
         return self._advance(len(self.text))
+
+    def shown(self) -> int:
+        """How many tokens have text in what was handed out: those whose text begins before its
+        end (an end-of-sequence token, with no text, never counts)."""
+        return bisect.bisect_left(self.offsets, self.sent)
 
     def _first_stop(self, text: str) -> int | None:
         begin = max(0, self.sent - max((len(s) for s in self.stops), default=0))
@@ -234,20 +243,44 @@ class Event:
     text: str = ""
     finish: str = ""
     error: ApiError | None = None
+    index: int = 0  # the choice it belongs to
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens whose text came out with it
+    offsets: list[int] = field(default_factory=list)  # where those tokens' text begins in the choice's text
+
+
+async def next_event(events: asyncio.Queue, backend: Backend, cancel: Callable[[], None]) -> Event:
+    """The next event of ``events``; an error (and ``cancel()``) if none comes within the longest a
+    chain may legitimately take (its own timeouts fire first: this guards against a bug)."""
+    try:
+        return await asyncio.wait_for(events.get(), backend.event_timeout())
+    except TimeoutError:
+        cancel()
+        return Event("error", error=ApiError(503, "the swarm made no progress on this request in time",
+                                             code="swarm_unavailable"))
 
 
 class Job:
-    """One request's generation on its own thread: :meth:`next` gives its events (text deltas,
-    then an end or an error); :meth:`cancel` stops it at once. Create on the HTTP loop."""
+    """One choice's generation on its own thread: :meth:`next` gives its events (text deltas,
+    then an end or an error), on ``events`` (its own queue unless given one, tagged with
+    ``index``); :meth:`cancel` stops it at once. ``logprobs``: the top alternatives per token to
+    report with each delta (None: none); ``echo``: also the prompt's (:attr:`prompt_logprobs`, set
+    before the first event). Create on the HTTP loop."""
 
     def __init__(self, backend: Backend, prompt_ids: list[int], gen: GenerationConfig, stops: tuple[str, ...],
-                 adapter: Adapter | None):
+                 adapter: Adapter | None, index: int = 0, events: asyncio.Queue | None = None,
+                 logprobs: int | None = None, echo: bool = False):
         self.backend, self.prompt_ids, self.gen, self.adapter = backend, prompt_ids, gen, adapter
+        self.index = index
         self.scanner = StopScanner(backend.decode, stops)
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.events: asyncio.Queue[Event] = events if events is not None else asyncio.Queue()
         self.chain = None  # the RemoteChain serving it, once open
         self.finished = False
+        self.top = logprobs  # as engine.generation.Scores
+        self.on_prompt = self._on_prompt if echo and logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self._logprobs: list[TokenLogprob] = []  # one per token, as the scanner's
+        self._reported = 0  # tokens whose log-probabilities went out
         self._cancelled = False
         self._why: ApiError | None = None
         self._pending: concurrent.futures.Future | None = None
@@ -262,14 +295,7 @@ class Job:
         threading.Thread(target=self._run, name="swarm-api-job", daemon=True).start()
 
     async def next(self) -> Event:
-        """The next event; an error (and the job cancelled) if none comes within the longest a
-        chain may legitimately take (its own timeouts fire first: this guards against a bug)."""
-        try:
-            return await asyncio.wait_for(self.events.get(), self.backend.event_timeout())
-        except TimeoutError:
-            self.cancel()
-            return Event("error", error=ApiError(503, "the swarm made no progress on this request in time",
-                                                 code="swarm_unavailable"))
+        return await next_event(self.events, self.backend, self.cancel)
 
     def cancel(self, why: ApiError | None = None) -> None:
         """Stop the generation (idempotent; thread-safe): the call in flight on the swarm client's
@@ -283,7 +309,13 @@ class Job:
 
     # --- the job's thread ---------------------------------------------------------------------
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, kind: str, text: str = "", **fields) -> None:
+        event = Event(kind, text, index=self.index, **fields)
+        if kind in ("text", "end") and self.top is not None:
+            shown = self.scanner.shown()
+            event.logprobs = self._logprobs[self._reported : shown]
+            event.offsets = self.scanner.offsets[self._reported : shown]
+            self._reported = max(self._reported, shown)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the HTTP loop is closed: nobody listens any more
@@ -294,29 +326,36 @@ class Job:
             prefix = self.adapter.prompt if self.adapter is not None else None
             open_session = self._open_swarm if self.backend.swarm is not None else self._open_local()
             generate(self.backend.client_model.head, open_session, self.prompt_ids, self.gen, self._on_token,
-                     prefix=prefix)
+                     prefix=prefix, scores=self if self.top is not None else None)
             tokens, eos = self.scanner.tokens, self.gen.eos_token_ids
             finish = "stop" if tokens and tokens[-1] in eos else "length"
             tail = self.scanner.flush()
             if tail:
-                self._emit(Event("text", tail))
-            self._emit(Event("end", finish=finish))
+                self._emit("text", tail)
+            self._emit("end", finish=finish)
         except _StopString:
-            self._emit(Event("end", finish="stop"))
+            self._emit("end", finish="stop")
         except _Cancelled:
-            self._emit(Event("error", error=self._why or ApiError(499, "the request was cancelled")))
+            self._emit("error", error=self._why or ApiError(499, "the request was cancelled"))
         except Exception as exc:
-            self._emit(Event("error", error=api_error(exc)))
+            self._emit("error", error=api_error(exc))
         finally:
             self.finished = True
             self.backend.jobs.discard(self)
+
+    def _on_prompt(self, logprobs: list[TokenLogprob]) -> None:
+        self.prompt_logprobs = logprobs
+
+    def on_token(self, logprob: TokenLogprob) -> None:
+        """(engine.generation.Scores) a token's log-probability, just before :meth:`_on_token`."""
+        self._logprobs.append(logprob)
 
     def _on_token(self, token: int) -> None:
         if self._cancelled:
             raise _Cancelled()
         delta = self.scanner.push(token)
         if delta:
-            self._emit(Event("text", delta))
+            self._emit("text", delta)
         if self.scanner.stopped:
             raise _StopString()
 
@@ -353,6 +392,37 @@ class Job:
                 raise _Cancelled()
 
         return self.backend.handle.local_sessions(self.adapter, before_step)
+
+
+class Choices:
+    """A request's ``n`` choices: a :class:`Job` each, started together (the servers batch their
+    steps), their events on one queue tagged with the choice's index. With a seed, choice ``i``
+    samples with ``seed + i``: what that seed gives alone."""
+
+    def __init__(self, backend: Backend, prompt_ids: list[int], gen: GenerationConfig, stops: tuple[str, ...],
+                 adapter: Adapter | None, n: int = 1, logprobs: int | None = None, echo: bool = False):
+        self.backend = backend
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.jobs = [
+            Job(backend, prompt_ids, gen if gen.seed is None else replace(gen, seed=(gen.seed + i) % 2**64), stops,
+                adapter, index=i, events=self.events, logprobs=logprobs, echo=echo)
+            for i in range(n)
+        ]
+
+    def start(self) -> None:
+        for job in self.jobs:
+            job.start()
+
+    async def next(self) -> Event:
+        return await next_event(self.events, self.backend, self.cancel)
+
+    def cancel(self, why: ApiError | None = None) -> None:
+        for job in self.jobs:
+            job.cancel(why)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(job.tokens) for job in self.jobs)
 
 
 class _JobChain:

@@ -8,9 +8,16 @@ generate` without sampling flags), otherwise sampling at that temperature (defau
 ``top_p`` and ``seed`` as `swarm generate --top-p/--seed`. Two extensions other OpenAI-compatible
 servers take too: ``top_k`` and ``repetition_penalty``. ``frequency_penalty`` and
 ``presence_penalty`` (additive, per count) have no equal in the engine (a multiplicative
-repetition penalty): anything but 0 is refused, pointing at ``repetition_penalty``. ``n`` > 1,
-``logprobs``, ``echo``, ``suffix``, ``logit_bias``, tools and non-text content are refused
-clearly; unknown fields are ignored.
+repetition penalty): anything but 0 is refused, pointing at ``repetition_penalty``.
+
+``n`` choices (at most :data:`MAX_CHOICES`) are generated at once, as sessions the servers batch;
+with a ``seed``, choice ``i`` is what ``seed + i`` gives alone (so choice 0 is the request with
+``n`` 1). Log-probabilities as OpenAI defines them: completions' ``logprobs`` (the number of top
+alternatives, 0 to :data:`MAX_TOP_LOGPROBS`) and ``echo`` (the prompt, and with ``logprobs`` its
+tokens' log-probabilities, the first's null); chat's ``logprobs`` (true/false) and
+``top_logprobs``. They are the model's own (the log-softmax of its logits), before repetition
+penalty, temperature, top-k and top-p. ``best_of``, ``suffix``, ``logit_bias``, tools and
+non-text content are refused clearly; unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from swarm.engine.generation import GenerationConfig
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
+MAX_CHOICES = 16  # n; also at most `swarm api --max-requests` (each choice is a generation)
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API allows 5)
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -54,6 +63,9 @@ class Sampling:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    n: int = 1
+    logprobs: int | None = None  # top alternatives per token; None: no log-probabilities
+    echo: bool = False
 
 
 def parse_json(raw: bytes) -> dict:
@@ -101,11 +113,9 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
         if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
             raise bad(f"{name} is not supported (swarm's penalty is multiplicative): send 0, or "
                       f"repetition_penalty (> 1 discourages repeats, as `swarm generate --repetition-penalty`)", name)
-    _refuse_unless(body, "n", (None, 1), "one choice per request (n = 1)")
-    _refuse_unless(body, "best_of", (None, 1), "one candidate per request")
-    _refuse_unless(body, "logprobs", (None, False), "no log-probabilities are returned")
-    _refuse_unless(body, "top_logprobs", (None, 0), "no log-probabilities are returned")
-    _refuse_unless(body, "echo", (None, False), "the prompt is not echoed")
+    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+    _refuse_unless(body, "best_of", (None, 1), "no server-side ranking of candidates (ask for n choices instead)")
+    logprobs, echo = _logprobs(body, chat)
     _refuse_unless(body, "suffix", (None, ""), "no insertion (suffix)")
     _refuse_unless(body, "logit_bias", (None, {}), "no logit bias")
     for name in ("tools", "functions"):
@@ -143,7 +153,35 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
         seed=seed,
         eos_token_ids=eos_token_ids,
     )
-    return Sampling(max_tokens, gen, parse_stop(body.get("stop")), stream, include_usage)
+    return Sampling(max_tokens, gen, parse_stop(body.get("stop")), stream, include_usage, n, logprobs, echo)
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad(f"{name} must be true or false", name)
+    return value
+
+
+def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(top alternatives per token or None for no log-probabilities, echo) as OpenAI's chat and
+    completions APIs spell them."""
+    if chat:
+        if body.get("echo") not in (None, False):
+            raise bad("echo is a field of completions, not of chat completions", "echo")
+        wanted = _flag(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top and not wanted:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if wanted else None, False
+    value = body.get("logprobs")
+    if isinstance(value, bool):  # the chat spelling, taken here too: true is 0 alternatives
+        top = 0 if value else None
+    else:
+        top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    return top, _flag(body, "echo")
 
 
 def parse_stop(value) -> tuple[str, ...]:

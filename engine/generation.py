@@ -130,6 +130,58 @@ def sample_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.G
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of its raw logits: before any
+    repetition penalty, temperature, top-k or top-p), and the ``top`` most likely tokens there
+    with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Scores(Protocol):
+    """What :func:`generate` reports besides tokens: ``top`` alternatives per position;
+    ``on_token(lp)`` for each new token (before ``on_token`` of :func:`generate`);
+    ``on_prompt(lps)`` once, for the prompt's tokens after the first (``echo``), when set."""
+
+    top: int
+
+    def on_token(self, logprob: TokenLogprob) -> None: ...
+
+    on_prompt: Callable[[list[TokenLogprob]], None] | None
+
+
+PROMPT_SCORE_ROWS = 256  # prompt positions scored per LM-head call (a vocabulary's float32 logits each)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """``logits`` ``[n, vocab]`` → for each row the log-probability of ``tokens[i]`` and the ``top``
+    most likely tokens."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, tokens.reshape(-1, 1))[:, 0].tolist()
+    if top:
+        values, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [TokenLogprob(t, c, tp) for t, c, tp in zip(tokens.reshape(-1).tolist(), chosen, tops)]
+
+
+def _score_prompt(head: torch.nn.Module, hidden: torch.Tensor, input_ids: list[int], top: int) -> list[TokenLogprob]:
+    """The log-probabilities of the prompt's tokens after the first, from the first step's
+    ``hidden`` ``[1, virtual + prompt, hidden]``, a few hundred positions per LM-head call."""
+    out: list[TokenLogprob] = []
+    ids = torch.tensor(input_ids)
+    first = hidden.shape[1] - len(input_ids)  # the first prompt position (after a prompt adapter's)
+    for start in range(1, len(input_ids), PROMPT_SCORE_ROWS):
+        end = min(start + PROMPT_SCORE_ROWS, len(input_ids))
+        logits = head.logits(hidden[:, first + start - 1 : first + end - 1])[0]
+        out.extend(token_logprobs(logits, ids[start:end], top))
+    return out
+
+
 def generate(
     head: torch.nn.Module,
     open_session: OpenSession,
@@ -137,12 +189,14 @@ def generate(
     cfg: GenerationConfig,
     on_token: Callable[[int], None] | None = None,
     prefix: torch.Tensor | None = None,
+    scores: Scores | None = None,
 ) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
     (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
     as soon as it is chosen (greedy and sampling; beam search knows its answer only at the end).
     ``prefix`` ``[num_virtual, hidden]``: a prompt adapter's embeddings, put before the prompt's
-    (every row of a batch or beam gets them).
+    (every row of a batch or beam gets them). ``scores``: log-probabilities reported as they come
+    (see :class:`Scores`; not with beam search); the tokens chosen are the same with or without.
 
     The prefix, the prompt and the new tokens together stay within the model's context
     (``head.max_positions``): a prompt that leaves no room raises ``ValueError`` before a session
@@ -156,6 +210,8 @@ def generate(
     if head.max_positions is not None:
         max_length = min(max_length, head.max_positions)
     if cfg.num_beams > 1:
+        if scores is not None:
+            raise ValueError("log-probabilities are reported for greedy decoding and sampling, not beam search")
         return _beam_search(head, open_session, input_ids, cfg, max_length, prefix)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     session = open_session(1, max_length)
@@ -165,10 +221,15 @@ def generate(
         with torch.no_grad():
             for _ in range(max_length - before):
                 hidden = session.step(_embed(head, step_ids, first))
+                if not new and scores is not None and scores.on_prompt is not None:  # the prompt's step
+                    scores.on_prompt(_score_prompt(head, hidden, input_ids, scores.top))
                 first = None
-                logits = apply_repetition_penalty(head.logits(hidden[:, -1]), seen, cfg.repetition_penalty)
+                raw = head.logits(hidden[:, -1])
+                logits = apply_repetition_penalty(raw, seen, cfg.repetition_penalty)
                 token = int(sample_token(logits, cfg, generator)[0])
                 new.append(token)
+                if scores is not None:
+                    scores.on_token(token_logprobs(raw, torch.tensor([token]), scores.top)[0])
                 if on_token is not None:
                     on_token(token)
                 if token in cfg.eos_token_ids:

@@ -210,6 +210,88 @@ def test_eight_concurrent_streams(tiny, client):
     assert all(r == (ref["text"], finish_of(ref, 20), usage_of(ref)) for r in results), results
 
 
+def _reference_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
+    """The whole model's log-probabilities at every position of ``ids``, in this process."""
+    checkpoint = Checkpoint(model_dir)
+    head, blocks = checkpoint.load_head(torch.float32), checkpoint.load_blocks(0, checkpoint.num_blocks)
+    with torch.no_grad():
+        return head.logits(blocks(head.embed(torch.tensor([ids]))))[0].log_softmax(-1)
+
+
+@pytest.mark.slow
+def test_n_choices_each_equal_their_seed_alone(tiny, client):
+    """n choices run together (the servers batch them); with a seed, choice i is what seed + i
+    gives alone, streamed or not; greedy choices are all the greedy text."""
+    model_dir = tiny[0]
+    refs = [expected(model_dir, 10, "--temperature", "0.9", "--seed", str(5 + i)) for i in range(3)]
+    assert len({r["text"] for r in refs}) > 1  # the seeds do give different texts
+    r = client.completions.create(model="model", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=5, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [ref["text"] for ref in refs]
+    assert r.usage.completion_tokens == sum(len(ref["token_ids"]) for ref in refs)
+    texts = ["", "", ""]
+    finishes = [None] * 3
+    for chunk in client.completions.create(model="model", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=5, n=3,
+                                           stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert texts == [ref["text"] for ref in refs] and all(finishes)
+    greedy = expected(model_dir, 8, "--chat")
+    r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+                                       temperature=0, n=2)
+    assert [c.message.content for c in r.choices] == [greedy["text"]] * 2
+
+
+@pytest.mark.slow
+def test_logprobs_and_echo(tiny, client, api):
+    """Completions' logprobs with echo and chat's logprobs/top_logprobs: the whole model's
+    log-probabilities of the tokens chosen (and of the prompt's), the greedy token the top one,
+    tokens that spell the text, the same streamed and not."""
+    model_dir, backend = tiny[0], api[1]
+    ref = expected(model_dir, 8)
+    r = client.completions.create(model="model", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3, echo=True)
+    choice = r.choices[0]
+    assert choice.text == PROMPT + ref["text"]
+    lp = choice.logprobs
+    ids = ref["prompt_ids"] + ref["token_ids"]
+    shown = len(lp.tokens) - len(ref["prompt_ids"])
+    assert 0 < shown <= len(ref["token_ids"]) and lp.tokens == [backend.decode([t]) for t in ids[: len(lp.tokens)]]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    whole = _reference_logprobs(model_dir, ids)
+    for i in range(1, len(lp.tokens)):
+        assert lp.token_logprobs[i] == pytest.approx(whole[i - 1, ids[i]].item(), abs=1e-4), i
+        top = sorted(lp.top_logprobs[i].items(), key=lambda kv: -kv[1])
+        assert len(top) <= 3 and top[0][1] == pytest.approx(whole[i - 1].max().item(), abs=1e-4)
+        if i >= len(ref["prompt_ids"]):  # a generated (greedy) token is the most likely one
+            assert top[0][0] == lp.tokens[i]
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ref["prompt_ids"])] == len(PROMPT)
+    plain = client.completions.create(model="model", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0)
+    assert plain.choices[0].text == ref["text"] and plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[-shown:]
+    streamed = []
+    for chunk in client.completions.create(model="model", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0,
+                                           stream=True):
+        streamed += chunk.choices[0].logprobs.token_logprobs if chunk.choices and chunk.choices[0].logprobs else []
+    assert streamed == plain.choices[0].logprobs.token_logprobs
+
+    messages = [{"role": "user", "content": PROMPT}]
+    chat_ref = expected(model_dir, 8, "--chat")
+    r = client.chat.completions.create(model="model", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == chat_ref["text"]
+    assert [e.token for e in content] == [backend.decode([t]) for t in chat_ref["token_ids"][: len(content)]]
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob and bytes(e.bytes) == e.token.encode()
+               for e in content)
+    streamed = []
+    for chunk in client.chat.completions.create(model="model", messages=messages, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=2, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+
 def _idle_budgets(url: str, timeout: float = 15.0) -> dict[str, int]:
     """The servers' announced cache budgets, once none holds a session."""
     deadline = time.monotonic() + timeout
@@ -274,7 +356,13 @@ def test_errors_have_openai_shape_and_codes(tiny, client, api):
     for body, param in [
         ({"prompt": PROMPT, "temperature": 5}, "temperature"),
         ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
-        ({"prompt": PROMPT, "n": 2}, "n"),
+        ({"prompt": PROMPT, "n": 17}, "n"),
+        ({"prompt": PROMPT, "n": 0}, "n"),
+        ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
+        ({"prompt": PROMPT, "echo": "yes"}, "echo"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+        ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
         ({"prompt": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty"),
         ({"prompt": PROMPT, "stop": [""]}, "stop"),
         ({"prompt": "word " * 300}, "prompt"),  # past the 256-token context
@@ -345,10 +433,10 @@ def test_an_error_mid_stream_is_an_error_event(tiny, monkeypatch):
 
     real, calls = api_backend.generate, []
 
-    def fails_once(head, open_session, ids, cfg, on_token, prefix=None):
+    def fails_once(head, open_session, ids, cfg, on_token, prefix=None, scores=None):
         calls.append(1)
         if len(calls) > 1:
-            return real(head, open_session, ids, cfg, on_token, prefix=prefix)
+            return real(head, open_session, ids, cfg, on_token, prefix=prefix, scores=scores)
         for token in ids[:3]:
             on_token(token)
         raise SwarmError("blocks 2:4 lost their server and no other could take them over")

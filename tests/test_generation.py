@@ -124,3 +124,44 @@ def test_swarm_commands_without_peers_say_what_to_pass(tiny_checkpoints):
     assert proc.returncode == 1 and "--initial-peers" in proc.stderr
     proc = _swarm("serve", "--model", str(tiny_checkpoints["llama"]), "--blocks", "3:9", "--new-swarm")
     assert proc.returncode == 1 and "--blocks 3:9: this model has blocks 0:4" in proc.stderr
+
+
+def test_scores_are_the_models_log_probabilities(tiny_checkpoints):
+    """``generate(scores=...)``: each new token's log-probability (and the prompt's, after a
+    prompt adapter's virtual tokens) is the whole model's log-softmax at that position, the top
+    alternatives in order; the tokens are those of a run without scores."""
+    from swarm.engine.checkpoint import Checkpoint
+    from swarm.engine.generation import LocalSession, generate
+
+    checkpoint = Checkpoint(tiny_checkpoints["llama"])
+    head, blocks = checkpoint.load_head(torch.float32), checkpoint.load_blocks(0, checkpoint.num_blocks)
+    prefix = torch.randn(3, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = [5, 17, 42, 8, 99, 23]
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.7, seed=3)
+
+    class Scores:
+        top = 4
+
+        def __init__(self):
+            self.tokens, self.prompt = [], None
+
+        def on_token(self, lp):
+            self.tokens.append(lp)
+
+        def on_prompt(self, lps):
+            self.prompt = lps
+
+    def open_session(batch, max_length):
+        return LocalSession(blocks, batch, max_length)
+
+    scores = Scores()
+    new = generate(head, open_session, ids, cfg, prefix=prefix, scores=scores)
+    assert new == generate(head, open_session, ids, cfg, prefix=prefix)
+    assert [lp.token for lp in scores.prompt] == ids[1:] and [lp.token for lp in scores.tokens] == new
+    with torch.no_grad():
+        whole = head.logits(blocks(head.embed(torch.tensor([ids + new]), prefix=prefix)))[0].log_softmax(-1)[3:]
+    for i, lp in enumerate(scores.prompt + scores.tokens):
+        assert lp.logprob == pytest.approx(whole[i, lp.token].item(), abs=1e-4)
+        values, top_ids = whole[i].topk(4)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
