@@ -390,7 +390,9 @@ class Reply:
                 break
             i = event.index
             job = choices.jobs[i] if first[i] else None
-            logprobs = self._logprobs(event.logprobs, [self._base() + o for o in event.offsets], job)
+            logprobs = None  # as OpenAI's: none on a chunk with no tokens
+            if event.logprobs or (job is not None and self.echo is not None):
+                logprobs = self._logprobs(event.logprobs, [self._base() + o for o in event.offsets], job)
             text = event.text if not (first[i] and self.echo is not None) else self.echo + event.text
             if event.kind == "text":
                 yield self.chunk(i, text, first=first[i], logprobs=logprobs)
