@@ -45,7 +45,7 @@ def status_view(data: dict) -> Group:
     # escaped, as the cells below are plain Text: a peer announces what it likes
     table = Table(title=escape(f"{model_title(data)} — {data['num_blocks']} blocks"), title_justify="left")
     for col, justify in [("peer", "left"), ("name", "left"), ("address", "left"), ("blocks", "right"), ("state", "left"),
-                         ("weights", "left"), ("tok/s", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
+                         ("weights", "left"), ("tok/s (batched)", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
                          ("version", "left")]:
         table.add_column(col, justify=justify)
     for s in data["servers"]:
@@ -73,7 +73,7 @@ def status_view(data: dict) -> Group:
     low = data.get("bottleneck")
     if low and low["blocks"] and not gaps:
         where = ", ".join(f"{a}:{b}" for a, b in low["blocks"])
-        summary.append(f"\nbottleneck {low['throughput']:.0f} tok/s (total of the servers) at blocks {where}")
+        summary.append(f"\nbottleneck {low['throughput']:.0f} tok/s (total of the servers, sessions batched) at blocks {where}")
     notes = []
     if any(s.get("bandwidth_source") == "assumed" for s in data["servers"]):
         notes.append("* network speed assumed (no peer to measure the link against yet, and no --bandwidth)")
@@ -109,11 +109,14 @@ def _weights(s: dict) -> str:
 
 
 def _speed(s: dict) -> str:
-    """A server's tokens/s, marked ``=`` when given (``--throughput N``) and ``*`` when its network
-    part is assumed."""
+    """A server's tokens/s for one session, then (where it batches to more) what it carries with
+    sessions batched: ``12 (45)``; marked ``=`` when given (``--throughput N``) and ``*`` when its
+    network part is assumed."""
     mark = "=" if s.get("throughput_source") == "given" else ""
     mark += "*" if s.get("bandwidth_source") == "assumed" else ""
-    return f"{s['throughput']:.0f}{mark}"
+    capacity = s.get("capacity", 0.0)
+    more = f" ({capacity:.0f})" if capacity >= s["throughput"] + 0.5 else ""
+    return f"{s['throughput']:.0f}{more}{mark}"
 
 
 def _ago(seconds: float) -> str:

@@ -6,6 +6,11 @@
   threads, CPU) and cached in ``$SWARM_HOME/throughput.json``, as the reference system does, so
   restarts announce at once.
 - network: the link's bandwidth ÷ the bits of one token's hidden state on the wire.
+
+And what it carries with its sessions batched (``capacity``): the same with :data:`CAPACITY_BATCH`
+sessions' decode steps in each pass (:func:`measure_batch_throughput`), for balancing, which
+places servers by what the swarm can carry; routing takes the one-session figure (a token's
+latency) and the announced load.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from swarm.engine.default_model import swarm_home, usable_home
 
 ASSUMED_BANDWIDTH_MBIT = 100.0  # announced when nothing was measured or given (status marks it "assumed")
 WIRE_BITS = 32  # bits per value of a hidden state on the wire by default: a float32 server's (--wire-dtype auto)
+CAPACITY_BATCH = 8  # sessions per pass at which a batching server's capacity is measured (a typical busy batch)
 
 
 def measure_block_throughput(blocks: BlockRange, seconds: float = 0.3, max_steps: int = 128, context: int = 32) -> float:
@@ -41,6 +47,38 @@ def measure_block_throughput(blocks: BlockRange, seconds: float = 0.3, max_steps
             steps += 1
         elapsed = time.perf_counter() - t
     return steps / elapsed
+
+
+def measure_batch_throughput(blocks: BlockRange, batch: int, seconds: float = 0.3, max_steps: int = 64,
+                             context: int = 32) -> float:
+    """Decode steps per second of one block with ``batch`` sessions' steps in each pass, as a
+    batching server runs them (linears attached and pooled: :meth:`BlockRange.run_batch`); the
+    steps of all sessions count. As :func:`measure_block_throughput` otherwise."""
+    from swarm.engine.adapters import attach
+
+    one = blocks.sub(blocks.start, blocks.start + 1)
+    attach(one)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, context + 1 + max_steps, blocks.config.hidden_size, generator=generator)
+    sessions = [one.open_session(batch=1, max_length=context + max_steps + 2) for _ in range(batch)]
+    try:
+        with torch.no_grad():
+            for i, kv in enumerate(sessions):
+                one(hidden[i : i + 1, :context], kv)
+
+            def step(at: int) -> None:
+                one.run_batch([(hidden[i : i + 1, at : at + 1], kv) for i, kv in enumerate(sessions)])
+
+            step(context)  # warm up
+            steps, t = 0, time.perf_counter()
+            while steps < max_steps and (steps < 4 or time.perf_counter() - t < seconds):
+                step(context + 1 + steps)
+                steps += 1
+            elapsed = time.perf_counter() - t
+    finally:
+        for kv in sessions:
+            kv.close()
+    return steps * batch / elapsed
 
 
 def parse_throughput(spec: str) -> str | float:
@@ -70,19 +108,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def cache_key(model: str, dtype: torch.dtype, quantization: str = "none") -> str:
-    """What a block's speed depends on: the model, dtype, quantization, threads and processor."""
+def cache_key(model: str, dtype: torch.dtype, quantization: str = "none", batch: int = 1) -> str:
+    """What a block's speed depends on: the model, dtype, quantization, threads and processor (and
+    the sessions per pass, for a batched figure)."""
     dtype_name = str(dtype).removeprefix("torch.")
-    return f"{model}/{dtype_name}/quant={quantization}/threads={torch.get_num_threads()}/cpu={cpu_name()}"
+    key = f"{model}/{dtype_name}/quant={quantization}/threads={torch.get_num_threads()}/cpu={cpu_name()}"
+    return key if batch == 1 else f"{key}/batch={batch}"
 
 
 def cached_block_throughput(model: str, dtype: torch.dtype, measure: Callable[[], float], refresh: bool = False,
-                            quantization: str = "none") -> tuple[float, bool]:
-    """One block's decode steps/s, cached on disk by :func:`cache_key`; ``measure()`` gives it
-    (:func:`measure_block_throughput` of a block) when it is not cached or with ``refresh``.
+                            quantization: str = "none", batch: int = 1) -> tuple[float, bool]:
+    """One block's decode steps/s (of ``batch`` sessions in each pass), cached on disk by
+    :func:`cache_key`; ``measure()`` gives it (:func:`measure_block_throughput` or
+    :func:`measure_batch_throughput` of a block) when it is not cached or with ``refresh``.
     Returns (steps/s, whether it was measured now)."""
     path = swarm_home() / "throughput.json"
-    key = cache_key(model, dtype, quantization)
+    key = cache_key(model, dtype, quantization, batch)
     try:
         cache = json.loads(path.read_text())
         figure = cache.get(key) if isinstance(cache, dict) else None
@@ -123,19 +164,27 @@ class Throughput:
     source: str = "measured"
     bandwidth_source: str = "assumed"
     block_rate: float = 0.0  # decode steps/s of one block, as measured (0: not measured)
+    capacity: float = 0.0  # tokens/s it carries with CAPACITY_BATCH sessions per pass (min with network; 0: as throughput)
+    batch_rate: float = 0.0  # decode steps/s of one block in such passes, all sessions' (0: not measured)
 
 
 def server_throughput(
     block_rate: float | None, num_blocks: int, bandwidth_mbit: float, hidden_size: int,
     given: float | None = None, source: str = "measured", bandwidth_source: str = "assumed", wire_bits: int = WIRE_BITS,
+    batch_rate: float | None = None,
 ) -> Throughput:
     """min(compute, network) for a server of ``num_blocks`` blocks, one of which runs ``block_rate``
     decode steps/s, on a link of ``bandwidth_mbit``; ``given`` (``--throughput NUMBER``) replaces
-    the minimum (compute is then reported as 0 unless a ``block_rate`` is known)."""
-    compute = block_rate / expected_blocks_used(num_blocks) if block_rate else 0.0
+    the minimum (compute is then reported as 0 unless a ``block_rate`` is known), and is the
+    capacity too. ``batch_rate``: the block's steps/s with sessions batched, for the capacity
+    (without it, the capacity is the throughput)."""
+    used = expected_blocks_used(num_blocks)
+    compute = block_rate / used if block_rate else 0.0
     network = network_throughput(bandwidth_mbit, hidden_size, wire_bits)
     if given is not None:
         return Throughput(given, round(compute, 2), round(network, 2), bandwidth_mbit, "given", bandwidth_source,
-                          block_rate or 0.0)
-    return Throughput(round(min(compute, network), 2), round(compute, 2), round(network, 2), bandwidth_mbit,
-                      source, bandwidth_source, block_rate or 0.0)
+                          block_rate or 0.0, given, 0.0)
+    throughput = round(min(compute, network), 2)
+    capacity = round(min(batch_rate / used, network), 2) if batch_rate else throughput
+    return Throughput(throughput, round(compute, 2), round(network, 2), bandwidth_mbit,
+                      source, bandwidth_source, block_rate or 0.0, max(capacity, throughput), batch_rate or 0.0)

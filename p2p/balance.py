@@ -67,7 +67,7 @@ class Load:
             s = servers[peer_id]
             if s.state in STATES and s.start < num_blocks:
                 end = min(s.end, num_blocks)
-                load.add(peer_id, s.start, end - s.start, 1 if by_count else units(s.throughput))
+                load.add(peer_id, s.start, end - s.start, 1 if by_count else units(s.carries))
         return load
 
     def add(self, key: Hashable, start: int, count: int, weight: int) -> None:

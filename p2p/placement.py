@@ -19,8 +19,10 @@ from swarm.engine.families import CheckpointError
 from swarm.engine.memory import default_num_blocks
 from swarm.engine.throughput import (
     ASSUMED_BANDWIDTH_MBIT,
+    CAPACITY_BATCH,
     Throughput,
     cached_block_throughput,
+    measure_batch_throughput,
     measure_block_throughput,
     server_throughput,
 )
@@ -103,8 +105,9 @@ def wire_bits(cfg) -> int:
     return parse_dtype(cfg.dtype).itemsize * 8
 
 
-def _measure_one_block(checkpoint, index: int, dtype, quant: str) -> float:
-    return measure_block_throughput(checkpoint.load_blocks(index, index + 1, dtype, quant=quant))
+def _measure_one_block(checkpoint, index: int, dtype, quant: str, batch: int = 1) -> float:
+    blocks = checkpoint.load_blocks(index, index + 1, dtype, quant=quant)
+    return measure_block_throughput(blocks) if batch == 1 else measure_batch_throughput(blocks, batch)
 
 
 async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughput:
@@ -114,7 +117,7 @@ async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughpu
     ``--bandwidth``, a timed echo to known servers, or the assumed default. Runs before the
     server chooses and loads its range, so that its range is announced with its speed."""
     cfg = server.cfg
-    block_rate, source = None, "given"
+    block_rate, batch_rate, source = None, None, "given"
     if isinstance(cfg.throughput, str):
         dtype = parse_dtype(cfg.dtype)
         block_rate, fresh = await server.compute(
@@ -122,6 +125,13 @@ async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughpu
             functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant), cfg.throughput == "eval",
             cfg.quant, kind="pass",
         )
+        batch = min(cfg.batch_steps, CAPACITY_BATCH)
+        if batch > 1:  # what it carries with sessions batched (a batched pass's figure: see engine.throughput)
+            batch_rate, _ = await server.compute(
+                cached_block_throughput, server.model, dtype,
+                functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant, batch),
+                cfg.throughput == "eval", cfg.quant, batch, kind="pass",
+            )
         source = "measured" if fresh else "cached"
     if cfg.bandwidth is not None:
         mbit, mbit_source = cfg.bandwidth, "given"
@@ -131,7 +141,7 @@ async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughpu
     return server_throughput(
         block_rate, count, mbit, server.checkpoint.config.hidden_size,
         given=None if isinstance(cfg.throughput, str) else float(cfg.throughput),
-        source=source, bandwidth_source=mbit_source, wire_bits=wire_bits(cfg),
+        source=source, bandwidth_source=mbit_source, wire_bits=wire_bits(cfg), batch_rate=batch_rate,
     )
 
 
@@ -153,7 +163,7 @@ async def measure_bandwidth_later(server: Placed) -> None:
             server.speed = server_throughput(
                 server.speed.block_rate, end - start, round(measured, 1),
                 server.checkpoint.config.hidden_size, source=server.speed.source, bandwidth_source="measured",
-                wire_bits=wire_bits(server.cfg),
+                wire_bits=wire_bits(server.cfg), batch_rate=server.speed.batch_rate,
             )
             log.info("link measured: %.0f Mbit/s; announcing %.1f tokens/s", measured, server.speed.throughput)
 

@@ -347,6 +347,7 @@ class BlockServer:
             end=self.end_block,
             state=self.state,
             throughput=self.speed.throughput,
+            capacity=self.speed.capacity,
             dtype=self.cfg.dtype,
             quant=quantization(self.blocks) if self.blocks is not None else self.cfg.quant,
             weight_bytes=weight_bytes(self.blocks) if self.blocks is not None else 0,

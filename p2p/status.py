@@ -85,6 +85,7 @@ def status_report(
             "blocks": [s.start, s.end],
             "state": s.state if p in reachable else "unreachable",
             "throughput": s.throughput,
+            "capacity": s.carries,
             "throughput_source": s.throughput_source,
             "compute": s.compute,
             "network": s.network,

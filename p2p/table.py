@@ -85,6 +85,7 @@ class ServerInfo:
     end: int
     state: str = "online"
     throughput: float = 1.0  # tokens/s this server can add to a chain (min of compute and network)
+    capacity: float = 0.0  # tokens/s it carries with sessions batched (engine.throughput.CAPACITY_BATCH; 0: as throughput)
     dtype: str = "float32"
     quant: str = "none"  # its blocks' linears: none, int8 or nf4
     weight_bytes: int = 0  # bytes its blocks' weights take in its memory
@@ -106,6 +107,12 @@ class ServerInfo:
     moves: tuple = ()  # recent moves: (unix time, from start, from end, to start, to end), oldest first
     model_name: str = ""  # what people call the model (:func:`model_name`; "" from servers before it was announced)
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
+
+    @property
+    def carries(self) -> float:
+        """Tokens/s it carries for the swarm, its sessions batched (what balancing places servers
+        by); its one-session throughput where it announced no capacity."""
+        return max(self.capacity, self.throughput)
 
     def to_wire(self) -> dict:
         data = asdict(self)
@@ -129,6 +136,7 @@ class ServerInfo:
                 end=int(data["end"]),
                 state=str(data.get("state", "online")),
                 throughput=float(data.get("throughput", 1.0)),
+                capacity=float(data.get("capacity", 0.0)),
                 dtype=str(data.get("dtype", "float32")),
                 quant=str(data.get("quant", "none")),
                 weight_bytes=_count(data.get("weight_bytes", 0)),
@@ -157,7 +165,7 @@ class ServerInfo:
                 or not 0 <= info.weight_bytes < 2**62 or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
                 or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf
                 or not 0 <= info.queued < 2**31 or not 0 <= info.batch <= 1 << 16 or not 1 <= info.max_batch <= 1 << 16
-                or not all(0 <= x < math.inf for x in (info.compute, info.network, info.bandwidth))
+                or not all(0 <= x < math.inf for x in (info.compute, info.network, info.bandwidth, info.capacity))
                 or info.bandwidth_source not in BANDWIDTH_SOURCES or info.throughput_source not in THROUGHPUT_SOURCES
                 or not all(math.isfinite(m[0]) and 0 <= m[1] < m[2] and 0 <= m[3] < m[4] for m in info.moves)):
             raise ValueError(f"malformed server announcement: state {info.state!r}, blocks {info.start}:{info.end}")
@@ -263,7 +271,7 @@ def coverage(
         s = servers[peer_id]
         if s.state in states:
             for b in range(s.start, min(s.end, num_blocks)):
-                totals[b] += s.throughput
+                totals[b] += s.carries
     return totals
 
 

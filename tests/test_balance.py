@@ -61,6 +61,9 @@ def test_best_start_is_the_lexicographic_rule():
         ((_server("a", 0, 4), _server("b", 0, 2, 3, state="joining"), _server("c", 2, 4, 9, state="offline")),
          [4, 4, 1, 1], 1.0),
         ((_server("a", 2, 9, 0.25),), [0, 0, 0.25, 0.25], 0.0),  # ranges clipped to the model
+        # a server that batches counts with what it carries batched (its capacity), not one session's speed
+        ((_server("a", 0, 2, 1.0), ServerInfo(PeerId("b"), (), "m", 1, 4, throughput=1.0, capacity=4.0)),
+         [1, 5, 4, 4], 1.0),
     ],
 )
 def test_block_throughputs_and_bottleneck(servers, totals, neck):

@@ -12,7 +12,14 @@ import torch
 
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.memory import GIB, RESERVED_BYTES, block_bytes, default_num_blocks, kv_bytes_per_token
-from swarm.engine.throughput import ASSUMED_BANDWIDTH_MBIT, network_throughput, parse_throughput, server_throughput
+from swarm.engine.throughput import (
+    ASSUMED_BANDWIDTH_MBIT,
+    CAPACITY_BATCH,
+    measure_batch_throughput,
+    network_throughput,
+    parse_throughput,
+    server_throughput,
+)
 from swarm.p2p.loop import run
 from swarm.p2p.server import BlockServer, ServerConfig
 
@@ -30,18 +37,27 @@ def test_auto_uses_the_cache_eval_measures_again_and_a_number_is_announced(tmp_p
     model = tiny_checkpoints["llama"]
     speed, info = run(_speed(model, "auto"))  # measured once, cached
     cache = tmp_path / "throughput.json"
-    (key, block_rate), = json.loads(cache.read_text()).items()
+    figures = json.loads(cache.read_text())
+    (key, block_rate), = ((k, v) for k, v in figures.items() if "/batch=" not in k)
     assert "/float32/quant=none/threads=" in key and "/cpu=" in key
     # compute: one block's steps/s ÷ the blocks a request is expected to use, (3 + 1) / 2
     assert speed.source == "measured" and speed.compute == pytest.approx(block_rate / 2, abs=0.01)
+    # and with 8 sessions' steps in each pass (the server batches up to 32): its capacity
+    batch_rate = figures[f"{key}/batch={CAPACITY_BATCH}"]
+    assert speed.batch_rate == batch_rate and info.capacity == pytest.approx(max(min(batch_rate / 2, speed.network), info.throughput), abs=0.01)
+    del figures[f"{key}/batch={CAPACITY_BATCH}"]
+    cache.write_text(json.dumps(figures))
+    _, info = run(_speed(model, "auto", batch_steps=1))  # one session at a time: it carries its throughput
+    assert info.capacity == info.throughput and f"{key}/batch={CAPACITY_BATCH}" not in json.loads(cache.read_text())
     # alone in its swarm, nobody to measure the link against: assumed, and marked so
     assert speed.bandwidth_source == "assumed" and speed.bandwidth == ASSUMED_BANDWIDTH_MBIT
     assert info.throughput == min(speed.compute, speed.network) and info.bandwidth_source == "assumed"
-    cache.write_text(json.dumps({key: 123456.0}))
+    cache.write_text(json.dumps({key: 123456.0, f"{key}/batch={CAPACITY_BATCH}": 500000.0}))
     speed, info = run(_speed(model, "auto", bandwidth=10.0))
     assert speed.source == "cached" and speed.compute == 61728.0
     assert speed.bandwidth_source == "given" and speed.network == round(network_throughput(10.0, 64), 2)
     assert info.throughput == speed.network  # the link is the limit here
+    assert info.capacity == speed.network  # for batched sessions' hidden states too
     speed, _ = run(_speed(model, "eval"))
     assert speed.source == "measured" and json.loads(cache.read_text())[key] != 123456.0
     speed, info = run(_speed(model, 7.5))
@@ -54,6 +70,17 @@ def test_throughput_is_the_least_of_compute_and_network():
     slow_link = server_throughput(300.0, 1, 1.0, 4096)  # 1 Mbit/s carries 7.6 hidden states a second
     assert slow_link.throughput == slow_link.network == 7.63
     assert server_throughput(None, 4, 1.0, 4096, given=42.0).throughput == 42.0
+    batched = server_throughput(300.0, 5, 1000.0, 4096, batch_rate=1200.0)  # 8 sessions: 1200 steps/s of a block
+    assert (batched.throughput, batched.capacity) == (100.0, 400.0)
+    assert server_throughput(300.0, 5, 10.0, 4096, batch_rate=1200.0).capacity == 76.29  # the link's limit
+    assert server_throughput(300.0, 5, 1000.0, 4096).capacity == 100.0  # not measured: its throughput
+    assert server_throughput(None, 4, 1.0, 4096, given=42.0).capacity == 42.0
+
+
+def test_batch_throughput_counts_every_session_of_a_pass(tiny_checkpoints):
+    blocks = Checkpoint(tiny_checkpoints["llama"]).load_blocks(0, 2)
+    rate = measure_batch_throughput(blocks, 4, seconds=0.05)
+    assert 0 < rate < float("inf") and blocks.batch_exact is False  # measured on its own attached copy of a block
 
 
 @pytest.mark.parametrize("spec", ["0", "-3", "abc", "nan", "inf", ""])
