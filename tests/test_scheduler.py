@@ -269,3 +269,65 @@ def test_a_backward_nobody_waits_for_stops_between_blocks(tiny_checkpoints):
     with pytest.raises(StepCancelled, match="backward"):
         run_backward(blocks, hidden, torch.randn_like(hidden), None, None, check)
     assert len(calls) == blocks.end + 2  # four forwards, then the first two blocks' backward checks
+
+
+def test_other_peers_steps_run_inside_a_batched_pass_exactly(tiny_checkpoints):
+    """A batched pass of one peer's steps lets another peer's waiting step run between its blocks
+    (not that peer's own later step: it waits for the next pass); every output equals its step
+    alone."""
+    import torch
+
+    from swarm.engine.adapters import attach
+    from swarm.engine.checkpoint import Checkpoint
+
+    blocks = attach(Checkpoint(tiny_checkpoints["llama"]).load_blocks(0, 4))
+    size = blocks.config.hidden_size
+
+    def session(cached: int, seed: int):
+        kv = blocks.open_session(1, 32)
+        with torch.no_grad():
+            blocks(torch.randn(1, cached, size, generator=torch.Generator().manual_seed(seed)), kv)
+        return kv
+
+    generator = torch.Generator().manual_seed(7)
+    specs = [("hog", 5, 1), ("hog", 9, 4), ("hog", 2, 1), ("user", 7, 1), ("hog", 3, 1)]  # the last two come mid-pass
+    inputs = [torch.randn(1, n, size, generator=generator) for _, _, n in specs]
+    with torch.no_grad():
+        expected = [blocks.run_batch([(h, session(c, i))])[0] for i, ((_, c, _), h) in enumerate(zip(specs, inputs))]
+
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    queue = ComputeQueue(executor, max_batch=8, max_positions=1024)
+    gate, submitted, checks, done_at = threading.Event(), threading.Event(), [], {}
+    executor.submit(gate.wait, 10)  # the compute thread is busy until the pass's steps all wait
+
+    def hog_stop() -> bool:  # called before each block of the pass
+        checks.append(1)
+        if len(checks) == 2:
+            submitted.wait(10)
+        return False
+
+    key = (id(blocks.blocks[0]), blocks.end)
+    futures = []
+
+    def submit(i: int, stop) -> None:
+        peer, cached, n = specs[i]
+        work = Work(peer=peer, kind="step", positions=n, batch_key=key, batch=(blocks, inputs[i], session(cached, i), stop))
+        futures.append(queue.submit(work))
+        futures[-1].add_done_callback(lambda f: done_at.setdefault(i, len(checks)))
+
+    for i in range(3):
+        submit(i, hog_stop)
+    gate.set()
+    deadline = time.monotonic() + 30
+    while len(checks) < 2:
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.001)
+    submit(3, lambda: False)
+    submit(4, lambda: False)
+    submitted.set()
+    outputs = [f.result(30)[0] for f in futures]
+    assert done_at[3] == 2 < done_at[0]  # the other peer's step ran before the pass's next block
+    assert done_at[4] >= done_at[0] and queue.preempted == 1  # the same peer's waited for the pass to end
+    for i, (got, want) in enumerate(zip(outputs, expected)):
+        assert torch.equal(got, want), i
+    executor.shutdown()
