@@ -363,7 +363,6 @@ class BlockRange(torch.nn.Module):
         self,
         steps: list[tuple[torch.Tensor, SessionKV]],
         should_stop: Callable[[], bool] | None = None,
-        between: Callable[[], None] | None = None,
     ) -> list[torch.Tensor]:
         """The steps of several sessions of batch 1 (``(hidden [1, seq, hidden], session)``, each
         at most :data:`PREFILL_CHUNK` positions) as one pass: attention runs per session (decode
@@ -372,15 +371,14 @@ class BlockRange(torch.nn.Module):
         :func:`~swarm.engine.fast.run_per_segment`), the rest once. Each output is bit-identical
         to the session's step run alone (a session of batch 1 always steps this way). Blocks whose
         linears are not wrapped to run per session (not :attr:`batch_exact`) run the steps one
-        after another. ``between()`` is called before each block after the first, outside the
-        pass's context (a scheduler runs other sessions' steps there). Raises ``ValueError`` for
-        a step that does not fit its session (see :meth:`check_batch_step`); nothing has run then."""
+        after another. Raises ``ValueError`` for a step that does not fit its session (see
+        :meth:`check_batch_step`); nothing has run then."""
         for hidden, session in steps:
             self.check_batch_step(hidden, session)
         if len({id(session) for _, session in steps}) != len(steps):
             raise ValueError("a session may appear once in a batched step")
         if len(steps) > 1 and not self.batch_exact:
-            return [self.run_batch([step], should_stop, between)[0] for step in steps]
+            return [self.run_batch([step], should_stop)[0] for step in steps]
         segments = []
         for hidden, session in steps:
             segment = StepContext(past=session.length, seq=hidden.shape[1])
@@ -391,12 +389,6 @@ class BlockRange(torch.nn.Module):
         token = SEGMENTS.set(tuple(s.seq for s in segments))
         try:
             for i, block in enumerate(self.blocks):
-                if i and between is not None:
-                    outside = SEGMENTS.set(None)  # what runs there is not part of this pass
-                    try:
-                        between()
-                    finally:
-                        SEGMENTS.reset(outside)
                 if should_stop is not None and should_stop():
                     raise StepCancelled("the pass was cancelled: nobody waits for its result any more")
                 x = block(x, ctx, [(session.keys[i], session.values[i]) for _, session in steps])

@@ -22,11 +22,6 @@ The queue decides with :func:`pick`, a pure function over what waits:
   next token waits for one block of someone's backward, not all of it. Hence, when the oldest
   pass has waited :data:`PASS_PATIENCE` behind steps, passes go first (in their own turns):
   steady inference cannot starve training.
-- **Others' steps inside a batched pass.** A pass of steps calls :meth:`ComputeQueue.others_between`
-  before each of its blocks: the steps of peers with none in the pass that wait then run (one
-  pick of them, a pass of their own), so a person's token waits for one block of another peer's
-  batch, not all of it, and is not held up in a pass as large as that peer's sessions make it.
-  Passes run inside another run nothing inside themselves.
 """
 
 from __future__ import annotations
@@ -141,8 +136,6 @@ class ComputeQueue:
         self._last_peer: dict[str, str] = {}  # per kind: the peer served last
         self.steps = self.passes = self.batched_steps = 0
         self.interleaved = 0  # times steps ran inside a long pass (see between)
-        self.preempted = 0  # times other peers' steps ran inside a batched pass (see others_between)
-        self._inside = False  # compute thread: a pass runs inside another now (nothing more nests)
         self.occupancy = 1.0  # the recent mean number of sessions per batched pass (moving average)
 
     def waiting(self) -> int:
@@ -201,36 +194,12 @@ class ComputeQueue:
         """On the compute thread, inside a running pass (before one of its blocks): run the
         steps that wait, one :func:`pick` of them, under ``suspend()`` (which takes what the pass
         lent the blocks off them, e.g. :func:`swarm.engine.adapters.suspended`)."""
-        if self._inside:
-            return
         with self._lock:
             chosen = self._take([w for w in self._waiting if w.kind == "step" and not w.future.cancelled()])
         if chosen:
             self.interleaved += 1
             with suspend(), torch.no_grad():
-                self._run_inside(chosen)
-
-    def others_between(self, peers: set[str]) -> None:
-        """On the compute thread, inside a batched pass of the steps of ``peers`` (before one of
-        its blocks): run the steps of other peers that wait, one :func:`pick` of them."""
-        if self._inside:
-            return
-        with self._lock:
-            if not any(w.kind == "step" and w.peer not in peers for w in self._waiting):
-                return
-            chosen = self._take([w for w in self._waiting
-                                 if w.kind == "step" and w.peer not in peers and not w.future.cancelled()])
-        if chosen:
-            self.preempted += 1
-            with torch.no_grad():
-                self._run_inside(chosen)
-
-    def _run_inside(self, chosen: list[Work]) -> None:
-        self._inside = True
-        try:
-            self._run(chosen)
-        finally:
-            self._inside = False
+                self._run(chosen)
 
     def _take(self, candidates: list[Work], now: float | None = None) -> list[Work]:
         """Under the lock: :func:`pick` among ``candidates``, taken off the queue, their peer's
@@ -263,11 +232,9 @@ class ComputeQueue:
             return
         blocks = ready[0].batch[0]
         stops = [w.batch[3] for w in ready]
-        peers = {w.peer for w in ready}
         try:
             with torch.no_grad():
-                outputs = blocks.run_batch([(w.batch[1], w.batch[2]) for w in ready], lambda: all(s() for s in stops),
-                                           between=None if self._inside else lambda: self.others_between(peers))
+                outputs = blocks.run_batch([(w.batch[1], w.batch[2]) for w in ready], lambda: all(s() for s in stops))
         except BaseException as exc:  # handed to every awaiting step
             for work in ready:
                 work.future.set_exception(exc)
