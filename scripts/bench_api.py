@@ -1,5 +1,5 @@
 """`swarm api` against the Python API and `swarm generate`: time to first token and decode speed of
-one streamed request, and aggregate tokens/s with 1, 4 and 8 requests at once.
+one streamed request, and aggregate tokens/s with 1, 4, 8 and 16 requests at once.
 
 3 `swarm serve` processes on loopback each hold a third of the default model's blocks; one `swarm
 api` process joins them. Each round, alternating (this machine's speed drifts), the same greedy
@@ -14,11 +14,11 @@ generation four ways:
 - by the `swarm generate --chat` command itself (TTFT from starting the process to its first
   printed text: interpreter, imports, model load and joining included).
 
-Decode tokens/s: the tokens after the first over the time after the first. Then 1, 4 and 8
+Decode tokens/s: the tokens after the first over the time after the first. Then 1, 4, 8 and 16
 concurrent streamed requests through the API: aggregate tokens/s (all tokens over the wall time of
 the batch) and their mean TTFT. Writes scripts/results/api.json (``--out``).
 
-    python scripts/bench_api.py [--tokens 32] [--rounds 3] [--concurrency 1,4,8]
+    python scripts/bench_api.py [--tokens 32] [--rounds 3] [--concurrency 1,4,8,16]
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--dtype", default="float32")
     add_out(parser, "api")
     args = parser.parse_args()
