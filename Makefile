@@ -32,6 +32,7 @@ test-fast: model  # under 2 minutes on 2 cores: no multi-process swarms, network
 bench: model  # each writes scripts/results/NAME.json; then `make docs` (bench_balance.py needs root: see docs/benchmarks.md)
 	$(PY) scripts/bench_local.py
 	$(PY) scripts/bench_swarm.py
+	$(PY) scripts/bench_wire.py
 	$(PY) scripts/bench_api.py
 	$(PY) scripts/bench_recovery.py
 	$(PY) scripts/bench_finetune.py

@@ -318,6 +318,26 @@ def swarm_wire() -> str:
                   "throughput"], "lrr", rows)
 
 
+WIRE_PATHS = {
+    "swarm": "swarm's path (asyncio ↔ trio, yamux)",
+    "trio": "trio only (yamux, raw bytes)",
+    "mplex": "swarm's path over mplex",
+}
+
+
+def wire_paths() -> str:
+    data = results("wire")
+    rows = data["rows"]
+    sizes = data["settings"]["sizes"]
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    cell = {(r["path"], r["frame"]): r["round_trip_ms"] for r in rows}
+    body = [[WIRE_PATHS.get(p, p), *(f"{cell[(p, s)]:.2f}" for s in sizes)] for p in paths]
+    return (f"Generated from {ran('wire')}: medians of {data['settings']['repeats']} round trips per frame size "
+            f"(fewer for 1 MB), the paths alternating.\n\n"
+            + table(["round trip, ms (one frame out and echoed back, two hosts in one process)", *sizes],
+                    "l" + "r" * len(sizes), body))
+
+
 API_PATHS = {
     "api": "`swarm api` (persistent client), streamed",
     "reused": "`swarm.open` reused in-process (a chain per request)",
@@ -506,6 +526,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "local": local,
     "swarm_decode": swarm_decode,
     "swarm_wire": swarm_wire,
+    "wire_paths": wire_paths,
     "api_paths": api_paths,
     "api_concurrency": api_concurrency,
     "recovery": recovery,
