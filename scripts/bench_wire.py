@@ -26,11 +26,10 @@ import struct
 import time
 
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
-import torch
-from libp2p.custom_types import TProtocol
-
 import swarm.p2p.host as host_module
+import torch
 from bench_common import add_out, write_results
+from libp2p.custom_types import TProtocol
 from swarm.p2p.host import Host
 from swarm.p2p.loop import run
 from swarm.p2p.streams import Stream
