@@ -174,7 +174,8 @@ def create_app(backend: Backend) -> Starlette:
                 return Response(status_code=499)  # the client left while waiting
             raise ApiError(429, f"no generation slot was free within {WAIT_TIMEOUT:.0f} s (--max-requests "
                                 f"{backend.cfg.max_requests}); try again shortly", code="busy")
-        choices = Choices(backend, prompt_ids, gen, sampling.stop, adapter, n, sampling.logprobs, sampling.echo)
+        choices = Choices(backend, prompt_ids, gen, sampling.stop, adapter, n, sampling.logprobs, sampling.echo,
+                          score_only=sampling.max_tokens == 0)
         handed_over = False
 
         def done() -> None:

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
+from swarm.api.logprobs import stable
 from swarm.api.requests import ApiError
 from swarm.config import ClientOptions, check
 from swarm.engine.adapter_io import Adapter, load_adapter
-from swarm.engine.generation import GenerationConfig, TokenLogprob, generate
+from swarm.engine.generation import GenerationConfig, TokenLogprob, generate, score_prompt
 from swarm.facade import Swarm
 from swarm.p2p.table import gaps, model_name
 
@@ -204,7 +205,9 @@ class StopScanner:
     def push(self, token: int) -> str:
         """The new text that is sure to stay; sets ``stopped`` when a stop string appeared."""
         self.tokens.append(token)
-        self.offsets.append(len(self.full))
+        # where its text begins: after the text that is sure (an incomplete character at the end,
+        # "\ufffd" until a later token completes it, begins where this token's text may)
+        self.offsets.append(max(len(stable(self.full)), self.offsets[-1] if self.offsets else 0))
         text = self.full = self.decode(self.tokens)
         cut = self._first_stop(text)
         if cut is not None:
@@ -264,11 +267,15 @@ class Job:
     then an end or an error), on ``events`` (its own queue unless given one, tagged with
     ``index``); :meth:`cancel` stops it at once. ``logprobs``: the top alternatives per token to
     report with each delta (None: none); ``echo``: also the prompt's (:attr:`prompt_logprobs`, set
-    before the first event). Create on the HTTP loop."""
+    before the first event), scored here or, given ``prompt_from``, taken from that job (the
+    same prompt: the choices of a request score it once). ``score_only``: no token, the prompt's
+    log-probabilities alone (a completion's ``max_tokens`` 0 with ``echo``). Create on the HTTP
+    loop."""
 
     def __init__(self, backend: Backend, prompt_ids: list[int], gen: GenerationConfig, stops: tuple[str, ...],
                  adapter: Adapter | None, index: int = 0, events: asyncio.Queue | None = None,
-                 logprobs: int | None = None, echo: bool = False):
+                 logprobs: int | None = None, echo: bool = False, prompt_from: Job | None = None,
+                 score_only: bool = False):
         self.backend, self.prompt_ids, self.gen, self.adapter = backend, prompt_ids, gen, adapter
         self.index = index
         self.scanner = StopScanner(backend.decode, stops)
@@ -277,8 +284,12 @@ class Job:
         self.chain = None  # the RemoteChain serving it, once open
         self.finished = False
         self.top = logprobs  # as engine.generation.Scores
-        self.on_prompt = self._on_prompt if echo and logprobs is not None else None
+        scored = echo and logprobs is not None
+        self.on_prompt = self._on_prompt if scored and prompt_from is None else None
+        self.prompt_from = prompt_from if scored else None
+        self.score_only = score_only
         self.prompt_logprobs: list[TokenLogprob] = []
+        self.prompt_done = threading.Event()  # set once prompt_logprobs is final (or the job ended)
         self._logprobs: list[TokenLogprob] = []  # one per token, as the scanner's
         self._reported = 0  # tokens whose log-probabilities went out
         self._cancelled = False
@@ -310,6 +321,9 @@ class Job:
     # --- the job's thread ---------------------------------------------------------------------
 
     def _emit(self, kind: str, text: str = "", **fields) -> None:
+        if self.prompt_from is not None and kind != "error":  # the echoed prompt's scores, before the first text
+            self.prompt_from.prompt_done.wait(self.backend.event_timeout())
+            self.prompt_logprobs, self.prompt_from = self.prompt_from.prompt_logprobs, None
         event = Event(kind, text, index=self.index, **fields)
         if kind in ("text", "end") and self.top is not None:
             shown = self.scanner.shown()
@@ -324,6 +338,13 @@ class Job:
     def _run(self) -> None:
         try:
             prefix = self.adapter.prompt if self.adapter is not None else None
+            if self.score_only:
+                if self.on_prompt is not None:
+                    open_session = self._open_swarm if self.backend.swarm is not None else self._open_local()
+                    self._on_prompt(score_prompt(self.backend.client_model.head, open_session, self.prompt_ids,
+                                                 self.top, prefix))
+                self._emit("end", finish="length")
+                return
             open_session = self._open_swarm if self.backend.swarm is not None else self._open_local()
             generate(self.backend.client_model.head, open_session, self.prompt_ids, self.gen, self._on_token,
                      prefix=prefix, scores=self if self.top is not None else None)
@@ -341,10 +362,12 @@ class Job:
             self._emit("error", error=api_error(exc))
         finally:
             self.finished = True
+            self.prompt_done.set()
             self.backend.jobs.discard(self)
 
     def _on_prompt(self, logprobs: list[TokenLogprob]) -> None:
         self.prompt_logprobs = logprobs
+        self.prompt_done.set()
 
     def on_token(self, logprob: TokenLogprob) -> None:
         """(engine.generation.Scores) a token's log-probability, just before :meth:`_on_token`."""
@@ -400,14 +423,16 @@ class Choices:
     samples with ``seed + i``: what that seed gives alone."""
 
     def __init__(self, backend: Backend, prompt_ids: list[int], gen: GenerationConfig, stops: tuple[str, ...],
-                 adapter: Adapter | None, n: int = 1, logprobs: int | None = None, echo: bool = False):
+                 adapter: Adapter | None, n: int = 1, logprobs: int | None = None, echo: bool = False,
+                 score_only: bool = False):
         self.backend = backend
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.jobs = [
-            Job(backend, prompt_ids, gen if gen.seed is None else replace(gen, seed=(gen.seed + i) % 2**64), stops,
-                adapter, index=i, events=self.events, logprobs=logprobs, echo=echo)
-            for i in range(n)
-        ]
+        self.jobs: list[Job] = []
+        for i in range(n):
+            seeded = gen if gen.seed is None else replace(gen, seed=(gen.seed + i) % 2**64)
+            self.jobs.append(Job(backend, prompt_ids, seeded, stops, adapter, index=i, events=self.events,
+                                 logprobs=logprobs, echo=echo, prompt_from=self.jobs[0] if i else None,
+                                 score_only=score_only))
 
     def start(self) -> None:
         for job in self.jobs:

@@ -14,6 +14,12 @@ from collections.abc import Callable, Sequence
 from swarm.engine.generation import TokenLogprob
 
 MAX_TOKEN_NAMES = 65536  # token texts remembered per request
+LOOKBACK = 4  # tokens before one decoded with it to find its text (a leading space, a character's earlier bytes)
+
+
+def stable(text: str) -> str:
+    """``text`` without the replacement characters that end it (bytes of a character not complete yet)."""
+    return text.rstrip("\ufffd")
 
 
 class Logprobs:
@@ -42,6 +48,7 @@ class Logprobs:
                 top: dict[str, float] = {}
                 for token, value in entry.top:
                     top.setdefault(self.name(token), value)
+                top.setdefault(self.name(entry.token), entry.logprob)  # as OpenAI's: the chosen token is among them
                 tops.append(top)
             else:
                 tokens.append(self.name(entry))
@@ -59,10 +66,15 @@ class Logprobs:
 
     def prompt(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprob]) -> tuple[list, list[int]]:
         """The echoed prompt's entries and offsets: its first token bare, then ``scored`` (the
-        log-probabilities of the others); offsets from each token's own text."""
+        log-probabilities of the others). A token's offset is where its text begins in the
+        prompt's decoding, found by decoding it with the few tokens before it (a linear pass,
+        not a decoding of every prefix)."""
         entries: list[TokenLogprob | int] = [prompt_ids[0], *scored] if prompt_ids else []
+        ids = list(prompt_ids)
         offsets, at = [], 0
-        for token in prompt_ids:
+        for i in range(len(ids)):
             offsets.append(at)
-            at += len(self.name(token))
+            lo = max(0, i - LOOKBACK)
+            before = len(stable(self.decode(ids[lo:i]))) if i > lo else 0
+            at += max(0, len(stable(self.decode(ids[lo : i + 1]))) - before)
         return entries, offsets

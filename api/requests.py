@@ -116,6 +116,7 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
     n = _integer(body, "n", 1, MAX_CHOICES) or 1
     _refuse_unless(body, "best_of", (None, 1), "no server-side ranking of candidates (ask for n choices instead)")
     logprobs, echo = _logprobs(body, chat)
+    least = 0 if echo else 1  # max_tokens 0 with echo: the prompt (and its log-probabilities) alone, as OpenAI's
     _refuse_unless(body, "suffix", (None, ""), "no insertion (suffix)")
     _refuse_unless(body, "logit_bias", (None, {}), "no logit bias")
     for name in ("tools", "functions"):
@@ -125,7 +126,7 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
         raise bad("response_format is not supported by swarm api: only plain text", "response_format")
 
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
-    given = [_integer(body, n, 1) for n in names]  # every one is checked, the first given is taken
+    given = [_integer(body, name, least) for name in names]  # every one is checked, the first given is taken
     max_tokens = next((v for v in given if v is not None), None)
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
     top_p = _number(body, "top_p", 0.0, 1.0, 1.0, low_open=True)

@@ -43,6 +43,8 @@ class FrozenLinear(nn.Module):
     """A linear layer whose weight is frozen and kept in some other form than ``nn.Linear``'s
     (packed, quantized). Adapters wrap these like ``nn.Linear`` (gradients flow to the input)."""
 
+    rows_interact = False  # whether a row's output may depend on the other rows' values (never pooled then)
+
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -115,7 +117,11 @@ def invariant_rows(linear: nn.Module, dtype: torch.dtype) -> int:
     inputs of ``dtype``: a call on 1..M rows gives each row exactly the bits of a call on that row
     alone (two random draws; rows at every place of the call). Measured once per kind of module,
     weight shapes and dtypes, and thread count (what picks the kernel's path and reduction order;
-    the values do not), then remembered; 1 where it is not invariant even for 2 rows."""
+    the values do not), then remembered; 1 where it is not invariant even for 2 rows, and for a
+    module whose rows interact through their values (``rows_interact``: random inputs cannot show
+    that)."""
+    if getattr(linear, "rows_interact", False):
+        return 1
     tensors = tuple((name, t.dtype, tuple(t.shape)) for name, t in
                     [*linear.named_parameters(recurse=False), *linear.named_buffers(recurse=False)] if t is not None)
     key = (type(linear), tensors, dtype, torch.get_num_threads())

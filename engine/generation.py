@@ -182,6 +182,26 @@ def _score_prompt(head: torch.nn.Module, hidden: torch.Tensor, input_ids: list[i
     return out
 
 
+def score_prompt(
+    head: torch.nn.Module, open_session: OpenSession, input_ids: list[int], top: int, prefix: torch.Tensor | None = None,
+) -> list[TokenLogprob]:
+    """The log-probabilities of the prompt's tokens after the first (and ``top`` alternatives
+    each), from one step through a session that holds just the prompt (``prefix``: a prompt
+    adapter's embeddings before it): what :func:`generate` reports to ``scores.on_prompt``, with
+    no token generated."""
+    if not input_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    virtual = 0 if prefix is None else prefix.shape[0]
+    check_prompt_length(len(input_ids), head.max_positions, virtual)
+    session = open_session(1, virtual + len(input_ids))
+    try:
+        with torch.no_grad():
+            hidden = session.step(_embed(head, torch.tensor([input_ids]), prefix))
+            return _score_prompt(head, hidden, input_ids, top)
+    finally:
+        session.close()
+
+
 def generate(
     head: torch.nn.Module,
     open_session: OpenSession,

@@ -206,6 +206,12 @@ class QuantLinear(FrozenLinear):
 class Int8Linear(QuantLinear):
     quant = "int8"
 
+    @property
+    def rows_interact(self) -> bool:
+        """With outliers taken in float, which columns go that way is the union over the call's
+        rows: a row's float matmul then depends on the others' values (see engine.fast)."""
+        return bool(OUTLIER_THRESHOLD)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         w = weight.detach().float()

@@ -198,6 +198,20 @@ def test_stop_scanner_holds_back_what_may_start_a_stop():
     assert [scanner.push(i) for i in range(3)] == ["a", "b", "c"]
 
 
+def test_token_offsets_follow_characters_split_over_tokens():
+    """A character whose bytes come in several tokens (one replacement character per pending byte,
+    as byte-fallback tokenizers decode them): its tokens begin where it does, offsets never go
+    back, and each is reported once the character is out."""
+    texts = ["a", "a\ufffd", "a\ufffd\ufffd", "a€", "a€b"]
+    scanner = StopScanner(lambda ids: texts[len(ids) - 1], ())
+    shown = []
+    for i in range(5):
+        scanner.push(i)
+        shown.append(scanner.shown())
+    assert scanner.offsets == [0, 1, 1, 1, 2]
+    assert shown == [1, 1, 1, 4, 5] and scanner.flush() == ""
+
+
 @pytest.mark.slow
 def test_eight_concurrent_streams(tiny, client):
     ref = expected(tiny[0], 20)
@@ -262,10 +276,16 @@ def test_logprobs_and_echo(tiny, client, api):
     for i in range(1, len(lp.tokens)):
         assert lp.token_logprobs[i] == pytest.approx(whole[i - 1, ids[i]].item(), abs=1e-4), i
         top = sorted(lp.top_logprobs[i].items(), key=lambda kv: -kv[1])
-        assert len(top) <= 3 and top[0][1] == pytest.approx(whole[i - 1].max().item(), abs=1e-4)
+        assert len(top) <= 4 and lp.tokens[i] in lp.top_logprobs[i]  # the top 3 and the chosen token
+        assert top[0][1] == pytest.approx(whole[i - 1].max().item(), abs=1e-4)
         if i >= len(ref["prompt_ids"]):  # a generated (greedy) token is the most likely one
             assert top[0][0] == lp.tokens[i]
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ref["prompt_ids"])] == len(PROMPT)
+    scored = client.completions.create(model="model", prompt=PROMPT, max_tokens=0, echo=True, logprobs=3, n=2)
+    for c in scored.choices:  # the prompt alone, scored (what evaluation harnesses ask)
+        assert c.text == PROMPT and c.logprobs.tokens == lp.tokens[: len(ref["prompt_ids"])]
+        assert c.logprobs.token_logprobs == lp.token_logprobs[: len(ref["prompt_ids"])]
+    assert scored.usage.completion_tokens == 0
     plain = client.completions.create(model="model", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0)
     assert plain.choices[0].text == ref["text"] and plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[-shown:]
     streamed = []
@@ -355,7 +375,7 @@ def test_errors_have_openai_shape_and_codes(tiny, client, api):
     assert post("chat/completions", b"\xff\xfe")[0] == 400
     for body, param in [
         ({"prompt": PROMPT, "temperature": 5}, "temperature"),
-        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ({"prompt": PROMPT, "n": 17}, "n"),
         ({"prompt": PROMPT, "n": 0}, "n"),
         ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),

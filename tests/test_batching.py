@@ -89,6 +89,21 @@ class _RowCountLinear(torch.nn.Linear):
         return out + 1e-3 if x.shape[-2] > self.switch else out
 
 
+def test_int8_linears_with_outliers_never_pool():
+    """LLM.int8's outlier columns are the union over a call's rows: a row's result depends on the
+    others' values, which random inputs would not show. Such linears run once per session."""
+    from swarm.engine.quant import Int8Linear
+
+    generator = torch.Generator().manual_seed(0)
+    linear = Int8Linear(torch.randn(1536, 576, generator=generator) * 0.05, None)
+    assert linear.rows_interact and invariant_rows(linear, torch.float32) == 1
+    x = torch.randn(8, 576, generator=generator)
+    for row in range(8):  # a few outlier features per row, in other columns each
+        x[row, torch.randint(0, 576, (3,), generator=generator)] = 20.0
+    together = linear(x)
+    assert any(not torch.equal(together[r : r + 1], linear(x[r : r + 1])) for r in range(8))
+
+
 def test_invariance_is_measured_per_kind_of_linear():
     assert invariant_rows(_RowCountLinear(8, 4), torch.float32) == _RowCountLinear.switch
     _RowCountLinear.switch = 100
