@@ -153,7 +153,7 @@ class Scores(Protocol):
     on_prompt: Callable[[list[TokenLogprob]], None] | None
 
 
-PROMPT_SCORE_ROWS = 256  # prompt positions scored per LM-head call (a vocabulary's float32 logits each)
+PROMPT_SCORE_ROWS = 64  # prompt positions scored per LM-head call (a vocabulary's float32 logits each: 64 × 128k × 4 B = 32 MB)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -126,13 +126,15 @@ def test_swarm_commands_without_peers_say_what_to_pass(tiny_checkpoints):
     assert proc.returncode == 1 and "--blocks 3:9: this model has blocks 0:4" in proc.stderr
 
 
-def test_scores_are_the_models_log_probabilities(tiny_checkpoints):
+def test_scores_are_the_models_log_probabilities(tiny_checkpoints, monkeypatch):
     """``generate(scores=...)``: each new token's log-probability (and the prompt's, after a
     prompt adapter's virtual tokens) is the whole model's log-softmax at that position, the top
     alternatives in order; the tokens are those of a run without scores."""
+    from swarm.engine import generation
     from swarm.engine.checkpoint import Checkpoint
-    from swarm.engine.generation import LocalSession, generate
+    from swarm.engine.generation import LocalSession, generate, score_prompt
 
+    monkeypatch.setattr(generation, "PROMPT_SCORE_ROWS", 2)  # the prompt scored over several LM-head calls
     checkpoint = Checkpoint(tiny_checkpoints["llama"])
     head, blocks = checkpoint.load_head(torch.float32), checkpoint.load_blocks(0, checkpoint.num_blocks)
     prefix = torch.randn(3, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -158,6 +160,7 @@ def test_scores_are_the_models_log_probabilities(tiny_checkpoints):
     new = generate(head, open_session, ids, cfg, prefix=prefix, scores=scores)
     assert new == generate(head, open_session, ids, cfg, prefix=prefix)
     assert [lp.token for lp in scores.prompt] == ids[1:] and [lp.token for lp in scores.tokens] == new
+    assert score_prompt(head, open_session, ids, 4, prefix) == scores.prompt  # the prompt alone, nothing generated
     with torch.no_grad():
         whole = head.logits(blocks(head.embed(torch.tensor([ids + new]), prefix=prefix)))[0].log_softmax(-1)[3:]
     for i, lp in enumerate(scores.prompt + scores.tokens):
