@@ -117,28 +117,39 @@ def cache_key(model: str, dtype: torch.dtype, quantization: str = "none", batch:
 
 
 def cached_block_throughput(model: str, dtype: torch.dtype, measure: Callable[[], float], refresh: bool = False,
-                            quantization: str = "none", batch: int = 1) -> tuple[float, bool]:
-    """One block's decode steps/s (of ``batch`` sessions in each pass), cached on disk by
-    :func:`cache_key`; ``measure()`` gives it (:func:`measure_block_throughput` or
-    :func:`measure_batch_throughput` of a block) when it is not cached or with ``refresh``.
+                            quantization: str = "none") -> tuple[float, bool]:
+    """One block's decode steps/s, cached on disk by :func:`cache_key`; ``measure()`` gives it
+    (:func:`measure_block_throughput` of a block) when it is not cached or with ``refresh``.
     Returns (steps/s, whether it was measured now)."""
+    (figure,), fresh = cached_block_rates(model, dtype, lambda: (measure(),), (1,), refresh, quantization)
+    return figure, fresh
+
+
+def cached_block_rates(model: str, dtype: torch.dtype, measure: Callable[[], tuple[float, ...]],
+                       batches: tuple[int, ...], refresh: bool = False,
+                       quantization: str = "none") -> tuple[tuple[float, ...], bool]:
+    """One block's decode steps/s with each of ``batches`` sessions per pass, cached on disk by
+    :func:`cache_key`. ``measure()`` gives them all, one after another, when any is not cached
+    or with ``refresh``: figures that are compared (a capacity against a throughput) are taken
+    under the same conditions. Returns (steps/s per batch, whether they were measured now)."""
     path = swarm_home() / "throughput.json"
-    key = cache_key(model, dtype, quantization, batch)
+    keys = [cache_key(model, dtype, quantization, batch) for batch in batches]
     try:
         cache = json.loads(path.read_text())
-        figure = cache.get(key) if isinstance(cache, dict) else None
     except (OSError, ValueError):
-        cache, figure = {}, None
+        cache = {}
     if not isinstance(cache, dict):
         cache = {}
-    if not refresh and isinstance(figure, (int, float)) and math.isfinite(figure) and figure > 0:
-        return float(figure), False
-    cache[key] = round(measure(), 2)
+    figures = [cache.get(key) for key in keys]
+    if not refresh and all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in figures):
+        return tuple(float(f) for f in figures), False
+    measured = tuple(round(f, 2) for f in measure())
+    cache.update(zip(keys, measured))
     path = usable_home() / path.name  # HomeError (a ValueError) when it cannot take the file
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
     tmp.replace(path)
-    return cache[key], True
+    return measured, True
 
 
 def expected_blocks_used(num_blocks: int) -> float:

@@ -21,7 +21,7 @@ from swarm.engine.throughput import (
     ASSUMED_BANDWIDTH_MBIT,
     CAPACITY_BATCH,
     Throughput,
-    cached_block_throughput,
+    cached_block_rates,
     measure_batch_throughput,
     measure_block_throughput,
     server_throughput,
@@ -105,9 +105,9 @@ def wire_bits(cfg) -> int:
     return parse_dtype(cfg.dtype).itemsize * 8
 
 
-def _measure_one_block(checkpoint, index: int, dtype, quant: str, batch: int = 1) -> float:
+def _measure_one_block(checkpoint, index: int, dtype, quant: str, batches: tuple[int, ...]) -> tuple[float, ...]:
     blocks = checkpoint.load_blocks(index, index + 1, dtype, quant=quant)
-    return measure_block_throughput(blocks) if batch == 1 else measure_batch_throughput(blocks, batch)
+    return tuple(measure_block_throughput(blocks) if b == 1 else measure_batch_throughput(blocks, b) for b in batches)
 
 
 async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughput:
@@ -120,18 +120,14 @@ async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughpu
     block_rate, batch_rate, source = None, None, "given"
     if isinstance(cfg.throughput, str):
         dtype = parse_dtype(cfg.dtype)
-        block_rate, fresh = await server.compute(
-            cached_block_throughput, server.model, dtype,
-            functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant), cfg.throughput == "eval",
-            cfg.quant, kind="pass",
+        # and, batching, what it carries with sessions batched (see engine.throughput), measured together
+        batches = (1, min(cfg.batch_steps, CAPACITY_BATCH)) if cfg.batch_steps > 1 else (1,)
+        rates, fresh = await server.compute(
+            cached_block_rates, server.model, dtype,
+            functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant, batches),
+            batches, cfg.throughput == "eval", cfg.quant, kind="pass",
         )
-        batch = min(cfg.batch_steps, CAPACITY_BATCH)
-        if batch > 1:  # what it carries with sessions batched (a batched pass's figure: see engine.throughput)
-            batch_rate, _ = await server.compute(
-                cached_block_throughput, server.model, dtype,
-                functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant, batch),
-                cfg.throughput == "eval", cfg.quant, batch, kind="pass",
-            )
+        block_rate, batch_rate = rates[0], (rates[1] if len(rates) > 1 else None)
         source = "measured" if fresh else "cached"
     if cfg.bandwidth is not None:
         mbit, mbit_source = cfg.bandwidth, "given"

@@ -52,6 +52,10 @@ def test_auto_uses_the_cache_eval_measures_again_and_a_number_is_announced(tmp_p
     # alone in its swarm, nobody to measure the link against: assumed, and marked so
     assert speed.bandwidth_source == "assumed" and speed.bandwidth == ASSUMED_BANDWIDTH_MBIT
     assert info.throughput == min(speed.compute, speed.network) and info.bandwidth_source == "assumed"
+    cache.write_text(json.dumps({key: 123456.0}))  # one figure without the other: both measured again, together
+    speed, _ = run(_speed(model, "auto"))
+    figures = json.loads(cache.read_text())
+    assert speed.source == "measured" and figures[key] != 123456.0 and f"{key}/batch={CAPACITY_BATCH}" in figures
     cache.write_text(json.dumps({key: 123456.0, f"{key}/batch={CAPACITY_BATCH}": 500000.0}))
     speed, info = run(_speed(model, "auto", bandwidth=10.0))
     assert speed.source == "cached" and speed.compute == 61728.0
