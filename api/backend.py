@@ -86,6 +86,7 @@ class Backend:
         self.models: dict[str, Adapter | None] = {self.name: None, **adapters}
         self.swarm_model = handle.model_id
         self.jobs: set[Job] = set()  # running now (tests look at their chains)
+        self.forked_choices = 0  # choices that continued from another choice's prompt step
         self.started = time.time()
         self._resync: concurrent.futures.Future | None = None
 
@@ -290,6 +291,13 @@ class Job:
         self.score_only = score_only
         self.prompt_logprobs: list[TokenLogprob] = []
         self.prompt_done = threading.Event()  # set once prompt_logprobs is final (or the job ended)
+        # the choices of one request share the first's prompt step: it offers (chain, positions,
+        # output) once the prompt ran (share_prefill); the others fork that chain (prefill_from)
+        self.share_prefill = False
+        self.prefill_from: Job | None = None
+        self.prefill: tuple | None = None
+        self.prefilled = threading.Event()  # set once prefill is offered, or the job ended
+        self.forked = False  # this choice continued from another's prompt step
         self._logprobs: list[TokenLogprob] = []  # one per token, as the scanner's
         self._reported = 0  # tokens whose log-probabilities went out
         self._cancelled = False
@@ -363,6 +371,7 @@ class Job:
         finally:
             self.finished = True
             self.prompt_done.set()
+            self.prefilled.set()
             self.backend.jobs.discard(self)
 
     def _on_prompt(self, logprobs: list[TokenLogprob]) -> None:
@@ -406,8 +415,33 @@ class Job:
 
         adapter = self.adapter
         remote = ChainAdapter(adapter.tensors, adapter.spec) if adapter is not None and adapter.tensors else None
+        if self.prefill_from is not None and remote is None:
+            forked = self._fork_prefill()
+            if forked is not None:
+                return forked
         self.chain = self._call(self.backend.swarm.open_chain(batch, max_length, remote), self.backend.open_timeout())
-        return _JobChain(self, self.chain)
+        return _JobChain(self, self.chain, share=self.share_prefill)
+
+    def _fork_prefill(self) -> _JobChain | None:
+        """Choices after the first: once the first choice's chain ran the prompt, a copy of its
+        sessions at that point (the servers copy the caches) and its prompt step's output: the
+        prompt is computed once for all choices, and each continues exactly as it would alone.
+        None (then the prompt is computed anew) if that chain failed first or cannot be copied."""
+        source = self.prefill_from
+        source.prefilled.wait(self.backend.event_timeout())
+        if source.prefill is None:
+            return None
+        chain, positions, output = source.prefill
+        try:
+            self.chain = self._call(chain.fork(positions), self.backend.open_timeout())
+        except _Cancelled:
+            raise
+        except Exception as exc:  # the first choice's chain ended meanwhile, ...: compute the prompt here
+            log.info("choice %d computes the prompt itself (%s: %s)", self.index, type(exc).__name__, exc)
+            return None
+        self.forked = True
+        self.backend.forked_choices += 1
+        return _JobChain(self, self.chain, first=output)
 
     def _open_local(self):
         def before_step() -> None:
@@ -430,9 +464,11 @@ class Choices:
         self.jobs: list[Job] = []
         for i in range(n):
             seeded = gen if gen.seed is None else replace(gen, seed=(gen.seed + i) % 2**64)
-            self.jobs.append(Job(backend, prompt_ids, seeded, stops, adapter, index=i, events=self.events,
-                                 logprobs=logprobs, echo=echo, prompt_from=self.jobs[0] if i else None,
-                                 score_only=score_only))
+            job = Job(backend, prompt_ids, seeded, stops, adapter, index=i, events=self.events, logprobs=logprobs,
+                      echo=echo, prompt_from=self.jobs[0] if i else None, score_only=score_only)
+            if n > 1 and not score_only and backend.swarm is not None:  # one prompt step for all the choices
+                job.share_prefill, job.prefill_from = i == 0, self.jobs[0] if i else None
+            self.jobs.append(job)
 
     def start(self) -> None:
         for job in self.jobs:
@@ -454,14 +490,23 @@ class _JobChain:
     """A job's :class:`~swarm.p2p.chain.RemoteChain` as the engine's inference session (as
     :class:`~swarm.p2p.chain.SyncChain`, with each step cancellable by the job)."""
 
-    def __init__(self, job: Job, chain):
+    def __init__(self, job: Job, chain, share: bool = False, first: torch.Tensor | None = None):
         self.job, self.chain = job, chain
         self._cut = False  # a step was cancelled half-way: the streams may hold half a frame
+        self._share = share  # offer the prompt step's output and chain to the request's other choices
+        self._first = first  # the prompt step's output, computed by another choice's chain (forked here)
 
     def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self._first is not None:  # the prompt: what the chain this one was copied from computed
+            out, self._first = self._first.clone(), None
+            return out
         self._cut = True
         out = self.job._call(self.chain.step(hidden, hypo_ids), self.job.backend.step_timeout(len(self.chain.spans)))
         self._cut = False
+        if self._share:
+            self._share = False
+            self.job.prefill = (self.chain, self.chain.position, out)
+            self.job.prefilled.set()
         return out
 
     def close(self) -> None:

@@ -46,6 +46,19 @@ class SpanHistory:
         past = self.inputs if hypo_ids is None else self.inputs.index_select(0, hypo_ids)
         return torch.cat([past, hidden], dim=1), [*self.step_lengths, hidden.shape[1]]
 
+    def prefix(self, positions: int) -> SpanHistory:
+        """A copy of the history of its first ``positions`` positions (whole steps: ``ValueError``
+        where a step straddles them)."""
+        lengths, total = [], 0
+        for n in self.step_lengths:
+            if total >= positions:
+                break
+            lengths.append(n)
+            total += n
+        if total != positions or self.inputs is None:
+            raise ValueError(f"no history ends at position {positions} (steps of {self.step_lengths})")
+        return SpanHistory.from_replay(self.inputs[:, :positions], lengths)
+
     @classmethod
     def from_replay(cls, inputs: torch.Tensor, step_lengths: list[int]) -> SpanHistory:
         """The history of a span that was just rebuilt from ``inputs`` split into ``step_lengths``."""

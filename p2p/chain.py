@@ -202,13 +202,52 @@ class RemoteChain:
             await self.close()
             raise
 
-    async def _open_span(self, span: Span) -> SpanSession:
+    async def fork(self, positions: int) -> RemoteChain:
+        """A new chain over the same servers whose sessions begin as copies of this chain's first
+        ``positions`` positions (another continuation of the same prefix: the choices of one
+        request share their prefill), with those positions' histories (``ValueError`` for a chain
+        with an adapter, or closed). A server that cannot copy (gone, refused) is replaced as in
+        a failover: a session opened on the best server and the history replayed there, so the
+        copy is exact either way. This chain may step meanwhile: the positions before its
+        current step never change."""
+        if not 0 < positions <= self.position:
+            raise ValueError(f"cannot fork at position {positions}: this chain has {self.position} positions")
+        if self.adapter is not None:
+            raise ValueError("chains with an adapter are not forked (servers copy sessions without adapters only)")
+        if not self.sessions:
+            raise ValueError("this chain is closed")
+        child = RemoteChain(self.client, self.spans, self.batch, self.max_length, self.adapter)
+        child.position = positions
+        try:
+            for parent in list(self.sessions):
+                history = parent.history.prefix(positions)
+                failure = None
+                try:
+                    session = await child._open_span(parent.span, {"session": parent.session_id, "positions": positions})
+                    session.history = history
+                    child.sessions.append(session)
+                except SpanFailure as exc:
+                    failure = exc
+                except SwarmError as exc:  # the copy refused (its session ended meanwhile): not a failed server
+                    failure = SpanFailure(parent.span.peer_id, exc)
+                if failure is not None:
+                    sessions, _ = await child._take_over(parent.span.start, parent.span.end, history.inputs,
+                                                         history.step_lengths, failure)
+                    child.sessions.extend(sessions)
+        except BaseException:
+            await child.close()
+            raise
+        return child
+
+    async def _open_span(self, span: Span, fork: dict | None = None) -> SpanSession:
         timeout = self.client.cfg.request_timeout
         stream = None
         try:
             stream = await self.client.host.open_stream(span.peer_id, protocols.INFERENCE, timeout=timeout)
             wire = self.client.wire_for(span.peer_id)
             fields = {"start": span.start, "end": span.end, "batch": self.batch, "max_length": self.max_length}
+            if fork is not None:
+                fields["fork"] = fork
             if wire != "float32":  # the default: a server from before wire dtypes takes the open too
                 fields["wire"] = wire
             tensors = []

@@ -198,6 +198,7 @@ class Sessions:
                     raise ValueError(f"batch must be 1..{cfg.max_batch} and max_length a positive integer")
                 server.check_context(max_length, "max_length")
                 wire = session_wire(opening.fields.get("wire"))
+                fork = _fork_field(opening.fields.get("fork"), batch, max_length)
                 adapter, spec, grant = self._take_adapter(opening, blocks, peer)
             finally:
                 opening.release()  # its adapter tensors, if any, are counted in self.adapters now
@@ -216,6 +217,8 @@ class Sessions:
                 if not self._opening[peer]:
                     del self._opening[peer]
             session = _Session(uuid.uuid4().hex, peer, blocks, kv, adapter, spec, grant, wire=wire)
+            if fork is not None:  # refused: the session is freed below like any that ends
+                await self._fork(session, *fork)
             self.live[session.id] = session
             server.sessions_changed()
             log.info(
@@ -268,6 +271,21 @@ class Sessions:
                     "session %s of %s ended (%s) after %d steps and %.1f s",
                     session.id[:8], peer[-8:], ended, session.steps, time.monotonic() - session.opened,
                 )
+
+    async def _fork(self, session: _Session, parent_id: str, positions: int) -> None:
+        """Start ``session`` as a copy of the first ``positions`` cached positions of another
+        session of the same peer on the same blocks (another continuation of one prefix: the
+        choices of one request share their prefill). Copied on the compute thread, in turn with
+        the parent's steps. ``ValueError`` (a bad request; the client opens plainly and replays)
+        when there is no such session or it cannot be copied."""
+        parent = self.live.get(parent_id)
+        if parent is None or parent.peer != session.peer or parent.stop.is_set():
+            raise ValueError("fork: no open session of yours by that id here")
+        if (parent.blocks.start, parent.blocks.end) != (session.blocks.start, session.blocks.end):
+            raise ValueError(f"fork: that session holds blocks {parent.blocks.start}:{parent.blocks.end}")
+        if parent.adapter or session.adapter or parent.kv.batch != 1:
+            raise ValueError("fork: only sessions of batch 1 without adapters are copied")
+        await self.server.compute(_copy_prefix, parent.kv, session.kv, positions, peer=session.peer)
 
     def _take_adapter(
         self, frame: Frame, blocks: BlockRange, peer: str
@@ -523,6 +541,28 @@ class Sessions:
 
 
 MAX_PUSH_LINKS = 256  # distinct next servers this server keeps push streams to
+
+
+def _fork_field(value, batch: int, max_length: int) -> tuple[str, int] | None:
+    """An open's ``fork`` (``{"session": id, "positions": n}``) checked; None without one."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("session"), str) or not isinstance(value.get("positions"), int):
+        raise ValueError("fork must be {session: the id of a session of yours here, positions: a count}")
+    positions = value["positions"]
+    if batch != 1 or not 1 <= positions <= max_length:
+        raise ValueError(f"fork: positions must be 1..max_length ({max_length}) in a session of batch 1")
+    return value["session"], positions
+
+
+def _copy_prefix(source, target, positions: int) -> None:
+    """``target``'s cache becomes ``source``'s first ``positions`` positions (compute thread)."""
+    if positions > source.length or not source.keys:
+        raise ValueError(f"fork: that session has {source.length} positions cached, not {positions}")
+    for src, dst in ((source.keys, target.keys), (source.values, target.values)):
+        for a, b in zip(src, dst):
+            b[:, :, :positions].copy_(a[:, :, :positions])
+    target.length = positions
 
 
 async def _as_received(frame: Frame, i: int):

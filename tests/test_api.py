@@ -233,16 +233,19 @@ def _reference_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_n_choices_each_equal_their_seed_alone(tiny, client):
-    """n choices run together (the servers batch them); with a seed, choice i is what seed + i
-    gives alone, streamed or not; greedy choices are all the greedy text."""
-    model_dir = tiny[0]
+def test_n_choices_each_equal_their_seed_alone(tiny, client, api):
+    """n choices run together (the servers batch them) from one prompt step (the servers copy the
+    first choice's caches); with a seed, choice i is what seed + i gives alone, streamed or not;
+    greedy choices are all the greedy text."""
+    model_dir, backend = tiny[0], api[1]
+    forked = backend.forked_choices
     refs = [expected(model_dir, 10, "--temperature", "0.9", "--seed", str(5 + i)) for i in range(3)]
     assert len({r["text"] for r in refs}) > 1  # the seeds do give different texts
     r = client.completions.create(model="model", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=5, n=3)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert [c.text for c in r.choices] == [ref["text"] for ref in refs]
     assert r.usage.completion_tokens == sum(len(ref["token_ids"]) for ref in refs)
+    assert backend.forked_choices == forked + 2  # choices 1 and 2 continued from choice 0's prompt step
     texts = ["", "", ""]
     finishes = [None] * 3
     for chunk in client.completions.create(model="model", prompt=PROMPT, max_tokens=10, temperature=0.9, seed=5, n=3,
@@ -516,3 +519,24 @@ def test_server_killed_mid_stream_is_invisible(tiny, api, client, swarm, caplog,
     assert len(killed) == 1
     assert (text, finish, usage) == (ref["text"], finish_of(ref, 40), usage_of(ref))
     assert any("recovered blocks 2:4" in r.getMessage() for r in caplog.records)
+
+
+def test_history_prefix_and_fork_field():
+    """What a fork copies on the client (the history of whole steps up to a position) and what a
+    server takes as a fork request (a session of batch 1, positions within max_length)."""
+    from swarm.cache.history import SpanHistory
+    from swarm.p2p.sessions import _fork_field
+
+    history = SpanHistory()
+    steps = [torch.randn(1, n, 4) for n in (5, 1, 1)]
+    for step in steps:
+        history.record(step)
+    prefix = history.prefix(6)
+    assert prefix.step_lengths == [5, 1] and torch.equal(prefix.inputs, torch.cat(steps[:2], dim=1))
+    with pytest.raises(ValueError, match="no history ends at position 3"):
+        history.prefix(3)
+    assert _fork_field(None, 1, 16) is None and _fork_field({"session": "ab", "positions": 6}, 1, 16) == ("ab", 6)
+    for bad, batch in [({"session": "ab", "positions": 17}, 1), ({"session": "ab", "positions": 2}, 2),
+                       ({"session": 3, "positions": 2}, 1), ("ab", 1)]:
+        with pytest.raises(ValueError, match="fork"):
+            _fork_field(bad, batch, 16)
