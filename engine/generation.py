@@ -171,7 +171,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list
 
 def _score_prompt(head: torch.nn.Module, hidden: torch.Tensor, input_ids: list[int], top: int) -> list[TokenLogprob]:
     """The log-probabilities of the prompt's tokens after the first, from the first step's
-    ``hidden`` ``[1, virtual + prompt, hidden]``, a few hundred positions per LM-head call."""
+    ``hidden`` ``[1, virtual + prompt, hidden]``, :data:`PROMPT_SCORE_ROWS` positions per LM-head call."""
     out: list[TokenLogprob] = []
     ids = torch.tensor(input_ids)
     first = hidden.shape[1] - len(input_ids)  # the first prompt position (after a prompt adapter's)

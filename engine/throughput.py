@@ -53,7 +53,8 @@ def measure_batch_throughput(blocks: BlockRange, batch: int, seconds: float = 0.
                              context: int = 32) -> float:
     """Decode steps per second of one block with ``batch`` sessions' steps in each pass, as a
     batching server runs them (linears attached and pooled: :meth:`BlockRange.run_batch`); the
-    steps of all sessions count. As :func:`measure_block_throughput` otherwise."""
+    steps of all sessions count. The first block of ``blocks`` is attached in place (its modules
+    are shared: measure on blocks loaded for it). As :func:`measure_block_throughput` otherwise."""
     from swarm.engine.adapters import attach
 
     one = blocks.sub(blocks.start, blocks.start + 1)

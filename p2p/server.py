@@ -38,8 +38,8 @@ import torch
 from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach
-from swarm.engine.fast import measure_pooling
 from swarm.engine.checkpoint import PREFILL_CHUNK, BlockRange, Checkpoint, parse_dtype
+from swarm.engine.fast import measure_pooling
 from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
 from swarm.p2p import placement, protocols
