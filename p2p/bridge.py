@@ -19,6 +19,7 @@ Whatever happens on the trio side, an awaiting asyncio caller gets a result or a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -224,6 +225,11 @@ class TrioThread:
         except Exception:
             log.exception("%s: %r failed", self.name, fn)
 
+    def start_here(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """On the trio thread: start ``fn(*args)`` as a background task of the thread's nursery
+        (which owns it: cancelled and awaited when the thread stops); errors are logged."""
+        self._spawn_detached(fn, args)
+
     def _spawn_detached(self, fn, args) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(self._detached, fn, args)
@@ -309,3 +315,25 @@ class TrioThread:
         if cf.cancelled():
             raise P2PError("cancelled on the asyncio side")
         return cf.result()
+
+
+async def wait_future(future: concurrent.futures.Future) -> Any:
+    """From a trio task: the result of ``future`` (set on another thread, e.g. the compute
+    thread's), waiting without blocking trio. Cancelling the task cancels the future if its work
+    has not started."""
+    done = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def wake(_) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    except BaseException:
+        future.cancel()
+        raise
+    return future.result()

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import trio
 
 WIRE_CHOICES = ("auto", "float32", "bfloat16", "int8")  # what a client may ask for
 SESSION_WIRES = ("float32", "bfloat16", "float16", "int8")  # what an open or a pass may name (auto resolved)
@@ -142,6 +143,13 @@ async def pack_off_loop(x: torch.Tensor, wire: str) -> torch.Tensor | Int8Blocks
     if wire == "float32" or x.numel() * x.element_size() <= OFF_LOOP_BYTES:
         return pack(x, wire)
     return await asyncio.to_thread(pack, x, wire)
+
+
+async def pack_here(x: torch.Tensor, wire: str) -> torch.Tensor | Int8Blocks:
+    """:func:`pack_off_loop` for a caller on the libp2p thread (trio)."""
+    if wire == "float32" or x.numel() * x.element_size() <= OFF_LOOP_BYTES:
+        return pack(x, wire)
+    return await trio.to_thread.run_sync(pack, x, wire)
 
 
 def unpack(packed: torch.Tensor | Int8Blocks) -> torch.Tensor:

@@ -407,6 +407,24 @@ class Host:
             raise DialTimeoutError(str(exc)) from None
         return Stream(self._bridge, ns, protocol)
 
+    async def on_libp2p_thread(self, fn: Callable[..., Awaitable[object]], *args, what: str):
+        """Run ``await fn(*args)`` on the host's trio thread (trio code using the ``*_here``
+        methods of streams and hosts) and return its result; no timeout of its own (``fn`` bounds
+        its waits), cancelled with the calling task."""
+        return await self._bridge.call(fn, *args, timeout=None, what=what)
+
+    def start_here(self, fn: Callable[..., Awaitable[object]], *args) -> None:
+        """On the trio thread: a background task owned by the host (see :meth:`TrioThread.start_here`)."""
+        self._bridge.start_here(fn, *args)
+
+    def run_here_soon(self, fn: Callable[..., object], *args) -> None:
+        """From the asyncio side: ``fn(*args)`` (synchronous) soon on the trio thread."""
+        self._bridge.run_soon(fn, *args)
+
+    async def open_stream_here(self, peer_id: str, protocol: str) -> Stream:
+        """:meth:`open_stream` on the trio thread (the caller bounds the wait)."""
+        return Stream(self._bridge, await self._new_stream(_peer(peer_id), protocol), protocol)
+
     async def ping(self, peer_id: str, timeout: float = 5.0) -> float:
         """Round-trip time in seconds of one libp2p ping (32 bytes echoed on ``/ipfs/ping/1.0.0``),
         not counting the stream opening. Dials the peer if needed."""

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from swarm.p2p import hop_trace
+
 KINDS = ("step", "pass")  # in the order they are served; "pass": training passes and the server's own work
 PASS_PATIENCE = 2.0  # seconds a pass waits behind steps at most before it goes first (see fair_order)
 
@@ -212,6 +214,7 @@ class ComputeQueue:
         return chosen
 
     def _run(self, chosen: list[Work]) -> None:
+        hop_trace.mark("started")
         chosen = [w for w in chosen if w.future.set_running_or_notify_cancel()]
         if chosen and chosen[0].batch is None:
             _run_call(chosen[0])
@@ -244,6 +247,7 @@ class ComputeQueue:
         if len(ready) > 1:
             self.batched_steps += len(ready)
         self.occupancy = 0.9 * self.occupancy + 0.1 * len(ready)
+        hop_trace.mark("done")
         for work, output in zip(ready, outputs):
             work.future.set_result((output, True))
 

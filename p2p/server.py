@@ -25,8 +25,10 @@ thread keep answering while a long prefill runs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -157,6 +159,7 @@ class BlockServer:
         self.moves: list[dict] = []  # recent moves: {"time", "from", "to"}
         self.balance_checks = 0  # times the balance loop looked at the swarm
         self._served_tokens = 0  # tokens computed since the last announcement (the load announced)
+        self._served_lock = threading.Lock()
         self._served_since = time.monotonic()
         self._served_rate = 0.0
 
@@ -371,8 +374,10 @@ class BlockServer:
         )
 
     def served(self, tokens: int) -> None:
-        """Count ``tokens`` computed for a client (the load announced as ``served`` tokens/s)."""
-        self._served_tokens += tokens
+        """Count ``tokens`` computed for a client (the load announced as ``served`` tokens/s).
+        Thread-safe (sessions step on the libp2p thread)."""
+        with self._served_lock:
+            self._served_tokens += tokens
 
     async def _announce(self, direct: bool = False) -> None:
         """Publish our info on the model's topic; with ``direct``, also send it straight to every
@@ -380,8 +385,10 @@ class BlockServer:
         closes, or just after it joins the mesh, may never leave)."""
         now = time.monotonic()
         if now - self._served_since >= min(1.0, self.cfg.announce_period):
-            self._served_rate = self._served_tokens / (now - self._served_since)
-            self._served_tokens, self._served_since = 0, now
+            with self._served_lock:
+                served, self._served_tokens = self._served_tokens, 0
+            self._served_rate = served / (now - self._served_since)
+            self._served_since = now
         info = self.info()
         self.table.update(info)
         await self.host.publish(announce_topic(self.model), msgpack.packb(info.to_wire()))
@@ -518,26 +525,30 @@ class BlockServer:
                 f"{what} {positions} exceeds this model's context of {self.context} positions; shorten the prompt"
             )
 
-    async def compute(self, fn, *args, session=None, peer: str = "", kind: str = "step"):
-        """``fn(*args)`` on the compute thread (one call at a time), queued as ``peer``'s work of
+    def submit(self, fn, *args, session=None, peer: str = "", kind: str = "step") -> concurrent.futures.Future:
+        """Queue ``fn(*args)`` for the compute thread (one call at a time) as ``peer``'s work of
         ``kind`` (``"step"``: inference, first; ``"pass"``: training and the server's own work; see
-        :mod:`swarm.p2p.scheduler`). With a ``session``, its ``computing`` is the call, so
-        whoever frees the session can wait for the call to stop."""
+        :mod:`swarm.p2p.scheduler`); its future. With a ``session``, its ``computing`` is the call,
+        so whoever frees the session can wait for the call to stop. Thread-safe."""
         future = self.queue.submit(Work(peer=peer, kind=kind, fn=fn, args=args))
         if session is not None:
             session.computing = future
-        return await asyncio.wrap_future(future)
+        return future
 
-    async def compute_step(self, session, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """A plain step of ``session`` (batch 1, no adapter, at most a prefill chunk), which the
-        compute thread may run together with other sessions' (see :mod:`swarm.p2p.scheduler`);
-        returns (output, True) as :func:`~swarm.engine.steps.run_step` does."""
+    async def compute(self, fn, *args, session=None, peer: str = "", kind: str = "step"):
+        """:meth:`submit`, awaited on the event loop."""
+        return await asyncio.wrap_future(self.submit(fn, *args, session=session, peer=peer, kind=kind))
+
+    def submit_step(self, session, hidden: torch.Tensor) -> concurrent.futures.Future:
+        """Queue a plain step of ``session`` (batch 1, no adapter, at most a prefill chunk), which
+        the compute thread may run together with other sessions' (see :mod:`swarm.p2p.scheduler`);
+        its future gives (output, True) as :func:`~swarm.engine.steps.run_step` does. Thread-safe."""
         blocks = session.blocks
         work = Work(peer=session.peer, kind="step", positions=hidden.shape[1], batch_key=(id(blocks.blocks[0]), blocks.end),
                     batch=(blocks, hidden, session.kv, session.stop.is_set))
         future = self.queue.submit(work)
         session.computing = future
-        return await asyncio.wrap_future(future)
+        return future
 
     def _set_batching(self) -> None:
         """``--max-batch`` sessions per pass (exact whatever the kernels: attached blocks run each

@@ -172,6 +172,22 @@ class Stream:
     async def __aexit__(self, exc_type, exc, tb) -> None:
         await (self.close() if exc_type is None else self.reset())
 
+    # ---- on the host's trio thread itself (the hot path of inference sessions) ---------------
+
+    async def read_message_here(self, max_bytes: int, frame_timeout: float | None, budget: FrameBudget | None) -> Message:
+        """:meth:`read_message` from the trio thread (the caller bounds the wait)."""
+        return await self._read_message(max_bytes, frame_timeout, budget)
+
+    async def write_here(self, data) -> None:
+        """:meth:`write` from the trio thread (the caller bounds the wait)."""
+        await self._write(data)
+
+    async def reset_here(self) -> None:
+        """:meth:`reset` from the trio thread."""
+        if not self._finished:
+            self._finished = True
+            await _quietly(self._ns.reset)
+
     # trio side
     async def _read(self, n: int) -> bytes:
         if self._pending:  # read ahead by _read_message

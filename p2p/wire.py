@@ -22,14 +22,16 @@ import asyncio
 import math
 import struct
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
 import msgpack
 import torch
+import trio
 
 from swarm.p2p.compression import MAX_BLOCK, Int8Blocks, block_size_for, int8_from_bytes, int8_nbytes
-from swarm.p2p.host import MessageTooLargeError, P2PError
+from swarm.p2p.host import MessageTooLargeError, P2PError, P2PTimeoutError
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 
 PROTOCOL_VERSION = 3  # 2: pushed steps carry a trail; a server that pushed does not reply. 3: adapters
@@ -238,17 +240,22 @@ def _tensor(entry: list, data) -> torch.Tensor:
         raise WireError(f"bad tensor shape {shape!r}: {exc}") from None
 
 
+def _write_plan(frame: Frame) -> tuple[list[bytes | memoryview], int]:
+    """The buffers to write for ``frame`` (small frames joined into one write; large tensors
+    written from their own memory) and their bytes in all."""
+    buffers = encode(frame)
+    total = sum(len(b) for b in buffers)
+    if total <= 1 << 16:
+        return [b"".join(bytes(b) for b in buffers)], total
+    return [b for b in buffers if len(b)], total
+
+
 async def write_frame(stream, frame: Frame, timeout: float | None = None) -> int:
     """Write ``frame`` to a :class:`~swarm.p2p.host.Stream`; returns the bytes written."""
-    buffers = encode(frame)
-    # small frames go in one write; large tensors are written from their own memory
-    if sum(len(b) for b in buffers) <= 1 << 16:
-        await stream.write(b"".join(bytes(b) for b in buffers), timeout=timeout)
-    else:
-        for b in buffers:
-            if len(b):
-                await stream.write(b, timeout=timeout)
-    return sum(len(b) for b in buffers)
+    writes, total = _write_plan(frame)
+    for b in writes:
+        await stream.write(b, timeout=timeout)
+    return total
 
 
 async def read_frame(
@@ -268,18 +275,30 @@ async def read_frame(
     decoded (the decoded tensors count against ``max_frame`` too). Bodies over
     :data:`DECODE_IN_THREAD` bytes are decoded on a worker thread, so a large frame does not stall
     the event loop."""
-    try:
+    with _read_errors(max_frame):
         body = await stream.read_message(max_frame, timeout=timeout, frame_timeout=frame_timeout, budget=budget)
+    return await _decoded(body, max_frame, asyncio.to_thread)
+
+
+@contextmanager
+def _read_errors(max_frame: int):
+    try:
+        yield
     except MessageTooLargeError as exc:
         raise WireError(f"frame of {exc.length} bytes exceeds the maximum of {max_frame} bytes") from None
     except FrameBudgetError as exc:
         raise WireError(str(exc), code=BUSY) from None
+
+
+async def _decoded(body, max_frame: int, to_thread) -> Frame:
+    """The frame of a message ``body`` (see :func:`read_frame`); ``to_thread``: the running
+    loop's way to run a large decode on a worker thread."""
     try:
         reserve = body.grant.grow if body.grant is not None else None
         if len(body) <= DECODE_IN_THREAD:
             frame = decode_body(body, max_frame, reserve)
         else:
-            frame = await asyncio.to_thread(decode_body, body, max_frame, reserve)
+            frame = await to_thread(decode_body, body, max_frame, reserve)
     except BaseException:
         body.release()
         raise
@@ -287,6 +306,43 @@ async def read_frame(
         body.clear()  # the tensors hold copies
     frame.grant = body.grant
     return frame
+
+
+# ---- the same on the libp2p thread (trio), for the hot path of inference sessions -----------------
+
+
+@contextmanager
+def _deadline(timeout: float | None, what: str):
+    if timeout is None:
+        yield
+        return
+    try:
+        with trio.fail_after(timeout):
+            yield
+    except trio.TooSlowError:
+        raise P2PTimeoutError(f"{what}: timed out after {timeout:g} s") from None
+
+
+async def read_frame_here(
+    stream,
+    timeout: float | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    frame_timeout: float | None = None,
+    budget: FrameBudget | None = None,
+) -> Frame:
+    """:func:`read_frame` called on the host's trio thread itself (no hand-off to the event loop)."""
+    with _read_errors(max_frame), _deadline(timeout, f"read from {stream.protocol}"):
+        body = await stream.read_message_here(max_frame, frame_timeout, budget)
+    return await _decoded(body, max_frame, trio.to_thread.run_sync)
+
+
+async def write_frame_here(stream, frame: Frame, timeout: float | None = None) -> int:
+    """:func:`write_frame` called on the host's trio thread itself."""
+    writes, total = _write_plan(frame)
+    with _deadline(timeout, f"write to {stream.protocol}"):
+        for b in writes:
+            await stream.write_here(b)
+    return total
 
 
 async def pump_frames(

@@ -45,11 +45,15 @@ TINYLLAMA = {
 
 def random_1b_checkpoint() -> Path:
     """A random-weight checkpoint with TinyLlama-1.1B's shapes (bfloat16 safetensors, ~2.2 GB)."""
-    path = swarm_home() / "bench" / "llama-1.1b-random"
+    return random_llama_checkpoint(swarm_home() / "bench" / "llama-1.1b-random", TINYLLAMA)
+
+
+def random_llama_checkpoint(path: Path, c: dict) -> Path:
+    """A random-weight Llama checkpoint of config ``c`` at ``path`` (bfloat16 safetensors), written
+    once."""
     if (path / "model.safetensors").is_file():
         return path
     path.mkdir(parents=True, exist_ok=True)
-    c = TINYLLAMA
     h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"])
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731

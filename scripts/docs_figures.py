@@ -338,6 +338,23 @@ def wire_paths() -> str:
                     "l" + "r" * len(sizes), body))
 
 
+def wire_step() -> str:
+    step = results("wire")["step"]
+    trio = next(r["round_trip_ms"] for r in results("wire")["rows"] if r["path"] == "trio" and r["frame"] == "1 KB")
+    stages = step["stages"]
+    rows = [
+        ["py-libp2p reads the frame (Noise, yamux; a quarter of the trio-only 1 KB round trip)", f"{trio / 4:.2f}"],
+        ["decoded, queued, the compute thread woken (read → compute starts)", f"{stages['read → compute starts']:.2f}"],
+        ["the libp2p thread woken, the answer encoded and written (compute done → written)",
+         f"{stages['compute done → answer written']:.2f}"],
+        ["**a server's hop, software**", f"**{step['software_per_hop_ms']:.2f}**"],
+        ["(the block's compute, one small block, for scale)", f"{stages['compute']:.2f}"],
+        ["(the client's round trip of a step through that server)", f"{step['step']:.2f}"],
+    ]
+    return (f"Generated from {ran('wire')}: medians of {step['samples']} decode steps of 1 KB hidden states "
+            "(timestamps of `swarm.p2p.hop_trace`).\n\n" + table(["a server's decode step, ms", "median"], "lr", rows))
+
+
 API_PATHS = {
     "api": "`swarm api` (persistent client), streamed",
     "reused": "`swarm.open` reused in-process (a chain per request)",
@@ -527,6 +544,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "swarm_decode": swarm_decode,
     "swarm_wire": swarm_wire,
     "wire_paths": wire_paths,
+    "wire_step": wire_step,
     "api_paths": api_paths,
     "api_concurrency": api_concurrency,
     "recovery": recovery,

@@ -271,7 +271,7 @@ def test_lossy_wire_chains_equal_the_local_simulation_bit_for_bit(swarm, wire):
     expected = _simulated_outputs(model, wire)
     assert not torch.equal(expected[-1], _simulated_outputs(model, "float32")[-1])
     pushed = _chain_outputs(model, servers, wire)
-    assert any(link.stream is not None for link in servers[0].inference._push_links.values()), "nothing was pushed"
+    assert any(link.stream is not None for link in servers[0].inference.loop.push_links.values()), "nothing was pushed"
     direct = _chain_outputs(model, servers, wire, push=False)
     for want, got, got_direct in zip(expected, pushed, direct):
         assert torch.equal(got, want) and torch.equal(got_direct, want)
