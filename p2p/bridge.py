@@ -225,10 +225,14 @@ class TrioThread:
         except Exception:
             log.exception("%s: %r failed", self.name, fn)
 
-    def start_here(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+    def start_here(self, fn: Callable[..., Awaitable[object]], *args: Any) -> bool:
         """On the trio thread: start ``fn(*args)`` as a background task of the thread's nursery
-        (which owns it: cancelled and awaited when the thread stops); errors are logged."""
-        self._spawn_detached(fn, args)
+        (which owns it: cancelled and awaited when the thread stops); errors are logged. False
+        when the thread is stopping (nothing started)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(self._detached, fn, args)
+        return True
 
     def _spawn_detached(self, fn, args) -> None:
         if self._nursery is not None:

@@ -413,9 +413,9 @@ class Host:
         its waits), cancelled with the calling task."""
         return await self._bridge.call(fn, *args, timeout=None, what=what)
 
-    def start_here(self, fn: Callable[..., Awaitable[object]], *args) -> None:
+    def start_here(self, fn: Callable[..., Awaitable[object]], *args) -> bool:
         """On the trio thread: a background task owned by the host (see :meth:`TrioThread.start_here`)."""
-        self._bridge.start_here(fn, *args)
+        return self._bridge.start_here(fn, *args)
 
     def run_here_soon(self, fn: Callable[..., object], *args) -> None:
         """From the asyncio side: ``fn(*args)`` (synchronous) soon on the trio thread."""

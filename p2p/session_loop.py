@@ -74,6 +74,7 @@ class SessionLoop:
         client's frames are read by a task of their own (the error that ends them comes last),
         so a wait for the inbox can time out without cutting a frame in half."""
         error = None
+        session.serving = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, session, stream)
@@ -84,7 +85,8 @@ class SessionLoop:
                 nursery.cancel_scope.cancel()
         finally:
             session.stop.set()
-            _empty(session)
+            empty_inbox(session)
+            session.served.set()  # its loop is over: the event loop may free it
         if error is not None:
             raise error
 
@@ -126,7 +128,7 @@ class SessionLoop:
             if idle_left <= 0:
                 waited = "no step since the session opened" if active is None else "no step"
                 raise SessionEnded(
-                    f"{waited} for {now - (active or session.opened):.0f} s: session closed", "session_expired"
+                    f"{waited} for {now - (active or session.opened):.0f} s: session closed", SESSION_EXPIRED
                 )
             item = None
             with trio.move_on_after(min(idle_left, lifetime_left)):
@@ -289,8 +291,7 @@ class SessionLoop:
         link = links.setdefault(peer, _PushLink(lock=trio.Lock()))
         if link.stream is None:  # not connected yet (connecting now, or failed lately)
             if not link.connecting and time.monotonic() >= link.retry_at:
-                link.connecting = True
-                self.server.host.start_here(self._connect_push, peer, link)
+                link.connecting = self.server.host.start_here(self._connect_push, peer, link)
             return False
         fields = {
             "session": session, "step_id": frame["step_id"], "position": frame["position"],
@@ -299,16 +300,22 @@ class SessionLoop:
         hypo_ids = step_parts(frame)[1]
         output = await pack_here(output, wire)
         tensors = [output, *([] if hypo_ids is None else [hypo_ids]), *owed]  # hypo_ids travel along
-        try:
-            async with link.lock:
-                await write_frame_here(link.stream, Frame("step", fields, tensors), timeout=PUSH_TIMEOUT)
-            return True
-        except P2PError as exc:
-            log.info("push to %s failed (%s); the client sends that step itself", peer[-8:], exc)
-            stream, link.stream = link.stream, None
-            if stream is not None:
-                await stream.reset_here()
-            return False
+        async with link.lock:  # one frame at a time on the shared stream
+            stream = link.stream
+            if stream is None:  # the write before this one failed
+                return False
+            try:
+                await write_frame_here(stream, Frame("step", fields, tensors), timeout=PUSH_TIMEOUT)
+                return True
+            except BaseException as exc:  # failed, or cancelled part way: the stream is unusable
+                if link.stream is stream:
+                    link.stream = None
+                with trio.CancelScope(shield=True):
+                    await stream.reset_here()
+                if not isinstance(exc, P2PError):
+                    raise
+                log.info("push to %s failed (%s); the client sends that step itself", peer[-8:], exc)
+                return False
 
     async def _connect_push(self, peer: str, link: _PushLink) -> None:
         try:
@@ -330,7 +337,7 @@ def end_session(session, error: SessionEnded) -> None:
         pass
 
 
-def _empty(session) -> None:
+def empty_inbox(session) -> None:
     """The inbox's frames given back to the frame budget and the inbox closed (pushes after this
     are dropped by their handler). Synchronous: nothing can arrive in between."""
     while True:

@@ -62,7 +62,7 @@ from swarm.p2p.adapter_store import read_adapter_field, tensor_bytes
 from swarm.p2p.compression import session_wire
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
-from swarm.p2p.session_loop import SessionEnded, SessionLoop, end_session
+from swarm.p2p.session_loop import SessionEnded, SessionLoop, empty_inbox, end_session
 from swarm.p2p.wire import (
     BAD_REQUEST,
     BUSY,
@@ -79,6 +79,7 @@ from swarm.p2p.wire import (
 log = logging.getLogger("swarm.server")
 
 INBOX_FRAMES = 8  # steps queued per session; beyond that its client stream waits (pushes are dropped)
+SERVE_END_WAIT = 10.0  # seconds a session's memory waits for its cancelled loop to end before it is freed
 OPEN_FRAME_BYTES = 1 << 16  # an open frame's own fields (its adapter's tensors come on top)
 
 
@@ -108,6 +109,8 @@ class _Session:
     last_reordered: bool = False
     wire: str = "float32"  # how its outputs are sent (see swarm.p2p.compression)
     ends_at: float | None = None  # set when the server moved away from its blocks (see Sessions.drain)
+    serving: bool = False  # its loop on the libp2p thread started ...
+    served: threading.Event = field(default_factory=threading.Event)  # ... and ended
 
     def __post_init__(self):
         self.inbox, self.received = trio.open_memory_channel(INBOX_FRAMES)
@@ -299,6 +302,12 @@ class Sessions:
         session.stop.set()
         self.live.pop(session.id, None)
         try:
+            if session.serving and not session.served.is_set():  # its loop was cancelled: let it end first
+                if not await asyncio.to_thread(session.served.wait, SERVE_END_WAIT):
+                    log.warning("session %s: its loop did not end within %g s", session.id[:8], SERVE_END_WAIT)
+            elif not session.serving:  # pushed frames may wait in an inbox nobody read
+                with contextlib.suppress(P2PError):
+                    self.server.host.run_here_soon(empty_inbox, session)
             if session.computing is not None and not session.computing.done():
                 await asyncio.wait([asyncio.wrap_future(session.computing)])  # stops before its next block
             await self.server.in_memory_thread(session.kv.close)

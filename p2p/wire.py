@@ -339,8 +339,8 @@ async def read_frame_here(
 async def write_frame_here(stream, frame: Frame, timeout: float | None = None) -> int:
     """:func:`write_frame` called on the host's trio thread itself."""
     writes, total = _write_plan(frame)
-    with _deadline(timeout, f"write to {stream.protocol}"):
-        for b in writes:
+    for b in writes:  # each buffer within ``timeout``, as write_frame does
+        with _deadline(timeout, f"write to {stream.protocol}"):
             await stream.write_here(b)
     return total
 

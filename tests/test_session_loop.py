@@ -92,8 +92,18 @@ def test_steps_and_pushes_go_on_while_the_servers_event_loop_is_blocked(tiny):
 
                 # called synchronously: both servers' event loop (this one) is blocked meanwhile
                 client.call(rest(), timeout=60)
-                for _, stream, _ in chain:
-                    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(write_frame(stream, Frame("close"), 10), client.loop))
+
+                async def close() -> list[str]:
+                    kinds = []
+                    for _, stream, _ in chain:
+                        await write_frame(stream, Frame("close"), 10)
+                        kinds.append((await read_frame(stream, timeout=10)).kind)
+                    return kinds
+
+                assert client.call(close(), timeout=30) == ["closed", "closed"]
+                for server in (first, second):  # freed, and every frame's bytes given back
+                    await eventually(lambda server=server: not server.sessions, what="the sessions freed")
+                    await eventually(lambda server=server: server.frames.used() == 0, what="the frames released")
                 return outputs
             finally:
                 await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(host.close(), client.loop))
