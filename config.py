@@ -144,11 +144,13 @@ def sampling(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     eos_token_ids: tuple[int, ...] = (),
+    draft: str = "auto",
 ):
     """How to pick tokens, as `swarm generate`'s flags say it: greedy unless ``sample`` or any of
     ``temperature``, ``top_k``, ``top_p`` is given (they imply sampling), beam search with
-    ``num_beams > 1``. Returns a :class:`~swarm.engine.generation.GenerationConfig`; ``ValueError``
-    naming the flag of a value out of range."""
+    ``num_beams > 1``; ``draft``: speculative decoding (``auto``: n-gram drafts wherever they pay;
+    beam search never drafts). Returns a :class:`~swarm.engine.generation.GenerationConfig`;
+    ``ValueError`` naming the flag of a value out of range."""
     from swarm.engine.generation import GenerationConfig
 
     return GenerationConfig(
@@ -162,4 +164,5 @@ def sampling(
         length_penalty=length_penalty,
         seed=seed,
         eos_token_ids=tuple(eos_token_ids),
+        draft="none" if draft == "auto" and num_beams > 1 else draft,
     )

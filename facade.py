@@ -34,6 +34,7 @@ from swarm.engine.client import ClientModel, TextStream, local_sessions, resolve
 from swarm.engine.finetune import forward_logits
 from swarm.engine.finetune_data import Batch, token_loss, with_virtual_tokens
 from swarm.engine.generation import GenerationConfig, check_prompt_length, generate
+from swarm.engine.speculative import SpecStats
 
 log = logging.getLogger("swarm")
 
@@ -194,7 +195,7 @@ class Swarm:
     def generation_config(self, **options) -> GenerationConfig:
         """`swarm generate`'s sampling flags as keywords (``max_new_tokens=32``, ``sample``,
         ``temperature``, ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``, ``num_beams``,
-        ``length_penalty``), with this model's end-of-sequence tokens. ``ValueError`` naming the
+        ``length_penalty``, ``draft``), with this model's end-of-sequence tokens. ``ValueError`` naming the
         flag of a bad value; ``TypeError`` for an unknown keyword."""
         return sampling(**options, eos_token_ids=self.client_model.eos_token_ids)
 
@@ -204,10 +205,11 @@ class Swarm:
         cfg: GenerationConfig,
         on_token: Callable[[int], None] | None = None,
         on_chain: Callable | None = None,
+        stats: SpecStats | None = None,
     ) -> list[int]:
         """The new tokens after ``prompt_ids`` (an end-of-sequence token, if produced, last);
         ``on_token`` is called with each as it is chosen, ``on_chain`` with each chain of servers
-        as it opens. Raises ``ValueError`` for a prompt past the model's context, and the swarm's
+        as it opens; ``stats`` counts what speculative decoding did (``cfg.draft``). Raises ``ValueError`` for a prompt past the model's context, and the swarm's
         errors (:class:`~swarm.p2p.client.SwarmError`, ``NoRouteError``, ``TimeoutError``...)."""
         self._check_open()
         prompt_ids = list(prompt_ids)
@@ -218,7 +220,7 @@ class Swarm:
         virtual = adapter.num_virtual_tokens if adapter is not None else 0
         check_prompt_length(len(prompt_ids), self.head.max_positions, virtual)  # before any network setup
         self.connect()
-        return generate(self.head, self._sessions(on_chain), prompt_ids, cfg, on_token, prefix=prefix)
+        return generate(self.head, self._sessions(on_chain), prompt_ids, cfg, on_token, prefix=prefix, stats=stats)
 
     def _sessions(self, on_chain: Callable | None):
         if self.local_blocks is None:
@@ -237,11 +239,11 @@ class Swarm:
             session = opener(batch, max_length)
             step = session.step
 
-            def locked_step(hidden, hypo_ids=None):
+            def locked_step(hidden, hypo_ids=None, per_position=False):
                 if before_step is not None:
                     before_step()
                 with lock:
-                    return step(hidden, hypo_ids)
+                    return step(hidden, hypo_ids, per_position)
 
             session.step = locked_step
             return session

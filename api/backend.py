@@ -496,18 +496,22 @@ class _JobChain:
         self._share = share  # offer the prompt step's output and chain to the request's other choices
         self._first = first  # the prompt step's output, computed by another choice's chain (forked here)
 
-    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor:
         if self._first is not None:  # the prompt: what the chain this one was copied from computed
             out, self._first = self._first.clone(), None
             return out
         self._cut = True
-        out = self.job._call(self.chain.step(hidden, hypo_ids), self.job.backend.step_timeout(len(self.chain.spans)))
+        out = self.job._call(self.chain.step(hidden, hypo_ids, per_position),
+                             self.job.backend.step_timeout(len(self.chain.spans)))
         self._cut = False
         if self._share:
             self._share = False
             self.job.prefill = (self.chain, self.chain.position, out)
             self.job.prefilled.set()
         return out
+
+    def rewind(self, position: int) -> None:
+        self.chain.rewind(position)
 
     def close(self) -> None:
         """Close every session (a reset after a cut step: the server ends the session as a failed

@@ -28,23 +28,39 @@ class SpanHistory:
     def length(self) -> int:
         return sum(self.step_lengths)
 
-    def record(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> None:
+    def record(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False) -> None:
         """Add a step's input ``hidden: [batch, seq, hidden]`` (after reordering past rows by
-        ``hypo_ids`` when the step carried them)."""
+        ``hypo_ids`` when the step carried them); ``per_position``: a speculative verification,
+        whose positions were each computed as a step of their own, recorded so."""
         if self.inputs is None:
             self.inputs = hidden.detach().clone()
         else:
             past = self.inputs if hypo_ids is None else self.inputs.index_select(0, hypo_ids)
             self.inputs = torch.cat([past, hidden.detach()], dim=1)
-        self.step_lengths.append(hidden.shape[1])
+        self.step_lengths.extend(_lengths(hidden, per_position))
 
-    def replay(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    def replay(
+        self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False
+    ) -> tuple[torch.Tensor, list[int]]:
         """What a fresh server must run to catch up and then do the current step ``hidden``:
         the reordered history followed by ``hidden``, and the step lengths to split it by."""
         if self.inputs is None:
-            return hidden, [hidden.shape[1]]
+            return hidden, _lengths(hidden, per_position)
         past = self.inputs if hypo_ids is None else self.inputs.index_select(0, hypo_ids)
-        return torch.cat([past, hidden], dim=1), [*self.step_lengths, hidden.shape[1]]
+        return torch.cat([past, hidden], dim=1), [*self.step_lengths, *_lengths(hidden, per_position)]
+
+    def truncate(self, positions: int) -> None:
+        """Forget the inputs from position ``positions`` on (drafted tokens not kept); a step
+        that straddles it keeps its first part."""
+        lengths, total = [], 0
+        for n in self.step_lengths:
+            if total >= positions:
+                break
+            lengths.append(min(n, positions - total))
+            total += lengths[-1]
+        self.step_lengths = lengths
+        if self.inputs is not None:
+            self.inputs = self.inputs[:, :total] if total else None
 
     def prefix(self, positions: int) -> SpanHistory:
         """A copy of the history of its first ``positions`` positions (whole steps: ``ValueError``
@@ -66,3 +82,7 @@ class SpanHistory:
         history.inputs = inputs.detach().clone()
         history.step_lengths = list(step_lengths)
         return history
+
+
+def _lengths(hidden: torch.Tensor, per_position: bool) -> list[int]:
+    return [1] * hidden.shape[1] if per_position else [hidden.shape[1]]

@@ -241,6 +241,15 @@ def generate(
     ] = None,
     no_quant_servers: NoQuantServersOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with token ids and text.")] = False,
+    draft: Annotated[
+        str,
+        typer.Option(
+            "--draft",
+            help="Speculative decoding: auto (n-gram drafts where they pay), ngram (prompt lookup), none. "
+            "Greedy output is the same token for token; fewer round trips.",
+        ),
+    ] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Report what speculation did (on stderr).")] = False,
     initial_peers: InitialPeersOpt = None,
     step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
     push: PushOpt = ClientOptions.push,
@@ -266,6 +275,7 @@ def generate(
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.generation import check_prompt_length
     from swarm.engine.quant import QuantUnavailableError
+    from swarm.engine.speculative import SpecStats
     from swarm.facade import Swarm
     from swarm.p2p.client import SwarmError
     from swarm.p2p.host import P2PError
@@ -281,6 +291,7 @@ def generate(
         cfg = sampling(
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+            draft=draft,
         )
         client = Swarm.start(options, quiet=as_json, connect=False)  # AdapterError, CheckpointError: ValueErrors
         cfg = replace(cfg, eos_token_ids=client.client_model.eos_token_ids)
@@ -306,7 +317,8 @@ def generate(
     try:
         if not local:
             setup_logging(False)  # recoveries from failed servers are reported on stderr
-        tokens = client.generate_ids(prompt_ids, cfg, on_token=stream)
+        stats = SpecStats()
+        tokens = client.generate_ids(prompt_ids, cfg, on_token=stream, stats=stats)
     except BaseException as exc:
         if wrote:
             write("\n")  # end the partial output's line
@@ -318,6 +330,8 @@ def generate(
     finally:
         client.close()
     text = client.decode(tokens)
+    if verbose and stats.steps:
+        print(stats.line(), file=sys.stderr)
     if as_json:
         print(json.dumps({"prompt_ids": prompt_ids, "token_ids": tokens, "text": text}))
     elif stream is None:

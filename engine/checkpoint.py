@@ -12,7 +12,7 @@ import ctypes
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 
 import torch
@@ -363,6 +363,7 @@ class BlockRange(torch.nn.Module):
         self,
         steps: list[tuple[torch.Tensor, SessionKV]],
         should_stop: Callable[[], bool] | None = None,
+        per_position: Sequence[bool] | None = None,
     ) -> list[torch.Tensor]:
         """The steps of several sessions of batch 1 (``(hidden [1, seq, hidden], session)``, each
         at most :data:`PREFILL_CHUNK` positions) as one pass: attention runs per session (decode
@@ -372,31 +373,49 @@ class BlockRange(torch.nn.Module):
         to the session's step run alone (a session of batch 1 always steps this way). Blocks whose
         linears are not wrapped to run per session (not :attr:`batch_exact`) run the steps one
         after another. Raises ``ValueError`` for a step that does not fit its session (see
-        :meth:`check_batch_step`); nothing has run then."""
+        :meth:`check_batch_step`); nothing has run then.
+
+        ``per_position[i]``: step ``i``'s positions are computed each as its own decode step
+        would be (a speculative verification: position ``j`` gives the bits a step of that one
+        token after the ones before it gives), as segments of one position sharing the session's
+        cache; without batch-exact linears, one position after another."""
+        flags = list(per_position) if per_position is not None else [False] * len(steps)
         for hidden, session in steps:
             self.check_batch_step(hidden, session)
         if len({id(session) for _, session in steps}) != len(steps):
             raise ValueError("a session may appear once in a batched step")
-        if len(steps) > 1 and not self.batch_exact:
-            return [self.run_batch([step], should_stop)[0] for step in steps]
-        segments = []
-        for hidden, session in steps:
-            segment = StepContext(past=session.length, seq=hidden.shape[1])
-            self.family.prepare_step(self.config, segment, self.dtype, 1)
-            segments.append(segment)
+        if not self.batch_exact and (len(steps) > 1 or any(f and h.shape[1] > 1 for f, (h, _) in zip(flags, steps))):
+            return [self._one_by_one(step, flag, should_stop) for step, flag in zip(steps, flags)]
+        segments, caches = [], []
+        for (hidden, session), each in zip(steps, flags):
+            lengths = [1] * hidden.shape[1] if each else [hidden.shape[1]]
+            past = session.length
+            for seq in lengths:
+                segment = StepContext(past=past, seq=seq)
+                self.family.prepare_step(self.config, segment, self.dtype, 1)
+                segments.append(segment)
+                caches.append(session)
+                past += seq
         ctx = StepContext.batched(segments)
-        x = hidden.to(self.dtype) if len(steps) == 1 else torch.cat([h.to(self.dtype) for h, _ in steps], dim=1)
+        x = steps[0][0].to(self.dtype) if len(steps) == 1 else torch.cat([h.to(self.dtype) for h, _ in steps], dim=1)
         token = SEGMENTS.set(tuple(s.seq for s in segments))
         try:
             for i, block in enumerate(self.blocks):
                 if should_stop is not None and should_stop():
                     raise StepCancelled("the pass was cancelled: nobody waits for its result any more")
-                x = block(x, ctx, [(session.keys[i], session.values[i]) for _, session in steps])
+                x = block(x, ctx, [(session.keys[i], session.values[i]) for session in caches])
         finally:
             SEGMENTS.reset(token)
         for hidden, session in steps:
             session.advance(hidden.shape[1])
         return [x] if len(steps) == 1 else list(x.split([h.shape[1] for h, _ in steps], dim=1))
+
+    def _one_by_one(self, step: tuple[torch.Tensor, SessionKV], each: bool, should_stop) -> torch.Tensor:
+        """One step of :meth:`run_batch` alone; ``each``: position after position."""
+        hidden, session = step
+        if not each or hidden.shape[1] == 1:
+            return self.run_batch([step], should_stop)[0]
+        return torch.cat([self.run_batch([(hidden[:, j : j + 1], session)], should_stop)[0] for j in range(hidden.shape[1])], dim=1)
 
     def check_batch_step(self, hidden: torch.Tensor, session: SessionKV) -> None:
         """``ValueError`` unless ``hidden`` is one step :meth:`run_batch` can run on ``session``:

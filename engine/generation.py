@@ -7,6 +7,10 @@ session over all blocks: ``open_session(batch, max_length)`` returning an object
 chain of remote servers. The same loop drives both, which is what makes swarm output equal local
 output token for token.
 
+Speculative decoding (``draft``, greedy only): sessions also take ``step(hidden,
+per_position=True)`` (each position computed as its own decode step) and ``rewind(position)``
+(forget the positions from there on); see :mod:`swarm.engine.speculative`.
+
 Adapters: the session applies LoRA and deep prompts to its blocks (a :class:`LocalSession` given
 the tensors, or servers given them when the session opens); a prompt adapter's embeddings are a
 ``prefix`` that the loop prepends to the prompt's embeddings at the first step (virtual positions
@@ -16,6 +20,7 @@ the tensors, or servers given them when the session opens); a prompt adapter's e
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,10 +31,13 @@ from swarm.cache.kv import SessionKV
 from swarm.engine.adapters import AdapterSpec, applied
 from swarm.engine.checkpoint import BlockRange
 from swarm.engine.context import check_prompt_length  # noqa: F401  (part of this module's API)
+from swarm.engine.speculative import DRAFTS, MAX_DRAFT, Drafter, DraftLength, NgramDrafter, SpecStats
 
 
 class InferenceSession(Protocol):
-    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor: ...
+
+    def rewind(self, position: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -53,9 +61,21 @@ class LocalSession:
         self.blocks, self.tensors, self.spec = blocks, tensors, spec
         self.kv: SessionKV = blocks.open_session(batch=batch, max_length=max_length)
 
-    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor:
+        """A step; ``per_position``: each position as its own decode step (speculative
+        verification), batched where the blocks allow it exactly, else one after another."""
         with torch.no_grad(), applied(self.blocks, self.tensors, self.spec):
-            return self.blocks(hidden, self.kv, hypo_ids)
+            if not per_position or hidden.shape[1] == 1:
+                return self.blocks(hidden, self.kv, hypo_ids)
+            if hypo_ids is not None:
+                raise ValueError("a per-position step reorders no rows")
+            if hidden.shape[0] == 1 and not self.tensors:
+                return self.blocks.run_batch([(hidden, self.kv)], per_position=[True])[0]
+            return torch.cat([self.blocks(hidden[:, j : j + 1], self.kv) for j in range(hidden.shape[1])], dim=1)
+
+    def rewind(self, position: int) -> None:
+        """Forget the cached positions from ``position`` on."""
+        self.kv.rewind(position)
 
     def close(self) -> None:
         self.kv.close()
@@ -75,6 +95,8 @@ class GenerationConfig:
     length_penalty: float = 1.0
     seed: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    draft: str = "none"  # speculative decoding: none, ngram or auto (see swarm.engine.speculative)
+    draft_tokens: int = 0  # tokens drafted per step; 0: as many as pay, measured step by step
 
     def __post_init__(self):
         """Raises ``ValueError`` naming the CLI flag of a value out of range (NaN and infinities too)."""
@@ -101,6 +123,12 @@ class GenerationConfig:
             raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("beam search is deterministic: use either --num-beams or sampling flags, not both")
+        if not 0 <= self.draft_tokens <= MAX_DRAFT:
+            raise ValueError(f"--draft-tokens must be 0 (adaptive) to {MAX_DRAFT}, got {self.draft_tokens}")
+        if self.draft not in DRAFTS:
+            raise ValueError(f"--draft must be one of {', '.join(DRAFTS)}, got {self.draft!r}")
+        if self.num_beams > 1 and self.draft not in ("none", "auto"):
+            raise ValueError(f"--draft {self.draft} does not apply to beam search: drop --draft or --num-beams")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -210,6 +238,8 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     prefix: torch.Tensor | None = None,
     scores: Scores | None = None,
+    draft: Drafter | None = None,
+    stats: SpecStats | None = None,
 ) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
     (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
@@ -217,6 +247,8 @@ def generate(
     ``prefix`` ``[num_virtual, hidden]``: a prompt adapter's embeddings, put before the prompt's
     (every row of a batch or beam gets them). ``scores``: log-probabilities reported as they come
     (see :class:`Scores`; not with beam search); the tokens chosen are the same with or without.
+    ``draft``: a drafter for speculative decoding (greedy decoding only: sampling and beam search
+    decode plainly), the tokens again the same; ``stats`` counts what it did.
 
     The prefix, the prompt and the new tokens together stay within the model's context
     (``head.max_positions``): a prompt that leaves no room raises ``ValueError`` before a session
@@ -234,7 +266,16 @@ def generate(
             raise ValueError("log-probabilities are reported for greedy decoding and sampling, not beam search")
         return _beam_search(head, open_session, input_ids, cfg, max_length, prefix)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    if draft is None and cfg.draft in ("ngram", "auto"):
+        draft = NgramDrafter()
     session = open_session(1, max_length)
+    if draft is not None and not cfg.do_sample:
+        try:
+            with torch.no_grad():
+                return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
+                                    draft, stats if stats is not None else SpecStats())
+        finally:
+            session.close()
     try:
         seen = torch.tensor([input_ids])
         step_ids, new, first = seen, [], prefix
@@ -259,6 +300,56 @@ def generate(
         return new
     finally:
         session.close()
+
+
+def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max_length: int, before: int,
+                 prefix, on_token, scores: Scores | None, draft: Drafter, stats: SpecStats) -> list[int]:
+    """Greedy decoding with drafted tokens verified a step at a time (see
+    :mod:`swarm.engine.speculative`): the tokens of plain greedy decoding, in fewer steps."""
+    tokens, new = list(input_ids), []
+    budget = max_length - before
+    hidden = session.step(_embed(head, torch.tensor([input_ids]), prefix))
+    if scores is not None and scores.on_prompt is not None:
+        scores.on_prompt(_score_prompt(head, hidden, input_ids, scores.top))
+    outs, drafted = hidden[:, -1:], []  # the outputs to pick from, and the tokens drafted for them
+    position = before  # positions fed so far
+    length, last = DraftLength(), None  # last: (positions, seconds) of the step just taken
+    while True:
+        accepted = 0
+        for j in range(outs.shape[1]):
+            raw = head.logits(outs[:, j])  # one row, as plain decoding computes it
+            logits = apply_repetition_penalty(raw, torch.tensor([tokens]), cfg.repetition_penalty)
+            token = int(logits.argmax(dim=-1)[0])
+            new.append(token)
+            tokens.append(token)
+            stats.tokens += 1
+            if scores is not None:
+                scores.on_token(token_logprobs(raw, torch.tensor([token]), scores.top)[0])
+            if on_token is not None:
+                on_token(token)
+            if token in cfg.eos_token_ids or len(new) >= budget:
+                return new
+            if j < len(drafted) and drafted[j] == token:
+                accepted += 1
+                continue
+            break
+        stats.accepted += accepted
+        if last is not None:
+            length.observe(*last, len(drafted), accepted)
+        if accepted < len(drafted):  # the drafted positions after the first miss are forgotten
+            position -= len(drafted) - accepted
+            session.rewind(position)
+        # the next step: the last token picked, and what the drafter proposes after it
+        limit = budget - len(new) - 1
+        k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(draft.draft_time, limit=limit)
+        drafted = draft.propose(tokens, k)[:k] if k else []
+        ids = torch.tensor([[tokens[-1], *drafted]])
+        began = time.monotonic()
+        outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
+        last = (ids.shape[1], time.monotonic() - began)
+        position += ids.shape[1]
+        stats.steps += 1
+        stats.drafted += len(drafted)
 
 
 def _embed(head: torch.nn.Module, ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:

@@ -201,6 +201,16 @@ def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale) -> torch.Tenso
     positions would)."""
     outputs: list[torch.Tensor | None] = [None] * len(ctx.segments)
     groups: dict[int, list[tuple[int, list[torch.Tensor], StepContext, tuple]]] = {}
+    shared = [id(kv[0]) for kv in kvs if kv is not None]
+    if len(set(shared)) < len(shared):
+        # segments sharing a cache (one session's positions, each computed as its own decode
+        # step): every position's keys and values are in place before any of them attends
+        start = 0
+        for sub, kv in zip(ctx.segments, kvs, strict=True):
+            if kv is not None:
+                kv[0][:, :, sub.past : sub.past + sub.seq] = k[:, :, start : start + sub.seq]
+                kv[1][:, :, sub.past : sub.past + sub.seq] = v[:, :, start : start + sub.seq]
+            start += sub.seq
     start = 0
     for i, (sub, sub_kv) in enumerate(zip(ctx.segments, kvs, strict=True)):
         end = start + sub.seq

@@ -42,12 +42,16 @@ def check_chunks(chunks, hidden: torch.Tensor) -> list[int]:
 
 
 def run_step(blocks: BlockRange, hidden, kv, hypo_ids, chunks: list[int], last_input, last_output, rewind_to,
-              reordered: bool, should_stop, adapter=None, spec: AdapterSpec | None = None) -> tuple[torch.Tensor, bool]:
+              reordered: bool, should_stop, adapter=None, spec: AdapterSpec | None = None,
+              cut_to: int | None = None) -> tuple[torch.Tensor, bool]:
     """On the compute thread: a step (or a replay split into ``chunks``), or the answer to a repeat
     of the last step (``rewind_to`` set): the same input gets the same output without computing,
-    another input rewinds the cache to ``rewind_to`` and is computed anew. The session's
+    another input rewinds the cache to ``rewind_to`` and is computed anew. ``cut_to``: the cache
+    is cut back to that many positions first (the client dropped drafted tokens). The session's
     ``adapter`` (checked when it opened) is lent to the blocks for the step. Returns the outputs
     of every position and whether they were computed now."""
+    if cut_to is not None:
+        kv.rewind(cut_to)
     if rewind_to is not None:
         if last_input is not None and torch.equal(hidden, last_input):
             return last_output, False

@@ -37,6 +37,7 @@ from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span
 from swarm.p2p.wire import (
     MAX_TRAIL,
+    MAX_VERIFY,
     Frame,
     RemoteError,
     WireError,
@@ -270,7 +271,8 @@ class RemoteChain:
         return await self._read_output(session, step_id, hidden.shape)
 
     async def _write_step(
-        self, session: SpanSession, packed, hypo_ids, position: int, step_id: str, chunks=None, route=None
+        self, session: SpanSession, packed, hypo_ids, position: int, step_id: str, chunks=None, route=None,
+        per_position: bool = False,
     ) -> None:
         """Send a step: ``packed``, the hidden states as the session's wire dtype sends them."""
         tensors = [packed] if hypo_ids is None else [packed, hypo_ids.to(torch.int64)]
@@ -279,6 +281,8 @@ class RemoteChain:
             fields["chunks"] = chunks
         if route:
             fields["route"] = route
+        if per_position:
+            fields["per_position"] = True
         try:
             self.wire_bytes += await write_frame(
                 session.stream, Frame("step", fields, tensors), timeout=self.client.cfg.step_timeout
@@ -381,13 +385,30 @@ class RemoteChain:
                 start, group = start + n, []
         return torch.cat(outputs, dim=1)
 
-    async def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def rewind(self, position: int) -> None:
+        """Forget the positions from ``position`` on (drafted tokens that were not kept): the
+        histories are cut now, each server's cache at the next step (which starts there)."""
+        if self._broken:
+            raise SwarmError("this inference chain failed earlier; open a new one")
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind a chain at position {self.position} to {position}")
+        for session in self.sessions:
+            session.history.truncate(position)
+        self.position = position
+
+    async def step(
+        self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False
+    ) -> torch.Tensor:
         """``hidden: [batch, seq, hidden]`` through every span; returns the last span's output.
+        ``per_position``: each position computed as its own decode step would be (a speculative
+        verification; recorded in the histories as steps of one position, so a replay is too).
 
         A step that raises (or is cancelled) leaves the spans before the failure one step ahead of
         the others, so the chain refuses further steps."""
         if self._broken:
             raise SwarmError("this inference chain failed earlier; open a new one")
+        if per_position and (hypo_ids is not None or hidden.shape[1] > MAX_VERIFY):
+            raise ValueError(f"a per-position step takes at most {MAX_VERIFY} positions and reorders no rows")
         self._broken = True
         began = time.monotonic()
         dtype, x, i = hidden.dtype, hidden, 0
@@ -401,7 +422,8 @@ class RemoteChain:
             packed, sent = received(x, session.wire)  # sent: exactly what the server decodes
             try:
                 route = None if direct else self._route_after(i)
-                await self._write_step(session, packed, hypo_ids, self.position, step_id, route=route)
+                await self._write_step(session, packed, hypo_ids, self.position, step_id, route=route,
+                                       per_position=per_position)
                 if route is None:
                     j, outputs = i, [await self._read_output(session, step_id, x.shape)]
                 else:
@@ -420,7 +442,7 @@ class RemoteChain:
                 failed_over = True
                 self.client.ban(failure.peer_id)
                 await session.reset()
-                inputs, chunks = session.history.replay(sent, hypo_ids)
+                inputs, chunks = session.history.replay(sent, hypo_ids, per_position)
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
                 self.sessions[i : i + 1] = replacement
                 i += len(replacement)
@@ -429,7 +451,7 @@ class RemoteChain:
             x = sent
             for done, out in zip(self.sessions[i : j + 1], outputs):
                 self.client.unban(done.span.peer_id)
-                done.history.record(x, hypo_ids)  # the others' inputs came by push: as the trail holds them
+                done.history.record(x, hypo_ids, per_position)  # the others' inputs came by push: as the trail holds them
                 x = out
             i = j + 1
         self.position += hidden.shape[1]
@@ -514,8 +536,11 @@ class SyncChain:
     def __init__(self, background: BackgroundLoop, chain: RemoteChain, timeout: float):
         self.background, self.chain, self.timeout = background, chain, timeout
 
-    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.background.call(self.chain.step(hidden, hypo_ids), timeout=self.timeout)
+    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor:
+        return self.background.call(self.chain.step(hidden, hypo_ids, per_position), timeout=self.timeout)
+
+    def rewind(self, position: int) -> None:
+        self.chain.rewind(position)  # no I/O: the servers cut their caches at the next step
 
     def close(self) -> None:
         self.background.call(self.chain.close(), timeout=self.timeout)

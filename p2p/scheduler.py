@@ -33,10 +33,25 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from swarm.p2p import hop_trace
+
+class BatchStep(NamedTuple):
+    """A batchable step (:attr:`Work.batch`): run on ``kv`` by ``blocks.run_batch`` with other
+    sessions' steps; ``per_position``: a speculative verification (see
+    :meth:`~swarm.engine.checkpoint.BlockRange.run_batch`); ``rewind_to``: the session's cache is
+    cut back to that many positions first (the client discarded drafted tokens)."""
+
+    blocks: object
+    hidden: torch.Tensor
+    kv: object
+    should_stop: Callable[[], bool]
+    per_position: bool = False
+    rewind_to: int | None = None
+
 
 KINDS = ("step", "pass")  # in the order they are served; "pass": training passes and the server's own work
 PASS_PATIENCE = 2.0  # seconds a pass waits behind steps at most before it goes first (see fair_order)
@@ -44,9 +59,9 @@ PASS_PATIENCE = 2.0  # seconds a pass waits behind steps at most before it goes 
 
 @dataclass(eq=False)
 class Work:
-    """One computation waiting for the compute thread. ``batch``: for a batchable step, the
-    blocks' identity (steps batch only with steps of the same blocks) and ``(blocks, hidden, kv,
-    should_stop)``; None for a call ``fn(*args)``."""
+    """One computation waiting for the compute thread. ``batch_key`` and ``batch``: for a
+    batchable step, the blocks' identity (steps batch only with steps of the same blocks) and a
+    :class:`BatchStep` (or a tuple of its fields); None for a call ``fn(*args)``."""
 
     peer: str
     kind: str
@@ -221,23 +236,28 @@ class ComputeQueue:
             self._run_batch(chosen)
 
     def _run_batch(self, chosen: list[Work]) -> None:
-        ready = []
+        ready, steps = [], []
         for work in chosen:  # a step that cannot run fails alone, before the pass
-            blocks, hidden, kv, _ = work.batch
+            step = BatchStep(*work.batch)
             try:
-                blocks.check_batch_step(hidden, kv)
+                if step.rewind_to is not None:
+                    step.kv.rewind(step.rewind_to)
+                step.blocks.check_batch_step(step.hidden, step.kv)
             except BaseException as exc:
                 work.future.set_exception(exc)
             else:
                 ready.append(work)
+                steps.append(step)
         if not ready:
             return
         hop_trace.mark("started")  # a step's compute, for the benchmarks (with "done" below)
-        blocks = ready[0].batch[0]
-        stops = [w.batch[3] for w in ready]
+        blocks = steps[0].blocks
+        stops = [s.should_stop for s in steps]
         try:
             with torch.no_grad():
-                outputs = blocks.run_batch([(w.batch[1], w.batch[2]) for w in ready], lambda: all(s() for s in stops))
+                outputs = blocks.run_batch(
+                    [(s.hidden, s.kv) for s in steps], lambda: all(s() for s in stops), [s.per_position for s in steps]
+                )
         except BaseException as exc:  # handed to every awaiting step
             for work in ready:
                 work.future.set_exception(exc)

@@ -52,7 +52,7 @@ from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.identity import Identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.passes import handle_pass
-from swarm.p2p.scheduler import ComputeQueue, Work
+from swarm.p2p.scheduler import BatchStep, ComputeQueue, Work
 from swarm.p2p.serve_options import (
     PEER_ADAPTER_MIB,
     PEER_SESSION_ADAPTER_MIB,
@@ -539,13 +539,17 @@ class BlockServer:
         """:meth:`submit`, awaited on the event loop."""
         return await asyncio.wrap_future(self.submit(fn, *args, session=session, peer=peer, kind=kind))
 
-    def submit_step(self, session, hidden: torch.Tensor) -> concurrent.futures.Future:
+    def submit_step(
+        self, session, hidden: torch.Tensor, per_position: bool = False, rewind_to: int | None = None
+    ) -> concurrent.futures.Future:
         """Queue a plain step of ``session`` (batch 1, no adapter, at most a prefill chunk), which
-        the compute thread may run together with other sessions' (see :mod:`swarm.p2p.scheduler`);
-        its future gives (output, True) as :func:`~swarm.engine.steps.run_step` does. Thread-safe."""
+        the compute thread may run together with other sessions' (see :mod:`swarm.p2p.scheduler`,
+        :class:`~swarm.p2p.scheduler.BatchStep` for ``per_position`` and ``rewind_to``); its
+        future gives (output, True) as :func:`~swarm.engine.steps.run_step` does. Thread-safe."""
         blocks = session.blocks
+        step = BatchStep(blocks, hidden, session.kv, session.stop.is_set, per_position, rewind_to)
         work = Work(peer=session.peer, kind="step", positions=hidden.shape[1], batch_key=(id(blocks.blocks[0]), blocks.end),
-                    batch=(blocks, hidden, session.kv, session.stop.is_set))
+                    batch=step)
         future = self.queue.submit(work)
         session.computing = future
         return future

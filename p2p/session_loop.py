@@ -29,7 +29,7 @@ from swarm.p2p import hop_trace, protocols
 from swarm.p2p.bridge import wait_future
 from swarm.p2p.compression import SESSION_WIRES, pack_here, packed_nbytes, wire_of_form
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
-from swarm.p2p.wire import MAX_TRAIL, SESSION_EXPIRED, Frame, WireError, read_frame_here, write_frame_here
+from swarm.p2p.wire import MAX_TRAIL, MAX_VERIFY, SESSION_EXPIRED, Frame, WireError, read_frame_here, write_frame_here
 
 log = logging.getLogger("swarm.server")
 
@@ -197,21 +197,27 @@ class SessionLoop:
         chunks = check_chunks(frame.fields.get("chunks"), hidden)
         check_hidden(session.blocks, hidden)
         self.server.check_context(position + hidden.shape[1], "the step's end position")
+        per_position = _per_position(frame, hidden, hypo_ids, chunks)
         repeat = frame["step_id"] == session.last_step and position == session.last_position
         if repeat and source == "push":
             return None, False
+        cut_to = None
         if not repeat and position != session.kv.length:
-            raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
+            if not 0 <= position < session.kv.length:
+                raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
+            cut_to = position  # the positions from there on were drafted and not kept: forget them
         session.last_step = None  # until this step has run
         plain = not repeat and hypo_ids is None and len(chunks) == 1 and not session.adapter
         batch_one = hidden.shape[0] == 1 and 1 <= hidden.shape[1] <= PREFILL_CHUNK
         if plain and session.kv.batch == 1 and batch_one:  # may run batched with others
-            future = self.server.submit_step(session, hidden)
+            future = self.server.submit_step(session, hidden, per_position, cut_to)
         else:
+            if per_position:  # each position as its own step, one after another: exact by construction
+                chunks = [1] * hidden.shape[1]
             future = self.server.submit(
                 run_step, session.blocks, hidden, session.kv, hypo_ids, chunks,
                 session.last_input if repeat else None, session.last_output, position if repeat else None,
-                session.last_reordered, session.stop.is_set, session.adapter, session.spec, session=session,
+                session.last_reordered, session.stop.is_set, session.adapter, session.spec, cut_to, session=session,
                 peer=session.peer,
             )
         hop_trace.mark("queued")
@@ -297,6 +303,8 @@ class SessionLoop:
             "session": session, "step_id": frame["step_id"], "position": frame["position"],
             "route": route[1:MAX_TRAIL], "trail": len(owed),
         }
+        if frame.fields.get("per_position"):
+            fields["per_position"] = True
         hypo_ids = step_parts(frame)[1]
         output = await pack_here(output, wire)
         tensors = [output, *([] if hypo_ids is None else [hypo_ids]), *owed]  # hypo_ids travel along
@@ -355,6 +363,17 @@ async def _as_received(frame: Frame, i: int):
     :func:`~swarm.p2p.compression.wire_of_form`)."""
     form = frame.forms[i] if i < len(frame.forms) else ""
     return await pack_here(frame.tensors[i], wire_of_form(form))
+
+
+def _per_position(frame: Frame, hidden: torch.Tensor, hypo_ids, chunks: list[int]) -> bool:
+    """A step's ``per_position`` flag (a speculative verification: every position computed as its
+    own decode step would be), checked."""
+    value = frame.fields.get("per_position", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"per_position must be true or false, got {value!r}")
+    if value and (hypo_ids is not None or len(chunks) > 1 or hidden.shape[1] > MAX_VERIFY):
+        raise ValueError(f"a per_position step carries at most {MAX_VERIFY} positions, without hypo_ids or chunks")
+    return value
 
 
 def step_parts(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:

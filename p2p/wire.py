@@ -34,7 +34,7 @@ from swarm.p2p.compression import MAX_BLOCK, Int8Blocks, block_size_for, int8_fr
 from swarm.p2p.host import MessageTooLargeError, P2PError, P2PTimeoutError
 from swarm.p2p.limits import FrameBudget, FrameBudgetError, Grant
 
-PROTOCOL_VERSION = 3  # 2: pushed steps carry a trail; a server that pushed does not reply. 3: adapters
+PROTOCOL_VERSION = 4  # 2: pushed steps carry a trail; a server that pushed does not reply. 3: adapters. 4: speculative steps (per_position, steps that cut the cache back)
 DEFAULT_MAX_FRAME = 256 * 2**20  # 256 MiB: a 2048-token prefill of an 8192-wide model in float32 is 64 MiB
 
 PeerId = NewType("PeerId", str)
@@ -44,6 +44,7 @@ WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 
 DECODE_IN_THREAD = 1 << 20  # frame bodies larger than this are decoded off the event loop
+MAX_VERIFY = 64  # positions of one speculative verification step (a step with per_position)
 MAX_TRAIL = 64  # earlier servers' outputs a pushed step (and the reply ending its push run) may carry
 MAX_ADAPTER_TENSORS = 1024  # named adapter tensors (or their gradients) one frame may carry
 

@@ -15,7 +15,7 @@ import torch
 from swarm.engine.checkpoint import Checkpoint
 from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, StreamClosedError
-from swarm.p2p.wire import Frame, encode, expect, read_frame, write_frame
+from swarm.p2p.wire import PROTOCOL_VERSION, Frame, encode, expect, read_frame, write_frame
 from conftest import write_tiny_checkpoint
 from swarm_utils import generate_json, local_json, running_swarm
 
@@ -40,7 +40,7 @@ def _bad_payloads(hidden_size: int) -> list[tuple[str, bytes]]:
         ("oversized length", struct.pack(">I", 2**31) + b"x" * 16),
         ("truncated frame", _frame_bytes(Frame("forward", {"start": 0, "end": 1}, [good_hidden]))[:40]),
         ("wrong version", _raw({"v": 7, "kind": "forward", "start": 0, "end": 1, "tensors": []})),
-        ("unknown kind", _raw({"v": 3, "kind": "rm -rf", "tensors": []})),
+        ("unknown kind", _raw({"v": PROTOCOL_VERSION, "kind": "rm -rf", "tensors": []})),
         ("wrong dtype", _frame_bytes(Frame("forward", {"start": 0, "end": 1}, [torch.zeros(1, 2, hidden_size, dtype=torch.int64)]))),
         ("wrong shape", _frame_bytes(Frame("forward", {"start": 0, "end": 1}, [torch.zeros(1, 2, hidden_size + 1)]))),
         ("bad range", _frame_bytes(Frame("forward", {"start": 3, "end": 99}, [good_hidden]))),

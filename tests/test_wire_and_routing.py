@@ -12,7 +12,7 @@ import torch
 
 from swarm.p2p.routing import NoRouteError, Span, choose_blocks, find_chain, load_factor
 from swarm.p2p.table import PeerTable, ServerInfo, coverage, gaps, model_id, parse_announcement
-from swarm.p2p.wire import Frame, WireError, decode_body, encode
+from swarm.p2p.wire import PROTOCOL_VERSION, Frame, WireError, decode_body, encode
 
 
 def _roundtrip(frame: Frame) -> Frame:
@@ -50,13 +50,13 @@ def _body(header: dict, payload: bytes = b"") -> bytes:
         (struct.pack(">H", 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
         (_body([1, 2]), "not a msgpack map"),  # type: ignore[arg-type]
         (_body({"v": 99, "kind": "info", "tensors": []}), "unsupported protocol version 99"),
-        (_body({"v": 3, "kind": "hack", "tensors": []}), "unknown frame kind"),
-        (_body({"v": 3, "kind": "open", "tensors": []}), "missing field"),
-        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [2]]]}, b"\x00" * 4), "runs past"),
-        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["complex", [1]]]}, b"\x00" * 8), "bad tensor entry"),
-        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [-1]]]}), "bad tensor shape"),
-        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [1]]]}, b"\x00" * 5), "trailing"),
-        (_body({"v": 3, "kind": "forward", "start": 0, "end": 1, "tensors": []}), "must carry 1 to 1025 tensor"),
+        (_body({"v": PROTOCOL_VERSION, "kind": "hack", "tensors": []}), "unknown frame kind"),
+        (_body({"v": PROTOCOL_VERSION, "kind": "open", "tensors": []}), "missing field"),
+        (_body({"v": PROTOCOL_VERSION, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [2]]]}, b"\x00" * 4), "runs past"),
+        (_body({"v": PROTOCOL_VERSION, "kind": "forward", "start": 0, "end": 1, "tensors": [["complex", [1]]]}, b"\x00" * 8), "bad tensor entry"),
+        (_body({"v": PROTOCOL_VERSION, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [-1]]]}), "bad tensor shape"),
+        (_body({"v": PROTOCOL_VERSION, "kind": "forward", "start": 0, "end": 1, "tensors": [["float32", [1]]]}, b"\x00" * 5), "trailing"),
+        (_body({"v": PROTOCOL_VERSION, "kind": "forward", "start": 0, "end": 1, "tensors": []}), "must carry 1 to 1025 tensor"),
     ],
 )
 def test_malformed_frames_are_refused_with_a_reason(body, message):
@@ -204,10 +204,10 @@ def test_bad_throughputs_are_refused_and_joining_servers_count_for_block_choice(
 
 
 def test_odd_headers_are_wire_errors():
-    for header in ({"v": 3, "kind": [1], "tensors": []},
-                   {"v": 3, "kind": "result", "tensors": [[["x"], [1]]]},
-                   {"v": 3, "kind": "result", "tensors": [["float32", [65536] * 4]]},
-                   {"v": 3, "kind": "result", "tensors": [["float32", [2**31 - 1] * 8]]}):
+    for header in ({"v": PROTOCOL_VERSION, "kind": [1], "tensors": []},
+                   {"v": PROTOCOL_VERSION, "kind": "result", "tensors": [[["x"], [1]]]},
+                   {"v": PROTOCOL_VERSION, "kind": "result", "tensors": [["float32", [65536] * 4]]},
+                   {"v": PROTOCOL_VERSION, "kind": "result", "tensors": [["float32", [2**31 - 1] * 8]]}):
         with pytest.raises(WireError):
             decode_body(_body(header))
 

@@ -1,0 +1,219 @@
+"""Speculative decoding (issue 23): drafted tokens verified in one step, each position computed as
+its own decode step, so greedy output is plain greedy output token for token, locally and through
+real servers, after a failover too; the drafter and the draft length are pure functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, write_tiny_checkpoint
+from swarm.cache.history import SpanHistory
+from swarm.engine.adapters import attach
+from swarm.engine.checkpoint import Checkpoint
+from swarm.engine.client import ClientModel, generate_local
+from swarm.engine.fast import measure_pooling
+from swarm.engine.generation import GenerationConfig
+from swarm.engine.speculative import DraftLength, SpecStats, best_draft_length, expected_tokens, ngram_draft
+from swarm_utils import generate_json, local_json, running_swarm, swarm_generate
+
+
+@pytest.mark.parametrize(
+    ("tokens", "k", "draft"),
+    [
+        ([1, 2, 3, 9, 1, 2, 3], 2, [9, 1]),  # the suffix 1 2 3 seen before: what followed it
+        ([1, 2, 3, 4, 5, 1, 2], 5, [3, 4, 5, 1, 2]),  # capped by what there is
+        ([5, 1, 7, 1, 8, 1], 1, [8]),  # the latest earlier occurrence wins
+        ([1, 2, 3, 4], 3, []),  # nothing repeats
+        ([7, 7], 4, [7]),  # one token long suffix
+        ([1, 2, 3, 1, 2, 3], 0, []),  # k = 0
+        ([], 3, []),
+        ([4, 5, 6, 1, 5, 6], 2, [1, 5]),  # the longest suffix (5 6) first
+    ],
+)
+def test_ngram_draft(tokens, k, draft):
+    assert ngram_draft(tokens, k) == draft
+
+
+@pytest.mark.parametrize(
+    ("acceptance", "step", "position", "draft", "k_max", "k"),
+    [
+        (0.9, 0.100, 0.002, 0.0, 16, 16),  # far away, cheap positions, good drafts: draft all
+        (0.0, 0.100, 0.002, 0.0, 16, 0),  # drafts never accepted: never draft
+        (0.5, 0.010, 0.010, 0.0, 16, 0),  # an extra position costs a whole step: plain wins
+        (0.8, 0.050, 0.005, 0.0, 4, 4),  # capped by k_max
+        (0.6, 0.100, 0.002, 0.020, 16, 2),  # a costly drafter drafts less
+    ],
+)
+def test_best_draft_length(acceptance, step, position, draft, k_max, k):
+    assert best_draft_length(acceptance, step, position, draft, k_max) == k
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.5, 0) == 1
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 3) == 4
+
+
+def test_draft_length_fits_the_time_of_a_step_and_of_each_position():
+    length = DraftLength()
+    for n in (1, 3, 5, 1, 3, 5):
+        length.observe(n, 0.100 + 0.004 * (n - 1), drafted=n - 1, accepted=n - 1)
+    a, b = length.fit()
+    assert a == pytest.approx(0.100) and b == pytest.approx(0.004)
+    assert length.choose(limit=6) == 6
+    assert length.choose(limit=0) == 0
+
+
+def test_draft_length_probes_again_after_steps_without_drafting():
+    length = DraftLength()
+    length.observe(2, 0.01, drafted=20, accepted=0)  # all rejected, positions expensive
+    length.observe(1, 0.005, drafted=0, accepted=0)
+    assert [length.choose() for _ in range(8)] == [0] * 7 + [1]
+
+
+def test_history_truncate_keeps_whole_positions():
+    history = SpanHistory()
+    history.record(torch.arange(5.0).reshape(1, 5, 1))
+    history.record(torch.arange(5.0, 9.0).reshape(1, 4, 1), per_position=True)
+    assert history.step_lengths == [5, 1, 1, 1, 1]
+    history.truncate(6)
+    assert history.step_lengths == [5, 1] and history.inputs.flatten().tolist() == [0, 1, 2, 3, 4, 5]
+    history.truncate(3)
+    assert history.step_lengths == [3] and history.length == 3
+    inputs, chunks = history.replay(torch.zeros(1, 2, 1), per_position=True)
+    assert chunks == [3, 1, 1] and inputs.shape[1] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_per_position_step_equals_one_step_per_position(tmp_path, family, dtype):
+    """Bit for bit, with the linears pooled (attached) and without, across a decode bucket's
+    edge; Mistral with a sliding window the positions cross."""
+    overrides = {"sliding_window": 64} if family == "mistral" else {}
+    ckpt = Checkpoint(write_tiny_checkpoint(tmp_path, family, **overrides))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(1, 61, ckpt.config.hidden_size, generator=g)
+    tokens = torch.randn(1, 7, ckpt.config.hidden_size, generator=g)
+    for pooled in (False, True):
+        blocks = ckpt.load_blocks(0, ckpt.num_blocks, dtype)
+        if pooled:
+            attach(blocks)
+            measure_pooling(blocks, dtype)
+        alone, verified = blocks.open_session(1, 80), blocks.open_session(1, 80)
+        with torch.no_grad():
+            blocks(prompt, alone)
+            blocks(prompt, verified)
+            expected = torch.cat([blocks(tokens[:, j : j + 1], alone) for j in range(tokens.shape[1])], dim=1)
+            got = blocks.run_batch([(tokens, verified)], per_position=[True])[0]
+            # batched beside another session's plain step: the same bits
+            other = blocks.open_session(1, 80)
+            blocks(prompt[:, :9], other)
+            verified.rewind(61)
+            beside = blocks.run_batch([(prompt[:, 9:10], other), (tokens, verified)], per_position=[False, True])[1]
+        assert torch.equal(got, expected), (family, dtype, pooled)
+        assert torch.equal(beside, expected), (family, dtype, pooled)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("spec"), "llama", num_hidden_layers=6, max_position_embeddings=4096)
+
+
+REPETITIVE = "one two three one two three one two"
+
+
+class Oracle:
+    """A drafter that knows the plain output and gets every third drafted token wrong: most
+    drafts accepted, some rejected mid-way (the cache cut back), whatever the model."""
+
+    name, draft_time = "oracle", 0.0
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.calls = tokens, 0
+
+    def propose(self, tokens, k):
+        self.calls += 1
+        draft = list(self.tokens[len(tokens) : len(tokens) + k])
+        return [(t - 1 if t else 1) if (i + self.calls) % 3 == 2 else t for i, t in enumerate(draft)]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_speculative_greedy_is_plain_greedy_locally(tiny, penalty):
+    client = ClientModel.load(tiny)
+    for prompt in (REPETITIVE, "The capital of France is", "a b a b a b a"):
+        ids = client.encode(prompt)
+        plain = GenerationConfig(max_new_tokens=40, eos_token_ids=(), repetition_penalty=penalty)
+        stats = SpecStats()
+        from swarm.engine.client import local_sessions
+        from swarm.engine.generation import generate
+        from swarm.engine.speculative import NgramDrafter
+
+        blocks = attach(Checkpoint(tiny).load_blocks(0, 6))
+        expected = generate_local(client, ids, plain)
+        spec = generate(client.head, local_sessions(blocks), ids, plain, draft=NgramDrafter(), stats=stats)
+        assert spec == expected, prompt
+        assert stats.tokens == 40 and stats.steps <= 40
+        stats = SpecStats()
+        fixed = GenerationConfig(max_new_tokens=40, eos_token_ids=(), repetition_penalty=penalty, draft_tokens=4)
+        oracle = generate(client.head, local_sessions(blocks), ids, fixed, draft=Oracle(ids + expected), stats=stats)
+        assert oracle == expected, prompt
+        assert stats.accepted > 10 and stats.accepted < stats.drafted and stats.steps < 30, stats
+
+
+def test_the_context_limit_stops_speculation_where_plain_decoding_stops(tmp_path):
+    model = write_tiny_checkpoint(tmp_path, "llama", max_position_embeddings=24)
+    client = ClientModel.load(model)
+    ids = client.encode(REPETITIVE)
+    plain = generate_local(client, ids, GenerationConfig(max_new_tokens=40, eos_token_ids=()))
+    spec = generate_local(client, ids, GenerationConfig(max_new_tokens=40, eos_token_ids=(), draft="ngram"))
+    assert spec == plain and len(ids) + len(plain) == 24
+
+
+def test_draft_flags_are_checked():
+    with pytest.raises(ValueError, match="--draft must be one of"):
+        GenerationConfig(draft="bigram")
+    with pytest.raises(ValueError, match="does not apply to beam search"):
+        GenerationConfig(draft="ngram", num_beams=2)
+
+
+@pytest.mark.slow
+def test_swarm_speculation_gives_the_tokens_of_plain_and_local_decoding(tiny, tmp_path):
+    """Three real servers: `swarm generate --draft ngram` (and the default, auto) equals
+    `--draft none` and `--local`, for a short and a longer prompt."""
+    with running_swarm(tiny, ["0:2", "2:4", "4:6"], tmp_path) as servers:
+        peer = servers[0].maddr
+        for prompt in (REPETITIVE, " ".join([REPETITIVE] * 80) + " four"):  # ~1,900 tokens
+            args = [prompt, "--model", str(tiny), "--max-new-tokens", "30", "--initial-peers", peer]
+            none = generate_json([*args, "--draft", "none"], tmp_path)
+            ngram = generate_json([*args, "--draft", "ngram"], tmp_path)
+            auto = generate_json(args, tmp_path)
+            local = local_json([prompt, "--model", str(tiny), "--max-new-tokens", "30", "--local"])
+            assert ngram["token_ids"] == none["token_ids"] == auto["token_ids"] == local["token_ids"], prompt
+
+
+@pytest.mark.slow
+def test_a_server_killed_during_speculation_changes_no_token(tiny, tmp_path, monkeypatch):
+    """Servers of the middle blocks killed between verification steps: the chain replays their
+    history (verified positions as steps of one) on a replacement; the tokens stay."""
+    cfg = GenerationConfig(max_new_tokens=40, eos_token_ids=(), draft="ngram", draft_tokens=4)
+    client = ClientModel.load(tiny)
+    ids = client.encode(REPETITIVE)
+    expected = generate_local(client, ids, GenerationConfig(max_new_tokens=40, eos_token_ids=()))
+    oracle = Oracle(ids + expected)  # drafts that are mostly right, so verification steps carry several
+    monkeypatch.setattr("swarm.engine.generation.NgramDrafter", lambda: oracle)
+    with running_swarm(tiny, ["0:2", "2:4", "4:6", "2:4", "2:4"], tmp_path) as servers:
+        by_peer = {s.maddr.rsplit("/p2p/", 1)[1]: s for s in servers}
+        killed = []
+
+        def on_token(i, chain):
+            if i in (9, 21):
+                peer = next(s.span.peer_id for s in chain.sessions if s.span.start <= 2 < s.span.end)
+                by_peer[peer].proc.kill()
+                by_peer[peer].proc.wait()
+                killed.append(peer)
+
+        tokens = swarm_generate(tiny, servers[0].maddr, cfg, on_token, prompt=REPETITIVE, step_timeout=5.0,
+                                wait_timeout=20.0)
+    assert len(killed) == 2 and oracle.calls > 3
+    assert tokens == expected
