@@ -145,6 +145,7 @@ def sampling(
     length_penalty: float = 1.0,
     eos_token_ids: tuple[int, ...] = (),
     draft: str = "auto",
+    draft_tokens: int = 0,
 ):
     """How to pick tokens, as `swarm generate`'s flags say it: greedy unless ``sample`` or any of
     ``temperature``, ``top_k``, ``top_p`` is given (they imply sampling), beam search with
@@ -165,4 +166,5 @@ def sampling(
         seed=seed,
         eos_token_ids=tuple(eos_token_ids),
         draft="none" if draft == "auto" and num_beams > 1 else draft,
+        draft_tokens=draft_tokens,
     )

@@ -34,7 +34,8 @@ from swarm.engine.client import ClientModel, TextStream, local_sessions, resolve
 from swarm.engine.finetune import forward_logits
 from swarm.engine.finetune_data import Batch, token_loss, with_virtual_tokens
 from swarm.engine.generation import GenerationConfig, check_prompt_length, generate
-from swarm.engine.speculative import SpecStats
+from swarm.engine.draft_model import ModelDrafter
+from swarm.engine.speculative import Drafter, SpecStats
 
 log = logging.getLogger("swarm")
 
@@ -206,10 +207,12 @@ class Swarm:
         on_token: Callable[[int], None] | None = None,
         on_chain: Callable | None = None,
         stats: SpecStats | None = None,
+        draft: Drafter | None = None,
     ) -> list[int]:
         """The new tokens after ``prompt_ids`` (an end-of-sequence token, if produced, last);
         ``on_token`` is called with each as it is chosen, ``on_chain`` with each chain of servers
-        as it opens; ``stats`` counts what speculative decoding did (``cfg.draft``). Raises ``ValueError`` for a prompt past the model's context, and the swarm's
+        as it opens; ``stats`` counts what speculative decoding did (``cfg.draft``, or ``draft``: a
+        drafter such as :meth:`draft_model`'s, for greedy decoding). Raises ``ValueError`` for a prompt past the model's context, and the swarm's
         errors (:class:`~swarm.p2p.client.SwarmError`, ``NoRouteError``, ``TimeoutError``...)."""
         self._check_open()
         prompt_ids = list(prompt_ids)
@@ -220,7 +223,14 @@ class Swarm:
         virtual = adapter.num_virtual_tokens if adapter is not None else 0
         check_prompt_length(len(prompt_ids), self.head.max_positions, virtual)  # before any network setup
         self.connect()
-        return generate(self.head, self._sessions(on_chain), prompt_ids, cfg, on_token, prefix=prefix, stats=stats)
+        return generate(self.head, self._sessions(on_chain), prompt_ids, cfg, on_token, prefix=prefix, stats=stats,
+                        draft=draft)
+
+    def draft_model(self, path: str | Path, quant: str = "none") -> ModelDrafter:
+        """A draft model for speculative decoding (``generate_ids(..., draft=...)``): the
+        checkpoint at ``path``, held here whole (bfloat16, or ``quant`` int8/nf4), which must share
+        this model's tokenizer. ``ValueError`` naming the directory otherwise."""
+        return ModelDrafter.load(path, self.client_model.path, quant=quant)
 
     def _sessions(self, on_chain: Callable | None):
         if self.local_blocks is None:

@@ -124,7 +124,7 @@ def create_app(backend: Backend) -> Starlette:
                                 f"{', '.join(backend.models)}", "model", "model_not_found")
         adapter = backend.models[name]
         cm = backend.client_model
-        sampling = parse_sampling(body, cm.eos_token_ids, chat)
+        sampling = parse_sampling(body, cm.eos_token_ids, chat, backend.cfg.draft)
         if chat:
             param, messages = "messages", parse_messages(body.get("messages"))
             try:
@@ -318,9 +318,14 @@ class Reply:
         self.entries: list[list] = [[] for _ in range(self.n)]
         self.offsets: list[list[int]] = [[] for _ in range(self.n)]
 
-    def usage(self, completion_tokens: int) -> dict:
+    def usage(self, completion_tokens: int, speculation: dict | None = None) -> dict:
+        """OpenAI's usage, and swarm's ``speculation`` (drafted and accepted tokens, round trips)
+        where speculative decoding ran."""
         prompt = len(self.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+        if speculation is not None:
+            usage["speculation"] = speculation
+        return usage
 
     def _object(self, kind: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
@@ -360,7 +365,7 @@ class Reply:
             else:
                 out.append({"index": i, "text": (self.echo or "") + text, "logprobs": logprobs, "finish_reason": self.finish[i]})
         kind = "chat.completion" if self.chat else "text_completion"
-        return self._object(kind, out, usage=self.usage(choices.completion_tokens))
+        return self._object(kind, out, usage=self.usage(choices.completion_tokens, choices.speculation))
 
     def chunk(self, index: int, text: str | None, finish: str | None = None, first: bool = False,
               logprobs: dict | None = None) -> str:
@@ -404,7 +409,7 @@ class Reply:
             if ended == self.n:
                 if self.include_usage:
                     yield sse(self._object("chat.completion.chunk" if self.chat else "text_completion", [],
-                                           usage=self.usage(choices.completion_tokens)))
+                                           usage=self.usage(choices.completion_tokens, choices.speculation)))
                 break
             event = await choices.next()
         yield "data: [DONE]\n\n"

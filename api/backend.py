@@ -35,6 +35,7 @@ from swarm.api.requests import ApiError
 from swarm.config import ClientOptions, check
 from swarm.engine.adapter_io import Adapter, load_adapter
 from swarm.engine.generation import GenerationConfig, TokenLogprob, generate, score_prompt
+from swarm.engine.speculative import DRAFTS, SpecStats
 from swarm.facade import Swarm
 from swarm.p2p.table import gaps, model_name
 
@@ -59,11 +60,13 @@ class ApiConfig:
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API (CORS)
     default_max_tokens: int = 512  # for a request without max_tokens
     max_requests: int = 16  # generations at once; later requests wait for a slot
+    draft: str = "auto"  # speculative decoding for requests that do not say (--draft; see swarm.engine.speculative)
 
     def __post_init__(self):
         check(self.api_key is None or self.api_key.strip() != "", "--api-key", "a non-empty key", repr(self.api_key))
         check(self.default_max_tokens >= 1, "--default-max-tokens", "at least 1", self.default_max_tokens)
         check(self.max_requests >= 1, "--max-requests", "at least 1", self.max_requests)
+        check(self.draft in DRAFTS, "--draft", f"one of {', '.join(DRAFTS)}", self.draft)
         if self.api_key is not None:
             self.api_key = self.api_key.strip()
         self.client = self.client.with_env_peers()
@@ -298,6 +301,7 @@ class Job:
         self.prefill: tuple | None = None
         self.prefilled = threading.Event()  # set once prefill is offered, or the job ended
         self.forked = False  # this choice continued from another's prompt step
+        self.spec = SpecStats()  # what speculative decoding did for it
         self._logprobs: list[TokenLogprob] = []  # one per token, as the scanner's
         self._reported = 0  # tokens whose log-probabilities went out
         self._cancelled = False
@@ -355,7 +359,7 @@ class Job:
                 return
             open_session = self._open_swarm if self.backend.swarm is not None else self._open_local()
             generate(self.backend.client_model.head, open_session, self.prompt_ids, self.gen, self._on_token,
-                     prefix=prefix, scores=self if self.top is not None else None)
+                     prefix=prefix, scores=self if self.top is not None else None, stats=self.spec)
             tokens, eos = self.scanner.tokens, self.gen.eos_token_ids
             finish = "stop" if tokens and tokens[-1] in eos else "length"
             tail = self.scanner.flush()
@@ -484,6 +488,16 @@ class Choices:
     @property
     def completion_tokens(self) -> int:
         return sum(len(job.tokens) for job in self.jobs)
+
+    @property
+    def speculation(self) -> dict | None:
+        """What speculative decoding did for the choices together (None when no choice decoded
+        through it: sampling, or ``draft`` none): the usage's ``speculation``."""
+        steps = sum(job.spec.steps for job in self.jobs)
+        if not steps:
+            return None
+        return {"drafted_tokens": sum(job.spec.drafted for job in self.jobs),
+                "accepted_tokens": sum(job.spec.accepted for job in self.jobs), "round_trips": steps}
 
 
 class _JobChain:

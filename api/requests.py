@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from swarm.engine.generation import GenerationConfig
+from swarm.engine.speculative import DRAFTS
 
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 256
@@ -107,8 +108,9 @@ def _refuse_unless(body: dict, name: str, allowed: tuple, why: str) -> None:
         raise bad(f"{name} is not supported by swarm api: {why}", name)
 
 
-def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sampling:
-    """The generation fields of a completion or chat body. Raises :class:`ApiError` (400)."""
+def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool, draft: str = "auto") -> Sampling:
+    """The generation fields of a completion or chat body (``draft``: speculative decoding unless
+    the body's own ``draft`` says otherwise, a field of swarm's). Raises :class:`ApiError` (400)."""
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
             raise bad(f"{name} is not supported (swarm's penalty is multiplicative): send 0, or "
@@ -144,6 +146,9 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
     include_usage = (options or {}).get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad("stream_options.include_usage must be true or false", "stream_options")
+    draft = body.get("draft", draft)
+    if draft not in DRAFTS:
+        raise bad(f"draft must be one of {', '.join(DRAFTS)}, got {json.dumps(draft)[:40]}", "draft")
     gen = GenerationConfig(
         max_new_tokens=max_tokens or 1,  # the final value is set once the prompt's length is known
         do_sample=temperature > 0,
@@ -153,6 +158,7 @@ def parse_sampling(body: dict, eos_token_ids: tuple[int, ...], chat: bool) -> Sa
         repetition_penalty=repetition_penalty,
         seed=seed,
         eos_token_ids=eos_token_ids,
+        draft=draft,
     )
     return Sampling(max_tokens, gen, parse_stop(body.get("stop")), stream, include_usage, n, logprobs, echo)
 

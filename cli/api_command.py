@@ -53,6 +53,10 @@ def api(
     max_requests: Annotated[
         int, typer.Option("--max-requests", help="Generations at once; later requests wait for a slot.")
     ] = 16,
+    draft: Annotated[
+        str,
+        typer.Option("--draft", help="Speculative decoding for requests that do not set 'draft': auto, ngram or none."),
+    ] = "auto",
     dtype: DtypeOpt = "float32",
     step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
     timeout: Annotated[
@@ -85,6 +89,7 @@ def api(
             cors_origins=list(cors_origin or []),
             default_max_tokens=default_max_tokens,
             max_requests=max_requests,
+            draft=draft,
         )
         setup_logging(verbose)
         resolve_model(model)  # the default model fetched (with progress) before the server starts

@@ -245,10 +245,16 @@ def generate(
         str,
         typer.Option(
             "--draft",
-            help="Speculative decoding: auto (n-gram drafts where they pay), ngram (prompt lookup), none. "
-            "Greedy output is the same token for token; fewer round trips.",
+            help="Speculative decoding: auto (n-gram drafts where they pay), ngram (prompt lookup), none, or a "
+            "draft model's directory (same tokenizer). Greedy output is the same token for token; fewer round trips.",
         ),
     ] = "auto",
+    draft_quant: Annotated[
+        str, typer.Option("--draft-quant", help="With --draft PATH: quantize the draft model (none, int8, nf4).")
+    ] = "none",
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", help="Tokens drafted per step (1-16); 0: as many as pay, measured.")
+    ] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Report what speculation did (on stderr).")] = False,
     initial_peers: InitialPeersOpt = None,
     step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
@@ -275,7 +281,7 @@ def generate(
     from swarm.engine.families import UnsupportedModelError
     from swarm.engine.generation import check_prompt_length
     from swarm.engine.quant import QuantUnavailableError
-    from swarm.engine.speculative import SpecStats
+    from swarm.engine.speculative import DRAFTS, SpecStats
     from swarm.facade import Swarm
     from swarm.p2p.client import SwarmError
     from swarm.p2p.host import P2PError
@@ -288,12 +294,16 @@ def generate(
             step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
             wire_dtype=wire_dtype, quant=quant, quant_blocks=quant_blocks,
         )
+        draft_path = None if draft in DRAFTS else draft
+        if draft_path is not None and num_beams > 1:
+            raise ValueError("--draft does not apply to beam search: drop --draft or --num-beams")
         cfg = sampling(
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
-            draft=draft,
+            draft="none" if draft_path else draft, draft_tokens=draft_tokens,
         )
-        client = Swarm.start(options, quiet=as_json, connect=False)  # AdapterError, CheckpointError: ValueErrors
+        client = Swarm.start(options, quiet=as_json, connect=False)
+        drafter = client.draft_model(draft_path, quant=draft_quant) if draft_path else None  # AdapterError, CheckpointError: ValueErrors
         cfg = replace(cfg, eos_token_ids=client.client_model.eos_token_ids)
         prompt_ids = client.encode(prompt, chat=chat)
         if not prompt_ids:
@@ -318,7 +328,7 @@ def generate(
         if not local:
             setup_logging(False)  # recoveries from failed servers are reported on stderr
         stats = SpecStats()
-        tokens = client.generate_ids(prompt_ids, cfg, on_token=stream, stats=stats)
+        tokens = client.generate_ids(prompt_ids, cfg, on_token=stream, stats=stats, draft=drafter)
     except BaseException as exc:
         if wrote:
             write("\n")  # end the partial output's line
@@ -330,14 +340,14 @@ def generate(
     finally:
         client.close()
     text = client.decode(tokens)
-    if verbose and stats.steps:
-        print(stats.line(), file=sys.stderr)
     if as_json:
         print(json.dumps({"prompt_ids": prompt_ids, "token_ids": tokens, "text": text}))
     elif stream is None:
         print(text)
     else:
         write(text[stream.printed :] + "\n")
+    if verbose and stats.steps:
+        print(stats.line(), file=sys.stderr)
 
 
 from swarm.cli.finetune import finetune  # noqa: E402  (its own module: the command is long)

@@ -171,6 +171,28 @@ def test_text_equals_swarm_generate(tiny, client, chat):
 
 
 @pytest.mark.slow
+def test_draft_changes_no_text_and_usage_says_what_speculation_did(tiny, api):
+    """swarm's `draft` field: the same greedy text with n-gram drafts as without; usage tells the
+    drafted and accepted tokens and the round trips (none for plain decoding or sampling)."""
+    url, _ = api
+    headers = {"Authorization": f"Bearer {KEY}"}
+    texts, usages = {}, {}
+    for draft in ("none", "ngram", "auto"):
+        body = {"model": "model", "prompt": PROMPT + " " + PROMPT, "max_tokens": 20, "temperature": 0, "draft": draft}
+        reply = httpx.post(f"{url}/completions", json=body, headers=headers, timeout=120).json()
+        texts[draft], usages[draft] = reply["choices"][0]["text"], reply["usage"]
+    assert texts["ngram"] == texts["none"] == texts["auto"]
+    assert "speculation" not in usages["none"]
+    spec = usages["ngram"]["speculation"]
+    assert spec["round_trips"] >= 1 and 0 <= spec["accepted_tokens"] <= spec["drafted_tokens"]
+    assert spec["round_trips"] + spec["accepted_tokens"] >= usages["ngram"]["completion_tokens"] - 1
+    sampled = {"model": "model", "prompt": PROMPT, "max_tokens": 4, "temperature": 0.7, "seed": 1, "draft": "ngram"}
+    assert "speculation" not in httpx.post(f"{url}/completions", json=sampled, headers=headers, timeout=120).json()["usage"]
+    bad = httpx.post(f"{url}/completions", json={**sampled, "draft": "model"}, headers=headers, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "draft"
+
+
+@pytest.mark.slow
 def test_stop_strings_and_adapter(tiny, client, api):
     model_dir, deep = tiny
     ref = expected(model_dir, 16)

@@ -217,3 +217,20 @@ def test_a_server_killed_during_speculation_changes_no_token(tiny, tmp_path, mon
                                 wait_timeout=20.0)
     assert len(killed) == 2 and oracle.calls > 3
     assert tokens == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--draft", "ngram", "--num-beams", "2"], "--draft ngram does not apply to beam search"),
+        (["--draft", "bigram"], "--draft must be one of"),
+        (["--draft-tokens", "99"], "--draft-tokens must be 0 (adaptive) to 16"),
+    ],
+)
+def test_bad_draft_flags_are_one_line_errors(tiny, tmp_path, flags, message):
+    from swarm_utils import run_swarm
+
+    proc = run_swarm(["generate", "--local", "--model", str(tiny), *flags, "one two"], tmp_path, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr

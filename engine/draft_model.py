@@ -1,0 +1,123 @@
+"""A draft model for speculative decoding: a small checkpoint with the target's tokenizer, held
+whole by the client (``swarm generate --draft PATH``).
+
+It drafts greedily with its own KV cache, which follows the text: at each proposal the cache is
+cut back to where it agrees with the tokens so far (the target's picks replace rejected drafts),
+the tokens it has not seen are fed as one step, and ``k`` tokens are decoded one by one. Its time
+per drafted token is measured, so the draft length weighs it (see
+:func:`~swarm.engine.speculative.best_draft_length`). Which drafts make sense: a model of the same
+family and tokenizer, several times smaller (a 1B model for a 70B swarm model); for the default
+model, its own copy (bfloat16, or ``--draft-quant int8``/``nf4``) drafts well, as it agrees with the
+swarm nearly always.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from swarm.engine.checkpoint import Checkpoint, CheckpointError
+from swarm.engine.generation import LocalSession
+
+DRAFT_CONTEXT = 4096  # positions the draft's cache holds at most (a longer text restarts it from its tail)
+
+
+def _vocabulary(path: Path) -> dict | None:
+    """The tokenizer's vocabulary as tokenizer.json holds it (model type and token → id), or None."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        model = json.loads(file.read_text()).get("model", {})
+    except (OSError, ValueError):
+        return None
+    return {"type": model.get("type"), "vocab": model.get("vocab"), "merges": model.get("merges")}
+
+
+def check_same_tokenizer(target: Path, draft: Path) -> None:
+    """``ValueError`` naming both directories unless ``draft`` tokenizes as ``target`` does (the
+    same vocabulary and merges in tokenizer.json)."""
+    mine, theirs = _vocabulary(draft), _vocabulary(target)
+    if mine is None or theirs is None:
+        missing = draft if mine is None else target
+        raise ValueError(f"--draft: {missing} has no readable tokenizer.json to compare tokenizers with")
+    if mine != theirs:
+        raise ValueError(f"--draft: the model at {draft} has another tokenizer than {target}; "
+                         "a draft model must share the target's tokenizer")
+
+
+class ModelDrafter:
+    """Greedy drafts from a small model held here (see the module's docstring)."""
+
+    name = "model"
+
+    def __init__(self, path: Path, dtype: torch.dtype = torch.bfloat16, quant: str = "none"):
+        self.path = Path(path)
+        checkpoint = Checkpoint(self.path)
+        self.head = checkpoint.load_head(torch.float32)
+        self.blocks = checkpoint.load_blocks(0, checkpoint.num_blocks, dtype, quant=quant)
+        self.max_positions = min(DRAFT_CONTEXT, self.head.max_positions or DRAFT_CONTEXT)
+        self.session: LocalSession | None = None
+        self.seen: list[int] = []  # the tokens in the draft's cache
+        self.draft_time = 0.0  # seconds per drafted token, measured (moving average)
+
+    @classmethod
+    def load(cls, path: str | Path, target: Path, dtype: torch.dtype = torch.bfloat16, quant: str = "none") -> ModelDrafter:
+        """The draft model at ``path`` for the target model at ``target``. ``ValueError`` (a
+        one-line message naming the directory) when it is missing, not a checkpoint, or tokenizes
+        differently."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"--draft: {path} is not a directory (give auto, ngram, none or a draft model's directory)")
+        check_same_tokenizer(Path(target), path)
+        try:
+            return cls(path, dtype, quant)
+        except CheckpointError as exc:
+            raise ValueError(f"--draft: {exc}") from None
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        began = time.monotonic()
+        tokens = list(tokens)
+        if len(tokens) + k > self.max_positions:  # the draft's view: the text's tail only
+            tokens = tokens[-(self.max_positions - k) // 2 :]
+            self._restart()
+        same = 0
+        for a, b in zip(self.seen, tokens):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(tokens) - 1)  # at least the last token is fed: its output is the first draft
+        if self.session is None:
+            self._restart()
+        self.session.rewind(same)
+        self.seen = tokens[:same]
+        out = []
+        with torch.no_grad():
+            hidden = self.session.step(self.head.embed(torch.tensor([tokens[same:]])))
+            self.seen = list(tokens)
+            for i in range(k):
+                token = int(self.head.logits(hidden[:, -1]).argmax(dim=-1)[0])
+                out.append(token)
+                if i + 1 < k:
+                    hidden = self.session.step(self.head.embed(torch.tensor([[token]])))
+                    self.seen.append(token)
+        per_token = (time.monotonic() - began) / k
+        self.draft_time = per_token if not self.draft_time else 0.8 * self.draft_time + 0.2 * per_token
+        return out
+
+    def _restart(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = LocalSession(self.blocks, 1, self.max_positions)
+        self.seen = []
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
