@@ -24,6 +24,7 @@ from swarm.engine.checkpoint import Checkpoint, CheckpointError
 from swarm.engine.generation import LocalSession
 
 DRAFT_CONTEXT = 4096  # positions the draft's cache holds at most (a longer text restarts it from its tail)
+FEED_TIMED = 4  # new tokens fed at most for a proposal's time to count the feeding (more: a prefill)
 
 
 def _vocabulary(path: Path) -> dict | None:
@@ -101,6 +102,8 @@ class ModelDrafter:
         with torch.no_grad():
             hidden = self.session.step(self.head.embed(torch.tensor([tokens[same:]])))
             self.seen = list(tokens)
+            if len(tokens) - same > FEED_TIMED:  # a prompt's prefill: not what a drafted token costs
+                began = time.monotonic()
             for i in range(k):
                 token = int(self.head.logits(hidden[:, -1]).argmax(dim=-1)[0])
                 out.append(token)

@@ -7,7 +7,7 @@ session over all blocks: ``open_session(batch, max_length)`` returning an object
 chain of remote servers. The same loop drives both, which is what makes swarm output equal local
 output token for token.
 
-Speculative decoding (``draft``, greedy only): sessions also take ``step(hidden,
+Speculative decoding (``draft``, greedy and sampling): sessions also take ``step(hidden,
 per_position=True)`` (each position computed as its own decode step) and ``rewind(position)``
 (forget the positions from there on); see :mod:`swarm.engine.speculative`.
 
@@ -20,6 +20,7 @@ the tensors, or servers given them when the session opens); a prompt adapter's e
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -140,8 +141,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, picked)
 
 
-def sample_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row of ``logits`` ([batch, vocab], after the repetition penalty)."""
+def sample_token(logits: torch.Tensor, cfg: GenerationConfig, seed: int = 0, position: int = 0) -> torch.Tensor:
+    """Pick one token per row of ``logits`` ([batch, vocab], after the repetition penalty):
+    greedy, or sampled by the Gumbel-max trick (the argmax of the filtered, tempered logits plus
+    Gumbel noise drawn from ``seed`` and the token's ``position``: exactly a draw from the
+    softmax). The noise depends on nothing but the seed and the position, so speculative
+    decoding, which picks a position's token while checking a draft, picks what plain sampling
+    picks there: the same tokens for the same seed, whatever was drafted."""
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
     logits = logits / cfg.temperature
@@ -155,7 +161,10 @@ def sample_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.G
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position) % 2**64)
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+    gumbel = -torch.log(-torch.log(uniform))
+    return (logits.double() + gumbel).argmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -247,8 +256,8 @@ def generate(
     ``prefix`` ``[num_virtual, hidden]``: a prompt adapter's embeddings, put before the prompt's
     (every row of a batch or beam gets them). ``scores``: log-probabilities reported as they come
     (see :class:`Scores`; not with beam search); the tokens chosen are the same with or without.
-    ``draft``: a drafter for speculative decoding (greedy decoding only: sampling and beam search
-    decode plainly), the tokens again the same; ``stats`` counts what it did.
+    ``draft``: a drafter for speculative decoding (greedy decoding and sampling; beam search
+    decodes plainly), the tokens again the same; ``stats`` counts what it did.
 
     The prefix, the prompt and the new tokens together stay within the model's context
     (``head.max_positions``): a prompt that leaves no room raises ``ValueError`` before a session
@@ -265,15 +274,15 @@ def generate(
         if scores is not None:
             raise ValueError("log-probabilities are reported for greedy decoding and sampling, not beam search")
         return _beam_search(head, open_session, input_ids, cfg, max_length, prefix)
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     if draft is None and cfg.draft in ("ngram", "auto"):
         draft = NgramDrafter()
     session = open_session(1, max_length)
-    if draft is not None and not cfg.do_sample:
+    if draft is not None:
         try:
             with torch.no_grad():
                 return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
-                                    draft, stats if stats is not None else SpecStats())
+                                    draft, stats if stats is not None else SpecStats(), seed)
         finally:
             session.close()
     try:
@@ -287,7 +296,7 @@ def generate(
                 first = None
                 raw = head.logits(hidden[:, -1])
                 logits = apply_repetition_penalty(raw, seen, cfg.repetition_penalty)
-                token = int(sample_token(logits, cfg, generator)[0])
+                token = int(sample_token(logits, cfg, seed, len(seen[0]))[0])
                 new.append(token)
                 if scores is not None:
                     scores.on_token(token_logprobs(raw, torch.tensor([token]), scores.top)[0])
@@ -303,9 +312,10 @@ def generate(
 
 
 def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max_length: int, before: int,
-                 prefix, on_token, scores: Scores | None, draft: Drafter, stats: SpecStats) -> list[int]:
-    """Greedy decoding with drafted tokens verified a step at a time (see
-    :mod:`swarm.engine.speculative`): the tokens of plain greedy decoding, in fewer steps."""
+                 prefix, on_token, scores: Scores | None, draft: Drafter, stats: SpecStats, seed: int) -> list[int]:
+    """Decoding with drafted tokens verified a step at a time (see
+    :mod:`swarm.engine.speculative`): the tokens of plain decoding, greedy or sampled (a
+    position's sample depends only on the seed and the position), in fewer steps."""
     tokens, new = list(input_ids), []
     budget = max_length - before
     hidden = session.step(_embed(head, torch.tensor([input_ids]), prefix))
@@ -319,7 +329,7 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
         for j in range(outs.shape[1]):
             raw = head.logits(outs[:, j])  # one row, as plain decoding computes it
             logits = apply_repetition_penalty(raw, torch.tensor([tokens]), cfg.repetition_penalty)
-            token = int(logits.argmax(dim=-1)[0])
+            token = int(sample_token(logits, cfg, seed, len(tokens))[0])
             new.append(token)
             tokens.append(token)
             stats.tokens += 1

@@ -108,8 +108,40 @@ def headline() -> str:
          "SmolLM2-135M over 3 servers, held-out English (`quant.json`)"],
         ["int8 wire, bytes per token and hop", f"**{num(wire['int8']['bytes_per_token'])}** of {num(wire['float32']['bytes_per_token'])}",
          f"SmolLM2-135M; perplexity {pct((wire['int8']['ppl'] / wire['float32']['ppl'] - 1) * 100)} (`quant.json`)"],
+        *_speculative_headline(),
     ]
     return table(["figure", "value", "setting"], "lrl", rows)
+
+
+def _speculative_headline() -> list[list[str]]:
+    rows = {(r["rtt_ms"], r["kind"]): r for r in results("speculative")["rows"]}
+    out = []
+    for draft, kinds, what in (("model", ("prose",), "its own copy drafting"), ("ngram", ("code", "extraction"), "n-gram drafts")):
+        cells = [rows.get((100.0, k)) for k in kinds]
+        if all(c is not None and c.get(f"{draft}_speedup") for c in cells):
+            value = ", ".join(f"**{c[f'{draft}_speedup']:.2f}×** ({k})" for c, k in zip(cells, kinds))
+            out.append([f"speculative decoding at 100 ms RTT ÷ plain, {what}", value,
+                        "SmolLM2-135M, 3 servers on emulated hosts, the same tokens (`speculative.json`)"])
+    return out
+
+
+def speculative() -> str:
+    data = results("speculative")
+    drafts = data["settings"]["drafts"]
+    header = ["RTT", "prompts", f"{drafts[0]}, tok/s"]
+    for d in drafts[1:]:
+        header += [f"{d}: tok/s", "×", "accepted", "tokens per round trip"]
+    body = []
+    for r in data["rows"]:
+        row = [f"{r['rtt_ms']:g} ms", r["kind"], f"{r[f'{drafts[0]}_tok_s']:.2f}"]
+        for d in drafts[1:]:
+            acc = r[f"{d}_acceptance"]
+            row += [f"{r[f'{d}_tok_s']:.2f}", f"**{r[f'{d}_speedup']:.2f}**", "-" if acc is None else f"{acc * 100:.0f} %",
+                    f"{r[f'{d}_tokens_per_step']:.2f}"]
+        body.append(row)
+    return (f"Generated from {ran('speculative')}: {data['settings']['tokens']} new tokens per prompt, greedy, 2 prompts "
+            "per kind, the settings alternating; ngram: prompt lookup; model: the default model's own copy (bfloat16) "
+            "drafting on the client.\n\n" + table(header, "ll" + "r" * (len(header) - 2), body))
 
 
 def _nominal_mbit(setup: str) -> float | None:
@@ -545,6 +577,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     "swarm_wire": swarm_wire,
     "wire_paths": wire_paths,
     "wire_step": wire_step,
+    "speculative": speculative,
     "api_paths": api_paths,
     "api_concurrency": api_concurrency,
     "recovery": recovery,

@@ -172,8 +172,9 @@ def test_text_equals_swarm_generate(tiny, client, chat):
 
 @pytest.mark.slow
 def test_draft_changes_no_text_and_usage_says_what_speculation_did(tiny, api):
-    """swarm's `draft` field: the same greedy text with n-gram drafts as without; usage tells the
-    drafted and accepted tokens and the round trips (none for plain decoding or sampling)."""
+    """swarm's `draft` field: the same text with n-gram drafts as without, greedy or sampled with a
+    seed; usage tells the drafted and accepted tokens and the round trips (none for plain
+    decoding)."""
     url, _ = api
     headers = {"Authorization": f"Bearer {KEY}"}
     texts, usages = {}, {}
@@ -186,8 +187,11 @@ def test_draft_changes_no_text_and_usage_says_what_speculation_did(tiny, api):
     spec = usages["ngram"]["speculation"]
     assert spec["round_trips"] >= 1 and 0 <= spec["accepted_tokens"] <= spec["drafted_tokens"]
     assert spec["round_trips"] + spec["accepted_tokens"] >= usages["ngram"]["completion_tokens"] - 1
-    sampled = {"model": "model", "prompt": PROMPT, "max_tokens": 4, "temperature": 0.7, "seed": 1, "draft": "ngram"}
-    assert "speculation" not in httpx.post(f"{url}/completions", json=sampled, headers=headers, timeout=120).json()["usage"]
+    sampled = {"model": "model", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.7, "seed": 1}
+    replies = [httpx.post(f"{url}/completions", json={**sampled, "draft": d}, headers=headers, timeout=120).json()
+               for d in ("none", "ngram")]
+    assert replies[0]["choices"][0]["text"] == replies[1]["choices"][0]["text"]  # the same seed, the same text
+    assert "speculation" in replies[1]["usage"]
     bad = httpx.post(f"{url}/completions", json={**sampled, "draft": "model"}, headers=headers, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "draft"
 
@@ -478,10 +482,10 @@ def test_an_error_mid_stream_is_an_error_event(tiny, monkeypatch):
 
     real, calls = api_backend.generate, []
 
-    def fails_once(head, open_session, ids, cfg, on_token, prefix=None, scores=None):
+    def fails_once(head, open_session, ids, cfg, on_token, prefix=None, scores=None, stats=None):
         calls.append(1)
         if len(calls) > 1:
-            return real(head, open_session, ids, cfg, on_token, prefix=prefix, scores=scores)
+            return real(head, open_session, ids, cfg, on_token, prefix=prefix, scores=scores, stats=stats)
         for token in ids[:3]:
             on_token(token)
         raise SwarmError("blocks 2:4 lost their server and no other could take them over")

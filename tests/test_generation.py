@@ -86,11 +86,10 @@ def test_sampling_is_deterministic_with_seed(tiny_checkpoints):
 
 def test_top_k_and_top_p_restrict_the_support():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    g = torch.Generator().manual_seed(0)
-    picks = {int(sample_token(logits, GenerationConfig(do_sample=True, top_k=2), g)[0]) for _ in range(200)}
+    picks = {int(sample_token(logits, GenerationConfig(do_sample=True, top_k=2), 0, p)[0]) for p in range(200)}
     assert picks == {0, 1}
     # softmax mass: 0.636, 0.234, 0.086, ...; top_p 0.8 keeps the first two tokens
-    picks = {int(sample_token(logits, GenerationConfig(do_sample=True, top_p=0.8), g)[0]) for _ in range(200)}
+    picks = {int(sample_token(logits, GenerationConfig(do_sample=True, top_p=0.8), 0, p)[0]) for p in range(200)}
     assert picks == {0, 1}
 
 

@@ -76,6 +76,10 @@ def test_steps_and_pushes_go_on_while_the_servers_event_loop_is_blocked(tiny):
             await eventually(lambda: second.host.peer_id in first.table, what="the second server in the first's table")
             host, chain = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_open_chain([m1, m2]), client.loop))
             try:
+                # an open session's loop is started from the event loop once its open is answered
+                for server in (first, second):
+                    await eventually(lambda server=server: all(s.serving for s in server.sessions.values()),
+                                     what="the sessions' loops started")
                 outputs = [client.call(_token(chain, "s0", 0, steps[0]), timeout=60)]
                 await eventually(
                     lambda: any(link.stream is not None for link in first.inference.loop.push_links.values()),

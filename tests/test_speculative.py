@@ -4,6 +4,10 @@ real servers, after a failover too; the drafter and the draft length are pure fu
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -223,14 +227,66 @@ def test_a_server_killed_during_speculation_changes_no_token(tiny, tmp_path, mon
     ("flags", "message"),
     [
         (["--draft", "ngram", "--num-beams", "2"], "--draft ngram does not apply to beam search"),
-        (["--draft", "bigram"], "--draft must be one of"),
+        (["--draft", "bigram"], "give auto, ngram, none or a draft model's directory"),
         (["--draft-tokens", "99"], "--draft-tokens must be 0 (adaptive) to 16"),
+        (["--draft", "/nonexistent/draft-model"], "is not a directory"),
+        (["--draft", "OTHER"], "has another tokenizer than"),
     ],
 )
 def test_bad_draft_flags_are_one_line_errors(tiny, tmp_path, flags, message):
     from swarm_utils import run_swarm
 
+    if flags == ["--draft", "OTHER"]:  # a draft model whose tokenizer maps two tokens the other way
+        other = tmp_path / "other"
+        shutil.copytree(tiny, other)
+        data = json.loads((other / "tokenizer.json").read_text())
+        vocab = data["model"]["vocab"]
+        a, b = list(vocab)[10:12]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+        (other / "tokenizer.json").write_text(json.dumps(data))
+        flags = ["--draft", str(other)]
     proc = run_swarm(["generate", "--local", "--model", str(tiny), *flags, "one two"], tmp_path, timeout=60)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_the_gumbel_sampler_draws_from_the_filtered_softmax():
+    """sample_token's draws over many positions: the frequencies of the tempered, top-p filtered
+    distribution (a chi-square test at p < 0.001 would fail 1 run in 1,000; 8 categories)."""
+    from swarm.engine.generation import sample_token
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    cfg = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.95)
+    probs = (logits / 0.8).softmax(-1)[0]
+    keep = (probs.sort(descending=True).values.cumsum(0) - probs.sort(descending=True).values) < 0.95
+    kept = probs.sort(descending=True).indices[keep]
+    target = torch.zeros_like(probs)
+    target[kept] = probs[kept] / probs[kept].sum()
+    n = 20_000
+    counts = torch.bincount(torch.cat([sample_token(logits, cfg, 7, p) for p in range(n)]), minlength=8).double()
+    assert counts[target == 0].sum() == 0  # filtered tokens are never drawn
+    expected = target[target > 0].double() * n
+    chi2 = float(((counts[target > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < 24.3, (chi2, counts.tolist(), expected.tolist())  # chi-square, 6 dof, p = 0.0005
+
+
+def test_speculative_sampling_gives_the_tokens_of_plain_sampling(tiny):
+    """For every seed the tokens of plain sampling, whatever was drafted (a position's draw
+    depends only on the seed and the position): the distribution is plain sampling's."""
+    from swarm.engine.client import local_sessions
+    from swarm.engine.generation import generate
+
+    client = ClientModel.load(tiny)
+    ids = client.encode(REPETITIVE)
+    blocks = attach(Checkpoint(tiny).load_blocks(0, 6))
+    drafted = accepted = 0
+    for seed in range(12):
+        cfg = GenerationConfig(max_new_tokens=16, eos_token_ids=(), do_sample=True, temperature=0.9, top_k=50, seed=seed)
+        plain = generate(client.head, local_sessions(blocks), ids, cfg)
+        stats = SpecStats()
+        spec = generate(client.head, local_sessions(blocks), ids, replace(cfg, draft_tokens=3),
+                        draft=Oracle(ids + plain), stats=stats)
+        assert spec == plain, seed
+        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+    assert 0 < accepted < drafted
