@@ -55,6 +55,7 @@ class ModelDrafter:
     """Greedy drafts from a small model held here (see the module's docstring)."""
 
     name = "model"
+    costly = True  # worth drafting ahead while a verification is in flight (see DraftAhead)
 
     def __init__(self, path: Path, dtype: torch.dtype = torch.bfloat16, quant: str = "none"):
         self.path = Path(path)

@@ -32,7 +32,7 @@ from swarm.cache.kv import SessionKV
 from swarm.engine.adapters import AdapterSpec, applied
 from swarm.engine.checkpoint import BlockRange
 from swarm.engine.context import check_prompt_length  # noqa: F401  (part of this module's API)
-from swarm.engine.speculative import DRAFTS, MAX_DRAFT, Drafter, DraftLength, NgramDrafter, SpecStats
+from swarm.engine.speculative import DRAFTS, MAX_DRAFT, DraftAhead, Drafter, DraftLength, NgramDrafter, SpecStats
 
 
 class InferenceSession(Protocol):
@@ -324,6 +324,8 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
     outs, drafted = hidden[:, -1:], []  # the outputs to pick from, and the tokens drafted for them
     position = before  # positions fed so far
     length, last = DraftLength(), None  # last: (positions, seconds) of the step just taken
+    # a costly drafter drafts the next step's tokens while a verification is in flight
+    ahead = DraftAhead(getattr(draft, "costly", False) and hasattr(session, "step_async"))
     while True:
         accepted = 0
         for j in range(outs.shape[1]):
@@ -349,13 +351,24 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
         if accepted < len(drafted):  # the drafted positions after the first miss are forgotten
             position -= len(drafted) - accepted
             session.rewind(position)
-        # the next step: the last token picked, and what the drafter proposes after it
+        # the next step: the last token picked, and what the drafter proposes after it (or
+        # proposed already, while the step before was in flight, if it guessed that token)
         limit = budget - len(new) - 1
-        k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(draft.draft_time, limit=limit)
-        drafted = draft.propose(tokens, k)[:k] if k else []
+        hidden_cost = draft.draft_time * (1 - ahead.hit_rate)  # what drafting ahead does not hide
+        k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(hidden_cost, limit=limit)
+        drafted = ahead.take(tokens, accepted == len(drafted), k)
+        if drafted is None:
+            drafted = draft.propose(tokens, k)[:k] if k else []
+        else:
+            stats.ahead += 1
         ids = torch.tensor([[tokens[-1], *drafted]])
         began = time.monotonic()
-        outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
+        if ahead.enabled and drafted:
+            pending = session.step_async(_embed(head, ids, None), per_position=True)
+            ahead.draft(draft, tokens + drafted, len(drafted))  # meanwhile: the guess at the next step's drafts
+            outs = pending()
+        else:
+            outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
         last = (ids.shape[1], time.monotonic() - began)
         position += ids.shape[1]
         stats.steps += 1

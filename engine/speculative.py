@@ -91,6 +91,39 @@ class NgramDrafter:
         return ngram_draft(tokens, k)
 
 
+class DraftAhead:
+    """Drafting the next step while a verification is in flight (pipelined speculation, as in
+    PipeInfer): the drafter continues past its own drafts, guessing the token the verification
+    will add after them; when every draft is accepted and that token is the guess, the next
+    step's drafts are ready, and their cost was hidden behind the round trip. ``hit_rate``: how
+    often that happened (a running ratio with a prior of a half over 2 tries)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.guess: tuple[list[int], int, list[int]] | None = None  # (the tokens it followed, guessed token, drafts)
+        self.hits, self.tries = 0, 0
+
+    @property
+    def hit_rate(self) -> float:
+        return (self.hits + 1) / (self.tries + 2) if self.enabled else 0.0
+
+    def draft(self, drafter: Drafter, tokens: list[int], k: int) -> None:
+        proposed = drafter.propose(tokens, k + 1)
+        self.guess = (tokens, proposed[0], proposed[1:]) if proposed else None
+
+    def take(self, tokens: list[int], all_accepted: bool, k: int) -> list[int] | None:
+        """The drafts for the step after ``tokens`` if drafted ahead (at most ``k``), else None."""
+        guess, self.guess = self.guess, None
+        if guess is None or k <= 0:
+            return None
+        self.tries += 1
+        followed, token, drafts = guess
+        if not (all_accepted and tokens[:-1] == followed and tokens[-1] == token and drafts):
+            return None
+        self.hits += 1
+        return drafts[:k]
+
+
 @dataclass
 class SpecStats:
     """What speculation did in one generation: verification steps and plain steps (``steps``:
@@ -101,6 +134,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     tokens: int = 0
+    ahead: int = 0  # steps whose drafts were drafted ahead, during the step before (DraftAhead)
 
     @property
     def acceptance(self) -> float:
@@ -111,8 +145,9 @@ class SpecStats:
         return self.tokens / self.steps if self.steps else 0.0
 
     def line(self) -> str:
+        ahead = f"; {self.ahead} steps drafted ahead" if self.ahead else ""
         return (f"speculation: {self.drafted} tokens drafted, {self.accepted} accepted ({self.acceptance:.0%}); "
-                f"{self.tokens} tokens in {self.steps} round trips ({self.tokens_per_step:.2f} per round trip)")
+                f"{self.tokens} tokens in {self.steps} round trips ({self.tokens_per_step:.2f} per round trip){ahead}")
 
 
 @dataclass

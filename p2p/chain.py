@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -541,6 +541,20 @@ class SyncChain:
 
     def rewind(self, position: int) -> None:
         self.chain.rewind(position)  # no I/O: the servers cut their caches at the next step
+
+    def step_async(self, hidden: torch.Tensor, per_position: bool = False) -> Callable[[], torch.Tensor]:
+        """Start a step and return at once a call that waits for its output (so the caller can
+        draft meanwhile); the wait is bounded as :meth:`step`'s."""
+        future = asyncio.run_coroutine_threadsafe(self.chain.step(hidden, None, per_position), self.background.loop)
+
+        def wait() -> torch.Tensor:
+            try:
+                return future.result(self.timeout)
+            except BaseException:
+                future.cancel()
+                raise
+
+        return wait
 
     def close(self) -> None:
         self.background.call(self.chain.close(), timeout=self.timeout)

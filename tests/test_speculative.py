@@ -18,7 +18,14 @@ from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.fast import measure_pooling
 from swarm.engine.generation import GenerationConfig
-from swarm.engine.speculative import DraftLength, SpecStats, best_draft_length, expected_tokens, ngram_draft
+from swarm.engine.speculative import (
+    DraftAhead,
+    DraftLength,
+    SpecStats,
+    best_draft_length,
+    expected_tokens,
+    ngram_draft,
+)
 from swarm_utils import generate_json, local_json, running_swarm, swarm_generate
 
 
@@ -74,6 +81,33 @@ def test_draft_length_probes_again_after_steps_without_drafting():
     length.observe(2, 0.01, drafted=20, accepted=0)  # all rejected, positions expensive
     length.observe(1, 0.005, drafted=0, accepted=0)
     assert [length.choose() for _ in range(8)] == [0] * 7 + [1]
+
+
+class Counting:
+    """A drafter proposing ``tokens[-1] + 1, + 2, ...``, counting its calls."""
+
+    name, draft_time, costly = "counting", 0.01, True
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, tokens, k):
+        self.calls += 1
+        return [tokens[-1] + i for i in range(1, k + 1)]
+
+
+def test_drafting_ahead_is_used_only_when_its_guess_came_true():
+    drafter = Counting()
+    ahead = DraftAhead(True)
+    assert ahead.hit_rate == 0.5 and ahead.take([1, 2], True, 3) is None  # nothing drafted ahead yet
+    ahead.draft(drafter, [1, 2, 3, 4], 3)  # guesses 5, then drafts 6 7 8
+    assert ahead.take([1, 2, 3, 4, 5], True, 2) == [6, 7]  # all accepted, the guess came true
+    ahead.draft(drafter, [1, 2, 3], 2)
+    assert ahead.take([1, 2, 3, 9], True, 2) is None  # another token came after the drafts
+    ahead.draft(drafter, [1, 2, 3], 2)
+    assert ahead.take([1, 2, 3, 4], False, 2) is None  # a draft was rejected
+    assert (ahead.hits, ahead.tries) == (1, 3) and ahead.hit_rate == pytest.approx(2 / 5)
+    assert DraftAhead(False).hit_rate == 0.0
 
 
 def test_history_truncate_keeps_whole_positions():
@@ -132,14 +166,15 @@ class Oracle:
     drafts accepted, some rejected mid-way (the cache cut back), whatever the model."""
 
     name, draft_time = "oracle", 0.0
+    costly = True  # drafts ahead while a verification is in flight, where the session can
 
-    def __init__(self, tokens: list[int]):
-        self.tokens, self.calls = tokens, 0
+    def __init__(self, tokens: list[int], miss: int = 3):
+        self.tokens, self.calls, self.miss = tokens, 0, miss
 
     def propose(self, tokens, k):
         self.calls += 1
         draft = list(self.tokens[len(tokens) : len(tokens) + k])
-        return [(t - 1 if t else 1) if (i + self.calls) % 3 == 2 else t for i, t in enumerate(draft)]
+        return [(t - 1 if t else 1) if (i + self.calls) % self.miss == self.miss - 1 else t for i, t in enumerate(draft)]
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
@@ -163,6 +198,34 @@ def test_speculative_greedy_is_plain_greedy_locally(tiny, penalty):
         oracle = generate(client.head, local_sessions(blocks), ids, fixed, draft=Oracle(ids + expected), stats=stats)
         assert oracle == expected, prompt
         assert stats.accepted > 10 and stats.accepted < stats.drafted and stats.steps < 30, stats
+
+
+def test_drafting_ahead_during_a_step_changes_no_token(tiny):
+    """A session that steps asynchronously (as a swarm chain does): the drafter drafts the next
+    step while one is in flight; the tokens are plain decoding's and some steps use drafts
+    drafted ahead."""
+    from swarm.engine.client import local_sessions
+    from swarm.engine.generation import generate
+
+    client = ClientModel.load(tiny)
+    ids = client.encode(REPETITIVE)
+    blocks = attach(Checkpoint(tiny).load_blocks(0, 6))
+    cfg = GenerationConfig(max_new_tokens=40, eos_token_ids=(), draft_tokens=3)
+    expected = generate_local(client, ids, replace(cfg, draft_tokens=0))
+
+    def open_session(batch, max_length):
+        session = local_sessions(blocks)(batch, max_length)
+
+        def step_async(hidden, per_position=False):
+            out = session.step(hidden, per_position=per_position)
+            return lambda: out
+
+        session.step_async = step_async
+        return session
+
+    stats = SpecStats()
+    assert generate(client.head, open_session, ids, cfg, draft=Oracle(ids + expected, miss=11), stats=stats) == expected
+    assert stats.ahead > 0 and stats.accepted < stats.drafted, stats
 
 
 def test_the_context_limit_stops_speculation_where_plain_decoding_stops(tmp_path):
