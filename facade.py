@@ -212,7 +212,7 @@ class Swarm:
         """The new tokens after ``prompt_ids`` (an end-of-sequence token, if produced, last);
         ``on_token`` is called with each as it is chosen, ``on_chain`` with each chain of servers
         as it opens; ``stats`` counts what speculative decoding did (``cfg.draft``, or ``draft``: a
-        drafter such as :meth:`draft_model`'s, for greedy decoding). Raises ``ValueError`` for a prompt past the model's context, and the swarm's
+        drafter such as :meth:`draft_model`'s; greedy decoding and sampling, the tokens unchanged). Raises ``ValueError`` for a prompt past the model's context, and the swarm's
         errors (:class:`~swarm.p2p.client.SwarmError`, ``NoRouteError``, ``TimeoutError``...)."""
         self._check_open()
         prompt_ids = list(prompt_ids)

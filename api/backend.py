@@ -492,7 +492,7 @@ class Choices:
     @property
     def speculation(self) -> dict | None:
         """What speculative decoding did for the choices together (None when no choice decoded
-        through it: sampling, or ``draft`` none): the usage's ``speculation``."""
+        through it: ``draft`` none, or beam search): the usage's ``speculation``."""
         steps = sum(job.spec.steps for job in self.jobs)
         if not steps:
             return None

@@ -64,7 +64,8 @@ class ModelDrafter:
         self.blocks = checkpoint.load_blocks(0, checkpoint.num_blocks, dtype, quant=quant)
         self.max_positions = min(DRAFT_CONTEXT, self.head.max_positions or DRAFT_CONTEXT)
         self.session: LocalSession | None = None
-        self.seen: list[int] = []  # the tokens in the draft's cache
+        self.seen: list[int] = []  # the tokens in the draft's cache (of the text from offset on)
+        self.offset = 0  # where in the text the draft's window starts
         self.draft_time = 0.0  # seconds per drafted token, measured (moving average)
 
     @classmethod
@@ -86,9 +87,10 @@ class ModelDrafter:
             return []
         began = time.monotonic()
         tokens = list(tokens)
-        if len(tokens) + k > self.max_positions:  # the draft's view: the text's tail only
-            tokens = tokens[-(self.max_positions - k) // 2 :]
+        if len(tokens) - self.offset + k > self.max_positions:  # a window over the text's tail, moved rarely
+            self.offset = max(0, len(tokens) - self.max_positions // 2)
             self._restart()
+        tokens = tokens[self.offset :]
         same = 0
         for a, b in zip(self.seen, tokens):
             if a != b:

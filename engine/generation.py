@@ -161,7 +161,8 @@ def sample_token(logits: torch.Tensor, cfg: GenerationConfig, seed: int = 0, pos
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position) % 2**64)
+    key = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) % 2**64
+    generator = torch.Generator().manual_seed((key ^ (key >> 32)) & 0xFFFFFFFF)  # its generator keeps 32 bits
     uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
     gumbel = -torch.log(-torch.log(uniform))
     return (logits.double() + gumbel).argmax(dim=-1)
@@ -343,9 +344,9 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
                 return new
             if j < len(drafted) and drafted[j] == token:
                 accepted += 1
+                stats.accepted += 1
                 continue
             break
-        stats.accepted += accepted
         if last is not None:
             length.observe(*last, len(drafted), accepted)
         if accepted < len(drafted):  # the drafted positions after the first miss are forgotten
@@ -365,8 +366,10 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
         began = time.monotonic()
         if ahead.enabled and drafted:
             pending = session.step_async(_embed(head, ids, None), per_position=True)
-            ahead.draft(draft, tokens + drafted, len(drafted))  # meanwhile: the guess at the next step's drafts
-            outs = pending()
+            try:  # meanwhile: the guess at the next step's drafts (one more than now: the length may grow)
+                ahead.draft(draft, tokens + drafted, len(drafted) + 1)
+            finally:
+                outs = pending()  # also when drafting failed: the step ends before the session closes
         else:
             outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
         last = (ids.shape[1], time.monotonic() - began)

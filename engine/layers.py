@@ -201,8 +201,9 @@ def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale) -> torch.Tenso
     positions would)."""
     outputs: list[torch.Tensor | None] = [None] * len(ctx.segments)
     groups: dict[int, list[tuple[int, list[torch.Tensor], StepContext, tuple]]] = {}
-    shared = [id(kv[0]) for kv in kvs if kv is not None]
-    if len(set(shared)) < len(shared):
+    ids = [id(kv[0]) for kv in kvs if kv is not None]
+    shared = {i for i in ids if ids.count(i) > 1}
+    if shared:
         # segments sharing a cache (one session's positions, each computed as its own decode
         # step): every position's keys and values are in place before any of them attends
         start = 0
@@ -216,7 +217,7 @@ def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale) -> torch.Tenso
         end = start + sub.seq
         part = [t[:, :, start:end].contiguous() for t in (q, k, v)]
         sub_mask = mask.resolve(sub) if isinstance(mask, PerSegment) else mask
-        if sub.seq == 1 and sub_kv is not None and sub_mask is None:
+        if sub.seq == 1 and sub_kv is not None and sub_mask is None and id(sub_kv[0]) not in shared:
             groups.setdefault(_decode_bucket(sub, sub_kv), []).append((i, part, sub, sub_kv))
         else:
             outputs[i] = attend(*part, sub, sub_kv, mask=sub_mask, scale=scale)

@@ -205,6 +205,8 @@ class SessionLoop:
         if not repeat and position != session.kv.length:
             if not 0 <= position < session.kv.length:
                 raise ValueError(f"step starts at position {position} but this session has {session.kv.length} positions cached")
+            if position <= session.last_position:  # a late copy of an older step (a push after a failover)
+                raise ValueError(f"a step at position {position} after one at {session.last_position}: steps only move on")
             cut_to = position  # the positions from there on were drafted and not kept: forget them
         session.last_step = None  # until this step has run
         plain = not repeat and hypo_ids is None and len(chunks) == 1 and not session.adapter

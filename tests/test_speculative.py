@@ -353,3 +353,44 @@ def test_speculative_sampling_gives_the_tokens_of_plain_sampling(tiny):
         assert spec == plain, seed
         drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
     assert 0 < accepted < drafted
+
+
+def test_a_server_cuts_its_cache_only_for_steps_that_move_on(tiny):
+    """Raw frames to an in-process server: a verification step, a step that cuts the cache back
+    to the accepted positions (its output equals the same step after plain steps), then a late
+    copy of an older step, refused rather than cutting the cache again."""
+    from server_utils import peer, served
+
+    from swarm.engine.generation import LocalSession
+    from swarm.p2p import protocols
+    from swarm.p2p.loop import run
+    from swarm.p2p.wire import Frame, expect, read_frame, write_frame
+
+    ckpt = Checkpoint(tiny)
+    g = torch.Generator().manual_seed(5)
+    prompt, verify, after = (torch.randn(1, n, ckpt.config.hidden_size, generator=g) for n in (5, 4, 1))
+    local = LocalSession(ckpt.load_blocks(0, 3), 1, 32)
+    local.step(prompt)
+    for j in range(2):  # what is kept of the verification: its first 2 positions, each a decode step
+        local.step(verify[:, j : j + 1])
+    expected = local.step(after)
+
+    async def scenario():
+        async with served(tiny, blocks="0:3") as (server, maddr), peer(maddr) as (host, sp):
+            stream = await host.open_stream(sp, protocols.INFERENCE, timeout=10)
+            await write_frame(stream, Frame("open", {"start": 0, "end": 3, "batch": 1, "max_length": 32}), 10)
+            expect(await read_frame(stream, timeout=10), "opened")
+            replies = []
+            for step_id, position, hidden, extra in (("a", 0, prompt, {}), ("b", 5, verify, {"per_position": True}),
+                                                     ("c", 7, after, {}), ("d", 5, after, {})):
+                fields = {"step_id": step_id, "position": position, **extra}
+                await write_frame(stream, Frame("step", fields, [hidden]), 10)
+                replies.append(await read_frame(stream, timeout=30))
+                if replies[-1].kind == "error":
+                    break
+            return replies
+
+    replies = run(scenario())
+    assert [r.kind for r in replies] == ["output", "output", "output", "error"]
+    assert torch.equal(replies[2].tensors[0], expected)
+    assert "steps only move on" in replies[3]["message"]
