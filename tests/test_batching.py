@@ -234,8 +234,16 @@ def test_a_server_killed_while_its_batch_holds_16_sessions_changes_no_output(tin
     model = tiny_checkpoints["llama"]
     requests = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), kw | {"max_new_tokens": 10})
                 for i, (_, kw) in enumerate(_requests() * 2)][:16]
+    expected = []
     with swarm.open(model, local=True) as local:
-        expected = [local.generate_ids(local.encode(p), local.generation_config(**kw)) for p, kw in requests]
+        for i, (prompt, kw) in enumerate(requests):
+            while True:  # a sampled request whose seed ends it before the pause takes another seed
+                out = local.generate_ids(local.encode(prompt), local.generation_config(**kw))
+                if len(out) >= 4 or "seed" not in kw:
+                    break
+                kw = kw | {"seed": kw["seed"] + 1000}
+            requests[i] = (prompt, kw)
+            expected.append(out)
     assert min(len(e) for e in expected) >= 4  # each reaches the pause
     with running_swarm(model, ["0:2", "2:4"], tmp_path, ("--throughput", "100", "--max-batch", "16")) as servers:
         doomed = servers[1]
