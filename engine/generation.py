@@ -132,7 +132,7 @@ class GenerationConfig:
             raise ValueError(f"--draft {self.draft} does not apply to beam search: drop --draft or --num-beams")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """Penalise every token in ``seen`` ([batch, n]): divide positive logits, multiply negative ones."""
     if penalty == 1.0:
         return logits
@@ -331,7 +331,8 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
         accepted = 0
         for j in range(outs.shape[1]):
             raw = head.logits(outs[:, j])  # one row, as plain decoding computes it
-            logits = apply_repetition_penalty(raw, torch.tensor([tokens]), cfg.repetition_penalty)
+            seen = torch.tensor([tokens]) if cfg.repetition_penalty != 1.0 else None  # None: not read
+            logits = apply_repetition_penalty(raw, seen, cfg.repetition_penalty)
             token = int(sample_token(logits, cfg, seed, len(tokens))[0])
             new.append(token)
             tokens.append(token)

@@ -301,24 +301,10 @@ class TrioThread:
         except RuntimeError:
             coro.close()
             raise P2PError("the asyncio loop is closed") from None
-        done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def wake(_) -> None:
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-
-        cf.add_done_callback(wake)
         try:
-            await done.wait()
-        finally:
-            if not cf.done():
-                cf.cancel()
-        if cf.cancelled():
-            raise P2PError("cancelled on the asyncio side")
-        return cf.result()
+            return await wait_future(cf)  # cancelling this task cancels the asyncio one
+        except concurrent.futures.CancelledError:
+            raise P2PError("cancelled on the asyncio side") from None
 
 
 async def wait_future(future: concurrent.futures.Future) -> Any:
