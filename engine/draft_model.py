@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -82,7 +82,7 @@ class ModelDrafter:
         except CheckpointError as exc:
             raise ValueError(f"--draft: {exc}") from None
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+    def propose(self, tokens: Sequence[int], k: int, until: Callable[[], bool] | None = None) -> list[int]:
         if k <= 0:
             return []
         began = time.monotonic()
@@ -110,10 +110,12 @@ class ModelDrafter:
             for i in range(k):
                 token = int(self.head.logits(hidden[:, -1]).argmax(dim=-1)[0])
                 out.append(token)
-                if i + 1 < k:
+                if i + 1 < k and not (until is not None and until()):
                     hidden = self.session.step(self.head.embed(torch.tensor([[token]])))
                     self.seen.append(token)
-        per_token = (time.monotonic() - began) / k
+                else:
+                    break
+        per_token = (time.monotonic() - began) / len(out)
         self.draft_time = per_token if not self.draft_time else 0.8 * self.draft_time + 0.2 * per_token
         return out
 

@@ -356,24 +356,31 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
         # the next step: the last token picked, and what the drafter proposes after it (or
         # proposed already, while the step before was in flight, if it guessed that token)
         limit = budget - len(new) - 1
-        hidden_cost = draft.draft_time * (1 - ahead.hit_rate)  # what drafting ahead does not hide
+        hidden_cost = draft.draft_time * (1 - ahead.hidden)  # what drafting ahead does not hide
         k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(hidden_cost, limit=limit)
         drafted = ahead.take(tokens, accepted == len(drafted), k)
         if drafted is None:
             drafted = draft.propose(tokens, k)[:k] if k else []
+            ahead.count(0, len(drafted))
         else:
+            ready = len(drafted)
             stats.ahead += 1
+            if ready < k:  # the answer came before all were drafted ahead: the rest now
+                drafted += draft.propose(tokens + drafted, k - ready)[: k - ready]
+            ahead.count(ready, len(drafted))
         ids = torch.tensor([[tokens[-1], *drafted]])
         began = time.monotonic()
         if ahead.enabled and drafted:
             pending = session.step_async(_embed(head, ids, None), per_position=True)
-            try:  # meanwhile: the guess at the next step's drafts (one more than now: the length may grow)
-                ahead.draft(draft, tokens + drafted, len(drafted) + 1)
+            try:  # meanwhile, until the answer comes: the guess at the next step's drafts
+                ahead.draft(draft, tokens + drafted, len(drafted) + 1, getattr(pending, "done", None))
             finally:
                 outs = pending()  # also when drafting failed: the step ends before the session closes
+            ended = getattr(pending, "arrived", None) or time.monotonic()
         else:
             outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
-        last = (ids.shape[1], time.monotonic() - began)
+            ended = time.monotonic()
+        last = (ids.shape[1], ended - began)  # the chain's time, not the drafting's
         position += ids.shape[1]
         stats.steps += 1
         stats.drafted += len(drafted)

@@ -16,7 +16,7 @@ measured: the drafter's acceptance rate and the chain's time per step and per ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,13 +71,14 @@ def best_draft_length(
 
 class Drafter(Protocol):
     """Proposes the next tokens: ``propose(tokens, k)`` returns at most ``k`` (maybe none) to
-    follow ``tokens`` (the prompt and the output so far); ``draft_time``: seconds per drafted
-    token, for :func:`best_draft_length`."""
+    follow ``tokens`` (the prompt and the output so far), or fewer once ``until()`` is true
+    (checked between drafted tokens, when given); ``draft_time``: seconds per drafted token, for
+    :func:`best_draft_length`."""
 
     name: str
     draft_time: float
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]: ...
+    def propose(self, tokens: Sequence[int], k: int, until: Callable[[], bool] | None = None) -> list[int]: ...
 
 
 class NgramDrafter:
@@ -87,41 +88,46 @@ class NgramDrafter:
     name = "ngram"
     draft_time = 0.0
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+    def propose(self, tokens: Sequence[int], k: int, until: Callable[[], bool] | None = None) -> list[int]:
         return ngram_draft(tokens, k)
 
 
 class DraftAhead:
     """Drafting the next step while a verification is in flight (pipelined speculation, as in
     PipeInfer): the drafter continues past its own drafts, guessing the token the verification
-    will add after them; when every draft is accepted and that token is the guess, the next
-    step's drafts are ready, and their cost was hidden behind the round trip. ``hit_rate``: how
-    often that happened (a running ratio with a prior of a half over 2 tries)."""
+    will add after them, until the verification's answer comes; when every draft is accepted and
+    that token is the guess, the next step's drafts are (partly) ready, and their cost was hidden
+    behind the round trip. ``hidden``: the share of drafted tokens that came ready so (a running
+    ratio with a prior of a half over 2 tokens)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.guess: tuple[list[int], int, list[int]] | None = None  # (the tokens it followed, guessed token, drafts)
-        self.hits, self.tries = 0, 0
+        self.ready, self.used = 0, 0  # drafted tokens that came ready, of all used
 
     @property
-    def hit_rate(self) -> float:
-        return (self.hits + 1) / (self.tries + 2) if self.enabled else 0.0
+    def hidden(self) -> float:
+        return (self.ready + 1) / (self.used + 2) if self.enabled else 0.0
 
-    def draft(self, drafter: Drafter, tokens: list[int], k: int) -> None:
-        proposed = drafter.propose(tokens, k + 1)
+    def draft(self, drafter: Drafter, tokens: list[int], k: int, until: Callable[[], bool] | None = None) -> None:
+        """Guess the token after ``tokens`` and draft up to ``k`` after it, stopping once ``until()``."""
+        proposed = drafter.propose(tokens, k + 1, until)
         self.guess = (tokens, proposed[0], proposed[1:]) if proposed else None
 
     def take(self, tokens: list[int], all_accepted: bool, k: int) -> list[int] | None:
-        """The drafts for the step after ``tokens`` if drafted ahead (at most ``k``), else None."""
+        """The drafts for the step after ``tokens`` if the guess was right (at most ``k``, maybe
+        fewer than ``k`` or none when the answer came early), else None."""
         guess, self.guess = self.guess, None
         if guess is None or k <= 0:
             return None
-        self.tries += 1
         followed, token, drafts = guess
-        if not (all_accepted and tokens[:-1] == followed and tokens[-1] == token and drafts):
+        if not (all_accepted and tokens[:-1] == followed and tokens[-1] == token):
             return None
-        self.hits += 1
         return drafts[:k]
+
+    def count(self, ready: int, used: int) -> None:
+        self.ready += ready
+        self.used += used
 
 
 @dataclass

@@ -20,10 +20,11 @@ to the engine's generation loop as an inference session.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -530,6 +531,29 @@ def _short(peer_id: str) -> str:
     return "server …" + peer_id[-6:]
 
 
+class PendingStep:
+    """A step in flight: calling it waits for the output (at most ``timeout`` seconds, then the
+    step is cancelled); ``done()`` says whether it has come, ``arrived`` when (``time.monotonic``)."""
+
+    def __init__(self, future: concurrent.futures.Future, timeout: float):
+        self.future, self.timeout = future, timeout
+        self.arrived: float | None = None
+        future.add_done_callback(self._stamp)
+
+    def _stamp(self, _future) -> None:
+        self.arrived = time.monotonic()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def __call__(self) -> torch.Tensor:
+        try:
+            return self.future.result(self.timeout)
+        except BaseException:
+            self.future.cancel()
+            raise
+
+
 class SyncChain:
     """A :class:`RemoteChain` as the engine's synchronous inference session."""
 
@@ -542,19 +566,11 @@ class SyncChain:
     def rewind(self, position: int) -> None:
         self.chain.rewind(position)  # no I/O: the servers cut their caches at the next step
 
-    def step_async(self, hidden: torch.Tensor, per_position: bool = False) -> Callable[[], torch.Tensor]:
-        """Start a step and return at once a call that waits for its output (so the caller can
-        draft meanwhile); the wait is bounded as :meth:`step`'s."""
+    def step_async(self, hidden: torch.Tensor, per_position: bool = False) -> PendingStep:
+        """Start a step and return at once its :class:`PendingStep` (so the caller can draft
+        meanwhile); the wait is bounded as :meth:`step`'s."""
         future = asyncio.run_coroutine_threadsafe(self.chain.step(hidden, None, per_position), self.background.loop)
-
-        def wait() -> torch.Tensor:
-            try:
-                return future.result(self.timeout)
-            except BaseException:
-                future.cancel()
-                raise
-
-        return wait
+        return PendingStep(future, self.timeout)
 
     def close(self) -> None:
         self.background.call(self.chain.close(), timeout=self.timeout)

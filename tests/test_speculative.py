@@ -84,30 +84,39 @@ def test_draft_length_probes_again_after_steps_without_drafting():
 
 
 class Counting:
-    """A drafter proposing ``tokens[-1] + 1, + 2, ...``, counting its calls."""
+    """A drafter proposing ``tokens[-1] + 1, + 2, ...`` (fewer once ``until()``), counting its calls."""
 
     name, draft_time, costly = "counting", 0.01, True
 
     def __init__(self):
         self.calls = 0
 
-    def propose(self, tokens, k):
+    def propose(self, tokens, k, until=None):
         self.calls += 1
-        return [tokens[-1] + i for i in range(1, k + 1)]
+        out = []
+        for i in range(1, k + 1):
+            out.append(tokens[-1] + i)
+            if until is not None and until():
+                break
+        return out
 
 
 def test_drafting_ahead_is_used_only_when_its_guess_came_true():
     drafter = Counting()
     ahead = DraftAhead(True)
-    assert ahead.hit_rate == 0.5 and ahead.take([1, 2], True, 3) is None  # nothing drafted ahead yet
+    assert ahead.hidden == 0.5 and ahead.take([1, 2], True, 3) is None  # nothing drafted ahead yet
     ahead.draft(drafter, [1, 2, 3, 4], 3)  # guesses 5, then drafts 6 7 8
     assert ahead.take([1, 2, 3, 4, 5], True, 2) == [6, 7]  # all accepted, the guess came true
     ahead.draft(drafter, [1, 2, 3], 2)
     assert ahead.take([1, 2, 3, 9], True, 2) is None  # another token came after the drafts
     ahead.draft(drafter, [1, 2, 3], 2)
     assert ahead.take([1, 2, 3, 4], False, 2) is None  # a draft was rejected
-    assert (ahead.hits, ahead.tries) == (1, 3) and ahead.hit_rate == pytest.approx(2 / 5)
-    assert DraftAhead(False).hit_rate == 0.0
+    answers = iter([False, True])  # the verification's answer comes after the guess and one draft
+    ahead.draft(drafter, [1, 2, 3], 3, until=lambda: next(answers))
+    assert ahead.take([1, 2, 3, 4], True, 3) == [5]  # fewer than asked: the rest is drafted then
+    ahead.count(3, 5)
+    assert ahead.hidden == pytest.approx(4 / 7)
+    assert DraftAhead(False).hidden == 0.0
 
 
 def test_history_truncate_keeps_whole_positions():
@@ -171,7 +180,7 @@ class Oracle:
     def __init__(self, tokens: list[int], miss: int = 3):
         self.tokens, self.calls, self.miss = tokens, 0, miss
 
-    def propose(self, tokens, k):
+    def propose(self, tokens, k, until=None):
         self.calls += 1
         draft = list(self.tokens[len(tokens) : len(tokens) + k])
         return [(t - 1 if t else 1) if (i + self.calls) % self.miss == self.miss - 1 else t for i, t in enumerate(draft)]
@@ -218,7 +227,18 @@ def test_drafting_ahead_during_a_step_changes_no_token(tiny):
 
         def step_async(hidden, per_position=False):
             out = session.step(hidden, per_position=per_position)
-            return lambda: out
+            polls = iter(range(stats.steps % 4))  # the answer comes after 0-3 drafts
+
+            class Pending:
+                arrived = None
+
+                def done(self):
+                    return next(polls, None) is None
+
+                def __call__(self):
+                    return out
+
+            return Pending()
 
         session.step_async = step_async
         return session
