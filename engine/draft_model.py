@@ -101,11 +101,26 @@ class ModelDrafter:
             self._restart()
         self.session.rewind(same)
         self.seen = tokens[:same]
+        threads = torch.get_num_threads()
+        if until is None:
+            return self._draft(tokens, same, k, None, began)
+        # beside a step in flight (drafting ahead): half the cores, the rest left to servers that
+        # may share this machine; its time is not what a drafted token costs the next step
+        torch.set_num_threads(max(1, threads // 2))
+        try:
+            return self._draft(tokens, same, k, until, None)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _draft(self, tokens: list[int], same: int, k: int, until: Callable[[], bool] | None,
+               began: float | None) -> list[int]:
+        """Feed ``tokens[same:]`` and decode up to ``k`` drafts (fewer once ``until()``); with
+        ``began``, the time per drafted token since then updates :attr:`draft_time`."""
         out = []
         with torch.no_grad():
             hidden = self.session.step(self.head.embed(torch.tensor([tokens[same:]])))
             self.seen = list(tokens)
-            if len(tokens) - same > FEED_TIMED:  # a prompt's prefill: not what a drafted token costs
+            if began is not None and len(tokens) - same > FEED_TIMED:  # a prefill: not a drafted token's cost
                 began = time.monotonic()
             for i in range(k):
                 token = int(self.head.logits(hidden[:, -1]).argmax(dim=-1)[0])
@@ -115,8 +130,9 @@ class ModelDrafter:
                     self.seen.append(token)
                 else:
                     break
-        per_token = (time.monotonic() - began) / len(out)
-        self.draft_time = per_token if not self.draft_time else 0.8 * self.draft_time + 0.2 * per_token
+        if began is not None:
+            per_token = (time.monotonic() - began) / len(out)
+            self.draft_time = per_token if not self.draft_time else 0.8 * self.draft_time + 0.2 * per_token
         return out
 
     def _restart(self) -> None:

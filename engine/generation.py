@@ -356,18 +356,14 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
         # the next step: the last token picked, and what the drafter proposes after it (or
         # proposed already, while the step before was in flight, if it guessed that token)
         limit = budget - len(new) - 1
-        hidden_cost = draft.draft_time * (1 - ahead.hidden)  # what drafting ahead does not hide
-        k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(hidden_cost, limit=limit)
+        k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(draft.draft_time, limit, ahead.free)
         drafted = ahead.take(tokens, accepted == len(drafted), k)
         if drafted is None:
             drafted = draft.propose(tokens, k)[:k] if k else []
-            ahead.count(0, len(drafted))
         else:
-            ready = len(drafted)
             stats.ahead += 1
-            if ready < k:  # the answer came before all were drafted ahead: the rest now
-                drafted += draft.propose(tokens + drafted, k - ready)[: k - ready]
-            ahead.count(ready, len(drafted))
+            if len(drafted) < k:  # the answer came before all were drafted ahead: the rest now
+                drafted += draft.propose(tokens + drafted, k - len(drafted))[: k - len(drafted)]
         ids = torch.tensor([[tokens[-1], *drafted]])
         began = time.monotonic()
         if ahead.enabled and drafted:

@@ -55,15 +55,18 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 
 def best_draft_length(
-    acceptance: float, step_time: float, position_time: float, draft_time: float, k_max: int = MAX_DRAFT
+    acceptance: float, step_time: float, position_time: float, draft_time: float, k_max: int = MAX_DRAFT,
+    free: float = 0.0,
 ) -> int:
     """The number of tokens to draft that maximises expected tokens per second: a step of ``k``
-    drafted tokens takes ``step_time + k·(position_time + draft_time)`` and yields
-    :func:`expected_tokens` (``acceptance`` per drafted token). 0 when no drafting beats plain
-    decoding (one token per ``step_time``). Pure."""
+    drafted tokens takes ``step_time + k·position_time`` plus ``draft_time`` for each drafted token
+    beyond the ``free`` ones (those expected to come ready, drafted while the step before was in
+    flight), and yields :func:`expected_tokens` (``acceptance`` per drafted token). 0 when no
+    drafting beats plain decoding (one token per ``step_time``). Pure."""
     best_k, best_rate = 0, 1.0 / max(step_time, 1e-9)
     for k in range(1, max(0, k_max) + 1):
-        rate = expected_tokens(acceptance, k) / max(step_time + k * (position_time + draft_time), 1e-9)
+        cost = step_time + k * position_time + draft_time * max(0.0, k - free)
+        rate = expected_tokens(acceptance, k) / max(cost, 1e-9)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
@@ -97,17 +100,17 @@ class DraftAhead:
     PipeInfer): the drafter continues past its own drafts, guessing the token the verification
     will add after them, until the verification's answer comes; when every draft is accepted and
     that token is the guess, the next step's drafts are (partly) ready, and their cost was hidden
-    behind the round trip. ``hidden``: the share of drafted tokens that came ready so (a running
-    ratio with a prior of a half over 2 tokens)."""
+    behind the round trip. ``free``: the drafts a step can expect to find ready so (a running
+    mean over the steps, with a prior of one token over one step)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.guess: tuple[list[int], int, list[int]] | None = None  # (the tokens it followed, guessed token, drafts)
-        self.ready, self.used = 0, 0  # drafted tokens that came ready, of all used
+        self.ready, self.tries = 0, 0  # drafts found ready, over the steps that looked
 
     @property
-    def hidden(self) -> float:
-        return (self.ready + 1) / (self.used + 2) if self.enabled else 0.0
+    def free(self) -> float:
+        return (self.ready + 1) / (self.tries + 1) if self.enabled else 0.0
 
     def draft(self, drafter: Drafter, tokens: list[int], k: int, until: Callable[[], bool] | None = None) -> None:
         """Guess the token after ``tokens`` and draft up to ``k`` after it, stopping once ``until()``."""
@@ -120,14 +123,12 @@ class DraftAhead:
         guess, self.guess = self.guess, None
         if guess is None or k <= 0:
             return None
+        self.tries += 1
         followed, token, drafts = guess
         if not (all_accepted and tokens[:-1] == followed and tokens[-1] == token):
             return None
+        self.ready += len(drafts)  # all it had ready: a longer step could have used them
         return drafts[:k]
-
-    def count(self, ready: int, used: int) -> None:
-        self.ready += ready
-        self.used += used
 
 
 @dataclass
@@ -196,13 +197,14 @@ class DraftLength:
         b = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var)
         return max(1e-6, mean_y - b * mean_x), b
 
-    def choose(self, draft_time: float = 0.0, limit: int | None = None) -> int:
-        """Tokens to draft for the next step (at most ``limit``): the best for what was measured,
+    def choose(self, draft_time: float = 0.0, limit: int | None = None, free: float = 0.0) -> int:
+        """Tokens to draft for the next step (at most ``limit``; ``free``: drafts expected to come
+        ready, see :class:`DraftAhead`): the best for what was measured,
         and 1 every :data:`PROBE_EVERY` steps without drafting, so a text that turns repetitive
         later is noticed."""
         a, b = self.fit()
         k_max = self.k_max if limit is None else max(0, min(self.k_max, limit))
-        k = best_draft_length(self.acceptance, a, b, draft_time, k_max)
+        k = best_draft_length(self.acceptance, a, b, draft_time, k_max, free)
         if k == 0 and k_max > 0:
             self.idle += 1
             if self.idle >= PROBE_EVERY:

@@ -26,7 +26,7 @@ from swarm.engine.speculative import (
     expected_tokens,
     ngram_draft,
 )
-from swarm_utils import generate_json, local_json, running_swarm, swarm_generate
+from swarm_utils import cli, cli_json, local_json, running_swarm, swarm_generate
 
 
 @pytest.mark.parametrize(
@@ -47,17 +47,19 @@ def test_ngram_draft(tokens, k, draft):
 
 
 @pytest.mark.parametrize(
-    ("acceptance", "step", "position", "draft", "k_max", "k"),
+    ("acceptance", "step", "position", "draft", "k_max", "free", "k"),
     [
-        (0.9, 0.100, 0.002, 0.0, 16, 16),  # far away, cheap positions, good drafts: draft all
-        (0.0, 0.100, 0.002, 0.0, 16, 0),  # drafts never accepted: never draft
-        (0.5, 0.010, 0.010, 0.0, 16, 0),  # an extra position costs a whole step: plain wins
-        (0.8, 0.050, 0.005, 0.0, 4, 4),  # capped by k_max
-        (0.6, 0.100, 0.002, 0.020, 16, 2),  # a costly drafter drafts less
+        (0.9, 0.100, 0.002, 0.0, 16, 0, 16),  # far away, cheap positions, good drafts: draft all
+        (0.0, 0.100, 0.002, 0.0, 16, 0, 0),  # drafts never accepted: never draft
+        (0.5, 0.010, 0.010, 0.0, 16, 0, 0),  # an extra position costs a whole step: plain wins
+        (0.8, 0.050, 0.005, 0.0, 4, 0, 4),  # capped by k_max
+        (0.6, 0.100, 0.002, 0.020, 16, 0, 2),  # a costly drafter drafts less
+        (0.6, 0.100, 0.002, 0.020, 16, 3, 3),  # ... unless drafts come ready (drafted ahead)
+        (0.0, 0.100, 0.002, 0.020, 16, 3, 0),  # free drafts never accepted still cost positions
     ],
 )
-def test_best_draft_length(acceptance, step, position, draft, k_max, k):
-    assert best_draft_length(acceptance, step, position, draft, k_max) == k
+def test_best_draft_length(acceptance, step, position, draft, k_max, free, k):
+    assert best_draft_length(acceptance, step, position, draft, k_max, free) == k
 
 
 def test_expected_tokens():
@@ -104,7 +106,7 @@ class Counting:
 def test_drafting_ahead_is_used_only_when_its_guess_came_true():
     drafter = Counting()
     ahead = DraftAhead(True)
-    assert ahead.hidden == 0.5 and ahead.take([1, 2], True, 3) is None  # nothing drafted ahead yet
+    assert ahead.free == 1.0 and ahead.take([1, 2], True, 3) is None  # nothing drafted ahead yet: the prior
     ahead.draft(drafter, [1, 2, 3, 4], 3)  # guesses 5, then drafts 6 7 8
     assert ahead.take([1, 2, 3, 4, 5], True, 2) == [6, 7]  # all accepted, the guess came true
     ahead.draft(drafter, [1, 2, 3], 2)
@@ -114,9 +116,8 @@ def test_drafting_ahead_is_used_only_when_its_guess_came_true():
     answers = iter([False, True])  # the verification's answer comes after the guess and one draft
     ahead.draft(drafter, [1, 2, 3], 3, until=lambda: next(answers))
     assert ahead.take([1, 2, 3, 4], True, 3) == [5]  # fewer than asked: the rest is drafted then
-    ahead.count(3, 5)
-    assert ahead.hidden == pytest.approx(4 / 7)
-    assert DraftAhead(False).hidden == 0.0
+    assert ahead.free == pytest.approx((3 + 1 + 1) / (4 + 1))  # drafts found ready per step that looked
+    assert DraftAhead(False).free == 0.0
 
 
 def test_history_truncate_keeps_whole_positions():
@@ -273,7 +274,7 @@ def test_swarm_speculation_gives_the_tokens_of_plain_and_local_decoding(tiny, tm
         peer = servers[0].maddr
         for prompt in (REPETITIVE, " ".join([REPETITIVE] * 80) + " four"):  # ~1,900 tokens
             args = [prompt, "--model", str(tiny), "--max-new-tokens", "30", "--initial-peers", peer]
-            ngram = generate_json([*args, "--draft", "ngram"], tmp_path)  # auto is the same drafter
+            ngram = cli_json([*args, "--draft", "ngram"], tmp_path)  # auto is the same drafter
             local = local_json([prompt, "--model", str(tiny), "--max-new-tokens", "30", "--local", "--draft", "none"])
             assert ngram["token_ids"] == local["token_ids"], prompt
 
@@ -316,6 +317,9 @@ def test_a_server_killed_during_speculation_changes_no_token(tiny, tmp_path, mon
     ],
 )
 def test_bad_draft_flags_are_one_line_errors(tiny, tmp_path, flags, message):
+    """The command in this process (:func:`swarm_utils.cli`: an exception other than its exit fails
+    the test), and for the draft model of another tokenizer, the one case that loads a second
+    model before it fails, a `swarm generate` process of its own: one line on its stderr."""
     from swarm_utils import run_swarm
 
     if flags == ["--draft", "OTHER"]:  # a draft model whose tokenizer maps two tokens the other way
@@ -326,11 +330,15 @@ def test_bad_draft_flags_are_one_line_errors(tiny, tmp_path, flags, message):
         a, b = list(vocab)[10:12]
         vocab[a], vocab[b] = vocab[b], vocab[a]
         (other / "tokenizer.json").write_text(json.dumps(data))
-        flags = ["--draft", str(other)]
-    proc = run_swarm(["generate", "--local", "--model", str(tiny), *flags, "one two"], tmp_path, timeout=60)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+        proc = run_swarm(["generate", "--local", "--model", str(tiny), "--draft", str(other), "one two"], tmp_path,
+                         timeout=60)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        result = cli(["generate", "--local", "--model", str(tiny), *flags, "one two"], tmp_path)
+        code, stderr = result.exit_code, result.stderr
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], stderr
 
 
 def test_the_gumbel_sampler_draws_from_the_filtered_softmax():
