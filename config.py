@@ -43,7 +43,9 @@ class ClientOptions:
     servers hand each step straight to the next of the chain. ``no_quant_servers``: only servers
     whose weights are not quantized. ``wire_dtype``: hidden states on the wire (auto, float32,
     bfloat16, int8). ``quant``/``quant_blocks`` (``local`` only): quantize these blocks' linears as
-    servers with ``--quant`` would."""
+    servers with ``--quant`` would. ``swarm_key``: a private swarm's key file (None:
+    ``$SWARM_KEY_FILE``); ``allow_peers``: a file of the peer ids allowed to serve (see
+    :mod:`swarm.p2p.private`)."""
 
     model: str | None = None
     initial_peers: tuple[str, ...] = ()
@@ -57,6 +59,8 @@ class ClientOptions:
     wire_dtype: str = "auto"
     quant: str = "none"
     quant_blocks: str | None = None
+    swarm_key: Path | None = None
+    allow_peers: Path | None = None
 
     def __post_init__(self):
         from swarm.engine.checkpoint import parse_dtype
@@ -66,8 +70,9 @@ class ClientOptions:
         set_(self, "initial_peers", tuple(split_peers(self.initial_peers)))
         if self.model is not None:
             set_(self, "model", str(self.model))
-        if self.adapter is not None:
-            set_(self, "adapter", Path(self.adapter).expanduser())
+        for name in ("adapter", "swarm_key", "allow_peers"):
+            if getattr(self, name) is not None:
+                set_(self, name, Path(getattr(self, name)).expanduser())
         for name in ("step_timeout", "timeout"):  # as the flags parse them: -1 is -1.0
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
@@ -80,6 +85,16 @@ class ClientOptions:
         if self.local and (self.no_quant_servers or self.wire_dtype != "auto"):
             which = "--no-quant-servers" if self.no_quant_servers else "--wire-dtype"
             raise ValueError(f"{which} is about the servers of a swarm run; a --local run has none (drop one of the two)")
+        if not self.local:
+            self.membership()  # a key or list that cannot be read: one line now
+
+    def membership(self):
+        """The private swarm's :class:`~swarm.p2p.private.Membership` from ``swarm_key`` (None:
+        ``$SWARM_KEY_FILE``, else an open swarm) and ``allow_peers`` (``ValueError`` naming the flag
+        and the file)."""
+        from swarm.p2p.private import Membership
+
+        return Membership.from_files(self.swarm_key, self.allow_peers)
 
     @classmethod
     def build(cls, **options) -> ClientOptions:
@@ -124,6 +139,7 @@ class ClientOptions:
         return ClientConfig(
             initial_peers=list(self.initial_peers), step_timeout=self.step_timeout, wait_timeout=self.timeout,
             push=self.push, full_precision=self.no_quant_servers, wire_dtype=self.wire_dtype,
+            membership=self.membership(),
         )
 
     def with_env_peers(self) -> ClientOptions:

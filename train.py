@@ -22,7 +22,8 @@ from swarm.engine.finetune import FinetuneConfig, FinetuneResult
 
 # ClientOptions' fields a run takes (``adapter`` is the kind to train here, not one to apply)
 CLIENT_OPTIONS = (
-    "model", "initial_peers", "local", "dtype", "step_timeout", "timeout", "wire_dtype", "no_quant_servers"
+    "model", "initial_peers", "local", "dtype", "step_timeout", "timeout", "wire_dtype", "no_quant_servers",
+    "swarm_key", "allow_peers",
 )
 # FinetuneConfig's fields a caller sets (``output`` and ``adapter`` are finetune's own arguments;
 # ``base_model`` and ``dtype`` follow from the client's options)

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from swarm.cli.common import (
+    AllowPeersOpt,
+    SwarmKeyOpt,
     PushOpt,
     StepTimeoutOpt,
     DtypeOpt,
@@ -66,6 +68,8 @@ def api(
     push: PushOpt = ClientOptions.push,
     no_quant_servers: NoQuantServersOpt = False,
     wire_dtype: WireDtypeOpt = "auto",
+    swarm_key: SwarmKeyOpt = None,
+    allow_peers: AllowPeersOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests' failures in full and swarm events.")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) and the
@@ -81,7 +85,7 @@ def api(
             client=ClientOptions(
                 model=model, initial_peers=tuple(initial_peers or ()), local=local, dtype=dtype,
                 step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
-                wire_dtype=wire_dtype,
+                wire_dtype=wire_dtype, swarm_key=swarm_key, allow_peers=allow_peers,
             ),
             name=name or "",
             adapters=parse_adapters(adapter or []),

@@ -6,6 +6,7 @@ import ``main`` twice if a command's module imported ``main``)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -90,6 +91,26 @@ InitialPeersOpt = Annotated[
         "--initial-peers",
         envvar="SWARM_INITIAL_PEERS",
         help="Multiaddr(s) of peers already in the swarm, as printed by `swarm serve` (env: SWARM_INITIAL_PEERS).",
+    ),
+]
+
+
+SwarmKeyOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--swarm-key",
+        envvar="SWARM_KEY_FILE",
+        help="A private swarm's key file (from `swarm keygen --swarm-key FILE`): only peers holding it can "
+        "connect (env: SWARM_KEY_FILE).",
+        rich_help_panel="Private swarm",
+    ),
+]
+AllowPeersOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--allow-peers",
+        help="A file of peer ids (one per line) that may serve: others' announcements are ignored.",
+        rich_help_panel="Private swarm",
     ),
 ]
 

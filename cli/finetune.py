@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 
 from swarm.cli.common import (
+    AllowPeersOpt,
+    SwarmKeyOpt,
     InitialPeersOpt,
     ModelOpt,
     NoQuantServersOpt,
@@ -119,6 +121,8 @@ def finetune(
     timeout: TimeoutOpt = ClientOptions.timeout,
     wire_dtype: WireDtypeOpt = "auto",
     no_quant_servers: NoQuantServersOpt = False,
+    swarm_key: SwarmKeyOpt = None,
+    allow_peers: AllowPeersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Train an adapter you own through the swarm's frozen blocks (or --local).

@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 
 from swarm.cli.common import (
+    AllowPeersOpt,
     PushOpt,
+    SwarmKeyOpt,
     StepTimeoutOpt,
     TimeoutOpt,
     Commands,
@@ -184,6 +186,8 @@ def serve(
             help="MiB of adapters held by inference sessions, all peers together (one peer: 256, one session: 64).",
         ),
     ] = ServeOptions.session_adapter_memory,
+    swarm_key: SwarmKeyOpt = None,
+    allow_peers: AllowPeersOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,
 ) -> None:
     """Serve a contiguous range of a model's blocks to the swarm."""
@@ -261,6 +265,8 @@ def generate(
     push: PushOpt = ClientOptions.push,
     timeout: TimeoutOpt = ClientOptions.timeout,
     wire_dtype: WireDtypeOpt = "auto",
+    swarm_key: SwarmKeyOpt = None,
+    allow_peers: AllowPeersOpt = None,
 ) -> None:
     """Generate text: stream tokens through a chain of servers (or --local), printing them as they come.
 
@@ -292,7 +298,7 @@ def generate(
         options = ClientOptions(
             model=model, initial_peers=tuple(initial_peers or ()), local=local, dtype=dtype, adapter=adapter,
             step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
-            wire_dtype=wire_dtype, quant=quant, quant_blocks=quant_blocks,
+            wire_dtype=wire_dtype, quant=quant, quant_blocks=quant_blocks, swarm_key=swarm_key, allow_peers=allow_peers,
         )
         draft_path = None if draft in DRAFTS else draft
         if draft_path is not None and num_beams > 1:
@@ -373,6 +379,8 @@ def status(
         typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C (not a terminal: frame by frame)."),
     ] = False,
     interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes with --watch.")] = 5.0,
+    swarm_key: SwarmKeyOpt = None,
+    allow_peers: AllowPeersOpt = None,
 ) -> None:
     """Show the swarm: who serves which blocks, how fast, where the gaps are.
 
@@ -389,6 +397,9 @@ def status(
     try:
         check_seconds("--interval", interval)
         initial = peers(initial_peers)
+        from swarm.p2p.private import Membership
+
+        membership = Membership.from_files(swarm_key, allow_peers)
         model_name = None
         if model is not None:
             from swarm.engine.checkpoint import Checkpoint
@@ -402,7 +413,7 @@ def status(
 
     def once() -> dict:
         try:
-            return run(gather_status(initial, model_name))
+            return run(gather_status(initial, model_name, membership=membership))
         except SwarmError as exc:
             fail(str(exc))
 
@@ -441,6 +452,24 @@ def status(
         quiet_stdout()
     if data["gaps"]:
         raise typer.Exit(GAPS)
+
+
+@app.command()
+def keygen(
+    swarm_key: Annotated[
+        Path, typer.Option("--swarm-key", help="Where to write the new private swarm's key (go-libp2p's swarm.key format).")
+    ],
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+) -> None:
+    """Write a new private swarm's key; give the file to every member (serve, generate, finetune,
+    status and api take --swarm-key FILE or SWARM_KEY_FILE)."""
+    from swarm.p2p.private import write_swarm_key
+
+    try:
+        write_swarm_key(swarm_key, force=force)
+    except ValueError as exc:
+        fail(str(exc))
+    print(f"wrote a new swarm key to {swarm_key}: keep it secret; every member of the swarm passes --swarm-key {swarm_key}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from swarm.p2p.chain import (  # noqa: F401  (RemoteChain, SpanFailure, SwarmErr
 from swarm.p2p.compression import check_choice, resolve
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
+from swarm.p2p.private import Membership, private_hint
 from swarm.p2p.routing import NoRouteError, Span, find_chain
 from swarm.p2p.tasks import Tasks
 from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
@@ -49,6 +50,7 @@ class ClientConfig:
     full_precision: bool = False  # route only through servers whose weights are not quantized
     wire_dtype: str = "auto"  # hidden states on the wire: auto, float32, bfloat16 or int8 (swarm.p2p.compression)
     announce_period: float = 5.0
+    membership: Membership = field(default_factory=Membership)  # a private swarm's key and allowed servers
 
 
 async def fetch_info(host: Host, maddr: str, timeout: float) -> dict:
@@ -64,7 +66,7 @@ class SwarmClient:
     def __init__(self, host: Host, model: str, num_blocks: int, cfg: ClientConfig):
         check_choice(cfg.wire_dtype)
         self.host, self.model, self.num_blocks, self.cfg = host, model, num_blocks, cfg
-        self.table = PeerTable(model, num_blocks, cfg.announce_period)
+        self.table = PeerTable(model, num_blocks, cfg.announce_period, allowed=cfg.membership.allowed)
         self.rtts: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._banned_until: dict[str, float] = {}
@@ -78,7 +80,7 @@ class SwarmClient:
                 "no swarm to join: pass --initial-peers with a multiaddr printed by `swarm serve` (or set "
                 "SWARM_INITIAL_PEERS); to start a swarm, run `swarm serve --new-swarm --blocks auto`"
             )
-        host = await Host.start(listen_host="127.0.0.1", port=0)
+        host = await Host.start(listen_host="127.0.0.1", port=0, swarm_key=cfg.membership.key)
         client = cls(host, model, num_blocks, cfg)
         try:
             subscription = await host.subscribe(announce_topic(model))
@@ -103,7 +105,8 @@ class SwarmClient:
                 continue
             self._learn([info, *info.get("table", [])])
         if len(errors) == len(self.cfg.initial_peers):
-            raise SwarmError("could not reach the swarm through any initial peer:\n  " + "\n  ".join(errors))
+            raise SwarmError("could not reach the swarm through any initial peer:\n  " + "\n  ".join(errors)
+                             + private_hint(self.cfg.membership))
 
     def _learn(self, infos: list[dict]) -> None:
         self.table.merge(infos)

@@ -51,6 +51,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
 from swarm.p2p.host_bounds import STREAM_BUFFER_LIMIT, bound_connections
 from swarm.p2p.identity import Identity, IdentityInUseError, claim_identity, load_or_create_identity
+from swarm.p2p.private import install as install_protector
+from swarm.p2p.private import private_swarm_reason
 from swarm.p2p.streams import (
     CLOSE_TIMEOUT,
     FrameStalledError,
@@ -67,6 +69,7 @@ __all__ += ["StreamClosedError", "Subscription"]
 __all__ += ["STREAM_BUFFER_LIMIT", "load_or_create_identity"]
 
 log = logging.getLogger(__name__)
+install_protector()  # private swarms: our protector for every connection of a host with a key (p2p/private.py)
 if not os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own switch for verbose logs
     # py-libp2p logs expected failures (a dial to a peer that just died) at ERROR; every failure
     # reaches our callers as an exception with the peer and protocol named, so keep it quiet
@@ -223,8 +226,9 @@ class Host:
     peer_id: str
     addrs: list[str]
 
-    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr):
+    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr, psk: str | None = None):
         """Use :meth:`start`."""
+        self._psk = psk
         self._identity = identity
         self._key_pair = identity.key_pair
         self._listen = listen
@@ -243,14 +247,16 @@ class Host:
 
     @classmethod
     async def start(
-        cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | Identity | None = None
+        cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | Identity | None = None,
+        swarm_key: bytes | None = None,
     ) -> Host:
         """Start a host listening on ``listen_host:port`` (0 picks a free port) and return once it
         listens. ``identity`` is a key file, claimed for the host's lifetime (see
         :func:`~swarm.p2p.identity.claim_identity`), or an :class:`Identity` claimed already (the
         host releases it when it closes or fails to start); None means a fresh random key.
         Raises P2PError if the host cannot start (e.g. the port is taken), IdentityInUseError (a
-        P2PError) if another process holds the key file."""
+        P2PError) if another process holds the key file. ``swarm_key``: a private swarm's key (see
+        :mod:`swarm.p2p.private`): only peers holding it can connect."""
         ip = "ip6" if ":" in listen_host else "ip4"
         try:
             listen = multiaddr.Multiaddr(f"/{ip}/{listen_host}/tcp/{port}")
@@ -262,7 +268,7 @@ class Host:
             identity = Identity(generate_new_ed25519_identity())
         elif not isinstance(identity, Identity):
             identity = claim_identity(identity)
-        self = cls(identity, listen)
+        self = cls(identity, listen, swarm_key.hex() if swarm_key is not None else None)
         try:
             self.addrs = await self._bridge.start(self._services, timeout=START_TIMEOUT)
         except BaseException as exc:
@@ -286,6 +292,7 @@ class Host:
             enable_autotls=False,
             enable_metrics=False,
             bootstrap=None,
+            psk=self._psk,  # a private swarm's key: connections are encrypted with it below Noise (p2p/private.py)
         )
         # The auto-connector dials every peer in the peerstore that has a public address while we
         # hold under 150 connections, and a failed dial blocks explicit dials to that peer for 60 s:
@@ -471,7 +478,7 @@ class Host:
                         book[:] = [addr, *(a for a in book if a != addr and a not in failed)]
                         return
                     except Exception as exc:  # SwarmException, OSError, exception groups from the dialer
-                        errors.append(f"{addr}: {exc}")
+                        errors.append(f"{addr}: {private_swarm_reason(exc) or exc}")
                 failed.append(addr)
                 if len(errors) < len(failed):
                     errors.append(f"{addr}: no connection within {share:.1f} s")

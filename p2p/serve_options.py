@@ -135,13 +135,16 @@ class ServeOptions:
     drain_timeout: float = 60.0
     adapter_memory: int = 256
     session_adapter_memory: int = 1024
+    swarm_key: Path | None = None  # a private swarm's key file (None: $SWARM_KEY_FILE, else an open swarm)
+    allow_peers: Path | None = None  # a file of the peer ids allowed to serve
 
     def __post_init__(self):
         set_ = object.__setattr__
         if self.model is not None:
             set_(self, "model", str(self.model))
-        if self.identity is not None:
-            set_(self, "identity", Path(self.identity).expanduser())
+        for name in ("identity", "swarm_key", "allow_peers"):
+            if getattr(self, name) is not None:
+                set_(self, name, Path(getattr(self, name)).expanduser())
         set_(self, "announce_addr", (self.announce_addr,) if isinstance(self.announce_addr, str) else
              tuple(self.announce_addr or ()))
         set_(self, "initial_peers", split_peers(self.initial_peers))
@@ -195,6 +198,14 @@ class ServeOptions:
                              "(drop one of the two)")
         if not self.initial_peers and not self.new_swarm:
             raise ValueError("give --initial-peers (a multiaddr printed by another server) or --new-swarm to start one")
+        self.membership()  # a key or list that cannot be read: one line now
+
+    def membership(self):
+        """The private swarm's :class:`~swarm.p2p.private.Membership` from ``swarm_key`` and
+        ``allow_peers`` (``ValueError`` naming the flag and the file)."""
+        from swarm.p2p.private import Membership
+
+        return Membership.from_files(self.swarm_key, self.allow_peers)
 
     @classmethod
     def build(cls, **options) -> ServeOptions:
@@ -224,6 +235,10 @@ class ServeOptions:
         key = claim_identity(self.identity) if self.identity else claim_default_identity(home)
         try:
             announce = list(dict.fromkeys(check_announce_addr(a, key.peer_id) for a in self.announce_addr))
+            membership = self.membership()
+            if not membership.may_serve(key.peer_id):
+                raise ValueError(f"--allow-peers: this server's peer id {key.peer_id} is not in {self.allow_peers} "
+                                 "(add it, or the other members will ignore this server)")
             model_dir = resolve_model(self.model)
             model_blocks = Checkpoint(model_dir).num_blocks  # a range this model cannot have: refused now
             if parse_blocks(self.blocks, model_blocks) is None:
@@ -245,6 +260,7 @@ class ServeOptions:
             port=self.port,
             announce_addrs=announce,
             identity=key,
+            membership=membership,
             initial_peers=list(self.initial_peers),
             new_swarm=self.new_swarm,
             public_name=self.public_name,

@@ -52,6 +52,7 @@ from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.identity import Identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.passes import handle_pass
+from swarm.p2p.private import Membership, private_hint
 from swarm.p2p.scheduler import BatchStep, ComputeQueue, Work
 from swarm.p2p.serve_options import (
     PEER_ADAPTER_MIB,
@@ -92,6 +93,7 @@ class ServerConfig:
     port: int = _DEFAULT.port
     announce_addrs: list[str] = field(default_factory=list)  # announced instead of the listen addresses (--announce-addr)
     identity: Path | Identity | None = None  # a key file, one claimed already, or None: a fresh key
+    membership: Membership = field(default_factory=Membership)  # a private swarm's key, the servers allowed
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     public_name: str = ""
@@ -134,7 +136,7 @@ class BlockServer:
         self.model_name = model_name(cfg.model_dir)  # what people call it; ``model`` is what it is
         self.num_blocks = checkpoint.num_blocks
         self.addrs = list(host.addrs)  # what it announces (see start)
-        self.table = PeerTable(model, self.num_blocks, cfg.announce_period)
+        self.table = PeerTable(model, self.num_blocks, cfg.announce_period, allowed=cfg.membership.allowed)
         self.budget = KVCacheBudget(cfg.cache_tokens)
         self.blocks: BlockRange | None = None
         self.start_block = self.end_block = 0
@@ -192,9 +194,14 @@ class BlockServer:
                 cfg.identity.release()
             raise
         model = model_id(checkpoint)
-        host = await Host.start(listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity)
+        host = await Host.start(
+            listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity, swarm_key=cfg.membership.key
+        )
         server = cls(cfg, host, checkpoint, model, executor)
         try:
+            if not cfg.membership.may_serve(host.peer_id):
+                raise ValueError(f"--allow-peers: this server's peer id {host.peer_id} is not on the list "
+                                 "(add it, or the other members will ignore this server)")
             server.addrs = [check_announce_addr(a, host.peer_id) for a in cfg.announce_addrs] or public_addrs(
                 host.addrs, interface_ips()
             )
@@ -253,7 +260,8 @@ class BlockServer:
             except (P2PError, WireError, RemoteError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 errors.append(f"{maddr}: {exc}")
         if self.cfg.initial_peers and len(errors) == len(self.cfg.initial_peers):
-            raise ConnectionError("could not join the swarm through any initial peer:\n  " + "\n  ".join(errors))
+            raise ConnectionError("could not join the swarm through any initial peer:\n  " + "\n  ".join(errors)
+                                  + private_hint(self.cfg.membership))
         for err in errors:
             log.warning("initial peer skipped: %s", err)
 

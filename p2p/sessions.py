@@ -323,7 +323,11 @@ class Sessions:
 
     async def handle_push(self, stream) -> None:
         """Steps pushed by the previous server of a chain: read on the libp2p thread (see
-        :meth:`~swarm.p2p.session_loop.SessionLoop.handle_push`)."""
+        :meth:`~swarm.p2p.session_loop.SessionLoop.handle_push`). Only servers push: with
+        ``--allow-peers``, a peer not on the list is refused."""
+        if not self.server.cfg.membership.may_serve(stream.remote_peer_id):
+            await self.server.reply_error(stream, WireError("--allow-peers: this peer may not serve in this swarm"), BAD_REQUEST)
+            return
         await self.server.host.on_libp2p_thread(self.loop.handle_push, stream, what="push stream")
 
 

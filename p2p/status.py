@@ -8,11 +8,14 @@ from collections.abc import Mapping
 
 from swarm.p2p.client import SwarmError, fetch_info
 from swarm.p2p.host import Host, P2PError
+from swarm.p2p.private import Membership, private_hint
 from swarm.p2p.table import MAX_NAME, PeerTable, ServerInfo, announced_text, coverage, gaps
 from swarm.p2p.wire import PeerId, RemoteError, WireError
 
 
-async def gather_status(initial_peers: list[str], model: str | None = None, timeout: float = 10.0) -> dict:
+async def gather_status(
+    initial_peers: list[str], model: str | None = None, timeout: float = 10.0, membership: Membership | None = None,
+) -> dict:
     """Ask the initial peers for their tables and ping every server listed.
 
     Returns ``{"model", "model_name", "num_blocks", "servers": [{peer_id, blocks, state, throughput,
@@ -20,10 +23,12 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
     A server that does not answer its ping (killed, frozen, unreachable from here) is shown with
     state ``unreachable`` and counts for neither gaps nor coverage: the tables still list it until
     its entry expires (3 announce periods), but no client could use it.
+    ``membership``: a private swarm's key and the servers allowed (see :mod:`swarm.p2p.private`).
     Raises :class:`SwarmError` when no initial peer answers (or none serves ``model``)."""
+    membership = membership or Membership()
     if not initial_peers:
         raise SwarmError("give --initial-peers (a multiaddr printed by `swarm serve`) or set SWARM_INITIAL_PEERS")
-    host = await Host.start(listen_host="127.0.0.1", port=0)
+    host = await Host.start(listen_host="127.0.0.1", port=0, swarm_key=membership.key)
     try:
         infos, errors = [], []
         for maddr in initial_peers:
@@ -34,10 +39,10 @@ async def gather_status(initial_peers: list[str], model: str | None = None, time
         if model is not None:
             infos = [i for i in infos if i.get("model") == model] or infos
         if not infos:
-            raise SwarmError("no initial peer answered:\n  " + "\n  ".join(errors))
+            raise SwarmError("no initial peer answered:\n  " + "\n  ".join(errors) + private_hint(membership))
         model = model or infos[0]["model"]
         num_blocks = infos[0]["num_blocks"]
-        table = PeerTable(model, num_blocks, period=1e9)
+        table = PeerTable(model, num_blocks, period=1e9, allowed=membership.allowed)
         for info in infos:
             table.merge([info, *info.get("table", [])])
         servers = table.snapshot()

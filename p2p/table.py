@@ -204,16 +204,20 @@ def parse_announcement(data: bytes | dict, sender: str) -> ServerInfo:
 class PeerTable:
     """Servers of one model known to this peer. Not thread-safe: owned by one asyncio loop."""
 
-    def __init__(self, model: str, num_blocks: int, period: float, expiry_periods: float = 3.0):
+    def __init__(self, model: str, num_blocks: int, period: float, expiry_periods: float = 3.0,
+                 allowed: frozenset[PeerId] | None = None):
         self.model, self.num_blocks = model, num_blocks
         self.period, self.expiry_periods = period, expiry_periods
+        self.allowed = allowed  # the peers that may serve (--allow-peers); None: any
         self._servers: dict[PeerId, ServerInfo] = {}
 
     def update(self, info: ServerInfo) -> bool:
         """Apply an announcement; returns whether it was taken. Ignored: another model, a range
-        outside the model's blocks, and an earlier run of a server than the one in the table (so
-        its offline announcement never removes a later run)."""
+        outside the model's blocks, a server not among the ``allowed``, and an earlier run of a
+        server than the one in the table (so its offline announcement never removes a later run)."""
         if info.model != self.model or info.end > self.num_blocks:
+            return False
+        if self.allowed is not None and info.peer_id not in self.allowed:
             return False
         current = self._servers.get(info.peer_id)
         if current is not None and info.instance < current.instance:
