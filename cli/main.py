@@ -186,6 +186,11 @@ def serve(
             help="MiB of adapters held by inference sessions, all peers together (one peer: 256, one session: 64).",
         ),
     ] = ServeOptions.session_adapter_memory,
+    require_reachable: Annotated[
+        bool,
+        typer.Option("--require-reachable", help="Refuse to serve unless another server can dial this one back at its "
+                     "announced address (default: warn)."),
+    ] = False,
     swarm_key: SwarmKeyOpt = None,
     allow_peers: AllowPeersOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,

@@ -44,7 +44,8 @@ def _load(s: dict) -> str:
 def status_view(data: dict) -> Group:
     # escaped, as the cells below are plain Text: a peer announces what it likes
     table = Table(title=escape(f"{model_title(data)} — {data['num_blocks']} blocks"), title_justify="left")
-    for col, justify in [("peer", "left"), ("name", "left"), ("address", "left"), ("blocks", "right"), ("state", "left"),
+    for col, justify in [("peer", "left"), ("name", "left"), ("address", "left"), ("reach", "left"), ("blocks", "right"),
+                         ("state", "left"),
                          ("weights", "left"), ("tok/s (batched)", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
                          ("version", "left")]:
         table.add_column(col, justify=justify)
@@ -54,6 +55,8 @@ def status_view(data: dict) -> Group:
             "…" + s["peer_id"][-6:],
             Text(s["name"] or "-"),
             Text(_address(s.get("addrs") or [])),  # not markup: a peer announces what it likes
+            Text(s.get("reach", "unknown"), style={"public": "green", "relayed": "yellow", "private": "red"}.get(
+                s.get("reach", "unknown"), "")),
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
             _weights(s),

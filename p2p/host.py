@@ -432,6 +432,22 @@ class Host:
         """:meth:`open_stream` on the trio thread (the caller bounds the wait)."""
         return Stream(self._bridge, await self._new_stream(_peer(peer_id), protocol), protocol)
 
+    async def dial_back(self, peer_id: str, addr: str, timeout: float) -> None:
+        """Open a new connection to ``peer_id`` at ``addr`` (not reusing one we have) and close it
+        again: whether the peer can be reached there. P2PError when it cannot."""
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+        except Exception as exc:
+            raise PeerUnreachableError(f"not a multiaddr: {addr!r} ({exc})") from None
+        await self._bridge.call(self._dial_back, _peer(peer_id), maddr, timeout=timeout, what=f"dial back {addr}")
+
+    async def _dial_back(self, peer: ID, addr: multiaddr.Multiaddr) -> None:
+        try:
+            conn = await self._lp.get_network().dial_addr(addr, peer)
+        except Exception as exc:
+            raise PeerUnreachableError(f"cannot dial {addr}: {exc}") from None
+        await conn.close()
+
     async def ping(self, peer_id: str, timeout: float = 5.0) -> float:
         """Round-trip time in seconds of one libp2p ping (32 bytes echoed on ``/ipfs/ping/1.0.0``),
         not counting the stream opening. Dials the peer if needed."""

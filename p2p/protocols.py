@@ -10,6 +10,7 @@ PUSH = "/swarm/push/1.0.0"  # a server hands a step's output to the next server 
 FORWARD = "/swarm/forward/1.0.0"
 BACKWARD = "/swarm/backward/1.0.0"
 PROBE = "/swarm/probe/1.0.0"  # a timed echo: how fast the link between two peers is
+DIALBACK = "/swarm/dialback/1.0.0"  # dial me back at an address: can peers reach me there (p2p/nat.py)
 
 
 async def request(host, peer_id: str, protocol: str, frame: Frame, timeout: float, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:

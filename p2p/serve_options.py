@@ -137,6 +137,7 @@ class ServeOptions:
     session_adapter_memory: int = 1024
     swarm_key: Path | None = None  # a private swarm's key file (None: $SWARM_KEY_FILE, else an open swarm)
     allow_peers: Path | None = None  # a file of the peer ids allowed to serve
+    require_reachable: bool = False  # refuse to serve unless a peer could dial it back
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -261,6 +262,7 @@ class ServeOptions:
             announce_addrs=announce,
             identity=key,
             membership=membership,
+            require_reachable=self.require_reachable,
             initial_peers=list(self.initial_peers),
             new_swarm=self.new_swarm,
             public_name=self.public_name,

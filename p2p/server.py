@@ -44,7 +44,7 @@ from swarm.engine.checkpoint import PREFILL_CHUNK, BlockRange, Checkpoint, parse
 from swarm.engine.fast import measure_pooling
 from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
-from swarm.p2p import placement, protocols
+from swarm.p2p import nat, placement, protocols
 from swarm.p2p.adapter_store import AdapterStore
 from swarm.p2p.addresses import check_announce_addr, interface_ips, public_addrs
 from swarm.p2p.bandwidth import handle_probe, measure_link
@@ -94,6 +94,7 @@ class ServerConfig:
     announce_addrs: list[str] = field(default_factory=list)  # announced instead of the listen addresses (--announce-addr)
     identity: Path | Identity | None = None  # a key file, one claimed already, or None: a fresh key
     membership: Membership = field(default_factory=Membership)  # a private swarm's key, the servers allowed
+    require_reachable: bool = False  # refuse to serve unless a peer dialed it back (p2p/nat.py)
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     public_name: str = ""
@@ -125,7 +126,7 @@ class ServerConfig:
 BATCH_POSITIONS = 2 * PREFILL_CHUNK  # positions of one batched pass, all its sessions' together (bounded activations)
 
 # concurrent streams one peer may have open per protocol (inference: max_peer_sessions + 8)
-PEER_STREAMS = {protocols.PROBE: 2, protocols.INFO: 8, protocols.PUSH: 8, protocols.FORWARD: 8, protocols.BACKWARD: 8}
+PEER_STREAMS = {protocols.PROBE: 2, protocols.DIALBACK: 1, protocols.INFO: 8, protocols.PUSH: 8, protocols.FORWARD: 8, protocols.BACKWARD: 8}
 
 
 class BlockServer:
@@ -141,6 +142,8 @@ class BlockServer:
         self.blocks: BlockRange | None = None
         self.start_block = self.end_block = 0
         self.state = "joining"
+        self.reach = "unknown"  # whether peers can dial it at its announced addresses (p2p/nat.py)
+        self.dialbacks = asyncio.Semaphore(nat.MAX_DIALBACKS)  # dial-backs it makes for others at once
         self.speed = Throughput(0.0, 0.0, 0.0, 0.0)  # what it announces (measured before it chooses)
         self.frames = FrameBudget(cfg.frame_memory, min(cfg.peer_frame_memory, cfg.frame_memory))
         self.peer_cache_tokens = max(1, int(cfg.peer_cache_share * cfg.cache_tokens))
@@ -207,7 +210,11 @@ class BlockServer:
             )
             host.set_stream_handler(protocols.INFO, server._limited(protocols.INFO, server._handle_info))
             host.set_stream_handler(protocols.PROBE, server._limited(protocols.PROBE, functools.partial(handle_probe, server)))
+            host.set_stream_handler(protocols.DIALBACK, server._limited(protocols.DIALBACK,
+                                                                        functools.partial(nat.handle_dialback, server)))
             await server._join()
+            if cfg.require_reachable:
+                await server._check_reach()
             count = fixed[1] - fixed[0] if fixed else placement.auto_count(server)
             # the speed first: a range announced as joining counts with it, so servers starting
             # together (and the balance checks of the others) see what is being loaded
@@ -231,6 +238,7 @@ class BlockServer:
             server.state = "online"
             await server._announce(direct=True)
             server._tasks.spawn(server._announce_loop(), "announce")
+            server._tasks.spawn(nat.reachability_loop(server, first=not cfg.require_reachable), "reachability")
             if server.speed.bandwidth_source == "assumed" and server.speed.source != "given":
                 server._tasks.spawn(placement.measure_bandwidth_later(server), "measure bandwidth")
             if fixed is None and cfg.balance_quality > 0:  # a range given by hand stays where it is
@@ -241,6 +249,16 @@ class BlockServer:
         if on_ready is not None:
             on_ready(server)
         return server
+
+    async def _check_reach(self) -> None:
+        """Whether peers can dial this server at its addresses (see :mod:`swarm.p2p.nat`); with
+        ``require_reachable``, ConnectionError unless some peer reached one."""
+        reach = await nat.check_reachability(self)
+        if self.cfg.require_reachable and reach != "public":
+            why = ("no peer could dial it at " + ", ".join(self.addrs) if reach == "private"
+                   else "no other server answered a dial-back to confirm it")
+            raise ConnectionError(f"--require-reachable: this server is not reachable ({why}); check --announce-addr, "
+                                  "port forwarding and firewalls")
 
     async def _join(self) -> None:
         """Subscribe to the model's topic, dial the initial peers and take their tables."""
@@ -378,6 +396,7 @@ class BlockServer:
             bandwidth_source=self.speed.bandwidth_source,
             throughput_source=self.speed.source,
             moves=tuple((m["time"], *m["from"], *m["to"]) for m in self.moves),
+            reach=self.reach,
             received=time.monotonic(),
         )
 

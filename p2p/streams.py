@@ -99,6 +99,14 @@ class Stream:
     def __repr__(self) -> str:
         return f"<Stream {self.protocol} with {self.remote_peer_id}>"
 
+    @property
+    def remote_address(self) -> tuple[str, int] | None:
+        """The (ip, port) the peer's connection comes from, as this host sees it (None: unknown)."""
+        try:
+            return self._ns.get_remote_address()
+        except Exception:  # a connection that has gone
+            return None
+
     def _what(self, op: str) -> str:
         return f"{op} {self.protocol} with {self.remote_peer_id}"
 

@@ -76,6 +76,9 @@ def announce_topic(model: str) -> str:
     return f"/swarm/{model}/servers"
 
 
+REACH = ("unknown", "public", "private", "relayed")  # see swarm.p2p.nat
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     peer_id: PeerId
@@ -106,6 +109,7 @@ class ServerInfo:
     throughput_source: str = ""  # measured now, cached (an earlier measurement here) or given (--throughput N)
     moves: tuple = ()  # recent moves: (unix time, from start, from end, to start, to end), oldest first
     model_name: str = ""  # what people call the model (:func:`model_name`; "" from servers before it was announced)
+    reach: str = "unknown"  # whether peers dialed it back at its addresses: public, private or unknown (p2p/nat.py)
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     @property
@@ -157,11 +161,12 @@ class ServerInfo:
                 throughput_source=str(data.get("throughput_source", "")),
                 moves=tuple(_move(m) for m in list(data.get("moves") or ())[-MAX_MOVES:]),
                 model_name=announced_text(data.get("model_name", ""), MAX_NAME),
+                reach=str(data.get("reach", "unknown")),
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed server announcement: {exc!r}") from None
-        if (info.state not in STATES or info.quant not in QUANTS or info.dtype not in DTYPES
+        if (info.state not in STATES or info.reach not in REACH or info.quant not in QUANTS or info.dtype not in DTYPES
                 or not 0 <= info.weight_bytes < 2**62 or not 0 <= info.start < info.end or not 0 <= info.throughput < math.inf
                 or not 0 < info.period <= 3600 or not 0 <= info.sessions < 2**31 or not 0 <= info.served < math.inf
                 or not 0 <= info.queued < 2**31 or not 0 <= info.batch <= 1 << 16 or not 1 <= info.max_batch <= 1 << 16

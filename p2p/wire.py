@@ -64,6 +64,8 @@ KINDS: dict[str, tuple[tuple[str, ...], Sequence[int]]] = {
     "result": ((), range(1, 2 + MAX_ADAPTER_TENSORS)),  # output or grad_input [, adapter gradients...]
     "error": (("message",), (0,)),
     "probe": ((), (1,)),  # bytes to echo back (a bandwidth measurement)
+    "dialback": (("addr",), (0,)),  # dial me back at this address (a reachability check, p2p/nat.py)
+    "dialback_reply": (("ok",), (0,)),
 }
 
 

@@ -70,8 +70,11 @@ class NetHost:
     name: str
     ns: str
     ip: str
-    port: str  # the bridge's end of its veth (in the lab's bridge namespace)
+    port: str  # the bridge's end of its veth (in the lab's bridge namespace); "" behind a router
     procs: list[subprocess.Popen] = field(default_factory=list)
+    router: NetHost | None = None  # the NAT it sits behind (None: on the public bridge)
+    lan: str = ""  # a router's: its LAN's first three octets
+    inside: int = 0  # a router's: hosts behind it so far
 
 
 class Lab:
@@ -97,9 +100,15 @@ class Lab:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def add_host(self, name: str, mbit: float | None = None) -> NetHost:
-        """A new host ``name`` on the bridge (``mbit``: its link's rate, None for unshaped)."""
-        n = len(self.hosts) + 1
+    def add_host(self, name: str, mbit: float | None = None, behind: NetHost | None = None) -> NetHost:
+        """A new host ``name`` on the bridge (``mbit``: its link's rate, None for unshaped), or
+        behind the NAT router ``behind`` (see :meth:`add_router`), on its LAN."""
+        if behind is not None:
+            host = self._add_behind(name, behind)
+            if mbit:
+                self.shape(host, mbit)
+            return host
+        n = len([h for h in self.hosts.values() if h.router is None]) + 1
         host = NetHost(name, f"{self.tag}-{name}", f"{SUBNET}.{n}", f"p{n}")
         self.hosts[name] = host
         sh("ip", "netns", "add", host.ns)
@@ -112,9 +121,64 @@ class Lab:
             self.shape(host, mbit)
         return host
 
+    def add_router(self, name: str, hole_punching: bool = True) -> NetHost:
+        """A NAT router ``name`` on the bridge (a host with a public address) for hosts put behind
+        it (:meth:`add_host` with ``behind``): their connections leave with its address
+        (nftables masquerade), and nothing from the public side reaches them unasked.
+        ``hole_punching``: connections the public side starts are dropped silently (as most home
+        routers do: simultaneous opens then get through); False: the router answers them with a
+        reset and picks random source ports, which defeats hole punching (only relays get through)."""
+        router = self.add_host(name)
+        router.lan = f"192.168.{len([h for h in self.hosts.values() if h.lan]) + 1}"
+        sh("ip", "netns", "exec", router.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ports = "" if hole_punching else " random"
+        refuse = "drop" if hole_punching else "reject with tcp reset"
+        rules = f"""
+table ip nat {{
+  chain post {{
+    type nat hook postrouting priority 100 ;
+    oifname "eth0" masquerade{ports}
+  }}
+}}
+table inet filter {{
+  chain input {{
+    type filter hook input priority 0 ; policy accept ;
+    iifname "eth0" ct state new {refuse}
+  }}
+  chain forward {{
+    type filter hook forward priority 0 ; policy accept ;
+    iifname "eth0" ct state new {refuse}
+  }}
+}}
+"""
+        done = subprocess.run(["ip", "netns", "exec", router.ns, "nft", "-f", "-"], input=rules, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"nft in {router.ns}: {done.stderr.strip()}")
+        return router
+
+    def _add_behind(self, name: str, router: NetHost) -> NetHost:
+        router.inside += 1
+        n = router.inside
+        host = NetHost(name, f"{self.tag}-{name}", f"{router.lan}.{n + 1}", "", router=router)
+        self.hosts[name] = host
+        sh("ip", "netns", "add", host.ns)
+        inner = f"lan{n}"
+        sh("ip", "-n", router.ns, "link", "add", inner, "type", "veth", "peer", "name", "eth0", "netns", host.ns)
+        if n == 1:
+            sh("ip", "-n", router.ns, "link", "add", "lanbr", "type", "bridge")
+            sh("ip", "-n", router.ns, "addr", "add", f"{router.lan}.1/24", "dev", "lanbr")
+            sh("ip", "-n", router.ns, "link", "set", "lanbr", "up")
+        sh("ip", "-n", router.ns, "link", "set", inner, "master", "lanbr", "up")
+        sh("ip", "-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+        sh("ip", "-n", host.ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", host.ns, "link", "set", "lo", "up")
+        sh("ip", "-n", host.ns, "route", "add", "default", "via", f"{router.lan}.1")
+        return host
+
     def shape(self, host: NetHost, mbit: float | None) -> None:
         """Limit ``host``'s link to ``mbit`` Mbit/s each way (None: no limit)."""
-        for ns, dev in ((host.ns, "eth0"), (self.bridge_ns, host.port)):
+        ends = [(host.ns, "eth0")] + ([(self.bridge_ns, host.port)] if host.port else [])
+        for ns, dev in ends:
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
             if mbit:
                 burst = max(64 << 10, int(mbit * 1e6 / 8 * 0.002))  # 2 ms of traffic, at least a GSO packet

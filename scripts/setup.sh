@@ -43,7 +43,7 @@ for pkg in libgmp-dev python3-dev; do
 done
 # what the tests need beyond Python (each test skips with the reason without it): a headless browser
 # for the web page's test (tests/test_web_page.py), Debian's chromium and its chromedriver, never a
-# browser downloaded by a test tool; ip and tc for the emulated hosts (tests/test_netns.py)
+# browser downloaded by a test tool; ip and tc for the emulated hosts (tests/test_netns.py), nft for their NATs
 test_pkgs=()
 if [ $with_browser -eq 1 ]; then
     command -v chromium >/dev/null 2>&1 || test_pkgs+=(chromium)
@@ -51,6 +51,7 @@ if [ $with_browser -eq 1 ]; then
 fi
 if [ $with_netlab -eq 1 ]; then
     { command -v ip && command -v tc; } >/dev/null 2>&1 || test_pkgs+=(iproute2)
+    command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || test_pkgs+=(nftables)  # NAT routers (netlab.Lab.add_router)
 fi
 sudo_cmd=""
 [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"

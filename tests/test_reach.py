@@ -1,0 +1,109 @@
+"""Reachability: a server learns whether peers can dial it at the addresses it announces."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_tiny_checkpoint
+from swarm.p2p.nat import address_ip, may_dial_back, verdict
+from swarm_utils import ServerProcess, cli, running_swarm
+
+ID = "12D3KooWKXHtf3MH2zcHVmhQBYXmrzwg8J39nmBXHCkSQrrzh5gB"
+
+
+@pytest.mark.parametrize(
+    ("addr", "observed", "refused"),
+    [
+        (f"/ip4/10.0.0.5/tcp/4001/p2p/{ID}", "10.0.0.5", None),
+        ("/ip4/10.0.0.5/tcp/4001", "10.0.0.5", None),
+        ("/ip4/10.0.0.6/tcp/4001", "10.0.0.5", "comes from (10.0.0.5)"),  # never a third party
+        ("/ip4/10.0.0.5/tcp/4001", None, "comes from (None)"),
+        ("/ip6/::1/tcp/4001", "::1", None),
+        ("/ip4/10.0.0.5/udp/4001", "10.0.0.5", "not an /ip4 or /ip6 TCP address"),
+        ("/dns4/example.org/tcp/4001", "10.0.0.5", "not an /ip4 or /ip6 TCP address"),
+        (f"/ip4/10.0.0.1/tcp/4001/p2p/{ID}/p2p-circuit", "10.0.0.1", "relayed"),
+        ("nonsense", "10.0.0.5", "not an /ip4"),
+    ],
+)
+def test_who_may_be_dialed_back(addr, observed, refused):
+    why = may_dial_back(addr, observed)
+    assert (why is None) if refused is None else (refused in why), why
+
+
+@pytest.mark.parametrize(
+    ("results", "reach"),
+    [
+        ({}, "unknown"),
+        ({"a": None}, "unknown"),
+        ({"a": False}, "private"),
+        ({"a": False, "b": None}, "unknown"),
+        ({"a": False, "b": True}, "public"),
+        ({"a": True, "b": None}, "public"),
+    ],
+)
+def test_verdict(results, reach):
+    assert verdict(results) == reach
+
+
+def test_address_ip():
+    assert address_ip("/ip4/1.2.3.4/tcp/5") == "1.2.3.4" and address_ip("/ip4/1.2.3.4/udp/5") is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reach_of(maddr: str, peer_id: str, deadline: float) -> str:
+    """The reachability `swarm status` shows for ``peer_id`` once it is no longer unknown."""
+    reach = "unknown"
+    while time.monotonic() < deadline:
+        status = cli(["status", "--json", "--initial-peers", maddr])
+        rows = [s for s in json.loads(status.stdout)["servers"] if s["peer_id"] == peer_id] if status.stdout else []
+        reach = rows[0]["reach"] if rows else "unknown"
+        if reach != "unknown":
+            return reach
+        time.sleep(0.5)
+    return reach
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-reach"), "llama")
+
+
+@pytest.mark.slow
+def test_servers_learn_whether_peers_can_dial_them(tiny, tmp_path):
+    """A server joining a swarm is dialed back by its peer: public. One announcing an address where
+    nothing listens is told so in its log and shows as private; with --require-reachable it refuses
+    to serve, in one line."""
+    with running_swarm(tiny, ["0:2", "2:4"], tmp_path) as servers:
+        joined = servers[1].maddr.rsplit("/p2p/", 1)[1]
+        assert _reach_of(servers[0].maddr, joined, time.monotonic() + 30) == "public"
+
+        nowhere = f"/ip4/127.0.0.1/tcp/{_free_port()}"
+        base = ["--model", str(tiny), "--blocks", "0:4", "--announce-period", "1", "--initial-peers", servers[0].maddr,
+                "--announce-addr", nowhere]
+        strict = ServerProcess([*base, "--identity", str(tmp_path / "strict.key"), "--require-reachable"], tmp_path, "strict")
+        try:
+            assert strict.proc.wait(60) == 1
+            lines = [line for line in strict.log().splitlines() if line.strip()]
+            assert lines[-1].startswith("error: --require-reachable: this server is not reachable"), lines
+            assert nowhere in lines[-1]
+        finally:
+            strict.stop()
+
+        lax = ServerProcess([*base, "--identity", str(tmp_path / "lax.key")], tmp_path, "lax")
+        try:
+            lax.wait_ready(60)
+            peer = lax.maddr.rsplit("/p2p/", 1)[1]
+            assert _reach_of(servers[0].maddr, peer, time.monotonic() + 30) == "private"
+            assert f"no peer could dial this server at {nowhere}/p2p/{peer}" in lax.log()
+        finally:
+            lax.stop()
