@@ -22,7 +22,6 @@ and open_stream then waits (until its timeout) for one to close.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -41,7 +40,6 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -49,6 +47,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
+from swarm.p2p.circuits import Circuits, is_circuit
+from swarm.p2p.gossip import OUTBOUND_QUEUE, Subscription, _Pubsub  # noqa: F401  (OUTBOUND_QUEUE: part of this module's API)
 from swarm.p2p.host_bounds import STREAM_BUFFER_LIMIT, bound_connections
 from swarm.p2p.identity import Identity, IdentityInUseError, claim_identity, load_or_create_identity
 from swarm.p2p.private import install as install_protector
@@ -86,7 +86,6 @@ HEARTBEAT_S = 1  # gossipsub heartbeat: meshes form within a second or two on lo
 # instead: an update once half the window is consumed. Measured here: a 1 KB frame's write call
 # takes 0.23 ms instead of 0.5 ms. Read when yamux reads, so a user's own setting still wins.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
-OUTBOUND_QUEUE = 4096  # RPCs queued per pubsub peer before drops (py-libp2p: 32)
 MAX_ADDRS = 16  # addresses remembered per peer
 SUBSCRIPTION_QUEUE = 4096  # messages a subscription holds unread before it drops new ones
 MAX_PUBLISH_BYTES = (1 << 20) - (16 << 10)  # pubsub drops RPCs over 1 MiB; leave room for signature etc.
@@ -143,92 +142,17 @@ async def _no_auto_connect() -> None:
     return None
 
 
-class _RoomyQueues(dict):
-    """``Pubsub.peer_queues`` whose new per-peer outbound queues hold OUTBOUND_QUEUE RPCs, not 32:
-    a burst of announcements would otherwise be dropped silently."""
-
-    def __setitem__(self, peer_id, queue) -> None:
-        queue._queue.max_size = OUTBOUND_QUEUE
-        super().__setitem__(peer_id, queue)
-
-
-class _Pubsub(Pubsub):
-    """Pubsub that hands each received message straight to ``on_message`` (on the trio thread),
-    instead of a 32-slot channel per topic that drops when full."""
-
-    def __init__(self, host, router, on_message: Callable[[object], None]):
-        super().__init__(host, router)
-        self.peer_queues = _RoomyQueues()
-        self._on_message = on_message
-
-    def notify_subscriptions(self, publish_message) -> None:
-        if any(topic in self.topic_ids for topic in publish_message.topicIDs):
-            self._on_message(publish_message)
-
-
-class Subscription:
-    """Messages on one gossipsub topic, as ``(sender peer id, data)``; an async iterator.
-
-    Messages this host published itself are not delivered here. Up to SUBSCRIPTION_QUEUE
-    messages queue until read; beyond that new ones are dropped (gossip is best effort). Iteration ends when the subscription is cancelled or the host closes (unread
-    messages are then dropped).
-    """
-
-    def __init__(self, host: Host, topic: str):
-        self.topic = topic
-        self._host = host
-        self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
-        self._closed = False
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> tuple[str, bytes]:
-        try:
-            return await self.get()
-        except _SubscriptionEnded:
-            raise StopAsyncIteration from None
-
-    async def get(self, timeout: float | None = None) -> tuple[str, bytes]:
-        """The next message. P2PTimeoutError after ``timeout`` seconds; P2PError once cancelled."""
-        if timeout is None:
-            item = await self._queue.get()
-        else:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
-            except asyncio.TimeoutError:
-                raise P2PTimeoutError(f"no message on {self.topic!r} within {timeout:g} s") from None
-        if item is None:
-            self._queue.put_nowait(None)  # wake every other reader too
-            raise _SubscriptionEnded(f"subscription to {self.topic!r} is cancelled")
-        return item
-
-    async def cancel(self) -> None:
-        """Stop receiving; the topic is left when its last subscription is cancelled."""
-        if not self._closed:
-            self._end()
-            await self._host._unsubscribe(self)
-
-    def _end(self) -> None:  # unread messages are dropped; readers wake up to P2PError
-        self._closed = True
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(None)
-
-
-class _SubscriptionEnded(P2PError):
-    pass
-
-
 class Host:
     """A libp2p host (Noise, yamux, TCP, gossipsub) on a trio thread; see the module docstring."""
 
     peer_id: str
     addrs: list[str]
 
-    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr, psk: str | None = None):
+    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr, psk: str | None = None, relay_slots: int = 0):
         """Use :meth:`start`."""
         self._psk = psk
+        self._relay_slots = relay_slots
+        self._circuits: Circuits | None = None  # trio side: relaying, reservations, relayed dials
         self._identity = identity
         self._key_pair = identity.key_pair
         self._listen = listen
@@ -248,7 +172,7 @@ class Host:
     @classmethod
     async def start(
         cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | Identity | None = None,
-        swarm_key: bytes | None = None,
+        swarm_key: bytes | None = None, relay_slots: int = 0,
     ) -> Host:
         """Start a host listening on ``listen_host:port`` (0 picks a free port) and return once it
         listens. ``identity`` is a key file, claimed for the host's lifetime (see
@@ -256,7 +180,8 @@ class Host:
         host releases it when it closes or fails to start); None means a fresh random key.
         Raises P2PError if the host cannot start (e.g. the port is taken), IdentityInUseError (a
         P2PError) if another process holds the key file. ``swarm_key``: a private swarm's key (see
-        :mod:`swarm.p2p.private`): only peers holding it can connect."""
+        :mod:`swarm.p2p.private`): only peers holding it can connect. ``relay_slots``: peers this host
+        relays for at once (0: none; see :mod:`swarm.p2p.circuits`)."""
         ip = "ip6" if ":" in listen_host else "ip4"
         try:
             listen = multiaddr.Multiaddr(f"/{ip}/{listen_host}/tcp/{port}")
@@ -268,7 +193,7 @@ class Host:
             identity = Identity(generate_new_ed25519_identity())
         elif not isinstance(identity, Identity):
             identity = claim_identity(identity)
-        self = cls(identity, listen, swarm_key.hex() if swarm_key is not None else None)
+        self = cls(identity, listen, swarm_key.hex() if swarm_key is not None else None, relay_slots)
         try:
             self.addrs = await self._bridge.start(self._services, timeout=START_TIMEOUT)
         except BaseException as exc:
@@ -314,13 +239,17 @@ class Host:
             eclipse_protection_enabled=False,
         )
         pubsub = _Pubsub(lp, gossipsub, on_message=self._on_message)
+        circuits = Circuits(lp, self._relay_slots)
         try:
             async with lp.run(listen_addrs=[self._listen]):
-                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                async with background_trio_service(pubsub), background_trio_service(gossipsub), \
+                        background_trio_service(circuits.protocol), trio.open_nursery() as nursery:
                     await pubsub.wait_until_ready()
-                    self._lp, self._pubsub = lp, pubsub
+                    circuits.nursery = nursery
+                    self._lp, self._pubsub, self._circuits = lp, pubsub, circuits
                     self._my_id_bytes = lp.get_id().to_bytes()
                     yield [str(a) for a in lp.get_addrs()]
+                    nursery.cancel_scope.cancel()  # reservations' renewals
                 await _close_connections(lp)
         finally:
             pubsub.seen_messages.stop()  # its sweeper thread would outlive the host
@@ -448,6 +377,23 @@ class Host:
             raise PeerUnreachableError(f"cannot dial {addr}: {exc}") from None
         await conn.close()
 
+    async def reserve(self, relay_id: str, timeout: float = 10.0) -> bool:
+        """A reservation on the relay ``relay_id`` (dialed at the addresses known for it), renewed
+        until this host closes: peers can then dial this host through it. Whether it was granted."""
+        return await self._bridge.call(self._reserve, _peer(relay_id), timeout=timeout, what=f"reserve on {relay_id}")
+
+    async def _reserve(self, relay: ID) -> bool:
+        await self._dial(relay, [])
+        try:
+            return await self._circuits.reserve(relay)
+        except Exception as exc:
+            raise PeerUnreachableError(f"reservation on {relay}: {exc}") from None
+
+    def relayed(self, peer_id: str) -> bool:
+        """Whether this host reaches ``peer_id`` only through relays now."""
+        circuits = self._circuits
+        return circuits is not None and circuits.relayed(_peer(peer_id))
+
     async def ping(self, peer_id: str, timeout: float = 5.0) -> float:
         """Round-trip time in seconds of one libp2p ping (32 bytes echoed on ``/ipfs/ping/1.0.0``),
         not counting the stream opening. Dials the peer if needed."""
@@ -490,7 +436,10 @@ class Host:
                 share = max(0.0, trio.current_effective_deadline() - trio.current_time()) / (len(order) - i)
                 with trio.move_on_after(share):
                     try:
-                        await self._lp.connect(PeerInfo(peer, [addr]))
+                        if is_circuit(addr):  # through a relay: py-libp2p's dial leaves these out
+                            await self._circuits.dial(addr, peer)
+                        else:
+                            await self._lp.connect(PeerInfo(peer, [addr]))
                         book[:] = [addr, *(a for a in book if a != addr and a not in failed)]
                         return
                     except Exception as exc:  # SwarmException, OSError, exception groups from the dialer
