@@ -191,6 +191,12 @@ def serve(
         typer.Option("--require-reachable", help="Refuse to serve unless another server can dial this one back at its "
                      "announced address (default: warn)."),
     ] = False,
+    relay_slots: Annotated[
+        int,
+        typer.Option("--relay-slots", help="While reachable, relay for this many servers behind NATs at once "
+                     "(reservations, and relayed connections; each connection bounded in time and bytes)."),
+    ] = ServeOptions.relay_slots,
+    no_relay: Annotated[bool, typer.Option("--no-relay", help="Relay for nobody (as --relay-slots 0).")] = False,
     swarm_key: SwarmKeyOpt = None,
     allow_peers: AllowPeersOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log sessions and swarm events.")] = False,

@@ -1,4 +1,5 @@
-"""Reachability: can peers dial a server at the addresses it announces?
+"""Reachability: can peers dial a server at the addresses it announces? And relays for one
+that nobody can dial.
 
 A server behind a NAT or firewall, or one given a wrong ``--announce-addr``, would otherwise be
 "online" and useless: nobody can open a session with it. So a server asks peers it knows to dial
@@ -8,8 +9,16 @@ that some peer reached is public; one that every peer asked failed to reach is n
 warning names it, or ``--require-reachable`` refuses to serve); with no peer to ask (the first
 server of a swarm), the answer is unknown and the server asks again when peers come.
 
+A server nobody can dial (behind a NAT) holds reservations on :data:`RELAYS_WANTED` relays: servers
+that offer to relay (``--relay-slots``, on by default; announced only while they are not known to
+be unreachable themselves). It announces its ``/p2p-circuit`` addresses through them instead,
+and is shown as relayed; py-libp2p renews each reservation before it ends, and every
+:data:`RELAY_CHECK` seconds a relay that left the table is replaced by another. A relay that
+dies mid-generation is a failed link like any other: the client fails over and replays.
+
 A peer dials back only the IP address the request came from (so nobody can use the swarm to
-make peers dial a third party), one address at a time per peer and a few in total, each within
+make peers dial a third party; an address with another IP is answered "not reached", since the
+requester's connections do not come from it), one address at a time per peer and a few in total, each within
 :data:`DIALBACK_TIMEOUT`.
 """
 
@@ -17,12 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import time
+from collections.abc import Mapping
 
 import multiaddr
 
 from swarm.p2p import protocols
+from swarm.p2p.circuits import circuit_addr, is_circuit
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.table import ServerInfo
 from swarm.p2p.wire import BAD_REQUEST, Frame, RemoteError, WireError, expect, read_frame, write_frame
 
 log = logging.getLogger("swarm.reach")
@@ -32,6 +46,8 @@ PEERS_ASKED = 3  # peers asked about each address at most (until one reaches it)
 MAX_DIALBACKS = 4  # dial-backs this peer makes at once for all others together
 RECHECK_UNKNOWN = 30.0  # seconds between checks while no peer could answer
 RECHECK = 600.0  # seconds between checks otherwise (addresses and NATs change)
+RELAYS_WANTED = 2  # relays a server nobody can dial holds reservations on
+RELAY_CHECK = 10.0  # seconds between checks that those relays are still there
 
 
 def address_ip(addr: str) -> str | None:
@@ -64,6 +80,31 @@ def may_dial_back(addr: str, observed_ip: str | None) -> str | None:
     return None
 
 
+def announced_reach(direct: str, relays: int) -> str:
+    """What a server announces of itself: ``direct`` (:func:`verdict` of its own addresses), or
+    relayed/private for one nobody can dial, by whether it holds reservations. Pure."""
+    if direct != "private":
+        return direct
+    return "relayed" if relays else "private"
+
+
+def direct_addrs(info) -> list[str]:
+    return [a for a in info.addrs if not is_circuit(a)]
+
+
+def relay_candidates(servers: Mapping[str, ServerInfo], me: str, current: list[str]) -> list[str]:
+    """Servers to hold reservations on, best first: the current relays still offering, then the
+    others offering to relay with a direct address, those known to be reachable before those not
+    known yet, in peer-id order. Pure."""
+    offering = {
+        p: s for p, s in servers.items()
+        if p != me and s.relay and s.state != "offline" and s.reach in ("public", "unknown") and direct_addrs(s)
+    }
+    kept = [p for p in current if p in offering]
+    rest = sorted((p for p in offering if p not in kept), key=lambda p: (offering[p].reach != "public", p))
+    return kept + rest
+
+
 def verdict(results: dict[str, bool | None]) -> str:
     """The server's reachability from each announced address's result (True: a peer reached it,
     False: every peer asked failed, None: no peer answered). Pure."""
@@ -85,16 +126,17 @@ async def handle_dialback(server, stream) -> None:
         addr = frame["addr"][:256]
         observed = stream.remote_address
         why = may_dial_back(addr, observed[0] if observed else None)
-        if why is not None:
-            raise WireError(why, BAD_REQUEST)
-        ok, error = False, ""
-        async with server.dialbacks:
-            try:
-                await server.host.dial_back(stream.remote_peer_id, addr, DIALBACK_TIMEOUT)
-                ok = True
-            except P2PError as exc:
-                error = str(exc)[:300]
-        await write_frame(stream, Frame("dialback_reply", {"ok": ok, "error": error}), timeout=server.cfg.request_timeout)
+        ok, error = False, why or ""
+        if why is None:
+            async with server.dialbacks:
+                try:
+                    await server.host.dial_back(stream.remote_peer_id, addr, DIALBACK_TIMEOUT)
+                    ok = True
+                except P2PError as exc:
+                    error = str(exc)[:300]
+        # a refusal is an answer too: an address the peer does not come from is not where it is reached
+        reply = {"ok": ok, "error": error, "observed": observed[0] if observed else ""}
+        await write_frame(stream, Frame("dialback_reply", reply), timeout=server.cfg.request_timeout)
     except WireError as exc:
         await server.reply_error(stream, exc, exc.code)
     except (P2PTimeoutError, StreamClosedError):
@@ -136,32 +178,67 @@ def peers_to_ask(server) -> list[str]:
 
 
 async def check_reachability(server) -> str:
-    """Ask peers to dial this server back at each announced address; set and return
-    ``server.reach``, warning about each address no peer could reach."""
+    """Ask peers to dial this server back at each of its own (direct) addresses; set and return
+    ``server.direct_reach``, warning about each address no peer could reach."""
     peers = peers_to_ask(server)
     if not peers:
-        server.reach = "unknown"
-        return server.reach
-    results = await check_addresses(server.host, list(server.addrs), peers, DIALBACK_TIMEOUT + 5)
-    server.reach = verdict(results)
+        server.direct_reach = "unknown"
+        return server.direct_reach
+    results = await check_addresses(server.host, list(server.direct_addrs), peers, DIALBACK_TIMEOUT + 5)
+    server.direct_reach = verdict(results)
     for addr, result in results.items():
         if result is False:
             log.warning("no peer could dial this server at %s: it cannot serve there (behind a NAT or firewall, "
-                        "or a wrong --announce-addr)", addr)
-    return server.reach
+                        "or a wrong --announce-addr); a relay will carry its connections if one offers", addr)
+    return server.direct_reach
+
+
+async def hold_relays(server) -> None:
+    """Reservations on :data:`RELAYS_WANTED` relays (keeping those held, replacing those gone), and
+    the server's announced addresses: its circuit addresses through them."""
+    servers = server.table.snapshot()
+    me = server.host.peer_id
+    held: dict[str, str] = {}
+    for relay in relay_candidates(servers, me, list(server.relays)):
+        if len(held) >= RELAYS_WANTED:
+            break
+        if relay in server.relays:
+            held[relay] = server.relays[relay]
+            continue
+        addrs = direct_addrs(servers[relay])
+        server.host.add_addrs(relay, addrs)
+        try:
+            if await server.host.reserve(relay, timeout=DIALBACK_TIMEOUT + 5):
+                held[relay] = circuit_addr(addrs[0], relay, me)
+                log.info("reserved a slot on relay %s", relay[-6:])
+        except P2PError as exc:
+            log.info("no reservation on relay %s: %s", relay[-6:], exc)
+    if not held:
+        log.warning("no relay could take this server: nobody can dial it (waiting for a server offering --relay-slots)")
+    server.relays = held
+    server.addrs = list(held.values()) or list(server.direct_addrs)
 
 
 async def reachability_loop(server, first: bool = True) -> None:
     """Check now (``first``), again while the answer is unknown (no peer to ask yet), and now and
-    then after."""
+    then after; while nobody can dial this server, keep its relays."""
+    checked = -math.inf
     while True:
         if not first:
-            await asyncio.sleep(RECHECK_UNKNOWN if server.reach == "unknown" else RECHECK)
+            await asyncio.sleep(RECHECK_UNKNOWN if server.direct_reach == "unknown"
+                                else RELAY_CHECK if server.direct_reach == "private" else RECHECK)
         first = False
         before = server.reach
         try:
-            await check_reachability(server)
+            if server.direct_reach == "unknown" or time.monotonic() - checked >= RECHECK:
+                await check_reachability(server)
+                checked = time.monotonic()
+            if server.direct_reach == "private":
+                await hold_relays(server)
+            elif server.relays:
+                server.relays, server.addrs = {}, list(server.direct_addrs)
         except Exception as exc:  # a check that fails keeps the last answer
             log.info("reachability check failed: %s", exc)
+        server.reach = announced_reach(server.direct_reach, len(server.relays))
         if server.reach != before:
             log.info("reachability: %s (was %s)", server.reach, before)

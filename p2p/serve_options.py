@@ -24,7 +24,7 @@ SESSION_ADAPTER_MIB = 64  # carried by one inference session (with its open)
 MAX_BATCH = 256  # sessions in one batched pass, at most
 
 # the options that are numbers: whole ones, and any (None: the option's automatic value)
-WHOLE = ("num_blocks", "port", "cache_tokens", "threads", "max_peer_sessions", "max_batch", "frame_memory",
+WHOLE = ("relay_slots", "num_blocks", "port", "cache_tokens", "threads", "max_peer_sessions", "max_batch", "frame_memory",
          "adapter_memory", "session_adapter_memory")
 NUMBERS = ("memory", "choice_delay", "bandwidth", "announce_period", "idle_timeout", "open_timeout", "request_timeout",
            "peer_cache_share", "balance_period", "balance_quality", "drain_timeout")
@@ -138,6 +138,8 @@ class ServeOptions:
     swarm_key: Path | None = None  # a private swarm's key file (None: $SWARM_KEY_FILE, else an open swarm)
     allow_peers: Path | None = None  # a file of the peer ids allowed to serve
     require_reachable: bool = False  # refuse to serve unless a peer could dial it back
+    relay_slots: int = 16  # peers it relays for at once while reachable (see p2p/circuits.py)
+    no_relay: bool = False  # relay for nobody (--relay-slots 0)
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -178,6 +180,7 @@ class ServeOptions:
         check(self.max_peer_sessions >= 1, "--max-peer-sessions", "at least 1", self.max_peer_sessions)
         check(1 <= self.max_batch <= MAX_BATCH, "--max-batch", f"between 1 and {MAX_BATCH}", self.max_batch)
         check(self.frame_memory >= 1, "--frame-memory", "at least 1 (MiB)", self.frame_memory)
+        check(0 <= self.relay_slots <= 1024, "--relay-slots", "between 0 and 1024 (0: relay for nobody)", self.relay_slots)
         from swarm.engine.checkpoint import parse_dtype
         from swarm.engine.quant import bnb, parse_quant
         from swarm.engine.throughput import parse_throughput
@@ -263,6 +266,7 @@ class ServeOptions:
             identity=key,
             membership=membership,
             require_reachable=self.require_reachable,
+            relay_slots=0 if self.no_relay else self.relay_slots,
             initial_peers=list(self.initial_peers),
             new_swarm=self.new_swarm,
             public_name=self.public_name,

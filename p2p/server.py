@@ -95,6 +95,7 @@ class ServerConfig:
     identity: Path | Identity | None = None  # a key file, one claimed already, or None: a fresh key
     membership: Membership = field(default_factory=Membership)  # a private swarm's key, the servers allowed
     require_reachable: bool = False  # refuse to serve unless a peer dialed it back (p2p/nat.py)
+    relay_slots: int = 16  # peers it relays for at once, while reachable itself (0: none; p2p/circuits.py)
     initial_peers: list[str] = field(default_factory=list)
     new_swarm: bool = False
     public_name: str = ""
@@ -142,7 +143,10 @@ class BlockServer:
         self.blocks: BlockRange | None = None
         self.start_block = self.end_block = 0
         self.state = "joining"
-        self.reach = "unknown"  # whether peers can dial it at its announced addresses (p2p/nat.py)
+        self.reach = "unknown"  # what it announces: public, private, relayed or unknown (p2p/nat.py)
+        self.direct_reach = "unknown"  # whether peers can dial it at its own addresses
+        self.direct_addrs = list(self.addrs)  # its own addresses (``addrs``: through relays when nobody can dial those)
+        self.relays: dict[str, str] = {}  # relay peer id -> its circuit address through it
         self.dialbacks = asyncio.Semaphore(nat.MAX_DIALBACKS)  # dial-backs it makes for others at once
         self.speed = Throughput(0.0, 0.0, 0.0, 0.0)  # what it announces (measured before it chooses)
         self.frames = FrameBudget(cfg.frame_memory, min(cfg.peer_frame_memory, cfg.frame_memory))
@@ -198,7 +202,8 @@ class BlockServer:
             raise
         model = model_id(checkpoint)
         host = await Host.start(
-            listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity, swarm_key=cfg.membership.key
+            listen_host=cfg.listen_host, port=cfg.port, identity=cfg.identity, swarm_key=cfg.membership.key,
+            relay_slots=cfg.relay_slots,
         )
         server = cls(cfg, host, checkpoint, model, executor)
         try:
@@ -208,6 +213,7 @@ class BlockServer:
             server.addrs = [check_announce_addr(a, host.peer_id) for a in cfg.announce_addrs] or public_addrs(
                 host.addrs, interface_ips()
             )
+            server.direct_addrs = list(server.addrs)
             host.set_stream_handler(protocols.INFO, server._limited(protocols.INFO, server._handle_info))
             host.set_stream_handler(protocols.PROBE, server._limited(protocols.PROBE, functools.partial(handle_probe, server)))
             host.set_stream_handler(protocols.DIALBACK, server._limited(protocols.DIALBACK,
@@ -254,8 +260,9 @@ class BlockServer:
         """Whether peers can dial this server at its addresses (see :mod:`swarm.p2p.nat`); with
         ``require_reachable``, ConnectionError unless some peer reached one."""
         reach = await nat.check_reachability(self)
+        self.reach = reach
         if self.cfg.require_reachable and reach != "public":
-            why = ("no peer could dial it at " + ", ".join(self.addrs) if reach == "private"
+            why = ("no peer could dial it at " + ", ".join(self.direct_addrs) if reach == "private"
                    else "no other server answered a dial-back to confirm it")
             raise ConnectionError(f"--require-reachable: this server is not reachable ({why}); check --announce-addr, "
                                   "port forwarding and firewalls")
@@ -397,6 +404,7 @@ class BlockServer:
             throughput_source=self.speed.source,
             moves=tuple((m["time"], *m["from"], *m["to"]) for m in self.moves),
             reach=self.reach,
+            relay=self.cfg.relay_slots > 0 and self.reach in ("public", "unknown"),
             received=time.monotonic(),
         )
 

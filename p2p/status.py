@@ -109,6 +109,7 @@ def status_report(
             "rtt_ms": None if p not in reachable else round(rtts[p] * 1e3, 2),
             "addrs": list(s.addrs),
             "reach": s.reach,
+            "relay": s.relay,
         }
         for p, s in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end, item[0]))
     ]

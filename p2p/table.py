@@ -109,7 +109,8 @@ class ServerInfo:
     throughput_source: str = ""  # measured now, cached (an earlier measurement here) or given (--throughput N)
     moves: tuple = ()  # recent moves: (unix time, from start, from end, to start, to end), oldest first
     model_name: str = ""  # what people call the model (:func:`model_name`; "" from servers before it was announced)
-    reach: str = "unknown"  # whether peers dialed it back at its addresses: public, private or unknown (p2p/nat.py)
+    reach: str = "unknown"  # whether peers dialed it back at its addresses: public, private, relayed or unknown (p2p/nat.py)
+    relay: bool = False  # it relays connections for servers nobody can dial (p2p/circuits.py)
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     @property
@@ -162,6 +163,7 @@ class ServerInfo:
                 moves=tuple(_move(m) for m in list(data.get("moves") or ())[-MAX_MOVES:]),
                 model_name=announced_text(data.get("model_name", ""), MAX_NAME),
                 reach=str(data.get("reach", "unknown")),
+                relay=data.get("relay", False) is True,
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:

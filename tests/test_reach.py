@@ -81,9 +81,9 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_servers_learn_whether_peers_can_dial_them(tiny, tmp_path):
     """A server joining a swarm is dialed back by its peer: public. One announcing an address where
-    nothing listens is told so in its log and shows as private; with --require-reachable it refuses
-    to serve, in one line."""
-    with running_swarm(tiny, ["0:2", "2:4"], tmp_path) as servers:
+    nothing listens is told so in its log and shows as private (no server offers to relay here:
+    tests/test_nat.py has one that does); with --require-reachable it refuses to serve, in one line."""
+    with running_swarm(tiny, ["0:2", "2:4"], tmp_path, ("--no-relay",)) as servers:
         joined = servers[1].maddr.rsplit("/p2p/", 1)[1]
         assert _reach_of(servers[0].maddr, joined, time.monotonic() + 30) == "public"
 
@@ -107,3 +107,45 @@ def test_servers_learn_whether_peers_can_dial_them(tiny, tmp_path):
             assert f"no peer could dial this server at {nowhere}/p2p/{peer}" in lax.log()
         finally:
             lax.stop()
+
+
+def _server(peer: str, relay: bool = True, reach: str = "public", state: str = "online", addrs=None):
+    from swarm.p2p.table import ServerInfo
+
+    return ServerInfo(peer_id=peer, addrs=tuple(addrs if addrs is not None else [f"/ip4/10.0.0.1/tcp/1/p2p/{peer}"]),
+                      model="m", start=0, end=1, state=state, reach=reach, relay=relay)
+
+
+@pytest.mark.parametrize(
+    ("servers", "current", "expected"),
+    [
+        ([_server("a"), _server("b"), _server("c")], [], ["a", "b", "c"]),
+        ([_server("a"), _server("b"), _server("c")], ["c"], ["c", "a", "b"]),  # a relay held stays first
+        ([_server("a", reach="unknown"), _server("b")], [], ["b", "a"]),  # known reachable first
+        ([_server("a", relay=False), _server("b", reach="private"), _server("c", reach="relayed")], [], []),
+        ([_server("a", state="offline"), _server("b", addrs=[]), _server("me")], ["a"], []),  # gone, no address, itself
+        ([_server("b", addrs=[f"/ip4/10.0.0.1/tcp/1/p2p/x/p2p-circuit/p2p/b"])], [], []),  # only relayed itself
+    ],
+)
+def test_relay_candidates(servers, current, expected):
+    from swarm.p2p.nat import relay_candidates
+
+    assert relay_candidates({s.peer_id: s for s in servers}, "me", current) == expected
+
+
+@pytest.mark.parametrize(
+    ("direct", "relays", "reach"),
+    [("public", 0, "public"), ("unknown", 0, "unknown"), ("private", 0, "private"), ("private", 2, "relayed")],
+)
+def test_announced_reach(direct, relays, reach):
+    from swarm.p2p.nat import announced_reach
+
+    assert announced_reach(direct, relays) == reach
+
+
+def test_circuit_addresses():
+    from swarm.p2p.circuits import circuit_addr, is_circuit
+
+    addr = circuit_addr(f"/ip4/10.0.0.1/tcp/4001/p2p/{ID}", ID, "me")
+    assert addr == f"/ip4/10.0.0.1/tcp/4001/p2p/{ID}/p2p-circuit/p2p/me" and is_circuit(addr)
+    assert circuit_addr("/ip4/10.0.0.1/tcp/4001", ID, "me") == addr
