@@ -5,9 +5,18 @@ py-libp2p 0.8.1 has the protocol (``libp2p.relay.circuit_v2``) but dials ``/p2p-
 addresses only through its transport's own ``dial``: :meth:`Circuits.dial` does that for
 :meth:`Host._dial <swarm.p2p.host.Host._dial>`. Everything here runs on the trio thread.
 
-Bounds (:func:`relay_limits`, from ``--relay-slots``): reservations held for others and relayed
-connections at once (each the slots), and for each relayed connection a duration and a byte
-budget; the relay ends a connection past either (its two ends fail over like on any broken link).
+Bounds (:func:`relay_limits`, from ``--relay-slots``): reservations held for others (the slots),
+relayed connections to each reserved peer at once (the slots too), and for each relayed
+connection a duration and a byte budget; the relay ends a connection past either (its two ends
+fail over like on any broken link). A reservation is for the peer asking on its own connection
+only (py-libp2p's takes any peer id the request names, so anyone could fill the slots with made-up
+ones), and each relayed connection closes its own streams when it ends (py-libp2p's registry keeps
+one per peer, so a second connection to the same server was cut when the first ended).
+
+Reservations are renewed by their holder (:meth:`Circuits.reserve` again, see
+:func:`swarm.p2p.nat.hold_relays`), not by py-libp2p's refresh worker, which renews every relay
+ever reserved on, and spins when one has gone. A private swarm's key protects relayed connections
+too (py-libp2p's dial through a relay skips it).
 """
 
 from __future__ import annotations
@@ -17,18 +26,21 @@ import logging
 import multiaddr
 import trio
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
+from swarm.p2p.private import protected_conn
+
 log = logging.getLogger("swarm.relay")
 
 RELAY_SLOTS = 16  # default --relay-slots: reservations and relayed connections held for others at once
 CIRCUIT_SECONDS = 2 * 3600  # a relayed connection lasts at most this long
 CIRCUIT_BYTES = 4 << 30  # ... and carries at most this many bytes, both ways together
-RESERVATION_SECONDS = 3600  # a reservation's life; the peer renews it before it ends
+RESERVATION_SECONDS = 120  # a reservation's life: its holder renews it every few seconds (p2p/nat.py), one left behind lapses soon
 
 
 def relay_limits(slots: int) -> RelayLimits:
@@ -47,15 +59,42 @@ def circuit_addr(relay_addr: str, relay_id: str, peer_id: str) -> str:
     return f"{base}/p2p/{relay_id}/p2p-circuit/p2p/{peer_id}"
 
 
+class _NoRegistry(dict):
+    """``CircuitV2Protocol._active_relays`` that keeps nothing: each circuit closes its own streams."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+class RelayProtocol(CircuitV2Protocol):
+    """py-libp2p's relay with the two fixes of the module's docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._active_relays = _NoRegistry()
+
+    async def _handle_reserve(self, stream, msg) -> None:
+        msg.ClearField("peer")  # the reservation is for the connection's own peer
+        await super()._handle_reserve(stream, msg)
+
+    async def _relay_data(self, src_stream, dst_stream, peer_id, *args, **kwargs) -> None:
+        try:
+            await super()._relay_data(src_stream, dst_stream, peer_id, *args, **kwargs)
+        finally:
+            await self._close_stream(src_stream)
+            await self._close_stream(dst_stream)
+
+
 class Circuits:
     """A host's relay service and transport (see the module's docstring). ``slots`` 0: this host
     relays for nobody (it still accepts connections relayed to it, and dials through relays)."""
 
-    def __init__(self, lp, slots: int):
-        self.slots = slots
-        self.protocol = CircuitV2Protocol(lp, limits=relay_limits(max(1, slots)), allow_hop=slots > 0)
+    def __init__(self, lp, slots: int, psk: str | None = None):
+        self.slots, self.psk = slots, psk
+        self.protocol = RelayProtocol(lp, limits=relay_limits(max(1, slots)), allow_hop=slots > 0)
         # STOP only: a dial through a relay never reserves a slot there for the dialer
         self.transport = CircuitV2Transport(lp, self.protocol, RelayConfig(roles=RelayRole.STOP))
+        self.transport._refreshing = True  # its refresh worker never starts: holders renew (see above)
         self.lp = lp
         self.nursery: trio.Nursery | None = None  # where reservations are renewed (set by the host)
 
@@ -63,7 +102,17 @@ class Circuits:
         """Connect to ``peer`` through the relay in ``addr`` (``.../p2p/RELAY/p2p-circuit[/p2p/PEER]``)."""
         if not str(addr).endswith(f"/p2p/{peer}"):
             addr = multiaddr.Multiaddr(f"{addr}/p2p/{peer}")
-        await self.transport.dial(addr)
+        relay_addr, dest = self.transport.parse_circuit_ma(addr)
+        relay = ID.from_base58(relay_addr.get_peer_id())
+        raw = await self.transport.dial_peer_info(dest_info=PeerInfo(dest, [addr]), relay_info=PeerInfo(relay, [relay_addr]))
+        if self.psk is not None:  # as the swarm protects a direct dial (the other end protects it on accepting)
+            raw = protected_conn(raw, self.psk)
+        await self.lp.upgrade_outbound_connection(raw, dest)
+
+    def release(self, relay: ID) -> None:
+        """Stop holding a reservation on ``relay`` (it lapses there)."""
+        self.transport._reservations.pop(relay, None)
+        self.transport._reservation_proofs.pop(relay, None)
 
     async def reserve(self, relay: ID) -> bool:
         """A reservation on ``relay`` (connected already), renewed before it ends; whether the relay granted it."""

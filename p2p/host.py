@@ -239,7 +239,7 @@ class Host:
             eclipse_protection_enabled=False,
         )
         pubsub = _Pubsub(lp, gossipsub, on_message=self._on_message)
-        circuits = Circuits(lp, self._relay_slots)
+        circuits = Circuits(lp, self._relay_slots, self._psk)
         try:
             async with lp.run(listen_addrs=[self._listen]):
                 async with background_trio_service(pubsub), background_trio_service(gossipsub), \
@@ -378,8 +378,9 @@ class Host:
         await conn.close()
 
     async def reserve(self, relay_id: str, timeout: float = 10.0) -> bool:
-        """A reservation on the relay ``relay_id`` (dialed at the addresses known for it), renewed
-        until this host closes: peers can then dial this host through it. Whether it was granted."""
+        """A reservation on the relay ``relay_id`` (dialed at the addresses known for it): peers can
+        then dial this host through it until it lapses (call again to renew it, before
+        :data:`~swarm.p2p.circuits.RESERVATION_SECONDS`). Whether it was granted."""
         return await self._bridge.call(self._reserve, _peer(relay_id), timeout=timeout, what=f"reserve on {relay_id}")
 
     async def _reserve(self, relay: ID) -> bool:
@@ -388,6 +389,10 @@ class Host:
             return await self._circuits.reserve(relay)
         except Exception as exc:
             raise PeerUnreachableError(f"reservation on {relay}: {exc}") from None
+
+    def release_relay(self, relay_id: str) -> None:
+        """Stop renewing the reservation on ``relay_id`` (see :meth:`reserve`)."""
+        self._bridge.run_soon(self._circuits.release, _peer(relay_id))
 
     def relayed(self, peer_id: str) -> bool:
         """Whether this host reaches ``peer_id`` only through relays now."""

@@ -37,7 +37,7 @@ from swarm.p2p import protocols
 from swarm.p2p.circuits import circuit_addr, is_circuit
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.table import ServerInfo
-from swarm.p2p.wire import BAD_REQUEST, Frame, RemoteError, WireError, expect, read_frame, write_frame
+from swarm.p2p.wire import BAD_REQUEST, BUSY, Frame, RemoteError, WireError, expect, read_frame, write_frame
 
 log = logging.getLogger("swarm.reach")
 
@@ -124,6 +124,12 @@ async def handle_dialback(server, stream) -> None:
         if frame.kind != "dialback" or not isinstance(frame.fields.get("addr"), str):
             raise WireError(f"expected a dialback frame naming an address, got {frame.kind}", BAD_REQUEST)
         addr = frame["addr"][:256]
+        if stream.relayed:  # its address is the relay's: this peer cannot tell where the asker is reached
+            await write_frame(stream, Frame("dialback_reply", {"ok": False, "unknown": True, "error": "relayed"}),
+                              timeout=server.cfg.request_timeout)
+            return
+        if server.dialbacks.locked():
+            raise WireError(f"busy: {MAX_DIALBACKS} dial-backs in progress already", BUSY)
         observed = stream.remote_address
         why = may_dial_back(addr, observed[0] if observed else None)
         ok, error = False, why or ""
@@ -143,13 +149,14 @@ async def handle_dialback(server, stream) -> None:
         pass
 
 
-async def ask_dialback(host, peer_id: str, addr: str, timeout: float) -> bool:
-    """Whether ``peer_id`` reached us at ``addr`` (RemoteError when it refused to try, P2PError
-    when it did not answer)."""
+async def ask_dialback(host, peer_id: str, addr: str, timeout: float) -> bool | None:
+    """Whether ``peer_id`` reached us at ``addr`` (None: it cannot tell, as when we reach it
+    through a relay; RemoteError when it refused to try, P2PError when it did not answer)."""
     reply = await protocols.request(host, peer_id, protocols.DIALBACK, Frame("dialback", {"addr": addr}), timeout)
     if reply.kind == "error":
         raise RemoteError(reply.fields.get("message", "dial-back refused"), reply.fields.get("code", BAD_REQUEST))
-    return bool(expect(reply, "dialback_reply")["ok"])
+    fields = expect(reply, "dialback_reply").fields
+    return None if fields.get("unknown") is True else bool(fields["ok"])
 
 
 async def check_addresses(host, addrs: list[str], peers: list[str], timeout: float) -> dict[str, bool | None]:
@@ -160,10 +167,12 @@ async def check_addresses(host, addrs: list[str], peers: list[str], timeout: flo
         result: bool | None = None
         for peer in peers[:PEERS_ASKED]:
             try:
-                if await ask_dialback(host, peer, addr, timeout):
+                answer = await ask_dialback(host, peer, addr, timeout)
+                if answer:
                     result = True
                     break
-                result = False
+                if answer is False:
+                    result = False
             except (P2PError, WireError, RemoteError) as exc:
                 log.debug("dial-back of %s by %s: %s", addr, peer[-6:], exc)
         results[addr] = result
@@ -171,8 +180,10 @@ async def check_addresses(host, addrs: list[str], peers: list[str], timeout: flo
 
 
 def peers_to_ask(server) -> list[str]:
-    """Other servers of the table, online or joining, in random order (a different few each time)."""
-    others = [p for p, s in server.table.snapshot().items() if p != server.host.peer_id and s.state != "offline"]
+    """Other servers of the table, online or joining, that this one does not reach through a relay
+    only (they would see the relay's address), in random order (a different few each time)."""
+    others = [p for p, s in server.table.snapshot().items()
+              if p != server.host.peer_id and s.state != "offline" and not server.host.relayed(p)]
     random.shuffle(others)
     return others
 
@@ -194,26 +205,31 @@ async def check_reachability(server) -> str:
 
 
 async def hold_relays(server) -> None:
-    """Reservations on :data:`RELAYS_WANTED` relays (keeping those held, replacing those gone), and
-    the server's announced addresses: its circuit addresses through them."""
+    """Reservations on :data:`RELAYS_WANTED` relays: those held are renewed (which also finds one
+    that lost this server's connection), those gone are replaced, at most :data:`RELAYS_WANTED`
+    new ones tried per call; the server's announced addresses become its circuit addresses."""
     servers = server.table.snapshot()
     me = server.host.peer_id
     held: dict[str, str] = {}
+    tried = 0
     for relay in relay_candidates(servers, me, list(server.relays)):
-        if len(held) >= RELAYS_WANTED:
+        if len(held) >= RELAYS_WANTED or (relay not in server.relays and tried >= RELAYS_WANTED):
             break
-        if relay in server.relays:
-            held[relay] = server.relays[relay]
-            continue
         addrs = direct_addrs(servers[relay])
         server.host.add_addrs(relay, addrs)
+        tried += relay not in server.relays
         try:
             if await server.host.reserve(relay, timeout=DIALBACK_TIMEOUT + 5):
-                held[relay] = circuit_addr(addrs[0], relay, me)
-                log.info("reserved a slot on relay %s", relay[-6:])
+                held[relay] = server.relays.get(relay) or circuit_addr(addrs[0], relay, me)
+                if relay not in server.relays:
+                    log.info("reserved a slot on relay %s", relay[-6:])
+            else:
+                log.info("relay %s refused a reservation (its slots are full)", relay[-6:])
         except P2PError as exc:
             log.info("no reservation on relay %s: %s", relay[-6:], exc)
-    if not held:
+    for gone in set(server.relays) - set(held):
+        server.host.release_relay(gone)
+    if not held and (server.relays or server.reach != "private"):  # once, when it comes to that
         log.warning("no relay could take this server: nobody can dial it (waiting for a server offering --relay-slots)")
     server.relays = held
     server.addrs = list(held.values()) or list(server.direct_addrs)
@@ -236,6 +252,8 @@ async def reachability_loop(server, first: bool = True) -> None:
             if server.direct_reach == "private":
                 await hold_relays(server)
             elif server.relays:
+                for relay in server.relays:
+                    server.host.release_relay(relay)
                 server.relays, server.addrs = {}, list(server.direct_addrs)
         except Exception as exc:  # a check that fails keeps the last answer
             log.info("reachability check failed: %s", exc)

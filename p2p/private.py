@@ -63,6 +63,8 @@ def write_swarm_key(path: Path, force: bool = False) -> bytes:
     """A new key written to ``path`` (readable by its owner only). ``ValueError`` naming the file
     when it exists (unless ``force``) or cannot be written."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--swarm-key: {path} is a directory; give the key file's name, e.g. swarm.key")
     if path.exists() and not force:
         raise ValueError(f"--swarm-key: {path} exists; every member of its swarm holds that key "
                          "(remove it or pass --force to replace it)")

@@ -100,6 +100,14 @@ class Stream:
         return f"<Stream {self.protocol} with {self.remote_peer_id}>"
 
     @property
+    def relayed(self) -> bool:
+        """Whether the stream's connection goes through a relay (its remote address is the relay's)."""
+        try:
+            return any("/p2p-circuit" in str(a) for a in self._ns.muxed_conn.get_transport_addresses())
+        except Exception:
+            return False
+
+    @property
     def remote_address(self) -> tuple[str, int] | None:
         """The (ip, port) the peer's connection comes from, as this host sees it (None: unknown)."""
         try:

@@ -181,3 +181,30 @@ def test_two_private_swarms_on_the_same_hosts_never_mix(tiny, tmp_path):
                        "--allow-peers", str(allow), "--identity", str(tmp_path / "stranger.key"),
                        "--initial-peers", swarm_a[0].maddr], tmp_path)
         assert refused.exit_code == 1 and "is not in" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def test_relayed_connections_in_a_private_swarm_and_each_on_its_own():
+    """Through a relay of the same private swarm, two clients reach a server that reserved a slot;
+    one leaving does not cut the other (each relayed connection closes its own streams)."""
+    from swarm.p2p.circuits import circuit_addr
+
+    key = new_swarm_key()
+
+    async def main():
+        relay, server, first, second = [await Host.start(swarm_key=key, relay_slots=4 if i == 0 else 0) for i in range(4)]
+        try:
+            await server.connect(f"{relay.addrs[0]}/p2p/{relay.peer_id}")
+            assert await server.reserve(relay.peer_id)
+            through = circuit_addr(relay.addrs[0], relay.peer_id, server.peer_id)
+            for client in (first, second):
+                await client.connect(through, timeout=10)
+                assert client.relayed(server.peer_id)
+                await client.ping(server.peer_id)
+            await first.close()
+            for _ in range(3):
+                assert await second.ping(server.peer_id, timeout=5) < 2.0
+        finally:
+            for host in (relay, server, first, second):
+                await host.close()
+
+    run(main())
