@@ -73,3 +73,59 @@ def test_a_server_behind_nat_serves_a_client_behind_another_through_a_relay(tiny
         finally:
             for server in servers:
                 server.stop()
+
+
+def test_a_relay_killed_mid_generation_is_a_failed_link(tiny6, tmp_path):
+    """Two public servers of blocks 0:3, both relays; a server of 3:6 behind a NAT reserves on both.
+    The relay its client reaches it through is SIGKILLed mid-generation: the client fails over
+    (the other relay's server for 0:3, the other relay to reach 3:6) and the tokens are a local run's."""
+    import sys
+    from pathlib import Path
+
+    from swarm.engine.client import ClientModel, generate_local
+    from swarm.engine.generation import GenerationConfig
+
+    tokens, pause_at = 16, 6
+    model = ClientModel.load(tiny6)
+    expected = generate_local(model, model.encode(PROMPT), GenerationConfig(max_new_tokens=tokens, eos_token_ids=()))
+    with Lab() as lab:
+        publics = [lab.add_host("r1"), lab.add_host("r2")]
+        home_nat = lab.add_router("home")
+        hidden, client = lab.add_host("hidden", behind=home_nat), lab.add_host("client")
+        servers = {}
+        try:
+            common = ["--model", str(tiny6), "--host", "0.0.0.0", "--port", "4001", "--announce-period", "1"]
+            for host in publics:
+                join = ["--new-swarm"] if not servers else ["--initial-peers", servers["r1"].maddr]
+                servers[host.name] = ServerProcess([*common, "--blocks", "0:3", *join, "--identity",
+                                                    str(tmp_path / f"{host.name}.key")], tmp_path, host.name,
+                                                   prefix=tuple(lab.cmd(host, [])))
+                servers[host.name].wait_ready()
+            servers["hidden"] = ServerProcess([*common, "--blocks", "3:6", "--initial-peers", servers["r1"].maddr,
+                                               "--identity", str(tmp_path / "hidden.key")], tmp_path, "hidden",
+                                              prefix=tuple(lab.cmd(hidden, [])))
+            hidden_id = servers["hidden"].wait_ready().rsplit("/p2p/", 1)[1]
+            relay_ids = {servers[h.name].maddr.rsplit("/p2p/", 1)[1]: h.name for h in publics}
+            deadline, addrs = time.monotonic() + 60, []
+            while time.monotonic() < deadline and len(addrs) < 2:  # reserved on both relays
+                status = _run(lab, client, ["status", "--json", "--initial-peers", servers["r1"].maddr], tmp_path)
+                rows = [s for s in json.loads(status.stdout or '{"servers": []}')["servers"] if s["peer_id"] == hidden_id]
+                addrs = [a for a in (rows[0]["addrs"] if rows else []) if "/p2p-circuit/" in a]
+                time.sleep(1)
+            assert len(addrs) == 2, servers["hidden"].log()
+            first_relay = relay_ids[addrs[0].split("/p2p/")[1].split("/")[0]]  # the address a client dials first
+
+            script = Path(__file__).with_name("netns_client.py")
+            with open(tmp_path / "client.log", "w") as log:
+                proc = lab.popen(client, [sys.executable, str(script), str(tiny6), servers["r1"].maddr, str(pause_at), "4",
+                                          str(tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                 text=True, env=swarm_env(tmp_path))
+            line = proc.stdout.readline()
+            assert line.startswith(f"serving {hidden_id}"), (tmp_path / "client.log").read_text()[-3000:]
+            servers[first_relay].proc.kill()  # mid-generation: the relay and one server of 0:3 die
+            out, _ = proc.communicate("go\n", timeout=120)
+            assert proc.returncode == 0, (tmp_path / "client.log").read_text()[-3000:]
+            assert json.loads(out.strip().splitlines()[-1])["tokens"] == expected
+        finally:
+            for server in servers.values():
+                server.stop()
