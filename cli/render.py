@@ -55,8 +55,9 @@ def status_view(data: dict) -> Group:
             "…" + s["peer_id"][-6:],
             Text(s["name"] or "-"),
             Text(_address(s.get("addrs") or [])),  # not markup: a peer announces what it likes
-            Text(s.get("reach", "unknown"), style={"public": "green", "relayed": "yellow", "private": "red"}.get(
-                s.get("reach", "unknown"), "")),
+            Text(s.get("reach", "unknown") + (" (direct here)" if s.get("reach") == "relayed" and s.get("link") == "direct"
+                                               else ""),
+                 style={"public": "green", "relayed": "yellow", "private": "red"}.get(s.get("reach", "unknown"), "")),
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
             _weights(s),

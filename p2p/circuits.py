@@ -28,6 +28,7 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol  # noqa: F401  (the host runs it)
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -40,6 +41,8 @@ log = logging.getLogger("swarm.relay")
 RELAY_SLOTS = 16  # default --relay-slots: reservations and relayed connections held for others at once
 CIRCUIT_SECONDS = 2 * 3600  # a relayed connection lasts at most this long
 CIRCUIT_BYTES = 4 << 30  # ... and carries at most this many bytes, both ways together
+DCUTR_DIAL_TIMEOUT = 3  # seconds of each dial of a hole punch (py-libp2p's 10 s first try costs that much)
+HOLE_PUNCH_WAIT = 10.0  # seconds a new relayed connection may take to become direct before it is used as it is
 RESERVATION_SECONDS = 120  # a reservation's life: its holder renews it every few seconds (p2p/nat.py), one left behind lapses soon
 
 
@@ -124,6 +127,15 @@ class Circuits:
                 await stream.close()
             except Exception:
                 pass
+
+    async def close_relayed(self, peer: ID) -> None:
+        """Close the relayed connections to ``peer`` (a direct one exists)."""
+        for conn in list(self.lp.get_network().get_connections(peer)):
+            if _is_relayed(conn):
+                try:
+                    await conn.close()
+                except Exception as exc:
+                    log.debug("closing a relayed connection to %s: %r", peer, exc)
 
     def relayed(self, peer: ID) -> bool:
         """Whether every connection to ``peer`` goes through a relay (False: one is direct, or none)."""

@@ -23,6 +23,7 @@ from swarm.p2p.chain import (  # noqa: F401  (RemoteChain, SpanFailure, SwarmErr
     SwarmError,
     SyncChain,
 )
+from swarm.p2p.circuits import HOLE_PUNCH_WAIT, is_circuit
 from swarm.p2p.compression import check_choice, resolve
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
@@ -80,7 +81,9 @@ class SwarmClient:
                 "no swarm to join: pass --initial-peers with a multiaddr printed by `swarm serve` (or set "
                 "SWARM_INITIAL_PEERS); to start a swarm, run `swarm serve --new-swarm --blocks auto`"
             )
-        host = await Host.start(listen_host="127.0.0.1", port=0, swarm_key=cfg.membership.key)
+        # on every interface (a port no one is told of): a relayed server's connection can then be
+        # made direct by hole punching, which dials from the listening port (p2p/circuits.py)
+        host = await Host.start(listen_host="0.0.0.0", port=0, swarm_key=cfg.membership.key)
         client = cls(host, model, num_blocks, cfg)
         try:
             subscription = await host.subscribe(announce_topic(model))
@@ -127,9 +130,14 @@ class SwarmClient:
         that does not answer is unreachable for ``unreachable_seconds`` (see :meth:`route`), then
         pinged again."""
 
+        snapshot = self.table.snapshot()
+
         async def one(peer_id: str):
+            info = snapshot.get(peer_id)
+            # a server reached through a relay: the first dial may also try to make it direct
+            extra = HOLE_PUNCH_WAIT + 5 if info is not None and any(is_circuit(a) for a in info.addrs) else 0.0
             try:
-                self.rtts[peer_id] = await self.host.ping(peer_id, timeout=timeout or self.cfg.ping_timeout)
+                self.rtts[peer_id] = await self.host.ping(peer_id, timeout=(timeout or self.cfg.ping_timeout) + extra)
                 self._unreachable_until.pop(peer_id, None)
             except P2PError as exc:
                 log.info("server %s does not answer a ping: %s", peer_id[-8:], exc)

@@ -47,7 +47,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarm.p2p.bridge import P2PError, P2PTimeoutError, TrioThread
-from swarm.p2p.circuits import Circuits, is_circuit
+from swarm.p2p.circuits import DCUTR_DIAL_TIMEOUT, HOLE_PUNCH_WAIT, Circuits, DCUtRProtocol, is_circuit
 from swarm.p2p.gossip import OUTBOUND_QUEUE, Subscription, _Pubsub  # noqa: F401  (OUTBOUND_QUEUE: part of this module's API)
 from swarm.p2p.host_bounds import STREAM_BUFFER_LIMIT, bound_connections
 from swarm.p2p.identity import Identity, IdentityInUseError, claim_identity, load_or_create_identity
@@ -148,11 +148,14 @@ class Host:
     peer_id: str
     addrs: list[str]
 
-    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr, psk: str | None = None, relay_slots: int = 0):
+    def __init__(self, identity: Identity, listen: multiaddr.Multiaddr, psk: str | None = None, relay_slots: int = 0,
+                 hole_punch: bool = True):
         """Use :meth:`start`."""
+        self._hole_punch = hole_punch
         self._psk = psk
         self._relay_slots = relay_slots
         self._circuits: Circuits | None = None  # trio side: relaying, reservations, relayed dials
+        self._dcutr = None  # trio side: hole punching (DCUtR)
         self._identity = identity
         self._key_pair = identity.key_pair
         self._listen = listen
@@ -172,7 +175,7 @@ class Host:
     @classmethod
     async def start(
         cls, *, listen_host: str = "127.0.0.1", port: int = 0, identity: Path | Identity | None = None,
-        swarm_key: bytes | None = None, relay_slots: int = 0,
+        swarm_key: bytes | None = None, relay_slots: int = 0, hole_punch: bool = True,
     ) -> Host:
         """Start a host listening on ``listen_host:port`` (0 picks a free port) and return once it
         listens. ``identity`` is a key file, claimed for the host's lifetime (see
@@ -181,7 +184,9 @@ class Host:
         Raises P2PError if the host cannot start (e.g. the port is taken), IdentityInUseError (a
         P2PError) if another process holds the key file. ``swarm_key``: a private swarm's key (see
         :mod:`swarm.p2p.private`): only peers holding it can connect. ``relay_slots``: peers this host
-        relays for at once (0: none; see :mod:`swarm.p2p.circuits`)."""
+        relays for at once (0: none; see :mod:`swarm.p2p.circuits`). ``hole_punch``: try to make each
+        relayed connection this host dials direct (it must listen on an address its NAT maps:
+        ``listen_host`` 0.0.0.0 or its own, not loopback)."""
         ip = "ip6" if ":" in listen_host else "ip4"
         try:
             listen = multiaddr.Multiaddr(f"/{ip}/{listen_host}/tcp/{port}")
@@ -193,7 +198,7 @@ class Host:
             identity = Identity(generate_new_ed25519_identity())
         elif not isinstance(identity, Identity):
             identity = claim_identity(identity)
-        self = cls(identity, listen, swarm_key.hex() if swarm_key is not None else None, relay_slots)
+        self = cls(identity, listen, swarm_key.hex() if swarm_key is not None else None, relay_slots, hole_punch)
         try:
             self.addrs = await self._bridge.start(self._services, timeout=START_TIMEOUT)
         except BaseException as exc:
@@ -240,13 +245,15 @@ class Host:
         )
         pubsub = _Pubsub(lp, gossipsub, on_message=self._on_message)
         circuits = Circuits(lp, self._relay_slots, self._psk)
+        dcutr = DCUtRProtocol(lp, dial_timeout=DCUTR_DIAL_TIMEOUT)  # relayed connections made direct where NATs allow
         try:
             async with lp.run(listen_addrs=[self._listen]):
                 async with background_trio_service(pubsub), background_trio_service(gossipsub), \
-                        background_trio_service(circuits.protocol), trio.open_nursery() as nursery:
+                        background_trio_service(circuits.protocol), background_trio_service(dcutr), \
+                        trio.open_nursery() as nursery:
                     await pubsub.wait_until_ready()
                     circuits.nursery = nursery
-                    self._lp, self._pubsub, self._circuits = lp, pubsub, circuits
+                    self._lp, self._pubsub, self._circuits, self._dcutr = lp, pubsub, circuits, dcutr
                     self._my_id_bytes = lp.get_id().to_bytes()
                     yield [str(a) for a in lp.get_addrs()]
                     nursery.cancel_scope.cancel()  # reservations' renewals
@@ -370,6 +377,20 @@ class Host:
             raise PeerUnreachableError(f"not a multiaddr: {addr!r} ({exc})") from None
         await self._bridge.call(self._dial_back, _peer(peer_id), maddr, timeout=timeout, what=f"dial back {addr}")
 
+    async def _punch(self, peer: ID) -> None:
+        """Right after a relayed connection, before any stream uses it: try to make it direct
+        (DCUtR, within :data:`~swarm.p2p.circuits.HOLE_PUNCH_WAIT` seconds); once a direct
+        connection exists, the relayed one closes, so every stream takes the direct one."""
+        with trio.move_on_after(HOLE_PUNCH_WAIT):
+            try:
+                if await self._dcutr.initiate_hole_punch(peer):
+                    await self._circuits.close_relayed(peer)
+                    log.info("connection to %s made direct (hole punching)", peer)
+                    return
+            except Exception as exc:  # the relayed connection stays
+                log.debug("hole punch to %s failed: %r", peer, exc)
+        log.info("connection to %s stays relayed (no hole punch through these NATs)", peer)
+
     async def _dial_back(self, peer: ID, addr: multiaddr.Multiaddr) -> None:
         try:
             conn = await self._lp.get_network().dial_addr(addr, peer)
@@ -389,6 +410,13 @@ class Host:
             return await self._circuits.reserve(relay)
         except Exception as exc:
             raise PeerUnreachableError(f"reservation on {relay}: {exc}") from None
+
+    async def hole_punch(self, peer_id: str, timeout: float = 30.0) -> bool:
+        """Try to replace a relayed connection to ``peer_id`` by a direct one (DCUtR: both peers
+        dial each other at once from their listening ports, which most NATs let through); whether
+        a direct connection exists after."""
+        return await self._bridge.call(self._dcutr.initiate_hole_punch, _peer(peer_id), timeout=timeout,
+                                       what=f"hole punch to {peer_id}")
 
     def release_relay(self, relay_id: str) -> None:
         """Stop renewing the reservation on ``relay_id`` (see :meth:`reserve`)."""
@@ -443,6 +471,8 @@ class Host:
                     try:
                         if is_circuit(addr):  # through a relay: py-libp2p's dial leaves these out
                             await self._circuits.dial(addr, peer)
+                            if self._hole_punch:
+                                await self._punch(peer)
                         else:
                             await self._lp.connect(PeerInfo(peer, [addr]))
                         book[:] = [addr, *(a for a in book if a != addr and a not in failed)]

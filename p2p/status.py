@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 
 from swarm.p2p.client import SwarmError, fetch_info
+from swarm.p2p.circuits import HOLE_PUNCH_WAIT, is_circuit
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.private import Membership, private_hint
 from swarm.p2p.table import MAX_NAME, PeerTable, ServerInfo, announced_text, coverage, gaps
@@ -28,7 +29,7 @@ async def gather_status(
     membership = membership or Membership()
     if not initial_peers:
         raise SwarmError("give --initial-peers (a multiaddr printed by `swarm serve`) or set SWARM_INITIAL_PEERS")
-    host = await Host.start(listen_host="127.0.0.1", port=0, swarm_key=membership.key)
+    host = await Host.start(listen_host="0.0.0.0", port=0, swarm_key=membership.key)  # see SwarmClient.start
     try:
         infos, errors = [], []
         for maddr in initial_peers:
@@ -50,10 +51,11 @@ async def gather_status(
             host.add_addrs(s.peer_id, list(s.addrs))
 
         rtts = await ping_all(host, servers, timeout=min(timeout, 3.0))
+        links = {p: "relayed" if host.relayed(p) else "direct" for p, r in rtts.items() if r is not None}
         # the name the initial peers announce (else any server's: a client has no checkpoint to name it)
         names = [announced_text(i.get("model_name", ""), MAX_NAME) for i in infos if i.get("model") == model]
         name = next((n for n in [*names, *(s.model_name for s in servers.values())] if n), "")
-        return status_report(model, num_blocks, servers, rtts, errors, model_name=name)
+        return status_report(model, num_blocks, servers, rtts, errors, model_name=name, links=links)
     finally:
         await host.close()
 
@@ -62,8 +64,10 @@ async def ping_all(host: Host, servers: Mapping[PeerId, ServerInfo], timeout: fl
     """Round-trip time in seconds to every server at once (None: no answer within ``timeout``)."""
 
     async def rtt(peer_id):
+        # a server reached through a relay: the first dial may also try to make it direct
+        extra = HOLE_PUNCH_WAIT + 5 if any(is_circuit(a) for a in servers[peer_id].addrs) else 0.0
         try:
-            return await host.ping(peer_id, timeout=timeout)
+            return await host.ping(peer_id, timeout=timeout + extra)
         except P2PError:
             return None
 
@@ -77,11 +81,13 @@ def status_report(
     rtts: Mapping[PeerId, float | None],
     unreachable_initial_peers: list[str] = (),
     model_name: str = "",
+    links: Mapping[PeerId, str] | None = None,
 ) -> dict:
     """The status object (``swarm status --json``, ``GET /v1/swarm`` of ``swarm api``) of a table
     snapshot and the servers' round-trip times: a server without an RTT is ``unreachable`` and
     counts for neither gaps nor coverage. ``model`` is the model's id, ``model_name`` what people
-    call it ("" when unknown)."""
+    call it ("" when unknown). ``links``: how this peer reaches each server, direct or relayed."""
+    links = links or {}
     reachable = {p: s for p, s in servers.items() if rtts.get(p) is not None}
     rows = [
         {
@@ -110,6 +116,7 @@ def status_report(
             "addrs": list(s.addrs),
             "reach": s.reach,
             "relay": s.relay,
+            "link": links.get(p),
         }
         for p, s in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end, item[0]))
     ]

@@ -35,11 +35,16 @@ def _run(lab, host, args, home, timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_a_server_behind_nat_serves_a_client_behind_another_through_a_relay(tiny6, tmp_path):
+    """Through the relay, then direct where the NATs allow hole punching (the office's), relayed
+    where they do not (the strict NAT's, which resets unasked connections and picks random ports):
+    the tokens of a local run either way."""
     with Lab() as lab:
         public = lab.add_host("public")
         home_nat, office_nat = lab.add_router("home"), lab.add_router("office")
+        strict_nat = lab.add_router("strict", hole_punching=False)
         hidden = lab.add_host("hidden", behind=home_nat)
         client = lab.add_host("client", behind=office_nat)
+        strict = lab.add_host("strict-client", behind=strict_nat)
         servers = []
         try:
             common = ["--model", str(tiny6), "--host", "0.0.0.0", "--port", "4001", "--announce-period", "1"]
@@ -66,10 +71,17 @@ def test_a_server_behind_nat_serves_a_client_behind_another_through_a_relay(tiny
             assert all("/p2p-circuit/" in a for a in row["addrs"]), row
             assert "no peer could dial this server at" in behind.log()
 
+            assert row["link"] == "direct", row  # the status process's own connection, hole-punched
+
             args = [PROMPT, "--model", str(tiny6), "--max-new-tokens", "12"]
-            done = _run(lab, client, ["generate", "--json", *args, "--initial-peers", relay.maddr], tmp_path)
-            assert done.returncode == 0, done.stderr[-3000:]
-            assert json.loads(done.stdout)["token_ids"] == local_json(args)["token_ids"]
+            expected = local_json(args)["token_ids"]
+            for host, link in ((client, "direct"), (strict, "relayed")):
+                done = _run(lab, host, ["generate", "--json", *args, "--initial-peers", relay.maddr], tmp_path)
+                assert done.returncode == 0, done.stderr[-3000:]
+                assert json.loads(done.stdout)["token_ids"] == expected
+                status = _run(lab, host, ["status", "--json", "--initial-peers", relay.maddr], tmp_path)
+                rows = [s for s in json.loads(status.stdout)["servers"] if s["peer_id"] == hidden_id]
+                assert rows and rows[0]["link"] == link, (host.name, rows)
         finally:
             for server in servers:
                 server.stop()
