@@ -6,8 +6,8 @@ addresses only through its transport's own ``dial``: :meth:`Circuits.dial` does 
 :meth:`Host._dial <swarm.p2p.host.Host._dial>`. Everything here runs on the trio thread.
 
 Bounds (:func:`relay_limits`, from ``--relay-slots``): reservations held for others (the slots),
-relayed connections to each reserved peer at once (the slots too), and for each relayed
-connection a duration and a byte budget; the relay ends a connection past either (its two ends
+relayed connections at once (:data:`CIRCUITS_PER_SLOT` per slot in all, :data:`PEER_CIRCUITS`
+opened by one peer), and for each relayed connection a duration and a byte budget; the relay ends a connection past either (its two ends
 fail over like on any broken link). A reservation is for the peer asking on its own connection
 only (py-libp2p's takes any peer id the request names, so anyone could fill the slots with made-up
 ones), and each relayed connection closes its own streams when it ends (py-libp2p's registry keeps
@@ -31,6 +31,7 @@ from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol  # noqa: F401  (the host runs it)
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
@@ -38,7 +39,9 @@ from swarm.p2p.private import protected_conn
 
 log = logging.getLogger("swarm.relay")
 
-RELAY_SLOTS = 16  # default --relay-slots: reservations and relayed connections held for others at once
+RELAY_SLOTS = 16  # default --relay-slots: reservations held for others at once
+CIRCUITS_PER_SLOT = 4  # relayed connections carried at once, in all: this many per slot
+PEER_CIRCUITS = 8  # ... opened by one peer
 CIRCUIT_SECONDS = 2 * 3600  # a relayed connection lasts at most this long
 CIRCUIT_BYTES = 4 << 30  # ... and carries at most this many bytes, both ways together
 DCUTR_DIAL_TIMEOUT = 3  # seconds of each dial of a hole punch (py-libp2p's 10 s first try costs that much)
@@ -47,7 +50,9 @@ RESERVATION_SECONDS = 120  # a reservation's life: its holder renews it every fe
 
 
 def relay_limits(slots: int) -> RelayLimits:
-    return RelayLimits(duration=CIRCUIT_SECONDS, data=CIRCUIT_BYTES, max_circuit_conns=slots,
+    # relayed connections to one reserved peer: as many as in all (a peer's own cap, PEER_CIRCUITS,
+    # is lower, so one peer alone cannot take a server's relayed connections)
+    return RelayLimits(duration=CIRCUIT_SECONDS, data=CIRCUIT_BYTES, max_circuit_conns=slots * CIRCUITS_PER_SLOT,
                        max_reservations=slots, reservation_ttl=RESERVATION_SECONDS)
 
 
@@ -70,11 +75,32 @@ class _NoRegistry(dict):
 
 
 class RelayProtocol(CircuitV2Protocol):
-    """py-libp2p's relay with the two fixes of the module's docstring."""
+    """py-libp2p's relay with the fixes of the module's docstring, and caps on the relayed
+    connections it carries at once: ``max_total`` in all, :data:`PEER_CIRCUITS` opened by one peer."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, max_total: int = RELAY_SLOTS * CIRCUITS_PER_SLOT, **kwargs):
         super().__init__(*args, **kwargs)
         self._active_relays = _NoRegistry()
+        self.max_total = max_total
+        self.open_circuits = 0
+        self.opened_by: dict[ID, int] = {}
+
+    async def _handle_connect(self, stream, msg) -> None:
+        source = stream.muxed_conn.peer_id
+        if self.open_circuits >= self.max_total or self.opened_by.get(source, 0) >= PEER_CIRCUITS:
+            await self._send_status(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED,
+                                    "this relay carries as many relayed connections as it may")
+            await stream.reset()
+            return
+        self.open_circuits += 1
+        self.opened_by[source] = self.opened_by.get(source, 0) + 1
+        try:
+            await super()._handle_connect(stream, msg)
+        finally:
+            self.open_circuits -= 1
+            self.opened_by[source] -= 1
+            if not self.opened_by[source]:
+                del self.opened_by[source]
 
     async def _handle_reserve(self, stream, msg) -> None:
         msg.ClearField("peer")  # the reservation is for the connection's own peer
@@ -94,7 +120,8 @@ class Circuits:
 
     def __init__(self, lp, slots: int, psk: str | None = None):
         self.slots, self.psk = slots, psk
-        self.protocol = RelayProtocol(lp, limits=relay_limits(max(1, slots)), allow_hop=slots > 0)
+        self.protocol = RelayProtocol(lp, limits=relay_limits(max(1, slots)), allow_hop=slots > 0,
+                                      max_total=max(1, slots) * CIRCUITS_PER_SLOT)
         # STOP only: a dial through a relay never reserves a slot there for the dialer
         self.transport = CircuitV2Transport(lp, self.protocol, RelayConfig(roles=RelayRole.STOP))
         self.transport._refreshing = True  # its refresh worker never starts: holders renew (see above)

@@ -149,3 +149,53 @@ def test_circuit_addresses():
     addr = circuit_addr(f"/ip4/10.0.0.1/tcp/4001/p2p/{ID}", ID, "me")
     assert addr == f"/ip4/10.0.0.1/tcp/4001/p2p/{ID}/p2p-circuit/p2p/me" and is_circuit(addr)
     assert circuit_addr("/ip4/10.0.0.1/tcp/4001", ID, "me") == addr
+
+
+def test_a_relay_holds_no_more_relayed_connections_than_its_bounds():
+    """A peer opening relayed connections without end gets at most PEER_CIRCUITS of them at once;
+    another peer still gets through, and the relay's total stays within its slots' bound."""
+    import asyncio
+
+    from libp2p.peer.peerinfo import PeerInfo
+    from multiaddr import Multiaddr
+
+    from swarm.p2p.circuits import CIRCUITS_PER_SLOT, PEER_CIRCUITS, circuit_addr
+    from swarm.p2p.host import Host
+
+    async def main():
+        relay = await Host.start(relay_slots=4, hole_punch=False)
+        target, attacker, other = [await Host.start(hole_punch=False) for _ in range(3)]
+        try:
+            await target.connect(f"{relay.addrs[0]}/p2p/{relay.peer_id}")
+            assert await target.reserve(relay.peer_id)
+            through = circuit_addr(relay.addrs[0], relay.peer_id, target.peer_id)
+            relay_addr = Multiaddr(f"{relay.addrs[0]}/p2p/{relay.peer_id}")
+            dest, via = PeerInfo(_id(target.peer_id), [Multiaddr(through)]), PeerInfo(_id(relay.peer_id), [relay_addr])
+
+            async def flood() -> int:
+                opened = 0
+                for _ in range(PEER_CIRCUITS + 6):
+                    try:
+                        await attacker._circuits.transport.dial_peer_info(dest_info=dest, relay_info=via)
+                        opened += 1
+                    except Exception:
+                        pass
+                return opened
+
+            opened = await attacker._bridge.call(flood, timeout=60, what="flood")
+            assert opened == PEER_CIRCUITS  # the rest refused
+            protocol = relay._circuits.protocol
+            assert protocol.open_circuits <= 4 * CIRCUITS_PER_SLOT
+            await other.connect(through, timeout=10)  # someone else still gets through
+            assert other.relayed(target.peer_id) and await other.ping(target.peer_id, timeout=5) < 2
+        finally:
+            for host in (relay, target, attacker, other):
+                await host.close()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def _id(peer_id: str):
+    from libp2p.peer.id import ID as PeerID
+
+    return PeerID.from_base58(peer_id)
