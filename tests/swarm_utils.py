@@ -51,16 +51,33 @@ def generate_json(args: list[str], home: Path) -> dict:
     return json.loads(proc.stdout)
 
 
-def local_json(args: list[str]) -> dict:
-    """`swarm generate --local --json ARGS` run in this process (the same command, without the
-    seconds a new interpreter spends importing torch): the reference swarm output must equal."""
+def cli(args: list[str], home: Path | None = None):
+    """`swarm ARGS` run in this process (typer's CliRunner): the same command, without the seconds a
+    new interpreter spends importing torch; for tests about what a command does, not about its
+    process (signals, a fresh interpreter's stderr). ``home``: its SWARM_HOME. Returns click's
+    Result (exit_code, stdout, stderr); a crash (an exception other than the command's exit) is
+    raised, so an error message is always the command's own."""
     from typer.testing import CliRunner
 
     from swarm.cli.main import app
 
-    result = CliRunner().invoke(app, ["generate", "--local", "--json", *args])
+    result = CliRunner().invoke(app, args, env={"SWARM_HOME": str(home)} if home is not None else None)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def cli_json(args: list[str], home: Path | None = None) -> dict:
+    """`swarm generate --json ARGS` run in this process (:func:`cli`): its JSON output."""
+    result = cli(["generate", "--json", *args], home)
     assert result.exit_code == 0, (result.output, result.exception)
     return json.loads(result.stdout)
+
+
+def local_json(args: list[str]) -> dict:
+    """`swarm generate --local --json ARGS` run in this process (:func:`cli`): the reference swarm
+    output must equal."""
+    return cli_json(["--local", *args])
 
 
 def swarm_generate(model_dir, initial_peer: str, cfg, on_token=None, *, prompt: str = "The capital of France is",

@@ -84,17 +84,24 @@ def test_status_exits_3_on_gaps_and_watches_frame_by_frame(tmp_path, tiny_checkp
         assert data.exit_code == 3, data.stderr
         assert json.loads(data.stdout)["gaps"] == [[2, 4]]
 
-        watch = Run(["status", "--json", "--watch", "--interval", "0.1", *peer], tmp_path)
-        lines = watch.wait_for(lambda d: d.count(b"\n") >= 2).splitlines()
-        watch.proc.send_signal(signal.SIGINT)
-        code, _, stderr = watch.finish()
-        assert [json.loads(line)["gaps"] for line in lines[:2]] == [[[2, 4]], [[2, 4]]]
-        assert code == 3 and "Traceback" not in stderr, stderr
-
+        # both watching processes start together (each spends seconds importing before its first frame)
+        watch_json = Run(["status", "--json", "--watch", "--interval", "0.1", *peer], tmp_path)
         watch = Run(["status", "--watch", "--interval", "0.1", *peer], tmp_path)
-        frames = watch.wait_for(lambda d: d.count(b"gaps: 2:4") >= 2).decode()
-        watch.proc.send_signal(signal.SIGINT)
-        code, _, stderr = watch.finish()
+        try:
+            lines = watch_json.wait_for(lambda d: d.count(b"\n") >= 2).splitlines()
+            watch_json.proc.send_signal(signal.SIGINT)
+            code, _, stderr = watch_json.finish()
+            assert [json.loads(line)["gaps"] for line in lines[:2]] == [[[2, 4]], [[2, 4]]]
+            assert code == 3 and "Traceback" not in stderr, stderr
+
+            frames = watch.wait_for(lambda d: d.count(b"gaps: 2:4") >= 2).decode()
+            watch.proc.send_signal(signal.SIGINT)
+            code, _, stderr = watch.finish()
+        finally:
+            for run in (watch_json, watch):
+                if run.proc.poll() is None:
+                    run.proc.kill()
+                    run.proc.wait()
         assert frames.count("4 blocks") >= 2  # the table's title, once a frame
         assert code == 3 and "Traceback" not in stderr, stderr
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import swarm
 from swarm.cli.main import app
-from swarm_utils import generate_json, local_json, running_swarm
+from swarm_utils import cli_json, local_json, running_swarm
 
 PROMPT = "The capital of France is"
 
@@ -109,8 +109,8 @@ def test_through_the_swarm_text_stream_status_and_gradients(tmp_path, tiny_check
     data_file.write_text('{"text": "The capital of France is Paris."}\n{"prompt": "A swarm of", "completion": " machines."}\n')
     with running_swarm(model, ["0:2", "2:4"], tmp_path) as servers:
         peer = servers[0].maddr
-        expected = generate_json(["--model", str(model), "--initial-peers", peer, "--max-new-tokens", "10", PROMPT],
-                                 tmp_path)["text"]
+        expected = cli_json(["--model", str(model), "--initial-peers", peer, "--max-new-tokens", "10", PROMPT],
+                            tmp_path)["text"]
         monkeypatch.setenv("SWARM_INITIAL_PEERS", peer)  # the environment's peers when none are given
         with swarm.open(model) as s:
             assert s.generate(PROMPT, max_new_tokens=10) == expected

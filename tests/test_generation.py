@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,11 +12,13 @@ import transformers
 
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig, apply_repetition_penalty, sample_token
+from swarm_utils import cli, local_json
 
 PROMPT = "The capital of France is"
 
 
 def _swarm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`swarm ARGS` in a process of its own (:func:`swarm_utils.cli` runs a command in this one)."""
     cmd = [sys.executable, "-m", "swarm.cli.main", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -36,9 +37,7 @@ def _hf_generate(path, prompt_ids: list[int], **kwargs) -> list[int]:
 
 @pytest.mark.slow
 def test_cli_local_greedy_equals_transformers(tiny_checkpoint):
-    proc = _swarm("generate", "--local", "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--json", PROMPT)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    result = local_json(["--model", str(tiny_checkpoint), "--max-new-tokens", "12", PROMPT])
     expected = _hf_generate(tiny_checkpoint, result["prompt_ids"], max_new_tokens=12, do_sample=False)
     assert result["token_ids"] == expected
     assert len(expected) > 1
@@ -46,9 +45,10 @@ def test_cli_local_greedy_equals_transformers(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_cli_streams_plain_text(tiny_checkpoints):
+    """A `swarm generate` process's stdout: the streamed text, as --json gives it."""
     path = tiny_checkpoints["llama"]
     plain = _swarm("generate", "--local", "--model", str(path), "--max-new-tokens", "12", PROMPT)
-    data = json.loads(_swarm("generate", "--local", "--model", str(path), "--max-new-tokens", "12", "--json", PROMPT).stdout)
+    data = local_json(["--model", str(path), "--max-new-tokens", "12", PROMPT])
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == data["text"] + "\n"
 
@@ -100,29 +100,30 @@ def test_repetition_penalty_formula():
 
 
 def test_bad_generation_flags_are_clear(tiny_checkpoints):
-    proc = _swarm("generate", "--local", "--model", str(tiny_checkpoints["llama"]), "--top-p", "1.5", PROMPT)
-    assert proc.returncode == 1 and "--top-p must be in (0, 1]" in proc.stderr
+    proc = cli(["generate", "--local", "--model", str(tiny_checkpoints["llama"]), "--top-p", "1.5", PROMPT])
+    assert proc.exit_code == 1 and "--top-p must be in (0, 1]" in proc.stderr
     with pytest.raises(ValueError, match="--num-beams or sampling"):
         GenerationConfig(num_beams=2, do_sample=True)
 
 
 @pytest.mark.slow
 def test_missing_model_and_offline_hub_fail_fast(tmp_path):
-    proc = _swarm("generate", "--local", "--model", str(tmp_path / "nope"), PROMPT)
-    assert proc.returncode == 1 and "no such checkpoint directory" in proc.stderr
+    proc = cli(["generate", "--local", "--model", str(tmp_path / "nope"), PROMPT])
+    assert proc.exit_code == 1 and "no such checkpoint directory" in proc.stderr
+    # a process of its own: the hub client reads HF_HUB_OFFLINE when it is imported
     proc = _swarm("generate", "--local", "--model", "some-org/some-model", PROMPT, timeout=60)
     assert proc.returncode == 1
     assert "could not fetch it from the Hugging Face Hub" in proc.stderr and "--model DIR" in proc.stderr
 
 
 @pytest.mark.slow
-def test_swarm_commands_without_peers_say_what_to_pass(tiny_checkpoints):
-    proc = _swarm("serve", "--model", str(tiny_checkpoints["llama"]), "--blocks", "0:2")
-    assert proc.returncode == 1 and "--initial-peers" in proc.stderr and "--new-swarm" in proc.stderr
-    proc = _swarm("status")
-    assert proc.returncode == 1 and "--initial-peers" in proc.stderr
-    proc = _swarm("serve", "--model", str(tiny_checkpoints["llama"]), "--blocks", "3:9", "--new-swarm")
-    assert proc.returncode == 1 and "--blocks 3:9: this model has blocks 0:4" in proc.stderr
+def test_swarm_commands_without_peers_say_what_to_pass(tiny_checkpoints, tmp_path):
+    proc = cli(["serve", "--model", str(tiny_checkpoints["llama"]), "--blocks", "0:2"], tmp_path)
+    assert proc.exit_code == 1 and "--initial-peers" in proc.stderr and "--new-swarm" in proc.stderr
+    proc = cli(["status"], tmp_path)
+    assert proc.exit_code == 1 and "--initial-peers" in proc.stderr
+    proc = cli(["serve", "--model", str(tiny_checkpoints["llama"]), "--blocks", "3:9", "--new-swarm"], tmp_path)
+    assert proc.exit_code == 1 and "--blocks 3:9: this model has blocks 0:4" in proc.stderr
 
 
 def test_scores_are_the_models_log_probabilities(tiny_checkpoints, monkeypatch):

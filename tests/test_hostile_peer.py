@@ -17,7 +17,7 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host
 from swarm.p2p.loop import run
 from swarm.p2p.wire import Frame
-from swarm_utils import generate_json, local_json, running_swarm
+from swarm_utils import cli_json, generate_json, local_json, running_swarm
 
 PROMPT = "The capital of France is"
 SECONDS = float(os.environ.get("SWARM_HOSTILE_SECONDS", "30"))  # scripts/hostile_peer.py runs as long as asked
@@ -52,7 +52,8 @@ def test_a_hostile_peer_changes_nothing(tmp_path, tiny_checkpoints):
     with running_swarm(model, ["0:4"], tmp_path) as servers:
         server = servers[0]
         swarm_args = ["--initial-peers", server.maddr, "--step-timeout", "120", "--timeout", "60", *args]
-        assert generate_json(swarm_args, tmp_path)["token_ids"] == expected  # warm: what the server holds anyway
+        # warm: what the server holds anyway (the command in this process; under attack, each in a process of its own)
+        assert cli_json(swarm_args, tmp_path)["token_ids"] == expected
         before = _rss_mb(server.proc.pid)
 
         attacker = HostilePeer(server.maddr, seed=1, identity=tmp_path / "attacker.key")
@@ -72,7 +73,7 @@ def test_a_hostile_peer_changes_nothing(tmp_path, tiny_checkpoints):
             after = _rss_mb(server.proc.pid)
             if (left == total and after - before < 100) or time.monotonic() > deadline:
                 break
-        results.append(generate_json(swarm_args, tmp_path)["token_ids"])
+        results.append(cli_json(swarm_args, tmp_path)["token_ids"])
 
     seen = outcome["seen"]
     print(f"RSS before {before:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB; {len(results)} generations; {dict(seen)}")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from swarm.engine.checkpoint import Checkpoint
 from swarm.p2p.host import Host, IdentityInUseError
 from swarm.p2p.identity import claim_default_identity, claim_identity
 from swarm.p2p.table import model_id
-from swarm_utils import ServerProcess, generate_json, local_json, run_swarm
+from swarm_utils import ServerProcess, cli_json, local_json, run_swarm
 
 PROMPT = "The capital of France is"
 
@@ -83,10 +84,11 @@ def test_servers_never_share_a_peer_id(tmp_path, tiny_checkpoints):
         servers[1].wait_ready()
         servers.append(_serve(tmp_path, "default-3", model, *join))  # must skip both: identity-3.key
         servers[2].wait_ready()
-        refused = [
-            run_swarm(["serve", "--model", str(model), "--identity", str(key), *join], tmp_path, timeout=60)
-            for key in (first_key, second_key)
-        ]
+        with ThreadPoolExecutor(2) as pool:  # both at once: each is refused on its own key file
+            refused = list(pool.map(
+                lambda key: run_swarm(["serve", "--model", str(model), "--identity", str(key), *join], tmp_path, timeout=60),
+                (first_key, second_key),
+            ))
         assert all(s.proc.poll() is None for s in servers)
         peers = [_peer_of(s) for s in servers]
     finally:
@@ -173,8 +175,8 @@ def test_a_copy_in_another_directory_joins_the_swarm(tmp_path, tiny_checkpoints)
                                 "--initial-peers", first.maddr], tmp_path, "copy")
         second.wait_ready()
         # the client loads the copy; the chain needs both servers
-        remote = generate_json(["--model", str(copy), "--initial-peers", second.maddr, "--max-new-tokens", "8",
-                                PROMPT], tmp_path)
+        remote = cli_json(["--model", str(copy), "--initial-peers", second.maddr, "--max-new-tokens", "8",
+                           PROMPT], tmp_path)
     finally:
         for server in (first, second):
             if server is not None:

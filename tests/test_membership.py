@@ -20,7 +20,7 @@ from swarm.p2p.host import Host, PeerUnreachableError
 from swarm.p2p.routing import NoRouteError, Span
 from swarm.p2p.status import gather_status
 from swarm.p2p.table import PeerTable, ServerInfo, model_id
-from swarm_utils import ServerProcess, generate_json, local_json
+from swarm_utils import ServerProcess, cli_json, local_json
 
 PROMPT = "The capital of France is"
 
@@ -117,8 +117,8 @@ def test_generate_and_status_with_a_stale_initial_peer(tmp_path, tiny_checkpoint
         live = server.wait_ready()
         assert stale != live and stale.rsplit("/", 1)[1] == live.rsplit("/", 1)[1]
         local = local_json(["--model", str(model), "--max-new-tokens", "6", PROMPT])
-        remote = generate_json(["--model", str(model), "--initial-peers", stale, "--initial-peers", live, "--max-new-tokens", "6",
-                                PROMPT], tmp_path)
+        remote = cli_json(["--model", str(model), "--initial-peers", stale, "--initial-peers", live, "--max-new-tokens", "6",
+                           PROMPT], tmp_path)
         status = run(gather_status([stale, live]))
     finally:
         server.stop()

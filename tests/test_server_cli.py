@@ -6,14 +6,14 @@ import re
 
 import pytest
 
-from swarm_utils import generate_json, running_swarm
+from swarm_utils import cli_json, running_swarm
 
 
 @pytest.mark.slow
 def test_verbose_server_logs_each_session_open_and_close(tmp_path, tiny_checkpoints):
     model = tiny_checkpoints["llama"]
     with running_swarm(model, ["0:4"], tmp_path, extra=("-v",)) as servers:
-        generate_json(["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "3", "Hi"], tmp_path)
+        cli_json(["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "3", "Hi"], tmp_path)
         servers[0].stop()
         log = servers[0].log_path.read_text()
     opened = re.findall(r"session (\w{8}) opened by \w+: blocks 0:4, batch 1, max_length \d+", log)

@@ -17,7 +17,7 @@ from swarm.p2p import protocols
 from swarm.p2p.host import Host, P2PError, StreamClosedError
 from swarm.p2p.wire import PROTOCOL_VERSION, Frame, encode, expect, read_frame, write_frame
 from conftest import write_tiny_checkpoint
-from swarm_utils import generate_json, local_json, running_swarm
+from swarm_utils import cli_json, local_json, running_swarm
 
 PROMPT = "The capital of France is"
 
@@ -111,7 +111,7 @@ def test_fuzzed_frames_get_errors_and_the_server_keeps_serving(tmp_path, tiny_ch
 
     with running_swarm(model, ["0:4"], tmp_path, extra=("--cache-tokens", "4096")) as servers:
         outcomes, in_session = asyncio.run(fuzz(servers[0].maddr))
-        after = generate_json(
+        after = cli_json(
             ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "10", PROMPT], tmp_path
         )
         assert servers[0].proc.poll() is None, "the server died"

@@ -28,6 +28,8 @@ from swarm.engine.speculative import (
 )
 from swarm_utils import cli, cli_json, local_json, running_swarm, swarm_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits (conftest.py)
+
 
 @pytest.mark.parametrize(
     ("tokens", "k", "draft"),

@@ -1,4 +1,7 @@
-"""Real multi-process swarms on loopback: swarm output equals local output; status; auto blocks."""
+"""Real multi-process swarms on loopback: swarm output equals local output; status; auto blocks.
+
+The servers are `swarm serve` processes; the client commands (`swarm generate`, `swarm status`) run
+in this process (:func:`swarm_utils.cli`: the same commands without a fresh interpreter's imports)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import json
 import pytest
 
 from conftest import write_tiny_checkpoint
-from swarm_utils import generate_json, local_json, run_swarm, running_swarm
+from swarm_utils import cli, cli_json, local_json, running_swarm
 
 PROMPT = "The capital of France is"
 
@@ -18,14 +21,14 @@ def test_swarm_greedy_equals_local(family, ranges, tmp_path, tiny_checkpoints):
     model = tiny_checkpoints[family]
     local = local_json(["--model", str(model), "--max-new-tokens", "12", PROMPT])
     with running_swarm(model, ranges, tmp_path) as servers:
-        remote = generate_json(
+        remote = cli_json(
             ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "12", PROMPT], tmp_path
         )
-        unpushed = generate_json(
+        unpushed = cli_json(
             ["--model", str(model), "--initial-peers", servers[0].maddr, "--max-new-tokens", "12", "--no-push", PROMPT],
             tmp_path,
         )
-        beams = generate_json(
+        beams = cli_json(
             ["--model", str(model), "--initial-peers", servers[-1].maddr, "--max-new-tokens", "8", "--num-beams", "3", PROMPT],
             tmp_path,
         )
@@ -40,8 +43,8 @@ def test_status_and_auto_blocks_cover_a_30_block_model(tmp_path):
     model = write_tiny_checkpoint(tmp_path / "tiny30", "llama", num_hidden_layers=30)
     with running_swarm(model, ["auto", "auto", "auto"], tmp_path, extra=("--num-blocks", "10")) as servers:
         ranges = sorted(s.blocks for s in servers)
-        proc = run_swarm(["status", "--json", "--initial-peers", servers[0].maddr], tmp_path)
-        assert proc.returncode == 0, proc.stderr
+        proc = cli(["status", "--json", "--initial-peers", servers[0].maddr], tmp_path)
+        assert proc.exit_code == 0, proc.stderr
         status = json.loads(proc.stdout)
     assert ranges == [(0, 10), (10, 20), (20, 30)]
     assert status["num_blocks"] == 30 and status["gaps"] == []
@@ -53,30 +56,25 @@ def test_status_and_auto_blocks_cover_a_30_block_model(tmp_path):
 
 
 def test_generate_without_swarm_says_how_to_start_one(tmp_path, tiny_checkpoints):
-    proc = run_swarm(["generate", "--model", str(tiny_checkpoints["llama"]), PROMPT], tmp_path)
-    assert proc.returncode == 1
+    proc = cli(["generate", "--model", str(tiny_checkpoints["llama"]), PROMPT], tmp_path)
+    assert proc.exit_code == 1
     assert "--initial-peers" in proc.stderr and "swarm serve --new-swarm" in proc.stderr
 
 
 @pytest.mark.slow
-def test_missing_blocks_are_named(tmp_path, tiny_checkpoints):
-    model = tiny_checkpoints["llama"]
-    with running_swarm(model, ["0:2"], tmp_path) as servers:
-        proc = run_swarm(
-            ["generate", "--model", str(model), "--initial-peers", servers[0].maddr, "--timeout", "1", PROMPT], tmp_path
-        )
-    assert proc.returncode == 1
-    assert "2:4" in proc.stderr and "swarm serve --blocks 2:4" in proc.stderr
-
-
-@pytest.mark.slow
-def test_sigterm_announces_offline_and_exits_cleanly(tmp_path, tiny_checkpoints):
+def test_sigterm_announces_offline_and_the_missing_blocks_are_named(tmp_path, tiny_checkpoints):
+    """A server stopped (SIGTERM) exits 0 and is gone from the other's table at once; then the
+    swarm serves blocks 0:2 only, and `swarm generate` fails naming the missing range and the
+    command that serves it."""
     model = tiny_checkpoints["llama"]
     with running_swarm(model, ["0:2", "2:4"], tmp_path) as servers:
         first = servers[0].maddr
-        before = json.loads(run_swarm(["status", "--json", "--initial-peers", first], tmp_path).stdout)
+        before = json.loads(cli(["status", "--json", "--initial-peers", first], tmp_path).stdout)
         assert servers[1].stop() == 0, servers[1].log()
         # the offline announcement removes it from the first server's table at once (no expiry wait)
-        after = json.loads(run_swarm(["status", "--json", "--initial-peers", first], tmp_path).stdout)
+        after = json.loads(cli(["status", "--json", "--initial-peers", first], tmp_path).stdout)
+        proc = cli(["generate", "--model", str(model), "--initial-peers", first, "--timeout", "1", PROMPT], tmp_path)
     assert len(before["servers"]) == 2
     assert [s["blocks"] for s in after["servers"]] == [[0, 2]] and after["gaps"] == [[2, 4]]
+    assert proc.exit_code == 1
+    assert "2:4" in proc.stderr and "swarm serve --blocks 2:4" in proc.stderr
