@@ -10,7 +10,8 @@ relayed connections at once (:data:`CIRCUITS_PER_SLOT` per slot in all, :data:`P
 opened by one peer), and for each relayed connection a duration and a byte budget; the relay ends a connection past either (its two ends
 fail over like on any broken link). A reservation is for the peer asking on its own connection
 only (py-libp2p's takes any peer id the request names, so anyone could fill the slots with made-up
-ones), and each relayed connection closes its own streams when it ends (py-libp2p's registry keeps
+ones), a host accepts relayed connections only through relays it holds a reservation on, and each
+relayed connection closes its own streams when it ends (py-libp2p's registry keeps
 one per peer, so a second connection to the same server was cut when the first ended).
 
 Reservations are renewed by their holder (:meth:`Circuits.reserve` again, see
@@ -102,6 +103,14 @@ class RelayProtocol(CircuitV2Protocol):
             if not self.opened_by[source]:
                 del self.opened_by[source]
 
+    accepts_from = staticmethod(lambda peer: True)  # set by Circuits: the relays this host holds reservations on
+
+    async def _handle_stop_stream(self, stream) -> None:
+        if not self.accepts_from(stream.muxed_conn.peer_id):  # a connection relayed by a peer it never asked
+            await stream.reset()
+            return
+        await super()._handle_stop_stream(stream)
+
     async def _handle_reserve(self, stream, msg) -> None:
         msg.ClearField("peer")  # the reservation is for the connection's own peer
         await super()._handle_reserve(stream, msg)
@@ -125,6 +134,8 @@ class Circuits:
         # STOP only: a dial through a relay never reserves a slot there for the dialer
         self.transport = CircuitV2Transport(lp, self.protocol, RelayConfig(roles=RelayRole.STOP))
         self.transport._refreshing = True  # its refresh worker never starts: holders renew (see above)
+        # relayed connections come only through relays this host holds a reservation on
+        self.protocol.accepts_from = lambda peer: peer in self.transport._reservations
         self.lp = lp
         self.nursery: trio.Nursery | None = None  # where reservations are renewed (set by the host)
 

@@ -199,3 +199,39 @@ def _id(peer_id: str):
     from libp2p.peer.id import ID as PeerID
 
     return PeerID.from_base58(peer_id)
+
+
+def test_relayed_connections_come_only_through_relays_reserved_on():
+    """A peer that is not a relay this host reserved a slot on cannot hand it a "relayed"
+    connection (a STOP stream): the stream is reset; through the relay reserved on, it works."""
+    import asyncio
+
+    from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID
+
+    from swarm.p2p.circuits import circuit_addr
+    from swarm.p2p.host import Host
+
+    async def main():
+        relay = await Host.start(relay_slots=2, hole_punch=False)
+        target, stranger, client = [await Host.start(hole_punch=False) for _ in range(3)]
+        try:
+            await stranger.connect(f"{target.addrs[0]}/p2p/{target.peer_id}")
+
+            async def stop_stream() -> bytes:
+                stream = await stranger._lp.new_stream(_id(target.peer_id), [STOP_PROTOCOL_ID])
+                await stream.write(b"\x00")
+                try:
+                    return await stream.read(100)
+                except Exception:
+                    return b""
+
+            assert await stranger._bridge.call(stop_stream, timeout=20, what="stop") == b""  # reset, no answer
+            await target.connect(f"{relay.addrs[0]}/p2p/{relay.peer_id}")
+            assert await target.reserve(relay.peer_id)
+            await client.connect(circuit_addr(relay.addrs[0], relay.peer_id, target.peer_id), timeout=10)
+            assert client.relayed(target.peer_id) and await client.ping(target.peer_id, timeout=5) < 2
+        finally:
+            for host in (relay, target, stranger, client):
+                await host.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
