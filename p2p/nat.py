@@ -46,6 +46,7 @@ PEERS_ASKED = 3  # peers asked about each address at most (until one reaches it)
 MAX_DIALBACKS = 4  # dial-backs this peer makes at once for all others together
 RECHECK_UNKNOWN = 30.0  # seconds between checks while no peer could answer
 RECHECK = 600.0  # seconds between checks otherwise (addresses and NATs change)
+PEER_POLL = 1.0  # seconds between looks for a first peer to ask, while the answer is unknown
 RELAYS_WANTED = 2  # relays a server nobody can dial holds reservations on
 RELAY_CHECK = 10.0  # seconds between checks that those relays are still there
 
@@ -235,14 +236,27 @@ async def hold_relays(server) -> None:
     server.addrs = list(held.values()) or list(server.direct_addrs)
 
 
+async def _wait(server) -> None:
+    """Until the next check: while the answer is unknown, :data:`RECHECK_UNKNOWN` seconds, or less
+    when a peer to ask appears (the first server of a swarm learns as soon as a second joins)."""
+    if server.direct_reach != "unknown":
+        await asyncio.sleep(RELAY_CHECK if server.direct_reach == "private" else RECHECK)
+        return
+    had_peers = bool(peers_to_ask(server))
+    deadline = time.monotonic() + RECHECK_UNKNOWN
+    while time.monotonic() < deadline:
+        await asyncio.sleep(min(PEER_POLL, max(0.0, deadline - time.monotonic())))
+        if not had_peers and peers_to_ask(server):
+            return
+
+
 async def reachability_loop(server, first: bool = True) -> None:
     """Check now (``first``), again while the answer is unknown (no peer to ask yet), and now and
     then after; while nobody can dial this server, keep its relays."""
     checked = -math.inf
     while True:
         if not first:
-            await asyncio.sleep(RECHECK_UNKNOWN if server.direct_reach == "unknown"
-                                else RELAY_CHECK if server.direct_reach == "private" else RECHECK)
+            await _wait(server)
         first = False
         before = server.reach
         try:

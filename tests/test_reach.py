@@ -86,6 +86,8 @@ def test_servers_learn_whether_peers_can_dial_them(tiny, tmp_path):
     with running_swarm(tiny, ["0:2", "2:4"], tmp_path, ("--no-relay",)) as servers:
         joined = servers[1].maddr.rsplit("/p2p/", 1)[1]
         assert _reach_of(servers[0].maddr, joined, time.monotonic() + 30) == "public"
+        first = servers[0].maddr.rsplit("/p2p/", 1)[1]  # it had no one to ask at start: it asks the newcomer
+        assert _reach_of(servers[0].maddr, first, time.monotonic() + 20) == "public"
 
         nowhere = f"/ip4/127.0.0.1/tcp/{_free_port()}"
         base = ["--model", str(tiny), "--blocks", "0:4", "--announce-period", "1", "--initial-peers", servers[0].maddr,
