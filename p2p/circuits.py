@@ -156,7 +156,7 @@ class Circuits:
         self.transport._reservation_proofs.pop(relay, None)
 
     async def reserve(self, relay: ID) -> bool:
-        """A reservation on ``relay`` (connected already), renewed before it ends; whether the relay granted it."""
+        """A reservation on ``relay`` (connected already; again to renew it); whether the relay granted it."""
         stream = await self.lp.new_stream(relay, [HOP_PROTOCOL])
         try:
             return await self.transport.reserve(stream, relay, self.nursery)

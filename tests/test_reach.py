@@ -220,9 +220,9 @@ def test_relayed_connections_come_only_through_relays_reserved_on():
             await stranger.connect(f"{target.addrs[0]}/p2p/{target.peer_id}")
 
             async def stop_stream() -> bytes:
-                stream = await stranger._lp.new_stream(_id(target.peer_id), [STOP_PROTOCOL_ID])
-                await stream.write(b"\x00")
-                try:
+                try:  # the reset may come before the protocol's negotiation ends, or after
+                    stream = await stranger._lp.new_stream(_id(target.peer_id), [STOP_PROTOCOL_ID])
+                    await stream.write(b"\x00")
                     return await stream.read(100)
                 except Exception:
                     return b""
