@@ -61,6 +61,12 @@ def is_circuit(addr) -> bool:
     return "/p2p-circuit" in str(addr)
 
 
+def dial_allowance(addrs) -> float:
+    """Seconds a first dial of a server at ``addrs`` may take beyond a direct one's: through a
+    relay, it may also try to become direct (:data:`HOLE_PUNCH_WAIT`, and the relay's own dial)."""
+    return HOLE_PUNCH_WAIT + 5 if any(is_circuit(a) for a in addrs) else 0.0
+
+
 def circuit_addr(relay_addr: str, relay_id: str, peer_id: str) -> str:
     """The address at which ``peer_id`` is reached through the relay ``relay_id`` at ``relay_addr``
     (a direct address of the relay, with or without its ``/p2p/`` part). Pure."""

@@ -23,7 +23,7 @@ from swarm.p2p.chain import (  # noqa: F401  (RemoteChain, SpanFailure, SwarmErr
     SwarmError,
     SyncChain,
 )
-from swarm.p2p.circuits import HOLE_PUNCH_WAIT, is_circuit
+from swarm.p2p.circuits import dial_allowance
 from swarm.p2p.compression import check_choice, resolve
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.loop import BackgroundLoop
@@ -133,9 +133,7 @@ class SwarmClient:
         snapshot = self.table.snapshot()
 
         async def one(peer_id: str):
-            info = snapshot.get(peer_id)
-            # a server reached through a relay: the first dial may also try to make it direct
-            extra = HOLE_PUNCH_WAIT + 5 if info is not None and any(is_circuit(a) for a in info.addrs) else 0.0
+            extra = dial_allowance(snapshot[peer_id].addrs if peer_id in snapshot else ())
             try:
                 self.rtts[peer_id] = await self.host.ping(peer_id, timeout=(timeout or self.cfg.ping_timeout) + extra)
                 self._unreachable_until.pop(peer_id, None)

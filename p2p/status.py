@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 
 from swarm.p2p.client import SwarmError, fetch_info
-from swarm.p2p.circuits import HOLE_PUNCH_WAIT, is_circuit
+from swarm.p2p.circuits import dial_allowance
 from swarm.p2p.host import Host, P2PError
 from swarm.p2p.private import Membership, private_hint
 from swarm.p2p.table import MAX_NAME, PeerTable, ServerInfo, announced_text, coverage, gaps
@@ -64,10 +64,8 @@ async def ping_all(host: Host, servers: Mapping[PeerId, ServerInfo], timeout: fl
     """Round-trip time in seconds to every server at once (None: no answer within ``timeout``)."""
 
     async def rtt(peer_id):
-        # a server reached through a relay: the first dial may also try to make it direct
-        extra = HOLE_PUNCH_WAIT + 5 if any(is_circuit(a) for a in servers[peer_id].addrs) else 0.0
         try:
-            return await host.ping(peer_id, timeout=timeout + extra)
+            return await host.ping(peer_id, timeout=timeout + dial_allowance(servers[peer_id].addrs))
         except P2PError:
             return None
 

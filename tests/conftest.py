@@ -92,6 +92,22 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {f: write_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-all-{f}"), f) for f in FAMILIES}
 
 
+def netns_marks() -> list:
+    """The marks of a module of tests on emulated hosts (scripts/netlab.py): slow, netns, and
+    skipped with the reason where network namespaces cannot be made."""
+    from netlab import unavailable  # scripts/netlab.py (pytest's pythonpath)
+
+    reason = unavailable()
+    return [pytest.mark.netns, pytest.mark.slow,
+            pytest.mark.skipif(reason is not None, reason=f"no emulated hosts: {reason}")]
+
+
+@pytest.fixture(scope="module")
+def tiny6(tmp_path_factory) -> Path:
+    """A tiny llama of 6 blocks, for swarms across emulated hosts."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny6"), "llama", num_hidden_layers=6)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """PyTorch on one thread for a module of tiny models: two threads only wait on each other (and

@@ -9,24 +9,13 @@ import json
 import subprocess
 import time
 
-import pytest
 
-from conftest import write_tiny_checkpoint
-from netlab import Lab, unavailable  # scripts/netlab.py (pytest's pythonpath)
+from conftest import netns_marks
+from netlab import Lab  # scripts/netlab.py (pytest's pythonpath)
 from swarm_utils import ServerProcess, local_json, swarm_cmd, swarm_env
 
 PROMPT = "The capital of France is"
-REASON = unavailable()
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(REASON is not None, reason=f"no emulated hosts: {REASON}"),
-]
-
-
-@pytest.fixture(scope="module")
-def tiny6(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny6-nat"), "llama", num_hidden_layers=6)
+pytestmark = netns_marks()
 
 
 def _run(lab, host, args, home, timeout=120) -> subprocess.CompletedProcess:

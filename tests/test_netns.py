@@ -11,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from conftest import write_tiny_checkpoint
-from netlab import Lab, unavailable  # scripts/netlab.py (pytest's pythonpath)
+from conftest import netns_marks
+from netlab import Lab  # scripts/netlab.py (pytest's pythonpath)
 from swarm.engine.client import ClientModel, generate_local
 from swarm.engine.generation import GenerationConfig
 from swarm_utils import ServerProcess, swarm_env
@@ -23,17 +22,7 @@ PROMPT = "The capital of France is"
 TOKENS, PAUSE_AT, BLOCK = 24, 8, 2
 CLIENT = Path(__file__).with_name("netns_client.py")
 
-REASON = unavailable()
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(REASON is not None, reason=f"no emulated hosts: {REASON}"),
-]
-
-
-@pytest.fixture(scope="module")
-def tiny6(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny6"), "llama", num_hidden_layers=6)
+pytestmark = netns_marks()
 
 
 def test_swarm_across_hosts_fails_over_a_cut_link(tiny6, tmp_path):
