@@ -45,7 +45,9 @@ class ClientOptions:
     bfloat16, int8). ``quant``/``quant_blocks`` (``local`` only): quantize these blocks' linears as
     servers with ``--quant`` would. ``swarm_key``: a private swarm's key file (None:
     ``$SWARM_KEY_FILE``); ``allow_peers``: a file of the peer ids allowed to serve (see
-    :mod:`swarm.p2p.private`)."""
+    :mod:`swarm.p2p.private`). ``verify``: spot checks of the servers' outputs, ``off``, ``sample``
+    (the first steps with each server, then ``verify_rate`` of them) or ``strict`` (every step);
+    see :mod:`swarm.p2p.checking`."""
 
     model: str | None = None
     initial_peers: tuple[str, ...] = ()
@@ -61,6 +63,8 @@ class ClientOptions:
     quant_blocks: str | None = None
     swarm_key: Path | None = None
     allow_peers: Path | None = None
+    verify: str = "sample"
+    verify_rate: float = 0.05
 
     def __post_init__(self):
         from swarm.engine.checkpoint import parse_dtype
@@ -81,6 +85,7 @@ class ClientOptions:
         check_seconds("--timeout", self.timeout, zero_ok=True)
         check(self.wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), self.wire_dtype)
         parse_dtype(self.dtype)  # ValueError naming --dtype
+        self.verify_policy()  # ValueError naming --verify or --verify-rate
         self.quantized()  # checks --quant and --quant-blocks
         if self.local and (self.no_quant_servers or self.wire_dtype != "auto"):
             which = "--no-quant-servers" if self.no_quant_servers else "--wire-dtype"
@@ -132,14 +137,20 @@ class ClientOptions:
             raise ValueError(f"--quant-blocks {self.quant_blocks}: START must be less than END, both at least 0")
         return range(start, end)
 
+    def verify_policy(self):
+        from swarm.p2p.verify import VerifyPolicy
+
+        return VerifyPolicy(self.verify, float(self.verify_rate))
+
     def client_config(self):
         """The swarm client's own config (:class:`~swarm.p2p.client.ClientConfig`)."""
+        from swarm.engine.default_model import swarm_home
         from swarm.p2p.client import ClientConfig
 
         return ClientConfig(
             initial_peers=list(self.initial_peers), step_timeout=self.step_timeout, wait_timeout=self.timeout,
             push=self.push, full_precision=self.no_quant_servers, wire_dtype=self.wire_dtype,
-            membership=self.membership(),
+            membership=self.membership(), verify=self.verify_policy(), ledger=swarm_home() / "verify.json",
         )
 
     def with_env_peers(self) -> ClientOptions:

@@ -102,11 +102,23 @@ class Swarm:
             )
         self.background = BackgroundLoop()
         try:
-            self.client = start_client(self.background, self.model_id, ckpt.num_blocks, options.client_config())
+            cfg = options.client_config()
+            cfg.arbiter = self._arbiter
+            self.client = start_client(self.background, self.model_id, ckpt.num_blocks, cfg)
         except BaseException:
             self.background.close()
             self.background = None
             raise
+
+    def _arbiter(self, start: int, end: int, inputs: torch.Tensor, adapter) -> torch.Tensor:
+        """Blocks ``[start, end)`` run here in float32 on ``inputs`` (with a chain's ``adapter``):
+        the third opinion when two servers disagree and no third serves them (p2p/checking.py)."""
+        from swarm.engine.adapters import attach, run_forward
+
+        blocks = self.checkpoint.load_blocks(start, end, torch.float32)
+        if adapter is None:
+            return run_forward(blocks, inputs)
+        return run_forward(attach(blocks), inputs, adapter.tensors, adapter.spec)
 
     def close(self) -> None:
         """Leave the swarm and free the blocks (idempotent). The handle refuses further use."""
@@ -208,11 +220,14 @@ class Swarm:
         on_chain: Callable | None = None,
         stats: SpecStats | None = None,
         draft: Drafter | None = None,
+        on_rewind: Callable[[int], None] | None = None,
     ) -> list[int]:
         """The new tokens after ``prompt_ids`` (an end-of-sequence token, if produced, last);
         ``on_token`` is called with each as it is chosen, ``on_chain`` with each chain of servers
         as it opens; ``stats`` counts what speculative decoding did (``cfg.draft``, or ``draft``: a
-        drafter such as :meth:`draft_model`'s; greedy decoding and sampling, the tokens unchanged). Raises ``ValueError`` for a prompt past the model's context, and the swarm's
+        drafter such as :meth:`draft_model`'s; greedy decoding and sampling, the tokens unchanged);
+        ``on_rewind(n)``: only the first ``n`` tokens reported so far stand, the rest were computed
+        through a server caught lying and are reported again. Raises ``ValueError`` for a prompt past the model's context, and the swarm's
         errors (:class:`~swarm.p2p.client.SwarmError`, ``NoRouteError``, ``TimeoutError``...)."""
         self._check_open()
         prompt_ids = list(prompt_ids)
@@ -224,7 +239,7 @@ class Swarm:
         check_prompt_length(len(prompt_ids), self.head.max_positions, virtual)  # before any network setup
         self.connect()
         return generate(self.head, self._sessions(on_chain), prompt_ids, cfg, on_token, prefix=prefix, stats=stats,
-                        draft=draft)
+                        draft=draft, on_rewind=on_rewind)
 
     def draft_model(self, path: str | Path, quant: str = "none") -> ModelDrafter:
         """A draft model for speculative decoding (``generate_ids(..., draft=...)``): the
@@ -293,9 +308,19 @@ class Swarm:
             with self._tokenizer:
                 text(token)
 
+        def on_rewind(kept: int) -> None:  # tokens from ``kept`` on came through a liar and are replaced
+            from swarm.p2p.chain import SwarmError
+
+            with self._tokenizer:
+                if text.printed > len(self.decode(text.tokens[:kept])):  # their text went out: it cannot be taken back
+                    raise SwarmError(f"a server was caught lying after part of this text was given out (from token "
+                                     f"{kept + 1} on it may be wrong); the liar is banned now: generate again")
+                del text.tokens[kept:]
+
         def run() -> None:
             try:
-                tokens = self.generate_ids(prompt_ids, cfg, on_token=None if cfg.num_beams > 1 else on_token)
+                tokens = self.generate_ids(prompt_ids, cfg, on_token=None if cfg.num_beams > 1 else on_token,
+                                           on_rewind=on_rewind)
                 pieces.put(self.decode(tokens)[text.printed :] if cfg.num_beams == 1 else self.decode(tokens))
                 pieces.put(done)
             except _Stopped:

@@ -359,7 +359,8 @@ class Job:
                 return
             open_session = self._open_swarm if self.backend.swarm is not None else self._open_local()
             generate(self.backend.client_model.head, open_session, self.prompt_ids, self.gen, self._on_token,
-                     prefix=prefix, scores=self if self.top is not None else None, stats=self.spec)
+                     prefix=prefix, scores=self if self.top is not None else None, stats=self.spec,
+                     on_rewind=self._on_rewind)
             tokens, eos = self.scanner.tokens, self.gen.eos_token_ids
             finish = "stop" if tokens and tokens[-1] in eos else "length"
             tail = self.scanner.flush()
@@ -385,6 +386,25 @@ class Job:
     def on_token(self, logprob: TokenLogprob) -> None:
         """(engine.generation.Scores) a token's log-probability, just before :meth:`_on_token`."""
         self._logprobs.append(logprob)
+
+    def _on_rewind(self, kept: int) -> None:
+        """(generate's ``on_rewind``) the tokens from ``kept`` on came through a server caught
+        lying and are chosen again: unless text of theirs went out already, the request goes on as
+        if they never came; else it ends with an error event (what was sent may be wrong, and an
+        API stream cannot take text back)."""
+        from swarm.p2p.chain import SwarmError
+
+        old = self.scanner
+        if old.shown() > kept:
+            raise SwarmError(
+                f"a server was caught lying after part of this text was sent (from token {kept + 1} on it may be "
+                f"wrong); the liar is banned now: retry the request"
+            )
+        self.scanner = StopScanner(old.decode, old.stops)
+        for token in old.tokens[:kept]:
+            self.scanner.push(token)
+        self.scanner.sent = old.sent
+        del self._logprobs[kept:]
 
     def _on_token(self, token: int) -> None:
         if self._cancelled:

@@ -85,6 +85,19 @@ PushOpt = Annotated[
 # finetune; their rules and defaults are swarm.config.ClientOptions'
 
 
+VerifyOpt = Annotated[
+    str,
+    typer.Option(
+        "--verify",
+        help="Spot checks of the servers' outputs by other servers: sample (every new server's first steps, "
+        "then --verify-rate of the steps), strict (every step, before its token is shown) or off.",
+    ),
+]
+VerifyRateOpt = Annotated[
+    float, typer.Option("--verify-rate", help="With --verify sample: the share of steps checked once a server passed its first checks.")
+]
+
+
 InitialPeersOpt = Annotated[
     Optional[list[str]],
     typer.Option(

@@ -23,6 +23,8 @@ from swarm.cli.common import (
     ModelOpt,
     QuantOpt,
     NoQuantServersOpt,
+    VerifyOpt,
+    VerifyRateOpt,
     WireDtypeOpt,
     check_seconds,
     err,
@@ -276,6 +278,8 @@ def generate(
     push: PushOpt = ClientOptions.push,
     timeout: TimeoutOpt = ClientOptions.timeout,
     wire_dtype: WireDtypeOpt = "auto",
+    verify: VerifyOpt = ClientOptions.verify,
+    verify_rate: VerifyRateOpt = ClientOptions.verify_rate,
     swarm_key: SwarmKeyOpt = None,
     allow_peers: AllowPeersOpt = None,
 ) -> None:
@@ -310,6 +314,7 @@ def generate(
             model=model, initial_peers=tuple(initial_peers or ()), local=local, dtype=dtype, adapter=adapter,
             step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
             wire_dtype=wire_dtype, quant=quant, quant_blocks=quant_blocks, swarm_key=swarm_key, allow_peers=allow_peers,
+            verify=verify, verify_rate=verify_rate,
         )
         draft_path = None if draft in DRAFTS else draft
         if draft_path is not None and num_beams > 1:
@@ -345,7 +350,17 @@ def generate(
         if not local:
             setup_logging(False)  # recoveries from failed servers are reported on stderr
         stats = SpecStats()
-        tokens = client.generate_ids(prompt_ids, cfg, on_token=stream, stats=stats, draft=drafter)
+
+        def rewound(kept: int) -> None:  # a server was caught lying: its tokens are replaced
+            if stream is None:
+                return
+            if wrote:
+                write("\n")
+            err.print(f"[yellow]a server was caught lying: the text from token {kept + 1} on is computed again; "
+                      "the whole text follows[/]", highlight=False)
+            write(stream.rewind(kept))
+
+        tokens = client.generate_ids(prompt_ids, cfg, on_token=stream, stats=stats, draft=drafter, on_rewind=rewound)
     except BaseException as exc:
         if wrote:
             write("\n")  # end the partial output's line

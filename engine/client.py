@@ -153,6 +153,17 @@ class TextStream:
         self.write(text[self.printed :])
         self.printed = len(text)
 
+    def rewind(self, kept: int) -> str:
+        """Forget the tokens from ``kept`` on (they were replaced); returns the text of the
+        tokens kept, which the caller shows again (what was written cannot be taken back), and
+        counts it as printed."""
+        del self.tokens[kept:]
+        text = self.client.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            text = text[: len(text.rstrip("\ufffd"))]
+        self.printed = len(text)
+        return text
+
 
 def generate_local(
     client: ClientModel,

@@ -46,6 +46,16 @@ class InferenceSession(Protocol):
 OpenSession = Callable[[int, int], InferenceSession]
 
 
+class Rewound(Exception):
+    """Raised by a session's step: the positions from ``position`` on were computed wrong (a server
+    caught lying, see :mod:`swarm.p2p.checking`) and are forgotten, the step's own included; the
+    session is ready to take them again from there, through honest servers. ``liar``: who lied."""
+
+    def __init__(self, position: int, liar: str = ""):
+        super().__init__(f"positions from {position} on are computed again ({liar or 'a server'} lied)")
+        self.position, self.liar = position, liar
+
+
 class LocalSession:
     """An inference session over blocks held in this process; with adapter ``tensors`` (keyed by
     global block, see :mod:`swarm.engine.adapters`) every step runs with them applied, which
@@ -191,6 +201,7 @@ class Scores(Protocol):
     on_prompt: Callable[[list[TokenLogprob]], None] | None
 
 
+BEAM_RESTARTS = 3  # a beam search starts over when a server is caught lying (its rows' past changes), this often at most
 PROMPT_SCORE_ROWS = 64  # prompt positions scored per LM-head call (a vocabulary's float32 logits each: 64 × 128k × 4 B = 32 MB)
 
 
@@ -250,6 +261,7 @@ def generate(
     scores: Scores | None = None,
     draft: Drafter | None = None,
     stats: SpecStats | None = None,
+    on_rewind: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
     (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
@@ -259,6 +271,12 @@ def generate(
     (see :class:`Scores`; not with beam search); the tokens chosen are the same with or without.
     ``draft``: a drafter for speculative decoding (greedy decoding and sampling; beam search
     decodes plainly), the tokens again the same; ``stats`` counts what it did.
+
+    When the session forgets positions (:class:`Rewound`: a server was caught lying), the tokens
+    chosen from them are chosen again: ``on_rewind(n)`` says that only the first ``n`` new tokens
+    reported so far stand (``on_token`` then reports the ones that replace the rest), and so
+    does ``scores.on_rewind(n)`` where the scores have one. The tokens returned are always those
+    of an honest computation.
 
     The prefix, the prompt and the new tokens together stay within the model's context
     (``head.max_positions``): a prompt that leaves no room raises ``ValueError`` before a session
@@ -278,22 +296,32 @@ def generate(
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     if draft is None and cfg.draft in ("ngram", "auto"):
         draft = NgramDrafter()
+    rewound = _Rewinder(before, on_rewind, scores)
     session = open_session(1, max_length)
     if draft is not None:
         try:
             with torch.no_grad():
                 return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
-                                    draft, stats if stats is not None else SpecStats(), seed)
+                                    draft, stats if stats is not None else SpecStats(), seed, rewound)
         finally:
             session.close()
     try:
         seen = torch.tensor([input_ids])
         step_ids, new, first = seen, [], prefix
+        prompt_scored = False
         with torch.no_grad():
-            for _ in range(max_length - before):
-                hidden = session.step(_embed(head, step_ids, first))
-                if not new and scores is not None and scores.on_prompt is not None:  # the prompt's step
+            while len(new) < max_length - before:
+                try:
+                    hidden = session.step(_embed(head, step_ids, first))
+                except Rewound as exc:  # positions from exc.position on were wrong: choose their tokens again
+                    kept = rewound(exc.position, session, len(new))
+                    del new[kept:]
+                    seen = torch.tensor([input_ids + new])
+                    step_ids, first = (seen, prefix) if kept == 0 else (seen[:, -1:], None)
+                    continue
+                if not prompt_scored and scores is not None and scores.on_prompt is not None:  # the prompt's step
                     scores.on_prompt(_score_prompt(head, hidden, input_ids, scores.top))
+                prompt_scored = True
                 first = None
                 raw = head.logits(hidden[:, -1])
                 logits = apply_repetition_penalty(raw, seen, cfg.repetition_penalty)
@@ -312,14 +340,42 @@ def generate(
         session.close()
 
 
+class _Rewinder:
+    """What a generation loop does when its session forgets positions from ``position`` on
+    (:class:`Rewound`): the new tokens chosen from positions before it stand (the token at
+    ``position`` itself included: it was chosen from the one before), the rest are forgotten and
+    the consumers told. A position within the prefix or the prompt rewinds the session to 0
+    (the prompt's step is taken again whole)."""
+
+    def __init__(self, before: int, on_rewind, scores):
+        self.before, self.on_rewind, self.scores = before, on_rewind, scores
+
+    def __call__(self, position: int, session, reported: int) -> int:
+        kept = max(0, min(reported, position - self.before + 1))
+        if kept == 0 and position != 0:
+            session.rewind(0)
+        if kept < reported:
+            if self.on_rewind is not None:
+                self.on_rewind(kept)
+            if self.scores is not None and getattr(self.scores, "on_rewind", None) is not None:
+                self.scores.on_rewind(kept)
+        return kept
+
+
 def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max_length: int, before: int,
-                 prefix, on_token, scores: Scores | None, draft: Drafter, stats: SpecStats, seed: int) -> list[int]:
+                 prefix, on_token, scores: Scores | None, draft: Drafter, stats: SpecStats, seed: int,
+                 rewound: _Rewinder) -> list[int]:
     """Decoding with drafted tokens verified a step at a time (see
     :mod:`swarm.engine.speculative`): the tokens of plain decoding, greedy or sampled (a
     position's sample depends only on the seed and the position), in fewer steps."""
     tokens, new = list(input_ids), []
     budget = max_length - before
-    hidden = session.step(_embed(head, torch.tensor([input_ids]), prefix))
+    while True:
+        try:
+            hidden = session.step(_embed(head, torch.tensor([input_ids]), prefix))
+            break
+        except Rewound as exc:
+            rewound(exc.position, session, 0)
     if scores is not None and scores.on_prompt is not None:
         scores.on_prompt(_score_prompt(head, hidden, input_ids, scores.top))
     outs, drafted = hidden[:, -1:], []  # the outputs to pick from, and the tokens drafted for them
@@ -365,17 +421,31 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
             if len(drafted) < k:  # the answer came before all were drafted ahead: the rest now
                 drafted += draft.propose(tokens + drafted, k - len(drafted))[: k - len(drafted)]
         ids = torch.tensor([[tokens[-1], *drafted]])
-        began = time.monotonic()
-        if ahead.enabled and drafted:
-            pending = session.step_async(_embed(head, ids, None), per_position=True)
-            try:  # meanwhile, until the answer comes: the guess at the next step's drafts
-                ahead.draft(draft, tokens + drafted, len(drafted) + 1, getattr(pending, "done", None))
-            finally:
-                outs = pending()  # also when drafting failed: the step ends before the session closes
-            ended = getattr(pending, "arrived", None) or time.monotonic()
-        else:
-            outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
-            ended = time.monotonic()
+        while True:
+            began = time.monotonic()
+            try:
+                if ahead.enabled and drafted:
+                    pending = session.step_async(_embed(head, ids, None), per_position=True)
+                    try:  # meanwhile, until the answer comes: the guess at the next step's drafts
+                        ahead.draft(draft, tokens + drafted, len(drafted) + 1, getattr(pending, "done", None))
+                    finally:
+                        outs = pending()  # also when drafting failed: the step ends before the session closes
+                    ended = getattr(pending, "arrived", None) or time.monotonic()
+                else:
+                    outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
+                    ended = time.monotonic()
+                break
+            except Rewound as exc:  # positions from exc.position on were wrong: their tokens are chosen again
+                kept = rewound(exc.position, session, len(new))
+                if kept == 0:  # the prompt's own step was wrong: everything again
+                    stats.tokens -= len(new)
+                    return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
+                                        draft, stats, seed, rewound)
+                stats.tokens -= len(new) - kept
+                del new[kept:]
+                tokens = [*input_ids, *new]
+                position, drafted = exc.position, []
+                ids = torch.tensor([[tokens[-1]]])
         last = (ids.shape[1], ended - began)  # the chain's time, not the drafting's
         position += ids.shape[1]
         stats.steps += 1
@@ -408,54 +478,65 @@ def _beam_search(
     ``num_beams`` hypotheses are finished and no live row can beat the worst of them, or at
     ``max_length`` positions (prefix and prompt included).
     """
-    nb = cfg.num_beams
-    num_eos = len(set(cfg.eos_token_ids))
-    session = open_session(nb, max_length)
+    session = open_session(cfg.num_beams, max_length)
     try:
-        rows = torch.tensor([input_ids] * nb)  # [nb, len]
-        beam_scores = torch.full((nb,), -1e9)
-        beam_scores[0] = 0.0
-        step_ids, hypo_ids, first = rows, None, prefix
-        finished: list[tuple[float, list[int]]] = []
-        virtual = 0 if prefix is None else prefix.shape[0]
-        with torch.no_grad():
-            for step in range(max_length - virtual - len(input_ids)):
-                hidden = session.step(_embed(head, step_ids, first), hypo_ids)
-                first = None
-                # the penalty applies to log-probs here, as in transformers' beam search
-                log_probs = head.logits(hidden[:, -1]).log_softmax(-1)
-                log_probs = apply_repetition_penalty(log_probs, rows, cfg.repetition_penalty)
-                scores = log_probs + beam_scores[:, None]  # [nb, vocab]
-                vocab = scores.shape[-1]
-                top_scores, top_idx = scores.flatten().topk(max(2, 1 + num_eos) * nb)
-                next_rows, next_tokens, next_scores = [], [], []
-                for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
-                    row, token = divmod(idx, vocab)
-                    generated = rows[row, len(input_ids) :].tolist() + [token]
-                    if token in cfg.eos_token_ids:
-                        if rank < nb:
-                            finished.append((score / len(generated) ** cfg.length_penalty, generated))
-                        continue
-                    next_rows.append(row)
-                    next_tokens.append(token)
-                    next_scores.append(score)
-                    if len(next_rows) == nb:
-                        break
-                finished.sort(key=lambda item: -item[0])
-                del finished[nb:]
-                if not next_rows:  # every candidate ended: nothing left to extend
-                    break
-                best_live = max(next_scores) / (step + 1) ** cfg.length_penalty
-                if len(finished) == nb and best_live <= finished[-1][0]:
-                    break
-                hypo_ids = torch.tensor(next_rows)
-                step_ids = torch.tensor(next_tokens)[:, None]
-                rows = torch.cat([rows[hypo_ids], step_ids], dim=1)
-                beam_scores = torch.tensor(next_scores)
-            else:
-                for score, row in zip(beam_scores.tolist(), rows):
-                    generated = row[len(input_ids) :].tolist()
-                    finished.append((score / len(generated) ** cfg.length_penalty, generated))
-        return max(finished, key=lambda item: item[0])[1]
+        for attempt in range(BEAM_RESTARTS + 1):
+            try:
+                return _beams(head, session, input_ids, cfg, max_length, prefix)
+            except Rewound as exc:  # a server was caught lying: the search again from the start, on honest servers
+                if attempt == BEAM_RESTARTS:
+                    raise RuntimeError(f"servers were caught lying {attempt + 1} times in one beam search; giving up") from exc
+                session.close()
+                session = open_session(cfg.num_beams, max_length)
     finally:
         session.close()
+
+
+def _beams(head, session, input_ids: list[int], cfg: GenerationConfig, max_length: int, prefix) -> list[int]:
+    nb = cfg.num_beams
+    num_eos = len(set(cfg.eos_token_ids))
+    rows = torch.tensor([input_ids] * nb)  # [nb, len]
+    beam_scores = torch.full((nb,), -1e9)
+    beam_scores[0] = 0.0
+    step_ids, hypo_ids, first = rows, None, prefix
+    finished: list[tuple[float, list[int]]] = []
+    virtual = 0 if prefix is None else prefix.shape[0]
+    with torch.no_grad():
+        for step in range(max_length - virtual - len(input_ids)):
+            hidden = session.step(_embed(head, step_ids, first), hypo_ids)
+            first = None
+            # the penalty applies to log-probs here, as in transformers' beam search
+            log_probs = head.logits(hidden[:, -1]).log_softmax(-1)
+            log_probs = apply_repetition_penalty(log_probs, rows, cfg.repetition_penalty)
+            scores = log_probs + beam_scores[:, None]  # [nb, vocab]
+            vocab = scores.shape[-1]
+            top_scores, top_idx = scores.flatten().topk(max(2, 1 + num_eos) * nb)
+            next_rows, next_tokens, next_scores = [], [], []
+            for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+                row, token = divmod(idx, vocab)
+                generated = rows[row, len(input_ids) :].tolist() + [token]
+                if token in cfg.eos_token_ids:
+                    if rank < nb:
+                        finished.append((score / len(generated) ** cfg.length_penalty, generated))
+                    continue
+                next_rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+                if len(next_rows) == nb:
+                    break
+            finished.sort(key=lambda item: -item[0])
+            del finished[nb:]
+            if not next_rows:  # every candidate ended: nothing left to extend
+                break
+            best_live = max(next_scores) / (step + 1) ** cfg.length_penalty
+            if len(finished) == nb and best_live <= finished[-1][0]:
+                break
+            hypo_ids = torch.tensor(next_rows)
+            step_ids = torch.tensor(next_tokens)[:, None]
+            rows = torch.cat([rows[hypo_ids], step_ids], dim=1)
+            beam_scores = torch.tensor(next_scores)
+        else:
+            for score, row in zip(beam_scores.tolist(), rows):
+                generated = row[len(input_ids) :].tolist()
+                finished.append((score / len(generated) ** cfg.length_penalty, generated))
+    return max(finished, key=lambda item: item[0])[1]

@@ -122,6 +122,23 @@ class SpanSession:
     reader: asyncio.Task | None = None
     arrived: asyncio.Event | None = None  # set on every frame (or read error); shared by a chain
     error: Exception | None = None  # an error reply taken out of turn: every later read raises it
+    # verification (p2p/checking.py): what the server returned, reordered as the history is; the
+    # positions before ``verified_to`` passed a check; steps since; the rows' reorder since then
+    outputs: SpanHistory = field(default_factory=SpanHistory)
+    verified_to: int = 0
+    unchecked_steps: int = 0
+    perm: torch.Tensor | None = None
+    checker: RemoteChain | None = None  # the chain that checks this one's outputs (other servers)
+    unverifiable_until: float = 0.0  # no other server held its blocks at the last try: not before this
+
+    def record(self, hidden: torch.Tensor, output: torch.Tensor | None, hypo_ids, per_position: bool) -> None:
+        """Keep a step's input (and, when verifying, its output)."""
+        self.history.record(hidden, hypo_ids, per_position)
+        if output is not None:
+            self.outputs.record(output, hypo_ids, per_position)
+            self.unchecked_steps += 1
+            if hypo_ids is not None:
+                self.perm = hypo_ids if self.perm is None else self.perm[hypo_ids]
 
     def start_reading(self) -> None:
         async def put(item) -> None:
@@ -175,9 +192,16 @@ class RemoteChain:
     step to each server itself (repeats are answered from memory).
     """
 
-    def __init__(self, client, spans: list[Span], batch: int, max_length: int, adapter: ChainAdapter | None = None):
+    def __init__(self, client, spans: list[Span], batch: int, max_length: int, adapter: ChainAdapter | None = None,
+                 verify: bool = True, exclude=frozenset()):
         self.client, self.batch, self.max_length = client, batch, max_length  # client: a SwarmClient
         self.adapter = adapter  # kept for the life of the chain: replacement spans get it too
+        self.exclude = frozenset(exclude)  # servers never used by this chain (a checker's: the checked one)
+        self.verifier = None  # checks its servers' outputs (p2p/checking.py), per the client's policy
+        if verify and getattr(client, "verify", None) is not None and client.verify.enabled:
+            from swarm.p2p.checking import ChainVerifier
+
+            self.verifier = ChainVerifier(self)
         self._route = spans
         self.sessions: list[SpanSession] = []
         self.position = 0
@@ -227,6 +251,10 @@ class RemoteChain:
                 try:
                     session = await child._open_span(parent.span, {"session": parent.session_id, "positions": positions})
                     session.history = history
+                    if child.verifier is not None and parent.outputs.length >= positions:
+                        session.outputs = parent.outputs.prefix(positions)
+                        session.verified_to = min(parent.verified_to, positions)
+                        session.unchecked_steps = parent.unchecked_steps
                     child.sessions.append(session)
                 except SpanFailure as exc:
                     failure = exc
@@ -395,7 +423,32 @@ class RemoteChain:
             raise ValueError(f"cannot rewind a chain at position {self.position} to {position}")
         for session in self.sessions:
             session.history.truncate(position)
+            if self.verifier is not None:
+                session.outputs.truncate(position)
+                session.verified_to = min(session.verified_to, position)
+                if session.checker is not None and session.checker.position > position:
+                    session.checker.rewind(position)
         self.position = position
+
+    async def replace_banned(self) -> None:
+        """Move the spans of servers banned since they opened (caught lying: see
+        :mod:`swarm.p2p.checking`) to other servers, their caches rebuilt from the history."""
+        banned = self.client.ledger.banned()
+        i = 0
+        while i < len(self.sessions):
+            session = self.sessions[i]
+            if session.span.peer_id not in banned:
+                i += 1
+                continue
+            await session.reset()
+            if session.checker is not None:
+                await session.checker.close()
+            history = session.history
+            failure = SpanFailure(session.span.peer_id, SwarmError("caught lying"))
+            replacement, _ = await self._take_over(session.span.start, session.span.end, history.inputs,
+                                                   list(history.step_lengths), failure)
+            self.sessions[i : i + 1] = replacement
+            i += len(replacement)
 
     async def step(
         self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False
@@ -452,7 +505,8 @@ class RemoteChain:
             x = sent
             for done, out in zip(self.sessions[i : j + 1], outputs):
                 self.client.unban(done.span.peer_id)
-                done.history.record(x, hypo_ids, per_position)  # the others' inputs came by push: as the trail holds them
+                # the others' inputs came by push: as the trail holds them
+                done.record(x, out if self.verifier is not None else None, hypo_ids, per_position)
                 x = out
             i = j + 1
         self.position += hidden.shape[1]
@@ -461,6 +515,8 @@ class RemoteChain:
             if self._lost_pushes < MAX_LOST_PUSHES:
                 self._lost_pushes = 0
         self._broken = False
+        if self.verifier is not None:
+            await self.verifier.after_step()  # Rewound: a liar's outputs are forgotten, the chain ready
         return x.to(dtype)
 
     async def _take_over(self, start: int, end: int, inputs, chunks, failure: SpanFailure):
@@ -474,7 +530,8 @@ class RemoteChain:
         while True:
             opened: list[SpanSession] = []
             try:
-                spans = await self.client.route(start, end, cache_tokens=self.batch * self.max_length, wait=False)
+                spans = await self.client.route(start, end, cache_tokens=self.batch * self.max_length, wait=False,
+                                                exclude=self.exclude)
                 x = inputs
                 for span in spans:
                     session = await self._open_span(span)
@@ -482,6 +539,9 @@ class RemoteChain:
                     if x is not None:
                         out = await self._replay(session, x, chunks)
                         session.history = SpanHistory.from_replay(received(x, session.wire)[1], chunks)
+                        if self.verifier is not None:  # a new server: what it replayed is checked too
+                            session.outputs = SpanHistory.from_replay(out, chunks)
+                            session.unchecked_steps = len(chunks)
                         x = out
                 log.warning(
                     "recovered blocks %d:%d: %s failed (%s); %s took over%s in %.2f s",
@@ -515,6 +575,9 @@ class RemoteChain:
     async def close(self) -> None:
         """Send every server an explicit close (so it frees the cache at once)."""
         for session in self.sessions:
+            if session.checker is not None:
+                await session.checker.close()
+                session.checker = None
             try:
                 await write_frame(session.stream, Frame("close"), timeout=2)
                 deadline = time.monotonic() + 2

@@ -14,6 +14,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from swarm.p2p import protocols
 from swarm.p2p.chain import (  # noqa: F401  (RemoteChain, SpanFailure, SwarmError: part of this module's API)
@@ -31,6 +34,8 @@ from swarm.p2p.private import Membership, private_hint
 from swarm.p2p.routing import NoRouteError, Span, find_chain
 from swarm.p2p.tasks import Tasks
 from swarm.p2p.table import PeerTable, announce_topic, parse_announcement
+from swarm.p2p.ledger import Ledger
+from swarm.p2p.verify import VerifyPolicy
 from swarm.p2p.wire import Frame, RemoteError, WireError, expect
 
 log = logging.getLogger("swarm.client")
@@ -52,6 +57,11 @@ class ClientConfig:
     wire_dtype: str = "auto"  # hidden states on the wire: auto, float32, bfloat16 or int8 (swarm.p2p.compression)
     announce_period: float = 5.0
     membership: Membership = field(default_factory=Membership)  # a private swarm's key and allowed servers
+    verify: VerifyPolicy = field(default_factory=VerifyPolicy)  # spot checks of servers' outputs (p2p/checking.py)
+    ledger: Path | None = None  # where checks and bans are kept (None: in memory only)
+    # blocks [start, end) run here on inputs [batch, seq, hidden] (stateless, float32) with a chain's
+    # adapter: the third opinion when two servers disagree and no other serves those blocks
+    arbiter: Callable[[int, int, torch.Tensor, ChainAdapter | None], torch.Tensor] | None = None
 
 
 async def fetch_info(host: Host, maddr: str, timeout: float) -> dict:
@@ -73,6 +83,9 @@ class SwarmClient:
         self._banned_until: dict[str, float] = {}
         self._unreachable_until: dict[str, float] = {}
         self._tasks = Tasks(log)  # the announcements' listener
+        self.verify = cfg.verify
+        self.ledger = Ledger(cfg.ledger)  # servers caught lying are never routed through
+        self.arbiter = cfg.arbiter
 
     @classmethod
     async def start(cls, model: str, num_blocks: int, cfg: ClientConfig) -> SwarmClient:
@@ -173,14 +186,16 @@ class SwarmClient:
         now = time.monotonic()
         return {p for p, until in self._banned_until.items() if until > now}
 
-    async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0, wait: bool = True) -> list[Span]:
-        """The best chain for blocks ``[start, end)`` over servers that answer pings; with
-        ``wait``, waits up to ``wait_timeout`` for missing blocks to be served. Raises
-        :class:`NoRouteError` naming the missing ranges."""
+    async def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0, wait: bool = True,
+                    exclude=frozenset()) -> list[Span]:
+        """The best chain for blocks ``[start, end)`` over servers that answer pings, never
+        through ``exclude`` or a server caught lying; with ``wait``, waits up to ``wait_timeout``
+        for missing blocks to be served. Raises :class:`NoRouteError` naming the missing ranges."""
         deadline = time.monotonic() + self.cfg.wait_timeout
         while True:
             try:
-                servers = self.table.snapshot()
+                left_out = set(exclude) | self.ledger.banned()
+                servers = {p: s for p, s in self.table.snapshot().items() if p not in left_out}
                 await self.ping_new(servers)
                 unreachable = self.unreachable()
                 servers = {p: s for p, s in servers.items() if p not in unreachable}
@@ -201,6 +216,7 @@ class SwarmClient:
         return chain
 
     async def close(self) -> None:
+        self.ledger.save()
         await self._tasks.close()
         await self.host.close()
 

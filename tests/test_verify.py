@@ -1,0 +1,188 @@
+"""Verification's pure parts (tolerances, when to check, who lied), the ledger of checks and bans,
+and the generation loop's recovery from a session that forgets positions (a liar's)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from swarm.engine.client import ClientModel, local_sessions
+from swarm.engine.generation import GenerationConfig, Rewound, generate
+from swarm.engine.speculative import NgramDrafter
+from swarm.p2p.ledger import Ledger
+from swarm.p2p.verify import (
+    PRECISION_ERROR,
+    Precision,
+    VerifyPolicy,
+    blame,
+    disagreement,
+    first_disagreeing,
+    tolerance,
+)
+
+DTYPES = ("float32", "bfloat16")
+QUANTS = ("none", "int8", "nf4")
+
+
+@pytest.mark.parametrize(
+    "agree, expected",
+    [
+        ((True, None, None), "none"),
+        ((False, None, None), "unknown"),
+        ((False, False, True), "primary"),
+        ((False, True, False), "checker"),
+        ((False, False, False), "unknown"),
+        ((False, True, True), "unknown"),  # cannot both agree with a third and disagree with each other
+        ((False, None, True), "unknown"),
+    ],
+)
+def test_blame_is_the_one_the_others_agree_against(agree, expected):
+    assert blame(*agree) == expected
+
+
+@pytest.mark.parametrize(
+    "mode, passed, pending, draw, due",
+    [
+        ("off", 0, 5, 0.0, False),
+        ("strict", 100, 1, 0.99, True),
+        ("strict", 0, 0, 0.0, False),  # nothing to check
+        ("sample", 0, 1, 0.99, True),  # a new server: always
+        ("sample", 2, 1, 0.99, True),
+        ("sample", 3, 1, 0.99, False),  # past its first checks: drawn
+        ("sample", 3, 1, 0.01, True),
+        ("sample", 50, 64, 0.99, True),  # too long unchecked
+    ],
+)
+def test_policy_checks_new_servers_then_samples(mode, passed, pending, draw, due):
+    assert VerifyPolicy(mode, rate=0.05).due(passed, pending, draw) is due
+
+
+def test_policy_flags_are_checked():
+    with pytest.raises(ValueError, match="--verify must be one of off, sample, strict"):
+        VerifyPolicy("sometimes")
+    with pytest.raises(ValueError, match="--verify-rate"):
+        VerifyPolicy("sample", rate=1.5)
+
+
+def test_disagreement_is_relative_to_what_the_blocks_changed():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16) * 10
+    out = x + torch.randn(2, 5, 16)
+    assert disagreement(x, out, out).max() == 0
+    noisy = out.clone()
+    noisy[1, 3] += 0.1 * torch.randn(16)  # one row of one position
+    errors = disagreement(x, out, noisy)
+    assert errors[3] > 0.02 and errors[[0, 1, 2, 4]].max() == 0
+    assert first_disagreeing(errors, 0.01) == 3 and first_disagreeing(errors, 10.0) is None
+    broken = out.clone()
+    broken[0, 2, 0] = float("nan")
+    assert first_disagreeing(disagreement(x, out, broken), 1e9) == 2
+
+
+@pytest.mark.parametrize("a", [(d, q) for d in DTYPES for q in QUANTS])
+@pytest.mark.parametrize("b", [(d, q) for d in DTYPES for q in QUANTS])
+def test_tolerance_covers_both_sides_and_is_symmetric(a, b):
+    pa, pb = Precision(*a), Precision(*b)
+    assert tolerance(pa, pb) == tolerance(pb, pa)
+    assert tolerance(pa, pb) > PRECISION_ERROR[a] + PRECISION_ERROR[b]
+    assert tolerance(Precision(), Precision()) < 0.01  # float32 servers: a small lie is caught
+
+
+def test_unknown_precision_is_the_most_lenient():
+    assert Precision("float8", "none").error >= max(PRECISION_ERROR.values())
+
+
+def test_ledger_persists_merges_and_expires(tmp_path):
+    path = tmp_path / "verify.json"
+    one, two = Ledger(path), Ledger(path)
+    one.count("A", True, 3)
+    one.ban("B", "lied on blocks 0:4", seconds=3600)
+    two.count("A", True)
+    two.count("C", False)
+    two.ban("D", "gone soon", seconds=-1)  # already expired
+    one.save()
+    two.save()
+    three = Ledger(path)
+    assert three.checks["A"] == [4, 0] and three.checks["C"] == [0, 1]
+    assert three.banned() == {"B"} and "lied" in three.bans["B"].reason
+    assert "D" not in json.loads(path.read_text())["bans"]
+
+
+def test_a_damaged_ledger_is_set_aside(tmp_path):
+    path = tmp_path / "verify.json"
+    path.write_text("{not json")
+    ledger = Ledger(path)
+    assert ledger.banned() == set()
+    ledger.ban("X", "why", seconds=60)
+    assert (tmp_path / "verify.bad").exists() and Ledger(path).banned() == {"X"}
+
+
+class LyingOnce:
+    """A local session whose step ``at`` (counted from 1) raises :class:`Rewound` to ``to``
+    after running it: as a chain does when a check finds a liar's positions from there on."""
+
+    def __init__(self, session, at: int, to):
+        self.session, self.at, self.to, self.steps = session, at, to, 0
+
+    def step(self, hidden, hypo_ids=None, per_position=False):
+        out = self.session.step(hidden, hypo_ids, per_position)
+        self.steps += 1
+        if self.steps == self.at:
+            self.position = self.session.kv.length
+            to = self.to(self.position) if callable(self.to) else self.to
+            self.session.rewind(to)
+            raise Rewound(to, "server …liar")
+        return out
+
+    def rewind(self, position):
+        self.session.rewind(position)
+
+    def close(self):
+        self.session.close()
+
+
+@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("at, to", [(1, 0), (1, 3), (4, lambda p: p - 1), (6, lambda p: p - 4), (9, 0), (5, 12)])
+def test_generation_after_a_rewind_gives_the_honest_tokens(tiny_checkpoints, at, to, draft):
+    client = ClientModel.load(tiny_checkpoints["llama"])
+    blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, torch.float32)
+    opener = local_sessions(blocks)
+    prompt = client.encode("the the the cat sat on the mat the cat")
+    cfg = GenerationConfig(max_new_tokens=16, draft="ngram" if draft else "none")
+    honest = generate(client.head, opener, prompt, cfg)
+    shown, rewinds = [], []
+
+    def on_rewind(kept):
+        rewinds.append(kept)
+        del shown[kept:]
+
+    got = generate(client.head, lambda b, m: LyingOnce(opener(b, m), at, to), prompt, cfg, shown.append,
+                   draft=NgramDrafter() if draft else None, on_rewind=on_rewind)
+    assert got == honest and shown == honest
+    assert all(k < 16 for k in rewinds)
+
+
+def test_beam_search_starts_over_after_a_rewind(tiny_checkpoints):
+    client = ClientModel.load(tiny_checkpoints["llama"])
+    blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, torch.float32)
+    opener = local_sessions(blocks)
+    prompt = client.encode("a b c")
+    cfg = GenerationConfig(max_new_tokens=6, num_beams=3)
+    honest = generate(client.head, opener, prompt, cfg)
+    opened = []
+
+    def lying(b, m):
+        opened.append(1)
+        session = opener(b, m)
+        return LyingOnce(session, 3, 2) if len(opened) == 1 else session
+
+    assert generate(client.head, lying, prompt, cfg) == honest and len(opened) == 2
+
+
+def test_policy_draws_are_a_fraction():
+    policy, rng = VerifyPolicy("sample", rate=0.1), random.Random(1)
+    checked = sum(policy.due(10, 1, policy.draw(rng)) for _ in range(10_000))
+    assert 800 < checked < 1200
