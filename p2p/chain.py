@@ -197,6 +197,9 @@ class RemoteChain:
         self.client, self.batch, self.max_length = client, batch, max_length  # client: a SwarmClient
         self.adapter = adapter  # kept for the life of the chain: replacement spans get it too
         self.exclude = frozenset(exclude)  # servers never used by this chain (a checker's: the checked one)
+        # a checker (verify=False) does not fail over: a failed check is dropped and a new checker
+        # opened at the next one, so a dead checker never holds up the chain it checks
+        self.recover = verify
         self.verifier = None  # checks its servers' outputs (p2p/checking.py), per the client's policy
         if verify and getattr(client, "verify", None) is not None and client.verify.enabled:
             from swarm.p2p.checking import ChainVerifier
@@ -222,6 +225,8 @@ class RemoteChain:
                     self.sessions.append(await self._open_span(span))
                 except SpanFailure as failure:
                     self.client.ban(failure.peer_id)
+                    if not self.recover:
+                        raise SwarmError(f"{_short(failure.peer_id)} failed: {failure}") from failure
                     sessions, _ = await self._take_over(span.start, span.end, None, None, failure)
                     self.sessions.extend(sessions)
         except BaseException:
@@ -496,6 +501,8 @@ class RemoteChain:
                 failed_over = True
                 self.client.ban(failure.peer_id)
                 await session.reset()
+                if not self.recover:
+                    raise SwarmError(f"{_short(failure.peer_id)} failed: {failure}") from failure
                 inputs, chunks = session.history.replay(sent, hypo_ids, per_position)
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
                 self.sessions[i : i + 1] = replacement

@@ -85,6 +85,7 @@ class ChainVerifier:
             if isinstance(result, BaseException):
                 if isinstance(result, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                     raise result
+                await self._drop_checker(session, broken=True)  # a new checker next time
                 log.warning("could not check %s on blocks %d:%d now: %s", _short(session.span.peer_id),
                             session.span.start, session.span.end, result)
                 continue
@@ -153,9 +154,9 @@ class ChainVerifier:
 
     def _unverifiable(self, session: SpanSession, why: Exception) -> None:
         if session.unverifiable_until == 0.0:
-            log.warning("cannot check %s on blocks %d:%d: no other server serves them (%s); its steps go "
+            log.warning("cannot check %s on blocks %d:%d: no other server serves them; its steps go "
                         "unchecked until one does (or use --verify strict: this machine then checks)",
-                        _short(session.span.peer_id), session.span.start, session.span.end, why)
+                        _short(session.span.peer_id), session.span.start, session.span.end)
         session.unverifiable_until = time.monotonic() + UNVERIFIABLE_RETRY
         return None
 
@@ -257,9 +258,15 @@ class ChainVerifier:
     def _chain_precision(self, chain: RemoteChain) -> Precision:
         return worst([self.precision(s.span.peer_id, s.wire) for s in chain.sessions] or [Precision("float32", "nf4")])
 
-    async def _drop_checker(self, session: SpanSession) -> None:
+    async def _drop_checker(self, session: SpanSession, broken: bool = False) -> None:
         checker, session.checker = session.checker, None
-        if checker is not None:
+        if checker is None:
+            return
+        if broken:  # its servers may be gone or frozen: no goodbyes
+            for s in checker.sessions:
+                await s.reset()
+            checker.sessions = []
+        else:
             await checker.close()
 
 

@@ -482,7 +482,7 @@ def test_an_error_mid_stream_is_an_error_event(tiny, monkeypatch):
 
     real, calls = api_backend.generate, []
 
-    def fails_once(head, open_session, ids, cfg, on_token, prefix=None, scores=None, stats=None):
+    def fails_once(head, open_session, ids, cfg, on_token, prefix=None, scores=None, stats=None, on_rewind=None):
         calls.append(1)
         if len(calls) > 1:
             return real(head, open_session, ids, cfg, on_token, prefix=prefix, scores=scores, stats=stats)
