@@ -1,0 +1,78 @@
+"""What verification costs: generation tokens/s with ``--verify off``, ``sample`` and ``strict``,
+side by side in one run, through the same swarm.
+
+The swarm: two `swarm serve` processes of the default model on loopback, each holding every
+block (so each can check the other: a check needs a second server of the same blocks). Each
+round runs the three policies one after another, in a rotating order (this machine's speed drifts
+over minutes), each a fresh client generating ``--tokens`` tokens greedily after the same prompt.
+The client's ledger is reset before every run, so each run pays the first checks of new servers
+(3 per server, at the prompt's and the first steps) as a new user would. Prints the median
+tokens/s of each policy and its cost against ``off``.
+
+Writes scripts/results/verify.json (``--out``).
+
+    python scripts/bench_verify.py [--tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
+
+from bench_common import add_out, open_swarm, write_results  # sibling scripts (their folder is on sys.path)
+
+from swarm.engine.default_model import ensure_default_model
+from swarm.launch import running_swarm
+
+PROMPT = "A short story about a lighthouse keeper who finds a message in a bottle:"
+POLICIES = ("off", "sample", "strict")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    add_out(parser, "verify")
+    args = parser.parse_args()
+    model = ensure_default_model()
+    times: dict[str, list[float]] = {p: [] for p in POLICIES}
+    checks: dict[str, list[int]] = {p: [] for p in POLICIES}
+    with tempfile.TemporaryDirectory() as home, running_swarm(model, ["0:30", "0:30"], home) as servers:
+        import os
+
+        os.environ["SWARM_HOME"] = home
+        maddr = servers[0].maddr
+        for r in range(args.rounds):
+            order = POLICIES[r % 3 :] + POLICIES[: r % 3]
+            for policy in order:
+                (Path(home) / "verify.json").unlink(missing_ok=True)
+                client = open_swarm(model, [maddr], verify=policy)
+                try:
+                    cfg = client.generation_config(max_new_tokens=args.tokens, draft="none")
+                    ids = client.encode(PROMPT)
+                    chains = []
+                    began = time.perf_counter()
+                    tokens = client.generate_ids(ids, cfg, on_chain=chains.append)
+                    elapsed = time.perf_counter() - began
+                    verifier = chains[-1].verifier if chains else None
+                    checks[policy].append(verifier.checks if verifier is not None else 0)
+                finally:
+                    client.close()
+                times[policy].append(len(tokens) / elapsed)
+                print(f"round {r + 1} {policy:6} {times[policy][-1]:6.1f} tokens/s, {checks[policy][-1]} checks")
+    figures = {p: {"tokens_per_s": statistics.median(times[p]), "runs": times[p], "checks": checks[p]} for p in POLICIES}
+    off = figures["off"]["tokens_per_s"]
+    for p in POLICIES:
+        figures[p]["cost_vs_off"] = 1 - figures[p]["tokens_per_s"] / off
+        print(f"{p:6} {figures[p]['tokens_per_s']:6.1f} tokens/s  cost {100 * figures[p]['cost_vs_off']:5.1f} %")
+    write_results(args.out, "verify", {"tokens": args.tokens, "rounds": args.rounds, "servers": 2,
+                                       "model": "default", "prompt": PROMPT}, {"policies": figures})
+
+
+if __name__ == "__main__":
+    main()
