@@ -333,7 +333,7 @@ def test_the_best_adapter_by_eval_loss_is_kept_when_the_eval_loss_rises(client, 
     evals = [r for r in records if r["type"] == "eval"]
     losses = {r["step"]: r["eval_loss"] for r in evals}
     best_step = min(losses, key=losses.get)
-    assert 0 < best_step < result.steps == 40 and result.eval_loss_after > losses[best_step] + 0.5, losses
+    assert 0 < best_step < result.steps == 40 and result.eval_loss_after > losses[best_step] + 0.25, losses
     assert (result.best_step, result.best_eval_loss) == (best_step, losses[best_step])
     assert result.best_output == cfg.output / "best"
     new_lows = [s for s in losses if losses[s] < min([v for t, v in losses.items() if t < s], default=float("inf"))]
