@@ -55,6 +55,10 @@ class Swarm:
         self.compute_lock = threading.Lock()  # local: one step at a time (adapters patch the shared blocks)
         self._tokenizer = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
         self._closed = False
+        # the blocks of the last range the arbiter ran (strict checks with no second server run the
+        # same range at every step: loaded once), and the lock its calls from several threads take
+        self._arbiter_blocks: BlockRange | None = None
+        self._arbiter_lock = threading.Lock()
 
     # --- opening and closing ---------------------------------------------------------------
 
@@ -115,17 +119,20 @@ class Swarm:
         the third opinion when two servers disagree and no third serves them (p2p/checking.py)."""
         from swarm.engine.adapters import attach, run_forward
 
-        blocks = self.checkpoint.load_blocks(start, end, torch.float32)
-        if adapter is None:
-            return run_forward(blocks, inputs)
-        return run_forward(attach(blocks), inputs, adapter.tensors, adapter.spec)
+        with self._arbiter_lock:
+            blocks = self._arbiter_blocks
+            if blocks is None or (blocks.start, blocks.end) != (start, end):
+                blocks = self._arbiter_blocks = attach(self.checkpoint.load_blocks(start, end, torch.float32))
+            if adapter is None:
+                return run_forward(blocks, inputs)
+            return run_forward(blocks, inputs, adapter.tensors, adapter.spec)
 
     def close(self) -> None:
         """Leave the swarm and free the blocks (idempotent). The handle refuses further use."""
         if self._closed:
             return
         self._closed = True
-        self.local_blocks = self._blocks = None
+        self.local_blocks = self._blocks = self._arbiter_blocks = None
         if self.background is not None:
             try:
                 if self.client is not None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from swarm.engine.generation import Rewound
-from swarm.p2p.chain import SwarmError
+from swarm.p2p.chain import SwarmError, _short
 from swarm.p2p.routing import NoRouteError
 from swarm.p2p.verify import Precision, blame, disagreement, first_disagreeing, tolerance, worst
 
@@ -113,15 +113,15 @@ class ChainVerifier:
         if checker is None:
             try:
                 checker = await self._open(session, exclude={session.span.peer_id})
-            except NoRouteError as exc:  # nobody else serves these blocks
+            except NoRouteError:  # nobody else serves these blocks
                 if self.policy.mode != "strict" or self.client.arbiter is None:
-                    return self._unverifiable(session, exc)
+                    self._unverifiable(session)
+                    return None
                 local = True  # strict: this machine checks with its own copy of the blocks
             else:
                 session.checker = checker
         if local:
-            got = (await asyncio.to_thread(self.client.arbiter, session.span.start, session.span.end, inputs,
-                                           chain.adapter))[:, start:]
+            got = (await self._local(session, inputs))[:, start:]
         elif start == 0 or checker.position == 0:
             got = (await checker.step(inputs))[:, start:]
         else:
@@ -152,13 +152,17 @@ class ChainVerifier:
             return start + bad, None, errors
         return start + bad, got, errors
 
-    def _unverifiable(self, session: SpanSession, why: Exception) -> None:
+    def _unverifiable(self, session: SpanSession) -> None:
         if session.unverifiable_until == 0.0:
             log.warning("cannot check %s on blocks %d:%d: no other server serves them; its steps go "
                         "unchecked until one does (or use --verify strict: this machine then checks)",
                         _short(session.span.peer_id), session.span.start, session.span.end)
         session.unverifiable_until = time.monotonic() + UNVERIFIABLE_RETRY
-        return None
+
+    async def _local(self, session: SpanSession, inputs: torch.Tensor) -> torch.Tensor:
+        """The span's blocks run on ``inputs`` by this machine (:attr:`SwarmClient.arbiter`)."""
+        return await asyncio.to_thread(self.client.arbiter, session.span.start, session.span.end, inputs,
+                                       self.chain.adapter)
 
     async def _settle(self, session: SpanSession, bad: int, got: torch.Tensor, errors: torch.Tensor) -> int | None:
         """A disagreement at position ``bad``: the third opinion, the liar's ban; the position to
@@ -180,14 +184,10 @@ class ChainVerifier:
                 who_third = ", ".join(_short(s.peer_id) for s in third_chain.spans)
             finally:
                 await third_chain.close()
-        except (NoRouteError, Exception) as exc:  # no other server: this machine's copy decides
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except Exception as exc:  # no other server (NoRouteError), or it failed: this machine's copy decides
             log.info("no third server for blocks %d:%d (%s)", session.span.start, session.span.end, exc)
         if third is None and self.client.arbiter is not None:
-            third = await asyncio.to_thread(self.client.arbiter, session.span.start, session.span.end, inputs,
-                                            chain.adapter)
-            third = third[:, start:]
+            third = (await self._local(session, inputs))[:, start:]
             third_precision, who_third = Precision(), "this machine"
         mine = self.precision(session.span.peer_id, session.wire)
         theirs = self._chain_precision(checker)
@@ -268,8 +268,4 @@ class ChainVerifier:
             checker.sessions = []
         else:
             await checker.close()
-
-
-def _short(peer_id: str) -> str:
-    return "server …" + peer_id[-6:]
 
