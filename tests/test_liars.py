@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,16 +47,17 @@ def local(model: Path, max_new_tokens: int) -> list[int]:
     return generate_local(client_model, client_model.encode(PROMPT), GenerationConfig(max_new_tokens=max_new_tokens))
 
 
+@contextmanager
 def swarm_with_liar(model: Path, home: Path, lie: list[str]):
-    """An honest server and a liar, both holding every block; the liar announces itself far faster,
-    so clients route through it first."""
+    """An honest server and a liar, both holding every block, stopped on leaving; yields the
+    honest one's multiaddr. The liar announces itself far faster, so clients route through it first."""
     common = ["--model", str(model), "--blocks", "0:4", "--announce-period", "1"]
-    honest = ServerProcess([*common, "--new-swarm", "--throughput", "1"], home, "honest")
-    maddr = honest.wait_ready()
-    liar = ServerProcess([*common, "--initial-peers", maddr, "--throughput", "1000"], home, "liar",
-                         prefix=(sys.executable, LIAR, *lie, "--"))
-    liar.wait_ready()
-    return honest, liar, maddr
+    with ServerProcess([*common, "--new-swarm", "--throughput", "1"], home, "honest") as honest:
+        maddr = honest.wait_ready()
+        with ServerProcess([*common, "--initial-peers", maddr, "--throughput", "1000"], home, "liar",
+                           prefix=(sys.executable, LIAR, *lie, "--")) as liar:
+            liar.wait_ready()
+            yield maddr
 
 
 def banned(home: Path) -> dict:
@@ -66,12 +68,8 @@ def banned(home: Path) -> dict:
 def test_a_server_lying_on_every_step_is_caught_at_once(tiny_checkpoints, tmp_path, monkeypatch, lie):
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
     model = tiny_checkpoints["llama"]
-    honest, liar, maddr = swarm_with_liar(model, tmp_path, ["--lie", lie])
-    try:
+    with swarm_with_liar(model, tmp_path, ["--lie", lie]) as maddr:
         tokens, rewinds = generate(model, maddr, 12)
-    finally:
-        liar.stop()
-        honest.stop()
     assert tokens == local(model, 12)
     assert all(kept < 9 for kept in rewinds)  # caught before the 10th token (here: at the prompt's step)
     assert len(banned(tmp_path)) == 1 and "wrong outputs" in next(iter(banned(tmp_path).values()))["reason"]
@@ -80,12 +78,8 @@ def test_a_server_lying_on_every_step_is_caught_at_once(tiny_checkpoints, tmp_pa
 def test_a_server_honest_for_a_while_then_lying_sometimes_is_caught(tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
     model = tiny_checkpoints["llama"]
-    honest, liar, maddr = swarm_with_liar(model, tmp_path, ["--lie", "noise:0.05", "--after", "30", "--rate", "0.3"])
-    try:
+    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.05", "--after", "30", "--rate", "0.3"]) as maddr:
         tokens, rewinds = generate(model, maddr, 150)
-    finally:
-        liar.stop()
-        honest.stop()
     assert tokens == local(model, 150)
     assert rewinds and len(banned(tmp_path)) == 1
 
@@ -94,15 +88,11 @@ def test_honest_servers_are_never_accused(tiny_checkpoints, tmp_path, monkeypatc
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
     model = tiny_checkpoints["llama"]
     common = ["--model", str(model), "--blocks", "0:4", "--announce-period", "1"]
-    first = ServerProcess([*common, "--new-swarm"], tmp_path, "first")
-    maddr = first.wait_ready()
-    second = ServerProcess([*common, "--initial-peers", maddr, "--threads", "1"], tmp_path, "second")
-    second.wait_ready()
-    try:
-        tokens, rewinds = generate(model, maddr, 60, verify="strict")
-    finally:
-        second.stop()
-        first.stop()
+    with ServerProcess([*common, "--new-swarm"], tmp_path, "first") as first:
+        maddr = first.wait_ready()
+        with ServerProcess([*common, "--initial-peers", maddr, "--threads", "1"], tmp_path, "second") as second:
+            second.wait_ready()
+            tokens, rewinds = generate(model, maddr, 60, verify="strict")
     assert tokens == local(model, 60) and rewinds == []
     checks = json.loads((tmp_path / "verify.json").read_text())
     assert checks["bans"] == {} and all(failed == 0 for _, failed in checks["checks"].values())
