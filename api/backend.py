@@ -522,7 +522,7 @@ class Choices:
 
 class _JobChain:
     """A job's :class:`~swarm.p2p.chain.RemoteChain` as the engine's inference session (as
-    :class:`~swarm.p2p.chain.SyncChain`, with each step cancellable by the job)."""
+    :class:`~swarm.p2p.sync_chain.SyncChain`, with each step cancellable by the job)."""
 
     def __init__(self, job: Job, chain, share: bool = False, first: torch.Tensor | None = None):
         self.job, self.chain = job, chain

@@ -13,14 +13,14 @@ Each span's session has a wire dtype (``ClientConfig.wire_dtype`` resolved for i
 and the server its outputs. The history kept for a span is what its server decoded, so a replay
 rebuilds the very cache it had.
 
-:class:`SwarmClient` (in :mod:`swarm.p2p.client`) opens chains; :class:`SyncChain` presents one
-to the engine's generation loop as an inference session.
+:class:`SwarmClient` (in :mod:`swarm.p2p.client`) opens chains;
+:class:`~swarm.p2p.sync_chain.SyncChain` presents one to the engine's generation loop as an
+inference session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 import uuid
@@ -34,7 +34,6 @@ from swarm.engine.adapters import AdapterSpec, adapter_digest, span_tensors
 from swarm.p2p import protocols
 from swarm.p2p.compression import received
 from swarm.p2p.host import P2PError, P2PTimeoutError
-from swarm.p2p.loop import BackgroundLoop
 from swarm.p2p.routing import NoRouteError, Span
 from swarm.p2p.wire import (
     MAX_TRAIL,
@@ -599,48 +598,3 @@ class RemoteChain:
 
 def _short(peer_id: str) -> str:
     return "server …" + peer_id[-6:]
-
-
-class PendingStep:
-    """A step in flight: calling it waits for the output (at most ``timeout`` seconds, then the
-    step is cancelled); ``done()`` says whether it has come, ``arrived`` when (``time.monotonic``)."""
-
-    def __init__(self, future: concurrent.futures.Future, timeout: float):
-        self.future, self.timeout = future, timeout
-        self.arrived: float | None = None
-        future.add_done_callback(self._stamp)
-
-    def _stamp(self, _future) -> None:
-        self.arrived = time.monotonic()
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def __call__(self) -> torch.Tensor:
-        try:
-            return self.future.result(self.timeout)
-        except BaseException:
-            self.future.cancel()
-            raise
-
-
-class SyncChain:
-    """A :class:`RemoteChain` as the engine's synchronous inference session."""
-
-    def __init__(self, background: BackgroundLoop, chain: RemoteChain, timeout: float):
-        self.background, self.chain, self.timeout = background, chain, timeout
-
-    def step(self, hidden: torch.Tensor, hypo_ids: torch.Tensor | None = None, per_position: bool = False) -> torch.Tensor:
-        return self.background.call(self.chain.step(hidden, hypo_ids, per_position), timeout=self.timeout)
-
-    def rewind(self, position: int) -> None:
-        self.chain.rewind(position)  # no I/O: the servers cut their caches at the next step
-
-    def step_async(self, hidden: torch.Tensor, per_position: bool = False) -> PendingStep:
-        """Start a step and return at once its :class:`PendingStep` (so the caller can draft
-        meanwhile); the wait is bounded as :meth:`step`'s."""
-        future = asyncio.run_coroutine_threadsafe(self.chain.step(hidden, None, per_position), self.background.loop)
-        return PendingStep(future, self.timeout)
-
-    def close(self) -> None:
-        self.background.call(self.chain.close(), timeout=self.timeout)

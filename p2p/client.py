@@ -3,7 +3,7 @@
 The client holds the embeddings and LM head itself (``swarm.engine.client.ClientModel``) and
 streams hidden states through a chain of servers covering all blocks (a
 :class:`~swarm.p2p.chain.RemoteChain`). The generation loop is the engine's, unchanged: a
-:class:`~swarm.p2p.chain.SyncChain` presents the remote chain as an inference session, so swarm
+:class:`~swarm.p2p.sync_chain.SyncChain` presents the remote chain as an inference session, so swarm
 output equals local output token for token, with or without an adapter.
 """
 
@@ -24,8 +24,8 @@ from swarm.p2p.chain import (  # noqa: F401  (RemoteChain, SpanFailure, SwarmErr
     RemoteChain,
     SpanFailure,
     SwarmError,
-    SyncChain,
 )
+from swarm.p2p.sync_chain import SyncChain
 from swarm.p2p.circuits import dial_allowance
 from swarm.p2p.compression import check_choice, resolve
 from swarm.p2p.host import Host, P2PError
