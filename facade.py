@@ -190,7 +190,7 @@ class Swarm:
             else:
                 from swarm.p2p.remote_blocks import RemoteBlocks
 
-                self._blocks = RemoteBlocks(self.client, self.background)
+                self._blocks = RemoteBlocks(self.client, self.background, checkpoint=self.checkpoint)
         return self._blocks
 
     # --- text ------------------------------------------------------------------------------

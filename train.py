@@ -23,7 +23,7 @@ from swarm.engine.finetune import FinetuneConfig, FinetuneResult
 # ClientOptions' fields a run takes (``adapter`` is the kind to train here, not one to apply)
 CLIENT_OPTIONS = (
     "model", "initial_peers", "local", "dtype", "step_timeout", "timeout", "wire_dtype", "no_quant_servers",
-    "swarm_key", "allow_peers",
+    "swarm_key", "allow_peers", "verify", "verify_rate",
 )
 # FinetuneConfig's fields a caller sets (``output`` and ``adapter`` are finetune's own arguments;
 # ``base_model`` and ``dtype`` follow from the client's options)
@@ -65,7 +65,7 @@ def finetune(
     ``max_grad_norm``, ``max_length``, ``seed``, ``eval_fraction``, ``save_every``, ``resume``,
     ``save_best``; see :class:`~swarm.engine.finetune.FinetuneConfig`) and the client's
     (``model``, ``initial_peers`` (default: ``SWARM_INITIAL_PEERS``), ``local``, ``dtype``,
-    ``step_timeout``, ``timeout``, ``wire_dtype``, ``no_quant_servers``; see
+    ``step_timeout``, ``timeout``, ``wire_dtype``, ``no_quant_servers``, ``verify``, ``verify_rate``; see
     :class:`~swarm.config.ClientOptions`). ``on_event`` receives the run's records as they happen
     (see :func:`swarm.engine.finetune.finetune`). ``quiet``: no progress on stderr while the
     default model is fetched on its first use.

@@ -545,20 +545,23 @@ class _JobChain:
         return out
 
     def rewind(self, position: int) -> None:
-        self.chain.rewind(position)
+        async def rewind() -> None:  # on the loop: checks in the background read the chain
+            self.chain.rewind(position)
+
+        self.job.backend.background.call(rewind(), timeout=10)
+
+    def settle(self) -> None:
+        """Wait for the chain's checks of its servers (raises Rewound: see RemoteChain.settle)."""
+        self._cut = True
+        self.job._call(self.chain.settle(), self.job.backend.step_timeout(len(self.chain.spans)))
+        self._cut = False
 
     def close(self) -> None:
         """Close every session (a reset after a cut step: the server ends the session as a failed
         one, freeing its cache at once). Never cancelled, bounded."""
         chain = self.chain
-
-        async def reset() -> None:
-            for session in chain.sessions:
-                await session.reset()
-            chain.sessions = []
-
         try:
-            self.job.backend.background.call(reset() if self._cut else chain.close(), timeout=10)
+            self.job.backend.background.call(chain.abort() if self._cut else chain.close(), timeout=10)
         except Exception as exc:  # the servers free an abandoned session on their own timeout
             log.warning("closing a chain: %s", exc)
 

@@ -90,7 +90,7 @@ VerifyOpt = Annotated[
     typer.Option(
         "--verify",
         help="Spot checks of the servers' outputs by other servers: sample (every new server's first steps, "
-        "then --verify-rate of the steps), strict (every step, before its token is shown) or off.",
+        "then --verify-rate of the steps or training passes), strict (every one, before its result is used) or off.",
     ),
 ]
 VerifyRateOpt = Annotated[

@@ -18,6 +18,8 @@ from swarm.cli.common import (
     NoQuantServersOpt,
     StepTimeoutOpt,
     TimeoutOpt,
+    VerifyOpt,
+    VerifyRateOpt,
     WireDtypeOpt,
     err,
     fail,
@@ -123,6 +125,8 @@ def finetune(
     no_quant_servers: NoQuantServersOpt = False,
     swarm_key: SwarmKeyOpt = None,
     allow_peers: AllowPeersOpt = None,
+    verify: VerifyOpt = ClientOptions.verify,
+    verify_rate: VerifyRateOpt = ClientOptions.verify_rate,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Train an adapter you own through the swarm's frozen blocks (or --local).

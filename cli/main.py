@@ -398,7 +398,7 @@ def status(
         Optional[str], typer.Option("--model", help="Only this model's servers (default: the initial peer's model).")
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the topology as JSON (with --watch: one line per refresh).")
+        bool, typer.Option("--json", help="Print the report as JSON (with --watch: one line per refresh).")
     ] = False,
     watch: Annotated[
         bool,
@@ -408,7 +408,8 @@ def status(
     swarm_key: SwarmKeyOpt = None,
     allow_peers: AllowPeersOpt = None,
 ) -> None:
-    """Show the swarm: who serves which blocks, how fast, where the gaps are.
+    """Show the swarm: who serves which blocks, how fast, where the gaps are; and this machine's
+    checks of each server (passed, failed) and the servers it banned for lying, with the reason.
 
     Exit status: 0 every block served; 3 some blocks unserved (gaps); 1 no initial peer answered.
     With --watch, the status of the last refresh.
@@ -416,7 +417,9 @@ def status(
     import time
 
     from swarm.engine.client import ModelNotAvailableError
+    from swarm.engine.default_model import swarm_home
     from swarm.p2p.client import SwarmError
+    from swarm.p2p.ledger import read_ledger
     from swarm.p2p.loop import run
     from swarm.p2p.status import gather_status
 
@@ -439,7 +442,8 @@ def status(
 
     def once() -> dict:
         try:
-            return run(gather_status(initial, model_name, membership=membership))
+            # read afresh each refresh: this machine's clients may have checked or banned since
+            return run(gather_status(initial, model_name, membership=membership, ledger=read_ledger(swarm_home())))
         except SwarmError as exc:
             fail(str(exc))
 

@@ -41,18 +41,22 @@ def _load(s: dict) -> str:
     return text
 
 
-def status_view(data: dict) -> Group:
+def status_view(data: dict, now: float | None = None) -> Group:
+    """The table of servers, the coverage summary, and (when ``data`` carries this machine's
+    ledger: ``"bans"``) a column of checks and the bans in force. ``now``: for the bans' times."""
+    now = time.time() if now is None else now
+    ledger = "bans" in data
     # escaped, as the cells below are plain Text: a peer announces what it likes
     table = Table(title=escape(f"{model_title(data)} — {data['num_blocks']} blocks"), title_justify="left")
     for col, justify in [("peer", "left"), ("name", "left"), ("address", "left"), ("reach", "left"), ("blocks", "right"),
-                         ("state", "left"),
+                         ("state", "left"), *([("checks", "left")] if ledger else []),
                          ("weights", "left"), ("tok/s (batched)", "right"), ("load", "right"), ("cache", "right"), ("rtt", "right"),
                          ("version", "left")]:
         table.add_column(col, justify=justify)
     for s in data["servers"]:
         state_style = {"online": "green", "joining": "yellow"}.get(s["state"], "red")
         table.add_row(
-            "…" + s["peer_id"][-6:],
+            _peer(s["peer_id"]),
             Text(s["name"] or "-"),
             Text(_address(s.get("addrs") or [])),  # not markup: a peer announces what it likes
             Text(s.get("reach", "unknown") + (" (direct here)" if s.get("reach") == "relayed" and s.get("link") == "direct"
@@ -60,6 +64,7 @@ def status_view(data: dict) -> Group:
                  style={"public": "green", "relayed": "yellow", "private": "red"}.get(s.get("reach", "unknown"), "")),
             f"{s['blocks'][0]}:{s['blocks'][1]}",
             Text(s["state"], style=state_style),
+            *([_checks(s)] if ledger else []),
             _weights(s),
             _speed(s),
             _load(s),
@@ -85,14 +90,46 @@ def status_view(data: dict) -> Group:
         notes.append("= speed given with --throughput, not measured")
     moves = data.get("moves") or []
     if moves:
-        now = time.time()
         notes.append("recent moves: " + "; ".join(
             f"…{m['peer_id'][-6:]} {m['from'][0]}:{m['from'][1]} → {m['to'][0]}:{m['to'][1]} "
             f"{_ago(now - m['time'])}" for m in moves[:5]
         ))
     if notes:
         summary.append("\n" + "\n".join(notes), style="dim")
-    return Group(table, summary)
+    bans = data.get("bans")
+    return Group(table, summary, Text(), bans_view(bans, now)) if bans else Group(table, summary)
+
+
+def bans_view(bans: list[dict], now: float) -> Table:
+    """``Banned by this machine``: each ban in force, its reason, since and until when."""
+    table = Table(title="Banned by this machine", title_justify="left", title_style="bold red", box=None,
+                  padding=(0, 2, 0, 0))
+    for col in ("peer", "reason", "since", "until"):
+        table.add_column(col, style="dim" if col in ("since", "until") else "")
+    for b in bans:
+        table.add_row(
+            _peer(b["peer_id"]) + ("" if b.get("in_swarm", True) else " (not in the swarm now)"),
+            Text(b["reason"] or "-"),  # not markup: it quotes what servers sent
+            "-" if not b["since"] else _ago(now - b["since"]),
+            f"for {_duration(b['until'] - now)} more",
+        )
+    return table
+
+
+def _peer(peer_id: str) -> str:
+    return "…" + peer_id[-6:]
+
+
+def _checks(s: dict) -> Text:
+    """This machine's checks of a server: ``12 ✓ 0 ✗`` (``—`` never checked), red ``banned`` first
+    when it is; a failed check in red."""
+    counts, text = s.get("checks"), Text()
+    if s.get("ban"):
+        text.append("banned ", style="bold red")
+    if counts is not None:
+        text.append(f"{counts['passed']} ✓ ")
+        text.append(f"{counts['failed']} ✗", style="red" if counts["failed"] else "")
+    return text if text.plain else Text("—")
 
 
 def _address(addrs: list) -> str:
@@ -124,9 +161,16 @@ def _speed(s: dict) -> str:
 
 
 def _ago(seconds: float) -> str:
+    return f"{_duration(seconds)} ago"
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``5 h``, ``6 days`` (negative: 0 s)."""
     seconds = max(0.0, seconds)
     if seconds < 120:
-        return f"{seconds:.0f} s ago"
+        return f"{seconds:.0f} s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.0f} h ago"
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"

@@ -245,8 +245,14 @@ def score_prompt(
     session = open_session(1, virtual + len(input_ids))
     try:
         with torch.no_grad():
-            hidden = session.step(_embed(head, torch.tensor([input_ids]), prefix))
-            return _score_prompt(head, hidden, input_ids, top)
+            while True:
+                try:
+                    hidden = session.step(_embed(head, torch.tensor([input_ids]), prefix))
+                    _settle(session)
+                    return _score_prompt(head, hidden, input_ids, top)
+                except Rewound as exc:  # the prompt's step again (a server lied)
+                    if exc.position != 0:
+                        session.rewind(0)
     finally:
         session.close()
 
@@ -310,8 +316,11 @@ def generate(
         step_ids, new, first = seen, [], prefix
         prompt_scored = False
         with torch.no_grad():
-            while len(new) < max_length - before:
+            while True:
                 try:
+                    if len(new) >= max_length - before or (new and new[-1] in cfg.eos_token_ids):
+                        _settle(session)  # the checks still under way, and of what is unchecked
+                        return new
                     hidden = session.step(_embed(head, step_ids, first))
                 except Rewound as exc:  # positions from exc.position on were wrong: choose their tokens again
                     kept = rewound(exc.position, session, len(new))
@@ -331,11 +340,8 @@ def generate(
                     scores.on_token(token_logprobs(raw, torch.tensor([token]), scores.top)[0])
                 if on_token is not None:
                     on_token(token)
-                if token in cfg.eos_token_ids:
-                    break
                 step_ids = torch.tensor([[token]])
                 seen = torch.cat([seen, step_ids], dim=1)
-        return new
     finally:
         session.close()
 
@@ -384,7 +390,7 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
     # a costly drafter drafts the next step's tokens while a verification is in flight
     ahead = DraftAhead(getattr(draft, "costly", False) and hasattr(session, "step_async"))
     while True:
-        accepted = 0
+        accepted, redo = 0, None
         for j in range(outs.shape[1]):
             raw = head.logits(outs[:, j])  # one row, as plain decoding computes it
             seen = torch.tensor([tokens]) if cfg.repetition_penalty != 1.0 else None  # None: not read
@@ -398,30 +404,47 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
             if on_token is not None:
                 on_token(token)
             if token in cfg.eos_token_ids or len(new) >= budget:
-                return new
+                try:
+                    _settle(session)  # the checks still under way, and of what is unchecked
+                    return new
+                except Rewound as exc:
+                    redo = exc
+                    break
             if j < len(drafted) and drafted[j] == token:
                 accepted += 1
                 stats.accepted += 1
                 continue
             break
-        if last is not None:
-            length.observe(*last, len(drafted), accepted)
-        if accepted < len(drafted):  # the drafted positions after the first miss are forgotten
-            position -= len(drafted) - accepted
-            session.rewind(position)
-        # the next step: the last token picked, and what the drafter proposes after it (or
-        # proposed already, while the step before was in flight, if it guessed that token)
-        limit = budget - len(new) - 1
-        k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(draft.draft_time, limit, ahead.free)
-        drafted = ahead.take(tokens, accepted == len(drafted), k)
-        if drafted is None:
-            drafted = draft.propose(tokens, k)[:k] if k else []
-        else:
-            stats.ahead += 1
-            if len(drafted) < k:  # the answer came before all were drafted ahead: the rest now
-                drafted += draft.propose(tokens + drafted, k - len(drafted))[: k - len(drafted)]
-        ids = torch.tensor([[tokens[-1], *drafted]])
+        if redo is None:
+            if last is not None:
+                length.observe(*last, len(drafted), accepted)
+            if accepted < len(drafted):  # the drafted positions after the first miss are forgotten
+                position -= len(drafted) - accepted
+                session.rewind(position)
+            # the next step: the last token picked, and what the drafter proposes after it (or
+            # proposed already, while the step before was in flight, if it guessed that token)
+            limit = budget - len(new) - 1
+            k = min(cfg.draft_tokens, limit) if cfg.draft_tokens else length.choose(draft.draft_time, limit, ahead.free)
+            drafted = ahead.take(tokens, accepted == len(drafted), k)
+            if drafted is None:
+                drafted = draft.propose(tokens, k)[:k] if k else []
+            else:
+                stats.ahead += 1
+                if len(drafted) < k:  # the answer came before all were drafted ahead: the rest now
+                    drafted += draft.propose(tokens + drafted, k - len(drafted))[: k - len(drafted)]
+            ids = torch.tensor([[tokens[-1], *drafted]])
         while True:
+            if redo is not None:  # positions from redo.position on were wrong: their tokens are chosen again
+                kept = rewound(redo.position, session, len(new))
+                if kept == 0:  # the prompt's own step was wrong: everything again
+                    stats.tokens -= len(new)
+                    return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
+                                        draft, stats, seed, rewound)
+                stats.tokens -= len(new) - kept
+                del new[kept:]
+                tokens = [*input_ids, *new]
+                position, drafted, redo = redo.position, [], None
+                ids = torch.tensor([[tokens[-1]]])
             began = time.monotonic()
             try:
                 if ahead.enabled and drafted:
@@ -435,21 +458,19 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
                     outs = session.step(_embed(head, ids, None), per_position=bool(drafted))
                     ended = time.monotonic()
                 break
-            except Rewound as exc:  # positions from exc.position on were wrong: their tokens are chosen again
-                kept = rewound(exc.position, session, len(new))
-                if kept == 0:  # the prompt's own step was wrong: everything again
-                    stats.tokens -= len(new)
-                    return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
-                                        draft, stats, seed, rewound)
-                stats.tokens -= len(new) - kept
-                del new[kept:]
-                tokens = [*input_ids, *new]
-                position, drafted = exc.position, []
-                ids = torch.tensor([[tokens[-1]]])
+            except Rewound as exc:
+                redo = exc
         last = (ids.shape[1], ended - began)  # the chain's time, not the drafting's
         position += ids.shape[1]
         stats.steps += 1
         stats.drafted += len(drafted)
+
+
+def _settle(session) -> None:
+    """Wait for the session's checks of its servers, where it has them (raises Rewound)."""
+    settle = getattr(session, "settle", None)
+    if settle is not None:
+        settle()
 
 
 def _embed(head: torch.nn.Module, ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
@@ -482,7 +503,9 @@ def _beam_search(
     try:
         for attempt in range(BEAM_RESTARTS + 1):
             try:
-                return _beams(head, session, input_ids, cfg, max_length, prefix)
+                found = _beams(head, session, input_ids, cfg, max_length, prefix)
+                _settle(session)  # the checks still under way, and of what is unchecked
+                return found
             except Rewound as exc:  # a server was caught lying: the search again from the start, on honest servers
                 if attempt == BEAM_RESTARTS:
                     raise RuntimeError(f"servers were caught lying {attempt + 1} times in one beam search; giving up") from exc

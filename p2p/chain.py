@@ -33,8 +33,9 @@ from swarm.cache.history import SpanHistory
 from swarm.engine.adapters import AdapterSpec, adapter_digest, span_tensors
 from swarm.p2p import protocols
 from swarm.p2p.compression import received
-from swarm.p2p.host import P2PError, P2PTimeoutError
+from swarm.p2p.host import P2PError
 from swarm.p2p.routing import NoRouteError, Span
+from swarm.p2p.span_session import SpanFailure, SpanSession, SwarmError, _short
 from swarm.p2p.wire import (
     MAX_TRAIL,
     MAX_VERIFY,
@@ -43,16 +44,14 @@ from swarm.p2p.wire import (
     WireError,
     adapter_fields,
     expect,
-    pump_frames,
     read_frame,
     write_frame,
 )
 
 log = logging.getLogger("swarm.client")
 
-
-class SwarmError(RuntimeError):
-    """The swarm could not do what was asked (no peers, a server failed); the message says why."""
+# (part of this module's API)
+__all__ = ["ChainAdapter", "RemoteChain", "SpanFailure", "SpanSession", "SwarmError"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,6 @@ PUSH_GRACE = 2.0  # s: a pushed step unanswered this long (or 4× the previous s
 FIRST_PUSH_GRACE = 10.0  # s: the same for a chain's first step (nothing to compare with yet)
 MAX_LOST_PUSHES = 3  # push runs in a row that went wrong before a chain stops asking for pushes
 REPLAY_FRAME_BYTES = 64 * 2**20  # a replay larger than this is sent as several frames
-REPLY_QUEUE = 8  # frames read ahead from one server's session stream
-FRAME_TIMEOUT = 30.0  # s from a reply frame's first byte to its last (plus a second per MiB)
 
 
 def _refused(peer_id: str, exc: Exception) -> Exception:
@@ -96,80 +93,6 @@ class _PushLost(Exception):
     def __init__(self, message: str, overdue: bool = False):
         super().__init__(message)
         self.overdue = overdue
-
-
-class SpanFailure(Exception):
-    """A server of the chain failed: an error reply, an end of stream without a close frame, a
-    reset connection, or no reply within the step timeout."""
-
-    def __init__(self, peer_id: str, cause: Exception):
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.peer_id, self.cause = peer_id, cause
-
-
-@dataclass(eq=False)
-class SpanSession:
-    """An open session on one server: its stream, the frames read from it (by a reader task, so
-    a wait for them can time out without cutting a frame in half) and the inputs sent to it."""
-
-    span: Span
-    stream: object
-    session_id: str = ""
-    wire: str = "float32"  # how its inputs and outputs travel (see swarm.p2p.compression)
-    history: SpanHistory = field(default_factory=SpanHistory)
-    frames: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(REPLY_QUEUE))
-    reader: asyncio.Task | None = None
-    arrived: asyncio.Event | None = None  # set on every frame (or read error); shared by a chain
-    error: Exception | None = None  # an error reply taken out of turn: every later read raises it
-    # verification (p2p/checking.py): what the server returned, reordered as the history is; the
-    # positions before ``verified_to`` passed a check; steps since; the rows' reorder since then
-    outputs: SpanHistory = field(default_factory=SpanHistory)
-    verified_to: int = 0
-    unchecked_steps: int = 0
-    perm: torch.Tensor | None = None
-    checker: RemoteChain | None = None  # the chain that checks this one's outputs (other servers)
-    unverifiable_until: float = 0.0  # no other server held its blocks at the last try: not before this
-
-    def record(self, hidden: torch.Tensor, output: torch.Tensor | None, hypo_ids, per_position: bool) -> None:
-        """Keep a step's input (and, when verifying, its output)."""
-        self.history.record(hidden, hypo_ids, per_position)
-        if output is not None:
-            self.outputs.record(output, hypo_ids, per_position)
-            self.unchecked_steps += 1
-            if hypo_ids is not None:
-                self.perm = hypo_ids if self.perm is None else self.perm[hypo_ids]
-
-    def start_reading(self) -> None:
-        async def put(item) -> None:
-            await self.frames.put(item)  # a server that floods us only stalls its own stream
-            if self.arrived is not None:
-                self.arrived.set()
-
-        self.reader = asyncio.create_task(pump_frames(self.stream, put, frame_timeout=FRAME_TIMEOUT))
-
-    async def next_frame(self, timeout: float) -> Frame:
-        """The next frame from the server; its read error if the stream failed; P2PTimeoutError
-        if none comes within ``timeout`` (nothing is lost: a later call still gets it)."""
-        if self.error is not None:
-            raise self.error
-        try:
-            item = await asyncio.wait_for(self.frames.get(), timeout)
-        except asyncio.TimeoutError:
-            raise P2PTimeoutError(f"no reply from the server within {timeout:g} s") from None
-        if isinstance(item, BaseException):
-            self.frames.put_nowait(item)  # the stream is done: every later read fails the same way
-            raise item
-        return item
-
-    async def reset(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-        await self.stream.reset()
-
-    async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-        await self.stream.close()
 
 
 class RemoteChain:
@@ -430,8 +353,10 @@ class RemoteChain:
             if self.verifier is not None:
                 session.outputs.truncate(position)
                 session.verified_to = min(session.verified_to, position)
-                if session.checker is not None and session.checker.position > position:
+                if session.checker is not None and session.checking is None and session.checker.position > position:
                     session.checker.rewind(position)
+        if self.verifier is not None:
+            self.verifier.rewound(position)
         self.position = position
 
     async def replace_banned(self) -> None:
@@ -445,8 +370,8 @@ class RemoteChain:
                 i += 1
                 continue
             await session.reset()
-            if session.checker is not None:
-                await session.checker.close()
+            if self.verifier is not None:
+                await self.verifier.forget(session)
             history = session.history
             failure = SpanFailure(session.span.peer_id, SwarmError("caught lying"))
             replacement, _ = await self._take_over(session.span.start, session.span.end, history.inputs,
@@ -500,6 +425,8 @@ class RemoteChain:
                 failed_over = True
                 self.client.ban(failure.peer_id)
                 await session.reset()
+                if self.verifier is not None:
+                    await self.verifier.left(session)
                 if not self.recover:
                     raise SwarmError(f"{_short(failure.peer_id)} failed: {failure}") from failure
                 inputs, chunks = session.history.replay(sent, hypo_ids, per_position)
@@ -524,6 +451,12 @@ class RemoteChain:
         if self.verifier is not None:
             await self.verifier.after_step()  # Rewound: a liar's outputs are forgotten, the chain ready
         return x.to(dtype)
+
+    async def settle(self) -> None:
+        """Check what is not yet checked, the checks in the background finished first (see
+        :meth:`~swarm.p2p.checking.ChainVerifier.settle`); raises Rewound as :meth:`step`."""
+        if self.verifier is not None:
+            await self.verifier.settle()
 
     async def _take_over(self, start: int, end: int, inputs, chunks, failure: SpanFailure):
         """Open sessions covering blocks ``[start, end)`` on the best servers not banned and, when
@@ -580,6 +513,8 @@ class RemoteChain:
 
     async def close(self) -> None:
         """Send every server an explicit close (so it frees the cache at once)."""
+        if self.verifier is not None:
+            await self.verifier.close()
         for session in self.sessions:
             if session.checker is not None:
                 await session.checker.close()
@@ -596,5 +531,14 @@ class RemoteChain:
         self.sessions = []
 
 
-def _short(peer_id: str) -> str:
-    return "server …" + peer_id[-6:]
+    async def abort(self) -> None:
+        """Reset every session (after a step cut half-way: the streams may hold half a frame;
+        the servers end the sessions as failed ones, freeing their caches at once)."""
+        if self.verifier is not None:
+            await self.verifier.close()
+        for session in self.sessions:
+            if session.checker is not None:
+                await session.checker.abort()
+                session.checker = None
+            await session.reset()
+        self.sessions = []

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +49,21 @@ class Dispute(SwarmError):
     """Servers disagree on blocks and nothing can tell which is right."""
 
 
+@dataclass(eq=False)
+class _Check:
+    """One check of a span's positions ``[start, end)``: what was sent and returned, taken when it
+    began (the chain goes on meanwhile: the histories it reads are never changed in place)."""
+
+    session: SpanSession
+    start: int
+    end: int
+    inputs: torch.Tensor  # the span's inputs for positions [0, end)
+    expected: torch.Tensor  # what its server returned for [start, end)
+    perm: torch.Tensor | None  # the rows' reorder since start (beam search)
+    cut: int  # the chain was rewound to here since it began: the positions from here on were forgotten
+    task: asyncio.Task | None = None  # a check in the background
+
+
 class ChainVerifier:
     """The checks of one :class:`~swarm.p2p.chain.RemoteChain` (see the module's docstring)."""
 
@@ -57,6 +73,7 @@ class ChainVerifier:
         self.rng = rng or random.Random()
         self.checks = 0  # checks run by this chain
         self.caught: list[str] = []  # servers caught lying, in order
+        self.running: list[_Check] = []  # checks in the background, owned (awaited or cancelled) here
 
     def precision(self, peer_id: str, wire: str) -> Precision:
         info = self.client.table.snapshot().get(peer_id)
@@ -65,46 +82,125 @@ class ChainVerifier:
         return Precision(info.dtype, info.quant, wire)
 
     async def after_step(self) -> None:
-        """Run the checks due after a step (concurrently, one per span); raises
-        :class:`~swarm.engine.generation.Rewound` when a server of the chain was caught lying."""
+        """Start the checks due after a step: awaited where they block (``strict``, or a server
+        not yet trusted), else in the background; raises
+        :class:`~swarm.engine.generation.Rewound` when a check (finished now or in the background
+        since the last step) caught a server of the chain lying."""
         chain = self.chain
-        due = []
+        rewind_to = self._finished()
+        blocking = []
         now = time.monotonic()
         for session in chain.sessions:
-            if session.unverifiable_until > now:
+            if session.checking is not None or session.unverifiable_until > now:
                 continue
             pending = chain.position - session.verified_to
             passed = self.client.ledger.passed(session.span.peer_id)
             if self.policy.due(passed, session.unchecked_steps if pending else 0, self.policy.draw(self.rng)):
-                due.append(session)
-        if not due:
-            return
-        results = await asyncio.gather(*(self._compare(s) for s in due), return_exceptions=True)
-        rewind_to = None
-        for session, result in zip(due, results):
-            if isinstance(result, BaseException):
-                if isinstance(result, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
-                    raise result
-                await self._drop_checker(session, broken=True)  # a new checker next time
-                log.warning("could not check %s on blocks %d:%d now: %s", _short(session.span.peer_id),
-                            session.span.start, session.span.end, result)
-                continue
-            if result is None:
-                continue
-            at = await self._settle(session, *result)
-            if at is not None:
-                rewind_to = at if rewind_to is None else min(rewind_to, at)
+                check = self._begin(session)
+                if self.policy.blocking(passed):
+                    blocking.append(check)
+                else:
+                    check.task = asyncio.create_task(self._run(check))
+                    self.running.append(check)
+        if blocking:
+            rewind_to = _least(rewind_to, *await asyncio.gather(*(self._run(c) for c in blocking)))
         if rewind_to is not None:
             await self._recover(rewind_to)
 
-    async def _compare(self, session: SpanSession):
-        """Check ``session``'s unchecked positions on its checker. None if they agree (the
-        session is then verified to the chain's position); else (first bad position, the
-        checker's outputs, the errors) for :meth:`_settle`."""
-        chain = self.chain
-        start = session.verified_to
-        end = chain.position
-        inputs = session.history.inputs[:, :end]
+    async def settle(self) -> None:
+        """Finish the checks in the background and check every position not yet checked (where
+        another server or, in ``strict`` mode, this machine can): what a generation does before
+        it returns. Raises :class:`~swarm.engine.generation.Rewound` as :meth:`after_step`."""
+        if self.running:
+            await asyncio.wait([c.task for c in self.running])
+        rewind_to = self._finished()
+        if rewind_to is None:
+            chain, now = self.chain, time.monotonic()
+            checks = [self._begin(s) for s in chain.sessions
+                      if s.verified_to < chain.position and s.unverifiable_until <= now and s.checking is None]
+            rewind_to = _least(None, *await asyncio.gather(*(self._run(c) for c in checks)))
+        if rewind_to is not None:
+            await self._recover(rewind_to)
+
+    def rewound(self, position: int) -> None:
+        """The chain forgot the positions from ``position`` on (checks under way keep what they
+        took; their results count up to there)."""
+        for check in self.running:
+            check.cut = min(check.cut, position)
+
+    async def forget(self, session: SpanSession) -> None:
+        """``session`` leaves the chain (its server was replaced): its check stops, its checker closes."""
+        for check in [c for c in self.running if c.session is session]:
+            check.task.cancel()
+            await asyncio.wait([check.task])
+            self.running.remove(check)
+        await self._drop_checker(session, broken=True)
+
+    async def left(self, session: SpanSession) -> None:
+        """``session``'s server failed and was replaced: its check under way, if any, goes on (and
+        closes the checker when done), else its checker closes now."""
+        if session.checking is None:
+            await self._drop_checker(session, broken=True)
+
+    async def close(self) -> None:
+        """Stop the checks in the background (the chain closes)."""
+        running, self.running = self.running, []
+        for check in running:
+            check.task.cancel()
+        if running:
+            await asyncio.wait([c.task for c in running])
+        for check in running:
+            await self._drop_checker(check.session, broken=True)
+
+    def _finished(self) -> int | None:
+        """Collect the background checks that finished: the least position to rewind to, if any."""
+        rewind_to = None
+        for check in [c for c in self.running if c.task.done()]:
+            self.running.remove(check)
+            if not check.task.cancelled():
+                rewind_to = _least(rewind_to, check.task.result())
+        return rewind_to
+
+    def _begin(self, session: SpanSession) -> _Check:
+        end = self.chain.position
+        check = _Check(session, session.verified_to, end, session.history.inputs[:, :end],
+                       session.outputs.inputs[:, session.verified_to : end], session.perm, end)
+        session.perm, session.unchecked_steps, session.checking = None, 0, check
+        return check
+
+    async def _run(self, check: _Check) -> int | None:
+        """Run ``check`` to its verdict: None, or the position to rewind the chain to (a liar was
+        caught and banned). A check that could not be done is logged and done again later."""
+        session = check.session
+        try:
+            result = await self._compare(check)
+            if result is None:
+                return None
+            bad = await self._settle(check, *result)
+            return None if bad is None else min(bad, check.cut)
+        except Exception as exc:
+            await self._drop_checker(session, broken=True)  # a new checker next time
+            log.warning("could not check %s on blocks %d:%d now: %s", _short(session.span.peer_id),
+                        session.span.start, session.span.end, exc)
+            return None
+        finally:
+            session.checking = None
+            if session not in self.chain.sessions:  # replaced meanwhile: its checker is of no more use
+                await self._drop_checker(session, broken=True)
+
+    def _passed(self, check: _Check) -> None:
+        """``check``'s positions passed (those the chain still holds)."""
+        session = check.session
+        session.verified_to = max(session.verified_to, min(check.end, check.cut))
+        checker = session.checker
+        if checker is not None and checker.position > session.verified_to:
+            checker.rewind(session.verified_to)  # the positions after it were forgotten meanwhile
+
+    async def _compare(self, check: _Check):
+        """Compare ``check``'s positions with its checker's. None if they agree (the session is
+        then verified to the check's end); else (first bad position, the checker's outputs, the
+        errors) for :meth:`_settle`."""
+        session, start, end, inputs = check.session, check.start, check.end, check.inputs
         checker = session.checker
         if checker is not None and checker.position != start:
             await self._drop_checker(session)
@@ -125,18 +221,15 @@ class ChainVerifier:
         elif start == 0 or checker.position == 0:
             got = (await checker.step(inputs))[:, start:]
         else:
-            got = await checker.step(inputs[:, start:end], session.perm)
-        session.perm = None
+            got = await checker.step(inputs[:, start:end], check.perm)
         self.checks += 1
-        expected = session.outputs.inputs[:, start:end]
-        errors = disagreement(inputs[:, start:end], expected, got)
+        errors = disagreement(inputs[:, start:end], check.expected, got)
         theirs = Precision() if local else self._chain_precision(checker)
         limit = tolerance(self.precision(session.span.peer_id, session.wire), theirs)
         bad = first_disagreeing(errors, limit)
         ledger = self.client.ledger
         if bad is None:
-            session.verified_to = end
-            session.unchecked_steps = 0
+            self._passed(check)
             ledger.count(session.span.peer_id, True)
             for s in ([] if local else checker.spans):
                 ledger.count(s.peer_id, True)
@@ -164,15 +257,12 @@ class ChainVerifier:
         return await asyncio.to_thread(self.client.arbiter, session.span.start, session.span.end, inputs,
                                        self.chain.adapter)
 
-    async def _settle(self, session: SpanSession, bad: int, got: torch.Tensor, errors: torch.Tensor) -> int | None:
+    async def _settle(self, check: _Check, bad: int, got: torch.Tensor, errors: torch.Tensor) -> int | None:
         """A disagreement at position ``bad``: the third opinion, the liar's ban; the position to
         rewind the chain to if the checked server lied, else None."""
         if got is None:  # caught by this machine's own computation
             return bad
-        chain = self.chain
-        start, end = session.verified_to, chain.position
-        inputs = session.history.inputs[:, :end]
-        expected = session.outputs.inputs[:, start:end]
+        session, start, end, inputs, expected = check.session, check.start, check.end, check.inputs, check.expected
         checker = session.checker
         checker_peers = [s.peer_id for s in checker.spans]
         third, third_precision, who_third = None, None, "nobody"
@@ -218,8 +308,7 @@ class ChainVerifier:
                     ledger.count(p, False)
             ledger.count(session.span.peer_id, True)
             await self._drop_checker(session)
-            session.verified_to = end
-            session.unchecked_steps = 0
+            self._passed(check)
             return None
         await self._drop_checker(session)
         raise Dispute(
@@ -269,3 +358,9 @@ class ChainVerifier:
         else:
             await checker.close()
 
+
+
+def _least(position: int | None, *others: int | None) -> int | None:
+    """The least of the positions given (None: none)."""
+    found = [p for p in (position, *others) if p is not None]
+    return min(found) if found else None

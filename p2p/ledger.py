@@ -92,22 +92,17 @@ class Ledger:
                 self.bans[peer] = Ban(float(ban["until"]), str(ban.get("reason", "")), float(ban.get("since", 0)))
 
     def _read(self) -> dict:
-        empty = {"checks": {}, "bans": {}}
         try:
-            data = json.loads(self.path.read_text())
-            checks = {str(p): [int(c[0]), int(c[1])] for p, c in data.get("checks", {}).items()}
-            bans = {str(p): {"until": float(b["until"]), "reason": str(b.get("reason", "")), "since": float(b.get("since", 0))}
-                    for p, b in data.get("bans", {}).items()}
-            return {"checks": checks, "bans": bans}
+            return _parse(self.path.read_text())
         except FileNotFoundError:
-            return empty
-        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            return {"checks": {}, "bans": {}}
+        except _UNREADABLE as exc:
             log.warning("%s is unreadable (%s): starting a new one", self.path, exc)
             try:
                 os.replace(self.path, self.path.with_suffix(".bad"))
             except OSError:
                 pass
-            return empty
+            return {"checks": {}, "bans": {}}
 
     @contextmanager
     def _locked(self):
@@ -120,6 +115,18 @@ class Ledger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_UNREADABLE = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def _parse(text: str) -> dict:
+    """The file's ``{"checks", "bans"}``, checked and normalized; raises one of ``_UNREADABLE``."""
+    data = json.loads(text)
+    checks = {str(p): [int(c[0]), int(c[1])] for p, c in data.get("checks", {}).items()}
+    bans = {str(p): {"until": float(b["until"]), "reason": str(b.get("reason", "")), "since": float(b.get("since", 0))}
+            for p, b in data.get("bans", {}).items()}
+    return {"checks": checks, "bans": bans}
+
+
 def _trim(data: dict) -> None:
     now = time.time()
     data["bans"] = {p: b for p, b in data["bans"].items() if b["until"] > now}
@@ -130,5 +137,12 @@ def _trim(data: dict) -> None:
 
 
 def read_ledger(home: Path) -> Ledger:
-    """The ledger of the machine whose ``$SWARM_HOME`` is ``home`` (as ``swarm status`` shows it)."""
-    return Ledger(home / "verify.json")
+    """The ledger of the machine whose ``$SWARM_HOME`` is ``home``, as ``swarm status`` shows it: a
+    snapshot in memory (``save`` does nothing), read without the lock and never written or moved.
+    A missing or unreadable file reads as an empty ledger (the clients set a bad one aside)."""
+    ledger = Ledger()
+    try:
+        ledger._merge(_parse((home / "verify.json").read_text()))
+    except _UNREADABLE:
+        pass
+    return ledger

@@ -54,6 +54,7 @@ from swarm.p2p.client import INFO_FRAME, ClientConfig, SpanFailure, SwarmClient,
 from swarm.p2p.compression import pack
 from swarm.p2p.host import P2PError
 from swarm.p2p.loop import BackgroundLoop
+from swarm.p2p.pass_checks import PassChecks
 from swarm.p2p.routing import NoRouteError, Span
 from swarm.p2p.table import model_id
 from swarm.p2p.wire import (
@@ -122,9 +123,13 @@ class RemoteBlocks(nn.Module):
     last forward ran on, in order. Create with :meth:`connect` (which owns a background event
     loop and a :class:`SwarmClient`) and :meth:`close` it, or use it as a context manager."""
 
-    def __init__(self, client: SwarmClient, background: BackgroundLoop, owns: bool = False):
+    def __init__(self, client: SwarmClient, background: BackgroundLoop, owns: bool = False,
+                 checkpoint: Checkpoint | None = None):
         super().__init__()
         self.client, self.background, self._owns = client, background, owns
+        # spot checks of the passes (p2p/pass_checks.py), per the client's policy; ``checkpoint``:
+        # where this machine loads its own copy of blocks for a third opinion
+        self.checks = PassChecks(self, checkpoint) if client.verify.enabled else None
         self.num_blocks = client.num_blocks
         self.cfg = client.cfg
         self.wire_bytes = 0
@@ -153,7 +158,7 @@ class RemoteBlocks(nn.Module):
         except BaseException:
             background.close()
             raise
-        return cls(client, background, owns=True)
+        return cls(client, background, owns=True, checkpoint=checkpoint)
 
     def close(self) -> None:
         """Leave the swarm (when :meth:`connect` made this module); idempotent."""
@@ -202,11 +207,11 @@ class RemoteBlocks(nn.Module):
         while i < len(spans):
             span = spans[i]
             try:
-                y = await self._pass(span, "forward", x, None, job)
+                y, ran = await self._checked(span, "forward", x, None, job)
             except SpanFailure as failure:
                 spans[i : i + 1] = await self._take_over(span, failure, job)
                 continue
-            trace.append((span, x))
+            trace.extend(ran)  # the spans whose result it is (other servers', where this one lied)
             x, i = y, i + 1
         return x, trace
 
@@ -217,7 +222,7 @@ class RemoteBlocks(nn.Module):
         grads: dict[str, torch.Tensor] = {}
         for span, inputs in reversed(trace):
             try:
-                grad, part = await self._pass(span, "backward", inputs, grad, job)
+                (grad, part), _ = await self._checked(span, "backward", inputs, grad, job)
             except SpanFailure as failure:
                 spans = await self._take_over(span, failure, job)
                 last_input, sub_trace = await self._forward_spans(inputs, spans[:-1], job)
@@ -267,6 +272,13 @@ class RemoteBlocks(nn.Module):
         self.client.unban(span.peer_id)
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return output if kind == "forward" else (output, grads)
+
+    async def _checked(self, span: Span, kind: str, x: torch.Tensor, grad: torch.Tensor | None, job: _Pass):
+        """:meth:`_pass`, spot-checked on other servers when the policy says so (see
+        :mod:`swarm.p2p.pass_checks`): (result, [(span, input)] of the servers whose result it is)."""
+        if self.checks is None:
+            return await self._pass(span, kind, x, grad, job), [(span, x)]
+        return await self.checks.run(span, kind, x, grad, job)
 
     async def _rows_per_request(self, span: Span, x: torch.Tensor, sub: dict, kind: str) -> int:
         limits = await self._server_limits(span.peer_id)

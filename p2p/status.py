@@ -1,4 +1,5 @@
-"""The swarm's topology as seen from one initial peer: servers, ranges, states, speed, gaps."""
+"""The swarm's topology as seen from one initial peer: servers, ranges, states, speed, gaps; and
+what this machine's checks found of them (its verification ledger: checks passed and failed, bans)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from swarm.p2p.client import SwarmError, fetch_info
 from swarm.p2p.circuits import dial_allowance
 from swarm.p2p.host import Host, P2PError
+from swarm.p2p.ledger import Ledger
 from swarm.p2p.private import Membership, private_hint
 from swarm.p2p.table import MAX_NAME, PeerTable, ServerInfo, announced_text, coverage, gaps
 from swarm.p2p.wire import PeerId, RemoteError, WireError
@@ -16,6 +18,7 @@ from swarm.p2p.wire import PeerId, RemoteError, WireError
 
 async def gather_status(
     initial_peers: list[str], model: str | None = None, timeout: float = 10.0, membership: Membership | None = None,
+    ledger: Ledger | None = None,
 ) -> dict:
     """Ask the initial peers for their tables and ping every server listed.
 
@@ -25,6 +28,7 @@ async def gather_status(
     state ``unreachable`` and counts for neither gaps nor coverage: the tables still list it until
     its entry expires (3 announce periods), but no client could use it.
     ``membership``: a private swarm's key and the servers allowed (see :mod:`swarm.p2p.private`).
+    ``ledger``: this machine's checks and bans, added to the report (see :func:`status_report`).
     Raises :class:`SwarmError` when no initial peer answers (or none serves ``model``)."""
     membership = membership or Membership()
     if not initial_peers:
@@ -55,7 +59,7 @@ async def gather_status(
         # the name the initial peers announce (else any server's: a client has no checkpoint to name it)
         names = [announced_text(i.get("model_name", ""), MAX_NAME) for i in infos if i.get("model") == model]
         name = next((n for n in [*names, *(s.model_name for s in servers.values())] if n), "")
-        return status_report(model, num_blocks, servers, rtts, errors, model_name=name, links=links)
+        return status_report(model, num_blocks, servers, rtts, errors, model_name=name, links=links, ledger=ledger)
     finally:
         await host.close()
 
@@ -80,11 +84,18 @@ def status_report(
     unreachable_initial_peers: list[str] = (),
     model_name: str = "",
     links: Mapping[PeerId, str] | None = None,
+    ledger: Ledger | None = None,
+    now: float | None = None,
 ) -> dict:
     """The status object (``swarm status --json``, ``GET /v1/swarm`` of ``swarm api``) of a table
     snapshot and the servers' round-trip times: a server without an RTT is ``unreachable`` and
     counts for neither gaps nor coverage. ``model`` is the model's id, ``model_name`` what people
-    call it ("" when unknown). ``links``: how this peer reaches each server, direct or relayed."""
+    call it ("" when unknown). ``links``: how this peer reaches each server, direct or relayed.
+    ``ledger``: this machine's verification ledger; with it each server has ``"checks"``
+    (``{"passed", "failed"}``, None when never checked) and ``"ban"`` (``{"reason", "since",
+    "until"}``, None when not banned), and the report has ``"bans"``: every ban in force at ``now``
+    (default: the time now), newest first, those of servers not in ``servers`` too
+    (``"in_swarm": false``). Without it none of these keys are there."""
     links = links or {}
     reachable = {p: s for p, s in servers.items() if rtts.get(p) is not None}
     rows = [
@@ -119,7 +130,7 @@ def status_report(
         for p, s in sorted(servers.items(), key=lambda item: (item[1].start, item[1].end, item[0]))
     ]
     totals = coverage(reachable, num_blocks)
-    return {
+    report = {
         "model": model,
         "model_name": model_name,
         "num_blocks": num_blocks,
@@ -130,6 +141,17 @@ def status_report(
         "moves": recent_moves(servers),
         "unreachable_initial_peers": list(unreachable_initial_peers),
     }
+    if ledger is not None:
+        now = time.time() if now is None else now
+        bans = {p: b for p, b in ledger.bans.items() if b.until > now}
+        for row in rows:
+            counts = ledger.checks.get(row["peer_id"])
+            row["checks"] = None if counts is None else {"passed": counts[0], "failed": counts[1]}
+            ban = bans.get(row["peer_id"])
+            row["ban"] = None if ban is None else ban.to_json()
+        report["bans"] = [{"peer_id": p, **b.to_json(), "in_swarm": p in servers}
+                          for p, b in sorted(bans.items(), key=lambda item: (-item[1].since, item[0]))]
+    return report
 
 
 def recent_moves(servers, limit: int = 10) -> list[dict]:

@@ -47,7 +47,13 @@ class SyncChain:
         return self.background.call(self.chain.step(hidden, hypo_ids, per_position), timeout=self.timeout)
 
     def rewind(self, position: int) -> None:
-        self.chain.rewind(position)  # no I/O: the servers cut their caches at the next step
+        # no I/O (the servers cut their caches at the next step), but on the loop: checks in the
+        # background read the chain
+        self.background.call(_call(self.chain.rewind, position), timeout=self.timeout)
+
+    def settle(self) -> None:
+        """Wait for the chain's checks and check what is unchecked (raises Rewound)."""
+        self.background.call(self.chain.settle(), timeout=self.timeout)
 
     def step_async(self, hidden: torch.Tensor, per_position: bool = False) -> PendingStep:
         """Start a step and return at once its :class:`PendingStep` (so the caller can draft
@@ -57,3 +63,7 @@ class SyncChain:
 
     def close(self) -> None:
         self.background.call(self.chain.close(), timeout=self.timeout)
+
+
+async def _call(function, *args):
+    return function(*args)

@@ -23,6 +23,8 @@ MODES = ("off", "sample", "strict")
 DEFAULT_RATE = 0.05  # the chance a step is checked once a server passed its first checks (see docs/security.md)
 FIRST_CHECKS = 3  # checks a server must pass with a client before it is only sampled
 MAX_PENDING = 64  # unchecked steps of a span after which a check is due whatever the draw
+MAX_PENDING_PASSES = 8  # the same for fine-tuning's passes (a lie there goes into the adapter at once)
+BLOCKING_CHECKS = 1  # checks a server must pass before sample-mode checks of it run in the background
 
 # The largest disagreement an honest server's arithmetic shows against exact float32 math, per
 # (dtype, quant): measured worst cases over prompts, positions and spans of the default model
@@ -41,6 +43,7 @@ PRECISION_ERROR = {
 # what the output's wire dtype adds (relative to the blocks' change of the hidden state)
 WIRE_ERROR = {"float32": 0.0, "float16": 0.1, "bfloat16": 0.1, "int8": 0.6}
 MARGIN = 1.5  # over measured worst cases; two honest sides differ by at most the sum of theirs
+GRAD_MARGIN = 2.0  # gradients (a backward pass's) are checked within this times the outputs' tolerance
 FLOOR = 0.03  # a position the blocks barely moved is measured against this share of |x| instead
 
 
@@ -87,6 +90,16 @@ def disagreement(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
     return ((a - b).norm(dim=-1) / scale).amax(dim=0)
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / max(‖a‖, ‖b‖)`` over whole tensors: how far apart two servers' gradients of
+    the same pass are (0 equal, about 1 or more unrelated; infinite where one is not finite)."""
+    a, b = a.float(), b.float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.inf
+    scale = max(float(a.norm()), float(b.norm()), 1e-12)
+    return float((a - b).norm()) / scale
+
+
 def first_disagreeing(errors: torch.Tensor, limit: float) -> int | None:
     """The index of the first position whose error exceeds ``limit`` (or is not finite), or None."""
     bad = ~(errors <= limit)  # NaN counts as bad
@@ -100,7 +113,13 @@ class VerifyPolicy:
     output is used. ``sample`` (the default): the steps of a server that has not yet passed
     :data:`FIRST_CHECKS` checks with this client always, then each step with chance ``rate``, and
     whenever :data:`MAX_PENDING` steps went unchecked; a check covers every step since the last
-    one, so a lie on any step is found at the next check."""
+    one, so a lie on any step is found at the next check, and the steps left unchecked when a
+    generation ends are checked before it returns.
+
+    A check blocks (its step's output is used only once it passed) in ``strict`` mode and until
+    a server passed :data:`BLOCKING_CHECKS` checks; otherwise it runs in the background while
+    the generation goes on, and a lie it finds rewinds the generation to the first wrong
+    position."""
 
     mode: str = "sample"
     rate: float = DEFAULT_RATE
@@ -125,6 +144,11 @@ class VerifyPolicy:
         if self.mode == "strict" or passed < self.first or pending >= self.max_pending:
             return True
         return draw < self.rate
+
+    def blocking(self, passed: int) -> bool:
+        """Whether a due check of a server that passed ``passed`` checks is awaited before its
+        step's output is used (else it runs in the background)."""
+        return self.mode == "strict" or passed < BLOCKING_CHECKS
 
     def draw(self, rng: random.Random | None = None) -> float:
         return (rng or random).random()

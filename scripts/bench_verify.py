@@ -6,7 +6,9 @@ block (so each can check the other: a check needs a second server of the same bl
 round runs the three policies one after another, in a rotating order (this machine's speed drifts
 over minutes), each a fresh client generating ``--tokens`` tokens greedily after the same prompt.
 The client's ledger is reset before every run, so each run pays the first checks of new servers
-(3 per server, at the prompt's and the first steps) as a new user would. Prints the median
+(3 per server, the first one blocking) as a new user would; ``sample-known`` runs with the ledger
+of an earlier run (the servers passed their first checks already: every check runs in the
+background), as a returning user does. Prints the median
 tokens/s of each policy and its cost against ``off``.
 
 Writes scripts/results/verify.json (``--out``).
@@ -30,7 +32,7 @@ from swarm.engine.default_model import ensure_default_model
 from swarm.launch import running_swarm
 
 PROMPT = "A short story about a lighthouse keeper who finds a message in a bottle:"
-POLICIES = ("off", "sample", "strict")
+POLICIES = ("off", "sample", "sample-known", "strict")
 
 
 def main() -> None:
@@ -47,11 +49,21 @@ def main() -> None:
 
         os.environ["SWARM_HOME"] = home
         maddr = servers[0].maddr
+        ledger = Path(home) / "verify.json"
+        client = open_swarm(model, [maddr], verify="sample")  # a run whose ledger sample-known starts from
+        try:
+            client.generate_ids(client.encode(PROMPT), client.generation_config(max_new_tokens=8, draft="none"))
+        finally:
+            client.close()
+        known = ledger.read_bytes()
+        n = len(POLICIES)
         for r in range(args.rounds):
-            order = POLICIES[r % 3 :] + POLICIES[: r % 3]
+            order = POLICIES[r % n :] + POLICIES[: r % n]
             for policy in order:
-                (Path(home) / "verify.json").unlink(missing_ok=True)
-                client = open_swarm(model, [maddr], verify=policy)
+                ledger.unlink(missing_ok=True)
+                if policy == "sample-known":
+                    ledger.write_bytes(known)
+                client = open_swarm(model, [maddr], verify=policy.split("-")[0])
                 try:
                     cfg = client.generation_config(max_new_tokens=args.tokens, draft="none")
                     ids = client.encode(PROMPT)

@@ -50,14 +50,14 @@ def local(model: Path, max_new_tokens: int) -> list[int]:
 @contextmanager
 def swarm_with_liar(model: Path, home: Path, lie: list[str]):
     """An honest server and a liar, both holding every block, stopped on leaving; yields the
-    honest one's multiaddr. The liar announces itself far faster, so clients route through it first."""
+    honest one's multiaddr and the liar's. The liar announces itself far faster, so clients route
+    through it first."""
     common = ["--model", str(model), "--blocks", "0:4", "--announce-period", "1"]
     with ServerProcess([*common, "--new-swarm", "--throughput", "1"], home, "honest") as honest:
         maddr = honest.wait_ready()
         with ServerProcess([*common, "--initial-peers", maddr, "--throughput", "1000"], home, "liar",
                            prefix=(sys.executable, LIAR, *lie, "--")) as liar:
-            liar.wait_ready()
-            yield maddr
+            yield maddr, liar.wait_ready()
 
 
 def banned(home: Path) -> dict:
@@ -68,7 +68,7 @@ def banned(home: Path) -> dict:
 def test_a_server_lying_on_every_step_is_caught_at_once(tiny_checkpoints, tmp_path, monkeypatch, lie):
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
     model = tiny_checkpoints["llama"]
-    with swarm_with_liar(model, tmp_path, ["--lie", lie]) as maddr:
+    with swarm_with_liar(model, tmp_path, ["--lie", lie]) as (maddr, _):
         tokens, rewinds = generate(model, maddr, 12)
     assert tokens == local(model, 12)
     assert all(kept < 9 for kept in rewinds)  # caught before the 10th token (here: at the prompt's step)
@@ -78,7 +78,7 @@ def test_a_server_lying_on_every_step_is_caught_at_once(tiny_checkpoints, tmp_pa
 def test_a_server_honest_for_a_while_then_lying_sometimes_is_caught(tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
     model = tiny_checkpoints["llama"]
-    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.05", "--after", "30", "--rate", "0.3"]) as maddr:
+    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.05", "--after", "30", "--rate", "0.3"]) as (maddr, _):
         tokens, rewinds = generate(model, maddr, 150)
     assert tokens == local(model, 150)
     assert rewinds and len(banned(tmp_path)) == 1
@@ -97,3 +97,54 @@ def test_honest_servers_are_never_accused(tiny_checkpoints, tmp_path, monkeypatc
     checks = json.loads((tmp_path / "verify.json").read_text())
     assert checks["bans"] == {} and all(failed == 0 for _, failed in checks["checks"].values())
     assert sum(passed for passed, _ in checks["checks"].values()) >= 60
+
+
+def train(model: Path, data: Path, out: Path, **options) -> dict:
+    """A LoRA trained on ``data`` in this process (through the swarm, or ``local=True``): its tensors."""
+    from safetensors.torch import load_file
+
+    from swarm.train import finetune
+
+    finetune(data, output=out, model=str(model), epochs=4, batch_size=4, lr=1e-2, max_length=64, eval_fraction=0,
+             save_every=0, quiet=True, **options)
+    return load_file(out / "adapter_model.safetensors")
+
+
+def facts(tmp_path: Path, n: int = 8) -> Path:
+    facts = Path(__file__).resolve().parents[1] / "scripts" / "data" / "facts.jsonl"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(line + "\n" for line in facts.read_text().splitlines()[:n]))
+    return data
+
+
+def test_a_lora_trained_through_a_lying_server_equals_one_trained_honestly(tiny_checkpoints, tmp_path, monkeypatch):
+    """The liar (noise on every forward and backward) is the client's first choice: its first pass
+    is checked, the liar caught and banned, that pass's honest result used, and the rest of the
+    run goes through the honest server: the adapter is a local run's."""
+    monkeypatch.setenv("SWARM_HOME", str(tmp_path))
+    model, data = tiny_checkpoints["llama"], facts(tmp_path)
+    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.01"]) as (maddr, liar):
+        swarm = train(model, data, tmp_path / "swarm", initial_peers=maddr)
+    want = train(model, data, tmp_path / "local", local=True)
+    assert max((swarm[k] - want[k]).abs().max().item() for k in want) <= 1e-5
+    assert list(banned(tmp_path)) == [liar.rsplit("/p2p/", 1)[1]]
+
+
+def test_a_liar_caught_after_unchecked_passes_stops_the_training_naming_it(tiny_checkpoints, tmp_path, monkeypatch):
+    """Honest for its first passes (which pass their checks), lying after: the lies that went
+    unchecked may be in the adapter already, so the run stops with an error naming the liar (or,
+    had the first lie been checked, ends with an honest run's adapter)."""
+    from swarm.p2p.chain import SwarmError
+
+    monkeypatch.setenv("SWARM_HOME", str(tmp_path))
+    model, data = tiny_checkpoints["llama"], facts(tmp_path)
+    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.01", "--after", "4"]) as (maddr, liar):
+        liar_id = liar.rsplit("/p2p/", 1)[1]
+        try:
+            swarm = train(model, data, tmp_path / "swarm", initial_peers=maddr)
+        except SwarmError as exc:
+            assert liar_id[-6:] in str(exc) and "may have learned from wrong results" in str(exc), exc
+        else:
+            want = train(model, data, tmp_path / "local", local=True)
+            assert max((swarm[k] - want[k]).abs().max().item() for k in want) <= 1e-5
+    assert list(banned(tmp_path)) == [liar_id]

@@ -3,16 +3,21 @@ and the generation loop's recovery from a session that forgets positions (a liar
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
 import pytest
 import torch
+from rich.console import Console
 
+from swarm.cli.render import status_view
 from swarm.engine.client import ClientModel, local_sessions
 from swarm.engine.generation import GenerationConfig, Rewound, generate
 from swarm.engine.speculative import NgramDrafter
-from swarm.p2p.ledger import Ledger
+from swarm.p2p.ledger import Ban, Ledger, read_ledger
+from swarm.p2p.status import status_report
+from swarm.p2p.table import ServerInfo
 from swarm.p2p.verify import (
     PRECISION_ERROR,
     Precision,
@@ -186,3 +191,96 @@ def test_policy_draws_are_a_fraction():
     policy, rng = VerifyPolicy("sample", rate=0.1), random.Random(1)
     checked = sum(policy.due(10, 1, policy.draw(rng)) for _ in range(10_000))
     assert 800 < checked < 1200
+
+
+# ---- `swarm status`: this machine's checks and bans ----------------------------------------------
+
+NOW = 1_700_000_000.0
+DAY = 86400.0
+
+
+def _fabricated_ledger() -> Ledger:
+    ledger = Ledger()
+    ledger.checks = {"peerAAAAAA": [12, 0], "peerBBBBBB": [7, 1], "peerGONE01": [3, 1], "peerOLD001": [1, 1]}
+    ledger.bans = {
+        "peerBBBBBB": Ban(until=NOW + 6 * DAY, reason="lied on blocks 2:4 from position 5", since=NOW - DAY),
+        "peerGONE01": Ban(until=NOW + 3 * DAY, reason="lied as a checker on blocks 0:2", since=NOW - 4 * DAY),
+        "peerOLD001": Ban(until=NOW - 1, reason="expired", since=NOW - 8 * DAY),
+    }
+    return ledger
+
+
+def _fabricated_report(ledger: Ledger | None) -> dict:
+    servers = {p: ServerInfo(peer_id=p, addrs=(), model="m", start=s, end=e)
+               for p, s, e in [("peerAAAAAA", 0, 2), ("peerBBBBBB", 2, 4), ("peerCCCCCC", 0, 4)]}
+    return status_report("m", 4, servers, {p: 0.001 for p in servers}, ledger=ledger, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "peer, checks, ban_reason",
+    [
+        ("peerAAAAAA", {"passed": 12, "failed": 0}, None),
+        ("peerBBBBBB", {"passed": 7, "failed": 1}, "lied on blocks 2:4 from position 5"),
+        ("peerCCCCCC", None, None),  # never checked here
+    ],
+)
+def test_status_rows_carry_this_machines_checks_and_bans(peer, checks, ban_reason):
+    row = next(r for r in _fabricated_report(_fabricated_ledger())["servers"] if r["peer_id"] == peer)
+    assert row["checks"] == checks
+    assert (row["ban"] or {}).get("reason") == ban_reason
+
+
+def test_status_lists_bans_in_force_newest_first_in_the_swarm_or_not():
+    bans = _fabricated_report(_fabricated_ledger())["bans"]
+    assert [(b["peer_id"], b["in_swarm"]) for b in bans] == [("peerBBBBBB", True), ("peerGONE01", False)]
+    assert bans[0] == {"peer_id": "peerBBBBBB", "reason": "lied on blocks 2:4 from position 5", "since": NOW - DAY,
+                       "until": NOW + 6 * DAY, "in_swarm": True}
+    json.dumps(bans)  # `swarm status --json`
+
+
+def test_status_without_a_ledger_has_no_verification_keys():
+    data = _fabricated_report(None)
+    assert "bans" not in data and all("checks" not in r and "ban" not in r for r in data["servers"])
+    assert _fabricated_report(Ledger())["bans"] == []
+
+
+def _rendered(data: dict) -> str:
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(status_view(data, now=NOW))
+    return console.export_text()
+
+
+def test_status_view_shows_checks_and_the_bans_section():
+    text = _rendered(_fabricated_report(_fabricated_ledger()))
+    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("│ …")}
+    assert "12 ✓ 0 ✗" in rows["…AAAAAA"] and "banned 7 ✓ 1 ✗" in rows["…BBBBBB"] and "—" in rows["…CCCCCC"]
+    banned = text[text.index("Banned by this machine"):]
+    assert "…BBBBBB" in banned and "lied on blocks 2:4 from position 5" in banned
+    assert "24 h ago" in banned and "for 6 days more" in banned
+    assert "…GONE01 (not in the swarm now)" in banned and "4 days ago" in banned and "for 3 days more" in banned
+    assert "expired" not in text and "…OLD001" not in text
+
+
+def test_status_view_without_bans_or_ledger_adds_nothing():
+    assert "Banned by this machine" not in _rendered(_fabricated_report(Ledger()))
+    plain = _rendered(_fabricated_report(None))
+    assert "checks" not in plain and "Banned" not in plain
+
+
+def test_status_reads_the_ledger_without_touching_it(tmp_path):
+    assert read_ledger(tmp_path).checks == {} and not list(tmp_path.iterdir())  # missing: nothing checked
+    path = tmp_path / "verify.json"
+    for bad in ["{not json", "[1, 2]", '{"checks": {"A": "x"}}', '{"bans": {"A": {"reason": "no until"}}}']:
+        path.write_text(bad)
+        ledger = read_ledger(tmp_path)
+        assert (ledger.checks, ledger.bans) == ({}, {})
+        assert path.read_text() == bad and sorted(p.name for p in tmp_path.iterdir()) == ["verify.json"]
+    writer = Ledger(path := tmp_path / "fresh" / "verify.json")
+    writer.count("A", True, 2)
+    writer.ban("B", "lied", seconds=60)
+    ledger = read_ledger(path.parent)
+    assert ledger.checks == {"A": [2, 0]}
+    assert ledger.banned() == {"B"} and ledger.bans["B"].reason == "lied"
+    ledger.count("A", False)
+    ledger.save()  # a snapshot: saving writes nothing
+    assert read_ledger(path.parent).checks["A"] == [2, 0]
