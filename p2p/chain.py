@@ -431,6 +431,8 @@ class RemoteChain:
                     raise SwarmError(f"{_short(failure.peer_id)} failed: {failure}") from failure
                 inputs, chunks = session.history.replay(sent, hypo_ids, per_position)
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
+                if self.verifier is not None:  # what it returned unchecked, against the replay
+                    self.verifier.compare_replay(session, inputs, out, hypo_ids, replacement)
                 self.sessions[i : i + 1] = replacement
                 i += len(replacement)
                 x = out[:, -hidden.shape[1] :]

@@ -73,7 +73,9 @@ class ChainVerifier:
         self.rng = rng or random.Random()
         self.checks = 0  # checks run by this chain
         self.caught: list[str] = []  # servers caught lying, in order
+        self.closest = 0.0  # the largest disagreement seen, as a share of its tolerance (honest: < 1)
         self.running: list[_Check] = []  # checks in the background, owned (awaited or cancelled) here
+        self.suspect: int | None = None  # a failed server's replay disagreed from here: rewind after the step
 
     def precision(self, peer_id: str, wire: str) -> Precision:
         info = self.client.table.snapshot().get(peer_id)
@@ -87,7 +89,7 @@ class ChainVerifier:
         :class:`~swarm.engine.generation.Rewound` when a check (finished now or in the background
         since the last step) caught a server of the chain lying."""
         chain = self.chain
-        rewind_to = self._finished()
+        rewind_to, self.suspect = _least(self._finished(), self.suspect), None
         blocking = []
         now = time.monotonic()
         for session in chain.sessions:
@@ -121,6 +123,31 @@ class ChainVerifier:
             rewind_to = _least(None, *await asyncio.gather(*(self._run(c) for c in checks)))
         if rewind_to is not None:
             await self._recover(rewind_to)
+
+    def compare_replay(self, failed: SpanSession, inputs: torch.Tensor, out: torch.Tensor, hypo_ids,
+                       replacement: list[SpanSession]) -> None:
+        """A server failed and ``replacement`` replayed its history (``inputs``, reordered by
+        ``hypo_ids`` as the step's): the outputs it returned that were not checked yet are compared
+        with the replay's ``out``. Where they disagree one of the two lied (a liar that crashed
+        after lying, or a lying replacement); the chain rewinds there after this step, so the
+        tokens from there come from the replacement, a new server whose first check blocks."""
+        old = failed.outputs.inputs
+        if old is None:
+            return
+        if hypo_ids is not None:
+            old = old.index_select(0, hypo_ids)
+        start, end = failed.verified_to, min(old.shape[1], out.shape[1])
+        if start >= end:
+            return
+        errors = disagreement(inputs[:, start:end], old[:, start:end], out[:, start:end])
+        theirs = worst([self.precision(s.span.peer_id, s.wire) for s in replacement] or [Precision("float32", "nf4")])
+        limit = tolerance(self.precision(failed.span.peer_id, failed.wire), theirs)
+        bad = first_disagreeing(errors, limit)
+        if bad is not None:
+            log.warning("%s failed, and its outputs for blocks %d:%d from position %d differ from its replacement's "
+                        "(error %.3g > %.3g): those tokens are computed again", _short(failed.span.peer_id),
+                        failed.span.start, failed.span.end, start + bad, float(errors[bad]), limit)
+            self.suspect = _least(self.suspect, start + bad)
 
     def rewound(self, position: int) -> None:
         """The chain forgot the positions from ``position`` on (checks under way keep what they
@@ -227,6 +254,7 @@ class ChainVerifier:
         theirs = Precision() if local else self._chain_precision(checker)
         limit = tolerance(self.precision(session.span.peer_id, session.wire), theirs)
         bad = first_disagreeing(errors, limit)
+        self.closest = max(self.closest, float(errors.max()) / limit) if errors.numel() else self.closest
         ledger = self.client.ledger
         if bad is None:
             self._passed(check)
@@ -241,7 +269,7 @@ class ChainVerifier:
         if local:  # this machine's own computation needs no third opinion
             self._caught(session.span.peer_id, f"returned wrong outputs for blocks {session.span.start}:"
                          f"{session.span.end} at position {start + bad} (error {float(errors[bad]):.3g}; "
-                         f"this machine computed them)")
+                         f"this machine computed them)", check, start + bad)
             return start + bad, None, errors
         return start + bad, got, errors
 
@@ -293,7 +321,7 @@ class ChainVerifier:
             reason = (f"returned wrong outputs for blocks {session.span.start}:{session.span.end} at position {bad} "
                       f"(error {float(errors[bad - start]):.3g}; {', '.join(_short(p) for p in checker_peers)} and "
                       f"{who_third} agree with each other)")
-            self._caught(peer, reason)
+            self._caught(peer, reason, check, bad)
             for p in checker_peers:
                 ledger.count(p, True)
             await self._drop_checker(session)
@@ -319,11 +347,16 @@ class ChainVerifier:
             + "; the output cannot be trusted (retry later, or run --local)"
         )
 
-    def _caught(self, peer: str, reason: str) -> None:
+    def _caught(self, peer: str, reason: str, check: _Check | None = None, bad: int = 0) -> None:
+        """``peer`` lied: banned here; with the ``check`` that caught it (at position ``bad``),
+        evidence others can check is gathered and published (see :mod:`swarm.p2p.evidence`)."""
         log.warning("%s lied: %s; banned", _short(peer), reason)
         self.client.ledger.count(peer, False)
         self.client.ledger.ban(peer, reason)
         self.caught.append(peer)
+        if check is not None and hasattr(self.client, "accuse"):
+            span = check.session.span
+            self.client.accuse(peer, span.start, span.end, check.inputs[:1, : bad + 1], reason)
 
     async def _recover(self, position: int) -> None:
         """Replace the chain's liars (banned now) and rewind it to ``position``; raises Rewound."""

@@ -41,6 +41,8 @@ from swarm.p2p.wire import Frame, RemoteError, WireError, expect
 log = logging.getLogger("swarm.client")
 
 INFO_FRAME = 16 * 2**20  # the largest info reply taken (a table of thousands of servers fits)
+ACCUSE_TIMEOUT = 60.0  # s: gathering and publishing evidence against a liar, at most
+ACCUSE_GRACE = 10.0  # s a closing client still gives evidence under way
 
 
 @dataclass
@@ -86,6 +88,7 @@ class SwarmClient:
         self.verify = cfg.verify
         self.ledger = Ledger(cfg.ledger)  # servers caught lying are never routed through
         self.arbiter = cfg.arbiter
+        self._accusations: set[asyncio.Task] = set()  # evidence being gathered (p2p/evidence.py)
 
     @classmethod
     async def start(cls, model: str, num_blocks: int, cfg: ClientConfig) -> SwarmClient:
@@ -215,8 +218,29 @@ class SwarmClient:
         await chain.open()
         return chain
 
+    def accuse(self, peer: str, start: int, end: int, inputs, reason: str) -> None:
+        """Gather and publish evidence that ``peer`` lied on blocks ``[start, end)`` (on ``inputs``
+        ``[1, n, hidden]``), in the background (see :func:`swarm.p2p.evidence.accuse`)."""
+        from swarm.p2p.evidence import accuse
+
+        async def run() -> None:
+            try:
+                done = await asyncio.wait_for(accuse(self, peer, start, end, inputs, reason), ACCUSE_TIMEOUT)
+                log.info("evidence against %s: %s", peer[-8:], done)
+            except Exception as exc:  # best effort: the ban here stands either way
+                log.info("could not gather evidence against %s: %s", peer[-8:], exc)
+
+        task = asyncio.create_task(run())
+        self._accusations.add(task)
+        task.add_done_callback(self._accusations.discard)
+
     async def close(self) -> None:
         self.ledger.save()
+        if self._accusations:  # a little time to publish what was caught, then no more
+            await asyncio.wait(set(self._accusations), timeout=ACCUSE_GRACE)
+            for task in set(self._accusations):
+                task.cancel()
+            await asyncio.gather(*self._accusations, return_exceptions=True)
         await self._tasks.close()
         await self.host.close()
 

@@ -540,6 +540,11 @@ class Host:
                 raise
         return sub
 
+    def sign(self, data: bytes) -> bytes:
+        """``data`` signed with this host's key (its peer id's: anyone can check it, see
+        :func:`swarm.p2p.evidence.signed_by`)."""
+        return self._key_pair.private_key.sign(data)
+
     async def publish(self, topic: str, data: bytes, timeout: float = 10.0) -> None:
         """Publish ``data`` (< ~1 MiB, else ValueError) to ``topic``: best effort, like all gossip.
         Our own subscriptions do not receive it."""

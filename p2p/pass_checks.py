@@ -111,7 +111,7 @@ class PassChecks:
         if verdict == "primary":
             earlier = self.unchecked.pop(peer, 0)
             self._caught(peer, f"returned a wrong {kind} result for {where} (error {error:.3g}; "
-                               f"{', '.join(_short(p) for p in checkers)} and {who} agree with each other)")
+                               f"{', '.join(_short(p) for p in checkers)} and {who} agree with each other)", span, x)
             for p in checkers:
                 ledger.count(p, True)
             if earlier:
@@ -139,11 +139,15 @@ class PassChecks:
                                 if third is None else f"{who} agrees with neither")
             + "; the training cannot trust either (retry later, or train with --local)")
 
-    def _caught(self, peer: str, reason: str) -> None:
+    def _caught(self, peer: str, reason: str, span: Span | None = None, x: torch.Tensor | None = None) -> None:
+        """``peer`` lied: banned here; caught on ``span``'s pass of ``x``, evidence others can check
+        is gathered and published (see :mod:`swarm.p2p.evidence`)."""
         log.warning("%s lied: %s; banned", _short(peer), reason)
         self.client.ledger.count(peer, False)
         self.client.ledger.ban(peer, reason)
         self.caught.append(peer)
+        if span is not None:
+            self.client.accuse(peer, span.start, span.end, x[:1], reason)
 
     def _precision(self, peer: str) -> Precision:
         info = self.client.table.snapshot().get(peer)

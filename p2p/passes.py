@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from swarm.engine.adapters import run_backward, run_forward, suspended
 from swarm.engine.checkpoint import StepCancelled
 from swarm.engine.steps import check_hidden
-from swarm.p2p.compression import pack_off_loop, session_wire
+from swarm.p2p.compression import pack_off_loop, session_wire, unpack
+from swarm.p2p.evidence import pass_digest
 from swarm.p2p.host import P2PError, P2PTimeoutError, StreamClosedError
 from swarm.p2p.limits import FrameBudgetError
 from swarm.p2p.wire import BAD_REQUEST, BUSY, SERVER_ERROR, Frame, WireError, read_frame, write_frame
@@ -67,13 +68,19 @@ async def handle_pass(server: BlockServer, kind: str, stream) -> None:
         check = _between_blocks(server, stop)
         if kind == "forward":
             output = await server.compute(run_forward, blocks, hidden, tensors, spec, check, peer=peer, kind="pass")
-            reply = Frame("result", {}, [await pack_off_loop(output, wire)])
+            outputs = [await pack_off_loop(output, wire)]
+            reply = Frame("result", {}, outputs)
         else:
             grad_input, grads = await server.compute(
                 run_backward, blocks, hidden, frame.tensors[1], tensors, spec, check, peer=peer, kind="pass"
             )
-            grad_input = await pack_off_loop(grad_input, wire)
-            reply = Frame("result", {"names": list(grads)}, [grad_input, *grads.values()])
+            outputs = [await pack_off_loop(grad_input, wire), *grads.values()]
+            reply = Frame("result", {"names": list(grads)}, outputs)
+        # signed (swarm.p2p.evidence): a lie in it is evidence anyone can check
+        digest = await asyncio.to_thread(
+            pass_digest, server.model, kind, frame["start"], frame["end"], wire, frame.fields.get("adapter"),
+            frame.tensors[:base], [unpack(t) for t in outputs])
+        reply.fields["sig"] = server.host.sign(digest)
         server.served(hidden.shape[0] * hidden.shape[1])  # computed: hidden was [batch, seq, hidden]
         await write_frame(stream, reply, timeout=server.cfg.request_timeout)
     except StepCancelled:

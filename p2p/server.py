@@ -47,6 +47,7 @@ from swarm.p2p.adapter_store import AdapterStore
 from swarm.p2p.addresses import check_announce_addr, interface_ips, public_addrs
 from swarm.p2p.bandwidth import handle_probe, measure_link
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
+from swarm.p2p.evidence import Recomputations, evidence_topic, judge
 from swarm.p2p.identity import Identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.passes import handle_pass
@@ -212,6 +213,8 @@ class BlockServer:
         """Subscribe to the model's topic, dial the initial peers and take their tables."""
         subscription = await self.host.subscribe(announce_topic(self.model))
         self._tasks.spawn(self._listen(subscription), "listen")
+        accusations = await self.host.subscribe(evidence_topic(self.model))
+        self._tasks.spawn(self._judge(accusations), "evidence")
         errors = []
         for maddr in self.cfg.initial_peers:
             try:
@@ -406,6 +409,17 @@ class BlockServer:
                 log.debug("ignoring an announcement from %s: %s", sender[-8:], exc)
             except Exception:  # whatever a stranger sends, this listener must keep listening
                 log.exception("an announcement from %s could not be applied", sender[-8:])
+
+    async def _judge(self, subscription) -> None:
+        """Accusations of servers lying, judged one at a time (see :mod:`swarm.p2p.evidence`)."""
+        judged = Recomputations()
+        async for sender, data in subscription:
+            try:
+                outcome = await judge(self, sender, data, judged)
+                loud = "banned" in outcome or ("ignored" in outcome and judged.loud(sender))
+                log.log(logging.WARNING if loud else logging.INFO, "an accusation from %s %s", sender[-8:], outcome)
+            except Exception as exc:  # our blocks moved meanwhile, a cancelled computation...
+                log.info("an accusation from %s could not be judged: %s", sender[-8:], exc)
 
     def _apply_announcement(self, data, sender: str) -> None:
         """Take a server's announcement into the table (``ValueError`` if it is not acceptable)."""

@@ -4,7 +4,8 @@ side by side in one run, through the same swarm.
 The swarm: two `swarm serve` processes of the default model on loopback, each holding every
 block (so each can check the other: a check needs a second server of the same blocks). Each
 round runs the three policies one after another, in a rotating order (this machine's speed drifts
-over minutes), each a fresh client generating ``--tokens`` tokens greedily after the same prompt.
+over minutes), each a fresh client generating ``--tokens`` tokens greedily after the same prompt, then
+(``--train-steps``) training a LoRA for that many AdamW steps through the swarm (batch 4 × 64).
 The client's ledger is reset before every run, so each run pays the first checks of new servers
 (3 per server, the first one blocking) as a new user would; ``sample-known`` runs with the ledger
 of an earlier run (the servers passed their first checks already: every check runs in the
@@ -26,7 +27,12 @@ from pathlib import Path
 
 import swarm  # noqa: F401  (first: it sets OpenMP's spin count, which must precede PyTorch)
 
+import torch
 from bench_common import add_out, open_swarm, write_results  # sibling scripts (their folder is on sys.path)
+from bench_finetune import train
+
+from swarm.engine.adapters import init_lora, resolve_targets
+from swarm.engine.checkpoint import Checkpoint
 
 from swarm.engine.default_model import ensure_default_model
 from swarm.launch import running_swarm
@@ -39,11 +45,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=4, help="LoRA training steps per run (0: no training runs)")
     add_out(parser, "verify")
     args = parser.parse_args()
     model = ensure_default_model()
     times: dict[str, list[float]] = {p: [] for p in POLICIES}
     checks: dict[str, list[int]] = {p: [] for p in POLICIES}
+    train_rates: dict[str, list[float]] = {p: [] for p in POLICIES}
+    train_checks: dict[str, list[int]] = {p: [] for p in POLICIES}
+    ckpt = Checkpoint(model)
+    head = ckpt.load_head()
+    lora = init_lora(ckpt, resolve_targets(ckpt, None), rank=8, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(100, 40000, (4, 64), generator=generator) for _ in range(max(1, args.train_steps))]
     with tempfile.TemporaryDirectory() as home, running_swarm(model, ["0:30", "0:30"], home) as servers:
         import os
 
@@ -76,14 +90,36 @@ def main() -> None:
                 finally:
                     client.close()
                 times[policy].append(len(tokens) / elapsed)
-                print(f"round {r + 1} {policy:6} {times[policy][-1]:6.1f} tokens/s, {checks[policy][-1]} checks")
+                print(f"round {r + 1} {policy:12} {times[policy][-1]:6.1f} tokens/s, {checks[policy][-1]} checks")
+            for policy in order if args.train_steps else ():
+                ledger.unlink(missing_ok=True)
+                if policy == "sample-known":
+                    ledger.write_bytes(known)
+                client = open_swarm(model, [maddr], verify=policy.split("-")[0])
+                try:
+                    seconds, tokens = train(head, client.blocks, batches, lora, args.train_steps)
+                    passes = client.blocks.checks
+                    train_checks[policy].append(passes.checks if passes is not None else 0)
+                finally:
+                    client.close()
+                train_rates[policy].append(tokens / seconds)
+                print(f"round {r + 1} {policy:12} {train_rates[policy][-1]:6.1f} training tokens/s, "
+                      f"{train_checks[policy][-1]} checked passes")
     figures = {p: {"tokens_per_s": statistics.median(times[p]), "runs": times[p], "checks": checks[p]} for p in POLICIES}
     off = figures["off"]["tokens_per_s"]
     for p in POLICIES:
         figures[p]["cost_vs_off"] = 1 - figures[p]["tokens_per_s"] / off
-        print(f"{p:6} {figures[p]['tokens_per_s']:6.1f} tokens/s  cost {100 * figures[p]['cost_vs_off']:5.1f} %")
+        print(f"{p:12} {figures[p]['tokens_per_s']:6.1f} tokens/s  cost {100 * figures[p]['cost_vs_off']:5.1f} %")
+    if args.train_steps:
+        train_off = statistics.median(train_rates["off"])
+        for p in POLICIES:
+            rate = statistics.median(train_rates[p])
+            figures[p].update(train_tokens_per_s=rate, train_runs=train_rates[p], train_checks=train_checks[p],
+                              train_cost_vs_off=1 - rate / train_off)
+            print(f"{p:12} {rate:6.1f} training tokens/s  cost {100 * (1 - rate / train_off):5.1f} %")
     write_results(args.out, "verify", {"tokens": args.tokens, "rounds": args.rounds, "servers": 2,
-                                       "model": "default", "prompt": PROMPT}, {"policies": figures})
+                                       "model": "default", "prompt": PROMPT, "train_steps": args.train_steps,
+                                       "train_batch": "4 × 64 tokens, LoRA r=8 q/v, AdamW"}, {"policies": figures})
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ LIAR = str(Path(__file__).resolve().parents[1] / "scripts" / "liar_server.py")
 PROMPT = "The capital of France is"
 
 
-def generate(model: Path, maddr: str, max_new_tokens: int, **options) -> tuple[list[int], list[int]]:
-    """(tokens, the `on_rewind` counts) of a greedy generation through the swarm, in this process."""
+def generate(model: Path, maddr: str, max_new_tokens: int, on_token=None, **options) -> tuple[list[int], list[int]]:
+    """(tokens, the `on_rewind` counts) of a greedy generation through the swarm, in this process
+    (``on_token(count shown)``: after each token shown)."""
     from swarm.config import ClientOptions
     from swarm.engine.client import ClientModel
     from swarm.engine.generation import GenerationConfig
@@ -32,9 +33,14 @@ def generate(model: Path, maddr: str, max_new_tokens: int, **options) -> tuple[l
         rewinds.append(kept)
         del shown[kept:]
 
+    def show(token: int) -> None:
+        shown.append(token)
+        if on_token is not None:
+            on_token(len(shown))
+
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     with Swarm(ClientOptions(model=str(model), initial_peers=(maddr,), **options), client_model, None) as s:
-        tokens = s.generate_ids(client_model.encode(PROMPT), cfg, shown.append, on_rewind=on_rewind)
+        tokens = s.generate_ids(client_model.encode(PROMPT), cfg, show, on_rewind=on_rewind)
     assert shown == tokens  # what a streaming consumer ends up showing
     return tokens, rewinds
 
@@ -48,15 +54,17 @@ def local(model: Path, max_new_tokens: int) -> list[int]:
 
 
 @contextmanager
-def swarm_with_liar(model: Path, home: Path, lie: list[str]):
+def swarm_with_liar(model: Path, home: Path, lie: list[str], processes: list | None = None):
     """An honest server and a liar, both holding every block, stopped on leaving; yields the
     honest one's multiaddr and the liar's. The liar announces itself far faster, so clients route
-    through it first."""
+    through it first. ``processes``: the liar's process is added to it."""
     common = ["--model", str(model), "--blocks", "0:4", "--announce-period", "1"]
     with ServerProcess([*common, "--new-swarm", "--throughput", "1"], home, "honest") as honest:
         maddr = honest.wait_ready()
         with ServerProcess([*common, "--initial-peers", maddr, "--throughput", "1000"], home, "liar",
                            prefix=(sys.executable, LIAR, *lie, "--")) as liar:
+            if processes is not None:
+                processes.append(liar)
             yield maddr, liar.wait_ready()
 
 
@@ -72,7 +80,8 @@ def test_a_server_lying_on_every_step_is_caught_at_once(tiny_checkpoints, tmp_pa
         tokens, rewinds = generate(model, maddr, 12)
     assert tokens == local(model, 12)
     assert all(kept < 9 for kept in rewinds)  # caught before the 10th token (here: at the prompt's step)
-    assert len(banned(tmp_path)) == 1 and "wrong outputs" in next(iter(banned(tmp_path).values()))["reason"]
+    # the client's reason, or the honest server's (same machine here) after it recomputed the published evidence
+    assert len(banned(tmp_path)) == 1 and "wrong" in next(iter(banned(tmp_path).values()))["reason"]
 
 
 def test_a_server_honest_for_a_while_then_lying_sometimes_is_caught(tiny_checkpoints, tmp_path, monkeypatch):
@@ -148,3 +157,28 @@ def test_a_liar_caught_after_unchecked_passes_stops_the_training_naming_it(tiny_
             want = train(model, data, tmp_path / "local", local=True)
             assert max((swarm[k] - want[k]).abs().max().item() for k in want) <= 1e-5
     assert list(banned(tmp_path)) == [liar_id]
+
+
+def test_a_liar_that_dies_after_unchecked_lies_is_found_out_by_its_replacements_replay(
+        tiny_checkpoints, tmp_path, monkeypatch):
+    """Honest for the prompt (its first check passes), lying after, killed before any later check
+    (none comes: rate 0): the replacement's replay of its history disagrees with what it returned,
+    the tokens from the first lie are computed again, and the output equals local."""
+    from swarm.config import ClientOptions
+    from swarm.p2p.verify import VerifyPolicy
+
+    monkeypatch.setenv("SWARM_HOME", str(tmp_path))
+    monkeypatch.setattr(ClientOptions, "verify_policy",
+                        lambda self: VerifyPolicy("sample", rate=0.0, first=1, max_pending=10**6))
+    model = tiny_checkpoints["llama"]
+    liar = []
+
+    def kill_after_6(shown: int) -> None:
+        if shown == 6 and liar[0].proc.poll() is None:
+            liar[0].proc.kill()
+            liar[0].proc.wait()
+
+    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.05", "--after", "8"], liar) as (maddr, _):
+        tokens, rewinds = generate(model, maddr, 16, on_token=kill_after_6)
+    assert tokens == local(model, 16)
+    assert rewinds  # the lies after the prompt were shown, then replaced

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 
 import pytest
@@ -25,6 +26,7 @@ from swarm.p2p.verify import (
     blame,
     disagreement,
     first_disagreeing,
+    relative_error,
     tolerance,
 )
 
@@ -284,3 +286,47 @@ def test_status_reads_the_ledger_without_touching_it(tmp_path):
     ledger.count("A", False)
     ledger.save()  # a snapshot: saving writes nothing
     assert read_ledger(path.parent).checks["A"] == [2, 0]
+
+
+# ---- fine-tuning's passes (p2p/pass_checks.py) -------------------------------------------------
+
+
+def test_relative_error_of_gradients():
+    g = torch.randn(2, 5, 16)
+    assert relative_error(g, g) == 0.0
+    assert relative_error(g, g * 1.01) == pytest.approx(0.01 / 1.01, rel=1e-3)
+    assert relative_error(g, -g) == pytest.approx(2.0)
+    assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    bad = g.clone()
+    bad[0, 0, 0] = float("nan")
+    assert relative_error(g, bad) == math.inf
+
+
+def test_a_pass_check_compares_outputs_and_every_gradient():
+    from swarm.p2p.pass_checks import PassChecks
+
+    x = torch.randn(1, 4, 8)
+    y = x + torch.randn(1, 4, 8)
+    assert PassChecks._error("forward", x, y, y.clone()) == 0.0
+    assert PassChecks._error("forward", x, y, x + 1.3 * (y - x)) == pytest.approx(0.3 / 1.3, rel=1e-4)
+    g, parts = torch.randn(1, 4, 8), {"a": torch.randn(3, 2), "b": torch.randn(2)}
+    assert PassChecks._error("backward", x, (g, parts), (g.clone(), dict(parts))) == 0.0
+    off = {**parts, "b": parts["b"] * 2}  # one adapter gradient wrong: that is the error
+    assert PassChecks._error("backward", x, (g, parts), (g, off)) == pytest.approx(0.5)
+    assert PassChecks._error("backward", x, (g, parts), (g, {"a": parts["a"]})) == math.inf  # a gradient missing
+    # gradients get twice the outputs' tolerance
+    a, b = Precision("bfloat16"), Precision()
+    assert PassChecks._limit("backward", a, b) == 2 * PassChecks._limit("forward", a, b) == 2 * tolerance(a, b)
+
+
+def test_training_checks_come_at_least_every_8_passes():
+    policy = VerifyPolicy("sample", rate=0.0)
+    from dataclasses import replace
+
+    from swarm.p2p.verify import MAX_PENDING_PASSES
+
+    training = replace(policy, max_pending=min(policy.max_pending, MAX_PENDING_PASSES))
+    assert [training.due(5, n, 0.99) for n in (1, 7, 8)] == [False, False, True]
+    assert training.due(0, 1, 0.99)  # a new server's first passes: always
+    assert VerifyPolicy("sample").blocking(0) and not VerifyPolicy("sample").blocking(1)
+    assert VerifyPolicy("strict").blocking(100)
