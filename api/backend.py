@@ -358,9 +358,13 @@ class Job:
                 self._emit("end", finish="length")
                 return
             open_session = self._open_swarm if self.backend.swarm is not None else self._open_local()
+            # a stop string ends the generation through ``stop`` (so it checks what is unchecked as
+            # at any end, and a lie found then is handled as any other)
             generate(self.backend.client_model.head, open_session, self.prompt_ids, self.gen, self._on_token,
                      prefix=prefix, scores=self if self.top is not None else None, stats=self.spec,
-                     on_rewind=self._on_rewind)
+                     on_rewind=self._on_rewind, stop=lambda: self.scanner.stopped)
+            if self.scanner.stopped:
+                raise _StopString()
             tokens, eos = self.scanner.tokens, self.gen.eos_token_ids
             finish = "stop" if tokens and tokens[-1] in eos else "length"
             tail = self.scanner.flush()
@@ -412,8 +416,6 @@ class Job:
         delta = self.scanner.push(token)
         if delta:
             self._emit("text", delta)
-        if self.scanner.stopped:
-            raise _StopString()
 
     def _call(self, coro, timeout: float):
         """Run ``coro`` on the swarm client's loop and wait (at most ``timeout``); :meth:`cancel`

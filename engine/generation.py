@@ -268,6 +268,7 @@ def generate(
     draft: Drafter | None = None,
     stats: SpecStats | None = None,
     on_rewind: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[int]:
     """Generate up to ``cfg.max_new_tokens`` tokens after ``input_ids``; returns the new tokens
     (an end-of-sequence token, if produced, is the last one). ``on_token`` is called with each token
@@ -282,7 +283,8 @@ def generate(
     chosen from them are chosen again: ``on_rewind(n)`` says that only the first ``n`` new tokens
     reported so far stand (``on_token`` then reports the ones that replace the rest), and so
     does ``scores.on_rewind(n)`` where the scores have one. The tokens returned are always those
-    of an honest computation.
+    of an honest computation. ``stop()``, asked after each token is reported, ends the generation
+    there (a stop string): the tokens so far are returned, checked as at any end.
 
     The prefix, the prompt and the new tokens together stay within the model's context
     (``head.max_positions``): a prompt that leaves no room raises ``ValueError`` before a session
@@ -303,12 +305,13 @@ def generate(
     if draft is None and cfg.draft in ("ngram", "auto"):
         draft = NgramDrafter()
     rewound = _Rewinder(before, on_rewind, scores)
+    stopped = stop if stop is not None else (lambda: False)
     session = open_session(1, max_length)
     if draft is not None:
         try:
             with torch.no_grad():
                 return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
-                                    draft, stats if stats is not None else SpecStats(), seed, rewound)
+                                    draft, stats if stats is not None else SpecStats(), seed, rewound, stopped)
         finally:
             session.close()
     try:
@@ -318,7 +321,7 @@ def generate(
         with torch.no_grad():
             while True:
                 try:
-                    if len(new) >= max_length - before or (new and new[-1] in cfg.eos_token_ids):
+                    if len(new) >= max_length - before or (new and new[-1] in cfg.eos_token_ids) or (new and stopped()):
                         _settle(session)  # the checks still under way, and of what is unchecked
                         return new
                     hidden = session.step(_embed(head, step_ids, first))
@@ -370,7 +373,7 @@ class _Rewinder:
 
 def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max_length: int, before: int,
                  prefix, on_token, scores: Scores | None, draft: Drafter, stats: SpecStats, seed: int,
-                 rewound: _Rewinder) -> list[int]:
+                 rewound: _Rewinder, stopped: Callable[[], bool]) -> list[int]:
     """Decoding with drafted tokens verified a step at a time (see
     :mod:`swarm.engine.speculative`): the tokens of plain decoding, greedy or sampled (a
     position's sample depends only on the seed and the position), in fewer steps."""
@@ -403,7 +406,11 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
                 scores.on_token(token_logprobs(raw, torch.tensor([token]), scores.top)[0])
             if on_token is not None:
                 on_token(token)
-            if token in cfg.eos_token_ids or len(new) >= budget:
+            if token in cfg.eos_token_ids or len(new) >= budget or stopped():
+                fed = before + len(new) - 1  # the positions of the prompt and the tokens kept
+                if position > fed:  # drafted positions past them: forgotten, not checked
+                    session.rewind(fed)
+                    position = fed
                 try:
                     _settle(session)  # the checks still under way, and of what is unchecked
                     return new
@@ -439,7 +446,7 @@ def _speculative(head, session, input_ids: list[int], cfg: GenerationConfig, max
                 if kept == 0:  # the prompt's own step was wrong: everything again
                     stats.tokens -= len(new)
                     return _speculative(head, session, input_ids, cfg, max_length, before, prefix, on_token, scores,
-                                        draft, stats, seed, rewound)
+                                        draft, stats, seed, rewound, stopped)
                 stats.tokens -= len(new) - kept
                 del new[kept:]
                 tokens = [*input_ids, *new]

@@ -425,15 +425,14 @@ class RemoteChain:
                 failed_over = True
                 self.client.ban(failure.peer_id)
                 await session.reset()
-                if self.verifier is not None:
-                    await self.verifier.left(session)
                 if not self.recover:
                     raise SwarmError(f"{_short(failure.peer_id)} failed: {failure}") from failure
                 inputs, chunks = session.history.replay(sent, hypo_ids, per_position)
                 replacement, out = await self._take_over(session.span.start, session.span.end, inputs, chunks, failure)
+                self.sessions[i : i + 1] = replacement
                 if self.verifier is not None:  # what it returned unchecked, against the replay
                     self.verifier.compare_replay(session, inputs, out, hypo_ids, replacement)
-                self.sessions[i : i + 1] = replacement
+                    await self.verifier.left(session)
                 i += len(replacement)
                 x = out[:, -hidden.shape[1] :]
                 continue

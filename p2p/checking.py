@@ -89,7 +89,7 @@ class ChainVerifier:
         :class:`~swarm.engine.generation.Rewound` when a check (finished now or in the background
         since the last step) caught a server of the chain lying."""
         chain = self.chain
-        rewind_to, self.suspect = _least(self._finished(), self.suspect), None
+        self._finished()
         blocking = []
         now = time.monotonic()
         for session in chain.sessions:
@@ -105,9 +105,8 @@ class ChainVerifier:
                     check.task = asyncio.create_task(self._run(check))
                     self.running.append(check)
         if blocking:
-            rewind_to = _least(rewind_to, *await asyncio.gather(*(self._run(c) for c in blocking)))
-        if rewind_to is not None:
-            await self._recover(rewind_to)
+            await asyncio.gather(*(self._run(c) for c in blocking))
+        await self._recover()
 
     async def settle(self) -> None:
         """Finish the checks in the background and check every position not yet checked (where
@@ -115,14 +114,13 @@ class ChainVerifier:
         it returns. Raises :class:`~swarm.engine.generation.Rewound` as :meth:`after_step`."""
         if self.running:
             await asyncio.wait([c.task for c in self.running])
-        rewind_to = self._finished()
-        if rewind_to is None:
+        self._finished()
+        if self.suspect is None:
             chain, now = self.chain, time.monotonic()
             checks = [self._begin(s) for s in chain.sessions
                       if s.verified_to < chain.position and s.unverifiable_until <= now and s.checking is None]
-            rewind_to = _least(None, *await asyncio.gather(*(self._run(c) for c in checks)))
-        if rewind_to is not None:
-            await self._recover(rewind_to)
+            await asyncio.gather(*(self._run(c) for c in checks))
+        await self._recover()
 
     def compare_replay(self, failed: SpanSession, inputs: torch.Tensor, out: torch.Tensor, hypo_ids,
                        replacement: list[SpanSession]) -> None:
@@ -179,14 +177,13 @@ class ChainVerifier:
         for check in running:
             await self._drop_checker(check.session, broken=True)
 
-    def _finished(self) -> int | None:
-        """Collect the background checks that finished: the least position to rewind to, if any."""
-        rewind_to = None
+    def _finished(self) -> None:
+        """Collect the background checks that finished (what they found is in ``suspect``);
+        raises the :class:`Dispute` one ended with."""
         for check in [c for c in self.running if c.task.done()]:
             self.running.remove(check)
             if not check.task.cancelled():
-                rewind_to = _least(rewind_to, check.task.result())
-        return rewind_to
+                check.task.result()
 
     def _begin(self, session: SpanSession) -> _Check:
         end = self.chain.position
@@ -195,21 +192,22 @@ class ChainVerifier:
         session.perm, session.unchecked_steps, session.checking = None, 0, check
         return check
 
-    async def _run(self, check: _Check) -> int | None:
-        """Run ``check`` to its verdict: None, or the position to rewind the chain to (a liar was
-        caught and banned). A check that could not be done is logged and done again later."""
+    async def _run(self, check: _Check) -> None:
+        """Run ``check`` to its verdict (a liar caught is banned and the position to rewind to put
+        in ``suspect``, whatever happens after). A check that could not be done is logged and done
+        again later; a :class:`Dispute` is raised."""
         session = check.session
         try:
             result = await self._compare(check)
-            if result is None:
-                return None
-            bad = await self._settle(check, *result)
-            return None if bad is None else min(bad, check.cut)
+            if result is not None:
+                await self._settle(check, *result)
+        except Dispute:
+            await self._drop_checker(session, broken=True)
+            raise
         except Exception as exc:
             await self._drop_checker(session, broken=True)  # a new checker next time
             log.warning("could not check %s on blocks %d:%d now: %s", _short(session.span.peer_id),
                         session.span.start, session.span.end, exc)
-            return None
         finally:
             session.checking = None
             if session not in self.chain.sessions:  # replaced meanwhile: its checker is of no more use
@@ -285,11 +283,11 @@ class ChainVerifier:
         return await asyncio.to_thread(self.client.arbiter, session.span.start, session.span.end, inputs,
                                        self.chain.adapter)
 
-    async def _settle(self, check: _Check, bad: int, got: torch.Tensor, errors: torch.Tensor) -> int | None:
-        """A disagreement at position ``bad``: the third opinion, the liar's ban; the position to
-        rewind the chain to if the checked server lied, else None."""
-        if got is None:  # caught by this machine's own computation
-            return bad
+    async def _settle(self, check: _Check, bad: int, got: torch.Tensor, errors: torch.Tensor) -> None:
+        """A disagreement at position ``bad``: the third opinion, the liar's ban (and, if the
+        checked server lied, the position to rewind to in ``suspect``)."""
+        if got is None:  # caught by this machine's own computation (banned already)
+            return
         session, start, end, inputs, expected = check.session, check.start, check.end, check.inputs, check.expected
         checker = session.checker
         checker_peers = [s.peer_id for s in checker.spans]
@@ -325,7 +323,7 @@ class ChainVerifier:
             for p in checker_peers:
                 ledger.count(p, True)
             await self._drop_checker(session)
-            return bad
+            return
         if verdict == "checker":
             for p in checker_peers:
                 if len(checker_peers) == 1:
@@ -337,7 +335,7 @@ class ChainVerifier:
             ledger.count(session.span.peer_id, True)
             await self._drop_checker(session)
             self._passed(check)
-            return None
+            return
         await self._drop_checker(session)
         raise Dispute(
             f"servers {_short(session.span.peer_id)} and {', '.join(_short(p) for p in checker_peers)} disagree on "
@@ -354,16 +352,26 @@ class ChainVerifier:
         self.client.ledger.count(peer, False)
         self.client.ledger.ban(peer, reason)
         self.caught.append(peer)
-        if check is not None and hasattr(self.client, "accuse"):
-            span = check.session.span
-            self.client.accuse(peer, span.start, span.end, check.inputs[:1, : bad + 1], reason)
+        if check is not None:  # the checked server: the positions from ``bad`` are computed again
+            self.suspect = _least(self.suspect, min(bad, check.cut))
+            if hasattr(self.client, "accuse"):
+                span = check.session.span
+                self.client.accuse(peer, span.start, span.end, check.inputs[:1, : bad + 1], reason)
 
-    async def _recover(self, position: int) -> None:
-        """Replace the chain's liars (banned now) and rewind it to ``position``; raises Rewound."""
-        chain = self.chain
-        chain.rewind(position)
-        await chain.replace_banned()
-        raise Rewound(position, self.caught[-1] if self.caught else "")
+    async def _recover(self) -> None:
+        """If checks found lies (``suspect``): rewind the chain there and move the liars' spans
+        to other servers (while that replays, checks still running may find more: those too);
+        then raises Rewound, unless the wrong positions were forgotten already."""
+        chain, first = self.chain, None
+        while self.suspect is not None:
+            position, self.suspect = self.suspect, None
+            if position < chain.position:
+                chain.rewind(position)
+                first = position if first is None else min(first, position)
+            await chain.replace_banned()
+            self._finished()
+        if first is not None:
+            raise Rewound(first, self.caught[-1] if self.caught else "")
 
     async def _open(self, session: SpanSession, exclude: set[str]) -> RemoteChain:
         from swarm.p2p.chain import RemoteChain

@@ -43,6 +43,7 @@ EVIDENCE_WIRE = "float32"  # the dtype an accusation's forward travels in (bfloa
 MAX_EVIDENCE_BYTES = 900_000  # an accusation's size (gossipsub drops messages over 1 MiB)
 RECOMPUTE_INTERVAL = 10.0  # s: a server recomputes at most one accusation this often
 SEEN = 1024  # accusations remembered (by digest) so each is judged once
+EVIDENCE_QUEUE = 8  # accusations a server holds unread (about 7 MB at most); a flood beyond is dropped
 
 
 def evidence_topic(model: str) -> str:
@@ -57,11 +58,12 @@ def _update(h, t: torch.Tensor) -> None:
 
 
 def pass_digest(model: str, kind: str, start: int, end: int, wire: str, adapter: dict | None,
-                inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bytes:
-    """What a server signs for a forward or backward reply (see the module's docstring)."""
+                inputs: list[torch.Tensor], outputs: list[torch.Tensor], precision: tuple[str, str]) -> bytes:
+    """What a server signs for a forward or backward reply (see the module's docstring); its
+    ``precision`` (dtype, quant) included, so a reply is judged by the precision it was made with."""
     h = hashlib.blake2b(digest_size=32, person=b"swarm-pass-v1")
     meta = {"digest": adapter.get("digest"), "spec": adapter.get("spec")} if isinstance(adapter, dict) else None
-    h.update(msgpack.packb([model, kind, int(start), int(end), wire, meta]))
+    h.update(msgpack.packb([model, kind, int(start), int(end), wire, meta, list(precision)]))
     for t in inputs:
         _update(h, t)
     h.update(b"->")
@@ -95,16 +97,18 @@ class Evidence:
     inputs: torch.Tensor
     output: torch.Tensor
     signature: bytes
+    precision: tuple[str, str] = ("float32", "none")  # the accused's (dtype, quant), as it signed
     reason: str = ""
 
     def digest(self) -> bytes:
-        return pass_digest(self.model, "forward", self.start, self.end, EVIDENCE_WIRE, None, [self.inputs], [self.output])
+        return pass_digest(self.model, "forward", self.start, self.end, EVIDENCE_WIRE, None, [self.inputs], [self.output],
+                           self.precision)
 
     def to_bytes(self) -> bytes:
         return msgpack.packb({
             "model": self.model, "accused": self.accused, "start": self.start, "end": self.end,
             "shape": list(self.inputs.shape), "inputs": _raw(self.inputs), "output": _raw(self.output),
-            "signature": self.signature, "reason": self.reason[:500],
+            "signature": self.signature, "precision": list(self.precision), "reason": self.reason[:500],
         })
 
     @classmethod
@@ -117,6 +121,7 @@ class Evidence:
             shape = [int(n) for n in d["shape"]]
             fields = (d["model"], d["accused"], int(d["start"]), int(d["end"]), d["inputs"], d["output"], d["signature"])
             reason = str(d.get("reason", ""))[:500]
+            dtype, quant = (str(v)[:16] for v in d["precision"])
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
             raise ValueError(f"not an accusation: {exc}") from None
         model, accused, start, end, raw_in, raw_out, signature = fields
@@ -128,7 +133,10 @@ class Evidence:
         size = 4 * shape[1] * shape[2]
         if len(raw_in) != size or len(raw_out) != size:
             raise ValueError("an accusation's tensors do not match its shape")
-        return cls(model, accused, start, end, _tensor(raw_in, shape), _tensor(raw_out, shape), signature, reason)
+        inputs = _tensor(raw_in, shape)
+        if not torch.isfinite(inputs).all():  # an honest server's answer to NaN is NaN: no evidence of anything
+            raise ValueError("an accusation with inputs that are not finite")
+        return cls(model, accused, start, end, inputs, _tensor(raw_out, shape), signature, (dtype, quant), reason)
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -145,7 +153,7 @@ def evidence_positions(hidden_size: int) -> int:
 
 
 class Recomputations:
-    """A server's judge of accusations: which were seen, when it may recompute again, and
+    """A server's judge of accusations: which were judged, when it may recompute again, and
     whom it logged about lately (a flood of accusations must not flood its log)."""
 
     def __init__(self, interval: float = RECOMPUTE_INTERVAL):
@@ -153,6 +161,22 @@ class Recomputations:
         self.seen: dict[bytes, None] = {}
         self.next_at = 0.0
         self.logged: dict[str, float] = {}  # sender -> when its last accusation was logged loudly
+
+    def judged(self, digest: bytes) -> bool:
+        """Whether an accusation of ``digest`` was judged already (else it is, from now on)."""
+        if digest in self.seen:
+            return True
+        self.seen[digest] = None
+        while len(self.seen) > SEEN:
+            self.seen.pop(next(iter(self.seen)))
+        return False
+
+    def wait(self, now: float | None = None) -> float:
+        """Seconds to wait before the next recomputation (and takes its slot)."""
+        now = time.monotonic() if now is None else now
+        left = max(0.0, self.next_at - now)
+        self.next_at = now + left + self.interval
+        return left
 
     def loud(self, sender: str, now: float | None = None) -> bool:
         """Whether to log ``sender``'s accusation as a warning (one a minute per sender)."""
@@ -164,23 +188,15 @@ class Recomputations:
             self.logged.pop(next(iter(self.logged)))
         return True
 
-    def admit(self, digest: bytes, now: float | None = None) -> str | None:
-        """None if an accusation of ``digest`` may be recomputed now (and records it), else why not."""
-        now = time.monotonic() if now is None else now
-        if digest in self.seen:
-            return "judged already"
-        if now < self.next_at:
-            return "recomputed another one lately"
-        self.seen[digest] = None
-        while len(self.seen) > SEEN:
-            self.seen.pop(next(iter(self.seen)))
-        self.next_at = now + self.interval
-        return None
-
 
 async def judge(server, sender: str, data: bytes, judged: Recomputations) -> str:
     """Decide an accusation ``server`` received from ``sender``; returns what it did, for the log:
-    banned, does not hold up (recomputation agrees with the signed output), or why it took no side."""
+    banned, does not hold up (recomputation agrees with the signed output), or why it took no side.
+
+    Only accusations against a server the table lists for those blocks are recomputed (a peer
+    that signs its own "lies" under fresh keys gets nothing judged), each once, one at a time
+    and at most one per :data:`RECOMPUTE_INTERVAL` (the next waits: the subscription's small
+    queue drops what a flood adds meanwhile)."""
     from swarm.engine.adapters import run_forward
     from swarm.engine.default_model import swarm_home
     from swarm.engine.quant import quantization
@@ -193,18 +209,25 @@ async def judge(server, sender: str, data: bytes, judged: Recomputations) -> str
         return f"malformed ({exc})"
     if ev.model != server.model or ev.accused == server.peer_id:
         return "not for this server"
-    if not signed_by(ev.accused, ev.digest(), ev.signature):
-        return f"against {ev.accused[-8:]}: has a bad signature: ignored"
     if not server.start_block <= ev.start < ev.end <= server.end_block or server.blocks is None:
         return "blocks not held here"
-    why = judged.admit(ev.digest())
-    if why is not None:
-        return why
+    accused = server.table.snapshot().get(ev.accused)
+    if accused is None or not accused.start <= ev.start < ev.end <= accused.end:
+        return f"against {ev.accused[-8:]}, which does not serve blocks {ev.start}:{ev.end}: ignored"
+    digest = await asyncio.to_thread(ev.digest)
+    if not signed_by(ev.accused, digest, ev.signature):
+        return f"against {ev.accused[-8:]}: has a bad signature: ignored"
+    if judged.judged(digest):
+        return "judged already"
+    if not torch.isfinite(ev.output).all():
+        return f"against {ev.accused[-8:]}: its output is not finite (no evidence an honest computation differs): ignored"
+    await asyncio.sleep(judged.wait())
     blocks = server.check_range(ev.start, ev.end)
     # as the accused got it: a forward request of these inputs
     mine = await server.compute(run_forward, blocks, ev.inputs, None, None, None, peer=sender, kind="pass")
-    accused = server.table.snapshot().get(ev.accused)
-    theirs = Precision(accused.dtype if accused else "float32", accused.quant if accused else "nf4", EVIDENCE_WIRE)
+    if not torch.isfinite(mine).all():
+        return f"against {ev.accused[-8:]}: not finite here either: ignored"
+    theirs = Precision(*ev.precision, EVIDENCE_WIRE)
     ours = Precision(server.cfg.dtype, quantization(server.blocks), "float32")
     error = float(disagreement(ev.inputs, ev.output, mine).max())
     limit = tolerance(theirs, ours)
@@ -219,7 +242,7 @@ async def judge(server, sender: str, data: bytes, judged: Recomputations) -> str
 async def ask_forward(client, peer: str, start: int, end: int, x: torch.Tensor, wire: str = EVIDENCE_WIRE,
                       timeout: float = 30.0):
     """``peer``'s signed forward of ``x`` through blocks ``[start, end)``: (the input as sent, its
-    output, its signature or None)."""
+    output, its signature or None, the precision it signed with)."""
     from swarm.p2p import protocols
     from swarm.p2p.compression import pack
     from swarm.p2p.wire import Frame, expect, read_frame, write_frame
@@ -234,18 +257,31 @@ async def ask_forward(client, peer: str, start: int, end: int, x: torch.Tensor, 
     out = reply.tensors[0]
     if out.shape != x.shape:
         raise ValueError(f"a forward result of shape {list(out.shape)} for {list(x.shape)}")
-    return sent, out, reply.fields.get("sig")
+    precision = reply.fields.get("prec")
+    if not (isinstance(precision, list) and len(precision) == 2 and all(isinstance(p, str) for p in precision)):
+        precision = ["float32", "none"]
+    return sent, out, reply.fields.get("sig"), (precision[0], precision[1])
+
+
+def stand_in(inputs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random hidden states with the norms of ``inputs``' positions: what an accusation carries
+    instead of the user's own (from which the text could be recovered)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(inputs.shape, generator=g)
+    return noise * (inputs.float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 async def accuse(client, peer: str, start: int, end: int, inputs: torch.Tensor, reason: str) -> str:
     """Gather evidence that ``peer`` lies on blocks ``[start, end)`` (``inputs`` ``[1, n, hidden]``:
     what it was caught on) and publish it if its signed answer is a lie again; returns what was
-    done. Other servers of the blocks (or this machine's copy, ``client.arbiter``) are the reference."""
+    done. The forward asked carries random stand-ins of the inputs' length and norms (see
+    :func:`stand_in`), never the user's own. Other servers of the blocks (or this machine's copy,
+    ``client.arbiter``) are the reference."""
     from swarm.p2p.verify import Precision, disagreement, tolerance, worst
 
-    x = inputs[:1, : evidence_positions(inputs.shape[-1])].float()
-    sent, claimed, signature = await ask_forward(client, peer, start, end, x)
-    digest = pass_digest(client.model, "forward", start, end, EVIDENCE_WIRE, None, [sent], [claimed])
+    x = stand_in(inputs[:1, : evidence_positions(inputs.shape[-1])])
+    sent, claimed, signature, signed = await ask_forward(client, peer, start, end, x)
+    digest = pass_digest(client.model, "forward", start, end, EVIDENCE_WIRE, None, [sent], [claimed], signed)
     if not signed_by(peer, digest, signature):
         return "no valid signature (a server from before signatures, or a liar that does not sign)"
     reference, precision = None, None
@@ -253,9 +289,8 @@ async def accuse(client, peer: str, start: int, end: int, inputs: torch.Tensor, 
         spans = await client.route(start, end, wait=False, exclude={peer} | client.ledger.banned())
         y, precs = sent.float(), []
         for span in spans:
-            _, y, _ = await ask_forward(client, span.peer_id, span.start, span.end, y, wire="float32")
-            info = client.table.snapshot().get(span.peer_id)
-            precs.append(Precision(info.dtype, info.quant) if info else Precision("float32", "nf4"))
+            _, y, _, (dtype, quant) = await ask_forward(client, span.peer_id, span.start, span.end, y)
+            precs.append(Precision(dtype, quant))
         reference, precision = y, worst(precs)
     except Exception as exc:
         if client.arbiter is None:
@@ -263,12 +298,10 @@ async def accuse(client, peer: str, start: int, end: int, inputs: torch.Tensor, 
     if reference is None:
         reference = await asyncio.to_thread(client.arbiter, start, end, sent.float(), None)
         precision = Precision()
-    info = client.table.snapshot().get(peer)
-    theirs = Precision(info.dtype if info else "float32", info.quant if info else "nf4", EVIDENCE_WIRE)
     error = float(disagreement(sent.float(), claimed, reference).max())
-    if error <= tolerance(theirs, precision):
+    if error <= tolerance(Precision(*signed, EVIDENCE_WIRE), precision):
         return "it answered the evidence forward honestly: nothing to publish"
-    ev = Evidence(client.model, peer, start, end, sent, claimed, signature, reason)
+    ev = Evidence(client.model, peer, start, end, sent, claimed, signature, signed, reason)
     await client.host.publish(evidence_topic(client.model), ev.to_bytes())
     log.warning("published evidence that %s lies on blocks %d:%d", peer[-8:], start, end)
     return "published"

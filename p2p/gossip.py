@@ -43,13 +43,13 @@ class _Pubsub(Pubsub):
 class Subscription:
     """Messages on one gossipsub topic, as ``(sender peer id, data)``; an async iterator.
 
-    Messages this host published itself are not delivered here. Up to SUBSCRIPTION_QUEUE
-    messages queue until read; beyond that new ones are dropped (gossip is best effort). Iteration ends when the subscription is cancelled or the host closes (unread
+    Messages this host published itself are not delivered here. Up to ``limit`` (default
+    SUBSCRIPTION_QUEUE) messages queue until read; beyond that new ones are dropped (gossip is best effort). Iteration ends when the subscription is cancelled or the host closes (unread
     messages are then dropped).
     """
 
-    def __init__(self, host: Host, topic: str):
-        self.topic = topic
+    def __init__(self, host: Host, topic: str, limit: int | None = None):
+        self.topic, self.limit = topic, limit
         self._host = host
         self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._closed = False

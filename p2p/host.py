@@ -522,10 +522,10 @@ class Host:
 
     # ---- gossipsub --------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str) -> Subscription:
-        """A new subscription to ``topic``. Every subscribed host relays the topic: in a line
-        A–B–C, B must subscribe for A's messages to reach C."""
-        sub = Subscription(self, topic)
+    async def subscribe(self, topic: str, limit: int = SUBSCRIPTION_QUEUE) -> Subscription:
+        """A new subscription to ``topic`` (holding at most ``limit`` messages unread). Every
+        subscribed host relays the topic: in a line A–B–C, B must subscribe for A's messages to reach C."""
+        sub = Subscription(self, topic, limit)
         first = topic not in self._subs
         self._subs.setdefault(topic, set()).add(sub)
         if first:
@@ -576,5 +576,5 @@ class Host:
 
     def _deliver(self, topic: str, sender: str, data: bytes) -> None:  # asyncio side
         for sub in self._subs.get(topic, ()):
-            if sub._queue.qsize() < SUBSCRIPTION_QUEUE:  # a flood is dropped: gossip is best effort anyway
+            if sub._queue.qsize() < (sub.limit or SUBSCRIPTION_QUEUE):  # a flood is dropped: gossip is best effort
                 sub._queue.put_nowait((sender, data))

@@ -6,8 +6,9 @@ for a check, the same request goes at the same time to other servers of the same
 *checker*), and the two results are compared: a forward's outputs as inference's are
 (:func:`~swarm.p2p.verify.disagreement`), a backward's gradient with respect to the input and
 its adapter gradients by :func:`~swarm.p2p.verify.relative_error`, within the two sides'
-tolerance (times :data:`~swarm.p2p.verify.GRAD_MARGIN` for gradients). A check of a training pass
-always blocks: its result feeds the optimizer at once.
+tolerance (:func:`~swarm.p2p.verify.grad_tolerance` for gradients: quantized weights change them
+far more than outputs, and nf4's cannot be checked at all). A check of a training pass always
+blocks: its result feeds the optimizer at once.
 
 On a disagreement a third opinion decides (yet other servers, else this machine's own float32
 copy of the blocks, from the checkpoint). The liar is banned (the ledger, as in inference) and
@@ -29,7 +30,16 @@ import torch
 from swarm.engine.adapters import span_tensors
 from swarm.p2p.chain import SwarmError, _short
 from swarm.p2p.routing import NoRouteError, Span
-from swarm.p2p.verify import GRAD_MARGIN, MAX_PENDING_PASSES, Precision, blame, disagreement, relative_error, tolerance, worst
+from swarm.p2p.verify import (
+    MAX_PENDING_PASSES,
+    Precision,
+    blame,
+    disagreement,
+    grad_tolerance,
+    relative_error,
+    tolerance,
+    worst,
+)
 
 if TYPE_CHECKING:
     from swarm.engine.checkpoint import Checkpoint
@@ -126,6 +136,13 @@ class PassChecks:
                 if len(checkers) == 1:
                     self._caught(p, f"returned a wrong {kind} result for {where} as a checker (error {error:.3g}; "
                                     f"{_short(peer)} and {who} agree)")
+                    earlier = self.unchecked.pop(p, 0)
+                    if earlier:  # it served this training unchecked before
+                        raise PoisonedTraining(
+                            f"{_short(p)} returned a wrong {kind} result for {where} (as a checker) and is banned "
+                            f"now; {earlier} earlier pass{'es' if earlier > 1 else ''} through it went unchecked, so "
+                            f"the adapter may have learned from wrong results: train again from before (the swarm "
+                            f"routes around it now), or with --verify strict to check every pass")
                 else:
                     ledger.count(p, False)
             ledger.count(peer, True)
@@ -158,7 +175,7 @@ class PassChecks:
 
     @staticmethod
     def _limit(kind: str, a: Precision, b: Precision) -> float:
-        return tolerance(a, b) * (GRAD_MARGIN if kind == "backward" else 1.0)
+        return grad_tolerance(a, b) if kind == "backward" else tolerance(a, b)
 
     @staticmethod
     def _error(kind: str, x: torch.Tensor, a, b) -> float:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from swarm.engine.adapters import run_backward, run_forward, suspended
 from swarm.engine.checkpoint import StepCancelled
+from swarm.engine.quant import quantization
 from swarm.engine.steps import check_hidden
 from swarm.p2p.compression import pack_off_loop, session_wire, unpack
 from swarm.p2p.evidence import pass_digest
@@ -76,11 +77,13 @@ async def handle_pass(server: BlockServer, kind: str, stream) -> None:
             )
             outputs = [await pack_off_loop(grad_input, wire), *grads.values()]
             reply = Frame("result", {"names": list(grads)}, outputs)
-        # signed (swarm.p2p.evidence): a lie in it is evidence anyone can check
+        # signed (swarm.p2p.evidence), with the precision it was computed in: a lie in it is
+        # evidence anyone can check
+        precision = (server.cfg.dtype, quantization(server.blocks))
         digest = await asyncio.to_thread(
             pass_digest, server.model, kind, frame["start"], frame["end"], wire, frame.fields.get("adapter"),
-            frame.tensors[:base], [unpack(t) for t in outputs])
-        reply.fields["sig"] = server.host.sign(digest)
+            frame.tensors[:base], [unpack(t) for t in outputs], precision)
+        reply.fields.update(sig=server.host.sign(digest), prec=list(precision))
         server.served(hidden.shape[0] * hidden.shape[1])  # computed: hidden was [batch, seq, hidden]
         await write_frame(stream, reply, timeout=server.cfg.request_timeout)
     except StepCancelled:

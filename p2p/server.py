@@ -47,7 +47,7 @@ from swarm.p2p.adapter_store import AdapterStore
 from swarm.p2p.addresses import check_announce_addr, interface_ips, public_addrs
 from swarm.p2p.bandwidth import handle_probe, measure_link
 from swarm.p2p.host import Host, P2PError, P2PTimeoutError, StreamClosedError
-from swarm.p2p.evidence import Recomputations, evidence_topic, judge
+from swarm.p2p.evidence import EVIDENCE_QUEUE, Recomputations, evidence_topic, judge
 from swarm.p2p.identity import Identity
 from swarm.p2p.limits import FrameBudget
 from swarm.p2p.passes import handle_pass
@@ -213,7 +213,7 @@ class BlockServer:
         """Subscribe to the model's topic, dial the initial peers and take their tables."""
         subscription = await self.host.subscribe(announce_topic(self.model))
         self._tasks.spawn(self._listen(subscription), "listen")
-        accusations = await self.host.subscribe(evidence_topic(self.model))
+        accusations = await self.host.subscribe(evidence_topic(self.model), limit=EVIDENCE_QUEUE)
         self._tasks.spawn(self._judge(accusations), "evidence")
         errors = []
         for maddr in self.cfg.initial_peers:

@@ -43,7 +43,23 @@ PRECISION_ERROR = {
 # what the output's wire dtype adds (relative to the blocks' change of the hidden state)
 WIRE_ERROR = {"float32": 0.0, "float16": 0.1, "bfloat16": 0.1, "int8": 0.6}
 MARGIN = 1.5  # over measured worst cases; two honest sides differ by at most the sum of theirs
-GRAD_MARGIN = 2.0  # gradients (a backward pass's) are checked within this times the outputs' tolerance
+# The same for a backward pass's gradients (with respect to the input, and the adapter's), as
+# relative_error against float32's: worst cases over spans of 1 to 30 blocks of the default model
+# with a LoRA (scripts/calibrate_verify_grads.py), rounded up. Quantized weights change gradients
+# far more than outputs; nf4's are about as far from float32's as unrelated ones: they cannot be
+# checked (any pair with an nf4 side gets a tolerance of 2 or more, which every answer meets).
+GRAD_ERROR = {
+    ("float32", "none"): 1e-4,
+    ("float16", "none"): 0.15,
+    ("bfloat16", "none"): 0.15,
+    ("float32", "int8"): 0.6,
+    ("float16", "int8"): 0.6,
+    ("bfloat16", "int8"): 0.6,
+    ("float32", "nf4"): 1.5,
+    ("float16", "nf4"): 1.5,
+    ("bfloat16", "nf4"): 1.5,
+}
+GRAD_WIRE_ERROR = {"float32": 0.0, "float16": 0.01, "bfloat16": 0.01, "int8": 0.05}
 FLOOR = 0.03  # a position the blocks barely moved is measured against this share of |x| instead
 
 
@@ -61,6 +77,11 @@ class Precision:
         compute = PRECISION_ERROR.get((self.dtype, self.quant), max(PRECISION_ERROR.values()))
         return compute + WIRE_ERROR.get(self.wire, max(WIRE_ERROR.values()))
 
+    @property
+    def grad_error(self) -> float:
+        compute = GRAD_ERROR.get((self.dtype, self.quant), max(GRAD_ERROR.values()))
+        return compute + GRAD_WIRE_ERROR.get(self.wire, max(GRAD_WIRE_ERROR.values()))
+
 
 def worst(precisions) -> Precision:
     """The least precise of several (a chain of servers is as precise as its worst one)."""
@@ -70,6 +91,12 @@ def worst(precisions) -> Precision:
 def tolerance(a: Precision, b: Precision) -> float:
     """The largest :func:`disagreement` two honest servers of precisions ``a`` and ``b`` show."""
     return MARGIN * (a.error + b.error)
+
+
+def grad_tolerance(a: Precision, b: Precision) -> float:
+    """The largest :func:`relative_error` of the gradients two honest servers of precisions ``a``
+    and ``b`` return for the same backward pass."""
+    return MARGIN * (a.grad_error + b.grad_error)
 
 
 def disagreement(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000, help="checked steps in all (spread over the pairs)")
     parser.add_argument("--tokens", type=int, default=48, help="tokens per generation")
+    parser.add_argument("--home", type=Path, default=None, help="keep the servers' logs here (default: a temporary folder)")
     add_out(parser, "mixed_verify")
     args = parser.parse_args()
     model = ensure_default_model()
@@ -51,7 +52,8 @@ def main() -> None:
     per_pair = -(-args.steps // len(pairs))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
+        home = args.home or Path(tmp)
+        home.mkdir(parents=True, exist_ok=True)
         env = {**__import__("os").environ, "SWARM_HOME": str(home)}
         procs: dict[str, ServeProcess] = {}
         try:
@@ -62,7 +64,7 @@ def main() -> None:
                                            env=env, log=home / f"server-{i}.log")
                 if i == 0:
                     procs[name].wait_ready(300)
-            for proc in procs.values():
+            for proc in list(procs.values())[1:]:
                 proc.wait_ready(300)
             ids = {name: proc.maddr.rsplit("/p2p/", 1)[1] for name, proc in procs.items()}
             import os

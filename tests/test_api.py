@@ -482,10 +482,11 @@ def test_an_error_mid_stream_is_an_error_event(tiny, monkeypatch):
 
     real, calls = api_backend.generate, []
 
-    def fails_once(head, open_session, ids, cfg, on_token, prefix=None, scores=None, stats=None, on_rewind=None):
+    def fails_once(head, open_session, ids, cfg, on_token, prefix=None, scores=None, stats=None, on_rewind=None,
+                   stop=None):
         calls.append(1)
         if len(calls) > 1:
-            return real(head, open_session, ids, cfg, on_token, prefix=prefix, scores=scores, stats=stats)
+            return real(head, open_session, ids, cfg, on_token, prefix=prefix, scores=scores, stats=stats, stop=stop)
         for token in ids[:3]:
             on_token(token)
         raise SwarmError("blocks 2:4 lost their server and no other could take them over")

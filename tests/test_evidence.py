@@ -42,19 +42,21 @@ class _Key:
 def test_a_signature_is_the_peer_ids_and_covers_every_byte(tmp_path):
     me, other = _Key(), _Key()
     x, y = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
-    digest = pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, None, [x], [y])
+    P = ("float32", "none")
+    digest = pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, None, [x], [y], P)
     signature = me.key_pair.private_key.sign(digest)
     assert signed_by(me.peer_id, digest, signature)
     assert not signed_by(other.peer_id, digest, signature)  # someone else's key
     changed = y.clone()
     changed.view(torch.int32)[0, 2, 3] += 1  # one bit of the output
     for other_digest in [
-        pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, None, [x], [changed]),
-        pass_digest("m", "forward", 0, 3, EVIDENCE_WIRE, None, [x], [y]),
-        pass_digest("m2", "forward", 0, 4, EVIDENCE_WIRE, None, [x], [y]),
-        pass_digest("m", "forward", 0, 4, "bfloat16", None, [x], [y]),
-        pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, {"digest": "d", "spec": {}}, [x], [y]),
-        pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, None, [y], [x]),
+        pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, None, [x], [changed], P),
+        pass_digest("m", "forward", 0, 3, EVIDENCE_WIRE, None, [x], [y], P),
+        pass_digest("m2", "forward", 0, 4, EVIDENCE_WIRE, None, [x], [y], P),
+        pass_digest("m", "forward", 0, 4, "bfloat16", None, [x], [y], P),
+        pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, {"digest": "d", "spec": {}}, [x], [y], P),
+        pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, None, [y], [x], P),
+        pass_digest("m", "forward", 0, 4, EVIDENCE_WIRE, None, [x], [y], ("bfloat16", "none")),
     ]:
         assert other_digest != digest and not signed_by(me.peer_id, other_digest, signature)
     for junk in [b"", b"x" * 64, None, "text"]:
@@ -65,9 +67,10 @@ def test_a_signature_is_the_peer_ids_and_covers_every_byte(tmp_path):
 def test_evidence_round_trips_and_malformed_ones_are_refused(tmp_path):
     me = _Key()
     x, y = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
-    ev = Evidence("m", me.peer_id, 1, 3, x, y, b"sig", "because")
+    ev = Evidence("m", me.peer_id, 1, 3, x, y, b"sig", ("bfloat16", "int8"), "because")
     back = Evidence.from_bytes(ev.to_bytes(), 16)
-    assert (back.model, back.accused, back.start, back.end, back.signature, back.reason) == ("m", me.peer_id, 1, 3, b"sig", "because")
+    assert (back.model, back.accused, back.start, back.end, back.signature, back.precision, back.reason) == (
+        "m", me.peer_id, 1, 3, b"sig", ("bfloat16", "int8"), "because")
     assert torch.equal(back.inputs, x) and torch.equal(back.output, y) and back.digest() == ev.digest()
     import msgpack
 
@@ -75,19 +78,31 @@ def test_evidence_round_trips_and_malformed_ones_are_refused(tmp_path):
     bad = [b"", b"\x00" * 10, msgpack.packb([1, 2]), msgpack.packb({**good, "shape": [1, 3, 8]}),
            msgpack.packb({**good, "shape": [2, 3, 16]}), msgpack.packb({**good, "inputs": good["inputs"][:-2]}),
            msgpack.packb({**good, "start": 3, "end": 3}), msgpack.packb({**good, "signature": "text"}),
-           msgpack.packb({k: v for k, v in good.items() if k != "output"}), b"\x00" * 2_000_000]
+           msgpack.packb({k: v for k, v in good.items() if k != "output"}), b"\x00" * 2_000_000,
+           msgpack.packb({**good, "inputs": torch.full((1, 3, 16), float("nan")).numpy().tobytes()})]
     for data in bad:
         with pytest.raises(ValueError):
             Evidence.from_bytes(data, 16)
     assert evidence_positions(2048) * 8 * 2048 <= 900_000 and evidence_positions(64) > 1000
 
 
-def test_each_accusation_is_recomputed_once_and_not_too_often():
+def test_each_accusation_is_judged_once_and_recomputations_are_spaced():
     judged = Recomputations(interval=10)
-    assert judged.admit(b"a", now=0) is None
-    assert judged.admit(b"a", now=100) == "judged already"
-    assert judged.admit(b"b", now=5) == "recomputed another one lately"
-    assert judged.admit(b"b", now=11) is None
+    assert not judged.judged(b"a") and judged.judged(b"a") and not judged.judged(b"b")
+    assert judged.wait(now=0) == 0  # the first at once
+    assert judged.wait(now=4) == 6  # the next one 10 s after
+    assert judged.wait(now=30) == 0
+    assert judged.loud("x", now=0) and not judged.loud("x", now=30) and judged.loud("y", now=30) and judged.loud("x", now=61)
+
+
+def test_stand_ins_keep_the_norms_and_not_the_values():
+    from swarm.p2p.evidence import stand_in
+
+    x = torch.randn(1, 7, 32) * torch.arange(1, 8).view(1, 7, 1)
+    y = stand_in(x)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+    assert cos.abs().max() < 0.9
 
 
 def _bans(home: Path) -> dict:
@@ -148,11 +163,12 @@ async def _forge(model: Path, maddr: str, victim: str, home: Path) -> tuple[Evid
     client = await SwarmClient.start(model_id(ckpt), ckpt.num_blocks, ClientConfig(initial_peers=[maddr], ledger=home / "verify.json"))
     try:
         x = torch.randn(1, 6, ckpt.config.hidden_size)
-        sent, out, signature = await ask_forward(client, victim, 0, 4, x)
-        assert signed_by(victim, pass_digest(client.model, "forward", 0, 4, EVIDENCE_WIRE, None, [sent], [out]), signature)
+        sent, out, signature, signed = await ask_forward(client, victim, 0, 4, x)
+        assert signed_by(victim, pass_digest(client.model, "forward", 0, 4, EVIDENCE_WIRE, None, [sent], [out], signed),
+                         signature)
         forged = bytes([signature[0] ^ 1]) + signature[1:]
-        return (Evidence(client.model, victim, 0, 4, sent, out, forged, "made up"),
-                Evidence(client.model, victim, 0, 4, sent, out, signature, "made up"))
+        return (Evidence(client.model, victim, 0, 4, sent, out, forged, signed, "made up"),
+                Evidence(client.model, victim, 0, 4, sent, out, signature, signed, "made up"))
     finally:
         await client.close()
 
