@@ -3,18 +3,20 @@ side by side in one run, through the same swarm.
 
 The swarm: two `swarm serve` processes of the default model on loopback, each holding every
 block (so each can check the other: a check needs a second server of the same blocks). Each
-round runs the three policies one after another, in a rotating order (this machine's speed drifts
-over minutes), each a fresh client generating ``--tokens`` tokens greedily after the same prompt, then
-(``--train-steps``) training a LoRA for that many AdamW steps through the swarm (batch 4 × 64).
+round runs the policies one after another, in a rotating order (this machine's speed drifts
+over minutes), each a fresh client generating ``--tokens`` tokens greedily after the same prompt;
+then ``--train-rounds`` rounds of the same, each client training a LoRA for ``--train-steps``
+AdamW steps through the swarm (batch 4 × 64).
 The client's ledger is reset before every run, so each run pays the first checks of new servers
 (3 per server, the first one blocking) as a new user would; ``sample-known`` runs with the ledger
 of an earlier run (the servers passed their first checks already: every check runs in the
 background), as a returning user does. Prints the median
-tokens/s of each policy and its cost against ``off``.
+tokens/s of each policy and its cost against ``off``: the median over rounds of the round's own
+ratio (the machine's speed drifts between rounds).
 
 Writes scripts/results/verify.json (``--out``).
 
-    python scripts/bench_verify.py [--tokens 64] [--rounds 3]
+    python scripts/bench_verify.py [--tokens 128] [--rounds 5] [--train-steps 6] [--train-rounds 3]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=4, help="LoRA training steps per run (0: no training runs)")
+    parser.add_argument("--train-rounds", type=int, default=3)
     add_out(parser, "verify")
     args = parser.parse_args()
     model = ensure_default_model()
@@ -91,7 +94,9 @@ def main() -> None:
                     client.close()
                 times[policy].append(len(tokens) / elapsed)
                 print(f"round {r + 1} {policy:12} {times[policy][-1]:6.1f} tokens/s, {checks[policy][-1]} checks")
-            for policy in order if args.train_steps else ():
+        for r in range(args.train_rounds if args.train_steps else 0):  # apart: a round of each is short
+            order = POLICIES[r % n :] + POLICIES[: r % n]
+            for policy in order:
                 ledger.unlink(missing_ok=True)
                 if policy == "sample-known":
                     ledger.write_bytes(known)
@@ -105,18 +110,18 @@ def main() -> None:
                 train_rates[policy].append(tokens / seconds)
                 print(f"round {r + 1} {policy:12} {train_rates[policy][-1]:6.1f} training tokens/s, "
                       f"{train_checks[policy][-1]} checked passes")
-    figures = {p: {"tokens_per_s": statistics.median(times[p]), "runs": times[p], "checks": checks[p]} for p in POLICIES}
-    off = figures["off"]["tokens_per_s"]
+    # the cost: the median over rounds of each round's own ratio to off (the machine drifts between rounds)
+    figures = {p: {"tokens_per_s": statistics.median(times[p]), "runs": times[p], "checks": checks[p],
+                   "cost_vs_off": 1 - statistics.median(a / b for a, b in zip(times[p], times["off"]))} for p in POLICIES}
     for p in POLICIES:
-        figures[p]["cost_vs_off"] = 1 - figures[p]["tokens_per_s"] / off
         print(f"{p:12} {figures[p]['tokens_per_s']:6.1f} tokens/s  cost {100 * figures[p]['cost_vs_off']:5.1f} %")
     if args.train_steps:
-        train_off = statistics.median(train_rates["off"])
         for p in POLICIES:
             rate = statistics.median(train_rates[p])
+            cost = 1 - statistics.median(a / b for a, b in zip(train_rates[p], train_rates["off"]))
             figures[p].update(train_tokens_per_s=rate, train_runs=train_rates[p], train_checks=train_checks[p],
-                              train_cost_vs_off=1 - rate / train_off)
-            print(f"{p:12} {rate:6.1f} training tokens/s  cost {100 * (1 - rate / train_off):5.1f} %")
+                              train_cost_vs_off=cost)
+            print(f"{p:12} {rate:6.1f} training tokens/s  cost {100 * cost:5.1f} %")
     write_results(args.out, "verify", {"tokens": args.tokens, "rounds": args.rounds, "servers": 2,
                                        "model": "default", "prompt": PROMPT, "train_steps": args.train_steps,
                                        "train_batch": "4 × 64 tokens, LoRA r=8 q/v, AdamW"}, {"policies": figures})
