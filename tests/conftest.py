@@ -15,6 +15,8 @@ import swarm  # noqa: F401  (first: it sets GOMP_SPINCOUNT before torch loads, a
 import torch  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
+# families tested by tests/test_families.py (exact against transformers, through the swarm, LoRA)
+NEW_FAMILIES = ["qwen3", "phi3"]
 VOCAB = 320
 
 CORPUS = [
@@ -50,8 +52,14 @@ def tiny_config(family: str, **overrides):
             "llama": transformers.LlamaConfig,
             "mistral": transformers.MistralConfig,
             "qwen2": transformers.Qwen2Config,
+            "qwen3": transformers.Qwen3Config,
+            "phi3": transformers.Phi3Config,
         }[family]
         extra = {"sliding_window": 5} if family == "mistral" else {}
+        if family == "qwen3":
+            extra = {"head_dim": 16}  # its default is 128, not hidden / heads
+        if family == "phi3":  # a window shorter than the tests' sequences, and half the head rotated
+            extra = {"sliding_window": 6, "partial_rotary_factor": 0.5, "pad_token_id": 0}
         cfg = cls(
             hidden_size=64,
             intermediate_size=128,

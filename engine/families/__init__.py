@@ -11,6 +11,8 @@ REGISTRY: dict[str, str] = {
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
     "bloom": "bloom",
 }
 

@@ -1,8 +1,8 @@
 """Llama (Llama 2/3, SmolLM2, TinyLlama): pre-norm decoder blocks with GQA, RoPE and SwiGLU.
 
 Written against the checkpoint format: a block's parameters carry the names they have in the
-checkpoint under ``model.layers.{i}.``. Mistral and Qwen2 reuse this block with their own config
-parsing (sliding windows, q/k/v biases).
+checkpoint under ``model.layers.{i}.``. Mistral, Qwen2 and Qwen3 reuse this block with their own
+config parsing (sliding windows, q/k/v biases, Qwen3's norms of each head's queries and keys).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class LlamaConfig:
     # per layer: None for full attention, else the window in tokens
     sliding_windows: tuple[int | None, ...] = ()
     hidden_act: str = "silu"
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys, before RoPE (Qwen3)
     # the context length (prompt and generated tokens together); None: not stated by config.json
     max_positions: int | None = None
 
@@ -82,11 +83,17 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.extra["rope"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -1,0 +1,95 @@
+"""Phi-3 (and Phi-4-mini): the Llama block with the query, key and value projections fused into
+one ``qkv_proj`` and the gate and up projections into one ``gate_up_proj``, rotary embeddings on
+the first ``partial_rotary_factor`` of each head, and one sliding window for every layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm.engine.families.base import Family
+from swarm.engine.families.llama import LlamaConfig, LlamaHead, head_keys
+from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_inv_freq
+
+
+def parse_config(raw: dict) -> LlamaConfig:
+    window = raw.get("sliding_window")
+    return LlamaConfig.from_dict(raw, qkv_bias=False, o_bias=False, sliding_windows=(window,) * raw["num_hidden_layers"])
+
+
+def rotary_dim(cfg: LlamaConfig) -> int:
+    factor = (cfg.rope_scaling or {}).get("partial_rotary_factor", 1.0)
+    return int(cfg.head_dim * factor)
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rotary_dim = rotary_dim(cfg)
+        self.sliding_window = sliding_window
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim == self.head_dim:
+            return apply_rope(x, cos, sin)
+        return torch.cat([apply_rope(x[..., : self.rotary_dim], cos, sin), x[..., self.rotary_dim :]], dim=-1)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
+        b, s, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.extra["rope"]
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        out = attend(q, k, v, ctx, kv, mask=ctx.bool_mask(self.sliding_window))
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, q_size))
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class Phi3Block(nn.Module):
+    """One decoder block. ``forward(hidden [b, s, h], ctx, kv) -> hidden [b, s, h]``."""
+
+    def __init__(self, cfg: LlamaConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Phi3Attention(cfg, cfg.sliding_windows[index])
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Phi3MLP(cfg)
+
+    def forward(self, hidden: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), ctx, kv)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def prepare_step(cfg: LlamaConfig, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
+    inv_freq, factor = rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
+    positions = torch.arange(ctx.past, ctx.past + ctx.seq)
+    ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, positions, dtype)
+
+
+FAMILY = Family(
+    name="phi3",
+    parse_config=parse_config,
+    block=Phi3Block,
+    block_prefix=lambda cfg, i: f"model.layers.{i}.",
+    head=LlamaHead,
+    head_keys=head_keys,
+    prepare_step=prepare_step,
+    kv_heads=lambda cfg: (cfg.num_kv_heads, cfg.head_dim),
+    lora_default=("qkv_proj",),  # peft names no default for phi3; its attention is one linear
+)

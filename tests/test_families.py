@@ -1,0 +1,104 @@
+"""The newer families (Qwen3: per-head query/key norms; Phi-3: fused projections, partial rotary
+embeddings, a sliding window on every layer) against transformers, the oracle, on tiny random
+checkpoints: logits step by step with a KV cache, greedy tokens locally and through three real
+`swarm serve` processes split at uneven block boundaries, and LoRA gradients through those servers
+equal to local autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from conftest import NEW_FAMILIES, write_tiny_checkpoint
+from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets
+from swarm.engine.checkpoint import Checkpoint
+from swarm.engine.families import get_family
+from swarm_utils import running_swarm
+
+STEPS = [7, 1, 1, 1, 4, 1, 6]  # a prefill, single steps, chunks after the cache (past Phi-3's window of 6)
+RANGES = ["0:1", "1:3", "3:4"]
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def _ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 300, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_step_by_step_equal_transformers(checkpoint):
+    ckpt = Checkpoint(checkpoint)
+    ids = _ids(sum(STEPS))
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    head, parts = ckpt.load_head(), [ckpt.load_blocks(0, 1), ckpt.load_blocks(1, 4)]
+    sessions = [p.open_session(batch=2, max_length=ids.shape[1]) for p in parts]
+    past, pos = transformers.DynamicCache(config=model.config), 0
+    with torch.no_grad():
+        for n in STEPS:
+            result = model(ids[:, pos : pos + n], past_key_values=past, use_cache=True)
+            hidden = head.embed(ids[:, pos : pos + n])
+            for part, session in zip(parts, sessions):
+                hidden = part(hidden, session)
+            diff = (head.logits(hidden) - result.logits.float()).abs().max().item()
+            assert diff <= 1e-4, f"{n} tokens at position {pos}: max abs diff {diff}"
+            past, pos = result.past_key_values, pos + n
+
+
+@pytest.mark.slow
+def test_greedy_tokens_through_three_servers_equal_transformers(checkpoint, tmp_path, monkeypatch):
+    from swarm.config import ClientOptions
+    from swarm.engine.client import ClientModel, generate_local
+    from swarm.engine.generation import GenerationConfig
+    from swarm.facade import Swarm
+
+    monkeypatch.setenv("SWARM_HOME", str(tmp_path))
+    client_model = ClientModel.load(checkpoint)
+    prompt = client_model.encode("The capital of France is")
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False)
+    expected = out[0, len(prompt) :].tolist()
+    cfg = GenerationConfig(max_new_tokens=14)
+    assert generate_local(client_model, prompt, cfg) == expected
+    with running_swarm(checkpoint, RANGES, tmp_path) as servers:
+        with Swarm(ClientOptions(model=str(checkpoint), initial_peers=(servers[0].maddr,)), client_model, None) as s:
+            assert s.generate_ids(prompt, cfg) == expected
+
+
+def _grads(head, blocks, ids, tensors, spec):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    logits = head.logits(blocks(head.embed(ids), leaves, spec))
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    return loss.item(), {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.slow
+def test_lora_gradients_through_three_servers_equal_local_autograd(checkpoint, tmp_path):
+    from swarm.p2p.client import ClientConfig
+    from swarm.p2p.remote_blocks import RemoteBlocks
+    from swarm.p2p.verify import VerifyPolicy
+
+    ckpt = Checkpoint(checkpoint)
+    targets = resolve_targets(ckpt, None)  # the family's default (peft's, or qkv_proj for Phi-3)
+    assert {t.rsplit(".", 1)[-1] for t in targets} == set(get_family(ckpt.config.model_type).lora_default)
+    tensors = init_lora(ckpt, targets, rank=2, seed=0)
+    for key, value in tensors.items():
+        if key.endswith("lora_B"):
+            value.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    spec, ids, head = AdapterSpec(scale=2.0, dropout=0.1, seed=5), _ids(9, seed=4), ckpt.load_head()
+    want_loss, want = _grads(head, LocalBlocks(ckpt.load_blocks(0, 4)), ids, tensors, spec)
+    cfg = ClientConfig(request_timeout=10, step_timeout=20, wait_timeout=20, verify=VerifyPolicy("off"),
+                       ledger=tmp_path / "verify.json")
+    with running_swarm(checkpoint, RANGES, tmp_path) as servers, \
+            RemoteBlocks.connect(checkpoint, [servers[0].maddr], cfg) as remote:
+        loss, got = _grads(head, remote, ids, tensors, spec)
+        assert [(s.start, s.end) for s in remote.last_spans] == [(0, 1), (1, 3), (3, 4)]
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+    for key in want:
+        scale = want[key].abs().max().item()
+        assert scale > 0 and (got[key] - want[key]).abs().max().item() <= 1e-5 * scale, key
