@@ -33,6 +33,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class OffsetRMSNorm(nn.Module):
+    """Gemma's root-mean-square norm: scaled by ``1 + weight`` (the weight is stored as an offset
+    from 1), all in float32, cast back at the end."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of rotary embeddings and the attention factor applied to cos/sin.
 
@@ -158,6 +173,7 @@ def attend(
     *,
     mask: torch.Tensor | None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write the new ``k``/``v`` into the cache buffers ``kv`` (if any) and attend over everything
     cached so far. Returns ``[batch, heads, seq, head_dim]``.
@@ -167,10 +183,11 @@ def attend(
 
     A batched step (``ctx.segments``; ``kv`` one cache per segment) attends segment by segment,
     each on contiguous copies of its positions, so a session's result does not depend on what
-    else shares the step.
+    else shares the step. ``softcap``: scores become ``softcap · tanh(score / softcap)`` before
+    the mask (Gemma 2).
     """
     if ctx.segments is not None:
-        return _attend_segments(q, k, v, ctx, kv, mask, scale)
+        return _attend_segments(q, k, v, ctx, kv, mask, scale, softcap)
     if kv is not None:
         k_buf, v_buf = kv
         end = ctx.past + ctx.seq
@@ -181,19 +198,36 @@ def attend(
             # matmuls then keep their shapes for DECODE_BUCKET steps instead of changing every step,
             # and oneDNN builds (JIT-compiles) a kernel per shape, ~0.2 ms each here.
             padded = _decode_bucket(ctx, kv)
-            return _decode_attention(q, k_buf[:, :, :padded], v_buf[:, :, :padded], mask, scale, valid=end)
+            return _decode_attention(q, k_buf[:, :, :padded], v_buf[:, :, :padded], mask, scale, valid=end,
+                                     softcap=softcap)
         k, v = k_buf[:, :, :end], v_buf[:, :, :end]
     elif ctx.past:
         raise ValueError("a step after cached positions needs the session's KV cache")
     if ctx.seq == 1:
-        return _decode_attention(q, k, v, mask, scale, valid=k.shape[2])
+        return _decode_attention(q, k, v, mask, scale, valid=k.shape[2], softcap=softcap)
+    if softcap is not None:
+        return _capped_attention(q, k, v, mask, scale, softcap)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _capped_attention(q, k, v, mask, scale, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores (no fused kernel has it): plain matmuls, softmax in float32."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
 
 
 DECODE_BUCKET = 64  # cached positions are attended in multiples of this many during decoding
 
 
-def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale) -> torch.Tensor:
+def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale, softcap=None) -> torch.Tensor:
     """:func:`attend` for a batched step: each segment on contiguous copies of its positions, as
     alone; the decode steps (one position, no mask) that attend over the same number of cached
     positions together, in one matmul each way (measured bit-identical to one at a time: the
@@ -220,12 +254,12 @@ def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale) -> torch.Tenso
         if sub.seq == 1 and sub_kv is not None and sub_mask is None and id(sub_kv[0]) not in shared:
             groups.setdefault(_decode_bucket(sub, sub_kv), []).append((i, part, sub, sub_kv))
         else:
-            outputs[i] = attend(*part, sub, sub_kv, mask=sub_mask, scale=scale)
+            outputs[i] = attend(*part, sub, sub_kv, mask=sub_mask, scale=scale, softcap=softcap)
         start = end
     for padded, members in groups.items():
         if len(members) == 1:
             i, part, sub, sub_kv = members[0]
-            outputs[i] = attend(*part, sub, sub_kv, mask=None, scale=scale)
+            outputs[i] = attend(*part, sub, sub_kv, mask=None, scale=scale, softcap=softcap)
             continue
         for _, (_, k_new, v_new), sub, (k_buf, v_buf) in members:
             k_buf[:, :, sub.past : sub.past + 1] = k_new
@@ -234,7 +268,7 @@ def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale) -> torch.Tenso
             torch.cat([part[0] for _, part, _, _ in members]),
             torch.cat([kv[0][:, :, :padded] for _, _, _, kv in members]),
             torch.cat([kv[1][:, :, :padded] for _, _, _, kv in members]),
-            None, scale, valid=torch.tensor([sub.past + 1 for _, _, sub, _ in members]),
+            None, scale, valid=torch.tensor([sub.past + 1 for _, _, sub, _ in members]), softcap=softcap,
         )
         for row, (i, _, _, _) in enumerate(members):
             outputs[i] = together[row : row + 1]
@@ -246,7 +280,7 @@ def _decode_bucket(ctx: StepContext, kv) -> int:
     return min(-(-(ctx.past + ctx.seq) // DECODE_BUCKET) * DECODE_BUCKET, kv[0].shape[2])
 
 
-def _decode_attention(q, k, v, mask, scale, valid: int | torch.Tensor):
+def _decode_attention(q, k, v, mask, scale, valid: int | torch.Tensor, softcap: float | None = None):
     """One query position: plain matmuls over grouped heads (PyTorch's CPU SDPA kernel costs ~10×
     more here). Softmax in float32, as the fused kernels do. Keys from ``valid`` on are padding
     (zeros in the cache buffers): masked out, they weigh exactly 0. ``valid``: one count for every
@@ -256,6 +290,8 @@ def _decode_attention(q, k, v, mask, scale, valid: int | torch.Tensor):
     group = heads // kv_heads
     q = q.reshape(b, kv_heads, group, d)  # query heads sharing a KV head sit next to each other
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         mask = mask.reshape(-1, mask.shape[-1])[..., :valid]
         if mask.dtype == torch.bool:

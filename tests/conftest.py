@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
 # families tested by tests/test_families.py (exact against transformers, through the swarm, LoRA)
-NEW_FAMILIES = ["qwen3", "phi3"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma2"]
 VOCAB = 320
 
 CORPUS = [
@@ -54,12 +54,16 @@ def tiny_config(family: str, **overrides):
             "qwen2": transformers.Qwen2Config,
             "qwen3": transformers.Qwen3Config,
             "phi3": transformers.Phi3Config,
+            "gemma2": transformers.Gemma2Config,
         }[family]
         extra = {"sliding_window": 5} if family == "mistral" else {}
         if family == "qwen3":
             extra = {"head_dim": 16}  # its default is 128, not hidden / heads
         if family == "phi3":  # a window shorter than the tests' sequences, and half the head rotated
             extra = {"sliding_window": 6, "partial_rotary_factor": 0.5, "pad_token_id": 0}
+        if family == "gemma2":  # small caps, so the scores and logits are really capped; a short window
+            extra = {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
+                     "final_logit_softcapping": 3.0, "sliding_window": 6, "pad_token_id": 0}
         cfg = cls(
             hidden_size=64,
             intermediate_size=128,

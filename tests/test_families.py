@@ -102,3 +102,32 @@ def test_lora_gradients_through_three_servers_equal_local_autograd(checkpoint, t
     for key in want:
         scale = want[key].abs().max().item()
         assert scale > 0 and (got[key] - want[key]).abs().max().item() <= 1e-5 * scale, key
+
+
+def test_a_session_steps_the_same_alone_and_batched_with_others(checkpoint):
+    """Servers batch sessions' steps (see tests/test_batching.py): bit-identical per session for
+    these families too (soft-capped and windowed attention per segment)."""
+    from swarm.engine.adapters import attach
+
+    blocks = attach(Checkpoint(checkpoint).load_blocks(0, 4))
+    assert blocks.batch_exact
+    hidden = blocks.config.hidden_size
+    torch.manual_seed(0)
+    sessions = []
+    for length in (3, 9, 1, 12):
+        session = blocks.open_session(1, 40)
+        blocks(torch.randn(1, length, hidden), session)
+        sessions.append(session)
+    steps = [torch.randn(1, seq, hidden) for seq in (1, 4, 1, 1)]
+    alone = [blocks.run_batch([(h, _copy(s))])[0] for h, s in zip(steps, sessions)]
+    batched = blocks.run_batch([(h, _copy(s)) for h, s in zip(steps, sessions)])
+    for i, (a, b) in enumerate(zip(alone, batched)):
+        assert torch.equal(a, b), f"session {i} differs when batched"
+
+
+def _copy(session):
+    copy = type(session)(None, batch=1, max_length=session.max_length, layers=[], dtype=torch.float32)
+    copy.keys = [k.clone() for k in session.keys]
+    copy.values = [v.clone() for v in session.values]
+    copy.length = session.length
+    return copy

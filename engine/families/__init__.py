@@ -13,6 +13,7 @@ REGISTRY: dict[str, str] = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma2": "gemma2",
     "bloom": "bloom",
 }
 
