@@ -109,9 +109,10 @@ class PerSegment:
         self.resolve = resolve
 
 
-# extras that hold one row per position (rotary cos/sin, [seq, head_dim] each): a batched step
-# concatenates its segments' along the positions; every other extra is resolved per segment
-TOKEN_EXTRAS = ("rope",)
+# extras that hold one row per position (rotary cos/sin, [seq, head_dim] each; "rope_local":
+# those of local-attention layers where they differ, as in Gemma 3): a batched step concatenates
+# its segments' along the positions; every other extra is resolved per segment
+TOKEN_EXTRAS = ("rope", "rope_local")
 
 
 @dataclass

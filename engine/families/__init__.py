@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "qwen3": "qwen3",
     "phi3": "phi3",
     "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
     "bloom": "bloom",
 }
 

@@ -36,6 +36,9 @@ class Gemma2Config:
     tie_word_embeddings: bool
     max_positions: int | None
     rope_scaling: dict | None = None
+    qk_norm: bool = False  # Gemma's RMSNorm over each head's queries and keys (Gemma 3)
+    # (theta, scaling) of the sliding-window layers' rotary embeddings where they differ (Gemma 3)
+    local_rope: tuple[float, dict | None] | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> Gemma2Config:
@@ -79,13 +82,19 @@ class Gemma2Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = OffsetRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = OffsetRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.rope = "rope_local" if sliding_window is not None and cfg.local_rope is not None else "rope"
 
     def forward(self, x: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.extra["rope"]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = ctx.extra[self.rope]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(q, k, v, ctx, kv, mask=ctx.bool_mask(self.sliding_window), scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
@@ -166,9 +175,12 @@ def head_keys(cfg: Gemma2Config, available: set[str]) -> list[str]:
 
 
 def prepare_step(cfg: Gemma2Config, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
-    inv_freq, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     positions = torch.arange(ctx.past, ctx.past + ctx.seq)
+    inv_freq, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, positions, dtype)
+    if cfg.local_rope is not None:
+        inv_freq, factor = rope_inv_freq(cfg.head_dim, *cfg.local_rope)
+        ctx.extra["rope_local"] = rope_cos_sin(inv_freq, factor, positions, dtype)
 
 
 FAMILY = Family(
