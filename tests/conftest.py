@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
 # families tested by tests/test_families.py (exact against transformers, through the swarm, LoRA)
-NEW_FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3_text"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3_text", "mixtral"]
 VOCAB = 320
 
 CORPUS = [
@@ -56,6 +56,7 @@ def tiny_config(family: str, **overrides):
             "phi3": transformers.Phi3Config,
             "gemma2": transformers.Gemma2Config,
             "gemma3_text": transformers.Gemma3TextConfig,
+            "mixtral": transformers.MixtralConfig,
         }[family]
         extra = {"sliding_window": 5} if family == "mistral" else {}
         if family == "qwen3":
@@ -65,6 +66,8 @@ def tiny_config(family: str, **overrides):
         if family == "gemma2":  # small caps, so the scores and logits are really capped; a short window
             extra = {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
                      "final_logit_softcapping": 3.0, "sliding_window": 6, "pad_token_id": 0}
+        if family == "mixtral":  # 4 experts, 2 per token
+            extra = {"num_local_experts": 4, "num_experts_per_tok": 2}
         if family == "gemma3_text":  # a local layer then a global one, a short window, distinct RoPE bases
             extra = {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6, "sliding_window_pattern": 2,
                      "pad_token_id": 0}

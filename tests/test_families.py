@@ -131,3 +131,27 @@ def _copy(session):
     copy.values = [v.clone() for v in session.values]
     copy.length = session.length
     return copy
+
+
+def test_mixtral_experts_count_in_memory_and_are_quantized(tmp_path):
+    """A mixture of experts' blocks: the experts' bytes are in the block's size (what --num-blocks
+    auto sizes by), --quant quantizes every expert, and the quantized blocks still route and run."""
+    from swarm.engine.memory import block_bytes
+    from swarm.engine.quant import QUANT_CLASSES, weight_bytes
+
+    path = write_tiny_checkpoint(tmp_path / "mixtral", "mixtral", num_local_experts=4, num_experts_per_tok=2,
+                                 intermediate_size=128)
+    ckpt = Checkpoint(path)
+    h, i = ckpt.config.hidden_size, ckpt.config.intermediate_size
+    experts = 4 * 3 * h * i * 4  # float32
+    assert block_bytes(ckpt, 0, torch.float32) >= experts
+    assert block_bytes(ckpt, 0, torch.float32, quant="int8") < block_bytes(ckpt, 0, torch.float32) - experts // 2
+    whole = ckpt.load_blocks(0, 1, torch.float32)
+    assert weight_bytes(whole) >= experts
+    for quant in ("int8", "nf4"):
+        blocks = ckpt.load_blocks(0, 1, torch.float32, quant=quant)
+        linears = [m for m in blocks.modules() if isinstance(m, QUANT_CLASSES[quant])]
+        assert len([m for m in linears if m.out_features == i or m.in_features == i]) == 4 * 3, quant  # every expert
+        x = torch.randn(1, 5, h)
+        with torch.no_grad():
+            assert torch.isfinite(blocks(x)).all()
