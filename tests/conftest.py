@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
 # families tested by tests/test_families.py (exact against transformers, through the swarm, LoRA)
-NEW_FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3_text", "mixtral"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
 VOCAB = 320
 
 CORPUS = [
@@ -57,6 +57,7 @@ def tiny_config(family: str, **overrides):
             "gemma2": transformers.Gemma2Config,
             "gemma3_text": transformers.Gemma3TextConfig,
             "mixtral": transformers.MixtralConfig,
+            "qwen3_moe": transformers.Qwen3MoeConfig,
         }[family]
         extra = {"sliding_window": 5} if family == "mistral" else {}
         if family == "qwen3":
@@ -68,6 +69,9 @@ def tiny_config(family: str, **overrides):
                      "final_logit_softcapping": 3.0, "sliding_window": 6, "pad_token_id": 0}
         if family == "mixtral":  # 4 experts, 2 per token
             extra = {"num_local_experts": 4, "num_experts_per_tok": 2}
+        if family == "qwen3_moe":  # experts in every other block (dense MLPs between), probabilities not renormalized
+            extra = {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                     "decoder_sparse_step": 2, "norm_topk_prob": False}
         if family == "gemma3_text":  # a local layer then a global one, a short window, distinct RoPE bases
             extra = {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6, "sliding_window_pattern": 2,
                      "pad_token_id": 0}

@@ -26,6 +26,15 @@ def checkpoint(request, tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
 
+@pytest.fixture(scope="module")
+def servers(checkpoint, tmp_path_factory):
+    """Three `swarm serve` processes of ``checkpoint``, split at uneven block boundaries (one
+    swarm for both tests that need one)."""
+    home = tmp_path_factory.mktemp("swarm")
+    with running_swarm(checkpoint, RANGES, home) as processes:
+        yield processes, home
+
+
 def _ids(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 300, (2, n), generator=torch.Generator().manual_seed(seed))
 
@@ -49,13 +58,14 @@ def test_logits_step_by_step_equal_transformers(checkpoint):
 
 
 @pytest.mark.slow
-def test_greedy_tokens_through_three_servers_equal_transformers(checkpoint, tmp_path, monkeypatch):
+def test_greedy_tokens_through_three_servers_equal_transformers(checkpoint, servers, monkeypatch):
     from swarm.config import ClientOptions
     from swarm.engine.client import ClientModel, generate_local
     from swarm.engine.generation import GenerationConfig
     from swarm.facade import Swarm
 
-    monkeypatch.setenv("SWARM_HOME", str(tmp_path))
+    processes, home = servers
+    monkeypatch.setenv("SWARM_HOME", str(home))
     client_model = ClientModel.load(checkpoint)
     prompt = client_model.encode("The capital of France is")
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -64,9 +74,8 @@ def test_greedy_tokens_through_three_servers_equal_transformers(checkpoint, tmp_
     expected = out[0, len(prompt) :].tolist()
     cfg = GenerationConfig(max_new_tokens=14)
     assert generate_local(client_model, prompt, cfg) == expected
-    with running_swarm(checkpoint, RANGES, tmp_path) as servers:
-        with Swarm(ClientOptions(model=str(checkpoint), initial_peers=(servers[0].maddr,)), client_model, None) as s:
-            assert s.generate_ids(prompt, cfg) == expected
+    with Swarm(ClientOptions(model=str(checkpoint), initial_peers=(processes[0].maddr,)), client_model, None) as s:
+        assert s.generate_ids(prompt, cfg) == expected
 
 
 def _grads(head, blocks, ids, tensors, spec):
@@ -78,7 +87,7 @@ def _grads(head, blocks, ids, tensors, spec):
 
 
 @pytest.mark.slow
-def test_lora_gradients_through_three_servers_equal_local_autograd(checkpoint, tmp_path):
+def test_lora_gradients_through_three_servers_equal_local_autograd(checkpoint, servers, tmp_path):
     from swarm.p2p.client import ClientConfig
     from swarm.p2p.remote_blocks import RemoteBlocks
     from swarm.p2p.verify import VerifyPolicy
@@ -94,8 +103,7 @@ def test_lora_gradients_through_three_servers_equal_local_autograd(checkpoint, t
     want_loss, want = _grads(head, LocalBlocks(ckpt.load_blocks(0, 4)), ids, tensors, spec)
     cfg = ClientConfig(request_timeout=10, step_timeout=20, wait_timeout=20, verify=VerifyPolicy("off"),
                        ledger=tmp_path / "verify.json")
-    with running_swarm(checkpoint, RANGES, tmp_path) as servers, \
-            RemoteBlocks.connect(checkpoint, [servers[0].maddr], cfg) as remote:
+    with RemoteBlocks.connect(checkpoint, [servers[0][0].maddr], cfg) as remote:
         loss, got = _grads(head, remote, ids, tensors, spec)
         assert [(s.start, s.end) for s in remote.last_spans] == [(0, 1), (1, 3), (3, 4)]
     assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)

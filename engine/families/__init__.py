@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "mixtral": "mixtral",
+    "qwen3_moe": "qwen3_moe",
     "bloom": "bloom",
 }
 

@@ -41,11 +41,16 @@ class MixtralExpert(nn.Module):
 
 
 class MixtralMoE(nn.Module):
-    def __init__(self, cfg: MixtralConfig):
+    """The router (``gate``) and the experts. ``expert()``: a new expert module; ``normalize``:
+    renormalize the chosen experts' probabilities; ``model_dtype_weights``: those weights cast to
+    the hidden states' dtype before they scale the experts' outputs (Qwen3-MoE) rather than kept
+    in float32 (Mixtral)."""
+
+    def __init__(self, cfg, expert=None, normalize: bool = True, model_dtype_weights: bool = False):
         super().__init__()
-        self.top_k = cfg.top_k
+        self.top_k, self.normalize, self.model_dtype_weights = cfg.top_k, normalize, model_dtype_weights
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(MixtralExpert(cfg) for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList((expert or (lambda: MixtralExpert(cfg)))() for _ in range(cfg.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         segments = SEGMENTS.get()
@@ -64,7 +69,10 @@ class MixtralMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         probs = F.softmax(self.gate(flat).float(), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.model_dtype_weights:
+            weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):  # in order: every token's sum in the same order
             tokens, slot = torch.where(chosen == e)
