@@ -74,13 +74,18 @@ def main() -> None:
             client.close()
         known = ledger.read_bytes()
         n = len(POLICIES)
+
+        def fresh_client(policy: str):
+            """A client of ``policy`` whose ledger is empty, or (``sample-known``) an earlier run's."""
+            ledger.unlink(missing_ok=True)
+            if policy == "sample-known":
+                ledger.write_bytes(known)
+            return open_swarm(model, [maddr], verify=policy.split("-")[0])
+
         for r in range(args.rounds):
             order = POLICIES[r % n :] + POLICIES[: r % n]
             for policy in order:
-                ledger.unlink(missing_ok=True)
-                if policy == "sample-known":
-                    ledger.write_bytes(known)
-                client = open_swarm(model, [maddr], verify=policy.split("-")[0])
+                client = fresh_client(policy)
                 try:
                     cfg = client.generation_config(max_new_tokens=args.tokens, draft="none")
                     ids = client.encode(PROMPT)
@@ -97,10 +102,7 @@ def main() -> None:
         for r in range(args.train_rounds if args.train_steps else 0):  # apart: a round of each is short
             order = POLICIES[r % n :] + POLICIES[: r % n]
             for policy in order:
-                ledger.unlink(missing_ok=True)
-                if policy == "sample-known":
-                    ledger.write_bytes(known)
-                client = open_swarm(model, [maddr], verify=policy.split("-")[0])
+                client = fresh_client(policy)
                 try:
                     seconds, tokens = train(head, client.blocks, batches, lora, args.train_steps)
                     passes = client.blocks.checks
