@@ -163,3 +163,26 @@ def test_mixtral_experts_count_in_memory_and_are_quantized(tmp_path):
         x = torch.randn(1, 5, h)
         with torch.no_grad():
             assert torch.isfinite(blocks(x)).all()
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_the_checkpoints_chat_template_is_used_whatever_file_holds_it(checkpoint, tmp_path, where):
+    """--chat and the API take the template the checkpoint ships, as transformers saves it now
+    (chat_template.jinja) or as older releases do (in tokenizer_config.json), for every family."""
+    import json
+    import shutil
+
+    from swarm.engine.client import ClientModel
+
+    path = tmp_path / "model"
+    shutil.copytree(checkpoint, path)
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    if where == "chat_template.jinja":
+        (path / where).write_text(template)
+    else:
+        config = json.loads((path / where).read_text())
+        (path / where).write_text(json.dumps({**config, "chat_template": template}))
+    client = ClientModel.load(path)
+    assert client.has_chat_template
+    text = client.tokenizer.decode(client.encode("hi there", chat=True))
+    assert text.startswith("<|user|>hi there") and text.endswith("<|assistant|>"), text
