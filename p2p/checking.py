@@ -112,8 +112,17 @@ class ChainVerifier:
         """Finish the checks in the background and check every position not yet checked (where
         another server or, in ``strict`` mode, this machine can): what a generation does before
         it returns. Raises :class:`~swarm.engine.generation.Rewound` as :meth:`after_step`."""
-        if self.running:
-            await asyncio.wait([c.task for c in self.running])
+        if self.running:  # bounded: a checker gone silent costs the generation no more than a step's wait
+            cfg = self.client.cfg
+            _, late = await asyncio.wait([c.task for c in self.running], timeout=cfg.step_timeout + cfg.request_timeout)
+            for check in [c for c in self.running if c.task in late]:
+                check.task.cancel()
+                await asyncio.wait([check.task])
+                self.running.remove(check)
+                await self._drop_checker(check.session, broken=True)  # cut mid-step
+                log.warning("a check of %s on blocks %d:%d did not finish in time: dropped (checked later, or not at all "
+                            "if the generation ends)", _short(check.session.span.peer_id), check.session.span.start,
+                            check.session.span.end)
         self._finished()
         if self.suspect is None:
             chain, now = self.chain, time.monotonic()
@@ -377,7 +386,8 @@ class ChainVerifier:
         from swarm.p2p.chain import RemoteChain
 
         chain = self.chain
-        exclude = exclude | self.client.ledger.banned()
+        # never a server caught lying, nor one that failed lately (a check is not worth its timeouts)
+        exclude = exclude | self.client.ledger.banned() | self.client.banned()
         spans = await self.client.route(session.span.start, session.span.end, cache_tokens=chain.batch * chain.max_length,
                                         wait=False, exclude=exclude)
         checker = RemoteChain(self.client, spans, chain.batch, chain.max_length, chain.adapter, verify=False,

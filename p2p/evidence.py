@@ -286,7 +286,7 @@ async def accuse(client, peer: str, start: int, end: int, inputs: torch.Tensor, 
         return "no valid signature (a server from before signatures, or a liar that does not sign)"
     reference, precision = None, None
     try:
-        spans = await client.route(start, end, wait=False, exclude={peer} | client.ledger.banned())
+        spans = await client.route(start, end, wait=False, exclude={peer} | client.ledger.banned() | client.banned())
         y, precs = sent.float(), []
         for span in spans:
             _, y, _, (dtype, quant) = await ask_forward(client, span.peer_id, span.start, span.end, y)

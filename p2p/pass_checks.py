@@ -191,7 +191,8 @@ class PassChecks:
         """The pass on other servers of ``span``'s blocks (none of ``exclude`` nor any banned):
         (its result, [(span, input)] of the servers that computed it). Raises NoRouteError when
         nobody else serves them, SpanFailure when one fails (no failover for a check)."""
-        spans = await self.client.route(span.start, span.end, wait=False, exclude=exclude | self.client.ledger.banned())
+        exclude = exclude | self.client.ledger.banned() | self.client.banned()  # liars, and servers that failed lately
+        spans = await self.client.route(span.start, span.end, wait=False, exclude=exclude)
         trace, y = [], x
         for s in spans[:-1] if kind == "backward" else spans:
             trace.append((s, y))
