@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from swarm.engine.families.base import Family
-from swarm.engine.families.gemma2 import Gemma2Block, Gemma2Config, Gemma2Head, head_keys, prepare_step
+from swarm.engine.families import gemma2
+from swarm.engine.families.gemma2 import Gemma2Config
 
 
 def parse_config(raw: dict) -> Gemma2Config:
@@ -28,13 +28,4 @@ def parse_config(raw: dict) -> Gemma2Config:
     return replace(cfg, qk_norm=True, local_rope=(theta, local or None))
 
 
-FAMILY = Family(
-    name="gemma3_text",
-    parse_config=parse_config,
-    block=Gemma2Block,
-    block_prefix=lambda cfg, i: f"model.layers.{i}.",
-    head=Gemma2Head,
-    head_keys=head_keys,
-    prepare_step=prepare_step,
-    kv_heads=lambda cfg: (cfg.num_kv_heads, cfg.head_dim),
-)
+FAMILY = replace(gemma2.FAMILY, name="gemma3_text", parse_config=parse_config)

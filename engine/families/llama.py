@@ -102,25 +102,29 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """SwiGLU; ``intermediate``: its width where not the config's (a mixture of experts' expert)."""
+
+    def __init__(self, cfg: LlamaConfig, intermediate: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = intermediate or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaBlock(nn.Module):
-    """One decoder block. ``forward(hidden [b, s, h], ctx, kv) -> hidden [b, s, h]``."""
+    """One decoder block. ``forward(hidden [b, s, h], ctx, kv) -> hidden [b, s, h]``; ``attn`` and
+    ``mlp``: other modules in those places (Phi-3's fused ones, a mixture of experts)."""
 
-    def __init__(self, cfg: LlamaConfig, index: int):
+    def __init__(self, cfg: LlamaConfig, index: int, attn: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, cfg.sliding_windows[index])
+        self.self_attn = attn if attn is not None else LlamaAttention(cfg, cfg.sliding_windows[index])
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = mlp if mlp is not None else LlamaMLP(cfg)
 
     def forward(self, hidden: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), ctx, kv)
@@ -167,14 +171,21 @@ def head_keys(cfg: LlamaConfig, available: set[str]) -> list[str]:
     return keys
 
 
+def rotary_dim(cfg: LlamaConfig) -> int:
+    """How much of each head RoPE rotates (``partial_rotary_factor``: Phi-3 and Phi-4-mini)."""
+    return int(cfg.head_dim * (cfg.rope_scaling or {}).get("partial_rotary_factor", 1.0))
+
+
 def prepare_step(cfg: LlamaConfig, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
-    inv_freq, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    inv_freq, factor = rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
     positions = torch.arange(ctx.past, ctx.past + ctx.seq)
     ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, positions, dtype)
 
 
-def make_family(name: str, parse) -> Family:
-    return Family(
+def make_family(name: str, parse, **overrides) -> Family:
+    """A family written like Llama's (its names, head and RoPE), with ``overrides`` of
+    :class:`~swarm.engine.families.base.Family`'s fields (its block, say)."""
+    fields = dict(
         name=name,
         parse_config=parse,
         block=LlamaBlock,
@@ -184,6 +195,7 @@ def make_family(name: str, parse) -> Family:
         prepare_step=prepare_step,
         kv_heads=lambda cfg: (cfg.num_kv_heads, cfg.head_dim),
     )
+    return Family(**{**fields, **overrides})
 
 
 FAMILY = make_family("llama", LlamaConfig.from_dict)

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarm.engine.families.base import Family
-from swarm.engine.families.llama import LlamaAttention, LlamaConfig, LlamaHead, head_keys, prepare_step
+from swarm.engine.families.llama import LlamaAttention, LlamaConfig, make_family
 from swarm.engine.fast import SEGMENTS
 from swarm.engine.layers import RMSNorm, StepContext
 
@@ -96,13 +95,4 @@ class MixtralBlock(nn.Module):
         return hidden + self.block_sparse_moe(self.post_attention_layernorm(hidden))
 
 
-FAMILY = Family(
-    name="mixtral",
-    parse_config=parse_config,
-    block=MixtralBlock,
-    block_prefix=lambda cfg, i: f"model.layers.{i}.",
-    head=LlamaHead,
-    head_keys=head_keys,
-    prepare_step=prepare_step,
-    kv_heads=lambda cfg: (cfg.num_kv_heads, cfg.head_dim),
-)
+FAMILY = make_family("mixtral", parse_config, block=MixtralBlock)

@@ -8,19 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarm.engine.families.base import Family
-from swarm.engine.families.llama import LlamaConfig, LlamaHead, head_keys
-from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_inv_freq
+from swarm.engine.families.llama import LlamaBlock, LlamaConfig, make_family, rotary_dim
+from swarm.engine.layers import StepContext, apply_rope, attend
 
 
 def parse_config(raw: dict) -> LlamaConfig:
     window = raw.get("sliding_window")
     return LlamaConfig.from_dict(raw, qkv_bias=False, o_bias=False, sliding_windows=(window,) * raw["num_hidden_layers"])
-
-
-def rotary_dim(cfg: LlamaConfig) -> int:
-    factor = (cfg.rope_scaling or {}).get("partial_rotary_factor", 1.0)
-    return int(cfg.head_dim * factor)
 
 
 class Phi3Attention(nn.Module):
@@ -61,35 +55,8 @@ class Phi3MLP(nn.Module):
         return self.down_proj(up * F.silu(gate))
 
 
-class Phi3Block(nn.Module):
-    """One decoder block. ``forward(hidden [b, s, h], ctx, kv) -> hidden [b, s, h]``."""
-
-    def __init__(self, cfg: LlamaConfig, index: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Phi3Attention(cfg, cfg.sliding_windows[index])
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Phi3MLP(cfg)
-
-    def forward(self, hidden: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), ctx, kv)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-
-def prepare_step(cfg: LlamaConfig, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
-    inv_freq, factor = rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
-    positions = torch.arange(ctx.past, ctx.past + ctx.seq)
-    ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, positions, dtype)
-
-
-FAMILY = Family(
-    name="phi3",
-    parse_config=parse_config,
-    block=Phi3Block,
-    block_prefix=lambda cfg, i: f"model.layers.{i}.",
-    head=LlamaHead,
-    head_keys=head_keys,
-    prepare_step=prepare_step,
-    kv_heads=lambda cfg: (cfg.num_kv_heads, cfg.head_dim),
+FAMILY = make_family(
+    "phi3", parse_config,
+    block=lambda cfg, i: LlamaBlock(cfg, i, attn=Phi3Attention(cfg, cfg.sliding_windows[i]), mlp=Phi3MLP(cfg)),
     lora_default=("qkv_proj",),  # peft names no default for phi3; its attention is one linear
 )

@@ -7,15 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from swarm.engine.families.base import Family
-from swarm.engine.families.llama import LlamaAttention, LlamaConfig, LlamaHead, head_keys, prepare_step
+from swarm.engine.families.llama import LlamaBlock, LlamaConfig, LlamaMLP, make_family
 from swarm.engine.families.mixtral import MixtralMoE
 from swarm.engine.families.qwen2 import parse_config as parse_qwen2
-from swarm.engine.layers import RMSNorm, StepContext
 
 
 @dataclass(frozen=True)
@@ -40,43 +34,12 @@ def parse_config(raw: dict) -> Qwen3MoeConfig:
     )
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def block(cfg: Qwen3MoeConfig, index: int) -> LlamaBlock:
+    if not cfg.sparse[index]:
+        return LlamaBlock(cfg, index)
+    experts = MixtralMoE(cfg, lambda: LlamaMLP(cfg, cfg.moe_intermediate_size), normalize=cfg.normalize,
+                         model_dtype_weights=True)
+    return LlamaBlock(cfg, index, mlp=experts)
 
 
-class Qwen3MoeBlock(nn.Module):
-    """One decoder block. ``forward(hidden [b, s, h], ctx, kv) -> hidden [b, s, h]``."""
-
-    def __init__(self, cfg: Qwen3MoeConfig, index: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, cfg.sliding_windows[index])
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.sparse[index]:
-            self.mlp = MixtralMoE(cfg, lambda: SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size),
-                                  normalize=cfg.normalize, model_dtype_weights=True)
-        else:
-            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, hidden: torch.Tensor, ctx: StepContext, kv) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), ctx, kv)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-
-FAMILY = Family(
-    name="qwen3_moe",
-    parse_config=parse_config,
-    block=Qwen3MoeBlock,
-    block_prefix=lambda cfg, i: f"model.layers.{i}.",
-    head=LlamaHead,
-    head_keys=head_keys,
-    prepare_step=prepare_step,
-    kv_heads=lambda cfg: (cfg.num_kv_heads, cfg.head_dim),
-)
+FAMILY = make_family("qwen3_moe", parse_config, block=block)
