@@ -49,6 +49,22 @@ class Dispute(SwarmError):
     """Servers disagree on blocks and nothing can tell which is right."""
 
 
+def announced(client, peer_id: str, wire: str) -> Precision:
+    """The precision ``peer_id`` announces (its outputs in ``wire``): what a check's tolerance
+    allows it. Unknown now: the most lenient guess."""
+    info = client.table.snapshot().get(peer_id)
+    if info is None:
+        return Precision("float32", "nf4", wire)
+    return Precision(info.dtype, info.quant, wire)
+
+
+def convict(client, peer_id: str, reason: str) -> None:
+    """``peer_id`` lied: a failed check and a ban in the client's ledger (persisted), logged."""
+    log.warning("%s lied: %s; banned", _short(peer_id), reason)
+    client.ledger.count(peer_id, False)
+    client.ledger.ban(peer_id, reason)
+
+
 @dataclass(eq=False)
 class _Check:
     """One check of a span's positions ``[start, end)``: what was sent and returned, taken when it
@@ -78,10 +94,7 @@ class ChainVerifier:
         self.suspect: int | None = None  # a failed server's replay disagreed from here: rewind after the step
 
     def precision(self, peer_id: str, wire: str) -> Precision:
-        info = self.client.table.snapshot().get(peer_id)
-        if info is None:
-            return Precision("float32", "nf4", wire)  # unknown now: the most lenient guess
-        return Precision(info.dtype, info.quant, wire)
+        return announced(self.client, peer_id, wire)
 
     async def after_step(self) -> None:
         """Start the checks due after a step: awaited where they block (``strict``, or a server
@@ -357,9 +370,7 @@ class ChainVerifier:
     def _caught(self, peer: str, reason: str, check: _Check | None = None, bad: int = 0) -> None:
         """``peer`` lied: banned here; with the ``check`` that caught it (at position ``bad``),
         evidence others can check is gathered and published (see :mod:`swarm.p2p.evidence`)."""
-        log.warning("%s lied: %s; banned", _short(peer), reason)
-        self.client.ledger.count(peer, False)
-        self.client.ledger.ban(peer, reason)
+        convict(self.client, peer, reason)
         self.caught.append(peer)
         if check is not None:  # the checked server: the positions from ``bad`` are computed again
             self.suspect = _least(self.suspect, min(bad, check.cut))

@@ -29,6 +29,7 @@ import torch
 
 from swarm.engine.adapters import span_tensors
 from swarm.p2p.chain import SwarmError, _short
+from swarm.p2p.checking import Dispute, announced, convict
 from swarm.p2p.routing import NoRouteError, Span
 from swarm.p2p.verify import (
     MAX_PENDING_PASSES,
@@ -148,8 +149,6 @@ class PassChecks:
             ledger.count(peer, True)
             self.unchecked[peer] = 0
             return primary, [(span, x)]
-        from swarm.p2p.checking import Dispute
-
         raise Dispute(
             f"servers {_short(peer)} and {', '.join(_short(p) for p in checkers)} disagree on a {kind} pass of "
             f"{where}, and " + ("no third server or local copy of those blocks can tell which is right"
@@ -159,19 +158,13 @@ class PassChecks:
     def _caught(self, peer: str, reason: str, span: Span | None = None, x: torch.Tensor | None = None) -> None:
         """``peer`` lied: banned here; caught on ``span``'s pass of ``x``, evidence others can check
         is gathered and published (see :mod:`swarm.p2p.evidence`)."""
-        log.warning("%s lied: %s; banned", _short(peer), reason)
-        self.client.ledger.count(peer, False)
-        self.client.ledger.ban(peer, reason)
+        convict(self.client, peer, reason)
         self.caught.append(peer)
         if span is not None:
             self.client.accuse(peer, span.start, span.end, x[:1], reason)
 
     def _precision(self, peer: str) -> Precision:
-        info = self.client.table.snapshot().get(peer)
-        wire = self.client.wire_for(peer)
-        if info is None:
-            return Precision("float32", "nf4", wire)  # unknown now: the most lenient guess
-        return Precision(info.dtype, info.quant, wire)
+        return announced(self.client, peer, self.client.wire_for(peer))
 
     @staticmethod
     def _limit(kind: str, a: Precision, b: Precision) -> float:

@@ -102,3 +102,14 @@ def swarm_generate(model_dir, initial_peer: str, cfg, on_token=None, *, prompt: 
 
     with Swarm(ClientOptions(model=str(model_dir), initial_peers=(initial_peer,), **options), client_model, adapter) as s:
         return s.generate_ids(client_model.encode(prompt), cfg, hook, chains.append)
+
+
+def clone_session(session):
+    """A copy of a batch-1 KV session (its caches and length), to step twice from the same state."""
+    import torch
+
+    copy = type(session)(None, batch=1, max_length=session.max_length, layers=[], dtype=torch.float32)
+    copy.keys = [k.clone() for k in session.keys]
+    copy.values = [v.clone() for v in session.values]
+    copy.length = session.length
+    return copy

@@ -12,6 +12,7 @@ import torch
 from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import PREFILL_CHUNK, Checkpoint
 from swarm.engine.fast import POOL_ROWS, invariant_rows, measure_pooling, pools
+from swarm_utils import clone_session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,14 +28,6 @@ def _sessions(blocks, prompts: list[int], max_length: int = 96):
     return sessions
 
 
-def _clone(session):
-    copy = type(session)(None, batch=1, max_length=session.max_length, layers=[], dtype=torch.float32)
-    copy.keys = [k.clone() for k in session.keys]
-    copy.values = [v.clone() for v in session.values]
-    copy.length = session.length
-    return copy
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_session_steps_the_same_alone_and_in_any_batch(tiny_checkpoint, dtype):
     blocks = Checkpoint(tiny_checkpoint).load_blocks(0, 4, dtype)
@@ -48,16 +41,16 @@ def test_a_session_steps_the_same_alone_and_in_any_batch(tiny_checkpoint, dtype)
     hidden = blocks.config.hidden_size
     torch.manual_seed(1)
     steps = [torch.randn(1, seq, hidden) for seq in (1, 1, 1, 4, 1, 1, 9)]  # decode steps and prefill chunks
-    alone = [blocks.run_batch([(h, _clone(s))])[0] for h, s in zip(steps, sessions)]
+    alone = [blocks.run_batch([(h, clone_session(s))])[0] for h, s in zip(steps, sessions)]
     for order in (list(range(7)), [6, 2, 0, 5, 3, 1, 4], [3, 5]):
-        copies = {i: _clone(sessions[i]) for i in order}
+        copies = {i: clone_session(sessions[i]) for i in order}
         batched = blocks.run_batch([(steps[i], copies[i]) for i in order])
         for i, out in zip(order, batched):
             assert torch.equal(out, alone[i]), f"session {i} differs in batch {order}"
             assert copies[i].length == sessions[i].length + steps[i].shape[1]
         # and the next step after a batched one sees the same cache as after a lone one
         for i in order:
-            lone = _clone(sessions[i])
+            lone = clone_session(sessions[i])
             blocks.run_batch([(steps[i], lone)])
             nxt = torch.randn(1, 1, hidden)
             assert torch.equal(blocks.run_batch([(nxt, lone)])[0], blocks.run_batch([(nxt, copies[i])])[0])
@@ -128,7 +121,7 @@ def test_blocks_that_cannot_batch_exactly_run_the_steps_one_by_one(tiny_checkpoi
     assert not blocks.batch_exact  # float32 linears, not attached
     sessions = _sessions(blocks, [3, 6])
     steps = [torch.randn(1, 1, blocks.config.hidden_size), torch.randn(1, 2, blocks.config.hidden_size)]
-    alone = [blocks.run_batch([(h, _clone(s))])[0] for h, s in zip(steps, sessions)]
+    alone = [blocks.run_batch([(h, clone_session(s))])[0] for h, s in zip(steps, sessions)]
     together = blocks.run_batch(list(zip(steps, sessions)))
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
 

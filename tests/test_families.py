@@ -15,7 +15,7 @@ from conftest import NEW_FAMILIES, write_tiny_checkpoint
 from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.families import get_family
-from swarm_utils import running_swarm
+from swarm_utils import clone_session, running_swarm
 
 STEPS = [7, 1, 1, 1, 4, 1, 6]  # a prefill, single steps, chunks after the cache (past Phi-3's window of 6)
 RANGES = ["0:1", "1:3", "3:4"]
@@ -127,18 +127,10 @@ def test_a_session_steps_the_same_alone_and_batched_with_others(checkpoint):
         blocks(torch.randn(1, length, hidden), session)
         sessions.append(session)
     steps = [torch.randn(1, seq, hidden) for seq in (1, 4, 1, 1)]
-    alone = [blocks.run_batch([(h, _copy(s))])[0] for h, s in zip(steps, sessions)]
-    batched = blocks.run_batch([(h, _copy(s)) for h, s in zip(steps, sessions)])
+    alone = [blocks.run_batch([(h, clone_session(s))])[0] for h, s in zip(steps, sessions)]
+    batched = blocks.run_batch([(h, clone_session(s)) for h, s in zip(steps, sessions)])
     for i, (a, b) in enumerate(zip(alone, batched)):
         assert torch.equal(a, b), f"session {i} differs when batched"
-
-
-def _copy(session):
-    copy = type(session)(None, batch=1, max_length=session.max_length, layers=[], dtype=torch.float32)
-    copy.keys = [k.clone() for k in session.keys]
-    copy.values = [v.clone() for v in session.values]
-    copy.length = session.length
-    return copy
 
 
 def test_mixtral_experts_count_in_memory_and_are_quantized(tmp_path):
