@@ -547,10 +547,10 @@ class _JobChain:
         return out
 
     def rewind(self, position: int) -> None:
-        async def rewind() -> None:  # on the loop: checks in the background read the chain
-            self.chain.rewind(position)
+        from swarm.p2p.sync_chain import on_loop
 
-        self.job.backend.background.call(rewind(), timeout=10)
+        # on the loop: checks in the background read the chain
+        self.job.backend.background.call(on_loop(self.chain.rewind, position), timeout=10)
 
     def settle(self) -> None:
         """Wait for the chain's checks of its servers (raises Rewound: see RemoteChain.settle)."""

@@ -49,7 +49,7 @@ class SyncChain:
     def rewind(self, position: int) -> None:
         # no I/O (the servers cut their caches at the next step), but on the loop: checks in the
         # background read the chain
-        self.background.call(_call(self.chain.rewind, position), timeout=self.timeout)
+        self.background.call(on_loop(self.chain.rewind, position), timeout=self.timeout)
 
     def settle(self) -> None:
         """Wait for the chain's checks and check what is unchecked (raises Rewound)."""
@@ -65,5 +65,6 @@ class SyncChain:
         self.background.call(self.chain.close(), timeout=self.timeout)
 
 
-async def _call(function, *args):
+async def on_loop(function, *args):
+    """``function(*args)`` as a coroutine: a plain call run on the loop that owns its objects."""
     return function(*args)
