@@ -63,7 +63,7 @@ class KVCacheBudget:
         max_length: int,
         layers: Sequence[LayerKVShape],
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | Sequence[torch.device] = "cpu",
         owner: str | None = None,
         owner_limit: int | None = None,
     ) -> SessionKV:
@@ -118,7 +118,7 @@ class SessionKV:
     """The keys and values of one session for a run of blocks, plus how many positions are filled.
 
     ``keys[i]`` / ``values[i]``: ``[batch, kv_heads, max_length, head_dim]`` for the i-th block of
-    the run. The blocks write positions ``[length, length + seq)`` and then the caller advances
+    the run, on ``device`` (one for all blocks, or one per block). The blocks write positions ``[length, length + seq)`` and then the caller advances
     ``length`` once for the whole run (see :meth:`advance`).
     """
 
@@ -130,7 +130,7 @@ class SessionKV:
         max_length: int,
         layers: Sequence[LayerKVShape],
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | Sequence[torch.device] = "cpu",
         owner: str | None = None,
     ):
         self._budget, self._owner = budget, owner
@@ -139,9 +139,11 @@ class SessionKV:
         self.length = 0
         # zeros: decoding attends over whole buckets of positions, the unwritten ones included
         try:
-            self.keys = [torch.zeros(batch, s.num_kv_heads, max_length, s.head_dim, dtype=dtype, device=device) for s in layers]
+            devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(layers)
+            self.keys = [torch.zeros(batch, s.num_kv_heads, max_length, s.head_dim, dtype=dtype, device=d)
+                         for s, d in zip(layers, devices, strict=True)]
             self.values = [torch.zeros_like(k) for k in self.keys]
-        except RuntimeError as exc:  # the allocator's "can't allocate memory"
+        except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory" (a GPU's: OutOfMemoryError)
             raise CacheFullError(
                 f"cannot allocate a KV cache of batch {batch} × {max_length} positions for {len(layers)} blocks "
                 f"({str(exc).splitlines()[0]}); ask for fewer positions (e.g. a smaller --max-new-tokens)"
@@ -181,7 +183,7 @@ class SessionKV:
         n = self.length
         for buffers in (self.keys, self.values):
             for buf in buffers:
-                buf[:, :, :n] = buf[:, :, :n].index_select(0, hypo_ids)
+                buf[:, :, :n] = buf[:, :, :n].index_select(0, hypo_ids.to(buf.device))
 
     def close(self) -> None:
         """Give the tokens back to the budget (idempotent, thread-safe) and drop the buffers."""

@@ -98,14 +98,16 @@ class LoraLinear(nn.Module):
         if self.lora is None:
             return out
         a, b, spec = self.lora
+        if a.device != x.device:  # the adapter's tensors stay where their owner keeps them (gradients flow back)
+            a, b = a.to(x.device), b.to(x.device)
         h = x.to(a.dtype)
         if spec.dropout > 0:  # one mask per row (see AdapterSpec); h: [batch, ..., in_features]
             keep = 1.0 - spec.dropout
             masks = []
-            for r in range(h.shape[0]):
+            for r in range(h.shape[0]):  # drawn on the CPU: the same masks whatever the device
                 generator = torch.Generator().manual_seed(_stream_seed(spec.seed, f"{self.key}:{spec.row + r}"))
                 masks.append(torch.rand(h.shape[1:], generator=generator) < keep)
-            h = h * torch.stack(masks) / keep
+            h = h * torch.stack(masks).to(h.device) / keep
         return out + (F.linear(F.linear(h, a), b) * spec.scale).to(out.dtype)
 
 
@@ -339,7 +341,7 @@ def _prompt_hook(prompt: torch.Tensor, switch: list[bool]) -> Callable:
         if first >= last:
             return None
         n = last - first
-        head = hidden[:, :n] + prompt[first:last].to(hidden.dtype)
+        head = hidden[:, :n] + prompt[first:last].to(hidden.device, hidden.dtype)
         return (torch.cat([head, hidden[:, n:]], dim=1), *args[1:])
 
     return hook

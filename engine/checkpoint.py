@@ -20,11 +20,13 @@ from safetensors import SafetensorError, safe_open
 
 from swarm.cache.kv import KVCacheBudget, LayerKVShape, SessionKV
 from swarm.engine.default_model import MARKER
+from swarm.engine.devices import block_devices
 from swarm.engine.families import CheckpointError, Family, get_family
 from swarm.engine.fast import SEGMENTS, is_frozen_linear, pack_linears
 from swarm.engine.layers import StepContext
 from swarm.engine.quant import quantize_linears
 
+CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # sizes every family's parsed config has, and what config.json calls them in words
 SIZES = {"num_layers": "number of layers", "hidden_size": "hidden size", "num_heads": "number of attention heads",
@@ -205,18 +207,25 @@ class Checkpoint:
         fast: bool = True,
         quant: str = "none",
         quantized: Container[int] | None = None,
+        devices: Sequence[torch.device] = (CPU,),
+        capacities: list[int] | None = None,
     ) -> BlockRange:
         """The blocks ``[start, end)`` with frozen weights, reading only their tensors.
 
-        With ``fast`` (the default), bfloat16 linears use pre-packed CPU kernels (same results,
-        see :mod:`swarm.engine.fast`). With ``quant`` (``int8``, ``nf4``) the linears of the blocks
-        in ``quantized`` (all when None) are quantized as each block is loaded (see
-        :mod:`swarm.engine.quant`), so only one block's float weights are held at a time."""
+        With ``fast`` (the default), bfloat16 linears on the CPU use pre-packed kernels (same
+        results, see :mod:`swarm.engine.fast`). With ``quant`` (``int8``, ``nf4``) the linears of
+        the blocks in ``quantized`` (all when None) are quantized as each block is loaded (see
+        :mod:`swarm.engine.quant`), so only one block's float weights are held at a time.
+        ``devices``: where the blocks compute, consecutive parts of the range each (in proportion
+        to ``capacities``, blocks each device can hold; equal parts when None): each block goes
+        there as it is loaded."""
         n = self.num_blocks
         if not 0 <= start < end <= n:
             raise ValueError(f"block range {start}:{end} is not within this model's {n} blocks (0:{n})")
+        placed = block_devices(end - start, tuple(devices), capacities)
         blocks = []
         for index in range(start, end):
+            device = placed[index - start]
             prefix = self.family.block_prefix(self.config, index)
             keys = [k for k in self._files if k.startswith(prefix)]
             if not keys:
@@ -237,21 +246,46 @@ class Checkpoint:
                 ) from None
             block.requires_grad_(False).eval()
             if quant != "none" and (quantized is None or index in quantized):
-                quantize_linears(block, quant)
+                quantize_linears(block, quant, device)
                 del state, tensors
+            block.to(device)
             if fast:
-                pack_linears(block)  # bfloat16 linears not quantized (all, or those a quantization cannot hold)
+                pack_linears(block)  # bfloat16 linears on the CPU not quantized (all, or those a quantization cannot hold)
             blocks.append(block)
         return_freed_memory()
-        return BlockRange(self.family, self.config, start, end, blocks, dtype)
+        return BlockRange(self.family, self.config, start, end, blocks, dtype, placed)
 
-    def load_head(self, dtype: torch.dtype = torch.float32, fast: bool = True) -> torch.nn.Module:
-        """The client's part (embeddings, final norm, LM head), reading only those tensors."""
+    def load_head(self, dtype: torch.dtype = torch.float32, fast: bool = True, device: torch.device = CPU) -> torch.nn.Module:
+        """The client's part (embeddings, final norm, LM head), reading only those tensors, on
+        ``device`` (see :class:`DeviceHead`)."""
         keys = self.family.head_keys(self.config, set(self._files))
         head = self.family.head(self.config, self.read(keys, dtype)).eval()
+        if device.type != "cpu":
+            return DeviceHead(head.to(device), device)
         if fast:
             pack_linears(head)
         return head
+
+
+class DeviceHead(torch.nn.Module):
+    """A family's head computing on a GPU for a client whose hidden states, token ids and logits
+    stay on the CPU (where the wire, sampling and the adapters' optimizer are): what goes in is
+    copied to the device, what comes out back (differentiably)."""
+
+    def __init__(self, head: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.head, self.device = head, device
+        self.max_positions = head.max_positions
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head.token_embeddings(input_ids.to(self.device)).to(CPU)
+
+    def embed(self, input_ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        prefix = None if prefix is None else prefix.to(self.device)
+        return self.head.embed(input_ids.to(self.device), prefix).to(CPU)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(hidden.to(self.device)).to(CPU)
 
 
 def return_freed_memory() -> None:
@@ -281,6 +315,19 @@ def _stop_hook(should_stop: Callable[[], bool]) -> Callable:
     return hook
 
 
+FLOAT16_LIMIT = torch.finfo(torch.float16).max - 1000  # float16 hidden states are clamped within ±this
+
+
+def _guard(hidden: torch.Tensor) -> torch.Tensor:
+    """A block's output, in float16 clamped to finite values (as transformers does for models
+    whose activations outgrow float16, Gemma's among them): an overflow would otherwise turn the
+    rest of the chain into inf and NaN. The same values where nothing overflows; other dtypes as
+    they are."""
+    if hidden.dtype != torch.float16:
+        return hidden
+    return hidden.clamp(-FLOAT16_LIMIT, FLOAT16_LIMIT)
+
+
 class BlockRange(torch.nn.Module):
     """Blocks ``[start, end)`` of a model run as one unit, sharing one step context.
 
@@ -288,12 +335,20 @@ class BlockRange(torch.nn.Module):
     ``session`` (see :meth:`open_session`) the step continues after the positions already cached
     there; ``hypo_ids`` reorders the cached rows first (beam search). Without one, the call is a
     stateless forward over a full sequence (used for batches and backward passes).
+
+    Hidden states come in and go out on the CPU (where the wire and the client are), in any float
+    dtype; each block computes on its device (:attr:`block_devices`, set by
+    :meth:`Checkpoint.load_blocks`), where its weights and its part of every KV cache live.
     """
 
-    def __init__(self, family: Family, config, start: int, end: int, blocks: list, dtype: torch.dtype):
+    def __init__(self, family: Family, config, start: int, end: int, blocks: list, dtype: torch.dtype,
+                 devices: Sequence[torch.device] | None = None):
         super().__init__()
         self.family, self.config, self.start, self.end, self.dtype = family, config, start, end, dtype
         self.blocks = torch.nn.ModuleList(blocks)
+        # where each block's weights and caches live (consecutive blocks per device: see engine.devices)
+        self.block_devices = list(devices) if devices is not None else [CPU] * len(blocks)
+        self.io_device = CPU  # where outputs go (tests of device placement set another)
         self._exact = False  # batch_exact, once found true
         num_kv_heads, head_dim = family.kv_heads(config)
         self.kv_shapes = [LayerKVShape(num_kv_heads, head_dim)] * len(blocks)
@@ -305,7 +360,13 @@ class BlockRange(torch.nn.Module):
         if (start, end) == (self.start, self.end):
             return self
         blocks = list(self.blocks)[start - self.start : end - self.start]
-        return BlockRange(self.family, self.config, start, end, blocks, self.dtype)
+        devices = self.block_devices[start - self.start : end - self.start]
+        return BlockRange(self.family, self.config, start, end, blocks, self.dtype, devices)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices this range computes on, in order."""
+        return list(dict.fromkeys(self.block_devices))
 
     def open_session(
         self,
@@ -318,9 +379,11 @@ class BlockRange(torch.nn.Module):
         """A KV cache for ``batch × max_length`` tokens; taken from ``budget`` when one is given
         (raising ``CacheFullError`` if it, or ``owner``'s share ``owner_limit``, does not fit)."""
         if budget is None:
-            return SessionKV(None, batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype)
+            return SessionKV(None, batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype,
+                             device=self.block_devices)
         return budget.allocate(
-            batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype, owner=owner, owner_limit=owner_limit
+            batch=batch, max_length=max_length, layers=self.kv_shapes, dtype=self.dtype, device=self.block_devices,
+            owner=owner, owner_limit=owner_limit,
         )
 
     def forward(
@@ -403,12 +466,19 @@ class BlockRange(torch.nn.Module):
             for i, block in enumerate(self.blocks):
                 if should_stop is not None and should_stop():
                     raise StepCancelled("the pass was cancelled: nobody waits for its result any more")
-                x = block(x, ctx, [(session.keys[i], session.values[i]) for session in caches])
+                x, ctx = self._onto(i, x, ctx)
+                x = _guard(block(x, ctx, [(session.keys[i], session.values[i]) for session in caches]))
         finally:
             SEGMENTS.reset(token)
         for hidden, session in steps:
             session.advance(hidden.shape[1])
+        x = x.to(self.io_device)
         return [x] if len(steps) == 1 else list(x.split([h.shape[1] for h, _ in steps], dim=1))
+
+    def _onto(self, i: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, StepContext]:
+        """The input of block ``i`` and its step context, on that block's device."""
+        device = self.block_devices[i]
+        return (x if x.device == device else x.to(device)), ctx.to(device)
 
     def _one_by_one(self, step: tuple[torch.Tensor, SessionKV], each: bool, should_stop) -> torch.Tensor:
         """One step of :meth:`run_batch` alone; ``each``: position after position."""
@@ -448,9 +518,10 @@ class BlockRange(torch.nn.Module):
             if should_stop is not None and should_stop():
                 raise StepCancelled("the pass was cancelled: nobody waits for its result any more")
             kv = (session.keys[i], session.values[i]) if session is not None else None
-            hidden = block(hidden, ctx, kv)
+            hidden, ctx = self._onto(i, hidden, ctx)
+            hidden = _guard(block(hidden, ctx, kv))
             if should_stop is not None and hidden.requires_grad:  # the backward asks too, block by block
                 hidden.register_hook(_stop_hook(should_stop))
         if session is not None:
             session.advance(seq)
-        return hidden
+        return hidden.to(self.io_device)

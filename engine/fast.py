@@ -116,15 +116,15 @@ def invariant_rows(linear: nn.Module, dtype: torch.dtype) -> int:
     """The largest M ≤ :data:`POOL_ROWS` for which ``linear`` is measured batch-invariant on
     inputs of ``dtype``: a call on 1..M rows gives each row exactly the bits of a call on that row
     alone (two random draws; rows at every place of the call). Measured once per kind of module,
-    weight shapes and dtypes, and thread count (what picks the kernel's path and reduction order;
-    the values do not), then remembered; 1 where it is not invariant even for 2 rows, and for a
+    weight shapes and dtypes, thread count and device (what picks the kernel's path and reduction
+    order; the values do not), then remembered; 1 where it is not invariant even for 2 rows, and for a
     module whose rows interact through their values (``rows_interact``: random inputs cannot show
     that)."""
     if getattr(linear, "rows_interact", False):
         return 1
     tensors = tuple((name, t.dtype, tuple(t.shape)) for name, t in
                     [*linear.named_parameters(recurse=False), *linear.named_buffers(recurse=False)] if t is not None)
-    key = (type(linear), tensors, dtype, torch.get_num_threads())
+    key = (type(linear), tensors, dtype, torch.get_num_threads(), module_device(linear))
     with _INVARIANT_LOCK:
         found = _INVARIANT.get(key)
         if found is None:
@@ -148,7 +148,7 @@ def _measure_invariance(linear: nn.Module, dtype: torch.dtype) -> int:
     with torch.no_grad():
         for seed in (0, 1):
             generator = torch.Generator().manual_seed(seed)
-            x = torch.randn(1, limit, linear.in_features, generator=generator).to(dtype)
+            x = torch.randn(1, limit, linear.in_features, generator=generator).to(module_device(linear), dtype)
             alone = torch.cat([linear(x[:, i : i + 1]) for i in range(limit)], dim=1)
             for rows in range(2, limit + 1):
                 if not torch.equal(linear(x[:, :rows]), alone[:, :rows]):
@@ -157,6 +157,14 @@ def _measure_invariance(linear: nn.Module, dtype: torch.dtype) -> int:
             if limit == 1:
                 break
     return limit
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s own weights are (the CPU for one without any)."""
+    for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
 
 
 def pack_linears(module: nn.Module) -> int:

@@ -90,11 +90,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def causal_mask(past: int, seq: int, sliding_window: int | None = None) -> torch.Tensor:
-    """Boolean ``[seq, past + seq]`` mask: query ``past + i`` sees key ``j`` iff ``j ≤ past + i``
-    (and ``j > past + i - sliding_window`` when a window is set)."""
-    q_pos = torch.arange(past, past + seq)[:, None]
-    k_pos = torch.arange(past + seq)[None, :]
+def causal_mask(past: int, seq: int, sliding_window: int | None = None, device=None) -> torch.Tensor:
+    """Boolean ``[seq, past + seq]`` mask (on ``device``): query ``past + i`` sees key ``j`` iff
+    ``j ≤ past + i`` (and ``j > past + i - sliding_window`` when a window is set)."""
+    q_pos = torch.arange(past, past + seq, device=device)[:, None]
+    k_pos = torch.arange(past + seq, device=device)[None, :]
     mask = k_pos <= q_pos
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
@@ -120,7 +120,8 @@ class StepContext:
     """What every block of a run needs for one step, computed once per step.
 
     ``past``: positions already cached; ``seq``: new positions in this step. ``extra`` holds
-    family-specific precomputed tensors (rotary cos/sin, ALiBi masks).
+    family-specific precomputed tensors (rotary cos/sin, ALiBi masks), made on the CPU by the
+    family's ``prepare_step``; :meth:`to` gives the context for blocks on another ``device``.
 
     A batched step (:meth:`batched`) runs several sessions' steps side by side along the
     positions of one row: ``segments`` holds each session's own context, in order, and the
@@ -133,6 +134,15 @@ class StepContext:
     extra: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
     segments: list[StepContext] | None = None
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> StepContext:
+        """This context for blocks on ``device``: its tensors copied there (itself on its own)."""
+        if device == self.device:
+            return self
+        segments = None if self.segments is None else [s.to(device) for s in self.segments]
+        extra = {key: _moved(value, device) for key, value in self.extra.items()}
+        return StepContext(past=self.past, seq=self.seq, extra=extra, segments=segments, device=device)
 
     @classmethod
     def batched(cls, segments: list[StepContext]) -> StepContext:
@@ -161,8 +171,16 @@ class StepContext:
         if sliding_window is not None and self.past + self.seq <= sliding_window and self.seq == 1:
             return None
         if sliding_window not in self._masks:
-            self._masks[sliding_window] = causal_mask(self.past, self.seq, sliding_window)
+            self._masks[sliding_window] = causal_mask(self.past, self.seq, sliding_window, self.device)
         return self._masks[sliding_window]
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_moved(v, device) for v in value)
+    return value  # a PerSegment resolves from the moved segments; numbers stay
 
 
 def attend(
@@ -269,7 +287,7 @@ def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale, softcap=None) 
             torch.cat([part[0] for _, part, _, _ in members]),
             torch.cat([kv[0][:, :, :padded] for _, _, _, kv in members]),
             torch.cat([kv[1][:, :, :padded] for _, _, _, kv in members]),
-            None, scale, valid=torch.tensor([sub.past + 1 for _, _, sub, _ in members]), softcap=softcap,
+            None, scale, valid=torch.tensor([sub.past + 1 for _, _, sub, _ in members], device=q.device), softcap=softcap,
         )
         for row, (i, _, _, _) in enumerate(members):
             outputs[i] = together[row : row + 1]
@@ -300,7 +318,7 @@ def _decode_attention(q, k, v, mask, scale, valid: int | torch.Tensor, softcap: 
         else:
             scores[..., :valid] += mask.reshape(-1, kv_heads, group, valid)
     if isinstance(valid, torch.Tensor):  # per row: the same -inf a row alone gets
-        padding = torch.arange(length)[None, :] >= valid[:, None]
+        padding = torch.arange(length, device=q.device)[None, :] >= valid[:, None]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
     elif valid < length:
         scores[..., valid:] = float("-inf")

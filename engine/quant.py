@@ -312,9 +312,10 @@ def fits(quant: str, out_features: int, in_features: int) -> bool:
     return quant != "nf4" or (out_features % PACK_ROWS == 0 and in_features % NF4_BLOCK == 0)
 
 
-def quantize_linears(module: nn.Module, quant: str) -> int:
+def quantize_linears(module: nn.Module, quant: str, device: torch.device = torch.device("cpu")) -> int:
     """Swap every ``nn.Linear`` of ``module`` (before any is packed) for a ``quant`` one, except
-    those whose sizes do not :func:`fit <fits>`; returns how many were swapped."""
+    those whose sizes do not :func:`fit <fits>`; returns how many were swapped. On a GPU
+    ``device`` the swapped ones are bitsandbytes' own CUDA layers (:func:`gpu_linear`), put there."""
     if quant == "none":
         return 0
     cls = QUANT_CLASSES[parse_quant(quant)]
@@ -324,16 +325,41 @@ def quantize_linears(module: nn.Module, quant: str) -> int:
         weight = _linear_weight(child)
         if weight is not None:
             if fits(quant, *weight.shape):
-                setattr(module, name, cls(weight, None if child.bias is None else child.bias.detach()))
+                bias = None if child.bias is None else child.bias.detach()
+                layer = cls(weight, bias) if device.type == "cpu" else gpu_linear(quant, weight, bias, device)
+                setattr(module, name, layer)
                 swapped += 1
         else:
-            swapped += quantize_linears(child, quant)
+            swapped += quantize_linears(child, quant, device)
     return swapped
+
+
+def gpu_linear(quant: str, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
+    """bitsandbytes' CUDA layer for ``quant`` holding ``weight`` on ``device`` (quantized as it
+    moves there): ``Linear8bitLt`` (LLM.int8 with its outlier threshold; the outlier columns are
+    chosen over every row of a call, so its rows are never pooled with other sessions': see
+    :func:`~swarm.engine.fast.invariant_rows`) or ``Linear4bit`` (nf4, multiplying in the
+    weight's dtype). Both give gradients to their input."""
+    lib = bnb()
+    out_features, in_features = weight.shape
+    if quant == "int8":
+        layer = lib.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                    threshold=OUTLIER_THRESHOLD, device="meta")
+        layer.weight = lib.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        layer.rows_interact = True
+    else:
+        layer = lib.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=weight.dtype,
+                                  quant_type="nf4", device="meta")
+        layer.weight = lib.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
+    layer.quant = quant
+    return layer.to(device)
 
 
 def quantization(module: nn.Module) -> str:
     """What ``module``'s linears are held in: ``int8``, ``nf4`` or ``none`` (none quantized)."""
-    return next((m.quant for m in module.modules() if isinstance(m, QuantLinear)), "none")
+    return next((m.quant for m in module.modules() if getattr(m, "quant", "none") in ("int8", "nf4")), "none")
 
 
 def _linear_weight(module: nn.Module) -> torch.Tensor | None:
