@@ -65,6 +65,7 @@ class ClientOptions:
     allow_peers: Path | None = None
     verify: str = "sample"
     verify_rate: float = 0.05
+    device: str = "auto"
 
     def __post_init__(self):
         from swarm.engine.checkpoint import parse_dtype
@@ -84,7 +85,9 @@ class ClientOptions:
         check_seconds("--step-timeout", self.step_timeout)
         check_seconds("--timeout", self.timeout, zero_ok=True)
         check(self.wire_dtype in WIRE_CHOICES, "--wire-dtype", "one of " + ", ".join(WIRE_CHOICES), self.wire_dtype)
-        parse_dtype(self.dtype)  # ValueError naming --dtype
+        from swarm.engine.devices import check_dtype
+
+        check_dtype(self.devices(), parse_dtype(self.dtype))  # ValueError naming --device or --dtype
         self.verify_policy()  # ValueError naming --verify or --verify-rate
         self.quantized()  # checks --quant and --quant-blocks
         if self.local and (self.no_quant_servers or self.wire_dtype != "auto"):
@@ -106,6 +109,13 @@ class ClientOptions:
         """The options of a Python caller: ``TypeError`` for a name that is not an option (as a
         function would), ``ValueError`` naming the flag for a bad value."""
         return build_options(cls, options)
+
+    def devices(self):
+        """Where the head (and with ``local`` the blocks) compute: ``device`` parsed
+        (``ValueError`` naming --device)."""
+        from swarm.engine.devices import parse_device
+
+        return parse_device(self.device)
 
     @property
     def torch_dtype(self):

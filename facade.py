@@ -69,7 +69,7 @@ class Swarm:
         and what :meth:`connect` raises. ``quiet``: no progress on stderr when the default model
         is fetched."""
         options = options.with_env_peers()
-        client_model = ClientModel.load(resolve_model(options.model, quiet=quiet), options.torch_dtype)
+        client_model = ClientModel.load(resolve_model(options.model, quiet=quiet), options.torch_dtype, options.devices()[0])
         adapter = load_adapter(options.adapter, client_model.checkpoint) if options.adapter is not None else None
         quantized, ckpt = options.quantized(), client_model.checkpoint
         if isinstance(quantized, range) and quantized.stop > ckpt.num_blocks:
@@ -92,7 +92,7 @@ class Swarm:
             quantized = options.quantized()
             self.local_blocks = ckpt.load_blocks(
                 0, ckpt.num_blocks, options.torch_dtype, quant=options.quant,
-                quantized=None if quantized in (None, "all") else quantized,
+                quantized=None if quantized in (None, "all") else quantized, devices=options.devices(),
             )
             return
         from swarm.p2p.client import SwarmError, start_client

@@ -23,7 +23,7 @@ from swarm.engine.finetune import FinetuneConfig, FinetuneResult
 # ClientOptions' fields a run takes (``adapter`` is the kind to train here, not one to apply)
 CLIENT_OPTIONS = (
     "model", "initial_peers", "local", "dtype", "step_timeout", "timeout", "wire_dtype", "no_quant_servers",
-    "swarm_key", "allow_peers", "verify", "verify_rate",
+    "swarm_key", "allow_peers", "verify", "verify_rate", "device",
 )
 # FinetuneConfig's fields a caller sets (``output`` and ``adapter`` are finetune's own arguments;
 # ``base_model`` and ``dtype`` follow from the client's options)
@@ -108,7 +108,7 @@ def _run(cfg: FinetuneConfig, options, records, data: Path, on_event, quiet: boo
 
     # the head in float32 whatever --dtype (which is the local blocks'): the trainable tensors'
     # gradients flow through it
-    client = ClientModel.load(resolve_model(options.model, quiet=quiet))
+    client = ClientModel.load(resolve_model(options.model, quiet=quiet), device=options.devices()[0])
     eos = client.eos_token_ids[0] if client.eos_token_ids else client.tokenizer.eos_token_id
     dataset = tokenize_records(records, client.tokenizer, data, cfg.max_length, eos)
     checked = preflight(cfg, client, dataset)  # every check that needs no blocks, before they load

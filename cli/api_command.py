@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from swarm.cli.common import (
+    DeviceOpt,
     AllowPeersOpt,
     SwarmKeyOpt,
     PushOpt,
@@ -62,6 +63,7 @@ def api(
         typer.Option("--draft", help="Speculative decoding for requests that do not set 'draft': auto, ngram or none."),
     ] = "auto",
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = ClientOptions.device,
     step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
     timeout: Annotated[
         float,
@@ -90,7 +92,7 @@ def api(
                 model=model, initial_peers=tuple(initial_peers or ()), local=local, dtype=dtype,
                 step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
                 wire_dtype=wire_dtype, swarm_key=swarm_key, allow_peers=allow_peers, verify=verify,
-                verify_rate=verify_rate,
+                verify_rate=verify_rate, device=device,
             ),
             name=name or "",
             adapters=parse_adapters(adapter or []),

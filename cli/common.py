@@ -59,7 +59,15 @@ ModelOpt = Annotated[
         show_default="SmolLM2-135M-Instruct",
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations dtype: float32 or bfloat16.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and activations dtype: float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where to compute: auto (a GPU where there is one), cpu, cuda, cuda:N, or GPUs to split blocks over "
+        "(cuda:0,cuda:1).",
+    ),
+]
 QuantOpt = Annotated[
     str, typer.Option("--quant", help="Weights of the blocks' linears: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat).")
 ]

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from swarm.cli.common import (
+    DeviceOpt,
     AllowPeersOpt,
     SwarmKeyOpt,
     InitialPeersOpt,
@@ -119,6 +120,7 @@ def finetune(
         ),
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Local blocks' dtype: float32 or bfloat16 (--local).")] = "float32",
+    device: DeviceOpt = ClientOptions.device,
     step_timeout: StepTimeoutOpt = ClientOptions.step_timeout,
     timeout: TimeoutOpt = ClientOptions.timeout,
     wire_dtype: WireDtypeOpt = "auto",

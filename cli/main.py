@@ -18,6 +18,7 @@ from swarm.cli.common import (
     StepTimeoutOpt,
     TimeoutOpt,
     Commands,
+    DeviceOpt,
     DtypeOpt,
     InitialPeersOpt,
     ModelOpt,
@@ -109,6 +110,7 @@ def serve(
     ] = None,
     dtype: DtypeOpt = ServeOptions.dtype,
     quant: QuantOpt = ServeOptions.quant,
+    device: DeviceOpt = ServeOptions.device,
     cache_tokens: Annotated[
         int, typer.Option("--cache-tokens", help="KV cache budget in tokens (batch × length).")
     ] = ServeOptions.cache_tokens,
@@ -249,6 +251,7 @@ def generate(
         ),
     ] = None,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = ClientOptions.device,
     quant: Annotated[
         str, typer.Option("--quant", help="With --local: quantize the blocks' linears as servers do (none, int8, nf4).")
     ] = "none",
@@ -314,7 +317,7 @@ def generate(
             model=model, initial_peers=tuple(initial_peers or ()), local=local, dtype=dtype, adapter=adapter,
             step_timeout=step_timeout, timeout=timeout, push=push, no_quant_servers=no_quant_servers,
             wire_dtype=wire_dtype, quant=quant, quant_blocks=quant_blocks, swarm_key=swarm_key, allow_peers=allow_peers,
-            verify=verify, verify_rate=verify_rate,
+            verify=verify, verify_rate=verify_rate, device=device,
         )
         draft_path = None if draft in DRAFTS else draft
         if draft_path is not None and num_beams > 1:

@@ -315,7 +315,7 @@ def _stop_hook(should_stop: Callable[[], bool]) -> Callable:
     return hook
 
 
-FLOAT16_LIMIT = torch.finfo(torch.float16).max - 1000  # float16 hidden states are clamped within ±this
+FLOAT16_LIMIT = torch.finfo(torch.float16).max - 1024  # float16 hidden states are clamped within ±this (a float16 value)
 
 
 def _guard(hidden: torch.Tensor) -> torch.Tensor:

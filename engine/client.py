@@ -18,7 +18,7 @@ import torch
 from swarm.engine import default_model
 from swarm.engine.adapter_io import Adapter
 from swarm.engine.adapters import attach
-from swarm.engine.checkpoint import BlockRange, Checkpoint, fix_hint, read_json
+from swarm.engine.checkpoint import CPU, BlockRange, Checkpoint, fix_hint, read_json
 from swarm.engine.families import CheckpointError
 from swarm.engine.generation import GenerationConfig, LocalSession, OpenSession, generate
 
@@ -74,12 +74,13 @@ class ClientModel:
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def load(cls, path: Path, dtype: torch.dtype = torch.float32) -> ClientModel:
-        """Raises :class:`CheckpointError` naming the file or directory when the checkpoint or its
+    def load(cls, path: Path, dtype: torch.dtype = torch.float32, device: torch.device = CPU) -> ClientModel:
+        """The head computes on ``device`` (token ids, hidden states and logits stay on the CPU).
+        Raises :class:`CheckpointError` naming the file or directory when the checkpoint or its
         tokenizer files are missing or damaged."""
         checkpoint = Checkpoint(path)
         tokenizer = _load_tokenizer(path)
-        return cls(path, checkpoint, tokenizer, checkpoint.load_head(dtype), _eos_ids(path, tokenizer))
+        return cls(path, checkpoint, tokenizer, checkpoint.load_head(dtype, device=device), _eos_ids(path, tokenizer))
 
     @property
     def has_chat_template(self) -> bool:
@@ -174,13 +175,15 @@ def generate_local(
     adapter: Adapter | None = None,
     quant: str = "none",
     quantized: Container[int] | None = None,
+    devices: tuple[torch.device, ...] = (CPU,),
 ) -> list[int]:
     """Generate with every block held in this process (the reference the swarm must equal), with
     ``adapter`` (from :func:`~swarm.engine.adapter_io.load_adapter`) applied if given: its LoRA and
     deep-prompt tensors on the blocks, its shallow prompt before the prompt's embeddings. With
     ``quant``, the blocks in ``quantized`` (all when None) have quantized linears, as a swarm's
-    servers with ``--quant`` would."""
-    blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, dtype, quant=quant, quantized=quantized)
+    servers with ``--quant`` would. ``devices``: where the blocks compute (split over several)."""
+    blocks = client.checkpoint.load_blocks(0, client.checkpoint.num_blocks, dtype, quant=quant, quantized=quantized,
+                                           devices=devices)
     prefix = adapter.prompt if adapter is not None else None
     return generate(client.head, local_sessions(blocks, adapter), prompt_ids, cfg, on_token, prefix=prefix)
 

@@ -1,7 +1,7 @@
 """How many blocks a server can hold: its memory, less the KV cache budget, ÷ one block's weights.
 
 A volunteer says how much memory the server may use (``--memory GB``), or the server takes what the
-machine has available when it starts. Each block needs its weights (in the serving dtype) plus its
+machine has available when it starts (on GPUs: their free memory, see :mod:`swarm.engine.devices`). Each block needs its weights (in the serving dtype) plus its
 share of the KV cache budget (``--cache-tokens`` tokens × that block's keys and values), and the
 process itself needs some room (:data:`RESERVED_BYTES`: interpreter, torch, buffers of requests).
 """
@@ -71,18 +71,42 @@ def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, memory: int, cac
     return max(0, min(checkpoint.num_blocks, (memory - RESERVED_BYTES) // per_block))
 
 
+def device_capacities(checkpoint: Checkpoint, dtype: torch.dtype, devices, memory_gb: float | None, cache_tokens: int,
+                      quant: str = "none") -> list[int]:
+    """How many blocks each of ``devices`` holds: ``--memory`` (GB, shared equally among them)
+    or, without it, each one's free memory now (:func:`~swarm.engine.devices.free_memory`: a
+    GPU's own, the machine's for the CPU)."""
+    from swarm.engine.devices import free_memory
+
+    capacities = []
+    for device in devices:
+        memory = int(memory_gb * GIB / len(devices)) if memory_gb is not None else free_memory(device)
+        capacities.append(blocks_that_fit(checkpoint, dtype, memory, cache_tokens, quant))
+    return capacities
+
+
 def default_num_blocks(
-    checkpoint: Checkpoint, dtype: torch.dtype, memory_gb: float | None, cache_tokens: int, quant: str = "none"
+    checkpoint: Checkpoint, dtype: torch.dtype, memory_gb: float | None, cache_tokens: int, quant: str = "none",
+    devices=(torch.device("cpu"),),
 ) -> int:
     """``--num-blocks`` when not given: as many blocks as fit in ``--memory`` (GB) or, without it,
-    the memory available now. Raises ``ValueError`` naming ``--memory`` (or ``--cache-tokens``)
-    when not one block fits."""
+    the memory available now, on ``devices`` together (a GPU's memory for blocks on it). Raises
+    ``ValueError`` naming ``--memory`` (or ``--cache-tokens``) when not one block fits."""
+    on_cpu = all(d.type == "cpu" for d in devices)
     memory = int(memory_gb * GIB) if memory_gb is not None else available_memory()
-    count = blocks_that_fit(checkpoint, dtype, memory, cache_tokens, quant)
+    if on_cpu:
+        count = blocks_that_fit(checkpoint, dtype, memory, cache_tokens, quant)
+    else:
+        count = min(checkpoint.num_blocks, sum(device_capacities(checkpoint, dtype, devices, memory_gb, cache_tokens, quant)))
+        if memory_gb is None:
+            from swarm.engine.devices import free_memory
+
+            memory = sum(free_memory(d) for d in devices)
     if count < 1:
         need = (RESERVED_BYTES + max(block_bytes(checkpoint, i, dtype, quant) for i in {0, checkpoint.num_blocks - 1})
                 + cache_tokens * kv_bytes_per_token(checkpoint, dtype)) / GIB
         where = f"--memory {memory_gb:g} GB" if memory_gb is not None else f"the {memory / GIB:.1f} GB available"
+        where += "" if on_cpu else " on " + ",".join(str(d) for d in devices)
         raise ValueError(
             f"{where} leaves no room for one block of this model: one block with a KV budget of {cache_tokens} tokens "
             f"needs {need:.2f} GB; give more --memory or fewer --cache-tokens"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from swarm.engine.checkpoint import BlockRange
 from swarm.engine.default_model import swarm_home, usable_home
+from swarm.engine.devices import CPU, device_name, synchronize
 
 ASSUMED_BANDWIDTH_MBIT = 100.0  # announced when nothing was measured or given (status marks it "assumed")
 WIRE_BITS = 32  # bits per value of a hidden state on the wire by default: a float32 server's (--wire-dtype auto)
@@ -45,6 +46,7 @@ def measure_block_throughput(blocks: BlockRange, seconds: float = 0.3, max_steps
         while steps < max_steps and (steps < 8 or time.perf_counter() - t < seconds):
             one(hidden[:, context + 1 + steps : context + 2 + steps], kv)
             steps += 1
+        synchronize(one.block_devices[0])
         elapsed = time.perf_counter() - t
     return steps / elapsed
 
@@ -75,6 +77,7 @@ def measure_batch_throughput(blocks: BlockRange, batch: int, seconds: float = 0.
             while steps < max_steps and (steps < 4 or time.perf_counter() - t < seconds):
                 step(context + 1 + steps)
                 steps += 1
+            synchronize(one.block_devices[0])
             elapsed = time.perf_counter() - t
     finally:
         for kv in sessions:
@@ -109,11 +112,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def cache_key(model: str, dtype: torch.dtype, quantization: str = "none", batch: int = 1) -> str:
-    """What a block's speed depends on: the model, dtype, quantization, threads and processor (and
-    the sessions per pass, for a batched figure)."""
+def cache_key(model: str, dtype: torch.dtype, quantization: str = "none", batch: int = 1, device: torch.device = CPU) -> str:
+    """What a block's speed depends on: the model, dtype, quantization, threads and processor, or
+    the GPU it runs on (and the sessions per pass, for a batched figure)."""
     dtype_name = str(dtype).removeprefix("torch.")
-    key = f"{model}/{dtype_name}/quant={quantization}/threads={torch.get_num_threads()}/cpu={cpu_name()}"
+    where = f"threads={torch.get_num_threads()}/cpu={cpu_name()}" if device.type == "cpu" else f"gpu={device_name(device)}"
+    key = f"{model}/{dtype_name}/quant={quantization}/{where}"
     return key if batch == 1 else f"{key}/batch={batch}"
 
 
@@ -128,13 +132,13 @@ def cached_block_throughput(model: str, dtype: torch.dtype, measure: Callable[[]
 
 def cached_block_rates(model: str, dtype: torch.dtype, measure: Callable[[], tuple[float, ...]],
                        batches: tuple[int, ...], refresh: bool = False,
-                       quantization: str = "none") -> tuple[tuple[float, ...], bool]:
+                       quantization: str = "none", device: torch.device = CPU) -> tuple[tuple[float, ...], bool]:
     """One block's decode steps/s with each of ``batches`` sessions per pass, cached on disk by
     :func:`cache_key`. ``measure()`` gives them all, one after another, when any is not cached
     or with ``refresh``: figures that are compared (a capacity against a throughput) are taken
     under the same conditions. Returns (steps/s per batch, whether they were measured now)."""
     path = swarm_home() / "throughput.json"
-    keys = [cache_key(model, dtype, quantization, batch) for batch in batches]
+    keys = [cache_key(model, dtype, quantization, batch, device) for batch in batches]
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):

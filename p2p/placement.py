@@ -14,9 +14,9 @@ import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from swarm.engine.checkpoint import Checkpoint, parse_dtype
+from swarm.engine.checkpoint import BlockRange, Checkpoint, parse_dtype
 from swarm.engine.families import CheckpointError
-from swarm.engine.memory import default_num_blocks
+from swarm.engine.memory import default_num_blocks, device_capacities
 from swarm.engine.throughput import (
     ASSUMED_BANDWIDTH_MBIT,
     CAPACITY_BATCH,
@@ -80,8 +80,23 @@ def auto_count(server: Placed) -> int:
     ``--memory`` (or the memory available now), at most the model's (``--num-blocks`` beyond
     it was refused at the start: :func:`~swarm.p2p.serve_options.check_num_blocks`)."""
     cfg = server.cfg
-    count = cfg.num_blocks or default_num_blocks(server.checkpoint, parse_dtype(cfg.dtype), cfg.memory, cfg.cache_tokens, cfg.quant)
+    count = cfg.num_blocks or default_num_blocks(server.checkpoint, parse_dtype(cfg.dtype), cfg.memory, cfg.cache_tokens,
+                                                 cfg.quant, cfg.devices())
     return min(count, server.checkpoint.num_blocks)
+
+
+def load_range(server: Placed, start: int, end: int) -> BlockRange:
+    """Load blocks ``[start, end)`` as the server's options say (dtype, quantization, devices: a
+    range over several GPUs is split in proportion to the blocks each can hold). On the compute
+    thread."""
+    cfg, devices = server.cfg, server.cfg.devices()
+    dtype = parse_dtype(cfg.dtype)
+    capacities = None
+    if len(devices) > 1:
+        capacities = device_capacities(server.checkpoint, dtype, devices, cfg.memory, cfg.cache_tokens, cfg.quant)
+        if sum(capacities) < end - start:  # they hold fewer than the range now: split it evenly and try
+            capacities = None
+    return server.checkpoint.load_blocks(start, end, dtype, quant=cfg.quant, devices=devices, capacities=capacities)
 
 
 async def initial_range(server: Placed, count: int) -> tuple[int, int]:
@@ -105,8 +120,8 @@ def wire_bits(cfg) -> int:
     return parse_dtype(cfg.dtype).itemsize * 8
 
 
-def _measure_one_block(checkpoint, index: int, dtype, quant: str, batches: tuple[int, ...]) -> tuple[float, ...]:
-    blocks = checkpoint.load_blocks(index, index + 1, dtype, quant=quant)
+def _measure_one_block(checkpoint, index: int, dtype, quant: str, batches: tuple[int, ...], device) -> tuple[float, ...]:
+    blocks = checkpoint.load_blocks(index, index + 1, dtype, quant=quant, devices=(device,))
     return tuple(measure_block_throughput(blocks) if b == 1 else measure_batch_throughput(blocks, b) for b in batches)
 
 
@@ -124,8 +139,8 @@ async def measure_speed(server: Placed, count: int, index: int = 0) -> Throughpu
         batches = (1, min(cfg.batch_steps, CAPACITY_BATCH)) if cfg.batch_steps > 1 else (1,)
         rates, fresh = await server.compute(
             cached_block_rates, server.model, dtype,
-            functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant, batches),
-            batches, cfg.throughput == "eval", cfg.quant, kind="pass",
+            functools.partial(_measure_one_block, server.checkpoint, index, dtype, cfg.quant, batches, cfg.devices()[0]),
+            batches, cfg.throughput == "eval", cfg.quant, cfg.devices()[0], kind="pass",
         )
         block_rate, batch_rate = rates[0], (rates[1] if len(rates) > 1 else None)
         source = "measured" if fresh else "cached"

@@ -117,6 +117,7 @@ class ServeOptions:
     identity: Path | None = None
     dtype: str = "float32"
     quant: str = "none"
+    device: str = "auto"  # where the blocks compute (auto: a GPU where there is one; engine/devices.py)
     cache_tokens: int = 32768
     public_name: str = ""
     announce_period: float = 5.0
@@ -185,7 +186,9 @@ class ServeOptions:
         from swarm.engine.quant import bnb, parse_quant
         from swarm.engine.throughput import parse_throughput
 
-        parse_dtype(self.dtype)  # ValueError naming --dtype
+        from swarm.engine.devices import check_dtype, parse_device
+
+        check_dtype(parse_device(self.device), parse_dtype(self.dtype))  # ValueError naming --device or --dtype
         if parse_quant(self.quant) != "none":
             bnb()  # a missing bitsandbytes is one line now, not an error after the model loads
         object.__setattr__(self, "throughput", parse_throughput(self.throughput))
@@ -259,6 +262,7 @@ class ServeOptions:
             bandwidth=self.bandwidth,
             dtype=self.dtype,
             quant=self.quant,
+            device=self.device,
             cache_tokens=self.cache_tokens,
             listen_host=self.host,
             port=self.port,

@@ -39,6 +39,7 @@ from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import PREFILL_CHUNK, BlockRange, Checkpoint, parse_dtype
+from swarm.engine.devices import check_dtype
 from swarm.engine.fast import measure_pooling
 from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
@@ -130,6 +131,7 @@ class BlockServer:
         try:
             checkpoint = Checkpoint(cfg.model_dir)
             dtype = parse_dtype(cfg.dtype)
+            check_dtype(cfg.devices(), dtype)  # and --device: one line before anything starts
             parse_quant(cfg.quant)
             fixed = parse_blocks(cfg.blocks, checkpoint.num_blocks)
             if fixed is None:
@@ -171,9 +173,7 @@ class BlockServer:
             server.start_block, server.end_block = start, end
             await server._announce(direct=True)  # joining: others see the range being loaded
             loop = asyncio.get_running_loop()
-            server.blocks = await loop.run_in_executor(
-                server._executor, functools.partial(checkpoint.load_blocks, start, end, dtype, quant=cfg.quant)
-            )
+            server.blocks = await loop.run_in_executor(server._executor, placement.load_range, server, start, end)
             attach(server.blocks)  # adapters are lent to passes from outside (engine/adapters.py)
             server._set_batching()
             if server.queue.max_batch > 1:  # what each linear may pool in a batched pass, measured here
@@ -292,7 +292,7 @@ class BlockServer:
             self.state, self.start_block, self.end_block = "joining", start, end
             await self._announce_move()
             blocks = await self.compute(
-                functools.partial(self.checkpoint.load_blocks, start, end, parse_dtype(self.cfg.dtype), quant=self.cfg.quant),
+                placement.load_range, self, start, end,
                 kind="pass",  # the server's own work: after the steps of the range it still serves
             )
         except BaseException:

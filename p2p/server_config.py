@@ -29,6 +29,7 @@ class ServerConfig:
     bandwidth: float | None = None  # Mbit/s of the link; default: measured against a peer, else assumed
     dtype: str = _DEFAULT.dtype
     quant: str = _DEFAULT.quant  # none, int8 or nf4: the blocks' linears (engine/quant.py)
+    device: str = _DEFAULT.device  # auto, cpu, cuda, cuda:N or a list of GPUs (engine/devices.py)
     cache_tokens: int = _DEFAULT.cache_tokens
     listen_host: str = _DEFAULT.host
     port: int = _DEFAULT.port
@@ -63,3 +64,9 @@ class ServerConfig:
     max_adapter_bytes: int = SESSION_ADAPTER_MIB << 20  # adapter tensors one inference session may carry (with its open)
     peer_session_adapter_memory: int = PEER_SESSION_ADAPTER_MIB << 20  # ... that one peer's sessions may hold here together
     session_adapter_memory: int = _DEFAULT.session_adapter_memory << 20  # ... that all sessions may hold together
+
+    def devices(self):
+        """The devices ``device`` names here (``ValueError`` naming --device)."""
+        from swarm.engine.devices import parse_device
+
+        return parse_device(self.device)

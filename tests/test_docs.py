@@ -48,6 +48,7 @@ NOT_RUN = {
     "curl": "needs `swarm api` listening on port 8000; tests/test_api.py calls every route",
     "export": "sets a variable for the lines after it; this test sets SWARM_INITIAL_PEERS to its own swarm",
     ".venv/bin/python": "runs the test suite itself",
+    "bash": "runs a script that needs what this machine may lack (scripts/gpu_check.sh: a GPU)",
 }
 MAX_RUN_TOKENS = 16  # `swarm generate` lines with at most this many --max-new-tokens run for real
 SWARM_RANGES = ["0:15", "15:30"]
