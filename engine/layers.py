@@ -48,16 +48,30 @@ class OffsetRMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: int = 0) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of rotary embeddings and the attention factor applied to cos/sin.
 
-    Supports the plain rotary embedding, ``linear`` scaling and Llama 3's ``llama3`` scaling; any other
-    ``rope_type`` is refused with the list of supported ones.
+    Supports the plain rotary embedding, ``linear`` scaling, Llama 3's ``llama3`` scaling and
+    Phi-3's ``longrope`` (its short factors while the sequence so far, ``seq_len`` positions with
+    this step's, is within ``original_max_position_embeddings``, its long ones past it, as
+    transformers decides step by step); any other ``rope_type`` is refused with the list of
+    supported ones.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq, 1.0
+    if kind == "longrope":
+        original = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or scaling["max_position_embeddings"] / original
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = torch.tensor(scaling["long_factor" if seq_len > original else "short_factor"], dtype=torch.float32)
+        if ext.shape != inv_freq.shape:
+            raise ValueError(f"longrope factors must number {inv_freq.numel()} (half the rotated head), got {ext.numel()}")
+        return 1.0 / (ext * theta**exponents), attention
     if kind == "linear":
         return inv_freq / scaling["factor"], 1.0
     if kind == "llama3":
@@ -71,7 +85,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
-    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, longrope")
 
 
 def rope_cos_sin(

@@ -178,3 +178,27 @@ def test_the_checkpoints_chat_template_is_used_whatever_file_holds_it(checkpoint
     assert client.has_chat_template
     text = client.tokenizer.decode(client.encode("hi there", chat=True))
     assert text.startswith("<|user|>hi there") and text.endswith("<|assistant|>"), text
+
+
+def test_phi3_longrope_logits_equal_transformers(tmp_path):
+    """Phi-3's LongRoPE (its 128k checkpoints): short factors while the sequence is within the
+    original context, long ones once a step goes past it, as transformers switches step by step."""
+    rope = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6], "long_factor": [1.5, 3.0, 7.0, 12.0],
+            "partial_rotary_factor": 0.5, "rope_theta": 10000.0}
+    checkpoint = write_tiny_checkpoint(tmp_path, "phi3", rope_scaling=rope, original_max_position_embeddings=9,
+                                       max_position_embeddings=64)
+    ckpt = Checkpoint(checkpoint)
+    assert ckpt.config.rope_scaling["rope_type"] == "longrope"
+    ids = _ids(sum(STEPS))
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    head, blocks = ckpt.load_head(), ckpt.load_blocks(0, 4)
+    session = blocks.open_session(batch=2, max_length=ids.shape[1])
+    past, pos = transformers.DynamicCache(config=model.config), 0
+    with torch.no_grad():
+        for n in STEPS:  # past 9 positions from the fourth step on
+            result = model(ids[:, pos : pos + n], past_key_values=past, use_cache=True)
+            diff = (head.logits(blocks(head.embed(ids[:, pos : pos + n]), session)) - result.logits.float()).abs().max()
+            assert diff.item() <= 1e-4, f"{n} tokens at position {pos}: max abs diff {diff.item()}"
+            past, pos = result.past_key_values, pos + n
+        whole = model(ids).logits.float()  # one pass past the original context: long factors throughout
+        assert (head.logits(blocks(head.embed(ids))) - whole).abs().max().item() <= 1e-4

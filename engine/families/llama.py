@@ -177,7 +177,7 @@ def rotary_dim(cfg: LlamaConfig) -> int:
 
 
 def prepare_step(cfg: LlamaConfig, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
-    inv_freq, factor = rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
+    inv_freq, factor = rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, cfg.rope_scaling, ctx.past + ctx.seq)
     positions = torch.arange(ctx.past, ctx.past + ctx.seq)
     ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, positions, dtype)
 

@@ -1,8 +1,11 @@
 """Phi-3 (and Phi-4-mini): the Llama block with the query, key and value projections fused into
 one ``qkv_proj`` and the gate and up projections into one ``gate_up_proj``, rotary embeddings on
-the first ``partial_rotary_factor`` of each head, and one sliding window for every layer."""
+the first ``partial_rotary_factor`` of each head, LongRoPE scaling (the 128k checkpoints: short
+factors within the original context, long ones past it), and one sliding window for every layer."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,16 @@ from swarm.engine.layers import StepContext, apply_rope, attend
 
 def parse_config(raw: dict) -> LlamaConfig:
     window = raw.get("sliding_window")
-    return LlamaConfig.from_dict(raw, qkv_bias=False, o_bias=False, sliding_windows=(window,) * raw["num_hidden_layers"])
+    cfg = LlamaConfig.from_dict(raw, qkv_bias=False, o_bias=False, sliding_windows=(window,) * raw["num_hidden_layers"])
+    rope = dict(cfg.rope_scaling or {})
+    if rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn"):  # Phi-3's names for its LongRoPE
+        rope["rope_type"] = "longrope"
+        rope.pop("type", None)
+        rope.setdefault("original_max_position_embeddings",
+                        raw.get("original_max_position_embeddings") or raw["max_position_embeddings"])
+        rope.setdefault("max_position_embeddings", raw["max_position_embeddings"])
+        cfg = replace(cfg, rope_scaling=rope)
+    return cfg
 
 
 class Phi3Attention(nn.Module):
