@@ -142,11 +142,14 @@ def _address(addrs: list) -> str:
 
 
 def _weights(s: dict) -> str:
-    """The precision of a server's weights and the memory they take: ``nf4 0.6 GB``, ``bfloat16 2.1 GB``."""
+    """The precision of a server's weights and the memory they take, and the GPU they are on:
+    ``nf4 0.6 GB``, ``bfloat16 2.1 GB on NVIDIA GeForce RTX 4090``."""
     quant = s.get("quant", "none")
     kind = s.get("dtype", "?") if quant == "none" else quant
     size = s.get("weight_bytes") or 0
-    return f"{kind} {size / 2**30:.2f} GB" if size >= 2**30 // 10 else f"{kind} {size / 2**20:.0f} MB" if size else kind
+    text = f"{kind} {size / 2**30:.2f} GB" if size >= 2**30 // 10 else f"{kind} {size / 2**20:.0f} MB" if size else kind
+    device = s.get("device") or "cpu"
+    return text if device == "cpu" else f"{text} on {device}"
 
 
 def _speed(s: dict) -> str:

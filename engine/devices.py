@@ -113,6 +113,14 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
+def devices_label(devices: tuple[torch.device, ...]) -> str:
+    """What a server announces it computes on: ``cpu``, or its GPUs' names (``NVIDIA A100 ×2``)."""
+    if all(d.type == "cpu" for d in devices):
+        return "cpu"
+    names = [device_name(d) for d in devices]
+    return " + ".join(f"{name} ×{names.count(name)}" if names.count(name) > 1 else name for name in dict.fromkeys(names))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait until ``device`` has finished what was queued on it (timing; a no-op on the CPU)."""
     if device.type == "cuda":

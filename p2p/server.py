@@ -39,7 +39,7 @@ from swarm import __version__
 from swarm.cache.kv import KVCacheBudget
 from swarm.engine.adapters import attach
 from swarm.engine.checkpoint import PREFILL_CHUNK, BlockRange, Checkpoint, parse_dtype
-from swarm.engine.devices import check_dtype
+from swarm.engine.devices import check_dtype, devices_label
 from swarm.engine.fast import measure_pooling
 from swarm.engine.quant import parse_quant, quantization, weight_bytes
 from swarm.engine.throughput import Throughput
@@ -83,6 +83,7 @@ class BlockServer:
         self.addrs = list(host.addrs)  # what it announces (see start)
         self.table = PeerTable(model, self.num_blocks, cfg.announce_period, allowed=cfg.membership.allowed)
         self.budget = KVCacheBudget(cfg.cache_tokens)
+        self.device_label = devices_label(cfg.devices())  # what it announces: cpu, or its GPUs' names
         self.blocks: BlockRange | None = None
         self.start_block = self.end_block = 0
         self.state = "joining"
@@ -334,6 +335,7 @@ class BlockServer:
             cache_tokens_left=self.budget.tokens_left,
             version=__version__,
             public_name=self.cfg.public_name,
+            device=self.device_label,
             period=self.cfg.announce_period,
             instance=self.host.instance,
             sessions=len(self.sessions),

@@ -120,6 +120,7 @@ def status_report(
             "dtype": s.dtype,
             "quant": s.quant,
             "weight_bytes": s.weight_bytes,
+            "device": s.device or "cpu",
             "version": s.version,
             "rtt_ms": None if p not in reachable else round(rtts[p] * 1e3, 2),
             "addrs": list(s.addrs),

@@ -111,6 +111,7 @@ class ServerInfo:
     model_name: str = ""  # what people call the model (:func:`model_name`; "" from servers before it was announced)
     reach: str = "unknown"  # whether peers dialed it back at its addresses: public, private, relayed or unknown (p2p/nat.py)
     relay: bool = False  # it relays connections for servers nobody can dial (p2p/circuits.py)
+    device: str = "cpu"  # where its blocks compute: cpu, or its GPUs' names ("" from servers before it was announced)
     received: float = field(default=0.0, compare=False)  # local monotonic time of the last update (not sent)
 
     @property
@@ -164,6 +165,7 @@ class ServerInfo:
                 model_name=announced_text(data.get("model_name", ""), MAX_NAME),
                 reach=str(data.get("reach", "unknown")),
                 relay=data.get("relay", False) is True,
+                device=announced_text(data.get("device", ""), MAX_NAME),
                 received=time.monotonic() if received is None else received,
             )
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:

@@ -220,3 +220,18 @@ def test_cuda_without_a_gpu_is_one_line(args, tmp_path):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--device" in lines[0] and "no GPU" in lines[0], result.stderr
+
+
+def test_a_server_announces_its_device_and_status_shows_it():
+    from swarm.cli.render import _weights
+    from swarm.engine.devices import devices_label
+    from swarm.p2p.table import MAX_NAME, ServerInfo
+
+    assert devices_label((CPU,)) == "cpu"
+    base = ServerInfo("12D3KooWpeer", ("/ip4/1.2.3.4/tcp/1",), "m", 0, 2).to_wire()
+    assert ServerInfo.from_wire(base).device == "cpu"
+    assert ServerInfo.from_wire({**base, "device": "NVIDIA L4"}).device == "NVIDIA L4"
+    assert len(ServerInfo.from_wire({**base, "device": "x" * 1000}).device) <= MAX_NAME
+    assert ServerInfo.from_wire({k: v for k, v in base.items() if k != "device"}).device == ""  # an older server
+    assert _weights({"dtype": "bfloat16", "weight_bytes": 2**30, "device": "NVIDIA L4"}) == "bfloat16 1.00 GB on NVIDIA L4"
+    assert _weights({"dtype": "float32", "weight_bytes": 2**30, "device": "cpu"}) == "float32 1.00 GB"
