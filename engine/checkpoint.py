@@ -315,17 +315,17 @@ def _stop_hook(should_stop: Callable[[], bool]) -> Callable:
     return hook
 
 
-FLOAT16_LIMIT = torch.finfo(torch.float16).max - 1024  # float16 hidden states are clamped within ±this (a float16 value)
+FLOAT16_LIMIT = torch.finfo(torch.float16).max  # an infinite float16 hidden state becomes ±this
 
 
 def _guard(hidden: torch.Tensor) -> torch.Tensor:
-    """A block's output, in float16 clamped to finite values (as transformers does for models
-    whose activations outgrow float16, Gemma's among them): an overflow would otherwise turn the
-    rest of the chain into inf and NaN. The same values where nothing overflows; other dtypes as
-    they are."""
+    """A block's output, in float16 with infinities made the largest finite values (as
+    transformers clamps models whose activations outgrow float16, Gemma's among them): an overflow
+    would otherwise turn the rest of the chain into inf and NaN. Finite values, and other dtypes,
+    stay as they are."""
     if hidden.dtype != torch.float16:
         return hidden
-    return hidden.clamp(-FLOAT16_LIMIT, FLOAT16_LIMIT)
+    return hidden.nan_to_num(nan=float("nan"), posinf=FLOAT16_LIMIT, neginf=-FLOAT16_LIMIT)
 
 
 class BlockRange(torch.nn.Module):
@@ -348,7 +348,7 @@ class BlockRange(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(blocks)
         # where each block's weights and caches live (consecutive blocks per device: see engine.devices)
         self.block_devices = list(devices) if devices is not None else [CPU] * len(blocks)
-        self.io_device = CPU  # where outputs go (tests of device placement set another)
+        self.io_device = CPU  # where outputs go (a throughput measurement keeps them on the device)
         self._exact = False  # batch_exact, once found true
         num_kv_heads, head_dim = family.kv_heads(config)
         self.kv_shapes = [LayerKVShape(num_kv_heads, head_dim)] * len(blocks)

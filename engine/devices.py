@@ -100,6 +100,7 @@ def free_memory(device: torch.device) -> int:
         from swarm.engine.memory import available_memory
 
         return available_memory()
+    torch.cuda.empty_cache()  # memory torch's allocator keeps from freed tensors (a measurement's block) is free too
     free, _ = torch.cuda.mem_get_info(device)
     return max(0, free - max(GPU_RESERVED_BYTES, int(free * GPU_RESERVED_SHARE)))
 
@@ -129,7 +130,7 @@ def synchronize(device: torch.device) -> None:
 
 def check_dtype(devices: tuple[torch.device, ...], dtype: torch.dtype, flag: str = "--dtype") -> None:
     """``ValueError`` for a dtype the devices cannot compute in: bfloat16 on a GPU older than
-    Ampere (compute capability 8)."""
+    Ampere (compute capability 8; torch would emulate it, slowly)."""
     for device in devices:
-        if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
             raise ValueError(f"{flag} bfloat16: {device_name(device)} cannot compute in bfloat16; use --dtype float16 or float32")

@@ -284,7 +284,9 @@ def _attend_segments(q, k, v, ctx: StepContext, kvs, mask, scale, softcap=None) 
         end = start + sub.seq
         part = [t[:, :, start:end].contiguous() for t in (q, k, v)]
         sub_mask = mask.resolve(sub) if isinstance(mask, PerSegment) else mask
-        if sub.seq == 1 and sub_kv is not None and sub_mask is None and id(sub_kv[0]) not in shared:
+        # grouped on the CPU only: measured bit-identical there; a GPU's batched matmul may choose
+        # another kernel by the batch's size, so its decode steps attend one by one
+        if sub.seq == 1 and sub_kv is not None and sub_mask is None and id(sub_kv[0]) not in shared and q.device.type == "cpu":
             groups.setdefault(_decode_bucket(sub, sub_kv), []).append((i, part, sub, sub_kv))
         else:
             outputs[i] = attend(*part, sub, sub_kv, mask=sub_mask, scale=scale, softcap=softcap)

@@ -76,7 +76,9 @@ def bnb():
         ) from None
     finally:
         torch.compile = compile_
-        quiet.level = level
+        # and after: its CUDA int8 product warns on every call whose input is not float16 ("will
+        # be cast"), which is how a float32 or bfloat16 server calls it; its errors still show
+        quiet.level = max(level, logging.ERROR)
         _import_lock.release()
     return bitsandbytes
 
@@ -354,7 +356,7 @@ def gpu_linear(quant: str, weight: torch.Tensor, bias: torch.Tensor | None, devi
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
     layer.quant = quant
-    return layer.to(device)
+    return layer.to(device).eval()  # inference mode: LLM.int8's product (training mode dequantizes instead)
 
 
 def quantization(module: nn.Module) -> str:
@@ -378,9 +380,10 @@ def matrix_bytes(out_features: int, in_features: int, quant: str, itemsize: int)
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers (what its weights take in memory)."""
+    """Bytes of ``module``'s parameters and buffers (what its weights take in memory), with the
+    scales bitsandbytes' layers keep beside their weights."""
     seen, total = set(), 0
-    for t in [*module.parameters(), *module.buffers()]:
+    for t in [*module.parameters(), *module.buffers(), *_bnb_scales(module)]:
         if t.device.type == "meta":
             continue
         if not t.is_mkldnn:  # oneDNN's packed weights have no data pointer (and are not shared)
@@ -389,3 +392,17 @@ def weight_bytes(module: nn.Module) -> int:
             seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def _bnb_scales(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors bitsandbytes' quantized weights carry as attributes: an int8 weight's row
+    scales (``SCB``), a 4-bit weight's block scales (``quant_state``, nested ones included)."""
+    found = []
+    for weight in module.parameters():
+        if isinstance(getattr(weight, "SCB", None), torch.Tensor):
+            found.append(weight.SCB)
+        state = getattr(weight, "quant_state", None)
+        while state is not None:
+            found += [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    return found

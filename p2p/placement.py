@@ -86,17 +86,41 @@ def auto_count(server: Placed) -> int:
 
 
 def load_range(server: Placed, start: int, end: int) -> BlockRange:
-    """Load blocks ``[start, end)`` as the server's options say (dtype, quantization, devices: a
-    range over several GPUs is split in proportion to the blocks each can hold). On the compute
-    thread."""
+    """Load blocks ``[start, end)`` as the server's options say (dtype, quantization, devices), on
+    the compute thread. A range over several GPUs is split in proportion to the blocks each could
+    hold when the server started (measured once: later, its own blocks fill them). A move on one
+    device reuses the blocks the old range and the new one share (the old range's sessions go on
+    with them while they drain), so it loads, and needs memory for, only the blocks it adds."""
     cfg, devices = server.cfg, server.cfg.devices()
     dtype = parse_dtype(cfg.dtype)
+    old: BlockRange | None = getattr(server, "blocks", None)
+    if len(devices) == 1 and old is not None and old.start < end and start < old.end:
+        return _reuse(server.checkpoint, old, start, end, dtype, cfg.quant, devices)
     capacities = None
     if len(devices) > 1:
-        capacities = device_capacities(server.checkpoint, dtype, devices, cfg.memory, cfg.cache_tokens, cfg.quant)
-        if sum(capacities) < end - start:  # they hold fewer than the range now: split it evenly and try
-            capacities = None
+        capacities = getattr(server, "capacities", None)
+        if capacities is None:
+            capacities = device_capacities(server.checkpoint, dtype, devices, cfg.memory, cfg.cache_tokens, cfg.quant)
+            server.capacities = capacities
+        if sum(capacities) < end - start:  # more than fits (--num-blocks): still in proportion to their room
+            capacities = [max(1, c) * (end - start) for c in capacities]
     return server.checkpoint.load_blocks(start, end, dtype, quant=cfg.quant, devices=devices, capacities=capacities)
+
+
+def _reuse(checkpoint: Checkpoint, old: BlockRange, start: int, end: int, dtype, quant: str, devices) -> BlockRange:
+    """Blocks ``[start, end)`` made of ``old``'s where it holds them and new ones elsewhere."""
+    blocks: list = []
+    index = start
+    while index < end:
+        if old.start <= index < old.end:
+            blocks.append(old.blocks[index - old.start])
+            index += 1
+            continue
+        stop = old.start if index < old.start else end  # a run of blocks the old range lacks
+        stop = min(stop, end)
+        blocks.extend(checkpoint.load_blocks(index, stop, dtype, quant=quant, devices=devices).blocks)
+        index = stop
+    return BlockRange(old.family, old.config, start, end, blocks, dtype, [devices[0]] * (end - start))
 
 
 async def initial_range(server: Placed, count: int) -> tuple[int, int]:

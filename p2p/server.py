@@ -85,6 +85,7 @@ class BlockServer:
         self.budget = KVCacheBudget(cfg.cache_tokens)
         self.device_label = devices_label(cfg.devices())  # what it announces: cpu, or its GPUs' names
         self.blocks: BlockRange | None = None
+        self.capacities: list[int] | None = None  # blocks each of several GPUs could hold at start (placement.load_range)
         self.start_block = self.end_block = 0
         self.state = "joining"
         self.reach = "unknown"  # what it announces: public, private, relayed or unknown (p2p/nat.py)

@@ -179,8 +179,7 @@ def test_bitsandbytes_layers_of_a_gpu_server(quant, tiny_checkpoints):
 
 def test_float16_hidden_states_stay_finite(tiny_checkpoints):
     """A block output that outgrows float16 becomes the largest finite values, not inf (which
-    would turn the rest of the chain into NaN); below the limit, and in other dtypes, nothing
-    changes."""
+    would turn the rest of the chain into NaN); finite values, and other dtypes, stay as they are."""
     ckpt = Checkpoint(tiny_checkpoints["llama"])
     blocks = ckpt.load_blocks(0, ckpt.num_blocks, torch.float16, fast=False)
     first = blocks.blocks[0]
@@ -193,9 +192,10 @@ def test_float16_hidden_states_stay_finite(tiny_checkpoints):
         loud = blocks(hidden)
     assert torch.isfinite(calm).all() and torch.isfinite(loud).all()
     assert loud.abs().max() >= 60000 and calm.abs().max() < 1000
-    ramp = torch.tensor([float("inf"), -float("inf"), 3.0, -70000.0])
-    assert _guard(ramp.half()).tolist() == [FLOAT16_LIMIT, -FLOAT16_LIMIT, 3.0, -FLOAT16_LIMIT]
+    ramp = torch.tensor([float("inf"), -float("inf"), 3.0, -70000.0, 65000.0])
+    assert _guard(ramp.half()).tolist() == [FLOAT16_LIMIT, -FLOAT16_LIMIT, 3.0, -FLOAT16_LIMIT, 64992.0]
     assert _guard(ramp).tolist() == ramp.tolist()
+    assert _guard(torch.tensor([float("nan")]).half()).isnan().all()  # a NaN is not hidden
 
 
 requires_no_gpu = pytest.mark.skipif(gpu_count() > 0, reason="this machine has a GPU")
@@ -235,3 +235,31 @@ def test_a_server_announces_its_device_and_status_shows_it():
     assert ServerInfo.from_wire({k: v for k, v in base.items() if k != "device"}).device == ""  # an older server
     assert _weights({"dtype": "bfloat16", "weight_bytes": 2**30, "device": "NVIDIA L4"}) == "bfloat16 1.00 GB on NVIDIA L4"
     assert _weights({"dtype": "float32", "weight_bytes": 2**30, "device": "cpu"}) == "float32 1.00 GB"
+
+
+def test_a_move_reuses_the_blocks_both_ranges_hold(tiny_checkpoints):
+    """A server moving on one device loads only the blocks its new range adds (the old range's
+    draining sessions share the rest), so a server sized to its GPU's memory can move at all."""
+    from types import SimpleNamespace
+
+    from swarm.p2p.placement import load_range
+    from swarm.p2p.server_config import ServerConfig
+
+    path = tiny_checkpoints["llama"]
+    server = SimpleNamespace(cfg=ServerConfig(model_dir=path, device="cpu"), checkpoint=Checkpoint(path), blocks=None)
+    server.blocks = load_range(server, 0, 3)
+    read = len(server.checkpoint.keys_read)
+    moved = load_range(server, 1, 4)
+    assert (moved.start, moved.end) == (1, 4) and moved.block_devices == [CPU] * 3
+    assert [id(b) for b in moved.blocks[:2]] == [id(b) for b in server.blocks.blocks[1:]]
+    new_keys = server.checkpoint.keys_read[read:]
+    assert new_keys and all(k.startswith("model.layers.3.") for k in new_keys)
+    fresh = Checkpoint(path).load_blocks(1, 4)
+    x = torch.randn(1, 5, fresh.config.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(moved(x), fresh(x))
+    server.blocks = moved
+    back = load_range(server, 0, 3)  # and back: block 0 anew, 1 and 2 shared
+    assert [id(b) for b in back.blocks[1:]] == [id(b) for b in moved.blocks[:2]]
+    far = load_range(server, 1, 4)
+    assert (far.start, far.end) == (1, 4)
