@@ -294,7 +294,10 @@ class ChainVerifier:
         return start + bad, got, errors
 
     def _unverifiable(self, session: SpanSession) -> None:
-        if session.unverifiable_until == 0.0:
+        key = (session.span.peer_id, session.span.start, session.span.end)
+        warned = getattr(self.client, "unverifiable_warned", set())
+        if session.unverifiable_until == 0.0 and key not in warned:  # once per server and range in a client's life
+            warned.add(key)
             log.warning("cannot check %s on blocks %d:%d: no other server serves them; its steps go "
                         "unchecked until one does (or use --verify strict: this machine then checks)",
                         _short(session.span.peer_id), session.span.start, session.span.end)

@@ -88,6 +88,7 @@ class SwarmClient:
         self.verify = cfg.verify
         self.ledger = Ledger(cfg.ledger)  # servers caught lying are never routed through
         self.arbiter = cfg.arbiter
+        self.unverifiable_warned: set[tuple[str, int, int]] = set()  # (server, start, end) said to be uncheckable once
         self._accusations: set[asyncio.Task] = set()  # evidence being gathered (p2p/evidence.py)
 
     @classmethod
