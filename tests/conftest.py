@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
 # families tested by tests/test_families.py (exact against transformers, through the swarm, LoRA)
-NEW_FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "falcon"]
 VOCAB = 320
 
 CORPUS = [
@@ -47,6 +47,10 @@ def tiny_config(family: str, **overrides):
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if family == "bloom":
         cfg = transformers.BloomConfig(hidden_size=64, n_layer=4, n_head=4, **common)
+    elif family == "falcon":  # the 40B/180B layout: grouped-query attention, ln_attn and ln_mlp, biases
+        cfg = transformers.FalconConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_kv_heads=2,
+                                        new_decoder_architecture=True, bias=True, ffn_hidden_size=128,
+                                        max_position_embeddings=256, **common)
     else:
         cls = {
             "llama": transformers.LlamaConfig,

@@ -202,3 +202,31 @@ def test_phi3_longrope_logits_equal_transformers(tmp_path):
             past, pos = result.past_key_values, pos + n
         whole = model(ids).logits.float()  # one pass past the original context: long factors throughout
         assert (head.logits(blocks(head.embed(ids))) - whole).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False),  # Falcon-7B
+        dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True, num_kv_heads=4),  # sequential
+        dict(new_decoder_architecture=True, num_kv_heads=1, num_ln_in_parallel_attn=1),  # Falcon2-11B: one norm
+    ],
+    ids=["7b", "sequential", "11b"],
+)
+def test_falcon_layouts_equal_transformers(layout, tmp_path):
+    """Falcon's other block layouts (the NEW_FAMILIES one is the 40B/180B layout): multi-query
+    attention with attention and MLP in parallel, per-head fused projections with the MLP after
+    attention, and the new layout with one norm; logits step by step against transformers."""
+    checkpoint = write_tiny_checkpoint(tmp_path, "falcon", **layout)
+    ckpt = Checkpoint(checkpoint)
+    ids = _ids(sum(STEPS))
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    head, blocks = ckpt.load_head(), ckpt.load_blocks(0, 4)
+    session = blocks.open_session(batch=2, max_length=ids.shape[1])
+    past, pos = transformers.DynamicCache(config=model.config), 0
+    with torch.no_grad():
+        for n in STEPS:
+            result = model(ids[:, pos : pos + n], past_key_values=past, use_cache=True)
+            diff = (head.logits(blocks(head.embed(ids[:, pos : pos + n]), session)) - result.logits.float()).abs().max()
+            assert diff.item() <= 1e-4, f"{n} tokens at position {pos}: max abs diff {diff.item()}"
+            past, pos = result.past_key_values, pos + n

@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "mixtral": "mixtral",
     "qwen3_moe": "qwen3_moe",
     "bloom": "bloom",
+    "falcon": "falcon",
 }
 
 
