@@ -174,10 +174,11 @@ def test_mixed_swarm_equals_local_blocks_of_the_same_precisions(tiny, mixed_swar
 
     async def scenario(full_precision: bool):
         await eventually(lambda: len(servers[0].table.snapshot()) == 3, what="all servers in the table")
-        # the refusal comes after wait_timeout; a route that exists may need a ping retried on a loaded machine
-        # pings get time (a loaded machine's first ping may be slow, and one that times out leaves a gap)
+        # the refusal comes after wait_timeout, the last of the retries (on a loaded machine one may find a
+        # server unreachable for a moment: a gap, not the refusal); a route that exists may need a ping
+        # retried; pings get time (a loaded machine's first ping may be slow, and one that times out leaves a gap)
         cfg = ClientConfig(initial_peers=[servers[0].host.addrs[0]], push=False, full_precision=full_precision,
-                           wait_timeout=0.5 if full_precision else 20.0, ping_timeout=10.0)
+                           wait_timeout=3.0 if full_precision else 20.0, ping_timeout=10.0)
         client = await SwarmClient.start(model_id(checkpoint), 6, cfg)
         try:
             await eventually(lambda: len(client.table.snapshot()) == 3, what="the client's table")
