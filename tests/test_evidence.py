@@ -131,6 +131,8 @@ def _generate(model: Path, maddr: str, tokens: int) -> list[int]:
 @pytest.mark.slow
 def test_a_caught_liar_is_banned_by_the_servers_that_recompute_its_signed_lie(tiny_checkpoints, tmp_path, monkeypatch):
     model = tiny_checkpoints["llama"]
+    # the client gathers its evidence as it closes, 10 s at most by default: a loaded machine may need more
+    monkeypatch.setattr("swarm.p2p.client.ACCUSE_GRACE", 60.0)
     homes = {name: tmp_path / name for name in ("one", "two", "liar", "client")}
     for home in homes.values():
         home.mkdir()
