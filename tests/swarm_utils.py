@@ -113,3 +113,15 @@ def clone_session(session):
     copy.values = [v.clone() for v in session.values]
     copy.length = session.length
     return copy
+
+
+def lora_grads(head, blocks, ids, tensors, spec):
+    """The next-token loss of ``ids`` through ``head`` and ``blocks`` (local or remote) with the LoRA
+    ``tensors`` (copies) lent, and each tensor's gradient: ``(loss, {name: grad})``."""
+    import torch.nn.functional as F
+
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    logits = head.logits(blocks(head.embed(ids), leaves, spec))
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    return loss.item(), {k: v.grad for k, v in leaves.items()}

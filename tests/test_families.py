@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 from conftest import NEW_FAMILIES, write_tiny_checkpoint
 from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.families import get_family
-from swarm_utils import clone_session, running_swarm
+from swarm_utils import clone_session, lora_grads, running_swarm
 
 STEPS = [7, 1, 1, 1, 4, 1, 6]  # a prefill, single steps, chunks after the cache (past Phi-3's window of 6)
 RANGES = ["0:1", "1:3", "3:4"]
@@ -39,11 +38,13 @@ def _ids(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 300, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_logits_step_by_step_equal_transformers(checkpoint):
+def _steps_equal_transformers(checkpoint, cuts=(0, 1, 4)):
+    """Logits of :data:`STEPS` with KV caches, the blocks split at ``cuts``, within 1e-4 of
+    transformers' step by step; returns the model, the head, the parts and the ids."""
     ckpt = Checkpoint(checkpoint)
     ids = _ids(sum(STEPS))
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    head, parts = ckpt.load_head(), [ckpt.load_blocks(0, 1), ckpt.load_blocks(1, 4)]
+    head, parts = ckpt.load_head(), [ckpt.load_blocks(a, b) for a, b in zip(cuts, cuts[1:])]
     sessions = [p.open_session(batch=2, max_length=ids.shape[1]) for p in parts]
     past, pos = transformers.DynamicCache(config=model.config), 0
     with torch.no_grad():
@@ -55,6 +56,11 @@ def test_logits_step_by_step_equal_transformers(checkpoint):
             diff = (head.logits(hidden) - result.logits.float()).abs().max().item()
             assert diff <= 1e-4, f"{n} tokens at position {pos}: max abs diff {diff}"
             past, pos = result.past_key_values, pos + n
+    return model, head, parts, ids
+
+
+def test_logits_step_by_step_equal_transformers(checkpoint):
+    _steps_equal_transformers(checkpoint)
 
 
 @pytest.mark.slow
@@ -78,14 +84,6 @@ def test_greedy_tokens_through_three_servers_equal_transformers(checkpoint, serv
         assert s.generate_ids(prompt, cfg) == expected
 
 
-def _grads(head, blocks, ids, tensors, spec):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
-    logits = head.logits(blocks(head.embed(ids), leaves, spec))
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    loss.backward()
-    return loss.item(), {k: v.grad for k, v in leaves.items()}
-
-
 @pytest.mark.slow
 def test_lora_gradients_through_three_servers_equal_local_autograd(checkpoint, servers, tmp_path):
     from swarm.p2p.client import ClientConfig
@@ -100,11 +98,11 @@ def test_lora_gradients_through_three_servers_equal_local_autograd(checkpoint, s
         if key.endswith("lora_B"):
             value.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     spec, ids, head = AdapterSpec(scale=2.0, dropout=0.1, seed=5), _ids(9, seed=4), ckpt.load_head()
-    want_loss, want = _grads(head, LocalBlocks(ckpt.load_blocks(0, 4)), ids, tensors, spec)
+    want_loss, want = lora_grads(head, LocalBlocks(ckpt.load_blocks(0, 4)), ids, tensors, spec)
     cfg = ClientConfig(request_timeout=10, step_timeout=20, wait_timeout=20, verify=VerifyPolicy("off"),
                        ledger=tmp_path / "verify.json")
     with RemoteBlocks.connect(checkpoint, [servers[0][0].maddr], cfg) as remote:
-        loss, got = _grads(head, remote, ids, tensors, spec)
+        loss, got = lora_grads(head, remote, ids, tensors, spec)
         assert [(s.start, s.end) for s in remote.last_spans] == [(0, 1), (1, 3), (3, 4)]
     assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
     for key in want:
@@ -187,19 +185,9 @@ def test_phi3_longrope_logits_equal_transformers(tmp_path):
             "partial_rotary_factor": 0.5, "rope_theta": 10000.0}
     checkpoint = write_tiny_checkpoint(tmp_path, "phi3", rope_scaling=rope, original_max_position_embeddings=9,
                                        max_position_embeddings=64)
-    ckpt = Checkpoint(checkpoint)
-    assert ckpt.config.rope_scaling["rope_type"] == "longrope"
-    ids = _ids(sum(STEPS))
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    head, blocks = ckpt.load_head(), ckpt.load_blocks(0, 4)
-    session = blocks.open_session(batch=2, max_length=ids.shape[1])
-    past, pos = transformers.DynamicCache(config=model.config), 0
+    assert Checkpoint(checkpoint).config.rope_scaling["rope_type"] == "longrope"
+    model, head, (blocks,), ids = _steps_equal_transformers(checkpoint, (0, 4))  # past 9 positions from the fourth step on
     with torch.no_grad():
-        for n in STEPS:  # past 9 positions from the fourth step on
-            result = model(ids[:, pos : pos + n], past_key_values=past, use_cache=True)
-            diff = (head.logits(blocks(head.embed(ids[:, pos : pos + n]), session)) - result.logits.float()).abs().max()
-            assert diff.item() <= 1e-4, f"{n} tokens at position {pos}: max abs diff {diff.item()}"
-            past, pos = result.past_key_values, pos + n
         whole = model(ids).logits.float()  # one pass past the original context: long factors throughout
         assert (head.logits(blocks(head.embed(ids))) - whole).abs().max().item() <= 1e-4
 
@@ -217,16 +205,4 @@ def test_falcon_layouts_equal_transformers(layout, tmp_path):
     """Falcon's other block layouts (the NEW_FAMILIES one is the 40B/180B layout): multi-query
     attention with attention and MLP in parallel, per-head fused projections with the MLP after
     attention, and the new layout with one norm; logits step by step against transformers."""
-    checkpoint = write_tiny_checkpoint(tmp_path, "falcon", **layout)
-    ckpt = Checkpoint(checkpoint)
-    ids = _ids(sum(STEPS))
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    head, blocks = ckpt.load_head(), ckpt.load_blocks(0, 4)
-    session = blocks.open_session(batch=2, max_length=ids.shape[1])
-    past, pos = transformers.DynamicCache(config=model.config), 0
-    with torch.no_grad():
-        for n in STEPS:
-            result = model(ids[:, pos : pos + n], past_key_values=past, use_cache=True)
-            diff = (head.logits(blocks(head.embed(ids[:, pos : pos + n]), session)) - result.logits.float()).abs().max()
-            assert diff.item() <= 1e-4, f"{n} tokens at position {pos}: max abs diff {diff.item()}"
-            past, pos = result.past_key_values, pos + n
+    _steps_equal_transformers(write_tiny_checkpoint(tmp_path, "falcon", **layout))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import write_tiny_checkpoint
 from swarm.engine.devices import gpu_count
@@ -99,14 +98,6 @@ def test_gpu_quantized_servers_give_the_tokens_of_quantized_local(quant, tmp_pat
     assert swarm == local
 
 
-def _grads(head, blocks, ids, tensors, spec):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
-    logits = head.logits(blocks(head.embed(ids), leaves, spec))
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    loss.backward()
-    return loss.item(), {k: v.grad for k, v in leaves.items()}
-
-
 @pytest.mark.slow
 def test_gpu_lora_gradients_through_servers_equal_local_autograd(tmp_path):
     from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets
@@ -114,7 +105,7 @@ def test_gpu_lora_gradients_through_servers_equal_local_autograd(tmp_path):
     from swarm.p2p.client import ClientConfig
     from swarm.p2p.remote_blocks import RemoteBlocks
     from swarm.p2p.verify import VerifyPolicy
-    from swarm_utils import running_swarm
+    from swarm_utils import lora_grads, running_swarm
 
     checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", "llama")
     ckpt = Checkpoint(checkpoint)
@@ -124,8 +115,8 @@ def test_gpu_lora_gradients_through_servers_equal_local_autograd(tmp_path):
             value.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     spec, ids = AdapterSpec(scale=2.0, dropout=0.1, seed=5), _ids(9, seed=4)
     head = ckpt.load_head(device=GPU)
-    want_loss, want = _grads(head, LocalBlocks(ckpt.load_blocks(0, 4, devices=(GPU,))), ids, tensors, spec)
-    cpu_loss, _ = _grads(ckpt.load_head(), LocalBlocks(ckpt.load_blocks(0, 4)), ids, tensors, spec)
+    want_loss, want = lora_grads(head, LocalBlocks(ckpt.load_blocks(0, 4, devices=(GPU,))), ids, tensors, spec)
+    cpu_loss, _ = lora_grads(ckpt.load_head(), LocalBlocks(ckpt.load_blocks(0, 4)), ids, tensors, spec)
     assert abs(cpu_loss - want_loss) <= 1e-4 * abs(want_loss)
     home = tmp_path / "home"
     home.mkdir()
@@ -133,7 +124,7 @@ def test_gpu_lora_gradients_through_servers_equal_local_autograd(tmp_path):
                        ledger=tmp_path / "verify.json")
     with running_swarm(checkpoint, RANGES, home, ("--device", "cuda")) as servers:
         with RemoteBlocks.connect(checkpoint, [servers[0].maddr], cfg) as remote:
-            loss, got = _grads(head, remote, ids, tensors, spec)
+            loss, got = lora_grads(head, remote, ids, tensors, spec)
     assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
     for key in want:
         scale = want[key].abs().max().item()
