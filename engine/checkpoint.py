@@ -349,6 +349,9 @@ class BlockRange(torch.nn.Module):
         # where each block's weights and caches live (consecutive blocks per device: see engine.devices)
         self.block_devices = list(devices) if devices is not None else [CPU] * len(blocks)
         self.io_device = CPU  # where outputs go (a throughput measurement keeps them on the device)
+        # the range this one is part of (see sub): ranges may share blocks, not roots. Set past
+        # nn.Module's __setattr__, which would make it a submodule (a cycle)
+        object.__setattr__(self, "root", self)
         self._exact = False  # batch_exact, once found true
         num_kv_heads, head_dim = family.kv_heads(config)
         self.kv_shapes = [LayerKVShape(num_kv_heads, head_dim)] * len(blocks)
@@ -361,7 +364,9 @@ class BlockRange(torch.nn.Module):
             return self
         blocks = list(self.blocks)[start - self.start : end - self.start]
         devices = self.block_devices[start - self.start : end - self.start]
-        return BlockRange(self.family, self.config, start, end, blocks, self.dtype, devices)
+        part = BlockRange(self.family, self.config, start, end, blocks, self.dtype, devices)
+        object.__setattr__(part, "root", self.root)
+        return part
 
     @property
     def devices(self) -> list[torch.device]:

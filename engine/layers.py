@@ -52,10 +52,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: in
     """Inverse frequencies of rotary embeddings and the attention factor applied to cos/sin.
 
     Supports the plain rotary embedding, ``linear`` scaling, Llama 3's ``llama3`` scaling and
-    Phi-3's ``longrope`` (its short factors while the sequence so far, ``seq_len`` positions with
-    this step's, is within ``original_max_position_embeddings``, its long ones past it, as
-    transformers decides step by step); any other ``rope_type`` is refused with the list of
-    supported ones.
+    Phi-3's ``longrope`` (its short factors for a sequence of ``seq_len`` positions within
+    ``original_max_position_embeddings``, its long ones past it); any other ``rope_type`` is
+    refused with the list of supported ones.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)

@@ -295,7 +295,7 @@ class ChainVerifier:
 
     def _unverifiable(self, session: SpanSession) -> None:
         key = (session.span.peer_id, session.span.start, session.span.end)
-        warned = getattr(self.client, "unverifiable_warned", set())
+        warned = self.client.unverifiable_warned
         if session.unverifiable_until == 0.0 and key not in warned:  # once per server and range in a client's life
             warned.add(key)
             log.warning("cannot check %s on blocks %d:%d: no other server serves them; its steps go "

@@ -147,10 +147,9 @@ class Sessions:
         """Let the sessions running on ``blocks`` (a range this server no longer serves) finish
         within ``timeout`` seconds, then end the rest with ``session_expired`` (their clients
         fail over and replay)."""
-        modules = {id(b) for b in blocks.blocks}
         deadline = time.monotonic() + timeout
-        while True:
-            left = [s for s in self.live.values() if id(s.blocks.blocks[0]) in modules]
+        while True:  # opened on that range (the new one may share its blocks: see placement.load_range)
+            left = [s for s in self.live.values() if s.blocks.root is blocks]
             if not left:
                 return
             if time.monotonic() >= deadline:

@@ -252,6 +252,8 @@ def test_a_move_reuses_the_blocks_both_ranges_hold(tiny_checkpoints):
     moved = load_range(server, 1, 4)
     assert (moved.start, moved.end) == (1, 4) and moved.block_devices == [CPU] * 3
     assert [id(b) for b in moved.blocks[:2]] == [id(b) for b in server.blocks.blocks[1:]]
+    # sessions are drained by the range they opened on, not by their blocks (which both ranges hold)
+    assert server.blocks.sub(1, 3).root is server.blocks and moved.sub(1, 3).root is moved
     new_keys = server.checkpoint.keys_read[read:]
     assert new_keys and all(k.startswith("model.layers.3.") for k in new_keys)
     fresh = Checkpoint(path).load_blocks(1, 4)

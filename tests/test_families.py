@@ -178,18 +178,37 @@ def test_the_checkpoints_chat_template_is_used_whatever_file_holds_it(checkpoint
     assert text.startswith("<|user|>hi there") and text.endswith("<|assistant|>"), text
 
 
-def test_phi3_longrope_logits_equal_transformers(tmp_path):
-    """Phi-3's LongRoPE (its 128k checkpoints): short factors while the sequence is within the
-    original context, long ones once a step goes past it, as transformers switches step by step."""
+def test_phi3_longrope_by_position(tmp_path):
+    """Phi-3's LongRoPE (its 128k checkpoints): within the original context, the short factors,
+    step by step as transformers; a position past it rotates by the long factors (transformers'
+    own rotation tables for a longer sequence), and its output is the same however the sequence
+    is stepped: one pass, steps, or a replay in other chunks (what checks and failovers rely on)."""
+    from swarm.engine.layers import StepContext
+
     rope = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6], "long_factor": [1.5, 3.0, 7.0, 12.0],
             "partial_rotary_factor": 0.5, "rope_theta": 10000.0}
-    checkpoint = write_tiny_checkpoint(tmp_path, "phi3", rope_scaling=rope, original_max_position_embeddings=9,
+    checkpoint = write_tiny_checkpoint(tmp_path, "phi3", rope_scaling=rope, original_max_position_embeddings=21,
                                        max_position_embeddings=64)
-    assert Checkpoint(checkpoint).config.rope_scaling["rope_type"] == "longrope"
-    model, head, (blocks,), ids = _steps_equal_transformers(checkpoint, (0, 4))  # past 9 positions from the fourth step on
+    ckpt = Checkpoint(checkpoint)
+    assert ckpt.config.rope_scaling["rope_type"] == "longrope"
+    model, head, (blocks,), ids = _steps_equal_transformers(checkpoint, (0, 4))  # 21 positions: all within
+    ctx = StepContext(past=19, seq=4)
+    ckpt.family.prepare_step(ckpt.config, ctx, torch.float32, 1)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for seq_len, rows in ((21, slice(0, 2)), (40, slice(2, 4))):  # positions 19, 20 short; 21, 22 long
+        inv, factor = ROPE_INIT_FUNCTIONS["longrope"](model.config, None, seq_len=seq_len)
+        want = torch.cat([torch.arange(19, 23)[:, None].float() * inv[None, :]] * 2, dim=-1)
+        assert torch.allclose(ctx.extra["rope"][0][rows], (want.cos() * factor)[rows], atol=1e-6)
+    longer = torch.cat([ids, _ids(9, seed=9)], dim=1)  # 30 positions: past the original context
     with torch.no_grad():
-        whole = model(ids).logits.float()  # one pass past the original context: long factors throughout
-        assert (head.logits(blocks(head.embed(ids))) - whole).abs().max().item() <= 1e-4
+        whole = blocks(head.embed(longer))
+        session = blocks.open_session(batch=2, max_length=30)
+        steps = torch.cat([blocks(head.embed(longer[:, a:b]), session) for a, b in ((0, 20), (20, 22), (22, 30))], dim=1)
+        session = blocks.open_session(batch=2, max_length=30)
+        other = torch.cat([blocks(head.embed(longer[:, a:b]), session) for a, b in ((0, 5), (5, 29), (29, 30))], dim=1)
+    scale = whole.abs().max().item()
+    assert (whole - steps).abs().max().item() <= 1e-5 * scale and (whole - other).abs().max().item() <= 1e-5 * scale
 
 
 @pytest.mark.parametrize(

@@ -69,16 +69,22 @@ def swarm_with_liar(model: Path, home: Path, lie: list[str], processes: list | N
 
 
 def banned(home: Path) -> dict:
-    return json.loads((home / "verify.json").read_text())["bans"]
+    """The bans in ``home``'s ledger ({} before the first is saved)."""
+    ledger = home / "verify.json"
+    return json.loads(ledger.read_text())["bans"] if ledger.exists() else {}
 
 
 @pytest.mark.parametrize("lie", ["noise:0.01", "permute", "scale:1.3"])
 def test_a_server_lying_on_every_step_is_caught_at_once(tiny_checkpoints, tmp_path, monkeypatch, lie):
     monkeypatch.setenv("SWARM_HOME", str(tmp_path))
     model = tiny_checkpoints["llama"]
+    expected = local(model, 12)
     with swarm_with_liar(model, tmp_path, ["--lie", lie]) as (maddr, _):
-        tokens, rewinds = generate(model, maddr, 12)
-    assert tokens == local(model, 12)
+        for _ in range(3):  # until a client routes through the liar (on a loaded machine one may not see it yet)
+            tokens, rewinds = generate(model, maddr, 12)
+            assert tokens == expected
+            if banned(tmp_path):
+                break
     assert all(kept < 9 for kept in rewinds)  # caught before the 10th token (here: at the prompt's step)
     # the client's reason, or the honest server's (same machine here) after it recomputed the published evidence
     assert len(banned(tmp_path)) == 1 and "wrong" in next(iter(banned(tmp_path).values()))["reason"]

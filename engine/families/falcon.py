@@ -78,7 +78,7 @@ class FalconConfig:
             two_norms=new and norms == 2,
             bias=bool(raw.get("bias", False)),
             tie_word_embeddings=raw.get("tie_word_embeddings", True),
-            max_positions=raw.get("max_position_embeddings"),
+            max_positions=raw.get("max_position_embeddings", 2048),  # transformers' default: what 7B/40B/180B were trained on
         )
 
 

@@ -177,9 +177,18 @@ def rotary_dim(cfg: LlamaConfig) -> int:
 
 
 def prepare_step(cfg: LlamaConfig, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
-    inv_freq, factor = rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, cfg.rope_scaling, ctx.past + ctx.seq)
     positions = torch.arange(ctx.past, ctx.past + ctx.seq)
-    ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, positions, dtype)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") != "longrope":
+        ctx.extra["rope"] = rope_cos_sin(*rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, scaling), positions, dtype)
+        return
+    # LongRoPE by position: the short factors within the original context, the long ones past it,
+    # so a position's rotation is the same however the sequence is stepped, chunked or replayed
+    original = scaling["original_max_position_embeddings"]
+    short, long = (rope_cos_sin(*rope_inv_freq(rotary_dim(cfg), cfg.rope_theta, scaling, n), positions, dtype)
+                   for n in (0, original + 1))
+    past = (positions >= original)[:, None]
+    ctx.extra["rope"] = tuple(torch.where(past, b, a) for a, b in zip(short, long))
 
 
 def make_family(name: str, parse, **overrides) -> Family:

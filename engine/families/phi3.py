@@ -1,7 +1,8 @@
 """Phi-3 (and Phi-4-mini): the Llama block with the query, key and value projections fused into
 one ``qkv_proj`` and the gate and up projections into one ``gate_up_proj``, rotary embeddings on
-the first ``partial_rotary_factor`` of each head, LongRoPE scaling (the 128k checkpoints: short
-factors within the original context, long ones past it), and one sliding window for every layer."""
+the first ``partial_rotary_factor`` of each head, LongRoPE scaling (the 128k checkpoints: the
+short factors for positions within the original context, the long ones past it), and one sliding
+window for every layer."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ def parse_config(raw: dict) -> LlamaConfig:
     window = raw.get("sliding_window")
     cfg = LlamaConfig.from_dict(raw, qkv_bias=False, o_bias=False, sliding_windows=(window,) * raw["num_hidden_layers"])
     rope = dict(cfg.rope_scaling or {})
+    if "partial_rotary_factor" in raw:  # Phi-4-mini states it at the top level
+        rope.setdefault("partial_rotary_factor", raw["partial_rotary_factor"])
     if rope.get("rope_type", rope.get("type")) in ("longrope", "su", "yarn"):  # Phi-3's names for its LongRoPE
         rope["rope_type"] = "longrope"
         rope.pop("type", None)
-        rope.setdefault("original_max_position_embeddings",
-                        raw.get("original_max_position_embeddings") or raw["max_position_embeddings"])
+        # as transformers: the top level's original context first, then the scaling's, else 4096
+        original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or 4096
+        rope["original_max_position_embeddings"] = original
         rope.setdefault("max_position_embeddings", raw["max_position_embeddings"])
-        cfg = replace(cfg, rope_scaling=rope)
-    return cfg
+    return replace(cfg, rope_scaling=rope or None)
 
 
 class Phi3Attention(nn.Module):
