@@ -3,8 +3,10 @@ swarm with an honest one: the client catches the liar, bans it, and its output e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,9 +42,20 @@ def generate(model: Path, maddr: str, max_new_tokens: int, on_token=None, **opti
 
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     with Swarm(ClientOptions(model=str(model), initial_peers=(maddr,), **options), client_model, None) as s:
+        s.connect()
+        s.client.cfg.ping_timeout = 10.0  # a loaded machine's first ping may be slow: the liar must not look unreachable
+        s.background.call(_knows_servers(s.client, 2), timeout=40)  # the liar too, before routing
         tokens = s.generate_ids(client_model.encode(PROMPT), cfg, show, on_rewind=on_rewind)
     assert shown == tokens  # what a streaming consumer ends up showing
     return tokens, rewinds
+
+
+async def _knows_servers(client, count: int, timeout: float = 30.0) -> None:
+    """Until ``client``'s table lists ``count`` servers (an announcement may come late on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while len(client.table.snapshot()) < count:
+        assert time.monotonic() < deadline, f"the client knows {len(client.table.snapshot())} of {count} servers"
+        await asyncio.sleep(0.1)
 
 
 def local(model: Path, max_new_tokens: int) -> list[int]:
