@@ -71,18 +71,21 @@ def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, memory: int, cac
     return max(0, min(checkpoint.num_blocks, (memory - RESERVED_BYTES) // per_block))
 
 
-def device_capacities(checkpoint: Checkpoint, dtype: torch.dtype, devices, memory_gb: float | None, cache_tokens: int,
-                      quant: str = "none") -> list[int]:
-    """How many blocks each of ``devices`` holds: ``--memory`` (GB, shared equally among them)
-    or, without it, each one's free memory now (:func:`~swarm.engine.devices.free_memory`: a
-    GPU's own, the machine's for the CPU)."""
+def device_memories(devices, memory_gb: float | None) -> list[int]:
+    """Bytes each of ``devices`` may fill: ``--memory`` (GB, shared equally among them) or, without
+    it, each one's free memory now (:func:`~swarm.engine.devices.free_memory`: a GPU's own, the
+    machine's for the CPU)."""
     from swarm.engine.devices import free_memory
 
-    capacities = []
-    for device in devices:
-        memory = int(memory_gb * GIB / len(devices)) if memory_gb is not None else free_memory(device)
-        capacities.append(blocks_that_fit(checkpoint, dtype, memory, cache_tokens, quant))
-    return capacities
+    if memory_gb is not None:
+        return [int(memory_gb * GIB / len(devices))] * len(devices)
+    return [free_memory(device) for device in devices]
+
+
+def device_capacities(checkpoint: Checkpoint, dtype: torch.dtype, devices, memory_gb: float | None, cache_tokens: int,
+                      quant: str = "none") -> list[int]:
+    """How many blocks each of ``devices`` holds (see :func:`device_memories`)."""
+    return [blocks_that_fit(checkpoint, dtype, memory, cache_tokens, quant) for memory in device_memories(devices, memory_gb)]
 
 
 def default_num_blocks(
@@ -93,15 +96,14 @@ def default_num_blocks(
     the memory available now, on ``devices`` together (a GPU's memory for blocks on it). Raises
     ``ValueError`` naming ``--memory`` (or ``--cache-tokens``) when not one block fits."""
     on_cpu = all(d.type == "cpu" for d in devices)
-    memory = int(memory_gb * GIB) if memory_gb is not None else available_memory()
     if on_cpu:
+        memory = int(memory_gb * GIB) if memory_gb is not None else available_memory()
         count = blocks_that_fit(checkpoint, dtype, memory, cache_tokens, quant)
-    else:
-        count = min(checkpoint.num_blocks, sum(device_capacities(checkpoint, dtype, devices, memory_gb, cache_tokens, quant)))
-        if memory_gb is None:
-            from swarm.engine.devices import free_memory
-
-            memory = sum(free_memory(d) for d in devices)
+    else:  # each GPU's memory asked once: the sizing and the message agree
+        memories = device_memories(devices, memory_gb)
+        memory = sum(memories)
+        count = min(checkpoint.num_blocks,
+                    sum(blocks_that_fit(checkpoint, dtype, m, cache_tokens, quant) for m in memories))
     if count < 1:
         need = (RESERVED_BYTES + max(block_bytes(checkpoint, i, dtype, quant) for i in {0, checkpoint.num_blocks - 1})
                 + cache_tokens * kv_bytes_per_token(checkpoint, dtype)) / GIB

@@ -90,9 +90,8 @@ def _first_block(blocks: BlockRange) -> BlockRange:
     """The first block of ``blocks`` alone (its module shared), taking and giving hidden states on
     its own device: a range pays the copies to and from a GPU once per step, not once per block,
     so a block's rate is measured without them."""
-    first = blocks.sub(blocks.start, blocks.start + 1)
-    one = BlockRange(first.family, first.config, first.start, first.end, list(first.blocks), first.dtype,
-                     first.block_devices)
+    one = BlockRange(blocks.family, blocks.config, blocks.start, blocks.start + 1, [blocks.blocks[0]], blocks.dtype,
+                     blocks.block_devices[:1])
     one.io_device = one.block_devices[0]
     return one
 

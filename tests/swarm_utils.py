@@ -125,3 +125,23 @@ def lora_grads(head, blocks, ids, tensors, spec):
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
     return loss.item(), {k: v.grad for k, v in leaves.items()}
+
+
+def assert_batched_steps_equal_alone(blocks) -> None:
+    """Four sessions of ``blocks`` (attached) at different lengths: each one's step, batched with
+    the others' in one pass, is bit-identical to the same step alone."""
+    import torch
+
+    hidden = blocks.config.hidden_size
+    torch.manual_seed(0)
+    sessions = []
+    with torch.no_grad():
+        for length in (3, 9, 1, 12):
+            session = blocks.open_session(1, 40)
+            blocks(torch.randn(1, length, hidden), session)
+            sessions.append(session)
+        steps = [torch.randn(1, seq, hidden) for seq in (1, 4, 1, 1)]
+        alone = [blocks.run_batch([(h, clone_session(s))])[0] for h, s in zip(steps, sessions)]
+        batched = blocks.run_batch([(h, clone_session(s)) for h, s in zip(steps, sessions)])
+    for i, (a, b) in enumerate(zip(alone, batched)):
+        assert torch.equal(a, b), f"session {i} differs when batched"

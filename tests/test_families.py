@@ -14,7 +14,7 @@ from conftest import NEW_FAMILIES, write_tiny_checkpoint
 from swarm.engine.adapters import AdapterSpec, LocalBlocks, init_lora, resolve_targets
 from swarm.engine.checkpoint import Checkpoint
 from swarm.engine.families import get_family
-from swarm_utils import clone_session, lora_grads, running_swarm
+from swarm_utils import assert_batched_steps_equal_alone, lora_grads, running_swarm
 
 STEPS = [7, 1, 1, 1, 4, 1, 6]  # a prefill, single steps, chunks after the cache (past Phi-3's window of 6)
 RANGES = ["0:1", "1:3", "3:4"]
@@ -117,18 +117,7 @@ def test_a_session_steps_the_same_alone_and_batched_with_others(checkpoint):
 
     blocks = attach(Checkpoint(checkpoint).load_blocks(0, 4))
     assert blocks.batch_exact
-    hidden = blocks.config.hidden_size
-    torch.manual_seed(0)
-    sessions = []
-    for length in (3, 9, 1, 12):
-        session = blocks.open_session(1, 40)
-        blocks(torch.randn(1, length, hidden), session)
-        sessions.append(session)
-    steps = [torch.randn(1, seq, hidden) for seq in (1, 4, 1, 1)]
-    alone = [blocks.run_batch([(h, clone_session(s))])[0] for h, s in zip(steps, sessions)]
-    batched = blocks.run_batch([(h, clone_session(s)) for h, s in zip(steps, sessions)])
-    for i, (a, b) in enumerate(zip(alone, batched)):
-        assert torch.equal(a, b), f"session {i} differs when batched"
+    assert_batched_steps_equal_alone(blocks)
 
 
 def test_mixtral_experts_count_in_memory_and_are_quantized(tmp_path):

@@ -136,22 +136,9 @@ def test_gpu_batched_steps_equal_steps_alone(checkpoint):
     GPU): each session's output bit-identical to its step alone."""
     from swarm.engine.adapters import attach
     from swarm.engine.checkpoint import Checkpoint
-    from swarm_utils import clone_session
+    from swarm_utils import assert_batched_steps_equal_alone
 
-    blocks = attach(Checkpoint(checkpoint).load_blocks(0, 4, torch.bfloat16, devices=(GPU,)))
-    hidden = blocks.config.hidden_size
-    torch.manual_seed(0)
-    sessions = []
-    with torch.no_grad():
-        for length in (3, 9, 1, 12):
-            session = blocks.open_session(1, 40)
-            blocks(torch.randn(1, length, hidden), session)
-            sessions.append(session)
-        steps = [torch.randn(1, seq, hidden) for seq in (1, 4, 1, 1)]
-        alone = [blocks.run_batch([(h, clone_session(s))])[0] for h, s in zip(steps, sessions)]
-        batched = blocks.run_batch([(h, clone_session(s)) for h, s in zip(steps, sessions)])
-    for i, (a, b) in enumerate(zip(alone, batched)):
-        assert torch.equal(a, b), f"session {i} differs when batched"
+    assert_batched_steps_equal_alone(attach(Checkpoint(checkpoint).load_blocks(0, 4, torch.bfloat16, devices=(GPU,))))
 
 
 @pytest.mark.skipif(gpu_count() < 2, reason="needs two GPUs")
