@@ -20,9 +20,10 @@ LIAR = str(Path(__file__).resolve().parents[1] / "scripts" / "liar_server.py")
 PROMPT = "The capital of France is"
 
 
-def generate(model: Path, maddr: str, max_new_tokens: int, on_token=None, **options) -> tuple[list[int], list[int]]:
+def generate(model: Path, maddr: str, max_new_tokens: int, on_token=None, chains: list | None = None,
+             **options) -> tuple[list[int], list[int]]:
     """(tokens, the `on_rewind` counts) of a greedy generation through the swarm, in this process
-    (``on_token(count shown)``: after each token shown)."""
+    (``on_token(count shown)``: after each token shown; ``chains``: each chain, appended as it opens)."""
     from swarm.config import ClientOptions
     from swarm.engine.client import ClientModel
     from swarm.engine.generation import GenerationConfig
@@ -45,7 +46,8 @@ def generate(model: Path, maddr: str, max_new_tokens: int, on_token=None, **opti
         s.connect()
         s.client.cfg.ping_timeout = 10.0  # a loaded machine's first ping may be slow: the liar must not look unreachable
         s.background.call(_knows_servers(s.client, 2), timeout=40)  # the liar too, before routing
-        tokens = s.generate_ids(client_model.encode(PROMPT), cfg, show, on_rewind=on_rewind)
+        on_chain = None if chains is None else chains.append
+        tokens = s.generate_ids(client_model.encode(PROMPT), cfg, show, on_chain=on_chain, on_rewind=on_rewind)
     assert shown == tokens  # what a streaming consumer ends up showing
     return tokens, rewinds
 
@@ -190,14 +192,21 @@ def test_a_liar_that_dies_after_unchecked_lies_is_found_out_by_its_replacements_
     monkeypatch.setattr(ClientOptions, "verify_policy",
                         lambda self: VerifyPolicy("sample", rate=0.0, first=1, max_pending=10**6))
     model = tiny_checkpoints["llama"]
-    liar = []
+    liar, chains = [], []
 
-    def kill_after_6(shown: int) -> None:
-        if shown == 6 and liar[0].proc.poll() is None:
+    def kill_after_6(shown: int) -> None:  # only while the liar serves (and has lied to) this client
+        if shown == 6 and liar[0].proc.poll() is None and liar_id in {s.peer_id for s in chains[-1].spans}:
             liar[0].proc.kill()
             liar[0].proc.wait()
 
-    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.05", "--after", "8"], liar) as (maddr, _):
-        tokens, rewinds = generate(model, maddr, 16, on_token=kill_after_6)
-    assert tokens == local(model, 16)
+    expected = local(model, 16)
+    with swarm_with_liar(model, tmp_path, ["--lie", "noise:0.05", "--after", "8"], liar) as (maddr, liar_maddr):
+        liar_id = liar_maddr.rsplit("/p2p/", 1)[1]
+        for _ in range(3):  # until a client routes through the liar (on a loaded machine one may not see it in time)
+            chains.clear()
+            tokens, rewinds = generate(model, maddr, 16, on_token=kill_after_6, chains=chains)
+            assert tokens == expected
+            if liar[0].proc.poll() is not None:
+                break
+    assert liar[0].proc.poll() is not None, "no client kept the liar in its chain to the 6th token"
     assert rewinds  # the lies after the prompt were shown, then replaced
