@@ -151,11 +151,12 @@ def block_linears(checkpoint: Checkpoint, index: int) -> dict[str, tuple[int, in
 
 def resolve_targets(checkpoint: Checkpoint, targets: list[str] | str | None) -> list[str]:
     """The module paths (within a block) that LoRA targets: ``None`` → the family's default (as
-    peft's), ``"all-linear"`` → every linear of a block, else names matched against the last
-    component of each path (``q_proj``) or a whole path (``self_attn.q_proj``). Raises
-    ``ValueError`` naming ``--target-modules`` and the available names for a name that matches
-    nothing."""
-    paths = sorted(block_linears(checkpoint, 0))
+    peft's), ``"all-linear"`` → every linear of the blocks, else names matched against the last
+    component of each path (``q_proj``) or a whole path (``self_attn.q_proj``). Blocks may differ
+    (Qwen3-MoE's dense and sparse MLPs): a path is a target where a block has it, as in peft.
+    Raises ``ValueError`` naming ``--target-modules`` and the available names for a name that
+    matches nothing."""
+    paths = sorted(set().union(*(block_linears(checkpoint, i) for i in range(checkpoint.num_blocks))))
     if targets is None:
         targets = list(checkpoint.family.lora_default)
     if isinstance(targets, str):
@@ -180,7 +181,8 @@ def resolve_targets(checkpoint: Checkpoint, targets: list[str] | str | None) -> 
 def init_lora(
     checkpoint: Checkpoint, targets: list[str], rank: int, seed: int, blocks: range | None = None
 ) -> dict[str, torch.Tensor]:
-    """Fresh LoRA tensors as peft makes them: A Kaiming-uniform (a = √5), B zero, float32."""
+    """Fresh LoRA tensors as peft makes them: A Kaiming-uniform (a = √5), B zero, float32; a
+    target a block lacks (a dense MLP's path in a sparse block) is left out there."""
     if rank < 1:
         raise ValueError(f"--rank must be at least 1, got {rank}")
     generator = torch.Generator().manual_seed(seed)
@@ -188,6 +190,8 @@ def init_lora(
     for index in blocks if blocks is not None else range(checkpoint.num_blocks):
         shapes = block_linears(checkpoint, index)
         for path in targets:
+            if path not in shapes:
+                continue
             out_features, in_features = shapes[path]
             a = torch.empty(rank, in_features)
             bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=√5) on [rank, in]

@@ -120,6 +120,54 @@ def test_a_session_steps_the_same_alone_and_batched_with_others(checkpoint):
     assert_batched_steps_equal_alone(blocks)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_lora_on_every_linear_of_a_mixture_of_experts(family, tmp_path):
+    """`--target-modules all-linear` on a mixture of experts: attention, router and every expert's
+    linears, and the dense MLPs of Qwen3-MoE's dense blocks where there are some (each block gets
+    the targets it has). The adapter swarm saves loads in peft with the logits swarm computes
+    (peft, converting it for transformers' fused experts, drops the LoRA of dense MLPs in a model
+    with experts: those are left out of the comparison). peft's own all-linear adapter there (LoRA
+    on the fused expert parameters) is refused in one line."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from swarm.engine.adapter_io import AdapterError, load_adapter, save_lora
+    from swarm.engine.adapters import applied, attach
+
+    model_dir = write_tiny_checkpoint(tmp_path / "model", family)
+    ckpt = Checkpoint(model_dir)
+    every = resolve_targets(ckpt, "all-linear")
+    assert any(".experts.3." in t for t in every) and any(t.endswith("gate") for t in every)
+    tensors = init_lora(ckpt, every, rank=2, seed=0)
+    dense = {t for t in every if ".experts." not in t and t.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")}
+    has_dense = {int(k.split(".", 1)[0]) for k in tensors if k.split(".", 1)[1].rsplit(".lora_", 1)[0] in dense}
+    has_experts = {int(k.split(".", 1)[0]) for k in tensors if ".experts." in k}
+    assert has_dense.isdisjoint(has_experts) and has_dense | has_experts == set(range(4))
+    assert bool(has_dense) == (family == "qwen3_moe")  # its tiny config: experts in blocks 1 and 3
+
+    targets = [t for t in every if t not in dense]
+    tensors = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * 0.3
+               for i, (k, v) in enumerate(init_lora(ckpt, targets, rank=2, seed=0).items())}
+    save_lora(tmp_path / "adapter", ckpt, tensors, rank=2, alpha=4, dropout=0.0, targets=targets,
+              base_model=str(model_dir))
+    adapter = load_adapter(tmp_path / "adapter", ckpt)
+    ids = _ids(9)
+    head, blocks = ckpt.load_head(), attach(ckpt.load_blocks(0, 4))
+    with torch.no_grad(), applied(blocks, adapter.tensors, adapter.spec):
+        ours = head.logits(blocks(head.embed(ids)))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base = model(ids).logits
+        theirs = PeftModel.from_pretrained(model, tmp_path / "adapter").eval()(ids).logits
+    assert (theirs - base).abs().max() > 1e-1, "the adapter must change the output"
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(fresh, LoraConfig(r=2, target_modules="all-linear")).save_pretrained(tmp_path / "peft")
+    with pytest.raises(AdapterError, match="target_parameters") as refused:
+        load_adapter(tmp_path / "peft", ckpt)
+    assert "\n" not in str(refused.value)
+
+
 def test_mixtral_experts_count_in_memory_and_are_quantized(tmp_path):
     """A mixture of experts' blocks: the experts' bytes are in the block's size (what --num-blocks
     auto sizes by), --quant quantizes every expert, and the quantized blocks still route and run."""
