@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import write_tiny_checkpoint
+from conftest import NEW_FAMILIES, write_tiny_checkpoint
 from swarm.engine.adapter_io import AdapterError, load_adapter, save_deep_prompt, save_lora, save_prompt
 from swarm.engine.adapters import (
     AdapterSpec,
@@ -191,7 +191,7 @@ def test_bad_targets_and_bad_tensors_are_named(tmp_path):
         load_adapter(tmp_path / "r0", checkpoint)
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "bloom", *NEW_FAMILIES])
 def test_prompt_tuning_adapter_equals_peft(family, tmp_path):
     """A prompt saved in peft's PROMPT_TUNING format means the same to peft as to the engine
     (for BLOOM: virtual tokens enter before the embedding LayerNorm, as in peft)."""
