@@ -23,7 +23,7 @@ from swarm.engine.default_model import MARKER
 from swarm.engine.devices import block_devices
 from swarm.engine.families import CheckpointError, Family, get_family
 from swarm.engine.fast import SEGMENTS, is_frozen_linear, pack_linears
-from swarm.engine.layers import StepContext
+from swarm.engine.layers import StepContext, check_rope
 from swarm.engine.quant import quantize_linears
 
 CPU = torch.device("cpu")
@@ -84,6 +84,8 @@ class Checkpoint:
     def _parse_config(self, config_file: Path):
         try:
             config = self.family.parse_config(self.raw_config)
+            for scaling in (getattr(config, "rope_scaling", None), (getattr(config, "local_rope", None) or (0, None))[1]):
+                check_rope(scaling)  # at load, not at a server's first request
         except KeyError as exc:
             raise CheckpointError(
                 f"{config_file} has no {exc.args[0]!r}, which a {self.family.name} config needs: {fix_hint(self.path)}"

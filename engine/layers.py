@@ -51,16 +51,19 @@ class OffsetRMSNorm(nn.Module):
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: int = 0) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of rotary embeddings and the attention factor applied to cos/sin.
 
-    Supports the plain rotary embedding, ``linear`` scaling, Llama 3's ``llama3`` scaling and
-    Phi-3's ``longrope`` (its short factors for a sequence of ``seq_len`` positions within
-    ``original_max_position_embeddings``, its long ones past it); any other ``rope_type`` is
-    refused with the list of supported ones.
+    Supports the plain rotary embedding, ``linear`` scaling, Llama 3's ``llama3`` scaling, YaRN
+    (``yarn``: Qwen3's long-context setting) and Phi-3's ``longrope`` (its short factors for a
+    sequence of ``seq_len`` positions within ``original_max_position_embeddings``, its long ones
+    past it); any other ``rope_type`` is refused with the list of supported ones.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = rope_type(scaling)
+    check_rope(scaling)
     if kind == "default":
         return inv_freq, 1.0
+    if kind == "yarn":
+        return _yarn(head_dim, theta, exponents, scaling)
     if kind == "longrope":
         original = scaling["original_max_position_embeddings"]
         factor = scaling.get("factor") or scaling["max_position_embeddings"] / original
@@ -84,7 +87,67 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: in
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
-    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, longrope")
+    raise AssertionError(kind)  # check_rope refused it
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
+def rope_type(scaling: dict | None) -> str:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def check_rope(scaling: dict | None) -> None:
+    """``ValueError`` for a rotary scaling this engine does not compute (``dynamic``: its
+    frequencies change with each pass's length, so a position's rotation would depend on how the
+    sequence was stepped)."""
+    kind = rope_type(scaling)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+def rope_defaults(raw: dict, rope: dict) -> dict:
+    """``rope`` (a config's ``rope_parameters``/``rope_scaling``) with what transformers fills in
+    for the scalings that need the pretraining context: ``original_max_position_embeddings``
+    (the config's top-level one first, else ``max_position_embeddings``) and the context itself."""
+    if rope_type(rope) in ("llama3", "yarn"):
+        rope = dict(rope)
+        if raw.get("original_max_position_embeddings"):
+            rope["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+        rope.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
+        if rope_type(rope) == "yarn":  # its factor, when not given: the context over the original one
+            rope.setdefault("max_position_embeddings", raw.get("max_position_embeddings"))
+    return rope
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(head_dim: int, theta: float, exponents: torch.Tensor, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): the dimensions that turn fewer than ``beta_slow`` times over the
+    original context are interpolated (divided by ``factor``), those that turn more than
+    ``beta_fast`` times kept, a linear ramp between; cos/sin scaled by 0.1 ln(factor) + 1 (or the
+    ratio of the ``mscale``/``mscale_all_dim`` ones, or ``attention_factor``)."""
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or scaling["max_position_embeddings"] / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                     else _yarn_mscale(factor))
+
+    def dimension(turns: float) -> float:  # the dimension whose wavelength fits ``turns`` times in the context
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension(scaling.get("beta_fast") or 32), dimension(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    kept = 1 - ramp  # 1: extrapolated (the original frequency), 0: interpolated
+    base = theta**exponents
+    return 1.0 / (factor * base) * (1 - kept) + 1.0 / base * kept, float(attention)
 
 
 def rope_cos_sin(

@@ -94,12 +94,13 @@ def tiny_config(family: str, **overrides):
     return cfg
 
 
-def write_tiny_checkpoint(directory: Path, family: str, seed: int = 0, **overrides) -> Path:
-    """A random ``family`` model saved by transformers (safetensors) plus the tiny tokenizer."""
+def write_tiny_checkpoint(directory: Path, family: str, seed: int = 0, config=None, **overrides) -> Path:
+    """A random ``family`` model saved by transformers (safetensors) plus the tiny tokenizer
+    (``config``: a transformers config of the model instead of :func:`tiny_config`'s)."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    model = transformers.AutoModelForCausalLM.from_config(config or tiny_config(family, **overrides))
     with torch.no_grad():  # larger weights than the default init, so logits are far from uniform
         for p in model.parameters():
             if p.dim() == 2:

@@ -63,6 +63,51 @@ def test_logits_step_by_step_equal_transformers(checkpoint):
     _steps_equal_transformers(checkpoint)
 
 
+SIZES = dict(vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+CONFIGS = {  # settings the tiny fixtures leave out: transformers config kwargs beside SIZES
+    "qwen3-yarn": ("Qwen3Config", dict(head_dim=16, rope_scaling=YARN)),
+    "qwen3-yarn-mscale": ("Qwen3Config", dict(head_dim=16, rope_scaling={
+        **YARN, "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2, "mscale": 0.8, "mscale_all_dim": 0.5})),
+    "qwen3-yarn-untruncated": ("Qwen3Config", dict(head_dim=32, rope_theta=1e6, rope_scaling={**YARN, "truncate": False})),
+    "falcon-yarn": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2, rope_scaling=YARN)),
+    "qwen3_moe-window": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                moe_intermediate_size=32, use_sliding_window=True, sliding_window=4)),
+    "gemma3-attn-softcap": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                                                     pad_token_id=0, attn_logit_softcapping=2.0)),
+}
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_more_settings_step_by_step_equal_transformers(case, tmp_path):
+    """YaRN rotary scaling (Qwen3's long-context setting; its mscale and untruncated variants),
+    Qwen3-MoE's one window on every layer, and Gemma 3 ignoring an attention soft cap as
+    transformers does."""
+    name, kwargs = CONFIGS[case]
+    config = getattr(transformers, name)(**SIZES, **kwargs)
+    _steps_equal_transformers(write_tiny_checkpoint(tmp_path, config.model_type, config=config))
+
+
+@pytest.mark.parametrize("family, settings, refusal", [
+    ("qwen3", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope scaling type 'dynamic'"),
+    ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention: an encoder"),
+])
+def test_settings_swarm_does_not_compute_are_refused_at_load(family, settings, refusal, tmp_path):
+    """Refused when the checkpoint is opened (a server never announces blocks it cannot run), in one line."""
+    import json
+
+    from swarm.engine.families import CheckpointError
+
+    path = write_tiny_checkpoint(tmp_path, family)
+    raw = json.loads((path / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    (path / "config.json").write_text(json.dumps({**raw, **settings}))
+    with pytest.raises(CheckpointError, match=refusal) as refused:
+        Checkpoint(path)
+    assert "\n" not in str(refused.value) and "config.json" in str(refused.value)
+
+
 @pytest.mark.slow
 def test_greedy_tokens_through_three_servers_equal_transformers(checkpoint, servers, monkeypatch):
     from swarm.config import ClientOptions

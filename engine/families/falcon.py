@@ -17,7 +17,7 @@ from torch import nn
 
 from swarm.engine.families.base import Family, check_keys
 from swarm.engine.families.base import frozen_linear as _frozen_linear
-from swarm.engine.layers import StepContext, apply_rope, attend, rope_cos_sin, rope_inv_freq
+from swarm.engine.layers import StepContext, apply_rope, attend, rope_cos_sin, rope_defaults, rope_inv_freq
 
 PREFIX = "transformer."
 
@@ -60,7 +60,7 @@ class FalconConfig:
         new = bool(raw.get("new_decoder_architecture", False))
         multi_query = raw.get("multi_query", True)
         kv = raw.get("num_kv_heads", raw.get("n_head_kv")) or heads
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
         theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
         norms = raw.get("num_ln_in_parallel_attn") or (2 if new else 1)
         return cls(

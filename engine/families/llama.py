@@ -15,7 +15,7 @@ from torch import nn
 
 from swarm.engine.families.base import Family, check_keys
 from swarm.engine.families.base import frozen_linear as _frozen_linear
-from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_inv_freq
+from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_defaults, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, raw: dict, **overrides) -> LlamaConfig:
         heads = raw["num_attention_heads"]
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
         theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
         bias = raw.get("attention_bias", False)
         fields = dict(

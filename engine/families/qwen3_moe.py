@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from swarm.engine.families.llama import LlamaBlock, LlamaConfig, LlamaMLP, make_family
 from swarm.engine.families.mixtral import MixtralMoE
-from swarm.engine.families.qwen2 import parse_config as parse_qwen2
 
 
 @dataclass(frozen=True)
@@ -26,8 +25,11 @@ def parse_config(raw: dict) -> Qwen3MoeConfig:
     dense = set(raw.get("mlp_only_layers") or [])
     experts = raw["num_experts"] if "num_experts" in raw else raw["num_local_experts"]  # the hub's, transformers 5's
     bias = raw.get("attention_bias", False)
+    # one window for every layer where use_sliding_window is set (transformers' Qwen3-MoE has no
+    # max_window_layers, unlike Qwen2 and Qwen3)
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", False) else None
     return Qwen3MoeConfig.from_dict(
-        raw, qkv_bias=bias, o_bias=bias, sliding_windows=parse_qwen2(raw).sliding_windows, qk_norm=True,
+        raw, qkv_bias=bias, o_bias=bias, sliding_windows=(window,) * n, qk_norm=True,
         num_experts=experts, top_k=raw["num_experts_per_tok"], moe_intermediate_size=raw["moe_intermediate_size"],
         normalize=raw.get("norm_topk_prob", False),
         sparse=tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n)),
