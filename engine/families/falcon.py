@@ -17,7 +17,16 @@ from torch import nn
 
 from swarm.engine.families.base import Family, check_keys
 from swarm.engine.families.base import frozen_linear as _frozen_linear
-from swarm.engine.layers import StepContext, apply_rope, attend, rope_cos_sin, rope_defaults, rope_inv_freq
+from swarm.engine.layers import (
+    FIXED_ROPE_TYPES,
+    StepContext,
+    apply_rope,
+    attend,
+    check_rope,
+    rope_cos_sin,
+    rope_defaults,
+    rope_inv_freq,
+)
 
 PREFIX = "transformer."
 
@@ -61,6 +70,7 @@ class FalconConfig:
         multi_query = raw.get("multi_query", True)
         kv = raw.get("num_kv_heads", raw.get("n_head_kv")) or heads
         rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
+        check_rope(rope, FIXED_ROPE_TYPES)
         theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
         norms = raw.get("num_ln_in_parallel_attn") or (2 if new else 1)
         return cls(
@@ -187,7 +197,7 @@ def head_keys(cfg: FalconConfig, available: set[str]) -> list[str]:
 
 
 def prepare_step(cfg: FalconConfig, ctx: StepContext, dtype: torch.dtype, batch: int) -> None:
-    inv_freq, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, ctx.past + ctx.seq)
+    inv_freq, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     ctx.extra["rope"] = rope_cos_sin(inv_freq, factor, torch.arange(ctx.past, ctx.past + ctx.seq), dtype)
 
 

@@ -13,7 +13,17 @@ from torch import nn
 
 from swarm.engine.families.base import Family, check_keys
 from swarm.engine.families.base import frozen_linear as _frozen_linear
-from swarm.engine.layers import OffsetRMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_defaults, rope_inv_freq
+from swarm.engine.layers import (
+    FIXED_ROPE_TYPES,
+    OffsetRMSNorm,
+    StepContext,
+    apply_rope,
+    attend,
+    check_rope,
+    rope_cos_sin,
+    rope_defaults,
+    rope_inv_freq,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class Gemma2Config:
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{raw['model_type']}: unsupported hidden_activation {act!r} (only gelu_pytorch_tanh)")
         rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
+        check_rope(rope, FIXED_ROPE_TYPES)
         theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
         window = raw.get("sliding_window")
         types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]

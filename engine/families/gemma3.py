@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from swarm.engine.families import gemma2
 from swarm.engine.families.gemma2 import Gemma2Config
-from swarm.engine.layers import rope_defaults
+from swarm.engine.layers import FIXED_ROPE_TYPES, check_rope, rope_defaults
 
 
 def parse_config(raw: dict) -> Gemma2Config:
@@ -32,6 +32,7 @@ def parse_config(raw: dict) -> Gemma2Config:
                                   "attn_logit_softcapping": None,
                                   "final_logit_softcapping": raw.get("final_logit_softcapping")})
     local = rope_defaults(raw, local)
+    check_rope(local, FIXED_ROPE_TYPES)
     theta = float(local.pop("rope_theta", 10_000.0))
     return replace(cfg, qk_norm=True, local_rope=(theta, local or None))
 

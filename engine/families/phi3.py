@@ -26,7 +26,8 @@ def parse_config(raw: dict) -> LlamaConfig:
         rope["rope_type"] = "longrope"
         rope.pop("type", None)
         # as transformers: the top level's original context first, then the scaling's, else 4096
-        original = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or 4096
+        stated = raw.get("rope_parameters") or raw.get("rope_scaling") or {}  # not rope_defaults' filling
+        original = raw.get("original_max_position_embeddings") or stated.get("original_max_position_embeddings") or 4096
         rope["original_max_position_embeddings"] = original
         rope.setdefault("max_position_embeddings", raw["max_position_embeddings"])
     return replace(cfg, rope_scaling=rope or None)
