@@ -1,5 +1,5 @@
 """A hostile peer (scripts/hostile_peer.py: a real libp2p host with a valid Noise identity) attacks
-one real server process for 30 s (SWARM_HOSTILE_SECONDS) while a normal client generates through it: the client's
+one real server process for 20 s (SWARM_HOSTILE_SECONDS) while a normal client generates through it: the client's
 output stays exact, and afterwards the server's memory and cache accounting are back where they
 were (issue 9, acceptance 2)."""
 
@@ -20,7 +20,7 @@ from swarm.p2p.wire import Frame
 from swarm_utils import cli_json, generate_json, local_json, running_swarm
 
 PROMPT = "The capital of France is"
-SECONDS = float(os.environ.get("SWARM_HOSTILE_SECONDS", "30"))  # scripts/hostile_peer.py runs as long as asked
+SECONDS = float(os.environ.get("SWARM_HOSTILE_SECONDS", "20"))  # scripts/hostile_peer.py runs as long as asked
 
 pytestmark = pytest.mark.slow  # an attack of SWARM_HOSTILE_SECONDS on a real server
 
