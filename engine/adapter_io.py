@@ -208,6 +208,8 @@ def _load_lora(config_file: Path, config: dict, weights: dict, checkpoint: Check
     pattern = re.compile(r"^base_model\.model\.(.+?)((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
     tensors, shapes = {}, {}
     for key, value in weights.items():
+        if key.startswith(tuple(f"base_model.model.{p}" for p in family.adapter_ignored)):
+            continue
         index = path = which = None
         match = pattern.match(key)
         if match:

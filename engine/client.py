@@ -119,12 +119,18 @@ def _load_tokenizer(path: Path):
         )
     logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (ValueError, OSError) as exc:  # transformers' word for unreadable or inconsistent files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"the tokenizer files in {path} could not be loaded ({first_line}): {fix_hint(path)}"
         ) from None
+    processor = path / "chat_template.json"  # a multimodal model's processor may hold the only template
+    if not getattr(tokenizer, "chat_template", None) and processor.is_file():
+        template = read_json(processor).get("chat_template")
+        if isinstance(template, str) and template:
+            tokenizer.chat_template = template
+    return tokenizer
 
 
 def _eos_ids(path: Path, tokenizer) -> tuple[int, ...]:
@@ -132,7 +138,10 @@ def _eos_ids(path: Path, tokenizer) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.is_file():
-            value = read_json(file).get("eos_token_id")
+            raw = read_json(file)
+            value = raw.get("eos_token_id")
+            if value is None and isinstance(raw.get("text_config"), dict):  # a multimodal model's language model
+                value = raw["text_config"].get("eos_token_id")
             if value is not None:
                 return tuple(value) if isinstance(value, list) else (value,)
     return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)

@@ -130,7 +130,7 @@ def test_bad_range_and_shapes_are_clear_errors(tiny_checkpoints):
 
 
 def test_unsupported_model_type_lists_supported():
-    with pytest.raises(UnsupportedModelError, match="supported model types: bloom, falcon, gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
+    with pytest.raises(UnsupportedModelError, match="supported model types: bloom, falcon, gemma2, gemma3, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
         get_family("gpt2")
 
 

@@ -89,6 +89,59 @@ def test_more_settings_step_by_step_equal_transformers(case, tmp_path):
     _steps_equal_transformers(write_tiny_checkpoint(tmp_path, config.model_type, config=config))
 
 
+def _gemma3_multimodal(tmp_path):
+    """A tiny multimodal Gemma 3 checkpoint (a vision tower of one layer beside the language model)."""
+    text = dict(SIZES, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                sliding_window_pattern=2, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=300, boi_token_index=301, eoi_token_index=302)
+    return write_tiny_checkpoint(tmp_path / "gemma3", "gemma3", config=config)
+
+
+def test_a_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path):
+    """model_type gemma3 (4B and up): the language model's logits are transformers' (text only; the
+    vision tower is never read), its config read from text_config however little of it is stated,
+    and a peft LoRA made on the whole model (vision tower included) loads with peft's logits."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from swarm.engine.adapter_io import load_adapter
+    from swarm.engine.adapters import applied, attach
+
+    path = _gemma3_multimodal(tmp_path)
+    _steps_equal_transformers(path, cuts=(0, 1, 3))
+    ckpt = Checkpoint(path)
+    assert ckpt.family.name == "gemma3" and not any("vision" in k for k in ckpt.keys_read)
+
+    raw = json.loads((path / "config.json").read_text())
+    defaults = transformers.Gemma3TextConfig().to_dict()
+    raw["text_config"] = {k: v for k, v in raw["text_config"].items() if defaults.get(k) != v}
+    assert len(raw["text_config"]) < len(defaults) // 2  # the Hub's configs look like this
+    (path / "config.json").write_text(json.dumps(raw))
+    assert Checkpoint(path).config == ckpt.config
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = load_adapter(tmp_path / "adapter", ckpt)
+    ids = _ids(9)
+    head, blocks = ckpt.load_head(), attach(ckpt.load_blocks(0, 3))
+    with torch.no_grad(), applied(blocks, adapter.tensors, adapter.spec):
+        ours = head.logits(blocks(head.embed(ids)))
+    with torch.no_grad():
+        theirs = peft_model.eval()(ids).logits
+        with peft_model.disable_adapter():
+            assert (theirs - peft_model(ids).logits).abs().max() > 1e-2, "the adapter must change the output"
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family, settings, refusal", [
     ("qwen3", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope scaling type 'dynamic'"),
     ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention: an encoder"),
@@ -242,10 +295,11 @@ def test_mixtral_experts_count_in_memory_and_are_quantized(tmp_path):
             assert torch.isfinite(blocks(x)).all()
 
 
-@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json", "chat_template.json"])
 def test_the_checkpoints_chat_template_is_used_whatever_file_holds_it(checkpoint, tmp_path, where):
     """--chat and the API take the template the checkpoint ships, as transformers saves it now
-    (chat_template.jinja) or as older releases do (in tokenizer_config.json), for every family."""
+    (chat_template.jinja), as older releases do (in tokenizer_config.json) or as a multimodal
+    model's processor does (chat_template.json), for every family."""
     import json
     import shutil
 
@@ -256,6 +310,8 @@ def test_the_checkpoints_chat_template_is_used_whatever_file_holds_it(checkpoint
     template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
     if where == "chat_template.jinja":
         (path / where).write_text(template)
+    elif where == "chat_template.json":
+        (path / where).write_text(json.dumps({"chat_template": template}))
     else:
         config = json.loads((path / where).read_text())
         (path / where).write_text(json.dumps({**config, "chat_template": template}))

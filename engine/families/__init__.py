@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "gemma3": "gemma3_multimodal",
     "mixtral": "mixtral",
     "qwen3_moe": "qwen3_moe",
     "bloom": "bloom",

@@ -64,3 +64,6 @@ class Family:
     # *ForCausalLM gives block ``i`` (the prefix of an adapter's keys; None: ``block_prefix``)
     lora_default: tuple[str, ...] = ("q_proj", "v_proj")
     adapter_prefix: Callable[[Any, int], str] | None = None
+    # module paths in transformers' model of parts swarm never runs (a vision tower): a peft
+    # adapter's tensors there are left out, which changes no output swarm computes
+    adapter_ignored: tuple[str, ...] = ()

@@ -49,6 +49,9 @@ class Gemma2Config:
     qk_norm: bool = False  # Gemma's RMSNorm over each head's queries and keys (Gemma 3)
     # (theta, scaling) of the sliding-window layers' rotary embeddings where they differ (Gemma 3)
     local_rope: tuple[float, dict | None] | None = None
+    # where the language model's tensors are (a multimodal Gemma 3 checkpoint's: "language_model.model.")
+    prefix: str = "model."
+    lm_head_key: str = "lm_head.weight"  # the untied LM head's tensor
 
     @classmethod
     def from_dict(cls, raw: dict) -> Gemma2Config:
@@ -146,12 +149,12 @@ class Gemma2Head(nn.Module):
 
     def __init__(self, cfg: Gemma2Config, tensors: dict[str, torch.Tensor]):
         super().__init__()
-        table = tensors["model.embed_tokens.weight"]
+        table = tensors[f"{cfg.prefix}embed_tokens.weight"]
         self.embed_tokens = nn.Embedding.from_pretrained(table, freeze=True)
         self.scale = cfg.hidden_size**0.5
         self.norm = OffsetRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.norm.weight.data = tensors["model.norm.weight"]
-        self.lm_head = _frozen_linear(tensors.get("lm_head.weight", table))
+        self.norm.weight.data = tensors[f"{cfg.prefix}norm.weight"]
+        self.lm_head = _frozen_linear(tensors.get(cfg.lm_head_key, table))
         self.softcap = cfg.final_softcap
         self.max_positions = cfg.max_positions
 
@@ -178,10 +181,10 @@ class Gemma2Head(nn.Module):
 
 
 def head_keys(cfg: Gemma2Config, available: set[str]) -> list[str]:
-    keys = ["model.embed_tokens.weight", "model.norm.weight"]
+    keys = [f"{cfg.prefix}embed_tokens.weight", f"{cfg.prefix}norm.weight"]
     if not cfg.tie_word_embeddings:
-        check_keys(["lm_head.weight"], available)
-        keys.append("lm_head.weight")
+        check_keys([cfg.lm_head_key], available)
+        keys.append(cfg.lm_head_key)
     return keys
 
 
@@ -198,7 +201,7 @@ FAMILY = Family(
     name="gemma2",
     parse_config=Gemma2Config.from_dict,
     block=Gemma2Block,
-    block_prefix=lambda cfg, i: f"model.layers.{i}.",
+    block_prefix=lambda cfg, i: f"{cfg.prefix}layers.{i}.",
     head=Gemma2Head,
     head_keys=head_keys,
     prepare_step=prepare_step,
