@@ -191,9 +191,10 @@ def _load_lora(config_file: Path, config: dict, weights: dict, checkpoint: Check
             raise AdapterError(f"{config_file}: {flag}={config[flag]!r} is not supported (only {flag}={fine!r})")
     if config.get("target_parameters"):  # peft's LoRA of parameters (fused MoE experts: its all-linear there)
         raise AdapterError(
-            f"{config_file}: LoRA on parameters (target_parameters {', '.join(config['target_parameters'])}) is "
-            "not supported, only on linear modules: train the experts' linears by name (gate_proj,up_proj,down_proj, "
-            "or w1,w2,w3) with swarm finetune, or give peft target_modules"
+            f"{config_file}: LoRA on parameters (target_parameters {', '.join(config['target_parameters'])}, as peft "
+            "makes for a mixture of experts' fused weights) is not supported, only on linear modules: give peft "
+            "target_modules naming linears, or train with swarm finetune --target-modules (all-linear there takes "
+            "the router and each expert's linears)"
         )
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise AdapterError(f"{config_file}: per-layer rank_pattern/alpha_pattern are not supported")

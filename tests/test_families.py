@@ -92,7 +92,7 @@ def test_more_settings_step_by_step_equal_transformers(case, tmp_path):
 def _gemma3_multimodal(tmp_path):
     """A tiny multimodal Gemma 3 checkpoint (a vision tower of one layer beside the language model)."""
     text = dict(SIZES, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
-                sliding_window_pattern=2, pad_token_id=0)
+                sliding_window_pattern=2, pad_token_id=0, final_logit_softcapping=3.0)  # a cap it ignores
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14)
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,

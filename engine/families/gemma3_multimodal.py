@@ -27,7 +27,9 @@ def parse_config(raw: dict) -> Gemma2Config:
         raise KeyError("text_config")
     filled = Gemma3TextConfig(**text).to_dict()
     tied = raw.get("tie_word_embeddings", filled.get("tie_word_embeddings", True))
-    return gemma3.parse_config({**filled, "tie_word_embeddings": tied})
+    # the multimodal model's logits are never soft-capped (transformers' Gemma3ForConditionalGeneration
+    # does not read the cap; Gemma 3's releases set none)
+    return gemma3.parse_config({**filled, "tie_word_embeddings": tied, "final_logit_softcapping": None})
 
 
 def fit_to_keys(cfg: Gemma2Config, keys: set[str]) -> Gemma2Config:
