@@ -7,12 +7,19 @@ saved with the checkpoint), so ``swarm generate --model DIR "prompt"`` runs end 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 import swarm  # noqa: F401  (first: it sets GOMP_SPINCOUNT before torch loads, as in the commands)
 import torch  # noqa: E402
+
+# A suite started in the background by a non-interactive shell (`make test &` in a script) inherits
+# SIGINT ignored, and so would every command it starts: the tests that press Ctrl-C on a command
+# need SIGINT's default there (a handler here becomes the default in a started program)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FAMILIES = ["llama", "mistral", "qwen2", "bloom"]
 # families tested by tests/test_families.py (exact against transformers, through the swarm, LoRA)
