@@ -208,8 +208,9 @@ def _load_lora(config_file: Path, config: dict, weights: dict, checkpoint: Check
     prefixes.update({family.block_prefix(cfg, i): i for i in range(checkpoint.num_blocks)})
     pattern = re.compile(r"^base_model\.model\.(.+?)((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
     tensors, shapes = {}, {}
+    ignored = tuple(f"base_model.model.{p}" for p in family.adapter_ignored)
     for key, value in weights.items():
-        if key.startswith(tuple(f"base_model.model.{p}" for p in family.adapter_ignored)):
+        if ignored and key.startswith(ignored):
             continue
         index = path = which = None
         match = pattern.match(key)

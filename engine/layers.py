@@ -133,6 +133,18 @@ def rope_defaults(raw: dict, rope: dict) -> dict:
     return rope
 
 
+def read_rope(raw: dict, supported: tuple[str, ...] | None = None) -> tuple[float, dict | None]:
+    """A config's rotary settings: (``rope_theta``, the scaling or None) from its
+    ``rope_parameters`` (or older ``rope_scaling``), with :func:`rope_defaults`' fillings, the type
+    checked against ``supported`` (None: left to the checkpoint's load, a family may rename it);
+    theta from that dict, else the config's top level, else 10000."""
+    rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
+    if supported is not None:
+        check_rope(rope, supported)
+    theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+    return float(theta), rope or None
+
+
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 

@@ -22,9 +22,8 @@ from swarm.engine.layers import (
     StepContext,
     apply_rope,
     attend,
-    check_rope,
+    read_rope,
     rope_cos_sin,
-    rope_defaults,
     rope_inv_freq,
 )
 
@@ -69,9 +68,7 @@ class FalconConfig:
         new = bool(raw.get("new_decoder_architecture", False))
         multi_query = raw.get("multi_query", True)
         kv = raw.get("num_kv_heads", raw.get("n_head_kv")) or heads
-        rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
-        check_rope(rope, FIXED_ROPE_TYPES)
-        theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+        theta, rope = read_rope(raw, FIXED_ROPE_TYPES)
         norms = raw.get("num_ln_in_parallel_attn") or (2 if new else 1)
         return cls(
             num_layers=layers,
@@ -81,8 +78,8 @@ class FalconConfig:
             vocab_size=raw["vocab_size"],
             ffn_hidden_size=raw.get("ffn_hidden_size") or 4 * hidden,
             layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-            rope_theta=float(theta),
-            rope_scaling=rope or None,
+            rope_theta=theta,
+            rope_scaling=rope,
             new_decoder_architecture=new,
             parallel_attn=bool(raw.get("parallel_attn", True)),
             two_norms=new and norms == 2,

@@ -19,9 +19,8 @@ from swarm.engine.layers import (
     StepContext,
     apply_rope,
     attend,
-    check_rope,
+    read_rope,
     rope_cos_sin,
-    rope_defaults,
     rope_inv_freq,
 )
 
@@ -59,9 +58,7 @@ class Gemma2Config:
         act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{raw['model_type']}: unsupported hidden_activation {act!r} (only gelu_pytorch_tanh)")
-        rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
-        check_rope(rope, FIXED_ROPE_TYPES)
-        theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+        theta, rope = read_rope(raw, FIXED_ROPE_TYPES)
         window = raw.get("sliding_window")
         types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
         return cls(
@@ -74,7 +71,7 @@ class Gemma2Config:
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             vocab_size=raw["vocab_size"],
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            rope_theta=theta,
             query_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
             attn_softcap=raw.get("attn_logit_softcapping"),
             final_softcap=raw.get("final_logit_softcapping"),
@@ -82,7 +79,7 @@ class Gemma2Config:
             attention_bias=raw.get("attention_bias", False),
             tie_word_embeddings=raw.get("tie_word_embeddings", True),
             max_positions=raw.get("max_position_embeddings"),
-            rope_scaling=rope or None,
+            rope_scaling=rope,
         )
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from swarm.engine.families.base import Family, check_keys
 from swarm.engine.families.base import frozen_linear as _frozen_linear
-from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, rope_cos_sin, rope_defaults, rope_inv_freq
+from swarm.engine.layers import RMSNorm, StepContext, apply_rope, attend, read_rope, rope_cos_sin, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, raw: dict, **overrides) -> LlamaConfig:
         heads = raw["num_attention_heads"]
-        rope = rope_defaults(raw, dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {}))
-        theta = rope.pop("rope_theta", None) or raw.get("rope_theta", 10000.0)
+        theta, rope = read_rope(raw)
         bias = raw.get("attention_bias", False)
         fields = dict(
             model_type=raw["model_type"],
@@ -58,8 +57,8 @@ class LlamaConfig:
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             vocab_size=raw["vocab_size"],
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope or None,
+            rope_theta=theta,
+            rope_scaling=rope,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             qkv_bias=bias,
             o_bias=bias,
